@@ -1,0 +1,68 @@
+"""Image and mask preprocessing, exactly the official recipe (spec section 2).
+
+Image: RGB, resize so the short side is S (bicubic, long side truncated like CLIPImageProcessor), scale to [0,1],
+normalise with CLIP mean/std, then bilinearly stretch to S x S. Masks stay at the original resolution.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from osprey.config import VisionConfig
+
+
+def load_image(source: str | Path | Image.Image) -> Image.Image:
+    """A PIL RGB image from a path or an image; errors name the file."""
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        try:
+            image = Image.open(source)
+            image.load()
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read image {source}: {exc}") from exc
+    return image.convert("RGB")
+
+
+def shortest_edge_size(width: int, height: int, size: int) -> tuple[int, int]:
+    """(new_width, new_height) with the short side = size; the long side truncated as transformers does."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+def preprocess_image(image: Image.Image, config: VisionConfig) -> torch.Tensor:
+    """PIL image -> (3, S, S) float32 tensor, normalised."""
+    image = image.convert("RGB")
+    size = config.image_size
+    resized = image.resize(shortest_edge_size(image.width, image.height, size), resample=Image.BICUBIC)
+    array = np.asarray(resized, dtype=np.float32) * np.float32(1 / 255)
+    mean = np.asarray(config.mean, dtype=np.float32)
+    std = np.asarray(config.std, dtype=np.float32)
+    tensor = torch.from_numpy((array - mean) / std).permute(2, 0, 1).contiguous()
+    return F.interpolate(tensor[None], size=(size, size), mode="bilinear", align_corners=False)[0]
+
+
+def masks_to_tensor(masks: Sequence[np.ndarray] | np.ndarray | torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Masks of one image -> (Q, H, W) bool tensor; each mask must be (H, W) = the image size."""
+    if isinstance(masks, torch.Tensor):
+        stack = masks
+    elif isinstance(masks, np.ndarray):
+        stack = torch.from_numpy(np.ascontiguousarray(masks))
+    else:
+        stack = (
+            torch.from_numpy(np.stack([np.asarray(m) for m in masks]))
+            if len(masks)
+            else torch.zeros((0, height, width), dtype=torch.bool)
+        )
+    if stack.dim() == 2:
+        stack = stack[None]
+    if stack.dim() != 3 or tuple(stack.shape[1:]) != (height, width):
+        raise ValueError(f"masks must be (Q, {height}, {width}) to match the image, got {tuple(stack.shape)}")
+    return stack != 0
