@@ -1,0 +1,99 @@
+"""`osprey serve` (the OpenAI-compatible region server) and `osprey describe` (one image, in-process)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve", help="run the OpenAI-compatible region server (chat completions + /v1/regions/describe)",
+        description="Serve a model folder over HTTP: POST /v1/chat/completions (OpenAI schema, regions as "
+                    "<region1>.. with a top-level 'regions' list or RGBA mask images), POST /v1/regions/describe, "
+                    "GET /v1/models, /health, /metrics. See docs/serve.md.")
+    serve.add_argument("--model", default=None, help="model folder (default: $OSPREY_MODEL or the installed default)")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("OSPREY_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1/* (default: $OSPREY_API_KEY; none = open)")
+    serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="weights dtype (default: the folder's)")
+    serve.add_argument("--served-model-name", default="", help="model id in /v1/models (default: folder name)")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="prompts decoded together across requests")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait this long to fill a batch")
+    serve.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 429")
+    serve.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request before 504")
+    serve.add_argument("--max-regions", type=int, default=64, help="regions per request")
+    serve.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens accepted")
+    serve.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (MiB)")
+    serve.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="largest image (pixels)")
+    serve.add_argument("--image-cache-size", type=int, default=16, help="encoded images kept (LRU)")
+    serve.add_argument("--allow-image-urls", action="store_true", help="let clients send http(s) image URLs")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.set_defaults(func=_cmd_serve)
+
+    describe = subparsers.add_parser(
+        "describe", help="describe regions of one image in-process (no server)",
+        description="Describe each region of IMAGE with the model and print a table (or JSON). Masks: PNG files "
+                    "(one region each) or JSON files holding a list of regions in any codec "
+                    "(RLE, polygons, boxes, base64 PNG) or a SAM automatic-mask-generator list.")
+    describe.add_argument("image", help="image file")
+    describe.add_argument("--masks", nargs="+", required=True, metavar="FILE", help="PNG mask files or JSON region lists")
+    describe.add_argument("--task", default="short",
+                          help="short, detailed, category, open_vocab, refcocog, or a custom prompt containing <region>")
+    describe.add_argument("--model", default=None, help="model folder (default: $OSPREY_MODEL or the installed default)")
+    describe.add_argument("--device", default="cpu")
+    describe.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    describe.add_argument("--max-tokens", type=int, default=64)
+    describe.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    describe.add_argument("--seed", type=int, default=None)
+    describe.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    describe.add_argument("--overlay", default=None, metavar="OUT.png", help="write the image with masks and captions")
+    describe.set_defaults(func=_cmd_describe)
+
+
+def _cmd_describe(args: argparse.Namespace) -> int:
+    from .describe import run
+
+    return run(args)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .config import NoDefaultModel, ServeConfig, resolve_model_path
+
+    try:
+        model = resolve_model_path(args.model)
+    except NoDefaultModel as exc:
+        print(f"osprey serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        import uvicorn
+
+        from .app import create_app
+    except ImportError as exc:
+        print(f"osprey serve: the server needs the serve extra ({exc}): pip install 'osprey-regions[serve]'",
+              file=sys.stderr)
+        return 2
+    try:
+        config = ServeConfig(
+            model=model, served_model_name=args.served_model_name, device=args.device, dtype=args.dtype,
+            api_key=args.api_key or None, allow_image_urls=args.allow_image_urls,
+            max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+            image_cache_size=args.image_cache_size, request_timeout_s=args.request_timeout,
+            max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
+            max_regions=args.max_regions, max_tokens_limit=args.max_tokens_limit)
+    except ValueError as exc:
+        print(f"osprey serve: {exc}", file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
+        log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
+    log.info("serving %s as %r on http://%s:%d", model, config.model_name, args.host, args.port)
+    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level,
+                timeout_graceful_shutdown=int(config.request_timeout_s))
+    return 0

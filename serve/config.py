@@ -1,0 +1,88 @@
+"""Server settings (one frozen dataclass: every limit the server enforces, with why) and default-model lookup."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL_ENV = "OSPREY_MODEL"
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str  # model folder (osprey model init / convert output)
+    served_model_name: str = ""  # name in /v1/models and responses; "" = the folder's name
+    device: str = "cpu"
+    dtype: str | None = None  # None = the folder's dtype (pipeline default)
+    api_key: str | None = None  # when set, /v1/* need `Authorization: Bearer KEY`
+    allow_image_urls: bool = False  # fetching http(s) URLs makes the server a proxy: off unless asked
+    # engine
+    max_batch_size: int = 8  # prompts decoded together (regions of several requests share a batch)
+    batch_wait_ms: float = 5.0  # how long the worker waits to fill a batch once work is there
+    max_queue: int = 64  # requests waiting for the worker; more -> 429 with Retry-After
+    image_cache_size: int = 16  # encoded images kept (LRU by content hash): same image, one encoding
+    request_timeout_s: float = 300.0  # per request, from admission to the last token -> 504
+    # input limits (each a 4xx naming the field)
+    max_body_bytes: int = 32 * 1024 * 1024  # checked on Content-Length and while reading -> 413
+    max_image_pixels: int = 4096 * 4096  # decompression bombs: checked from the header before decoding
+    max_image_side: int = 8192
+    max_regions: int = 64  # regions per request (each region costs one mask-extractor pass)
+    max_tokens_limit: int = 1024  # largest max_tokens accepted (the official generation cap)
+    default_chat_max_tokens: int = 256
+    max_prompt_chars: int = 16_000  # all text of a chat request together
+    max_n: int = 8  # choices per chat request
+    url_fetch_timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "image_cache_size", "max_body_bytes", "max_image_pixels",
+                     "max_image_side", "max_regions", "max_tokens_limit", "default_chat_max_tokens",
+                     "max_prompt_chars", "max_n"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.request_timeout_s <= 0 or self.batch_wait_ms < 0:
+            raise ValueError("request_timeout_s must be > 0 and batch_wait_ms >= 0")
+        if self.default_chat_max_tokens > self.max_tokens_limit:
+            raise ValueError("default_chat_max_tokens must not exceed max_tokens_limit")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model).name
+
+
+class NoDefaultModel(RuntimeError):
+    """No --model given and no default model folder found; the message says what to pass."""
+
+
+def resolve_model_path(model: str | None) -> str:
+    """The model folder to serve: `--model`, else $OSPREY_MODEL, else the project's default model folder.
+
+    Raises NoDefaultModel (the CLI exits 2) when none exists, telling the user what to pass.
+    """
+    if model:
+        if not Path(model).is_dir():
+            raise NoDefaultModel(f"model folder {model!r} does not exist")
+        return model
+    env = os.environ.get(DEFAULT_MODEL_ENV)
+    if env:
+        if not Path(env).is_dir():
+            raise NoDefaultModel(f"${DEFAULT_MODEL_ENV}={env!r} is not a folder")
+        return env
+    default = _core_default_model_path()
+    if default is not None and Path(default).is_dir():
+        return str(default)
+    raise NoDefaultModel(
+        "no default model is installed: pass --model DIR (a folder written by `osprey model convert` from an "
+        f"official checkpoint, or a test model from `osprey model init --preset tiny --out DIR`), or set ${DEFAULT_MODEL_ENV}"
+    )
+
+
+def _core_default_model_path() -> str | None:
+    """`osprey.default_model_path()` when the core provides one (it is planned, not yet there)."""
+    import osprey
+
+    finder = vars(osprey).get("default_model_path")
+    if finder is None:
+        return None
+    path = finder()
+    return None if path is None else str(path)

@@ -1,0 +1,145 @@
+"""`osprey describe`: describe regions of one image in-process (no server), print a table or JSON, draw an overlay."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from osprey import masks as mask_codecs
+
+from . import inputs
+from .errors import APIError
+
+log = logging.getLogger(__name__)
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
+
+
+class MaskFileError(ValueError):
+    """A masks file that cannot be read; the message names the file and the region."""
+
+
+def load_masks(paths: list[str], height: int, width: int) -> np.ndarray:
+    """Mask files -> `(Q, H, W) bool` in file order: PNG masks (one region each, nonzero or alpha = inside), or
+    JSON: a list of regions (`{"rle"|"polygon"|"box"|"png": ...}`, bare COCO codec objects, or SAM entries)."""
+    limits = inputs.Limits(max_image_pixels=1 << 40, max_image_side=1 << 20)  # local files: no bomb limits
+    out: list[np.ndarray] = []
+    for path in paths:
+        data = Path(path).read_bytes()
+        if data.startswith(mask_codecs.PNG_SIGNATURE):
+            try:
+                mask = mask_codecs.decode_png(data)
+            except mask_codecs.MaskError as exc:
+                raise MaskFileError(f"{path}: {exc}") from None
+            if mask.shape != (height, width):
+                raise MaskFileError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height}")
+            out.append(mask)
+            continue
+        try:
+            regions = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise MaskFileError(f"{path}: neither a PNG nor JSON ({exc})") from None
+        if isinstance(regions, dict):
+            regions = [regions]
+        if not isinstance(regions, list):
+            raise MaskFileError(f"{path}: expected a JSON list of regions, got {type(regions).__name__}")
+        for i, region in enumerate(regions):
+            out.append(_decode_one(region, height, width, limits, f"{path}[{i}]"))
+    if not out:
+        raise MaskFileError("no regions in the mask files")
+    return np.stack(out)
+
+
+def _decode_one(region: Any, height: int, width: int, limits: inputs.Limits, where: str) -> np.ndarray:
+    try:
+        if isinstance(region, dict) and any(k in region for k in (*inputs.REGION_KEYS, "segmentation")):
+            return inputs.decode_region(region, height, width, limits, resize=False, param=where)
+        return mask_codecs.decode_mask(region, height, width)
+    except APIError as exc:
+        raise MaskFileError(f"{exc.param}: {exc.message}") from None
+    except mask_codecs.MaskError as exc:
+        raise MaskFileError(f"{where}: {exc}") from None
+
+
+def draw_overlay(image: Image.Image, masks: np.ndarray, labels: list[str], alpha: float = 0.45) -> Image.Image:
+    """The image with each mask `(Q, H, W) bool` tinted in its own colour and labelled at its top-left corner."""
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    for q, mask in enumerate(masks):
+        colour = np.asarray(PALETTE[q % len(PALETTE)], dtype=np.float32)
+        base[mask] = (1 - alpha) * base[mask] + alpha * colour
+    out = Image.fromarray(base.round().astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    font = ImageFont.load_default(size=max(10, min(out.size) // 40))
+    for q, (mask, label) in enumerate(zip(masks, labels, strict=True)):
+        x, y, _, _ = mask_codecs.mask_to_bbox(mask)
+        text = f"{q + 1}: {label}"
+        left, top, right, bottom = draw.textbbox((x, y), text, font=font)
+        draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=PALETTE[q % len(PALETTE)])
+        draw.text((x, y), text, fill=(0, 0, 0), font=font)
+    return out
+
+
+def save_atomic(image: Image.Image, path: str) -> None:
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".png")
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'#':>3}  {'area':>8}  {'box (x,y,w,h)':<22}  text"]
+    for row in rows:
+        box = ",".join(str(int(v)) for v in row["box"])
+        lines.append(f"{row['index'] + 1:>3}  {row['area']:>8}  {box:<22}  {row['text']}")
+    return "\n".join(lines)
+
+
+def run(args: Any) -> int:
+    """The `osprey describe` command (args from serve.cli)."""
+    from .config import NoDefaultModel, resolve_model_path
+
+    try:
+        model = resolve_model_path(args.model)
+    except NoDefaultModel as exc:
+        print(f"osprey describe: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with Image.open(args.image) as opened:
+            image = opened.convert("RGB")
+    except (OSError, ValueError) as exc:
+        print(f"osprey describe: cannot read image {args.image}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        masks = load_masks(args.masks, image.height, image.width)
+    except (MaskFileError, OSError) as exc:
+        print(f"osprey describe: {exc}", file=sys.stderr)
+        return 2
+
+    from osprey.inference import OspreyPipeline, SamplingParams
+
+    pipe = OspreyPipeline.from_pretrained(model, device=args.device, dtype=args.dtype)
+    params = SamplingParams(max_new_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    gens = pipe.describe(image, masks, task=args.task, params=params)
+    rows = [{"index": q, "text": g.text, "raw_text": g.raw_text, "area": mask_codecs.mask_area(m),
+             "box": mask_codecs.mask_to_bbox(m), "finish_reason": g.finish_reason,
+             "prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens}
+            for q, (g, m) in enumerate(zip(gens, masks, strict=True))]
+    print(json.dumps(rows, indent=2) if args.json else format_table(rows))
+    if args.overlay:
+        save_atomic(draw_overlay(image, masks, [r["text"] for r in rows]), args.overlay)
+        log.info("wrote %s", args.overlay)
+    return 0
