@@ -13,6 +13,8 @@ Formats accepted by `decode_mask` (see `detect_format`):
 - boxes: `[x, y, w, h]` (four numbers, COCO xywh), rasterised as the rectangle polygon by pycocotools like
   the official Ferret-Bench eval. Integer boxes cover columns x..x+w-1 and rows y..y+h-1 exactly;
   fractional edges snap to the nearest pixel boundary (x=1.4 -> 1, x=1.5 -> 2, x+w=3.6 -> 4 exclusive).
+- one-key dicts naming the format: `{"rle": ...}`, `{"polygon": ...}`, `{"box": ...}`, `{"png": ...}`,
+  `{"bitmap": ...}` (the server's request shape).
 - SAM automatic-mask-generator entries: dicts with `segmentation` (RLE, or a bitmap list-of-lists) plus
   `bbox`, `area`, `predicted_iou`, ...; `decode_sam` / `decode_sam_list` for whole SAM output files.
 
@@ -57,6 +59,16 @@ __all__ = [
     "polygon_self_intersects",
 ]
 
+# Single-key request dicts (the server's `{"rle": ...}`, `{"polygon": ...}`, `{"box": ...}`, `{"png": ...}`).
+_KEYED = {
+    "rle": lambda v, h, w, strict: decode_rle(v, h, w),
+    "polygon": lambda v, h, w, strict: decode_polygons(v, h, w, strict=strict),
+    "polygons": lambda v, h, w, strict: decode_polygons(v, h, w, strict=strict),
+    "box": lambda v, h, w, strict: decode_box(v, h, w),
+    "bbox": lambda v, h, w, strict: decode_box(v, h, w),
+    "png": lambda v, h, w, strict: decode_png(v, h, w),
+    "bitmap": lambda v, h, w, strict: decode_binary(v, h, w),
+}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 
@@ -73,7 +85,8 @@ class MaskWarning(UserWarning):
 
 
 def detect_format(obj: Any, height: int | None = None, width: int | None = None) -> str:
-    """Name of the mask format of `obj`: "rle", "polygons", "box", "binary", "png", "sam"."""
+    """Name of the mask format of `obj`: "rle", "polygons", "box", "binary", "png", "sam" (any dict with a
+    `segmentation`), or "keyed" (a one-key dict: rle / polygon(s) / box / bbox / png / bitmap)."""
     if isinstance(obj, np.ndarray):
         return "binary"
     if isinstance(obj, (bytes, bytearray, memoryview, str)):
@@ -81,6 +94,9 @@ def detect_format(obj: Any, height: int | None = None, width: int | None = None)
     if isinstance(obj, Mapping):
         if "segmentation" in obj:
             return "sam"
+        keyed = [k for k in _KEYED if k in obj]
+        if len(keyed) == 1 and len(obj) == 1:
+            return "keyed"
         if "counts" in obj or "size" in obj:
             return "rle"
         raise MaskError(f"mask dict has neither 'counts'/'size' (RLE) nor 'segmentation'; keys: {sorted(obj)}")
@@ -106,6 +122,9 @@ def decode_mask(obj: Any, height: int, width: int, *, strict: bool = False) -> n
     """
     _check_size(height, width)
     kind = detect_format(obj, height, width)
+    if kind == "keyed":
+        (key, value), = obj.items()
+        return _KEYED[key](value, height, width, strict)
     if kind == "rle":
         return decode_rle(obj, height, width)
     if kind == "polygons":
