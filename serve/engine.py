@@ -44,8 +44,10 @@ class Backend(Protocol):
 
     def prompt_tokens(self, prepared: Any) -> int: ...
 
-    def generate_stream(self, prepared: Sequence[Any], params: Sequence[Any]) -> Iterator[list[Any]]:
-        """Per decoding step, a list of events with `row, text_delta, token_id, finished, finish_reason`."""
+    def generate_stream(self, prepared: Sequence[Any], params: Sequence[Any],
+                        cancelled: Callable[[int], bool]) -> Iterator[list[Any]]:
+        """Per decoding step, a list of events with `row, text_delta, token_id, finished, finish_reason`;
+        `cancelled(row)` is polled each step and a cancelled row stops (finish_reason "cancelled")."""
 
 
 class PipelineBackend:
@@ -69,8 +71,9 @@ class PipelineBackend:
     def prompt_tokens(self, prepared: Any) -> int:
         return int(prepared.num_tokens)
 
-    def generate_stream(self, prepared: Sequence[Any], params: Sequence[Any]) -> Iterator[list[Any]]:
-        return self.pipe.generate_stream(list(prepared), list(params))
+    def generate_stream(self, prepared: Sequence[Any], params: Sequence[Any],
+                        cancelled: Callable[[int], bool]) -> Iterator[list[Any]]:
+        return self.pipe.generate_stream(list(prepared), list(params), cancelled=cancelled)
 
 
 # ---------------------------------------------------------------------------------------------- jobs
@@ -321,7 +324,8 @@ class Engine:
         started = time.perf_counter()
         self.metrics.set("running", len(batch))
         self.metrics.inc("prompt_tokens", sum(live.prompt_tokens for live in batch))
-        stream = self.backend.generate_stream([live.prepared for live in batch], [live.spec.params for live in batch])
+        stream = self.backend.generate_stream([live.prepared for live in batch], [live.spec.params for live in batch],
+                                              lambda row: batch[row].job.cancelled.is_set())
         try:
             for step in stream:
                 for event in step:
