@@ -234,20 +234,7 @@ def rle_counts(rle: Mapping[str, Any]) -> tuple[int, int, list[int]]:
 
     Checks before pycocotools sees the data: its C decoder does not bounds-check the counts.
     """
-    if not isinstance(rle, Mapping):
-        raise MaskError(f"RLE must be a dict, got {type(rle).__name__}")
-    if "size" not in rle or "counts" not in rle:
-        raise MaskError(f"RLE needs 'size' and 'counts'; got keys {sorted(rle)}")
-    size = rle["size"]
-    if (
-        not isinstance(size, (list, tuple))
-        or len(size) != 2
-        or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size)
-    ):
-        raise MaskError(f"RLE size must be [height, width] integers, got {size!r}")
-    h, w = int(size[0]), int(size[1])
-    if h <= 0 or w <= 0:
-        raise MaskError(f"RLE size must be positive, got {[h, w]}")
+    h, w = _rle_size(rle)
     counts = rle["counts"]
     if isinstance(counts, (bytes, bytearray)):
         counts = bytes(counts).decode("ascii", errors="replace")
@@ -270,6 +257,24 @@ def rle_counts(rle: Mapping[str, Any]) -> tuple[int, int, list[int]]:
     return h, w, values
 
 
+def _rle_size(rle: Any) -> tuple[int, int]:
+    if not isinstance(rle, Mapping):
+        raise MaskError(f"RLE must be a dict, got {type(rle).__name__}")
+    if "size" not in rle or "counts" not in rle:
+        raise MaskError(f"RLE needs 'size' and 'counts'; got keys {sorted(rle)}")
+    size = rle["size"]
+    if (
+        not isinstance(size, (list, tuple))
+        or len(size) != 2
+        or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in size)
+    ):
+        raise MaskError(f"RLE size must be [height, width] integers, got {size!r}")
+    h, w = int(size[0]), int(size[1])
+    if h <= 0 or w <= 0:
+        raise MaskError(f"RLE size must be positive, got {[h, w]}")
+    return h, w
+
+
 def decode_rle(rle: Mapping[str, Any] | Sequence[Mapping[str, Any]], height: int | None = None,
                width: int | None = None) -> np.ndarray:
     """Compressed or uncompressed RLE (or a list of RLE parts, merged) -> `(h, w) bool`.
@@ -284,9 +289,10 @@ def decode_rle(rle: Mapping[str, Any] | Sequence[Mapping[str, Any]], height: int
         if len(shapes) != 1:
             raise MaskError(f"RLE parts have different sizes {sorted(shapes)}")
         return np.logical_or.reduce(parts)
-    h, w, counts = rle_counts(rle)
+    h, w = _rle_size(rle)
     if height is not None and width is not None and (h, w) != (height, width):
         raise MaskError(f"RLE size {[h, w]} does not match the image size {[height, width]}")
+    _, _, counts = rle_counts(rle)
     compressed = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
     return mask_utils.decode(compressed).astype(bool)
 

@@ -1,0 +1,244 @@
+"""osprey.masks: hand-computed decodes, exact round trips, and one MaskError per malformed input."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from osprey import masks as M
+from osprey.masks import MaskError, MaskWarning
+
+
+def _random_masks() -> list[np.ndarray]:
+    rng = np.random.default_rng(0)
+    out = [np.zeros((5, 7), bool), np.ones((5, 7), bool), rng.random((1, 1)) < 2, rng.random((31, 17)) < 0.5]
+    corner = np.zeros((9, 11), bool)
+    corner[0, 0] = True  # RLE starting with a zero-length background run
+    blob = np.zeros((64, 48), bool)
+    blob[10:40, 5:30] = True
+    blob[20:25, 10:15] = False
+    return out + [corner, blob]
+
+
+SQUARE = np.zeros((5, 5), bool)
+SQUARE[1:3, 1:3] = True  # rows 1-2, columns 1-2
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+
+
+def test_polygon_hand_computed():
+    assert (M.decode_mask([[1, 1, 3, 1, 3, 3, 1, 3]], 5, 5) == SQUARE).all()
+    assert (M.decode_polygons([1, 1, 3, 1, 3, 3, 1, 3], 5, 5) == SQUARE).all()  # one flat polygon
+
+
+def test_polygons_are_merged():
+    two = M.decode_mask([[0, 0, 1, 0, 1, 1, 0, 1], [3, 3, 5, 3, 5, 5, 3, 5]], 5, 5)
+    expected = np.zeros((5, 5), bool)
+    expected[0, 0] = True
+    expected[3:5, 3:5] = True
+    assert (two == expected).all()
+
+
+def test_polygon_matches_pycocotools():
+    poly = [[236.98, 142.51, 261.68, 212.01, 235.43, 248.71, 211.66, 211.02]]
+    ours = M.decode_mask(poly, 426, 640)
+    ref = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(poly, 426, 640))).astype(bool)
+    assert ours.dtype == bool and ours.shape == (426, 640) and (ours == ref).all()
+
+
+def test_box_integer_and_rounding():
+    assert (M.decode_mask([1, 1, 2, 2], 5, 5) == SQUARE).all()
+    frac = M.decode_box([1.4, 1.6, 2.2, 2.3], 6, 6)  # x 1.4..3.6 -> cols 1..3; y 1.6..3.9 -> rows 2..3
+    expected = np.zeros((6, 6), bool)
+    expected[2:4, 1:4] = True
+    assert (frac == expected).all()
+    half = M.decode_box([1.5, 1.5, 2, 2], 6, 6)  # .5 edges round up: cols/rows 2..3
+    expected = np.zeros((6, 6), bool)
+    expected[2:4, 2:4] = True
+    assert (half == expected).all()
+    assert M.decode_box([0, 0, 5, 5], 5, 5).all()
+
+
+def test_box_clip():
+    clipped = M.decode_box([3, 3, 10, 10], 5, 5, clip=True)
+    expected = np.zeros((5, 5), bool)
+    expected[3:, 3:] = True
+    assert (clipped == expected).all()
+    assert M.box_to_polygon([1, 2, 3, 4]) == [1, 2, 4, 2, 4, 6, 1, 6]
+
+
+def test_rle_hand_computed():
+    mask = np.array([[0, 1, 1], [0, 1, 0]], bool)  # column-major runs: 0,0 | 1,1,1 | 0 -> [2, 3, 1]
+    assert M.encode_uncompressed_rle(mask) == {"size": [2, 3], "counts": [2, 3, 1]}
+    assert (M.decode_mask({"size": [2, 3], "counts": [2, 3, 1]}, 2, 3) == mask).all()
+    rle = M.encode_rle(mask)
+    assert isinstance(rle["counts"], str) and json.loads(json.dumps(rle)) == rle
+    assert M.rle_counts(rle) == (2, 3, [2, 3, 1])
+
+
+@pytest.mark.parametrize("mask", _random_masks(), ids=lambda m: f"{m.shape}")
+def test_round_trips_exact(mask):
+    h, w = mask.shape
+    rle = M.encode_rle(mask)
+    assert (M.decode_mask(rle, h, w) == mask).all()
+    assert (M.decode_rle({"size": rle["size"], "counts": rle["counts"].encode()}) == mask).all()  # bytes counts
+    un = M.encode_uncompressed_rle(mask)
+    assert (M.decode_mask(un, h, w) == mask).all()
+    assert M.rle_counts(rle)[2] == un["counts"]
+    assert rle["counts"] == mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode()
+    assert (M.decode_mask(M.encode_png(mask), h, w) == mask).all()
+    assert (M.decode_mask(M.encode_png_base64(mask), h, w) == mask).all()
+    assert (M.decode_mask("data:image/png;base64," + M.encode_png_base64(mask), h, w) == mask).all()
+    sam = json.loads(json.dumps(M.encode_sam(mask, predicted_iou=0.9)))
+    assert (M.decode_mask(sam, h, w, strict=True) == mask).all()
+    assert (M.decode_mask(mask.astype(np.uint8), h, w) == mask).all()
+    if h > 1:
+        assert (M.decode_mask(mask.tolist(), h, w) == mask).all()  # bitmap list-of-lists
+
+
+def _png(array: np.ndarray, mode: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array, mode=mode).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_png_modes():
+    gray = np.array([[0, 7], [255, 0]], np.uint8)
+    expected = gray != 0
+    assert (M.decode_png(_png(gray, "L")) == expected).all()
+    rgb = np.zeros((2, 2, 3), np.uint8)
+    rgb[0, 1, 2] = 1  # any channel nonzero
+    rgb[1, 0] = 200
+    assert (M.decode_png(_png(rgb, "RGB")) == expected).all()
+    rgba = np.full((2, 2, 4), 255, np.uint8)  # white everywhere: only alpha decides
+    rgba[..., 3] = gray
+    assert (M.decode_png(_png(rgba, "RGBA")) == expected).all()
+    pal = Image.fromarray(gray, mode="L").convert("P")
+    buffer = io.BytesIO()
+    pal.save(buffer, format="PNG")
+    decoded = M.decode_png(buffer.getvalue())
+    assert decoded.shape == (2, 2) and decoded[0, 0] == (np.asarray(pal)[0, 0] != 0)
+    one_bit = io.BytesIO()
+    Image.fromarray(expected).save(one_bit, format="PNG")  # mode "1"
+    assert (M.decode_png(one_bit.getvalue(), 2, 2) == expected).all()
+
+
+def test_sam_output_forms():
+    mask = np.zeros((6, 8), bool)
+    mask[1:4, 2:7] = True
+    entry = M.encode_sam(mask, predicted_iou=0.97, stability_score=0.95, point_coords=[[3.5, 2.5]])
+    assert entry["bbox"] == [2, 1, 4, 2]  # SAM's convention: x1 - x0 with inclusive x1
+    assert entry["area"] == 15 and entry["crop_box"] == [0.0, 0.0, 8.0, 6.0]
+    bitmap_entry = dict(entry, segmentation=mask.tolist())  # output_mode="binary_mask" saved as JSON
+    uncompressed = dict(entry, segmentation=M.encode_uncompressed_rle(mask))
+    stack = M.decode_sam_list([entry, bitmap_entry, uncompressed], 6, 8)
+    assert stack.shape == (3, 6, 8) and (stack == mask).all()
+    assert M.decode_sam_list([], 6, 8).shape == (0, 6, 8)
+
+
+def test_keyed_dicts():
+    assert (M.decode_mask({"box": [1, 1, 2, 2]}, 5, 5) == SQUARE).all()
+    assert (M.decode_mask({"polygon": [[1, 1, 3, 1, 3, 3, 1, 3]]}, 5, 5) == SQUARE).all()
+    assert (M.decode_mask({"rle": M.encode_rle(SQUARE)}, 5, 5) == SQUARE).all()
+    assert (M.decode_mask({"png": M.encode_png_base64(SQUARE)}, 5, 5) == SQUARE).all()
+    assert M.detect_format({"rle": {}}) == "keyed"
+
+
+def test_bbox_and_area():
+    assert M.mask_to_bbox(SQUARE) == [1.0, 1.0, 2.0, 2.0]
+    assert M.mask_area(SQUARE) == 4
+    assert M.mask_to_bbox(np.zeros((3, 3), bool)) == [0.0, 0.0, 0.0, 0.0]
+    blob = _random_masks()[-1]
+    rle = mask_utils.encode(np.asfortranarray(blob.astype(np.uint8)))
+    assert M.mask_to_bbox(blob) == mask_utils.toBbox(rle).tolist() and M.mask_area(blob) == mask_utils.area(rle)
+
+
+@pytest.mark.parametrize(
+    "xy, expected",
+    [
+        ([[0, 0], [4, 0], [4, 4], [0, 4]], False),  # square
+        ([[0, 0], [4, 4], [4, 0], [0, 4]], True),  # bow-tie
+        ([[0, 0], [4, 0], [2, 1], [4, 4], [0, 4]], False),  # concave
+        ([[0, 0], [4, 0], [4, 4], [2, 0], [0, 4]], True),  # a vertex touching another edge
+        ([[0, 0], [3, 0], [1, 2]], False),  # triangle
+    ],
+)
+def test_self_intersection(xy, expected):
+    assert M.polygon_self_intersects(np.array(xy, float)) is expected
+
+
+def test_self_intersecting_warns_or_raises():
+    bowtie = [[0, 0, 4, 4, 4, 0, 0, 4]]
+    with pytest.warns(MaskWarning, match="self-intersecting"):
+        mask = M.decode_mask(bowtie, 5, 5)
+    assert mask.any()
+    with pytest.raises(MaskError, match="polygon 0 is self-intersecting"):
+        M.decode_mask(bowtie, 5, 5, strict=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MaskWarning)  # a simple polygon warns nothing
+        M.decode_mask([[1, 1, 3, 1, 3, 3, 1, 3]], 5, 5)
+
+
+def _truncated_png() -> bytes:
+    return M.encode_png(SQUARE)[:30]
+
+
+@pytest.mark.parametrize(
+    "obj, h, w, match",
+    [
+        ({"size": [4, 5], "counts": [25]}, 5, 5, r"RLE size \[4, 5\] does not match the image size \[5, 5\]"),
+        ({"size": [5, 5], "counts": [20, 4]}, 5, 5, "counts sum to 24 but size 5x5 needs 25"),
+        ({"size": [5, 5], "counts": [30, -5]}, 5, 5, r"counts\[1\] = -5 is negative"),
+        ({"size": [5, 5], "counts": [20.0, 5]}, 5, 5, r"counts\[0\] = 20.0 is not an integer"),
+        ({"size": [5, 5], "counts": ["20", 5]}, 5, 5, "is not an integer"),
+        ({"size": [5, 5], "counts": "0~~"}, 5, 5, "invalid character"),
+        ({"size": [5, 5], "counts": "0i"}, 5, 5, "truncated"),  # 'i' has the continuation bit set
+        ({"size": [5, 5], "counts": "19"}, 5, 5, "counts sum to"),
+        ({"size": [5], "counts": [25]}, 5, 5, "size must be"),
+        ({"size": [0, 5], "counts": []}, 5, 5, "size must be positive"),
+        ({"size": [5, 5]}, 5, 5, "needs 'size' and 'counts'"),
+        ({"counts": 3, "size": [1, 3]}, 1, 3, "counts must be a string"),
+        ([[1, 1, 3, 1, 3]], 5, 5, "odd number of coordinates"),
+        ([[1, 1, 3, 1]], 5, 5, "2 points; a polygon needs at least 3"),
+        ([[0, 0, 1, 1, 2, 2]], 5, 5, "degenerate"),
+        ([[1, 1, 1, 1, 1, 1]], 5, 5, "degenerate"),
+        ([[1, 1, float("nan"), 1, 3, 3]], 5, 5, "non-finite"),
+        ([[1, 1, float("inf"), 1, 3, 3]], 5, 5, "non-finite"),
+        ([[1, 1, "a", 1, 3, 3]], 5, 5, "non-numeric"),
+        ([], 5, 5, "empty mask list"),
+        ([1, 1, 0, 2], 5, 5, "non-positive size"),
+        ([1, 1, 2, -2], 5, 5, "non-positive size"),
+        ([4, 4, 2, 2], 5, 5, "reaches outside the image"),
+        ([-1, 0, 2, 2], 5, 5, "reaches outside the image"),
+        ([1, float("nan"), 2, 2], 5, 5, "non-finite"),
+        (b"not a png at all", 5, 5, "undecodable PNG"),
+        ("@@@not-base64@@@", 5, 5, "not valid base64"),
+        (base64.b64encode(b"GIF89a....").decode(), 5, 5, "undecodable PNG"),
+        (None, 5, 5, "unrecognised mask object"),
+        ({"foo": 1}, 5, 5, "neither"),
+        (np.zeros((4, 5), bool), 5, 5, r"bitmap shape \(4, 5\) does not match"),
+        (np.full((5, 5), 2), 5, 5, "0/1"),
+        (np.zeros((5, 5, 2)), 5, 5, "must be 2-D"),
+        ([[1, 1, 3, 1, 3, 3, 1, 3]], 0, 5, "height must be a positive integer"),
+        ({"segmentation": {"size": [5, 5], "counts": [25]}, "area": 3}, 5, 5, "area 3 does not match"),
+    ],
+)
+def test_malformed_inputs_raise_mask_error(obj, h, w, match):
+    with pytest.raises(MaskError, match=match):
+        M.decode_mask(obj, h, w, strict=True)
+
+
+def test_png_errors():
+    with pytest.raises(MaskError, match="undecodable PNG"):
+        M.decode_png(_truncated_png())
+    with pytest.raises(MaskError, match=r"PNG size 5x5 \(WxH\) does not match the image 6x5"):
+        M.decode_png(M.encode_png(SQUARE), 5, 6)
+    assert issubclass(MaskError, ValueError)
