@@ -1,0 +1,212 @@
+"""A torch Dataset over record files (samples -> token ids, image tensor, region masks) and its collator.
+
+Records are read once, as plain dicts, and turned into samples on access: the stage-2 shuffle and question
+choice are seeded by (seed, epoch, index), so an epoch is reproducible and different epochs differ. Only
+`__getitem__` opens the image and decodes masks; `example()` (tokens only) and `lengths()` (an estimate for a
+length-grouped sampler) never do.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from osprey.config import VisionConfig
+from osprey.data.records import iter_json_items
+from osprey.data.samples import DEFAULT_REGION_CAP, STAGE_KINDS, Sample, build_sample
+from osprey.preprocess import load_image, masks_to_tensor, preprocess_image
+from osprey.prompts import IMAGE_PLACEHOLDER, REGION_PLACEHOLDER, TEMPLATES
+from osprey.tokenization import IGNORE_INDEX, Example, build_example
+
+__all__ = ["SubsetSpec", "manifest_subsets", "RegionDataset", "RegionCollator", "count_fully_masked"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SubsetSpec:
+    """One record file and how to read it: its stage, its kind (see samples.STAGE_KINDS), its image folder."""
+
+    path: Path
+    stage: int
+    kind: str
+    image_root: Path
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGE_KINDS or self.kind not in STAGE_KINDS[self.stage]:
+            raise ValueError(f"{self.path}: unknown stage/kind {self.stage}/{self.kind!r}; known: {STAGE_KINDS}")
+
+
+def manifest_subsets(root: str | Path, split: str = "train", stages: Iterable[int] | None = None,
+                     names: Iterable[str] | None = None) -> list[SubsetSpec]:
+    """The sub-sets of a generated dataset (`root/manifest.json`, see `osprey data synth`) for one split,
+    optionally only some stages or sub-set names; images are resolved against `root`."""
+    root = Path(root)
+    manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+    wanted_stages = None if stages is None else set(stages)
+    wanted_names = None if names is None else set(names)
+    if wanted_names is not None and not wanted_names <= set(manifest["subsets"]):
+        raise ValueError(f"unknown sub-sets {sorted(wanted_names - set(manifest['subsets']))}; "
+                         f"{root}/manifest.json has {sorted(manifest['subsets'])}")
+    specs = []
+    for name, info in manifest["subsets"].items():
+        if wanted_stages is not None and info["stage"] not in wanted_stages:
+            continue
+        if wanted_names is not None and name not in wanted_names:
+            continue
+        if split not in info["files"]:
+            raise ValueError(f"sub-set {name} has no split {split!r}; splits: {sorted(info['files'])}")
+        specs.append(SubsetSpec(root / info["files"][split], info["stage"], info["kind"], root))
+    return specs
+
+
+class RegionDataset(Dataset):
+    """Training examples from one or more record files.
+
+    Item: `input_ids (T,) long`, `labels (T,) long`, `pixel_values (3, S, S) float`, `masks (Q, H, W) bool`
+    (Q = regions kept after truncation, H x W = the image's own size), `fully_masked` and `index`.
+    Stage-3 records with more than `max_regions` regions are skipped, as the official loaders do.
+    """
+
+    def __init__(self, subsets: Sequence[SubsetSpec], tokenizer, vision: VisionConfig, *, max_length: int | None = 2048,
+                 template: str = "train", seed: int = 0, image_token_id: int = -200,
+                 max_regions: int = DEFAULT_REGION_CAP) -> None:
+        if template not in TEMPLATES:
+            raise ValueError(f"unknown template {template!r}; known: {sorted(TEMPLATES)}")
+        self.subsets = list(subsets)
+        self.tokenizer = tokenizer
+        self.vision = vision
+        self.max_length = max_length
+        self.template = template
+        self.seed = seed
+        self.epoch = 0
+        self.image_token_id = image_token_id
+        self.num_image_tokens = vision.num_image_tokens
+        self._records: list[dict[str, Any]] = []
+        self._subset_of: list[int] = []
+        skipped = 0
+        for subset_index, spec in enumerate(self.subsets):
+            for _, obj in iter_json_items(spec.path):
+                if spec.stage == 3 and len(obj.get("annotation", ())) > max_regions:
+                    skipped += 1
+                    continue
+                self._records.append(obj)
+                self._subset_of.append(subset_index)
+        if skipped:
+            logger.info("skipped %d stage-3 records with more than %d regions", skipped, max_regions)
+        self._warned = 0
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the per-sample randomness (stage-2 region order, question choice) for a new epoch."""
+        self.epoch = epoch
+
+    def describe(self, index: int) -> str:
+        """'file#record-id' of an item, for messages."""
+        return f"{self.subsets[self._subset_of[index]].path}#{self._records[index].get('id')}"
+
+    def sample(self, index: int) -> Sample:
+        """The (untokenized) sample of item `index` in the current epoch."""
+        spec = self.subsets[self._subset_of[index]]
+        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, index]))
+        return build_sample(self._records[index], spec.stage, spec.kind, spec.image_root, rng)
+
+    def example(self, index: int, sample: Sample | None = None) -> Example:
+        """The tokenized example of item `index` (no image is read)."""
+        sample = self.sample(index) if sample is None else sample
+        return build_example(self.tokenizer, sample.messages, num_image_tokens=self.num_image_tokens,
+                             image_token_id=self.image_token_id, template=self.template, max_length=self.max_length)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        sample = self.sample(index)
+        example = self.example(index, sample)
+        if example.fully_masked and self._warned < 10:
+            self._warned += 1
+            logger.warning("item %d (%s) has no trained token (truncated=%s): it adds no loss", index,
+                           self.describe(index), example.truncated)
+        image = load_image(sample.image_path)
+        if (image.height, image.width) != (sample.height, sample.width):
+            raise ValueError(f"{sample.image_path} is {image.width}x{image.height} but its record says "
+                             f"{sample.width}x{sample.height} ({self.describe(index)})")
+        masks = sample.masks()[: example.num_regions]  # truncation may drop trailing regions
+        return {
+            "input_ids": torch.tensor(example.input_ids, dtype=torch.long),
+            "labels": torch.tensor(example.labels, dtype=torch.long),
+            "pixel_values": preprocess_image(image, self.vision),
+            "masks": masks_to_tensor(masks, sample.height, sample.width),
+            "fully_masked": example.fully_masked,
+            "index": index,
+        }
+
+    def lengths(self, chars_per_token: float = 4.0) -> list[int]:
+        """Estimated token count per item (image slots + 2 per region + text characters / chars_per_token),
+        for length-grouped batching; reads neither images nor masks and does not tokenize."""
+        overhead = len(TEMPLATES[self.template].render([("human", ""), ("gpt", "")]))
+        out = []
+        for index in range(len(self)):
+            sample = self.sample(index)
+            text_chars = sum(len(t) for _, t in sample.messages) + overhead * (len(sample.messages) // 2)
+            regions = sample.num_mask_tokens
+            images = sum(t.count(IMAGE_PLACEHOLDER) for _, t in sample.messages)
+            text_chars -= regions * len(REGION_PLACEHOLDER) + images * len(IMAGE_PLACEHOLDER)
+            estimate = images * self.num_image_tokens + 2 * regions + math.ceil(text_chars / chars_per_token)
+            out.append(estimate if self.max_length is None else min(estimate, self.max_length))
+        return out
+
+
+class RegionCollator:
+    """Batches items: `input_ids (B, T)` right-padded with `pad_token_id`, `attention_mask (B, T)`, `labels (B, T)`
+    padded with -100, `pixel_values (B, 3, S, S)`, `masks` a list of per-image `(Q_i, H_i, W_i)` bool tensors."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        if pad_token_id is None or pad_token_id < 0:
+            raise ValueError(f"pad_token_id must be a non-negative id, got {pad_token_id!r}")
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        if not items:
+            raise ValueError("cannot collate an empty batch")
+        longest = max(item["input_ids"].numel() for item in items)
+        input_ids = torch.full((len(items), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(items), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), longest), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = item["input_ids"].numel()
+            input_ids[row, :n] = item["input_ids"]
+            labels[row, :n] = item["labels"]
+            attention_mask[row, :n] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+            "masks": [item["masks"] for item in items],
+        }
+
+
+def count_fully_masked(dataset: RegionDataset, indices: Iterable[int] | None = None) -> list[int]:
+    """Indices of items whose loss would be fully masked (no trained token: every answer truncated away, or
+    an empty answer). Tokenizes only; logs one warning with the count and the first offenders."""
+    bad = []
+    truncated = examined = 0
+    for index in range(len(dataset)) if indices is None else indices:
+        examined += 1
+        example = dataset.example(index)
+        truncated += example.truncated
+        if example.fully_masked:
+            bad.append(index)
+    if bad:
+        shown = ", ".join(dataset.describe(i) for i in bad[:5])
+        logger.warning("%d of %d items would train no token (fully masked; %d truncated in all), e.g. %s",
+                       len(bad), examined, truncated, shown)
+    return bad
