@@ -207,6 +207,7 @@ def record_masks(record: Record, *, strict: bool = False) -> np.ndarray:
 
 _CHUNK = 1 << 20  # characters read per refill; records are KBs, files 100+ MB
 _WS = " \t\n\r"
+_NUMBER_CHARS = frozenset("0123456789.eE+-")
 
 
 def iter_json_items(path: str | os.PathLike[str], *, chunk_size: int = _CHUNK) -> Iterator[tuple[int, Any]]:
@@ -238,6 +239,8 @@ def iter_json_items(path: str | os.PathLike[str], *, chunk_size: int = _CHUNK) -
             index += 1
             if is_list:
                 c = reader.peek_non_ws()
+                if c is None:
+                    raise RecordError(f"{path}: unexpected end of file inside the top-level list", index)
                 if c == ",":
                     reader.pos += 1
                     if reader.peek_non_ws() == "]":
@@ -282,12 +285,17 @@ class _Buffer:
             try:
                 value, end = decoder.raw_decode(self.buf, self.pos)
             except json.JSONDecodeError as exc:
-                if self._refill():
+                cut = exc.pos >= len(self.buf) - 32 or exc.msg.startswith("Unterminated string")
+                if cut and self._refill():
                     continue  # the item is cut by the buffer end: read more and retry
                 raise RecordError(f"{path}: invalid JSON at character {self.dropped + exc.pos}: {exc.msg}",
                                   index) from None
-            if end == len(self.buf) and self._refill():
-                continue  # a number or literal could continue in the next chunk
+            if not isinstance(value, (dict, list, str)):
+                tail = end
+                while tail < len(self.buf) and self.buf[tail] in _NUMBER_CHARS:
+                    tail += 1
+                if tail == len(self.buf) and self._refill():
+                    continue  # a number cut by the buffer end ("3." of "3.5e-7"): read more and retry
             self.pos = end
             return value
 
