@@ -14,9 +14,10 @@ from __future__ import annotations
 import os
 import warnings
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tqdm import tqdm
 
@@ -78,8 +79,9 @@ class ValidationReport:
 
     def summary(self) -> str:
         per = self.regions / self.records if self.records else 0.0
-        lines = [f"{self.path}: {self.records} records, {self.regions} regions ({per:.2f} per record), "
-                 f"{self.bad_records} bad records, {self.num_errors} errors"]
+        head = (f"{self.path}: {self.records} records, {self.regions} regions ({per:.2f} per record), "
+                f"{self.bad_records} bad records, {self.num_errors} errors")
+        lines = [head]
         lines += [f"  error {kind}: {n}" for kind, n in sorted(self.error_counts.items())]
         lines += [f"  warning {kind}: {n}" for kind, n in sorted(self.warning_counts.items())]
         return "\n".join(lines)
@@ -180,8 +182,8 @@ def _image_problems(record: Record, images_dir: Path, check_images: bool) -> lis
     except (UnidentifiedImageError, OSError) as exc:
         return [("image-unreadable", f"cannot open {path}: {exc}")]
     if size != (record.width, record.height):
-        return [("image-size", f"{path} is {size[0]}x{size[1]} (WxH) but the record says "
-                               f"{record.width}x{record.height}")]
+        message = f"{path} is {size[0]}x{size[1]} (WxH) but the record says {record.width}x{record.height}"
+        return [("image-size", message)]
     return []
 
 

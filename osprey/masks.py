@@ -30,7 +30,8 @@ import io
 import math
 import re
 import warnings
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
@@ -38,25 +39,25 @@ from pycocotools import mask as mask_utils
 __all__ = [
     "MaskError",
     "MaskWarning",
+    "box_to_polygon",
+    "decode_binary",
+    "decode_box",
     "decode_mask",
-    "detect_format",
+    "decode_png",
     "decode_polygons",
     "decode_rle",
-    "decode_binary",
-    "decode_png",
-    "decode_box",
     "decode_sam",
     "decode_sam_list",
-    "encode_rle",
-    "encode_uncompressed_rle",
+    "detect_format",
     "encode_png",
     "encode_png_base64",
+    "encode_rle",
     "encode_sam",
-    "rle_counts",
-    "mask_to_bbox",
+    "encode_uncompressed_rle",
     "mask_area",
-    "box_to_polygon",
+    "mask_to_bbox",
     "polygon_self_intersects",
+    "rle_counts",
 ]
 
 # Single-key request dicts (the server's `{"rle": ...}`, `{"polygon": ...}`, `{"box": ...}`, `{"png": ...}`).

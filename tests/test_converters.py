@@ -113,7 +113,7 @@ def refcoco_dir(tmp_path) -> Path:
 
 def test_refcoco(tmp_path, refcoco_dir):
     inputs = [str(refcoco_dir / "refs(unc).p"), str(refcoco_dir / "instances.json")]
-    records, stats = _convert_and_validate(tmp_path, "refcoco", inputs)  # split train by default
+    records, _ = _convert_and_validate(tmp_path, "refcoco", inputs)  # split train by default
     assert len(records) == 1 and records[0].id == 581857 and records[0].split == "train"
     record = records[0]
     assert record.file_name == "COCO_train2014_000000581857.jpg" and record.source == "refcoco"
@@ -181,7 +181,7 @@ def test_panoptic(tmp_path):
     for region, mask in zip(first.annotation, record_masks(first)):
         assert (mask == (ids == region.segment_id)).all() and region.area == mask.sum()
     assert first.annotation[0].segment_id == 513  # R=1, G=2: 1 + 256 * 2
-    no_crowd, stats = _convert_and_validate(tmp_path, "panoptic", [str(path)], include_crowd=False)
+    _, stats = _convert_and_validate(tmp_path, "panoptic", [str(path)], include_crowd=False)
     assert stats.skipped == {"iscrowd": 1} and stats.regions == 5
 
 

@@ -214,16 +214,14 @@ def test_writer_round_trip(tmp_path):
 def test_writer_is_atomic(tmp_path):
     out = tmp_path / "out.json"
     out.write_text("previous content")
-    with pytest.raises(RuntimeError, match="boom"):
-        with RecordWriter(out) as writer:
-            writer.write(_record(0))
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), RecordWriter(out) as writer:
+        writer.write(_record(0))
+        raise RuntimeError("boom")
     assert out.read_text() == "previous content"
     assert os.listdir(tmp_path) == ["out.json"]  # no temp file left behind
-    with pytest.raises(RecordError, match="record 1: schema"):
-        with RecordWriter(out) as writer:
-            writer.write(_record(0))
-            writer.write(_record(1, width=0))
+    with pytest.raises(RecordError, match="record 1: schema"), RecordWriter(out) as writer:
+        writer.write(_record(0))
+        writer.write(_record(1, width=0))
     assert out.read_text() == "previous content"
 
 

@@ -90,7 +90,7 @@ def test_report_names_every_bad_record(bad_file):
 
 
 def test_strict_masks_and_no_image_checks(bad_file):
-    path, _, expected = bad_file
+    path, _, _ = bad_file
     report = validate_file(path, None, strict_masks=True, progress=False)
     kinds = {i.index: i.kind for i in report.issues}
     assert kinds[11] == "mask" and 7 not in kinds and 8 not in kinds  # no image folder: no image checks

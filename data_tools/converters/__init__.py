@@ -7,8 +7,9 @@ the options it takes; `convert_to_file` runs one and writes the records atomical
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from data_tools.converters.common import ConvertStats
 from data_tools.converters.instances import convert_coco, convert_lvis, convert_paco
@@ -17,8 +18,18 @@ from data_tools.converters.refcoco import convert_refcoco
 from data_tools.converters.vg import convert_vg
 from osprey.data.records import Record, RecordWriter
 
-__all__ = ["FORMATS", "Format", "ConvertStats", "convert_to_file", "convert_coco", "convert_lvis", "convert_paco",
-           "convert_refcoco", "convert_vg", "convert_panoptic"]
+__all__ = [
+    "FORMATS",
+    "ConvertStats",
+    "Format",
+    "convert_coco",
+    "convert_lvis",
+    "convert_paco",
+    "convert_panoptic",
+    "convert_refcoco",
+    "convert_to_file",
+    "convert_vg",
+]
 
 
 @dataclass(frozen=True)

@@ -15,9 +15,10 @@ import logging
 import random
 import warnings
 from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from osprey.masks import MaskError, MaskWarning, decode_mask, mask_to_bbox

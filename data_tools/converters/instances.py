@@ -8,7 +8,8 @@ skipped; polygons and RLE are kept as they are in the source file.
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Iterator, Literal, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Literal
 
 from tqdm import tqdm
 

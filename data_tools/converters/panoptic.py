@@ -8,14 +8,20 @@ segment-id maps (id = R + 256 * G + 256^2 * B; 0 = unlabelled). Masks are stored
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data_tools.converters.common import OPEN_VOCAB_QUESTION, ConvertStats, display_name, load_json, question_per_region
+from data_tools.converters.common import (
+    OPEN_VOCAB_QUESTION,
+    ConvertStats,
+    display_name,
+    load_json,
+    question_per_region,
+)
 from osprey.data.records import Record, parse_record
 from osprey.masks import encode_rle, mask_to_bbox
 

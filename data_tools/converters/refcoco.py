@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pickle
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from tqdm import tqdm
 
@@ -33,7 +33,7 @@ def load_refs(path: str | Path) -> list[dict]:
     with open(path, "rb") as f:
         refs = pickle.load(f, encoding="latin1")
     if not isinstance(refs, list):
-        raise ValueError(f"{path}: expected a pickled list of refs, got {type(refs).__name__}")
+        raise TypeError(f"{path}: expected a pickled list of refs, got {type(refs).__name__}")
     return refs
 
 

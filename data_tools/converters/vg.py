@@ -9,7 +9,8 @@ Boxes reaching outside the image (VG has some) are clipped to it.
 from __future__ import annotations
 
 import random
-from typing import Iterator, Literal
+from collections.abc import Iterator
+from typing import Literal
 
 from tqdm import tqdm
 

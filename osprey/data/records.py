@@ -11,31 +11,43 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Mapping, TextIO
+from typing import TYPE_CHECKING, Any, Literal, TextIO
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from osprey.masks import decode_mask
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 __all__ = [
-    "REGION_REF",
     "DESCRIPTION_ENTRY",
+    "REGION_REF",
     "RLE",
-    "Region",
-    "Turn",
     "Record",
     "RecordError",
-    "region_refs",
-    "record_problems",
-    "parse_record",
+    "RecordWriter",
+    "Region",
+    "Turn",
     "decode_region_mask",
-    "record_masks",
     "iter_json_items",
     "iter_records",
+    "parse_record",
     "read_records",
-    "RecordWriter",
+    "record_masks",
+    "record_problems",
+    "region_refs",
     "write_records",
 ]
 
@@ -99,7 +111,7 @@ class Record(BaseModel):
     description: list[str] | None = None
 
     @model_validator(mode="after")
-    def _one_text_kind(self) -> "Record":
+    def _one_text_kind(self) -> Record:
         if (self.conversations is None) == (self.description is None):
             raise ValueError("a record needs exactly one of 'conversations' or 'description'")
         return self
@@ -136,8 +148,9 @@ def record_problems(record: Record) -> list[tuple[str, str]]:
         bad = sorted({k for k in region_refs(text) if not 1 <= k <= n})
         if bad:
             where = f"conversations[{i}]" if record.conversations is not None else f"description[{i}]"
-            problems.append(("region-ref", f"{where} refers to <region{bad[0]}> but the record has {n} "
-                                           f"region(s) (valid: 1..{n}); out of range: {bad}"))
+            message = (f"{where} refers to <region{bad[0]}> but the record has {n} region(s) "
+                       f"(valid: 1..{n}); out of range: {bad}")
+            problems.append(("region-ref", message))
     if record.conversations is not None:
         turns = record.conversations
         if not turns:
@@ -145,8 +158,9 @@ def record_problems(record: Record) -> list[tuple[str, str]]:
         for i, turn in enumerate(turns):
             expected = "human" if i % 2 == 0 else "gpt"
             if turn.speaker != expected:
-                problems.append(("roles", f"conversations[{i}] is from {turn.speaker!r}, expected {expected!r} "
-                                          "(roles alternate starting with human)"))
+                message = (f"conversations[{i}] is from {turn.speaker!r}, expected {expected!r} "
+                           "(roles alternate starting with human)")
+                problems.append(("roles", message))
                 break
         if turns and turns[-1].speaker != "gpt":
             problems.append(("last-turn", f"conversation ends with a {turns[-1].speaker!r} turn, not 'gpt'"))
@@ -329,7 +343,7 @@ class RecordWriter:
         self._file: TextIO | None = None
         self._tmp: str | None = None
 
-    def __enter__(self) -> "RecordWriter":
+    def __enter__(self) -> Self:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         self._file = os.fdopen(fd, "w", encoding="utf-8")
@@ -349,7 +363,7 @@ class RecordWriter:
             self._file.write(("\n" if self.count == 0 else ",\n") + line)
         self.count += 1
 
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         assert self._file is not None and self._tmp is not None
         try:
             if exc_type is None:
