@@ -98,7 +98,8 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
         if conv.chars > config.max_prompt_chars:
             raise bad_request(f"the messages hold {conv.chars} characters; at most {config.max_prompt_chars}",
                               "messages", "prompt_too_long")
-        max_tokens = _max_tokens(body.max_completion_tokens or body.max_tokens or config.default_chat_max_tokens,
+        max_tokens = _max_tokens(body.max_completion_tokens or body.max_tokens
+                                 or min(config.default_chat_max_tokens, config.max_tokens_limit),
                                  "max_completion_tokens" if body.max_completion_tokens else "max_tokens", config)
         if body.n > config.max_n:
             raise bad_request(f"n = {body.n} is more than {config.max_n}", "n")

@@ -3,7 +3,8 @@
 `<regionK>` (1-based) in any turn becomes `<mask><pos>` bound to region K; a region mentioned twice appears
 twice (masks bind to `<mask>` occurrences in text order, across all turns). When no turn mentions a region,
 the regions are introduced the way Osprey's stage-3 data does ("Ther are N part regions in the picture:
-region1<mask><pos>,..."), so DAM-style clients ("describe the masked region") work unchanged.
+region1<mask><pos>,..."), so DAM-style clients ("describe the masked region") work unchanged. When some
+are mentioned, the others are left out of the prompt (multi-turn clients send every region on every turn).
 """
 
 from __future__ import annotations
@@ -110,12 +111,7 @@ def bind_regions(conv: ChatConversation, num_regions: int) -> None:
     if num_regions and not mentioned:
         first = multi_region_prefix(num_regions) + "\n" + turns[0][1]
         conv.region_order[:0] = list(range(num_regions))
-    else:
-        unused = sorted(set(range(num_regions)) - mentioned)
-        if unused:
-            raise bad_request(f"region {unused[0] + 1} is never referenced; mention it as <region{unused[0] + 1}> "
-                              "(or mention no region to have all of them introduced)", f"regions[{unused[0]}]",
-                              "unused_region")
+    else:  # regions not mentioned (yet: a client sends all of them on every turn) are not in the prompt
         first = IMAGE_PLACEHOLDER + "\n" + turns[0][1]
     turns[0] = ("human", first)
     conv.turns = turns

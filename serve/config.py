@@ -29,7 +29,7 @@ class ServeConfig:
     max_image_side: int = 8192
     max_regions: int = 64  # regions per request (each region costs one mask-extractor pass)
     max_tokens_limit: int = 1024  # largest max_tokens accepted (the official generation cap)
-    default_chat_max_tokens: int = 256
+    default_chat_max_tokens: int = 256  # when a chat request names none (capped by max_tokens_limit)
     max_prompt_chars: int = 16_000  # all text of a chat request together
     max_n: int = 8  # choices per chat request
     url_fetch_timeout_s: float = 10.0
@@ -42,8 +42,6 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.request_timeout_s <= 0 or self.batch_wait_ms < 0:
             raise ValueError("request_timeout_s must be > 0 and batch_wait_ms >= 0")
-        if self.default_chat_max_tokens > self.max_tokens_limit:
-            raise ValueError("default_chat_max_tokens must not exceed max_tokens_limit")
 
     @property
     def model_name(self) -> str:

@@ -147,6 +147,12 @@ def test_regions_bind_in_text_order_across_turns():
     assert conv.turns[2] == ("human", f"And {REGION_PLACEHOLDER} again?")
 
 
+def test_regions_not_mentioned_yet_are_left_out():
+    conv = parse_messages(_messages(("user", "What is <region2>?")))
+    bind_regions(conv, 3)
+    assert conv.region_order == [1]
+
+
 def test_unmentioned_regions_are_introduced_like_osprey_stage3():
     conv = parse_messages(_messages(("user", "Describe the masked region.")))
     bind_regions(conv, 1)
@@ -157,7 +163,6 @@ def test_unmentioned_regions_are_introduced_like_osprey_stage3():
 
 @pytest.mark.parametrize(("items", "regions", "code"), [
     ((("user", "What is <region3>?"),), 2, "unknown_region"),
-    ((("user", "What is <region1>?"),), 2, "unused_region"),
     ((("user", "What is <mask> here?"),), 1, "reserved_token"),
     ((("user", "hi"), ("assistant", "hello")), 0, "invalid_value"),
 ])

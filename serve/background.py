@@ -1,0 +1,66 @@
+"""Run the server in a background thread of this process (tests, notebooks): real uvicorn on a free port."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+
+from .app import create_app
+from .config import ServeConfig
+from .engine import Backend, Engine
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+class BackgroundServer:
+    """`with BackgroundServer(config) as server:` serves on `server.url` until the block ends (graceful stop)."""
+
+    def __init__(self, config: ServeConfig, backend: Backend | None = None, host: str = "127.0.0.1",
+                 port: int | None = None, wait_ready: bool = True, startup_timeout_s: float = 60.0) -> None:
+        import uvicorn
+
+        self.app = create_app(config, backend)
+        self.host, self.port = host, port or free_port(host)
+        self.url = f"http://{host}:{self.port}"
+        self.wait_ready, self.startup_timeout_s = wait_ready, startup_timeout_s
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=int(config.request_timeout_s)))
+        self.server.install_signal_handlers = lambda: None  # not the main thread
+        self.thread = threading.Thread(target=self.server.run, name="osprey-server", daemon=True)
+
+    @property
+    def engine(self) -> Engine:
+        return self.app.state.engine
+
+    def start(self) -> BackgroundServer:
+        self.thread.start()
+        deadline = time.monotonic() + self.startup_timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {self.url}")
+            time.sleep(0.02)
+        while self.wait_ready:
+            status = httpx.get(self.url + "/health").status_code
+            if status == 200:
+                break
+            if self.engine.load_error or time.monotonic() > deadline:
+                raise RuntimeError(f"the model did not load: {self.engine.load_error or 'timeout'}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self, timeout_s: float = 60.0) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout_s)
+
+    def __enter__(self) -> BackgroundServer:  # noqa: PYI034
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,382 @@
+"""The real server (uvicorn, tiny model) through the official `openai` client and httpx: every endpoint,
+both region conventions, streaming, and bad inputs of every kind (a 4xx in OpenAI's shape, never a 500,
+and the next good request still succeeds)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import struct
+import time
+import zlib
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from osprey import masks as mask_codecs
+from osprey.checkpoint import init_model_folder
+from osprey.prompts import clean_answer
+from serve.background import BackgroundServer
+from serve.config import ServeConfig
+
+KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+H, W = 40, 56
+NAME = "tiny-osprey"
+
+
+def png_b64(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def data_url(image: Image.Image) -> str:
+    return "data:image/png;base64," + png_b64(image)
+
+
+IMAGE = Image.fromarray((np.random.default_rng(0).random((H, W, 3)) * 255).astype(np.uint8))
+MASK_A = np.zeros((H, W), dtype=bool)
+MASK_A[5:20, 8:30] = True
+MASK_B = np.zeros((H, W), dtype=bool)
+MASK_B[22:38, 30:50] = True
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return init_model_folder("tiny", tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir):
+    config = ServeConfig(model=str(model_dir), served_model_name=NAME, api_key=KEY, max_regions=8,
+                         max_tokens_limit=32, max_body_bytes=2 * 1024 * 1024, max_image_pixels=1024 * 1024,
+                         max_batch_size=4, max_queue=4, request_timeout_s=60)
+    with BackgroundServer(config) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def chat_messages(text: str, *extra_images: str) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": data_url(IMAGE)}}]
+    parts += [{"type": "image_url", "image_url": {"url": url}} for url in extra_images]
+    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
+
+
+def describe(server, **body) -> httpx.Response:
+    payload = {"image": data_url(IMAGE), "regions": [{"box": [8, 5, 22, 15]}], "max_tokens": 2} | body
+    return httpx.post(server.url + "/v1/regions/describe", json=payload, headers=AUTH, timeout=60)
+
+
+# ---------------------------------------------------------------------------------------------- plain endpoints
+
+
+def test_health_models_metrics(server, client):
+    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert [m.id for m in client.models.list().data] == [NAME]
+    describe(server)
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("osprey_requests_total", "osprey_queue_depth", "osprey_batch_size_bucket",
+                 "osprey_request_latency_seconds_bucket", "osprey_generated_tokens_total", "osprey_tokens_per_second"):
+        assert name in text
+    assert 'endpoint="/v1/regions/describe",status="200"' in text
+
+
+# ---------------------------------------------------------------------------------------------- chat
+
+
+def test_chat_with_regions_in_extra_body(client):
+    r = client.chat.completions.create(
+        model=NAME, messages=chat_messages("What is <region1> next to <region2>?"), max_tokens=5, seed=1,
+        extra_body={"regions": [{"rle": mask_codecs.encode_rle(MASK_A)}, {"polygon": [[30, 22, 50, 22, 50, 38, 30, 38]]}]},
+        frequency_penalty=0.0, user="someone", logprobs=False)  # common OpenAI fields are accepted and ignored
+    assert r.object == "chat.completion" and r.model == NAME and len(r.choices) == 1
+    choice = r.choices[0]
+    assert choice.message.role == "assistant" and isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("stop", "length")
+    assert 1 <= r.usage.completion_tokens <= 5 or choice.finish_reason == "stop"
+    assert r.usage.prompt_tokens > 0 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+
+
+def test_streaming_matches_non_streaming_and_reports_usage(client):
+    kwargs = dict(model=NAME, messages=chat_messages("Describe <region1>."), max_tokens=6, temperature=0,
+                  extra_body={"regions": [{"box": [8, 5, 22, 15]}]})
+    full = client.chat.completions.create(n=2, **kwargs)
+    stream = client.chat.completions.create(n=2, stream=True, stream_options={"include_usage": True}, **kwargs)
+    texts, reasons, usage = {0: "", 1: ""}, {}, None
+    for chunk in stream:
+        assert chunk.object == "chat.completion.chunk"
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                reasons[c.index] = c.finish_reason
+    assert set(reasons) == {0, 1}
+    assert [texts[i].strip() for i in (0, 1)] == [c.message.content for c in full.choices]  # greedy: identical
+    assert usage is not None and usage.completion_tokens == full.usage.completion_tokens
+    assert usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_stream_wire_format_ends_with_done(server):
+    body = {"model": NAME, "messages": chat_messages("Describe <region1>."), "max_tokens": 3, "stream": True,
+            "regions": [{"box": [8, 5, 22, 15]}]}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_rgba_conventions(client):
+    rgba = np.asarray(IMAGE.convert("RGBA")).copy()
+    rgba[..., 3] = np.where(MASK_A, 255, 0)
+    single = Image.fromarray(rgba, "RGBA")  # one image whose alpha is the region
+    r = client.chat.completions.create(model=NAME, max_tokens=3, messages=[{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": data_url(single)}},
+        {"type": "text", "text": "Describe the masked region."}]}])
+    assert r.choices[0].finish_reason in ("stop", "length")
+    masks = [Image.fromarray(np.dstack([np.zeros((H, W, 3), np.uint8), m.astype(np.uint8) * 255]), "RGBA")
+             for m in (MASK_A, MASK_B)]
+    r = client.chat.completions.create(model=NAME, max_tokens=3, messages=chat_messages(
+        "Is <region2> left of <region1>?", *(data_url(m) for m in masks)))
+    assert r.usage.prompt_tokens > 0
+
+
+def test_multi_turn_keeps_regions_bound(client):
+    regions = [{"box": [8, 5, 22, 15]}, {"box": [30, 22, 20, 16]}]
+    first = chat_messages("What is <region1>?")
+    r1 = client.chat.completions.create(model=NAME, messages=first, max_tokens=3, extra_body={"regions": regions})
+    history = first + [{"role": "assistant", "content": r1.choices[0].message.content},
+                       {"role": "user", "content": "And how does it compare to <region2> and <region1>?"}]
+    r2 = client.chat.completions.create(model=NAME, messages=history, max_tokens=3, extra_body={"regions": regions})
+    assert r2.usage.prompt_tokens > r1.usage.prompt_tokens  # history and the extra regions are in the prompt
+
+
+def test_chat_without_regions(client):
+    r = client.chat.completions.create(model=NAME, messages=chat_messages("What is in the picture?"), max_tokens=2)
+    assert r.choices[0].finish_reason in ("stop", "length")
+
+
+# ---------------------------------------------------------------------------------------------- native describe
+
+
+def test_describe_every_codec_and_matches_the_pipeline(server, model_dir):
+    from osprey.inference import OspreyPipeline, SamplingParams
+
+    regions = [{"rle": mask_codecs.encode_uncompressed_rle(MASK_A)}, {"polygon": [[30, 22, 50, 22, 50, 38, 30, 38]]},
+               {"png": mask_codecs.encode_png_base64(MASK_B)}, {"box": [8, 5, 22, 15]}]
+    r = describe(server, regions=regions, max_tokens=4, task="category")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "region.description" and body["model"] == NAME and body["id"].startswith("desc-")
+    assert [x["index"] for x in body["results"]] == [0, 1, 2, 3]
+    for x in body["results"]:
+        assert x["text"] == clean_answer(x["raw_text"]) and x["finish_reason"] in ("stop", "length")
+    assert body["usage"]["completion_tokens"] == sum(x["completion_tokens"] for x in body["results"])
+    # the server answers what the in-process pipeline answers (same batch of 4, greedy)
+    pipe = OspreyPipeline.from_pretrained(model_dir, device="cpu")
+    masks = np.stack([MASK_A, MASK_B, MASK_B, MASK_A])
+    gens = pipe.describe(IMAGE, masks, task="category", params=SamplingParams(max_new_tokens=4))
+    assert [g.raw_text for g in gens] == [x["raw_text"] for x in body["results"]]
+
+
+def test_describe_streams_ndjson_with_a_sam_list(server):
+    sam = [mask_codecs.encode_sam(MASK_A), mask_codecs.encode_sam(MASK_B), mask_codecs.encode_sam(MASK_A)]
+    payload = {"image": data_url(IMAGE), "regions": sam, "max_tokens": 3, "stream": True, "task": "What is <region>?"}
+    with httpx.stream("POST", server.url + "/v1/regions/describe", json=payload, headers=AUTH, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("application/x-ndjson")
+        lines = [json.loads(line) for line in r.iter_lines() if line]
+    assert sorted(x["index"] for x in lines[:-1]) == [0, 1, 2]
+    assert lines[-1]["done"] is True and lines[-1]["usage"]["total_tokens"] > 0
+
+
+def test_same_image_is_encoded_once(server):
+    before = httpx.get(server.url + "/metrics").text
+    hits = _metric(before, 'osprey_image_cache_total{result="hit"}')
+    for _ in range(2):
+        assert describe(server).status_code == 200
+    assert _metric(httpx.get(server.url + "/metrics").text, 'osprey_image_cache_total{result="hit"}') >= hits + 2
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+# ---------------------------------------------------------------------------------------------- bad inputs
+
+
+def huge_png_b64(width: int, height: int) -> str:
+    raw = bytearray(base64.b64decode(png_b64(Image.new("RGB", (2, 2)))))
+    ihdr = struct.pack(">II", width, height) + bytes(raw[24:29])
+    raw[16:29] = ihdr
+    raw[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return base64.b64encode(bytes(raw)).decode()
+
+
+TRUNCATED = png_b64(IMAGE)[:200]
+GOOD_REGION = [{"box": [8, 5, 22, 15]}]
+NATIVE_BAD = [
+    ({"image": "not*base64"}, 400, "image"),
+    ({"image": TRUNCATED}, 400, "image"),
+    ({"image": huge_png_b64(50000, 50000)}, 400, "image"),
+    ({"image": base64.b64encode(b"just some bytes").decode()}, 400, "image"),
+    ({"image": "http://127.0.0.1:9/x.png"}, 400, "image"),
+    ({"regions": [{"rle": mask_codecs.encode_rle(np.zeros((10, 10), bool))}]}, 400, "regions[0].rle"),
+    ({"regions": [{"png": mask_codecs.encode_png_base64(np.zeros((H + 1, W), bool))}]}, 400, "regions[0].png"),
+    ({"regions": [{"rle": {"size": [H, W], "counts": "!!!"}}]}, 400, "regions[0].rle"),
+    ({"regions": [{"polygon": [[1, 2, 3, 4, 5]]}]}, 400, "regions[0].polygon"),
+    ({"regions": [{"box": [0, 0, 1000, 5]}]}, 400, "regions[0].box"),
+    ({"regions": GOOD_REGION * 9}, 400, "regions"),
+    ({"regions": []}, 400, "regions"),
+    ({"regions": "everything"}, 400, "regions"),
+    ({"regions": [42]}, 400, "regions[0]"),
+    ({"max_tokens": "many"}, 400, "max_tokens"),
+    ({"max_tokens": 33}, 400, "max_tokens"),
+    ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"temperature": -1}, 400, "temperature"),
+    ({"task": "tell me a story"}, 400, "task"),
+    ({"colour": "red"}, 400, "colour"),
+    ({"model": "gpt-4o"}, 404, "model"),
+]
+
+
+@pytest.mark.parametrize(("change", "status", "param"), NATIVE_BAD)
+def test_bad_native_requests(server, change, status, param):
+    r = describe(server, **change)
+    assert_error(r, status, param)
+    assert describe(server).status_code == 200  # still serving
+
+
+def test_missing_fields_and_bad_json(server):
+    r = httpx.post(server.url + "/v1/regions/describe", json={"regions": GOOD_REGION}, headers=AUTH)
+    assert_error(r, 400, "image")
+    r = httpx.post(server.url + "/v1/regions/describe", content=b'{"image": ', headers=AUTH | {"content-type": "application/json"})
+    assert_error(r, 400, None)
+    r = httpx.post(server.url + "/v1/regions/describe", json=[1, 2], headers=AUTH)
+    assert r.status_code == 400 and "error" in r.json()
+    assert describe(server).status_code == 200
+
+
+def test_auth(server):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+        r = httpx.post(server.url + "/v1/regions/describe", json={}, headers=headers)
+        assert_error(r, 401, None)
+        assert r.json()["error"]["type"] == "authentication_error"
+    assert httpx.get(server.url + "/v1/models").status_code == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
+    assert describe(server).status_code == 200
+
+
+def test_oversized_body_is_refused_before_parsing(server):
+    blob = b'{"image": "' + b"A" * (3 * 1024 * 1024) + b'"}'
+    r = httpx.post(server.url + "/v1/regions/describe", content=blob, headers=AUTH | {"content-type": "application/json"})
+    assert_error(r, 413, None)
+    assert describe(server).status_code == 200
+
+
+CHAT_BAD = [
+    (dict(messages=chat_messages("What is <region3>?")), "messages"),
+    (dict(messages=chat_messages("What is <region1>?"), extra_body={"regions": GOOD_REGION * 9}), "regions"),
+    (dict(messages=chat_messages("What is <region1>?"), extra_body={"regions": [{"box": [0, 0, 99, 99]}]}),
+     "regions[0].box"),
+    (dict(messages=[{"role": "user", "content": "no image here"}]), "messages"),
+    (dict(messages=chat_messages("<image> and <mask>")), "messages[0].content"),
+    (dict(messages=chat_messages("hi") + [{"role": "assistant", "content": "hello"}]), "messages[1].role"),
+    (dict(messages=chat_messages("x" * 20000)), "messages"),
+    (dict(messages=chat_messages("What is <region1>?", data_url(Image.new("L", (W + 3, H))))), None),
+    (dict(messages=chat_messages("hi"), max_tokens=1000), "max_tokens"),
+    (dict(messages=chat_messages("hi"), max_completion_tokens=1000), "max_completion_tokens"),
+    (dict(messages=chat_messages("hi"), n=100), "n"),
+    (dict(messages=chat_messages("hi"), top_p=0), "top_p"),
+    (dict(messages=chat_messages("hi"), stop=["a", "b", "c", "d", "e"]), "stop"),
+    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%"}}]}]),
+     "messages[0].content[0].image_url.url"),
+    (dict(messages=[{"role": "robot", "content": "hi"}]), "messages[0].role"),
+    (dict(messages=[]), "messages"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "param"), CHAT_BAD)
+def test_bad_chat_requests(client, server, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=NAME, max_tokens=kwargs.pop("max_tokens", 2), **kwargs)
+    err = info.value.body
+    assert set(err) >= {"message", "type", "param", "code"} and err["type"] == "invalid_request_error"
+    if param is not None:
+        assert err["param"] == param, err
+    ok = client.chat.completions.create(model=NAME, messages=chat_messages("hi"), max_tokens=1)
+    assert ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_unknown_model_and_route(client, server):
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=chat_messages("hi"), max_tokens=1)
+    r = httpx.get(server.url + "/v1/nothing", headers=AUTH)
+    assert_error(r, 404, None)
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None) -> None:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+
+
+# ---------------------------------------------------------------------------------------------- load behaviour
+
+
+def test_flood_gets_answers_or_429_and_nothing_else(server):
+    """max_queue=4 and 8 regions per request (two batches each): the queue overflows; every request gets
+    exactly one complete answer or a 429 with Retry-After."""
+
+    async def flood() -> list[httpx.Response]:
+        payload = {"image": data_url(IMAGE), "regions": GOOD_REGION * 8, "max_tokens": 8}
+        async with httpx.AsyncClient(timeout=60, headers=AUTH) as http:
+            return await asyncio.gather(*(http.post(server.url + "/v1/regions/describe", json=payload)
+                                          for _ in range(16)))
+
+    responses = asyncio.run(flood())
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 429} and 429 in statuses and 200 in statuses, statuses
+    for r in responses:
+        if r.status_code == 429:
+            assert r.headers["retry-after"] and r.json()["error"]["type"] == "rate_limit_error"
+        else:
+            assert len(r.json()["results"]) == 8
+    assert describe(server).status_code == 200
+
+
+def test_client_disconnect_cancels_its_work(server):
+    body = {"model": NAME, "messages": chat_messages("Describe <region1>."), "max_tokens": 32, "stream": True,
+            "regions": GOOD_REGION, "n": 4}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60) as r:
+        next(r.iter_lines())  # the stream has begun; now hang up
+    deadline = time.monotonic() + 10
+    while server.engine._inflight and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not server.engine._inflight
+    assert describe(server).status_code == 200
+
+
+def test_no_request_ever_got_a_500(server):
+    """Runs last in this module: after all the bad inputs above, the server never answered 500."""
+    text = httpx.get(server.url + "/metrics").text
+    assert 'status="500"' not in text
+    assert httpx.get(server.url + "/health").status_code == 200
