@@ -77,7 +77,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _register_convert(data_subparsers: argparse._SubParsersAction) -> None:
-    from data_tools.converters import FORMATS  # light: json, random, tqdm, pycocotools
+    from data_tools.converters import FORMATS  # a table only: converters are imported on use
 
     formats = "\n".join(f"  {name:9s} inputs: {' '.join(spec.inputs)}\n  {'':9s} {spec.help}"
                         for name, spec in FORMATS.items())

@@ -14,8 +14,13 @@ import pytest
 from PIL import Image
 
 from data_tools.cli import register
-from data_tools.converters import ConvertStats, convert_to_file
-from data_tools.converters.common import CATEGORY_INSTRUCTION, PART_INSTRUCTION, REFERRING_INSTRUCTION
+from data_tools.converters import FORMATS, convert_to_file
+from data_tools.converters.common import (
+    CATEGORY_INSTRUCTION,
+    PART_INSTRUCTION,
+    REFERRING_INSTRUCTION,
+    ConvertStats,
+)
 from data_tools.validate import validate_file
 from osprey.data.records import read_records, record_masks, record_problems, region_refs
 
@@ -211,6 +216,11 @@ def test_cli_convert_and_validate(tmp_path, capsys):
     assert _cli(["data", "convert", "coco", str(FIXTURES / "coco/instances_val2017.json"), "--out", str(out),
                  "--split", "val"]) == 2
     assert "does not take option(s) ['split']" in capsys.readouterr().err
+
+
+def test_every_format_loads():
+    for name, spec in FORMATS.items():
+        assert callable(spec.load()), name
 
 
 def test_stats_summary_lists_skips():

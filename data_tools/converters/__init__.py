@@ -6,55 +6,49 @@ the options it takes; `convert_to_file` runs one and writes the records atomical
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from data_tools.converters.common import ConvertStats
-from data_tools.converters.instances import convert_coco, convert_lvis, convert_paco
-from data_tools.converters.panoptic import convert_panoptic
-from data_tools.converters.refcoco import convert_refcoco
-from data_tools.converters.vg import convert_vg
-from osprey.data.records import Record, RecordWriter
+if TYPE_CHECKING:
+    from data_tools.converters.common import ConvertStats
+    from osprey.data.records import Record
 
-__all__ = [
-    "FORMATS",
-    "ConvertStats",
-    "Format",
-    "convert_coco",
-    "convert_lvis",
-    "convert_paco",
-    "convert_panoptic",
-    "convert_refcoco",
-    "convert_to_file",
-    "convert_vg",
-]
+__all__ = ["FORMATS", "Format", "convert_to_file"]
 
 
 @dataclass(frozen=True)
 class Format:
-    """One source format: its converter, its positional inputs and the keyword options it accepts."""
+    """One source format: where its converter lives ("module:function", imported on use so that
+    `osprey --help` stays fast), its positional inputs and the keyword options it accepts."""
 
-    convert: Callable[..., Iterator[Record]]
+    target: str
     inputs: tuple[str, ...]
     options: tuple[str, ...]
     help: str
 
+    def load(self) -> Callable[..., Iterator[Record]]:
+        module, name = self.target.split(":")
+        return getattr(importlib.import_module(module), name)
+
 
 FORMATS: dict[str, Format] = {
-    "coco": Format(convert_coco, ("instances_*.json",), ("seed", "max_regions"),
+    "coco": Format("data_tools.converters.instances:convert_coco", ("instances_*.json",), ("seed", "max_regions"),
                    "COCO instances: category answers, regions shuffled and capped at 20"),
-    "refcoco": Format(convert_refcoco, ("refs(unc|umd|google).p", "instances.json"),
+    "refcoco": Format("data_tools.converters.refcoco:convert_refcoco", ("refs(unc|umd|google).p", "instances.json"),
                       ("split", "seed", "max_regions", "source"),
                       "RefCOCO / RefCOCO+ / RefCOCOg: referring-expression answers, one split, capped at 15"),
-    "lvis": Format(convert_lvis, ("lvis_v1_*.json",), ("seed", "max_regions"),
+    "lvis": Format("data_tools.converters.instances:convert_lvis", ("lvis_v1_*.json",), ("seed", "max_regions"),
                    "LVIS v1: category answers (synonyms kept per region), capped at 15"),
-    "paco": Format(convert_paco, ("paco_lvis_v1_*.json",), ("kind", "seed", "max_regions"),
-                   "PACO-LVIS: object and 'obj:part' answers, capped at 15"),
-    "vg": Format(convert_vg, ("region_descriptions.json", "image_data.json"), ("style", "seed", "max_regions"),
+    "paco": Format("data_tools.converters.instances:convert_paco", ("paco_lvis_v1_*.json",),
+                   ("kind", "seed", "max_regions"), "PACO-LVIS: object and 'obj:part' answers, capped at 15"),
+    "vg": Format("data_tools.converters.vg:convert_vg", ("region_descriptions.json", "image_data.json"),
+                 ("style", "seed", "max_regions"),
                  "Visual Genome region captions: boxes as rectangle polygons, capped at 15"),
-    "panoptic": Format(convert_panoptic, ("panoptic_*.json",), ("png_dir", "include_crowd", "max_regions"),
+    "panoptic": Format("data_tools.converters.panoptic:convert_panoptic", ("panoptic_*.json",),
+                       ("png_dir", "include_crowd", "max_regions"),
                        "COCO-panoptic-style segments (open-vocabulary eval): one RLE region per segment"),
 }
 
@@ -63,6 +57,9 @@ def convert_to_file(fmt: str, inputs: list[str], out: str | os.PathLike[str], *,
                     **options: Any) -> ConvertStats:
     """Run converter `fmt` on `inputs` and write its records to `out` (JSON list, or JSON lines for
     `.jsonl`); options not given (None) keep the converter's defaults."""
+    from data_tools.converters.common import ConvertStats
+    from osprey.data.records import RecordWriter
+
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; known: {sorted(FORMATS)}")
     spec = FORMATS[fmt]
@@ -78,6 +75,6 @@ def convert_to_file(fmt: str, inputs: list[str], out: str | os.PathLike[str], *,
     kwargs = {k: v for k, v in options.items() if v is not None and k in spec.options}
     stats = ConvertStats()
     with RecordWriter(out) as writer:
-        for record in spec.convert(*inputs, stats=stats, progress=progress, **kwargs):
+        for record in spec.load()(*inputs, stats=stats, progress=progress, **kwargs):
             writer.write(record)
     return stats
