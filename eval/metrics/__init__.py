@@ -1,0 +1,1 @@
+"""Metric implementations of the paper's evaluations, each testable on hand-computed cases."""

