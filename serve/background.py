@@ -31,7 +31,7 @@ class BackgroundServer:
         self.url = f"http://{host}:{self.port}"
         self.wait_ready, self.startup_timeout_s = wait_ready, startup_timeout_s
         self.server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=int(config.request_timeout_s)))
+                                                    timeout_graceful_shutdown=max(1, int(config.request_timeout_s))))
         self.server.install_signal_handlers = lambda: None  # not the main thread
         self.thread = threading.Thread(target=self.server.run, name="osprey-server", daemon=True)
 

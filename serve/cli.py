@@ -95,5 +95,5 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
     log.info("serving %s as %r on http://%s:%d", model, config.model_name, args.host, args.port)
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level,
-                timeout_graceful_shutdown=int(config.request_timeout_s))
+                timeout_graceful_shutdown=max(1, int(config.request_timeout_s)))
     return 0

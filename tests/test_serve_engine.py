@@ -1,0 +1,103 @@
+"""Engine lifecycle through the real server: loading (503), load failure, per-request timeout (504), and a
+graceful shutdown that finishes the requests in flight."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from osprey.checkpoint import init_model_folder
+from serve.background import BackgroundServer
+from serve.config import ServeConfig
+from serve.engine import PipelineBackend
+
+
+def payload(regions: int = 1, max_tokens: int = 2, **extra) -> dict:
+    image = Image.fromarray((np.random.default_rng(1).random((24, 32, 3)) * 255).astype(np.uint8))
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return {"image": base64.b64encode(buf.getvalue()).decode(), "regions": [{"box": [2, 2, 10, 8]}] * regions,
+            "max_tokens": max_tokens} | extra
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return init_model_folder("tiny", tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+class GatedBackend(PipelineBackend):
+    """The real pipeline backend whose load waits for the test to open the gate (to observe 'loading')."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(model)
+        self.gate = threading.Event()
+
+    def load(self) -> None:
+        self.gate.wait(30)
+        super().load()
+
+
+def test_health_is_503_until_the_model_is_loaded(model_dir):
+    backend = GatedBackend(str(model_dir))
+    with BackgroundServer(ServeConfig(model=str(model_dir)), backend, wait_ready=False) as server:
+        health = httpx.get(server.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "loading"
+        r = httpx.post(server.url + "/v1/regions/describe", json=payload())
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_loading" and r.headers["retry-after"]
+        backend.gate.set()
+        deadline = time.monotonic() + 30
+        while httpx.get(server.url + "/health").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert httpx.post(server.url + "/v1/regions/describe", json=payload()).status_code == 200
+
+
+def test_a_model_that_fails_to_load_is_reported(tmp_path):
+    with BackgroundServer(ServeConfig(model=str(tmp_path / "missing")), wait_ready=False) as server:
+        deadline = time.monotonic() + 30
+        while server.engine.load_error is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        health = httpx.get(server.url + "/health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        r = httpx.post(server.url + "/v1/regions/describe", json=payload())
+        assert r.status_code == 503 and r.json()["error"]["code"] == "model_load_failed"
+
+
+def test_timeout_gives_504_and_the_server_recovers(model_dir):
+    config = ServeConfig(model=str(model_dir), request_timeout_s=0.001)
+    with BackgroundServer(config) as server:
+        for stream in (False, True):
+            r = httpx.post(server.url + "/v1/regions/describe", json=payload(stream=stream))
+            assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
+        assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_graceful_shutdown_finishes_requests_in_flight(model_dir):
+    server = BackgroundServer(ServeConfig(model=str(model_dir), max_batch_size=2)).start()
+    result: dict = {}
+
+    def call() -> None:
+        result["response"] = httpx.post(server.url + "/v1/regions/describe", json=payload(regions=6, max_tokens=16),
+                                        timeout=60)
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    deadline = time.monotonic() + 10
+    while not server.engine._inflight:  # the request is admitted: now ask the server to stop
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    server.stop()
+    caller.join(60)
+    r = result["response"]
+    assert r.status_code == 200 and len(r.json()["results"]) == 6
+    assert not server.thread.is_alive()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(server.url + "/health")
