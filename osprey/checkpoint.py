@@ -235,16 +235,18 @@ def load_pretrained(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     strict: bool = True,
+    config: OspreyConfig | None = None,
 ):
     """Load a model folder (ours or an official Osprey checkpoint) -> (model, tokenizer, LoadReport).
 
     `clip_weights`: an open_clip weight file whose `visual.*` tensors replace the tower, as the official code
     reloads the tower from `mm_vision_tower`. With `strict`, any missing/unexpected/mismatched key raises.
+    `config` overrides the architecture read from config.json (an official folder is read as Osprey-7B).
     """
     from osprey.tokenization import load_tokenizer
 
     model_dir = Path(model_dir)
-    config = read_config(model_dir)
+    config = config or read_config(model_dir)
     model = build_model(config, device="meta")
     skip = ("vision_tower.",) if clip_weights else ()
     report = load_state(model, model_dir, skip_prefixes=skip)

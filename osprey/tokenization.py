@@ -21,7 +21,14 @@ IGNORE_INDEX = -100
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """Load a (fast) tokenizer from a local folder and check that `<mask>`/`<pos>` are single added tokens."""
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # our config.json has model_type "osprey", which AutoConfig doesn't know
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     missing = [t for t in (MASK_TOKEN, POS_TOKEN) if t not in tokenizer.get_vocab()]
     if missing:
         # Official folders carry added_tokens.json; add the tokens without resizing anything (ids past the vocab).

@@ -1,0 +1,249 @@
+"""The one inference path (CLI, server, evaluation): encode an image once, describe many regions, batched.
+
+    pipe = OspreyPipeline.from_pretrained("path/to/model")
+    answers = pipe.describe(Image.open("x.jpg"), masks, task="short")   # masks: (Q, H, W) bool
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from osprey.generation import SamplingParams, decode, left_pad
+from osprey.modeling import OspreyForCausalLM
+from osprey.preprocess import load_image, masks_to_tensor, preprocess_image
+from osprey.prompts import clean_answer, task_prompt
+from osprey.tokenization import encode_generation_prompt
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["OspreyPipeline", "SamplingParams", "Generation", "StreamEvent", "EncodedImage", "PreparedPrompt"]
+
+
+@dataclass
+class EncodedImage:
+    """Vision features of one image, reusable for any number of prompts and regions."""
+
+    levels: list[torch.Tensor]  # res2..res5, each (C, h, w)
+    tokens: torch.Tensor  # (N, D) projected image tokens
+    height: int  # original size: masks must be (H, W)
+    width: int
+
+
+@dataclass
+class PreparedPrompt:
+    input_ids: torch.Tensor  # (T,) with expanded placeholders
+    image: EncodedImage
+    mask_tokens: torch.Tensor  # (Q, D)
+    pos_tokens: torch.Tensor  # (Q, D)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+
+@dataclass
+class Generation:
+    text: str  # cleaned as the official eval scripts do (osprey.prompts.clean_answer)
+    raw_text: str  # decoded answer, stop strings removed
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length" | "cancelled"
+
+
+@dataclass
+class StreamEvent:
+    row: int
+    text_delta: str
+    token_id: int | None
+    finished: bool
+    finish_reason: str | None
+
+
+class OspreyPipeline:
+    def __init__(self, model: OspreyForCausalLM, tokenizer, max_batch_size: int = 32) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.max_batch_size = max_batch_size
+        self.eos_token_id = tokenizer.eos_token_id
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | str | None = None,
+        clip_weights: str | Path | None = None,
+        max_batch_size: int = 32,
+    ) -> "OspreyPipeline":
+        from osprey.checkpoint import load_pretrained
+
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        if dtype is None:
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        model, tokenizer, report = load_pretrained(path, clip_weights=clip_weights, dtype=dtype, device=device)
+        for note in report.notes:
+            logger.info("load: %s", note)
+        return cls(model, tokenizer, max_batch_size=max_batch_size)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # -- encoding ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode_image(self, image: Image.Image | str | Path) -> EncodedImage:
+        image = load_image(image)
+        pixels = preprocess_image(image, self.config.vision).to(self.device)
+        features = self.model.get_image_features(pixels[None])
+        return EncodedImage(
+            levels=[level[0] for level in features.levels], tokens=features.tokens[0], height=image.height, width=image.width
+        )
+
+    @torch.inference_mode()
+    def region_tokens(self, image: EncodedImage, masks: np.ndarray | torch.Tensor | Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q, H, W) masks at the image's size -> mask tokens (Q, D), position tokens (Q, D)."""
+        stack = masks_to_tensor(masks, image.height, image.width).to(self.device)
+        regions = self.model.get_region_features([level[None] for level in image.levels], [stack])
+        return regions.mask_tokens, regions.pos_tokens
+
+    def prepare(
+        self, image: EncodedImage, messages: Sequence[tuple[str, str]], masks: np.ndarray | torch.Tensor | Sequence
+    ) -> PreparedPrompt:
+        """A generation prompt: messages alternate human/gpt and end with a human turn; the human texts hold one
+        `<mask><pos>` per mask, in mask order, and `<image>` at the start of the first turn."""
+        ids = self._prompt_ids(messages)
+        mask_tokens, pos_tokens = self.region_tokens(image, masks)
+        self._check_region_count(ids, mask_tokens.shape[0])
+        return PreparedPrompt(ids, image, mask_tokens, pos_tokens)
+
+    def _prompt_ids(self, messages: Sequence[tuple[str, str]]) -> torch.Tensor:
+        ids = encode_generation_prompt(
+            self.tokenizer, messages, num_image_tokens=self.config.vision.num_image_tokens,
+            image_token_id=self.config.image_token_id,
+        )
+        if self.config.image_token_id not in ids:
+            raise ValueError("the prompt has no <image> placeholder; put '<image>\\n' at the start of the first turn")
+        if ids.count(self.config.image_token_id) != self.config.vision.num_image_tokens:
+            raise ValueError("the prompt has more than one <image> placeholder")
+        return torch.tensor(ids, dtype=torch.long)
+
+    def _check_region_count(self, ids: torch.Tensor, num_masks: int) -> None:
+        found = int((ids == self.config.mask_token_id).sum())
+        if found != num_masks:
+            raise ValueError(f"the prompt references {found} regions (<mask><pos>) but {num_masks} masks were given")
+
+    # -- generation --------------------------------------------------------------------------------------------
+    def _embed(self, prompts: Sequence[PreparedPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = []
+        for p in prompts:
+            ids = p.input_ids.to(self.device)[None]
+            rows.append(self.model.merge_embeddings(ids, p.image.tokens[None], p.mask_tokens, p.pos_tokens)[0])
+        return left_pad(rows)
+
+    @torch.inference_mode()
+    def generate_stream(
+        self,
+        prompts: Sequence[PreparedPrompt],
+        params: Sequence[SamplingParams] | SamplingParams = SamplingParams(),
+        cancelled: Callable[[int], bool] | None = None,
+    ) -> Iterator[list[StreamEvent]]:
+        """Decode all prompts as one batch; yield per step the events of rows that produced text or finished.
+
+        `cancelled(row)` is polled each step: a cancelled row finishes with reason "cancelled".
+        """
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        if not prompts:
+            return
+        embeds, attention = self._embed(prompts)
+        tokens: list[list[int]] = [[] for _ in prompts]
+        emitted = [""] * len(prompts)
+        finished = [False] * len(prompts)
+        for step in decode(self.model.language_model, embeds, attention, params, self.eos_token_id):
+            events = []
+            for row in range(len(prompts)):
+                if finished[row] or not bool(step.active[row]):
+                    continue
+                if cancelled is not None and cancelled(row):
+                    finished[row] = True
+                    events.append(StreamEvent(row, "", None, True, "cancelled"))
+                    continue
+                token = int(step.tokens[row])
+                reason = None
+                if bool(step.hit_eos[row]):
+                    reason = "stop"
+                else:
+                    tokens[row].append(token)
+                    if bool(step.finished[row]):
+                        reason = "length"
+                text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
+                cut = _first_stop(text, params[row].stop)
+                if cut is not None:
+                    text, reason = text[:cut], "stop"
+                elif reason is None and text.endswith("\ufffd"):
+                    text = emitted[row]  # an incomplete UTF-8 sequence: wait for the next token
+                delta = text[len(emitted[row]):] if text.startswith(emitted[row]) else ""
+                emitted[row] = emitted[row] + delta
+                finished[row] = reason is not None
+                events.append(StreamEvent(row, delta, None if bool(step.hit_eos[row]) else token, finished[row], reason))
+            if events:
+                yield events
+            if all(finished):
+                return
+
+    def generate(
+        self, prompts: Sequence[PreparedPrompt], params: Sequence[SamplingParams] | SamplingParams = SamplingParams()
+    ) -> list[Generation]:
+        """Batched generation in chunks of max_batch_size; results in prompt order."""
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        results: list[Generation] = []
+        for start in range(0, len(prompts), self.max_batch_size):
+            chunk = prompts[start:start + self.max_batch_size]
+            texts = [""] * len(chunk)
+            counts = [0] * len(chunk)
+            reasons = ["length"] * len(chunk)
+            for events in self.generate_stream(chunk, params[start:start + len(chunk)]):
+                for e in events:
+                    texts[e.row] += e.text_delta
+                    counts[e.row] += e.token_id is not None
+                    if e.finished:
+                        reasons[e.row] = e.finish_reason or "length"
+            results += [
+                Generation(clean_answer(t), t, p.num_tokens, n, r) for t, p, n, r in zip(texts, chunk, counts, reasons)
+            ]
+        return results
+
+    def describe(
+        self,
+        image: Image.Image | str | Path | EncodedImage,
+        masks: np.ndarray | torch.Tensor | Sequence,
+        task: str = "short",
+        params: SamplingParams = SamplingParams(),
+    ) -> list[Generation]:
+        """One answer per mask (each its own single-region prompt), the image encoded once for all of them."""
+        encoded = image if isinstance(image, EncodedImage) else self.encode_image(image)
+        ids = self._prompt_ids([("human", task_prompt(task))])
+        self._check_region_count(ids, 1)
+        mask_tokens, pos_tokens = self.region_tokens(encoded, masks)
+        prompts = [
+            PreparedPrompt(ids, encoded, mask_tokens[i:i + 1], pos_tokens[i:i + 1]) for i in range(mask_tokens.shape[0])
+        ]
+        return self.generate(prompts, params)
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    positions = [text.find(s) for s in stops if s and s in text]
+    return min(positions) if positions else None

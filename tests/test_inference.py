@@ -1,0 +1,100 @@
+"""The one inference path: describe end to end, batching equals one-by-one, streaming, errors."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from osprey.inference import SamplingParams
+from osprey.prompts import task_prompt
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(0)
+    return Image.fromarray((rng.random((48, 72, 3)) * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def masks():
+    m = np.zeros((4, 48, 72), bool)
+    m[0, 5:20, 10:40] = True
+    m[1] = True
+    m[2, 30, 60] = True  # one pixel
+    return m  # m[3] empty
+
+
+def test_describe_returns_one_answer_per_mask_and_encodes_once(tiny_pipeline, image, masks, monkeypatch):
+    calls = []
+    original = tiny_pipeline.model.get_image_features
+    monkeypatch.setattr(tiny_pipeline.model, "get_image_features", lambda px: calls.append(px.shape) or original(px))
+    answers = tiny_pipeline.describe(image, masks, task="category", params=SamplingParams(max_new_tokens=5))
+    assert len(answers) == 4 and len(calls) == 1
+    for a in answers:
+        assert isinstance(a.text, str) and 1 <= a.completion_tokens <= 5
+        assert a.finish_reason in ("stop", "length")
+        assert a.prompt_tokens > tiny_pipeline.config.vision.num_image_tokens
+
+
+def test_batched_generation_equals_one_by_one(tiny_pipeline, image, masks):
+    enc = tiny_pipeline.encode_image(image)
+    params = SamplingParams(max_new_tokens=6)
+    prompts = [
+        tiny_pipeline.prepare(enc, [("human", task_prompt("short"))], masks[:1]),
+        tiny_pipeline.prepare(enc, [("human", task_prompt("category")), ("gpt", "a thing"),
+                                    ("human", "and <mask><pos> next to <mask><pos>?")], masks[:3]),
+        tiny_pipeline.prepare(enc, [("human", "<image>\nWhat is <mask><pos>?")], masks[3:4]),
+    ]
+    batched = tiny_pipeline.generate(prompts, params)
+    single = [tiny_pipeline.generate([p], params)[0] for p in prompts]
+    assert [b.raw_text for b in batched] == [s.raw_text for s in single]
+    assert [b.completion_tokens for b in batched] == [s.completion_tokens for s in single]
+
+
+def test_seeded_sampling_is_reproducible(tiny_pipeline, image, masks):
+    params = SamplingParams(max_new_tokens=8, temperature=0.9, seed=7)
+    a = tiny_pipeline.describe(image, masks[:2], params=params)
+    b = tiny_pipeline.describe(image, masks[:2], params=params)
+    assert [x.raw_text for x in a] == [x.raw_text for x in b]
+
+
+def test_stream_concatenates_to_the_generated_text(tiny_pipeline, image, masks):
+    enc = tiny_pipeline.encode_image(image)
+    prompt = tiny_pipeline.prepare(enc, [("human", task_prompt("detailed"))], masks[:1])
+    params = SamplingParams(max_new_tokens=7)
+    text = "".join(e.text_delta for events in tiny_pipeline.generate_stream([prompt], params) for e in events)
+    assert text == tiny_pipeline.generate([prompt], params)[0].raw_text
+
+
+def test_cancelled_rows_finish_early(tiny_pipeline, image, masks):
+    enc = tiny_pipeline.encode_image(image)
+    prompt = tiny_pipeline.prepare(enc, [("human", task_prompt("short"))], masks[:1])
+    events = [e for step in tiny_pipeline.generate_stream([prompt, prompt], SamplingParams(max_new_tokens=20),
+                                                         cancelled=lambda row: row == 1) for e in step]
+    assert any(e.row == 1 and e.finish_reason == "cancelled" for e in events)
+    assert not any(e.row == 1 and e.text_delta for e in events)
+
+
+def test_bad_inputs_raise_clear_errors(tiny_pipeline, image, masks):
+    enc = tiny_pipeline.encode_image(image)
+    with pytest.raises(ValueError, match=r"references 1 regions .* but 2 masks"):
+        tiny_pipeline.prepare(enc, [("human", task_prompt("short"))], masks[:2])
+    with pytest.raises(ValueError, match=r"masks must be \(Q, 48, 72\)"):
+        tiny_pipeline.prepare(enc, [("human", task_prompt("short"))], np.zeros((1, 10, 10), bool))
+    with pytest.raises(ValueError, match="no <image> placeholder"):
+        tiny_pipeline.prepare(enc, [("human", "what is <mask><pos>?")], masks[:1])
+    with pytest.raises(ValueError, match="unknown task"):
+        tiny_pipeline.describe(enc, masks[:1], task="nonsense")
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SamplingParams(max_new_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
+
+
+def test_describe_accepts_a_path_and_torch_masks(tiny_pipeline, image, masks, tmp_path):
+    path = tmp_path / "x.png"
+    image.save(path)
+    out = tiny_pipeline.describe(str(path), torch.from_numpy(masks[:2]), params=SamplingParams(max_new_tokens=3))
+    assert len(out) == 2
+    with pytest.raises(ValueError, match="cannot read image"):
+        tiny_pipeline.describe(str(tmp_path / "missing.png"), masks[:1])

@@ -1,0 +1,118 @@
+"""Model shapes at every level, the splice of image and region tokens, and the forward/backward pass."""
+
+import pytest
+import torch
+
+from osprey.checkpoint import build_model
+from osprey.config import OspreyConfig
+from osprey.modeling import IGNORE_INDEX
+
+TINY = OspreyConfig.from_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return build_model(TINY).eval()
+
+
+def test_tiny_feature_shapes_at_every_level(model):
+    features = model.get_image_features(torch.randn(2, 3, 128, 128))
+    assert [tuple(level.shape) for level in features.levels] == [
+        (2, 40, 32, 32), (2, 80, 16, 16), (2, 160, 8, 8), (2, 320, 4, 4)
+    ]
+    assert features.tokens.shape == (2, TINY.vision.num_image_tokens, TINY.hidden_size)
+
+
+def test_7b_feature_shapes_on_meta_device():
+    config = OspreyConfig.from_preset("osprey-7b")
+    model = build_model(config, device="meta")
+    levels = model.vision_tower(torch.empty(1, 3, 512, 512, device="meta"))
+    assert [tuple(level.shape[1:]) for level in levels] == [(192, 128, 128), (384, 64, 64), (768, 32, 32), (1536, 16, 16)]
+    tokens = model.mm_projector(levels[2].flatten(2).transpose(1, 2))
+    assert tuple(tokens.shape) == (1, 1024, 4096)
+
+
+def test_vision_tower_is_frozen_by_default_and_runs_without_grad(model):
+    for p in model.vision_tower.parameters():
+        p.requires_grad_(False)
+    levels = model.vision_tower(torch.randn(1, 3, 128, 128))
+    assert not levels[0].requires_grad
+
+
+def _ids(*parts):
+    out = []
+    for p in parts:
+        out.extend(p if isinstance(p, list) else [p])
+    return torch.tensor([out])
+
+
+def test_splice_places_image_and_region_tokens_in_order(model):
+    cfg = TINY
+    n = cfg.vision.num_image_tokens
+    ids = _ids(1, 5, [cfg.image_token_id] * n, 7, cfg.mask_token_id, cfg.pos_token_id, 8, cfg.mask_token_id, cfg.pos_token_id)
+    image = torch.randn(1, n, cfg.hidden_size)
+    mask_tokens = torch.randn(2, cfg.hidden_size)
+    pos_tokens = torch.randn(2, cfg.hidden_size)
+    embeds = model.merge_embeddings(ids, image, mask_tokens, pos_tokens)
+    table = model.get_input_embeddings().weight
+    assert embeds.shape == (1, ids.shape[1], cfg.hidden_size)
+    torch.testing.assert_close(embeds[0, 0], table[1])
+    torch.testing.assert_close(embeds[0, 2:2 + n], image[0])
+    k = 2 + n + 1
+    torch.testing.assert_close(embeds[0, k], mask_tokens[0])
+    torch.testing.assert_close(embeds[0, k + 1], pos_tokens[0])
+    torch.testing.assert_close(embeds[0, k + 2], table[8])
+    torch.testing.assert_close(embeds[0, k + 3], mask_tokens[1])
+    torch.testing.assert_close(embeds[0, k + 4], pos_tokens[1])
+
+
+def test_splice_batch_with_different_region_counts(model):
+    cfg = TINY
+    n = cfg.vision.num_image_tokens
+    row0 = [1, *[cfg.image_token_id] * n, cfg.mask_token_id, cfg.pos_token_id, cfg.mask_token_id, cfg.pos_token_id, 3]
+    row1 = [1, *[cfg.image_token_id] * n, 4, 5, 6, 0, 0]  # no regions, padded
+    ids = torch.tensor([row0, row1])
+    image = torch.randn(2, n, cfg.hidden_size)
+    mask_tokens = torch.randn(2, cfg.hidden_size)
+    embeds = model.merge_embeddings(ids, image, mask_tokens, mask_tokens + 1)
+    torch.testing.assert_close(embeds[1, 1:1 + n], image[1])
+    torch.testing.assert_close(embeds[0, 1 + n + 2], mask_tokens[1])
+
+
+def test_splice_count_mismatches_raise(model):
+    cfg = TINY
+    n = cfg.vision.num_image_tokens
+    ids = _ids(1, [cfg.image_token_id] * n, cfg.mask_token_id, cfg.pos_token_id)
+    image = torch.randn(1, n, cfg.hidden_size)
+    with pytest.raises(ValueError, match=r"<mask> tokens in the text \(1\) and masks \(2\)"):
+        model.merge_embeddings(ids, image, torch.randn(2, cfg.hidden_size), torch.randn(2, cfg.hidden_size))
+    with pytest.raises(ValueError, match="image placeholder slots"):
+        model.merge_embeddings(ids, torch.randn(1, n - 1, cfg.hidden_size), torch.randn(1, cfg.hidden_size), torch.randn(1, cfg.hidden_size))
+    bad = _ids(1, [cfg.image_token_id] * n, cfg.mask_token_id, 9, cfg.pos_token_id)
+    with pytest.raises(ValueError, match="followed by exactly one <pos>"):
+        model.merge_embeddings(bad, image, torch.randn(1, cfg.hidden_size), torch.randn(1, cfg.hidden_size))
+
+
+def test_forward_backward_with_two_images_and_masks_of_any_size(model):
+    cfg = TINY
+    n = cfg.vision.num_image_tokens
+    rows = [
+        [1, *[cfg.image_token_id] * n, 10, cfg.mask_token_id, cfg.pos_token_id, 11, 12, 2],
+        [1, *[cfg.image_token_id] * n, 13, cfg.mask_token_id, cfg.pos_token_id, cfg.mask_token_id, cfg.pos_token_id, 2],
+    ]
+    ids = torch.tensor(rows)
+    labels = ids.clone()
+    labels[ids < 0] = IGNORE_INDEX
+    labels[(ids == cfg.mask_token_id) | (ids == cfg.pos_token_id)] = IGNORE_INDEX
+    masks = [torch.rand(1, 37, 53) > 0.5, torch.zeros(2, 200, 90, dtype=torch.bool)]
+    masks[1][1] = True
+    model.train()
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=torch.randn(2, 3, 128, 128), masks=masks, labels=labels)
+    model.eval()
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert model.mask_extractor.feat_linear.weight.grad.abs().sum() > 0
+    assert model.mask_extractor.mask_linear.layers[0].weight.grad.abs().sum() > 0
+    assert model.mm_projector[0].weight.grad.abs().sum() > 0
+    model.zero_grad()
