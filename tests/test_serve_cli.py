@@ -1,0 +1,91 @@
+"""`osprey describe` (in-process, tiny model) and `osprey serve` argument handling."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from osprey import masks as mask_codecs
+from osprey.checkpoint import init_model_folder
+from serve import cli
+from serve.describe import MaskFileError, load_masks
+
+H, W = 30, 40
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="osprey")
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    return parser.parse_args(argv)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("describe")
+    model = init_model_folder("tiny", root / "model", seed=0)
+    image = root / "image.png"
+    Image.fromarray((np.random.default_rng(2).random((H, W, 3)) * 255).astype(np.uint8)).save(image)
+    a = np.zeros((H, W), bool)
+    a[3:12, 4:20] = True
+    b = np.zeros((H, W), bool)
+    b[15:28, 22:38] = True
+    sam = root / "sam.json"
+    sam.write_text(json.dumps([mask_codecs.encode_sam(a), mask_codecs.encode_sam(b)]))
+    regions = root / "regions.json"
+    regions.write_text(json.dumps([{"box": [4, 3, 16, 9]}, {"rle": mask_codecs.encode_rle(b)}, [[22, 15, 38, 15, 38, 28]]]))
+    png = root / "mask.png"
+    png.write_bytes(mask_codecs.encode_png(a))
+    return {"root": root, "model": model, "image": image, "sam": sam, "regions": regions, "png": png, "a": a, "b": b}
+
+
+def test_mask_files_of_every_kind(files):
+    masks = load_masks([str(files["sam"]), str(files["regions"]), str(files["png"])], H, W)
+    assert masks.shape == (6, H, W)
+    assert (masks[0] == files["a"]).all() and (masks[1] == files["b"]).all() and (masks[5] == files["a"]).all()
+    bad = files["root"] / "bad.json"
+    bad.write_text(json.dumps([{"box": [0, 0, 500, 5]}]))
+    with pytest.raises(MaskFileError, match=r"bad.json\[0\]"):
+        load_masks([str(bad)], H, W)
+
+
+def test_describe_prints_json_and_writes_an_overlay(files, capsys):
+    overlay = files["root"] / "out" / "overlay.png"
+    args = parse(["describe", str(files["image"]), "--masks", str(files["sam"]), str(files["png"]),
+                  "--model", str(files["model"]), "--max-tokens", "3", "--json", "--overlay", str(overlay)])
+    assert args.func(args) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["index"] for r in rows] == [0, 1, 2]
+    assert rows[0]["area"] == int(files["a"].sum()) and rows[0]["box"] == [4.0, 3.0, 16.0, 9.0]
+    assert all(r["completion_tokens"] <= 3 for r in rows)
+    with Image.open(overlay) as out:
+        assert out.size == (W, H) and out.mode == "RGB"
+
+
+def test_describe_table_and_errors(files, capsys, monkeypatch):
+    args = parse(["describe", str(files["image"]), "--masks", str(files["regions"]), "--model", str(files["model"]),
+                  "--max-tokens", "2", "--task", "category"])
+    assert args.func(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["#", "area"] and len(lines) == 4
+    args = parse(["describe", str(files["image"]), "--masks", str(files["root"] / "none.json"),
+                  "--model", str(files["model"])])
+    assert args.func(args) == 2
+    monkeypatch.delenv("OSPREY_MODEL", raising=False)
+    args = parse(["describe", str(files["image"]), "--masks", str(files["png"])])
+    assert args.func(args) == 2 and "--model" in capsys.readouterr().err
+
+
+def test_serve_without_a_model_says_what_to_pass(capsys, monkeypatch, tmp_path):
+    monkeypatch.delenv("OSPREY_MODEL", raising=False)
+    args = parse(["serve"])
+    assert args.func(args) == 2
+    err = capsys.readouterr().err
+    assert "--model" in err and "osprey model init" in err
+    args = parse(["serve", "--model", str(tmp_path / "missing")])
+    assert args.func(args) == 2
+    args = parse(["serve", "--model", str(tmp_path), "--max-batch-size", "0"])
+    assert args.func(args) == 2 and "max_batch_size" in capsys.readouterr().err
