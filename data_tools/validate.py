@@ -26,12 +26,12 @@ from osprey.data.records import (
     Record,
     RecordError,
     Region,
-    decode_region_mask,
     iter_json_items,
     parse_record,
     record_problems,
+    region_rle,
 )
-from osprey.masks import MaskError, MaskWarning
+from osprey.masks import MaskError, MaskWarning, rle_area
 
 BORDER_TOLERANCE = 1.0  # pixels a bbox / polygon may reach past the image border
 
@@ -144,14 +144,14 @@ def _region_problems(region: Region, record: Record, strict: bool, warned: Count
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", MaskWarning)
-            mask = decode_region_mask(region, h, w, strict=strict)
+            rle = region_rle(region, h, w, strict=strict)  # checked like a decode, without the pixels
         for warning in caught:
             if issubclass(warning.category, MaskWarning):
                 warned["self-intersecting polygon" if "self-intersecting" in str(warning.message)
                        else "mask warning"] += 1
     except MaskError as exc:
         return [("mask", str(exc))]
-    if not mask.any():
+    if rle_area(rle) == 0:
         problems.append(("empty-mask", "mask has no pixels inside the image"))
     x, y, bw, bh = region.bbox
     t = BORDER_TOLERANCE

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import io
 import math
 import re
@@ -57,19 +58,15 @@ __all__ = [
     "mask_area",
     "mask_to_bbox",
     "polygon_self_intersects",
+    "rle_area",
     "rle_counts",
+    "to_rle",
 ]
 
-# Single-key request dicts (the server's `{"rle": ...}`, `{"polygon": ...}`, `{"box": ...}`, `{"png": ...}`).
-_KEYED = {
-    "rle": lambda v, h, w, strict: decode_rle(v, h, w),
-    "polygon": lambda v, h, w, strict: decode_polygons(v, h, w, strict=strict),
-    "polygons": lambda v, h, w, strict: decode_polygons(v, h, w, strict=strict),
-    "box": lambda v, h, w, strict: decode_box(v, h, w),
-    "bbox": lambda v, h, w, strict: decode_box(v, h, w),
-    "png": lambda v, h, w, strict: decode_png(v, h, w),
-    "bitmap": lambda v, h, w, strict: decode_binary(v, h, w),
-}
+# Single-key request dicts (the server's `{"rle": ...}`, `{"polygon": ...}`, `{"box": ...}`, `{"png": ...}`):
+# key -> the format its value is read as.
+_KEYED = {"rle": "rle", "polygon": "polygons", "polygons": "polygons", "box": "box", "bbox": "box", "png": "png",
+          "bitmap": "binary"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
 
@@ -122,21 +119,68 @@ def decode_mask(obj: Any, height: int, width: int, *, strict: bool = False) -> n
     `strict` rejects self-intersecting polygons and SAM entries whose `area` disagrees with the mask.
     """
     _check_size(height, width)
-    kind = detect_format(obj, height, width)
-    if kind == "keyed":
-        (key, value), = obj.items()
-        return _KEYED[key](value, height, width, strict)
-    if kind == "rle":
-        return decode_rle(obj, height, width)
-    if kind == "polygons":
-        return decode_polygons(obj, height, width, strict=strict)
-    if kind == "box":
-        return decode_box(obj, height, width)
+    kind, obj = _resolve(obj, height, width)
     if kind == "binary":
         return decode_binary(obj, height, width)
     if kind == "png":
         return decode_png(obj, height, width)
-    return decode_sam(obj, height, width, strict=strict)
+    return mask_utils.decode(_coco_rle(kind, obj, height, width, strict)).astype(bool)
+
+
+def to_rle(obj: Any, height: int, width: int, *, strict: bool = False) -> dict[str, Any]:
+    """Any supported mask object -> compressed RLE `{"size": [h, w], "counts": str}`, with the same checks as
+    `decode_mask` but without materialising the mask for polygons, RLE and boxes (fast validation, storage).
+    """
+    _check_size(height, width)
+    kind, obj = _resolve(obj, height, width)
+    if kind == "binary":
+        return encode_rle(decode_binary(obj, height, width))
+    if kind == "png":
+        return encode_rle(decode_png(obj, height, width))
+    rle = _coco_rle(kind, obj, height, width, strict)
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode("ascii")}
+
+
+def rle_area(rle: Mapping[str, Any]) -> int:
+    """Pixels inside a (validated) compressed RLE, without decoding it."""
+    counts = rle["counts"]
+    return int(mask_utils.area({"size": list(rle["size"]),
+                                "counts": counts.encode("ascii") if isinstance(counts, str) else counts}))
+
+
+def _resolve(obj: Any, height: int, width: int) -> tuple[str, Any]:
+    """(format, payload) with one-key dicts unwrapped."""
+    kind = detect_format(obj, height, width)
+    if kind == "keyed":
+        ((key, value),) = obj.items()
+        return _KEYED[key], value
+    return kind, obj
+
+
+def _coco_rle(kind: str, obj: Any, height: int, width: int, strict: bool) -> dict[str, Any]:
+    """pycocotools RLE (bytes counts) of a validated polygon / RLE / box / SAM-entry object."""
+    if kind == "rle":
+        return _rle_to_coco(obj, height, width)
+    if kind == "polygons":
+        return _polygons_to_coco(obj, height, width, strict)
+    if kind == "box":
+        return _box_to_coco(obj, height, width)
+    if kind == "sam":
+        seg = obj["segmentation"]
+        if isinstance(seg, Mapping) or (isinstance(seg, (list, tuple)) and seg and isinstance(seg[0], Mapping)):
+            rle = _rle_to_coco(seg, height, width)
+        else:
+            seg_kind, seg = _resolve(seg, height, width)
+            if seg_kind in ("binary", "png"):
+                mask = decode_binary(seg, height, width) if seg_kind == "binary" else decode_png(seg, height, width)
+                rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
+            else:
+                rle = _coco_rle(seg_kind, seg, height, width, strict)
+        if strict and "area" in obj and int(obj["area"]) != int(mask_utils.area(rle)):
+            raise MaskError(f"SAM entry area {obj['area']} does not match the mask's {int(mask_utils.area(rle))} "
+                            "pixels")
+        return rle
+    raise MaskError(f"{kind} masks have no RLE path")  # binary / png are handled by the callers
 
 
 # ---------------------------------------------------------------------------------------------- polygons
@@ -151,6 +195,10 @@ def decode_polygons(
     self-intersecting ones raise only with `strict`, otherwise they warn (MaskWarning).
     """
     _check_size(height, width)
+    return mask_utils.decode(_polygons_to_coco(polygons, height, width, strict)).astype(bool)
+
+
+def _polygons_to_coco(polygons: Any, height: int, width: int, strict: bool) -> dict[str, Any]:
     if len(polygons) > 0 and all(_is_number(v) for v in polygons):
         polygons = [polygons]  # one flat polygon
     if len(polygons) == 0:
@@ -159,9 +207,13 @@ def decode_polygons(
     for i, poly in enumerate(polygons):
         if not isinstance(poly, (list, tuple, np.ndarray)):
             raise MaskError(f"polygon {i} is a {type(poly).__name__}, expected a flat list of coordinates")
-        if not all(_is_number(v) for v in poly):
+        try:
+            coords = np.asarray(poly)
+        except ValueError:  # nested, ragged
+            coords = np.asarray(poly, dtype=object)
+        if coords.ndim != 1 or coords.dtype.kind not in "iuf":
             raise MaskError(f"polygon {i} has non-numeric coordinates")
-        coords = np.asarray(poly, dtype=np.float64)
+        coords = coords.astype(np.float64, copy=False)
         if coords.size % 2:
             raise MaskError(f"polygon {i} has an odd number of coordinates ({coords.size})")
         if coords.size < 6:
@@ -175,10 +227,10 @@ def decode_polygons(
             message = f"polygon {i} is self-intersecting"
             if strict:
                 raise MaskError(message)
-            warnings.warn(message + " (accepted: rasterised as pycocotools does; strict=True rejects)", MaskWarning, stacklevel=2)
+            warnings.warn(message + " (accepted: rasterised as pycocotools does; strict=True rejects)", MaskWarning,
+                          stacklevel=3)
         flat.append(coords.tolist())
-    rles = mask_utils.frPyObjects(flat, height, width)
-    return mask_utils.decode(mask_utils.merge(rles)).astype(bool)
+    return mask_utils.merge(mask_utils.frPyObjects(flat, height, width))
 
 
 def polygon_self_intersects(xy: np.ndarray) -> bool:
@@ -189,34 +241,44 @@ def polygon_self_intersects(xy: np.ndarray) -> bool:
     xy = np.asarray(xy, dtype=np.float64)
     n = len(xy)
     if n < 4:
-        return False  # a triangle cannot self-intersect (degenerate ones are caught by the area check)
-    a, b = xy, np.roll(xy, -1, axis=0)  # edge k: a[k] -> b[k]
-    i, j = np.triu_indices(n, k=2)
-    keep = ~((i == 0) & (j == n - 1))  # the first and last edges share a vertex
-    i, j = i[keep], j[keep]
-    if len(i) == 0:
-        return False
+        return False  # a triangle cannot self-intersect (degenerate ones are caught by the collinearity check)
+    i, j = _edge_pairs(n)
+    a = xy
+    b = np.concatenate([xy[1:], xy[:1]])  # edge k: a[k] -> b[k]
     p, p2, q, q2 = a[i], b[i], a[j], b[j]
-
-    def orient(u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
-        return np.sign((v[:, 0] - u[:, 0]) * (w[:, 1] - u[:, 1]) - (v[:, 1] - u[:, 1]) * (w[:, 0] - u[:, 0]))
-
-    o1, o2, o3, o4 = orient(p, p2, q), orient(p, p2, q2), orient(q, q2, p), orient(q, q2, p2)
-    proper = (o1 * o2 < 0) & (o3 * o4 < 0)
-    if proper.any():
-        return True
-
-    def on_segment(u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:  # w on segment u-v (collinear)
-        return (
-            (np.minimum(u[:, 0], v[:, 0]) <= w[:, 0]) & (w[:, 0] <= np.maximum(u[:, 0], v[:, 0]))
-            & (np.minimum(u[:, 1], v[:, 1]) <= w[:, 1]) & (w[:, 1] <= np.maximum(u[:, 1], v[:, 1]))
-        )
-
+    o1, o2, o3, o4 = _orient(p, p2, q), _orient(p, p2, q2), _orient(q, q2, p), _orient(q, q2, p2)
+    if ((o1 * o2 < 0) & (o3 * o4 < 0)).any():
+        return True  # a proper crossing
+    zero = (o1 == 0) | (o2 == 0) | (o3 == 0) | (o4 == 0)
+    if not zero.any():
+        return False
+    k = np.flatnonzero(zero)  # collinear triples: touching if the point lies on the other segment
+    p, p2, q, q2, o1, o2, o3, o4 = p[k], p2[k], q[k], q2[k], o1[k], o2[k], o3[k], o4[k]
     touching = (
-        ((o1 == 0) & on_segment(p, p2, q)) | ((o2 == 0) & on_segment(p, p2, q2))
-        | ((o3 == 0) & on_segment(q, q2, p)) | ((o4 == 0) & on_segment(q, q2, p2))
+        ((o1 == 0) & _on_segment(p, p2, q)) | ((o2 == 0) & _on_segment(p, p2, q2))
+        | ((o3 == 0) & _on_segment(q, q2, p)) | ((o4 == 0) & _on_segment(q, q2, p2))
     )
     return bool(touching.any())
+
+
+@functools.lru_cache(maxsize=256)
+def _edge_pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i, j) of non-adjacent edges of an n-gon (edge k joins vertex k and k + 1)."""
+    i, j = np.triu_indices(n, k=2)
+    keep = ~((i == 0) & (j == n - 1))  # the first and last edges share vertex 0
+    return i[keep], j[keep]
+
+
+def _orient(u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return np.sign((v[:, 0] - u[:, 0]) * (w[:, 1] - u[:, 1]) - (v[:, 1] - u[:, 1]) * (w[:, 0] - u[:, 0]))
+
+
+def _on_segment(u: np.ndarray, v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """w within the bounding box of segment u-v (with collinearity known, that is: on the segment)."""
+    return (
+        (np.minimum(u[:, 0], v[:, 0]) <= w[:, 0]) & (w[:, 0] <= np.maximum(u[:, 0], v[:, 0]))
+        & (np.minimum(u[:, 1], v[:, 1]) <= w[:, 1]) & (w[:, 1] <= np.maximum(u[:, 1], v[:, 1]))
+    )
 
 
 def _is_collinear(xy: np.ndarray) -> bool:
@@ -282,20 +344,23 @@ def decode_rle(rle: Mapping[str, Any] | Sequence[Mapping[str, Any]], height: int
 
     `height`/`width`, when given, must match the RLE size (the image the region belongs to).
     """
+    return mask_utils.decode(_rle_to_coco(rle, height, width)).astype(bool)
+
+
+def _rle_to_coco(rle: Any, height: int | None, width: int | None) -> dict[str, Any]:
     if isinstance(rle, (list, tuple)):
         if not rle:
             raise MaskError("empty list of RLE parts")
-        parts = [decode_rle(part, height, width) for part in rle]
-        shapes = {p.shape for p in parts}
-        if len(shapes) != 1:
-            raise MaskError(f"RLE parts have different sizes {sorted(shapes)}")
-        return np.logical_or.reduce(parts)
+        parts = [_rle_to_coco(part, height, width) for part in rle]
+        sizes = {tuple(p["size"]) for p in parts}
+        if len(sizes) != 1:
+            raise MaskError(f"RLE parts have different sizes {sorted(sizes)}")
+        return mask_utils.merge(parts)
     h, w = _rle_size(rle)
     if height is not None and width is not None and (h, w) != (height, width):
         raise MaskError(f"RLE size {[h, w]} does not match the image size {[height, width]}")
     _, _, counts = rle_counts(rle)
-    compressed = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
-    return mask_utils.decode(compressed).astype(bool)
+    return mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)
 
 
 def _counts_from_string(s: str) -> list[int]:
@@ -428,6 +493,10 @@ def decode_box(box: Sequence[float], height: int, width: int, *, clip: bool = Fa
     with `clip=True` the box is clipped to the image instead (it must still overlap it).
     """
     _check_size(height, width)
+    return mask_utils.decode(_box_to_coco(box, height, width, clip=clip)).astype(bool)
+
+
+def _box_to_coco(box: Any, height: int, width: int, *, clip: bool = False) -> dict[str, Any]:
     if len(box) != 4 or not all(_is_number(v) for v in box):
         raise MaskError(f"box must be four numbers [x, y, w, h], got {box!r}")
     x, y, w, h = (float(v) for v in box)
@@ -442,8 +511,7 @@ def decode_box(box: Sequence[float], height: int, width: int, *, clip: bool = Fa
         x0, y0, x1, y1 = max(x0, 0.0), max(y0, 0.0), min(x1, float(width)), min(y1, float(height))
         if x1 <= x0 or y1 <= y0:
             raise MaskError(f"box {list(box)} (xywh) lies outside the image {width}x{height} (WxH)")
-    rle = mask_utils.frPyObjects(np.array([[x0, y0, x1 - x0, y1 - y0]], dtype=np.float64), height, width)
-    return mask_utils.decode(rle)[:, :, 0].astype(bool)
+    return mask_utils.frPyObjects(np.array([[x0, y0, x1 - x0, y1 - y0]], dtype=np.float64), height, width)[0]
 
 
 # ---------------------------------------------------------------------------------------------- SAM

@@ -242,3 +242,29 @@ def test_png_errors():
     with pytest.raises(MaskError, match=r"PNG size 5x5 \(WxH\) does not match the image 6x5"):
         M.decode_png(M.encode_png(SQUARE), 5, 6)
     assert issubclass(MaskError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        [[1, 1, 3, 1, 3, 3, 1, 3]],
+        [1, 1, 2, 2],
+        {"size": [5, 5], "counts": [6, 2, 3, 2, 12]},
+        {"box": [1, 1, 2, 2]},
+        SQUARE,
+        M.encode_png(SQUARE),
+        {"segmentation": SQUARE.tolist(), "area": 4},
+    ],
+    ids=["polygon", "box", "rle", "keyed", "array", "png", "sam-bitmap"],
+)
+def test_to_rle_matches_decode(obj):
+    rle = M.to_rle(obj, 5, 5, strict=True)
+    assert isinstance(rle["counts"], str) and rle == M.encode_rle(SQUARE)
+    assert M.rle_area(rle) == 4
+
+
+def test_to_rle_checks_like_decode():
+    with pytest.raises(MaskError, match="odd number"):
+        M.to_rle([[1, 1, 3, 1, 3]], 5, 5)
+    with pytest.raises(MaskError, match="does not match the image size"):
+        M.to_rle({"size": [4, 4], "counts": [16]}, 5, 5)

@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from osprey.masks import decode_mask
+from osprey.masks import decode_mask, to_rle
 
 if TYPE_CHECKING:
     from typing_extensions import Self
@@ -48,6 +48,7 @@ __all__ = [
     "record_masks",
     "record_problems",
     "region_refs",
+    "region_rle",
     "write_records",
 ]
 
@@ -199,14 +200,23 @@ def parse_record(obj: Any, index: int | None = None) -> Record:
 def decode_region_mask(region: Region | Mapping[str, Any], height: int, width: int, *,
                        strict: bool = False) -> np.ndarray:
     """A region's segmentation -> `(height, width) bool` (raises osprey.masks.MaskError if undecodable)."""
+    return decode_mask(_segmentation(region), height, width, strict=strict)
+
+
+def region_rle(region: Region | Mapping[str, Any], height: int, width: int, *,
+               strict: bool = False) -> dict[str, Any]:
+    """A region's segmentation -> compressed RLE `{"size", "counts": str}`, checked like
+    `decode_region_mask` but without materialising the mask (validation of big files)."""
+    return to_rle(_segmentation(region), height, width, strict=strict)
+
+
+def _segmentation(region: Region | Mapping[str, Any]) -> Any:
     if isinstance(region, Region):
         seg = region.segmentation
-        seg = seg.model_dump() if isinstance(seg, RLE) else seg
-    else:
-        if "segmentation" not in region:
-            raise ValueError(f"region has no 'segmentation'; keys: {sorted(region)}")
-        seg = region["segmentation"]
-    return decode_mask(seg, height, width, strict=strict)
+        return seg.model_dump() if isinstance(seg, RLE) else seg
+    if "segmentation" not in region:
+        raise ValueError(f"region has no 'segmentation'; keys: {sorted(region)}")
+    return region["segmentation"]
 
 
 def record_masks(record: Record, *, strict: bool = False) -> np.ndarray:
