@@ -1,0 +1,411 @@
+"""The training recipe for all three Osprey stages: `setup_model / setup_data / setup_optimizer / train / save`.
+
+Stages differ only by configuration (which parts train, learning rate, data), never by code path. A run writes
+
+    <output_dir>/metrics.jsonl                     one JSON object per logged optimiser step
+    <output_dir>/checkpoints/step-000500/model/    a model folder (`osprey.checkpoint.load_pretrained` loads it)
+    <output_dir>/checkpoints/step-000500/engine/   DeepSpeed engine state (optimizer, scheduler, fp32 weights)
+    <output_dir>/checkpoints/step-000500/trainer_state.json + rng-rank*.pt   position in the data, RNG states
+    <output_dir>/final/                            the final model folder: the next stage's `model:`
+
+Each checkpoint is written under a temporary name and renamed when complete, so a killed run never leaves a
+half-written checkpoint that `--resume` would pick up.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from osprey.modeling import IGNORE_INDEX
+from train import deepspeed_utils as dsu
+from train.config import TrainConfig
+from train.metrics import MetricsLog, flops_per_token, memory_stats, peak_flops
+from train.sampler import ResumableSampler
+from train.trainable import merge_lora_state, set_trainable
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoints"
+FINAL_DIR = "final"
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")
+
+
+@dataclass
+class TrainerState:
+    """Where a run stands: enough to continue exactly after a kill."""
+
+    step: int = 0  # optimiser steps done
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of this rank consumed in `epoch`
+    samples_seen: int = 0  # this rank
+    truncated_samples: int = 0  # this rank
+    fully_masked_samples: int = 0  # this rank: no trained token, contributed no loss
+    losses: list[float] = field(default_factory=list)  # per-step mean loss (all ranks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class Recipe:
+    """One training run. `Recipe(cfg).run()` or step by step: `setup(resume)`, `train()`, `save_final()`.
+
+    `dataset` (Python API): any map-style dataset whose items `collate_fn` turns into a batch dict with
+    `input_ids, attention_mask, labels (B, T)`, `pixel_values (B, 3, S, S)`, `masks: list[(Q_i, H_i, W_i) bool]`
+    and optionally `truncated: (B,) bool`; `lengths` gives each sample's token count for length grouping.
+    Without it, `setup_data` builds the dataset from `cfg.data` with `osprey.data`.
+    """
+
+    def __init__(self, cfg: TrainConfig, *, dataset: Dataset | None = None, collate_fn: Callable | None = None,
+                 lengths: Sequence[int] | None = None) -> None:
+        self.cfg = cfg
+        self.output_dir = Path(cfg.output_dir)
+        self._dataset, self._collate_fn, self._lengths = dataset, collate_fn, lengths
+        self.state = TrainerState()
+        self.engine = None
+        self.metrics: MetricsLog | None = None
+
+    # -- setup -------------------------------------------------------------------------------------------------
+    def setup(self, resume: bool = False) -> None:
+        self.rank, self.world_size, self.device = dsu.init_distributed()
+        _seed_everything(self.cfg.seed + self.rank)
+        if self.cfg.tf32 and self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.setup_model()
+        self.setup_data()
+        self.setup_optimizer()
+        resume_from = self.latest_checkpoint() if resume else None
+        if resume and resume_from is None:
+            logger.warning("--resume: no checkpoint under %s, starting from step 0", self.output_dir / CHECKPOINT_DIR)
+        if resume_from is not None:
+            self.load_checkpoint(resume_from)
+        if self.rank == 0:
+            self.metrics = MetricsLog(self.output_dir / "metrics.jsonl", resume_step=self.state.step if resume_from else None)
+            (self.output_dir / "train_config.json").write_text(json.dumps(self.cfg.to_dict(), indent=2))
+
+    def setup_model(self) -> None:
+        """Load the start model, enable checkpointing, freeze per stage (the trainable set is asserted)."""
+        from osprey.checkpoint import build_model, default_tokenizer_corpus, load_pretrained
+        from osprey.config import OspreyConfig
+        from osprey.tokenization import train_tokenizer
+
+        cfg = self.cfg
+        if Path(cfg.model).is_dir():
+            model, tokenizer, report = load_pretrained(cfg.model, clip_weights=cfg.clip_weights, strict=cfg.load_strict)
+            if not report.ok:
+                logger.warning("loaded %s non-strictly (stage %d):\n%s", cfg.model, cfg.stage, report.summary())
+        else:
+            config = OspreyConfig.from_preset(cfg.model)
+            logger.info("building preset %s with random weights (seed %d)", cfg.model, cfg.seed)
+            torch.manual_seed(cfg.seed)
+            model = build_model(config)
+            tokenizer = train_tokenizer(default_tokenizer_corpus(), config.vocab_size)
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(model.language_model)
+        self.part_counts = set_trainable(model, cfg.stage, train_vision=cfg.train_vision, lora=cfg.lora)
+        self.model, self.tokenizer = model, tokenizer
+        self.lm_params = sum(p.numel() for n, p in model.language_model.named_parameters() if "lora_" not in n)
+        self.lm_weights_train = cfg.stage == 3 and cfg.lora is None
+
+    def setup_data(self) -> None:
+        """Dataset, per-sample lengths, the resumable (length-grouped) sampler."""
+        cfg = self.cfg
+        if self._dataset is None:
+            self._dataset, self._collate_fn, self._lengths = _dataset_from_config(cfg, self.tokenizer, self.model.config)
+        dataset = self._dataset
+        lengths = list(self._lengths) if self._lengths is not None else list(getattr(dataset, "lengths"))
+        if len(lengths) != len(dataset):
+            raise ValueError(f"got {len(lengths)} lengths for a dataset of {len(dataset)} samples")
+        self.dataset = dataset
+        self.sampler = ResumableSampler(
+            lengths, micro_batch_size=cfg.micro_batch_size, world_size=self.world_size, rank=self.rank, seed=cfg.seed,
+            group_by_length=cfg.data.group_by_length,
+        )
+        self.accumulation = cfg.gradient_accumulation(self.world_size)
+        batches = self.sampler.samples_per_rank // cfg.micro_batch_size
+        self.steps_per_epoch = batches // self.accumulation
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"{len(dataset)} samples make no full global batch of {cfg.global_batch_size}")
+        self.total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * self.steps_per_epoch)
+        logger.info("data: %d samples, %d steps/epoch (global batch %d = %d x %d ranks x %d accumulation), %d steps",
+                    len(dataset), self.steps_per_epoch, cfg.global_batch_size, cfg.micro_batch_size, self.world_size,
+                    self.accumulation, self.total_steps)
+
+    def _loader(self) -> DataLoader:
+        self.sampler.set_epoch(self.state.epoch, start=self.state.batches_in_epoch * self.cfg.micro_batch_size)
+        workers = self.cfg.data.num_workers
+        return DataLoader(
+            self.dataset, batch_size=self.cfg.micro_batch_size, sampler=self.sampler, collate_fn=self._collate_fn,
+            num_workers=workers, pin_memory=self.device.type == "cuda", persistent_workers=False,
+            generator=torch.Generator().manual_seed(self.cfg.seed * 1000 + self.state.epoch),
+        )
+
+    def setup_optimizer(self) -> None:
+        """AdamW (no decay on biases/norms, as HF Trainer) + cosine with warm-up, wrapped by the DeepSpeed engine."""
+        from transformers import get_cosine_schedule_with_warmup
+
+        cfg, optim = self.cfg, self.cfg.optim
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for n, p in trainable if p.ndim >= 2], "weight_decay": optim.weight_decay},
+            {"params": [p for n, p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        groups = [g for g in groups if g["params"]]
+        ds_config = dsu.build_ds_config(cfg, self.world_size)
+        optimizer = None
+        if optim.optimizer == "torch":
+            fused = self.device.type == "cuda"
+            optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused or None)
+        warmup = math.ceil(optim.warmup_ratio * self.total_steps)
+        if optimizer is None:  # DeepSpeed builds its Adam; the schedule is attached after initialisation
+            engine, optimizer, _ = dsu.initialize(self.model, None, None, ds_config)
+            scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, self.total_steps)
+            engine.lr_scheduler = scheduler
+        else:
+            scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, self.total_steps)
+            engine, optimizer, scheduler = dsu.initialize(self.model, optimizer, scheduler, ds_config)
+        self.engine, self.optimizer, self.scheduler = engine, optimizer, scheduler
+        self.ds_config = ds_config
+        logger.info("optimizer: %s lr %.3g, warm-up %d of %d steps, ZeRO stage %d, bf16 %s",
+                    optim.optimizer, optim.lr, warmup, self.total_steps, dsu.zero_stage(engine), cfg.bf16)
+
+    # -- training ----------------------------------------------------------------------------------------------
+    def train(self, until_step: int | None = None) -> TrainerState:
+        """Run to `total_steps` (or stop after `until_step`, as a preemption would, for tests and time boxes)."""
+        from tqdm import tqdm
+
+        cfg, engine = self.cfg, self.engine
+        stop = min(self.total_steps, until_step) if until_step is not None else self.total_steps
+        engine.train()
+        if not cfg.train_vision:
+            self.model.vision_tower.eval()
+        per_token = flops_per_token(self.lm_params, self.lm_weights_train)
+        peak = peak_flops(self.device)
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc=f"stage {cfg.stage}", unit="step",
+                   disable=not cfg.progress or self.rank != 0, dynamic_ncols=True)
+        window = _Window()
+        while self.state.step < stop:
+            batches_per_epoch = self.steps_per_epoch * self.accumulation
+            for batch in self._loader():
+                if self.state.batches_in_epoch >= batches_per_epoch:
+                    break  # the trailing partial accumulation of an epoch is dropped
+                loss = self._micro_step(batch, window)
+                window.losses.append(loss)
+                self.state.batches_in_epoch += 1
+                if self.state.batches_in_epoch % self.accumulation:
+                    continue
+                self.state.step += 1
+                record = self._step_record(window, per_token, peak)
+                self.state.losses.append(record["loss"])
+                window = _Window()
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                if self.metrics is not None and (self.state.step % cfg.log_steps == 0 or self.state.step == stop):
+                    self.metrics.write(record)
+                if self.state.batches_in_epoch >= batches_per_epoch:
+                    self.state.epoch += 1
+                    self.state.batches_in_epoch = 0
+                if cfg.save_steps and self.state.step % cfg.save_steps == 0 and self.state.step < self.total_steps:
+                    self.save_checkpoint()
+                if self.state.step >= stop:
+                    break
+            else:
+                if self.state.batches_in_epoch:  # loader exhausted before the epoch's last full step
+                    self.state.epoch += 1
+                    self.state.batches_in_epoch = 0
+        bar.close()
+        if self.state.fully_masked_samples or self.state.truncated_samples:
+            logger.warning("rank %d: %d truncated samples, %d fully masked samples (no trained token: no loss)",
+                           self.rank, self.state.truncated_samples, self.state.fully_masked_samples)
+        return self.state
+
+    def _micro_step(self, batch: dict[str, Any], window: "_Window") -> float:
+        inputs = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS}
+        masks = [m.to(self.device, non_blocking=True) for m in batch["masks"]]
+        labels = inputs["labels"]
+        trained_per_sample = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+        fully_masked = int((trained_per_sample == 0).sum())
+        self.state.fully_masked_samples += fully_masked
+        if "truncated" in batch:
+            self.state.truncated_samples += int(torch.as_tensor(batch["truncated"]).sum())
+        self.state.samples_seen += labels.shape[0]
+        window.lr = self.optimizer.param_groups[0]["lr"]  # the rate this step applies (0 on step 1 of a warm-up)
+        window.tokens += int(inputs["attention_mask"].sum())
+        window.samples += labels.shape[0]
+        out = self.engine(**inputs, masks=masks, use_cache=False)
+        if int(trained_per_sample.sum()) == 0:
+            # Nothing to learn from this micro-batch: a zero loss keeps every rank's collectives in step.
+            logger.warning("step %d: micro-batch has no trained token (fully masked), contributes zero loss", self.state.step)
+            loss = out.logits.sum() * 0.0
+        else:
+            loss = out.loss
+        self.engine.backward(loss)
+        self.engine.step()
+        return float(loss.detach())
+
+    def _step_record(self, window: "_Window", per_token: float, peak: float | None) -> dict[str, Any]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = time.perf_counter() - window.start
+        loss_sum, tokens, samples = dsu.all_reduce_sum([sum(window.losses), window.tokens, window.samples], self.device)
+        loss = loss_sum / (len(window.losses) * self.world_size)
+        grad_norm = self.engine.get_global_grad_norm()
+        record = {
+            "step": self.state.step, "epoch": self.state.epoch + self.state.batches_in_epoch / max(1, self.steps_per_epoch * self.accumulation),
+            "loss": loss, "lr": window.lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed, "step_time_s": elapsed,
+            "tokens": int(tokens),
+        }
+        if peak:
+            record["mfu"] = per_token * tokens / elapsed / (peak * self.world_size)
+        record.update(memory_stats(self.device))
+        return record
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def checkpoint_root(self) -> Path:
+        return self.output_dir / CHECKPOINT_DIR
+
+    def latest_checkpoint(self) -> Path | None:
+        root = self.checkpoint_root()
+        steps = sorted((int(m.group(1)), p) for p in root.glob("step-*") if (m := _STEP_DIR.match(p.name)))
+        return steps[-1][1] if steps else None
+
+    def save_model(self, out: Path) -> None:
+        """The model folder (official key names, LoRA merged) via `osprey.checkpoint.save_pretrained` (rank 0)."""
+        from osprey.checkpoint import build_model, save_pretrained
+
+        state = dsu.full_state_dict(self.engine)  # all ranks take part (ZeRO-3 gathers)
+        if self.rank != 0:
+            return
+        if self.cfg.lora is not None:
+            state = merge_lora_state(state, self.cfg.lora)
+        view = build_model(self.model.config, device="meta")  # shares the gathered tensors, no copy
+        view.load_state_dict(state, strict=True, assign=True)
+        save_pretrained(view, self.tokenizer, out)
+
+    def save_checkpoint(self) -> Path:
+        """A resumable checkpoint at the current step, written under a temporary name then renamed."""
+        root = self.checkpoint_root()
+        final = root / f"step-{self.state.step:06d}"
+        tmp = root / f".tmp-step-{self.state.step:06d}"
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        dsu.barrier()
+        self.save_model(tmp / "model")
+        dsu.save_engine(self.engine, tmp, client_state={"trainer_state": self.state.to_dict()})
+        torch.save(_rng_state(), tmp / f"rng-rank{self.rank}.pt")
+        if self.rank == 0:
+            (tmp / STATE_FILE).write_text(json.dumps({**self.state.to_dict(), "world_size": self.world_size}, indent=2))
+        dsu.barrier()
+        if self.rank == 0:
+            shutil.rmtree(final, ignore_errors=True)
+            tmp.replace(final)
+            self._prune_checkpoints()
+            logger.info("saved checkpoint %s", final)
+        dsu.barrier()
+        return final
+
+    def _prune_checkpoints(self) -> None:
+        steps = sorted((int(m.group(1)), p) for p in self.checkpoint_root().glob("step-*") if (m := _STEP_DIR.match(p.name)))
+        for _, path in steps[:-self.cfg.keep_checkpoints]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def load_checkpoint(self, folder: Path) -> None:
+        state = json.loads((folder / STATE_FILE).read_text())
+        if state.get("world_size") != self.world_size:
+            raise ValueError(f"checkpoint {folder} was written by {state.get('world_size')} ranks, this run has "
+                             f"{self.world_size}: the data order would differ")
+        dsu.load_engine(self.engine, folder)
+        state.pop("world_size")
+        self.state = TrainerState(**state)
+        rng_file = folder / f"rng-rank{self.rank}.pt"
+        _set_rng_state(torch.load(rng_file, weights_only=False))
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.state.step, self.state.epoch,
+                    self.state.batches_in_epoch)
+
+    def save_final(self) -> Path:
+        out = self.output_dir / FINAL_DIR
+        self.save_model(out)
+        dsu.barrier()
+        if self.rank == 0:
+            summary = {**self.state.to_dict(), "total_steps": self.total_steps, "parts": self.part_counts}
+            (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            logger.info("final model: %s", out)
+        return out
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+    def run(self, resume: bool = False) -> Path:
+        self.setup(resume=resume)
+        try:
+            self.train()
+            return self.save_final()
+        finally:
+            self.close()
+
+
+@dataclass
+class _Window:
+    """Counters of the micro-batches of one optimiser step."""
+
+    losses: list[float] = field(default_factory=list)
+    lr: float = 0.0
+    tokens: int = 0
+    samples: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+
+def enable_checkpointing(language_model: torch.nn.Module) -> None:
+    """Activation checkpointing of the LM's layers (non-reentrant: gradients also reach the spliced-in image and
+    region tokens when the LM itself is frozen). transformers renamed the method in 5.2x; 5.17 has the old name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(language_model, "activation_checkpointing_enable"):
+        language_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _dataset_from_config(cfg: TrainConfig, tokenizer, model_config):
+    """(dataset, collate_fn, lengths) from `cfg.data` via `osprey.data` (stage-specific sample builders)."""
+    raise NotImplementedError("config-driven datasets need osprey.data.dataset")  # replaced once osprey.data lands
