@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from osprey.data.dataset import RegionCollator, RegionDataset, SubsetSpec, count_fully_masked, manifest_subsets
+from osprey.data.dataset import (
+    RegionCollator,
+    RegionDataset,
+    SubsetSpec,
+    count_fully_masked,
+    manifest_subsets,
+)
 from osprey.data.records import parse_record
 from osprey.data.samples import (
     DETAILED_QUESTIONS,

@@ -154,3 +154,11 @@ def test_cli_registers_synth_and_runs(tmp_path):
     assert args.func(args) == 0
     assert (tmp_path / "d" / "manifest.json").is_file()
     assert len(list((tmp_path / "d" / "images").glob("*.jpg"))) == 3
+
+
+def test_preview_renders_image_masks_and_texts(tmp_path):
+    from data_tools.synth.preview import main
+
+    assert main([str(FIXTURE), str(tmp_path / "p.png"), "--split", "train"]) == 0
+    image = Image.open(tmp_path / "p.png")
+    assert image.width > 2 * 2 * 128 and image.height >= 2 * 128

@@ -18,6 +18,7 @@ import os
 import tempfile
 import time
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -151,8 +152,13 @@ def generate(config: SynthConfig, workers: int = 1, progress: bool = True) -> di
     work = partial(generate_image, config=config)
     start = time.perf_counter()
     try:
-        with (multiprocessing.Pool(workers) if workers > 1 else _InProcess()) as pool:
-            results = pool.imap(work, range(config.n), chunksize=max(1, min(64, config.n // (8 * workers) or 1)))
+        with ExitStack() as stack:
+            if workers > 1:
+                pool = stack.enter_context(multiprocessing.Pool(workers))
+                chunk = max(1, min(64, config.n // (8 * workers)))
+                results = pool.imap(work, range(config.n), chunksize=chunk)  # ordered: output independent of workers
+            else:
+                results = map(work, range(config.n))
             for index, lines, stats in tqdm(results, total=config.n, desc="synth", unit="img", disable=not progress):
                 for subset, line in lines.items():
                     writers[(splits[index], subset)].write(line)
@@ -193,17 +199,3 @@ def generate(config: SynthConfig, workers: int = 1, progress: bool = True) -> di
     tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out / "manifest.json")
     return manifest
-
-
-class _InProcess:
-    """A one-worker stand-in for a Pool: same `imap`, no processes (same output, easier debugging)."""
-
-    def __enter__(self) -> "_InProcess":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-    @staticmethod
-    def imap(fn, items, chunksize: int = 1):  # noqa: ARG004 - mirrors Pool.imap
-        return map(fn, items)

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +27,7 @@ from osprey.preprocess import load_image, masks_to_tensor, preprocess_image
 from osprey.prompts import IMAGE_PLACEHOLDER, REGION_PLACEHOLDER, TEMPLATES
 from osprey.tokenization import IGNORE_INDEX, Example, build_example
 
-__all__ = ["SubsetSpec", "manifest_subsets", "RegionDataset", "RegionCollator", "count_fully_masked"]
+__all__ = ["RegionCollator", "RegionDataset", "SubsetSpec", "count_fully_masked", "manifest_subsets"]
 
 logger = logging.getLogger(__name__)
 

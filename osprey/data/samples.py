@@ -18,24 +18,32 @@ A `Sample` is what the tokenizer and the model need and nothing more: the messag
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from osprey.data.records import DESCRIPTION_ENTRY, REGION_REF, Record, Region, decode_region_mask, parse_record
+from osprey.data.records import (
+    DESCRIPTION_ENTRY,
+    REGION_REF,
+    Record,
+    Region,
+    decode_region_mask,
+    parse_record,
+)
 from osprey.prompts import CUSTOM_PREFIX, IMAGE_PLACEHOLDER, REGION_PLACEHOLDER, multi_region_prefix
 
 __all__ = [
-    "Sample",
-    "STAGE_KINDS",
+    "DEFAULT_REGION_CAP",
+    "DETAILED_QUESTIONS",
+    "OVERVIEW",
+    "SHORT_ANSWER_SUFFIX",
     "STAGE2_OPENINGS",
     "STAGE2_REGION_CAPS",
-    "DEFAULT_REGION_CAP",
-    "SHORT_ANSWER_SUFFIX",
-    "OVERVIEW",
-    "DETAILED_QUESTIONS",
+    "STAGE_KINDS",
+    "Sample",
     "build_sample",
     "build_stage1",
     "build_stage2",
