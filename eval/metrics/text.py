@@ -8,6 +8,7 @@ all-MiniLM-L6-v2 sentence embeddings of prediction and label (not lower-cased). 
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from pathlib import Path
@@ -92,3 +93,9 @@ class SentenceEmbedder:
     def similarity_matrix(self, a: Sequence[str], b: Sequence[str]) -> np.ndarray:
         """(N, M) cosine similarities."""
         return self.encode(a) @ self.encode(b).T
+
+
+@functools.lru_cache(maxsize=2)
+def load_embedder(path: str | None = None, device: str = "cpu") -> SentenceEmbedder:
+    """A SentenceEmbedder shared within the process (commands run one after another reuse it)."""
+    return SentenceEmbedder(path, device=device)

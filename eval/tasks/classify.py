@@ -11,6 +11,7 @@ from eval.backends import Query
 from eval.datasets import load_classification
 from eval.metrics.text import (
     SentenceEmbedder,
+    load_embedder,
     exact_match,
     normalize_label,
     normalize_prediction,
@@ -58,8 +59,8 @@ def score(labels: list[str], answers: list[str], embedder: SentenceEmbedder) -> 
 def run(args: argparse.Namespace) -> int:
     items = limit(load_classification(args.data, args.images), args.limit)
     queries = [Query(it.key, it.image, args.task, it.height, it.width, it.segmentation) for it in items]
+    embedder = load_embedder(args.embedder, args.embedder_device)  # fail before spending model time
     answers, run_info = answer_queries(args, "classify", queries, {"task": args.task})
-    embedder = SentenceEmbedder(args.embedder, device=args.embedder_device)
     summary, rows = score([it.target for it in items], [answers[it.key]["text"] for it in items], embedder)
     for it, row in zip(items, rows):
         row.update(key=it.key, image=it.image, answer=answers[it.key]["text"], raw_text=answers[it.key]["raw_text"])

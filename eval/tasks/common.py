@@ -58,12 +58,17 @@ def report_path(args: argparse.Namespace) -> Path:
     return Path(args.report) if args.report else Path(args.out).with_suffix(".md")
 
 
+def run_meta(args: argparse.Namespace, command: str, extra_meta: dict | None = None) -> dict:
+    """What identifies a run's answers: a partial file written under other settings is not resumed."""
+    source = {"endpoint": args.endpoint} if args.endpoint else {"model": str(Path(args.model).resolve()) if args.model else None}
+    return {"command": command, **source, "sampling": vars(sampling_from(args)), **(extra_meta or {})}
+
+
 def answer_queries(args: argparse.Namespace, command: str, queries: Sequence[Query], extra_meta: dict | None = None
                    ) -> tuple[dict[str, dict], dict]:
     """Ask the model every query (resuming from `<out>.partial.jsonl`); returns answers by key and run info."""
     sampling = sampling_from(args)
-    source = {"endpoint": args.endpoint} if args.endpoint else {"model": str(Path(args.model).resolve()) if args.model else None}
-    meta = {"command": command, **source, "sampling": vars(sampling), **(extra_meta or {})}
+    meta = run_meta(args, command, extra_meta)
     partial = PartialResults(partial_path(args.out), meta)
     backend = make_backend(args)
     start = time.perf_counter()

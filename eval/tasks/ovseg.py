@@ -24,7 +24,7 @@ import numpy as np
 from eval.backends import Query
 from eval.datasets import load_panoptic, read_panoptic_png
 from eval.metrics.segmentation import PanopticQuality, SemanticConfusion, mask_ap
-from eval.metrics.text import SentenceEmbedder
+from eval.metrics.text import SentenceEmbedder, load_embedder
 from eval.report import Report, bars
 from eval.tasks.common import add_common_arguments, answer_queries, finish, limit, report_path
 from eval.vocab import SHIPPED, Vocabulary, load_vocabulary
@@ -154,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
         per_image.append(regions)
         for seg in regions:
             queries.append(Query(f"{item.image_id}:{seg['id']}", item.image, args.task, h, w, seg["rle"]))
+    embedder = load_embedder(args.embedder, args.embedder_device)  # fail before spending model time
     answers, run_info = answer_queries(args, "ovseg", queries, {"task": args.task, "classes": vocab.name})
-    embedder = SentenceEmbedder(args.embedder, device=args.embedder_device)
     texts = {q.key: strip_answer(answers[q.key]["raw_text"]) for q in queries}
     all_probs = class_probabilities([texts[q.key] for q in queries], vocab, embedder)
     prob_by_key = {q.key: all_probs[i] for i, q in enumerate(queries)}
