@@ -89,10 +89,13 @@ def decode(
     attention_mask: torch.Tensor,
     params: Sequence[SamplingParams],
     eos_token_id: int,
+    shared_prefix: torch.Tensor | None = None,
 ) -> Iterator[DecodeStep]:
     """Yield one DecodeStep per generated position until every row is finished (EOS or its token budget).
 
-    The caller may stop iterating at any time (e.g. stop strings, a cancelled request).
+    `shared_prefix` (1, P, D): embeddings that precede every row (then rows must not be padded); it is prefilled
+    once and its KV cache repeated for all rows, e.g. the system prompt and image tokens shared by all regions of
+    one image. The caller may stop iterating at any time (e.g. stop strings, a cancelled request).
     """
     batch = inputs_embeds.shape[0]
     if len(params) != batch:
@@ -103,6 +106,14 @@ def decode(
     done = torch.zeros(batch, dtype=torch.bool, device=device)
     cache = {_cache_kwarg(language_model): DynamicCache()}
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    if shared_prefix is not None:
+        if not bool(attention_mask.all()):
+            raise ValueError("rows after a shared prefix must not be padded")
+        prefix_length = shared_prefix.shape[1]
+        language_model(inputs_embeds=shared_prefix, use_cache=True, logits_to_keep=1, **cache)
+        next(iter(cache.values())).batch_repeat_interleave(batch)
+        attention_mask = torch.cat([attention_mask.new_ones((batch, prefix_length)), attention_mask], dim=1)
+        position_ids = position_ids + prefix_length
     out = language_model(
         inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids,
         use_cache=True, logits_to_keep=1, **cache,

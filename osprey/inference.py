@@ -143,12 +143,29 @@ class OspreyPipeline:
             raise ValueError(f"the prompt references {found} regions (<mask><pos>) but {num_masks} masks were given")
 
     # -- generation --------------------------------------------------------------------------------------------
-    def _embed(self, prompts: Sequence[PreparedPrompt]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed(
+        self, prompts: Sequence[PreparedPrompt], share_prefix: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """-> (rows (B, T, D), attention (B, T), shared prefix (1, P, D) or None).
+
+        Prompts with identical ids on the same image (all regions of one image under one task) differ only from
+        their first region on: the part before it is computed once for all of them.
+        """
         rows = []
         for p in prompts:
             ids = p.input_ids.to(self.device)[None]
             rows.append(self.model.merge_embeddings(ids, p.image.tokens[None], p.mask_tokens, p.pos_tokens)[0])
-        return left_pad(rows)
+        first = prompts[0]
+        mask_slots = (first.input_ids == self.config.mask_token_id).nonzero()
+        shareable = (
+            share_prefix and len(prompts) > 1 and len(mask_slots) > 0
+            and all(p.image is first.image and torch.equal(p.input_ids, first.input_ids) for p in prompts[1:])
+        )
+        batch, attention = left_pad(rows)
+        if not shareable:
+            return batch, attention, None
+        split = int(mask_slots[0, 0])
+        return batch[:, split:], attention[:, split:], batch[:1, :split]
 
     @torch.inference_mode()
     def generate_stream(
@@ -156,6 +173,7 @@ class OspreyPipeline:
         prompts: Sequence[PreparedPrompt],
         params: Sequence[SamplingParams] | SamplingParams = SamplingParams(),
         cancelled: Callable[[int], bool] | None = None,
+        share_prefix: bool = True,
     ) -> Iterator[list[StreamEvent]]:
         """Decode all prompts as one batch; yield per step the events of rows that produced text or finished.
 
@@ -167,11 +185,11 @@ class OspreyPipeline:
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         if not prompts:
             return
-        embeds, attention = self._embed(prompts)
+        embeds, attention, prefix = self._embed(prompts, share_prefix)
         tokens: list[list[int]] = [[] for _ in prompts]
         emitted = [""] * len(prompts)
         finished = [False] * len(prompts)
-        for step in decode(self.model.language_model, embeds, attention, params, self.eos_token_id):
+        for step in decode(self.model.language_model, embeds, attention, params, self.eos_token_id, prefix):
             events = []
             for row in range(len(prompts)):
                 if finished[row] or not bool(step.active[row]):
@@ -204,7 +222,10 @@ class OspreyPipeline:
                 return
 
     def generate(
-        self, prompts: Sequence[PreparedPrompt], params: Sequence[SamplingParams] | SamplingParams = SamplingParams()
+        self,
+        prompts: Sequence[PreparedPrompt],
+        params: Sequence[SamplingParams] | SamplingParams = SamplingParams(),
+        share_prefix: bool = True,
     ) -> list[Generation]:
         """Batched generation in chunks of max_batch_size; results in prompt order."""
         if isinstance(params, SamplingParams):
@@ -215,7 +236,7 @@ class OspreyPipeline:
             texts = [""] * len(chunk)
             counts = [0] * len(chunk)
             reasons = ["length"] * len(chunk)
-            for events in self.generate_stream(chunk, params[start:start + len(chunk)]):
+            for events in self.generate_stream(chunk, params[start:start + len(chunk)], share_prefix=share_prefix):
                 for e in events:
                     texts[e.row] += e.text_delta
                     counts[e.row] += e.token_id is not None

@@ -51,6 +51,20 @@ def test_batched_generation_equals_one_by_one(tiny_pipeline, image, masks):
     assert [b.completion_tokens for b in batched] == [s.completion_tokens for s in single]
 
 
+def test_shared_prefix_prefill_equals_full_prefill(tiny_pipeline, image, masks):
+    enc = tiny_pipeline.encode_image(image)
+    ids = tiny_pipeline._prompt_ids([("human", task_prompt("short"))])
+    tokens, pos = tiny_pipeline.region_tokens(enc, masks)
+    from osprey.inference import PreparedPrompt
+
+    prompts = [PreparedPrompt(ids, enc, tokens[i:i + 1], pos[i:i + 1]) for i in range(4)]
+    params = SamplingParams(max_new_tokens=6)
+    shared = tiny_pipeline.generate(prompts, params, share_prefix=True)
+    full = tiny_pipeline.generate(prompts, params, share_prefix=False)
+    assert [s.raw_text for s in shared] == [f.raw_text for f in full]
+    assert tiny_pipeline._embed(prompts, True)[2] is not None  # the shared path was taken
+
+
 def test_seeded_sampling_is_reproducible(tiny_pipeline, image, masks):
     params = SamplingParams(max_new_tokens=8, temperature=0.9, seed=7)
     a = tiny_pipeline.describe(image, masks[:2], params=params)
