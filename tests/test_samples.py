@@ -10,11 +10,13 @@ import pytest
 import torch
 
 from osprey.data.dataset import (
+    MODEL_INPUT_KEYS,
     RegionCollator,
     RegionDataset,
     SubsetSpec,
     count_fully_masked,
     manifest_subsets,
+    specs_for_files,
 )
 from osprey.data.records import parse_record
 from osprey.data.samples import (
@@ -180,6 +182,16 @@ def test_manifest_subsets_select_stage_and_names():
         manifest_subsets(FIXTURE, "train", names=["nope"])
 
 
+def test_specs_for_files_from_manifest_or_explicit(tmp_path):
+    specs = specs_for_files(["train/stage2_parts.json", "test/stage3_detailed.json"], FIXTURE)
+    assert [(s.stage, s.kind) for s in specs] == [(2, "parts"), (3, "detailed")]
+    assert specs[0].image_root == FIXTURE
+    other = tmp_path / "coco.json"
+    assert specs_for_files([other], tmp_path, stage=2, kind="categories")[0].kind == "categories"
+    with pytest.raises(ValueError, match="stage and kind"):
+        specs_for_files([other], tmp_path)
+
+
 def test_dataset_items_and_epoch_reseeding(dataset):
     assert len(dataset) == 8 * 7 + 5 * 2  # 8 images in 7 sub-sets, 5 of them with parts
     for index in (0, len(dataset) - 1):
@@ -212,8 +224,9 @@ def test_collator_pads_right_and_runs_through_the_tiny_model(dataset, model_and_
         assert (batch["input_ids"][row, n:] == tokenizer.pad_token_id).all()
         assert (batch["labels"][row, n:] == IGNORE_INDEX).all()
         assert torch.equal(batch["masks"][row], items[row]["masks"])
+    assert batch["truncated"].tolist() == [False] * 5
     with torch.no_grad():
-        out = model(**batch)
+        out = model(**{key: batch[key] for key in MODEL_INPUT_KEYS})
     assert torch.isfinite(out.loss)
 
 
@@ -230,12 +243,13 @@ def test_count_fully_masked_reports_truncated_samples(model_and_tokenizer, caplo
     assert bad == list(range(len(short)))
     assert "would train no token" in caplog.text
     item = short[0]
-    assert item["fully_masked"] and (item["labels"] == IGNORE_INDEX).all()
+    assert item["fully_masked"] and item["truncated"] and (item["labels"] == IGNORE_INDEX).all()
     assert item["masks"].shape[0] == int((item["input_ids"] == tokenizer.convert_tokens_to_ids("<mask>")).sum())
 
 
 def test_lengths_estimate_tracks_token_counts(dataset):
-    estimates = np.asarray(dataset.lengths())
+    estimates = np.asarray(dataset.lengths)
+    assert dataset.lengths is dataset.lengths  # computed once
     actual = np.asarray([len(dataset.example(i).input_ids) for i in range(len(dataset))])
     assert estimates.shape == actual.shape
     assert np.corrcoef(estimates, actual)[0, 1] > 0.8

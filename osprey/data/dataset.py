@@ -31,6 +31,9 @@ __all__ = ["RegionCollator", "RegionDataset", "SubsetSpec", "count_fully_masked"
 
 logger = logging.getLogger(__name__)
 
+# Batch keys that are `OspreyForCausalLM.forward` arguments; a batch also carries `truncated: (B,) bool`.
+MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "labels", "pixel_values", "masks")
+
 
 @dataclass(frozen=True)
 class SubsetSpec:
@@ -69,11 +72,36 @@ def manifest_subsets(root: str | Path, split: str = "train", stages: Iterable[in
     return specs
 
 
+def specs_for_files(files: Iterable[str | Path], root: str | Path, image_root: str | Path | None = None, *,
+                    stage: int | None = None, kind: str | None = None) -> list[SubsetSpec]:
+    """Specs for record files given by path (relative to `root`): stage and kind come from `root/manifest.json`
+    when it lists the file (a generated dataset), else from `stage`/`kind`, which then apply to every file."""
+    root = Path(root)
+    images = Path(image_root) if image_root is not None else root
+    listed: dict[Path, tuple[int, str]] = {}
+    if (root / "manifest.json").is_file():
+        manifest = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
+        for info in manifest["subsets"].values():
+            for rel in info["files"].values():
+                listed[(root / rel).resolve()] = (info["stage"], info["kind"])
+    specs = []
+    for file in files:
+        path = Path(file) if Path(file).is_absolute() else root / file
+        if path.resolve() in listed:
+            specs.append(SubsetSpec(path, *listed[path.resolve()], images))
+        elif stage is not None and kind is not None:
+            specs.append(SubsetSpec(path, stage, kind, images))
+        else:
+            raise ValueError(f"{path}: not listed in {root / 'manifest.json'}; give its stage and kind "
+                             f"(one of {STAGE_KINDS})")
+    return specs
+
+
 class RegionDataset(Dataset):
     """Training examples from one or more record files.
 
     Item: `input_ids (T,) long`, `labels (T,) long`, `pixel_values (3, S, S) float`, `masks (Q, H, W) bool`
-    (Q = regions kept after truncation, H x W = the image's own size), `fully_masked` and `index`.
+    (Q = regions kept after truncation, H x W = the image's own size), `truncated`, `fully_masked`, `index`.
     Stage-3 records with more than `max_regions` regions are skipped, as the official loaders do.
     """
 
@@ -104,6 +132,7 @@ class RegionDataset(Dataset):
         if skipped:
             logger.info("skipped %d stage-3 records with more than %d regions", skipped, max_regions)
         self._warned = 0
+        self._lengths: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self._records)
@@ -145,13 +174,21 @@ class RegionDataset(Dataset):
             "labels": torch.tensor(example.labels, dtype=torch.long),
             "pixel_values": preprocess_image(image, self.vision),
             "masks": masks_to_tensor(masks, sample.height, sample.width),
+            "truncated": example.truncated,
             "fully_masked": example.fully_masked,
             "index": index,
         }
 
-    def lengths(self, chars_per_token: float = 4.0) -> list[int]:
-        """Estimated token count per item (image slots + 2 per region + text characters / chars_per_token),
-        for length-grouped batching; reads neither images nor masks and does not tokenize."""
+    @property
+    def lengths(self) -> list[int]:
+        """Estimated token count per item (see `estimate_lengths`), computed once, for length-grouped batching."""
+        if self._lengths is None:
+            self._lengths = self.estimate_lengths()
+        return self._lengths
+
+    def estimate_lengths(self, chars_per_token: float = 4.0) -> list[int]:
+        """Image slots + 2 per region + text characters / chars_per_token, per item (capped at max_length);
+        reads neither images nor masks and does not tokenize (~20 us per item)."""
         overhead = len(TEMPLATES[self.template].render([("human", ""), ("gpt", "")]))
         out = []
         for index in range(len(self)):
@@ -167,7 +204,8 @@ class RegionDataset(Dataset):
 
 class RegionCollator:
     """Batches items: `input_ids (B, T)` right-padded with `pad_token_id`, `attention_mask (B, T)`, `labels (B, T)`
-    padded with -100, `pixel_values (B, 3, S, S)`, `masks` a list of per-image `(Q_i, H_i, W_i)` bool tensors."""
+    padded with -100, `pixel_values (B, 3, S, S)`, `masks` a list of per-image `(Q_i, H_i, W_i)` bool tensors
+    (these are MODEL_INPUT_KEYS), and `truncated (B,) bool` for bookkeeping."""
 
     def __init__(self, pad_token_id: int) -> None:
         if pad_token_id is None or pad_token_id < 0:
@@ -192,6 +230,7 @@ class RegionCollator:
             "labels": labels,
             "pixel_values": torch.stack([item["pixel_values"] for item in items]),
             "masks": [item["masks"] for item in items],
+            "truncated": torch.tensor([bool(item["truncated"]) for item in items]),
         }
 
 
