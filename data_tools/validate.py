@@ -171,7 +171,7 @@ def _region_problems(region: Region, record: Record, strict: bool, warned: Count
 def _image_problems(record: Record, images_dir: Path, check_images: bool) -> list[tuple[str, str]]:
     path = images_dir / record.file_name
     if not path.is_file():
-        return [("image-missing", f"image file {path} does not exist")]
+        return [("image-missing", f"image file {path} does not exist (file_name is relative to --images)")]
     if not check_images:
         return []
     from PIL import Image, UnidentifiedImageError

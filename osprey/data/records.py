@@ -239,7 +239,7 @@ def iter_json_items(path: str | os.PathLike[str], *, chunk_size: int = _CHUNK) -
     without loading the file: a buffered `json.JSONDecoder.raw_decode` loop. Memory ~ chunk + one item.
     """
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark
         reader = _Buffer(f, chunk_size)
         first = reader.peek_non_ws()
         if first is None:
