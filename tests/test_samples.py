@@ -201,7 +201,10 @@ def test_dataset_items_and_epoch_reseeding(dataset):
         assert item["masks"].dtype == torch.bool and item["masks"].shape[1:] == (128, 128)
         mask_id = dataset.tokenizer.convert_tokens_to_ids("<mask>")
         assert int((item["input_ids"] == mask_id).sum()) == item["masks"].shape[0]
-    stage2 = next(i for i in range(len(dataset)) if dataset.subsets[dataset._subset_of[i]].kind == "categories"
+    assert dataset.record(0)["file_name"].startswith("images/")
+    with pytest.raises(IndexError, match="out of range"):
+        dataset.record(len(dataset))
+    stage2 = next(i for i in range(len(dataset)) if dataset.subset(i).kind == "categories"
                   and len(dataset.sample(i).regions) >= 4)
     first = [t for _, t in dataset.sample(stage2).messages]
     assert first == [t for _, t in dataset.sample(stage2).messages]  # same epoch: same sample
