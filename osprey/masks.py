@@ -236,15 +236,24 @@ def _polygons_to_coco(polygons: Any, height: int, width: int, strict: bool) -> d
 def polygon_self_intersects(xy: np.ndarray) -> bool:
     """Whether any two non-adjacent edges of the closed polygon `xy: (N, 2)` cross or touch.
 
-    Vectorised O(N^2) orientation test over all edge pairs; fine for annotation polygons (N < ~2000).
+    Vectorised O(N^2) orientation test over all edge pairs, in blocks of pairs so memory stays bounded.
     """
     xy = np.asarray(xy, dtype=np.float64)
     n = len(xy)
     if n < 4:
         return False  # a triangle cannot self-intersect (degenerate ones are caught by the collinearity check)
-    i, j = _edge_pairs(n)
     a = xy
     b = np.concatenate([xy[1:], xy[:1]])  # edge k: a[k] -> b[k]
+    i, j = _edge_pairs(n) if n <= 512 else np.triu_indices(n, k=2)
+    if n > 512:
+        keep = ~((i == 0) & (j == n - 1))
+        i, j = i[keep], j[keep]
+    block = 1 << 18
+    return any(_edges_cross(a, b, i[s:s + block], j[s:s + block]) for s in range(0, len(i), block))
+
+
+def _edges_cross(a: np.ndarray, b: np.ndarray, i: np.ndarray, j: np.ndarray) -> bool:
+    """Whether any edge pair (i, j) crosses or touches (edges a[k] -> b[k])."""
     p, p2, q, q2 = a[i], b[i], a[j], b[j]
     o1, o2, o3, o4 = _orient(p, p2, q), _orient(p, p2, q2), _orient(q, q2, p), _orient(q, q2, p2)
     if ((o1 * o2 < 0) & (o3 * o4 < 0)).any():

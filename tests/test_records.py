@@ -235,3 +235,9 @@ def test_rle_bytes_counts_become_text():
     record = parse_record(raw)
     assert record.to_json()["annotation"][0]["segmentation"] == rle
     assert (record_masks(record)[0] == mask).all()
+
+
+def test_reader_tolerates_byte_order_mark(tmp_path):
+    path = tmp_path / "bom.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps([_record(0)]).encode())
+    assert [r.id for r in read_records(path)] == [139]
