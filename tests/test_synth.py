@@ -12,13 +12,14 @@ from PIL import Image
 
 from data_tools.synth.generate import SPLITS, SynthConfig, generate, split_assignment
 from data_tools.synth.records import SUBSETS
-from data_tools.synth.scene import SAME_BOX_PAIRS, mask_bbox, sample_scene
+from data_tools.synth.scene import NESTED_PAIRS, SAME_BOX_PAIRS, mask_bbox, sample_scene
 from data_tools.synth.texts import detailed_description, relations
 from data_tools.synth.vocab import COLORS
 from data_tools.validate import validate_file
 from osprey.data.records import read_records, record_masks
 
 FIXTURE = Path(__file__).parent / "fixtures" / "synth"
+NESTED_OUTER = {outer for outer, _ in NESTED_PAIRS}
 
 
 def _tree_bytes(root: Path) -> dict[str, bytes]:
@@ -97,6 +98,7 @@ def test_fixture_has_same_box_pairs_with_different_masks():
             for j in range(i + 1, len(masks)):
                 if record.annotation[i].bbox == record.annotation[j].bbox:
                     assert not np.array_equal(masks[i], masks[j])
+                    assert record.description[i] != record.description[j]  # same box, different answers
                     assert not (masks[i] & masks[j]).any()  # visible masks never overlap
                     pairs += 1
     assert pairs >= 2
@@ -130,6 +132,22 @@ def test_same_box_pairs_are_exact_by_construction():
                 assert "shares its bounding box with" in detailed_description(scene, i)
                 found.add(scene.objects[min(i, obj.partner)].category)
     assert found == {under for under, _ in SAME_BOX_PAIRS}
+
+
+def test_nested_pairs_say_inside_and_around():
+    seen = 0
+    for index in range(60):
+        scene = sample_scene(np.random.default_rng([13, index]), size=256)
+        for i, obj in enumerate(scene.objects):
+            if obj.group == "nested" and obj.category in NESTED_OUTER:
+                inner = obj.partner
+                assert relations(scene.objects, inner, i, scene.size)[0] == "inside"
+                assert relations(scene.objects, i, inner, scene.size)[0] == "around"
+                assert "It sits inside" in detailed_description(scene, inner)
+                assert "It surrounds" in detailed_description(scene, i)
+                assert not (scene.objects[inner].full & obj.full).any()  # in the hole, touching nothing
+                seen += 1
+    assert seen >= 3
 
 
 def test_images_are_small_pngs_of_the_configured_size(generated):
