@@ -80,7 +80,7 @@ def draw_overlay(image: Image.Image, masks: np.ndarray, labels: list[str], alpha
     font = ImageFont.load_default(size=max(10, min(out.size) // 40))
     for q, (mask, label) in enumerate(zip(masks, labels, strict=True)):
         x, y, _, _ = mask_codecs.mask_to_bbox(mask)
-        text = f"{q + 1}: {label}"
+        text = f"{q + 1}: {label if len(label) <= 60 else label[:57] + '...'}"
         left, top, right, bottom = draw.textbbox((x, y), text, font=font)
         draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=PALETTE[q % len(PALETTE)])
         draw.text((x, y), text, fill=(0, 0, 0), font=font)
