@@ -180,3 +180,18 @@ def test_preview_renders_image_masks_and_texts(tmp_path):
     assert main([str(FIXTURE), str(tmp_path / "p.png"), "--split", "train"]) == 0
     image = Image.open(tmp_path / "p.png")
     assert image.width > 2 * 2 * 128 and image.height >= 2 * 128
+
+
+def test_committed_fixture_is_what_the_generator_writes(tmp_path):
+    """The fixture is reproducible from its manifest's config (records byte for byte, images pixel for pixel;
+    PNG bytes may differ with the zlib version). Regenerate it after changing the generator:
+    `osprey data synth --out tests/fixtures/synth --n 12 --image-size 128 --val-fraction 0 --test-fraction 0.34`"""
+    config = json.loads((FIXTURE / "manifest.json").read_text())["config"]
+    generate(SynthConfig(out=str(tmp_path), **config), workers=1, progress=False)
+    fresh, committed = _tree_bytes(tmp_path), _tree_bytes(FIXTURE)
+    assert sorted(fresh) == sorted(committed)
+    for name in fresh:
+        if name.endswith(".png"):
+            assert np.array_equal(np.asarray(Image.open(tmp_path / name)), np.asarray(Image.open(FIXTURE / name)))
+        else:
+            assert fresh[name] == committed[name], name

@@ -50,6 +50,8 @@ class SynthConfig:
     test_fraction: float = 0.05
 
     def __post_init__(self) -> None:
+        for name in ("val_fraction", "test_fraction"):  # 0 and 0.0 must write the same manifest
+            object.__setattr__(self, name, float(getattr(self, name)))
         if self.n < 1:
             raise ValueError(f"n must be >= 1, got {self.n}")
         if self.image_size < 64 or self.image_size % 32:
