@@ -109,6 +109,12 @@ def _single_region_question(text: str) -> tuple[int, str] | None:
 # ---------------------------------------------------------------------------------------- classification
 
 
+def _category_label(region: Any) -> str:
+    """A region's category; parts are named PACO-style `object:part` when the region names its `parent`."""
+    parent = (region.model_extra or {}).get("parent")
+    return f"{parent}:{region.category_name}" if parent else region.category_name
+
+
 _CATEGORY_QUESTION = re.compile(r"\bcategory\b|\bwhat is\b.*\?", re.IGNORECASE)
 
 
@@ -137,7 +143,7 @@ def load_classification(path: str | Path, image_root: str | Path | None) -> list
     elif _is_records(data):
         for r, rec in enumerate(_records(data)):
             image = resolve_image(image_root, rec.file_name)
-            named = [(i, reg.category_name) for i, reg in enumerate(rec.annotation) if reg.category_name]
+            named = [(i, _category_label(reg)) for i, reg in enumerate(rec.annotation) if reg.category_name]
             if named:
                 for i, name in named:
                     items.append(RegionItem(f"{r}:{i}", image, rec.height, rec.width, _seg(rec.annotation[i]), name))

@@ -28,10 +28,11 @@ def _confusion_figure(m: dict):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(3.4, 3))
     grid = [[m["tp"], m["fn"]], [m["fp"], m["tn"]]]
-    ax.imshow(grid, cmap="Blues")
+    ax.imshow(grid, cmap="Blues", vmin=0)
+    top = max(max(row) for row in grid) or 1
     for i in range(2):
         for j in range(2):
-            ax.text(j, i, str(grid[i][j]), ha="center", va="center")
+            ax.text(j, i, str(grid[i][j]), ha="center", va="center", color="white" if grid[i][j] > top / 2 else "black")
     ax.set_xticks([0, 1], ["pred yes", "pred no"])
     ax.set_yticks([0, 1], ["label yes", "label no"])
     ax.set_title("POPE confusion")

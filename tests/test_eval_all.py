@@ -1,0 +1,53 @@
+"""bench/eval_all.py inputs: the generated dataset's files read by the eval loaders, and its panoptic build."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bench.eval_all import BACKGROUND, build_panoptic
+from eval.datasets import load_captions, load_classification, load_pope, read_panoptic_png
+from eval.vocab import load_vocabulary
+from osprey.data.records import read_records, record_masks
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    from data_tools.synth.generate import SynthConfig, generate
+
+    root = tmp_path_factory.mktemp("synth")
+    generate(SynthConfig(out=str(root), n=4, image_size=64, val_fraction=0.0, test_fraction=0.5), workers=1, progress=False)
+    return root
+
+
+def test_loaders_read_the_generated_test_split(synth):
+    test = synth / "test"
+    parts = load_classification(test / "stage2_parts.json", synth)
+    assert parts and all(":" in it.target for it in parts)  # PACO-style object:part labels
+    cats = load_classification(test / "stage2_categories.json", synth)
+    assert cats and all(it.target and ":" not in it.target for it in cats)
+    caps = load_captions(test / "stage2_referring.json", synth)
+    assert caps and all(len(it.target) == 1 and it.target[0] for it in caps)
+    pope = load_pope(test / "stage3_pos_neg.json", synth)
+    assert pope and {it.target for it in pope} <= {"yes", "no"}
+    assert all(it.question.count("<region>") == 1 and it.segmentation is not None for it in pope)
+
+
+def test_build_panoptic_from_object_records(synth, tmp_path):
+    records_path = synth / "test" / "stage2_categories.json"
+    pan_json, png_dir, classes_json = build_panoptic(records_path, tmp_path, limit=None)
+    vocab = load_vocabulary(str(classes_json))
+    by_id = {c.id: c for c in vocab.classes}
+    pan = json.loads(pan_json.read_text())
+    for rec, ann in zip(read_records(records_path), pan["annotations"]):
+        ids = read_panoptic_png(str(png_dir / ann["file_name"]))
+        masks = record_masks(rec)
+        info = {s["id"]: s for s in ann["segments_info"]}
+        for i, (region, mask) in enumerate(zip(rec.annotation, masks)):
+            assert np.array_equal(ids == i + 1, mask)  # each object is exactly its own segment
+            assert by_id[info[i + 1]["category_id"]].name == region.category_name
+        background = ~masks.any(axis=0)
+        assert np.array_equal(ids == 1000, background)
+        assert by_id[info[1000]["category_id"]].name == BACKGROUND and not by_id[info[1000]["category_id"]].isthing
