@@ -44,6 +44,9 @@ class Backend(Protocol):
 
     def prompt_tokens(self, prepared: Any) -> int: ...
 
+    def max_context_tokens(self) -> int | None:
+        """Prompt + generated tokens the model can attend over (None = no limit known)."""
+
     def generate_stream(self, prepared: Sequence[Any], params: Sequence[Any],
                         cancelled: Callable[[int], bool]) -> Iterator[list[Any]]:
         """Per decoding step, a list of events with `row, text_delta, token_id, finished, finish_reason`;
@@ -70,6 +73,10 @@ class PipelineBackend:
 
     def prompt_tokens(self, prepared: Any) -> int:
         return int(prepared.num_tokens)
+
+    def max_context_tokens(self) -> int | None:
+        limit = self.pipe.config.text.get("max_position_embeddings")
+        return None if limit is None else int(limit)
 
     def generate_stream(self, prepared: Sequence[Any], params: Sequence[Any],
                         cancelled: Callable[[int], bool]) -> Iterator[list[Any]]:
@@ -296,6 +303,10 @@ class Engine:
             for spec in job.rows:
                 prepared = self.backend.prepare(encoded, spec.turns, spec.masks)
                 rows.append(_Live(job, spec, prepared, self.backend.prompt_tokens(prepared)))
+                self._check_context(rows[-1])
+        except APIError as exc:
+            job.fail(exc)
+            return
         except ValueError as exc:
             job.fail(APIError(400, f"invalid prompt: {exc}", param="messages", code="invalid_prompt"))
             return
@@ -305,6 +316,14 @@ class Engine:
                               code="internal_error"))
             return
         pending.extend(rows)
+
+    def _check_context(self, live: _Live) -> None:
+        limit = self.backend.max_context_tokens()
+        wanted = live.prompt_tokens + live.spec.params.max_new_tokens
+        if limit is not None and wanted > limit:
+            raise APIError(400, f"the prompt has {live.prompt_tokens} tokens and {live.spec.params.max_new_tokens} "
+                                f"more were asked for, but the model's context is {limit} tokens; shorten the "
+                                "conversation or lower max_tokens", param="messages", code="context_length_exceeded")
 
     def _encode(self, job: Job) -> Any:
         encoded = self._cache.get(job.image_key)

@@ -108,8 +108,8 @@ def test_chat_with_regions_in_extra_body(client):
 
 
 def test_streaming_matches_non_streaming_and_reports_usage(client):
-    kwargs = dict(model=NAME, messages=chat_messages("Describe <region1>."), max_tokens=6, temperature=0,
-                  extra_body={"regions": [{"box": [8, 5, 22, 15]}]})
+    kwargs = {"model": NAME, "messages": chat_messages("Describe <region1>."), "max_tokens": 6, "temperature": 0,
+                  "extra_body": {"regions": [{"box": [8, 5, 22, 15]}]}}
     full = client.chat.completions.create(n=2, **kwargs)
     stream = client.chat.completions.create(n=2, stream=True, stream_options={"include_usage": True}, **kwargs)
     texts, reasons, usage = {0: "", 1: ""}, {}, None
@@ -291,24 +291,25 @@ def test_oversized_body_is_refused_before_parsing(server):
 
 
 CHAT_BAD = [
-    (dict(messages=chat_messages("What is <region3>?")), "messages"),
-    (dict(messages=chat_messages("What is <region1>?"), extra_body={"regions": GOOD_REGION * 9}), "regions"),
-    (dict(messages=chat_messages("What is <region1>?"), extra_body={"regions": [{"box": [0, 0, 99, 99]}]}),
+    ({"messages": chat_messages("What is <region3>?")}, "messages"),
+    ({"messages": chat_messages("What is <region1>?"), "extra_body": {"regions": GOOD_REGION * 9}}, "regions"),
+    ({"messages": chat_messages("What is <region1>?"), "extra_body": {"regions": [{"box": [0, 0, 99, 99]}]}},
      "regions[0].box"),
-    (dict(messages=[{"role": "user", "content": "no image here"}]), "messages"),
-    (dict(messages=chat_messages("<image> and <mask>")), "messages[0].content"),
-    (dict(messages=chat_messages("hi") + [{"role": "assistant", "content": "hello"}]), "messages[1].role"),
-    (dict(messages=chat_messages("x" * 20000)), "messages"),
-    (dict(messages=chat_messages("What is <region1>?", data_url(Image.new("L", (W + 3, H))))), None),
-    (dict(messages=chat_messages("hi"), max_tokens=1000), "max_tokens"),
-    (dict(messages=chat_messages("hi"), max_completion_tokens=1000), "max_completion_tokens"),
-    (dict(messages=chat_messages("hi"), n=100), "n"),
-    (dict(messages=chat_messages("hi"), top_p=0), "top_p"),
-    (dict(messages=chat_messages("hi"), stop=["a", "b", "c", "d", "e"]), "stop"),
-    (dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%"}}]}]),
+    ({"messages": [{"role": "user", "content": "no image here"}]}, "messages"),
+    ({"messages": chat_messages("<image> and <mask>")}, "messages[0].content"),
+    ({"messages": chat_messages("hi") + [{"role": "assistant", "content": "hello"}]}, "messages[1].role"),
+    ({"messages": chat_messages("x" * 20000)}, "messages"),
+    ({"messages": chat_messages("a long question " * 400)}, "messages"),  # > the tiny model's 1024 positions
+    ({"messages": chat_messages("What is <region1>?", data_url(Image.new("L", (W + 3, H))))}, None),
+    ({"messages": chat_messages("hi"), "max_tokens": 1000}, "max_tokens"),
+    ({"messages": chat_messages("hi"), "max_completion_tokens": 1000}, "max_completion_tokens"),
+    ({"messages": chat_messages("hi"), "n": 100}, "n"),
+    ({"messages": chat_messages("hi"), "top_p": 0}, "top_p"),
+    ({"messages": chat_messages("hi"), "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%"}}]}]},
      "messages[0].content[0].image_url.url"),
-    (dict(messages=[{"role": "robot", "content": "hi"}]), "messages[0].role"),
-    (dict(messages=[]), "messages"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": []}, "messages"),
 ]
 
 
