@@ -72,6 +72,10 @@ def test_description_record():
         ({"file_name": ""}, "file_name"),
         ({"annotation": [{"segmentation": [[1, 1, 3, 1, 3, 3]]}]}, r"annotation\.0\.bbox"),
         ({"conversations": [{"from": "robot", "value": "hi"}]}, r"conversations\.0\.from"),
+        ({"annotation": [{"segmentation": [["1", 1, 3, 1, 3, 3]], "bbox": [1, 1, 2, 2]}]}, "segmentation"),
+        ({"annotation": [{"segmentation": {"size": [6, 8], "counts": [40.0, 8]}, "bbox": [1, 1, 2, 2]}]},
+         "segmentation"),
+        ({"annotation": [{"segmentation": [[1, 1, 3, 1, 3, 3]], "bbox": [1, 1, "2", 2]}]}, r"bbox\.2"),
     ],
 )
 def test_schema_errors_name_the_field(change, match):

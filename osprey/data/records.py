@@ -21,6 +21,8 @@ from pydantic import (
     ConfigDict,
     Field,
     PositiveInt,
+    StrictFloat,
+    StrictInt,
     ValidationError,
     field_validator,
     model_validator,
@@ -70,7 +72,7 @@ class RLE(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     size: tuple[PositiveInt, PositiveInt]  # [height, width]
-    counts: str | list[int]
+    counts: str | list[StrictInt]  # strict: "5" or 5.0 in counts is a data error, not something to coerce
 
     @field_validator("counts", mode="before")
     @classmethod
@@ -83,8 +85,8 @@ class Region(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    segmentation: list[list[float]] | RLE
-    bbox: list[float] = Field(min_length=4, max_length=4)  # COCO [x, y, w, h]
+    segmentation: list[list[StrictFloat]] | RLE  # strict: ints pass, strings and bools do not
+    bbox: list[StrictFloat] = Field(min_length=4, max_length=4)  # COCO [x, y, w, h]
     category_id: int | None = None
     category_name: str | None = None
 
