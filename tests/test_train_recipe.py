@@ -1,0 +1,202 @@
+"""The training recipe on the tiny preset through DeepSpeed's CPU accelerator: each stage trains exactly its
+declared parts and overfits one batch, LoRA merges on save, a killed run resumes exactly, fully masked samples
+are counted and contribute no loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from osprey.checkpoint import init_model_folder, load_pretrained, read_config, to_official
+from osprey.prompts import multi_region_prefix
+from osprey.tokenization import IGNORE_INDEX, build_example
+from train.config import load_config
+from train.recipe import Recipe
+from train.trainable import STAGE_PARTS
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+class RegionDataset(torch.utils.data.Dataset):
+    """Tokenized multi-region conversations with random images and masks; `repeat` copies one sample (overfit)."""
+
+    ANSWERS = ["a red circle", "the blue square on the left", "a green star", "small yellow tree", "a black car"]
+
+    def __init__(self, tokenizer, config, n: int = 8, repeat: bool = False, seed: int = 0, fully_masked: bool = False):
+        gen = torch.Generator().manual_seed(seed)
+        side = config.vision.image_size
+        self.items = []
+        for i in range(n):
+            k = 0 if repeat else i
+            regions = 1 + k % 3
+            messages = [("human", multi_region_prefix(regions) + " What is region1?"), ("gpt", self.ANSWERS[k % 5])]
+            example = build_example(tokenizer, messages, num_image_tokens=config.vision.num_image_tokens,
+                                    image_token_id=config.image_token_id)
+            labels = torch.tensor(example.labels)
+            if fully_masked:
+                labels[:] = IGNORE_INDEX
+            if repeat and self.items:
+                self.items.append(self.items[0])
+                continue
+            self.items.append({
+                "input_ids": torch.tensor(example.input_ids), "labels": labels,
+                "pixel_values": torch.randn(3, side, side, generator=gen),
+                "masks": torch.rand(regions, 48, 40, generator=gen) > 0.5, "truncated": example.truncated,
+            })
+        self.lengths = [len(item["input_ids"]) for item in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.items[index]
+
+
+def collate(items: list[dict]) -> dict:
+    longest = max(len(item["input_ids"]) for item in items)
+    ids = torch.zeros(len(items), longest, dtype=torch.long)
+    labels = torch.full((len(items), longest), IGNORE_INDEX)
+    attention = torch.zeros(len(items), longest, dtype=torch.long)
+    for row, item in enumerate(items):
+        n = len(item["input_ids"])
+        ids[row, :n], labels[row, :n], attention[row, :n] = item["input_ids"], item["labels"], 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": attention,
+            "pixel_values": torch.stack([item["pixel_values"] for item in items]),
+            "masks": [item["masks"] for item in items], "truncated": torch.tensor([item["truncated"] for item in items])}
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = init_model_folder("tiny", tmp_path_factory.mktemp("model") / "tiny", seed=0)
+    _, tokenizer, _ = load_pretrained(folder)
+    return folder, tokenizer, read_config(folder)
+
+
+def make_config(model: Path, out: Path, stage: int, **changes):
+    raw = {"stage": stage, "model": str(model), "output_dir": str(out), "max_steps": 4, "micro_batch_size": 2,
+           "global_batch_size": 2, "bf16": False, "gradient_checkpointing": stage == 3, "save_steps": 0,
+           "progress": False, "data": {"num_workers": 0}, "optim": {"lr": 1e-3, "warmup_ratio": 0.0}}
+    for key, value in changes.items():
+        raw[key] = {**raw[key], **value} if isinstance(value, dict) and key in raw else value
+    return load_config(raw=raw)
+
+
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def changed_parts(before: dict, after: dict) -> tuple[set[str], list[str]]:
+    """Parts with changed tensors, and tensors of changed parts that did not change."""
+    official_part = {to_official(f"{part}x").removesuffix("x"): part
+                     for part in ("vision_tower.vision_tower.", "mm_projector.", "mask_extractor.")}
+
+    def part_of(name: str) -> str:
+        return next((part.split(".")[0] for prefix, part in official_part.items() if name.startswith(prefix)),
+                    "language_model")
+
+    changed, unchanged = set(), []
+    assert before.keys() == after.keys()
+    for name in before:
+        (changed.add(part_of(name)) if not torch.equal(before[name], after[name]) else unchanged.append(name))
+    return changed, [n for n in unchanged if part_of(n) in changed]
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_stage_trains_declared_parts_and_overfits(tiny, tmp_path, stage):
+    folder, tokenizer, config = tiny
+    dataset = RegionDataset(tokenizer, config, n=24, repeat=True)
+    cfg = make_config(folder, tmp_path / f"stage{stage}", stage, max_steps=12, optim={"lr": 1e-2 if stage < 3 else 3e-3})
+    recipe = Recipe(cfg, dataset=dataset, collate_fn=collate)
+    final = recipe.run()
+
+    changed, unchanged = changed_parts(weights(folder), weights(final))
+    assert changed == set(STAGE_PARTS[stage])
+    assert not unchanged, f"trainable tensors that did not move: {unchanged[:5]}"
+    losses = recipe.state.losses
+    # Stage 2 moves only the two region tokens, which a random 2-layer LM barely reads: its loss floor is close.
+    drop = 0.005 if stage == 2 else 0.2
+    assert len(losses) == 12 and losses[-1] < losses[0] - drop, losses
+    assert all(b <= a + 1e-4 for a, b in zip(losses, losses[1:])), losses  # the same batch: (nearly) monotone
+    load_pretrained(final, strict=True)  # the saved folder is a complete model
+    log = [json.loads(line) for line in (tmp_path / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 13))
+    assert all(r["tokens_per_s"] > 0 and r["grad_norm"] is not None for r in log)
+
+
+def test_train_vision_option_trains_the_tower(tiny, tmp_path):
+    folder, tokenizer, config = tiny
+    cfg = make_config(folder, tmp_path / "vision", 1, max_steps=2, train_vision=True)
+    final = Recipe(cfg, dataset=RegionDataset(tokenizer, config, n=4), collate_fn=collate).run()
+    changed, _ = changed_parts(weights(folder), weights(final))
+    assert changed == {"mm_projector", "vision_tower"}
+
+
+def test_lora_stage3_merges_on_save(tiny, tmp_path):
+    folder, tokenizer, config = tiny
+    dataset = RegionDataset(tokenizer, config, n=6)
+    cfg = make_config(folder, tmp_path / "lora", 3, max_steps=3,
+                      lora={"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]})
+    recipe = Recipe(cfg, dataset=dataset, collate_fn=collate)
+    recipe.setup()
+    recipe.train()
+    final = recipe.save_final()
+    recipe.close()
+
+    merged, _, report = load_pretrained(final, strict=True)
+    assert report.ok
+    changed, _ = changed_parts(weights(folder), weights(final))
+    assert changed == {"language_model", "mm_projector", "mask_extractor"}
+    before, after = weights(folder), weights(final)
+    moved = {n for n in before if n.startswith("model.layers.") and not torch.equal(before[n], after[n])}
+    assert moved and all(n.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight")) for n in moved)
+    assert torch.equal(before["lm_head.weight"], after["lm_head.weight"])  # LoRA leaves the base head frozen
+
+    batch = collate([dataset[0], dataset[1]])
+    live = recipe.model.eval()
+    with torch.no_grad():
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+        expected = live(**inputs, masks=batch["masks"]).logits
+        got = merged(**inputs, masks=batch["masks"]).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path):
+    folder, tokenizer, config = tiny
+    dataset = RegionDataset(tokenizer, config, n=10)
+    # micro batch 1, global 2: gradient accumulation; 10 samples = 5 steps per epoch, so 6 steps cross an epoch.
+    changes = {"max_steps": 6, "micro_batch_size": 1, "global_batch_size": 2, "save_steps": 3}
+    full = Recipe(make_config(folder, tmp_path / "full", 3, **changes), dataset=dataset, collate_fn=collate)
+    full.run()
+
+    killed = Recipe(make_config(folder, tmp_path / "resumed", 3, **changes), dataset=dataset, collate_fn=collate)
+    killed.setup()
+    killed.train(until_step=4)  # "killed" after step 4: the step-3 checkpoint is the newest
+    killed.close()
+    resumed = Recipe(make_config(folder, tmp_path / "resumed", 3, **changes), dataset=dataset, collate_fn=collate)
+    resumed.run(resume=True)
+    assert resumed.state.losses[:3] == full.state.losses[:3]
+
+    def log(name):
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    full_log, resumed_log = log("full"), log("resumed")
+    assert [r["step"] for r in resumed_log] == list(range(1, 7))
+    for a, b in zip(full_log, resumed_log):
+        assert abs(a["loss"] - b["loss"]) < 1e-6 and a["lr"] == b["lr"], (a, b)
+    a, b = weights(tmp_path / "full" / "final"), weights(tmp_path / "resumed" / "final")
+    assert all(torch.allclose(a[n], b[n], atol=1e-6) for n in a)
+
+
+def test_fully_masked_samples_are_counted_and_give_no_loss(tiny, tmp_path):
+    folder, tokenizer, config = tiny
+    dataset = RegionDataset(tokenizer, config, n=4, fully_masked=True)
+    recipe = Recipe(make_config(folder, tmp_path / "masked", 2, max_steps=2), dataset=dataset, collate_fn=collate)
+    final = recipe.run()
+    assert recipe.state.fully_masked_samples == 4
+    assert recipe.state.losses == [0.0, 0.0]
+    changed, _ = changed_parts(weights(folder), weights(final))
+    assert not changed
