@@ -7,9 +7,10 @@ from __future__ import annotations
 import base64
 import logging
 import mimetypes
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -157,7 +158,7 @@ class HttpBackend:
         if resp.status_code >= 400:
             try:
                 message = resp.json()["error"]["message"]
-            except Exception:  # not the OpenAI error shape: show the raw body
+            except (ValueError, KeyError, TypeError):  # not the OpenAI error shape: show the raw body
                 message = resp.text[:500]
             raise RuntimeError(f"{self.url} answered {resp.status_code}: {message}")
         results = sorted(resp.json()["results"], key=lambda r: r["index"])

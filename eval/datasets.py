@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -76,6 +77,15 @@ def image_size(path: str) -> tuple[int, int]:
         return im.height, im.width
 
 
+def _file_name(image: dict) -> str:
+    """COCO-style image entry -> its file name (LVIS v1 gives only `coco_url`: its last path part)."""
+    if "file_name" in image:
+        return image["file_name"]
+    if "coco_url" in image:
+        return image["coco_url"].rsplit("/", 1)[-1]
+    raise ValueError(f"image {image.get('id')!r} has neither 'file_name' nor 'coco_url'")
+
+
 def _is_records(data: Any) -> bool:
     return isinstance(data, list) and bool(data) and isinstance(data[0], dict) and "annotation" in data[0] and (
         "conversations" in data[0] or "description" in data[0]
@@ -127,7 +137,7 @@ def load_classification(path: str | Path, image_root: str | Path | None) -> list
         for ann in data["annotations"]:
             im = images[ann["image_id"]]
             items.append(RegionItem(
-                f"{ann['image_id']}:{ann.get('id', len(items))}", resolve_image(image_root, im["file_name"]),
+                f"{ann['image_id']}:{ann.get('id', len(items))}", resolve_image(image_root, _file_name(im)),
                 im["height"], im["width"], ann["segmentation"], names[ann["category_id"]],
             ))
     elif isinstance(data, list) and data and "categories" in data[0]:  # official lvis/paco eval list
@@ -180,7 +190,7 @@ def load_captions(path: str | Path, image_root: str | Path | None) -> list[Regio
             if not refs:
                 raise ValueError(f"{path}: annotation {ann.get('id', n)} has no caption (nor does its image)")
             items.append(RegionItem(
-                str(ann.get("id", n)), resolve_image(image_root, im["file_name"]), im["height"], im["width"],
+                str(ann.get("id", n)), resolve_image(image_root, _file_name(im)), im["height"], im["width"],
                 ann["segmentation"], [str(c) for c in refs],
             ))
     elif _is_records(data):
@@ -339,7 +349,7 @@ def load_panoptic(path: str | Path, image_root: str | Path | None, png_root: str
     out = []
     for ann in data["annotations"]:
         im = images[ann["image_id"]]
-        out.append(PanopticImage(ann["image_id"], resolve_image(image_root, im["file_name"]),
+        out.append(PanopticImage(ann["image_id"], resolve_image(image_root, _file_name(im)),
                                  str(png_root / ann["file_name"]), list(ann["segments_info"])))
     return out
 

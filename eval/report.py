@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from eval.runner import write_atomic
 
 
 def fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
     return str(value)

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from tqdm import tqdm
 
@@ -31,8 +33,20 @@ def write_atomic(path: str | os.PathLike, data: str | bytes) -> None:
         raise
 
 
+def _finite(obj: Any) -> Any:
+    """NaN / inf (undefined metrics) become null: strict JSON readers reject NaN."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=True) + "\n")
+    """Strict JSON (undefined metrics written as null), atomically."""
+    write_atomic(path, json.dumps(_finite(obj), indent=2, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def partial_path(out: str | os.PathLike) -> Path:

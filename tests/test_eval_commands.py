@@ -11,6 +11,7 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -195,9 +196,9 @@ def test_pope_in_process(tiny_model_dir, data, tmp_path):
 class _Judge(BaseHTTPRequestHandler):
     """A minimal OpenAI-compatible judge for the test: question 0 gets a review with scores, others not."""
 
-    seen: list[dict] = []
+    seen: ClassVar[list[dict]] = []
 
-    def do_POST(self):  # noqa: N802 (http.server naming)
+    def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         _Judge.seen.append(body)
         content = body["messages"][1]["content"]

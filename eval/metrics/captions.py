@@ -8,7 +8,8 @@ from __future__ import annotations
 import functools
 import shutil
 import subprocess
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 JAVA_HELP = (
     "the coco-caption toolkit (pycocoevalcap) needs a Java runtime for its PTB tokenizer and METEOR, and "
@@ -23,7 +24,7 @@ def java_version() -> str | None:
     if java is None:
         return None
     try:
-        proc = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30)
+        proc = subprocess.run([java, "-version"], capture_output=True, text=True, timeout=30, check=False)
     except (OSError, subprocess.TimeoutExpired):
         return None
     if proc.returncode != 0:

@@ -8,7 +8,7 @@ anything still unclear is reported as unparseable (None), never guessed.
 from __future__ import annotations
 
 import re
-from typing import Iterable
+from collections.abc import Iterable
 
 _NUM = r"(10(?:\.0+)?|\d(?:\.\d+)?)(?!\d)"  # a score in [0, 10], not part of a longer number
 _PATTERNS = [

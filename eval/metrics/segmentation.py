@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextlib
 import io
 from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -93,14 +93,14 @@ class PanopticQuality:
                 continue
             if g not in gt_matched:
                 self._stats[seg["category_id"]].fn += 1
-        for p in pred_area:
+        for p, area in pred_area.items():
             if p in pred_matched:
                 continue
             cat = pred_segments[p]["category_id"]
             ignored = inter.get((VOID, p), 0)
             if cat in crowd_by_cat:
                 ignored += inter.get((crowd_by_cat[cat], p), 0)
-            if ignored / pred_area[p] > 0.5:
+            if ignored / area > 0.5:
                 continue
             self._stats[cat].fp += 1
 

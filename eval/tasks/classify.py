@@ -11,8 +11,8 @@ from eval.backends import Query
 from eval.datasets import load_classification
 from eval.metrics.text import (
     SentenceEmbedder,
-    load_embedder,
     exact_match,
+    load_embedder,
     normalize_label,
     normalize_prediction,
     semantic_iou,

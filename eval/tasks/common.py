@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from eval.backends import Query, Sampling, make_backend
 from eval.runner import PartialResults, answer_all, partial_path, write_json_atomic

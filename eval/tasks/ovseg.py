@@ -53,8 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def strip_answer(raw_text: str) -> str:
     """Official open-vocab answer clean-up: strip and drop a trailing `</s>` (no ':' split here)."""
     text = raw_text.strip()
-    if text.endswith("</s>"):
-        text = text[: -len("</s>")]
+    text = text.removesuffix("</s>")
     return text.strip()
 
 
