@@ -138,9 +138,8 @@ def sample_scene(rng: np.random.Generator, size: int = 256, max_objects: int = 6
     # The hard pair first (with probability 0.6), so later objects are placed around it.
     if rng.random() < 0.6:
         kind = "same_box" if rng.random() < 0.6 else "nested"
-        under, top = (SAME_BOX_PAIRS if kind == "same_box" else NESTED_PAIRS)[
-            int(rng.integers(len(SAME_BOX_PAIRS if kind == "same_box" else NESTED_PAIRS)))
-        ]
+        pairs = SAME_BOX_PAIRS if kind == "same_box" else NESTED_PAIRS
+        under, top = pairs[int(rng.integers(len(pairs)))]
         c1 = _pick(rng, COLORS)
         c2 = _pick(rng, COLORS, exclude=[c1])
         t1, t2 = _pick(rng, TEXTURES), _pick(rng, TEXTURES)
