@@ -108,6 +108,9 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
             raise bad_request("stop takes up to 4 non-empty strings", "stop")
         image, masks = await _chat_image_and_masks(conv, body, config, limits)
         bind_regions(conv, len(masks))
+        if len(conv.region_order) > config.max_regions:
+            raise bad_request(f"the messages mention regions {len(conv.region_order)} times; at most "
+                              f"{config.max_regions}", "messages", "too_many_regions")
         bound = masks[conv.region_order] if conv.region_order else masks[:0]
         rows = [RowSpec(i, list(conv.turns), bound, _sampling(
             max_tokens, 0.0 if body.temperature is None else body.temperature,
@@ -174,9 +177,13 @@ def _max_tokens(value: int, param: str, config: ServeConfig) -> int:
     return value
 
 
+_GREEDY_BELOW = 1e-4  # temperatures this small are greedy (dividing logits by ~0 overflows to inf/nan)
+
+
 def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int | None, stop: tuple[str, ...]) -> Any:
     from osprey.inference import SamplingParams
 
+    temperature = 0.0 if temperature < _GREEDY_BELOW else temperature
     try:
         return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
     except ValueError as exc:

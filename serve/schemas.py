@@ -32,6 +32,7 @@ class ImagePart(_Lenient):
 
 
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # int64, as OpenAI documents (and torch accepts)
 
 
 class ChatMessage(_Lenient):
@@ -51,7 +52,7 @@ class ChatCompletionRequest(_Lenient):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: Seed | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1)
     stream: bool = False
@@ -127,7 +128,7 @@ class DescribeRequest(BaseModel):
     max_tokens: int = Field(default=64, ge=1)
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: Seed | None = None
     stream: bool = False
     resize_masks: bool = False
 

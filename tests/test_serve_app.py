@@ -164,6 +164,17 @@ def test_multi_turn_keeps_regions_bound(client):
     assert r2.usage.prompt_tokens > r1.usage.prompt_tokens  # history and the extra regions are in the prompt
 
 
+def test_sampling_is_seeded_and_tiny_temperatures_are_greedy(client):
+    kwargs = {"model": NAME, "messages": chat_messages("Describe <region1>."), "max_tokens": 6,
+              "extra_body": {"regions": [{"box": [8, 5, 22, 15]}]}}
+    first = client.chat.completions.create(temperature=0.9, top_p=0.9, seed=7, stop=["zz"], **kwargs)
+    again = client.chat.completions.create(temperature=0.9, top_p=0.9, seed=7, stop=["zz"], **kwargs)
+    assert first.choices[0].message.content == again.choices[0].message.content
+    greedy = client.chat.completions.create(temperature=0, **kwargs)
+    tiny = client.chat.completions.create(temperature=1e-30, **kwargs)
+    assert tiny.choices[0].message.content == greedy.choices[0].message.content
+
+
 def test_chat_without_regions(client):
     r = client.chat.completions.create(model=NAME, messages=chat_messages("What is in the picture?"), max_tokens=2)
     assert r.choices[0].finish_reason in ("stop", "length")
@@ -249,6 +260,8 @@ NATIVE_BAD = [
     ({"max_tokens": 33}, 400, "max_tokens"),
     ({"max_tokens": 0}, 400, "max_tokens"),
     ({"temperature": -1}, 400, "temperature"),
+    ({"seed": -(2**63) - 1}, 400, "seed"),
+    ({"top_p": 1.5}, 400, "top_p"),
     ({"task": "tell me a story"}, 400, "task"),
     ({"colour": "red"}, 400, "colour"),
     ({"model": "gpt-4o"}, 404, "model"),
@@ -309,6 +322,8 @@ CHAT_BAD = [
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,%%"}}]}]},
      "messages[0].content[0].image_url.url"),
     ({"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role"),
+    ({"messages": chat_messages("<region1>" * 9), "extra_body": {"regions": GOOD_REGION}}, "messages"),
+    ({"messages": chat_messages("hi"), "seed": 2**64}, "seed"),
     ({"messages": []}, "messages"),
 ]
 
