@@ -214,6 +214,14 @@ class _Judge(BaseHTTPRequestHandler):
         pass
 
 
+def test_describe_prompt_is_the_official_one():
+    from eval.tasks.describe import model_prompt
+    from osprey.prompts import task_prompt
+
+    prompt = task_prompt(model_prompt("Could you describe <region> in great detail?"))
+    assert prompt == "<image>\n.\nThis provides an overview of the picture.\nCould you describe <mask><pos> in great detail?"
+
+
 def test_describe_with_judge_endpoint(tiny_model_dir, data, tmp_path):
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
     thread = threading.Thread(target=server.serve_forever, daemon=True)

@@ -11,7 +11,7 @@ from eval.metrics.captions import java_version
 from eval.metrics.judge_scores import parse_scores, relative_score
 from eval.metrics.pope import parse_yes_no, pope_metrics
 from eval.metrics.segmentation import PanopticQuality, SemanticConfusion, mask_ap
-from eval.metrics.text import exact_match, normalize_label, normalize_prediction, semantic_iou
+from eval.metrics.text import exact_match, normalize_label, normalize_prediction, official_answer, semantic_iou
 from osprey.masks import encode_rle, mask_area, mask_to_bbox
 
 
@@ -37,6 +37,9 @@ def test_official_normalisation():
     # clean_answer already dropped "Answer:"; the official split(':')[1] also cuts at the next ':'
     assert normalize_prediction("a red car. it is: x") == "a red car  it is"
     assert normalize_prediction("car, truck") == "car  truck"
+    # raw "Region: a dog: sitting" -> clean_answer "a dog: sitting" -> official split(':')[1] = " a dog"
+    assert official_answer("a dog: sitting") == "a dog"
+    assert official_answer("a dog") == "a dog"
     assert exact_match(normalize_prediction("Car."), normalize_label("car"))
     assert not exact_match("sports car", "car")
 

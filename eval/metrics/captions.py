@@ -5,7 +5,9 @@ METEOR and the PTB tokenizer run Java programs shipped inside pycocoevalcap, so 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import io
 import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
@@ -67,7 +69,8 @@ def caption_scores(
     per_item: dict[str, dict[str, float]] = {k: {} for k in gts}
     keys = list(gts)
     for scorer, names in _scorers():
-        score, scores = scorer.compute_score({k: gts[k] for k in keys}, {k: res[k] for k in keys})
+        with contextlib.redirect_stdout(io.StringIO()):  # BLEU prints its length statistics
+            score, scores = scorer.compute_score({k: gts[k] for k in keys}, {k: res[k] for k in keys})
         if len(names) == 1:
             score, scores = [score], [scores]
         for name, s, item_scores in zip(names, score, scores):

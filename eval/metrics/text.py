@@ -24,14 +24,19 @@ def normalize_label(label: str) -> str:
     return label.replace("_", " ").replace(":", " ")
 
 
-def normalize_prediction(text: str) -> str:
-    """The official prediction clean-up applied on top of `osprey.prompts.clean_answer`.
+def official_answer(cleaned: str) -> str:
+    """What the official eval scripts keep of an answer, given `osprey.prompts.clean_answer`'s output.
 
-    The official script keeps `answer.split(':')[1]`, i.e. the text between the first and the second ':';
-    `clean_answer` already dropped the part up to the first ':', so what is left is cut at the next ':'.
-    Then '.', ':' and ',' become spaces.
+    They keep `answer.split(':')[1]`, the text between the first and the second ':'; `clean_answer` already
+    dropped the part up to the first ':', so what is left is cut at the next ':'.
     """
-    text = text.split(":", 1)[0]
+    return cleaned.split(":", 1)[0].strip()
+
+
+def normalize_prediction(text: str) -> str:
+    """The official classification clean-up of a cleaned answer: `official_answer`, then '.', ':' and ','
+    become spaces."""
+    text = official_answer(text)
     for ch in ".:,":
         text = text.replace(ch, " ")
     return text

@@ -7,6 +7,7 @@ import argparse
 from eval.backends import Query
 from eval.datasets import load_captions
 from eval.metrics.captions import caption_scores, require_java
+from eval.metrics.text import official_answer
 from eval.report import Report, bars, histogram
 from eval.tasks.common import add_common_arguments, answer_queries, finish, limit, report_path
 
@@ -31,11 +32,10 @@ def run(args: argparse.Namespace) -> int:
     items = limit(load_captions(args.data, args.images), args.limit)
     queries = [Query(it.key, it.image, args.task, it.height, it.width, it.segmentation) for it in items]
     answers, run_info = answer_queries(args, "caption", queries, {"task": args.task})
-    # empty answers would be dropped by the toolkit's tokenizer alignment; score them as an empty hypothesis
-    preds = {it.key: answers[it.key]["text"] or "." for it in items}
+    preds = {it.key: official_answer(answers[it.key]["text"]) for it in items}
     corpus, per_item = caption_scores({it.key: it.target for it in items}, preds)
     summary = {name: 100.0 * corpus[name] for name in METRICS} | {"items": len(items)}
-    rows = [{"key": it.key, "image": it.image, "prediction": answers[it.key]["text"], "references": it.target,
+    rows = [{"key": it.key, "image": it.image, "prediction": preds[it.key], "references": it.target,
              **{m: per_item[it.key][m] for m in METRICS}} for it in items]
     results = {"command": "caption", "data": str(args.data), "summary": summary, "run": run_info, "java": java,
                "note": "scores x100 (CIDEr too, as papers report it)", "items": rows}

@@ -15,6 +15,7 @@ from eval.backends import Query
 from eval.datasets import load_descriptions
 from eval.judge import JudgeClient, review_prompt
 from eval.metrics.judge_scores import parse_scores, relative_score
+from eval.metrics.text import official_answer
 from eval.report import Report, pyplot
 from eval.runner import PartialResults, partial_path
 from eval.tasks.common import add_common_arguments, answer_queries, finish, limit, report_path
@@ -42,6 +43,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# The official answer generation puts "<image>.\n" before the overview line, which LLaVA's preprocessing turns
+# into "<image>\n.\n" (the same opening as the `open_vocab` and `refcocog` prompts).
+OFFICIAL_PREFIX = "<image>\n.\nThis provides an overview of the picture.\n"
+
+
+def model_prompt(question: str) -> str:
+    """The model's prompt for a judge question (its region written `<region>`), as the official script builds it."""
+    return question if question.startswith("<image>") else OFFICIAL_PREFIX + question
+
+
 def _score_figure(pairs: list[tuple[float, float]]):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(4, 3.4))
@@ -59,8 +70,7 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     items = limit(load_descriptions(args.data, args.images, args.references, args.context), args.limit)
-    queries = [Query(it.key, it.image, it.question.replace("<mask><pos>", "<region>"), it.height, it.width,
-                     it.segmentation) for it in items]
+    queries = [Query(it.key, it.image, model_prompt(it.question), it.height, it.width, it.segmentation) for it in items]
     answers, run_info = answer_queries(args, "describe", queries)
 
     judge = JudgeClient(args.judge_url, args.judge_model, args.judge_api_key or os.environ.get("OPENAI_API_KEY"),
@@ -71,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     for it in tqdm([it for it in items if it.key not in reviews.done], desc="judging", unit="answer"):
-        content = review_prompt(it.extra.get("context", ""), it.question or "", it.target, answers[it.key]["text"])
+        content = review_prompt(it.extra.get("context", ""), it.question or "", it.target,
+                                official_answer(answers[it.key]["text"]))
         review = judge.review(content)
         reviews.append([{"key": it.key, "review": review, "scores": parse_scores(review)}])
 
@@ -84,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             pairs.append((float(scores[0]), float(scores[1])))
         rows.append({"key": it.key, "image": it.image, "question": it.question, "reference": it.target,
-                     "answer": answers[it.key]["text"], "review": rev["review"], "scores": scores,
+                     "answer": official_answer(answers[it.key]["text"]), "review": rev["review"], "scores": scores,
                      "error": None if scores is not None else "unparseable review"})
     summary = {
         "relative_score": relative_score(pairs) if pairs else float("nan"),
