@@ -42,28 +42,39 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Osprey-format record files (JSON lists, spec section 9) and where their images live."""
+    """Osprey-format record files (JSON lists, spec section 9): a generated dataset's sub-sets or explicit files."""
 
-    # Record files; relative paths are resolved against `root`.
-    files: tuple[str, ...] = ()
-    # Folder that record files and images are relative to (e.g. the output of `osprey data synth`).
+    # Folder the record files and images are relative to; with a manifest.json (`osprey data synth`), its
+    # sub-sets of the run's stage are used unless `files` is given.
     root: str | None = None
-    # Image folder; default: `root`.
-    image_root: str | None = None
+    split: str = "train"
+    # Manifest sub-set names (e.g. [stage3_conversations, stage3_detailed]); default: all of the run's stage.
+    subsets: tuple[str, ...] | None = None
+    # Explicit record files (relative to root): a path, or {path: ..., kind: ...} for files no manifest lists
+    # (kinds: osprey.data.samples.STAGE_KINDS, e.g. conversations, short_form, detailed for stage 3).
+    files: tuple[Any, ...] = ()
+    image_root: str | None = None  # default: root
+    max_regions: int = 15  # stage-3 records with more regions are skipped (official loaders)
     # Batches of similar length waste less padding (LLaVA's `group_by_modality_length`, lengths only).
     group_by_length: bool = True
     num_workers: int = 2
     # Samples longer than this are truncated (never inside the image tokens or a <mask><pos> pair); counted.
     max_length: int = 2048
+    # Tokenize every sample at start and leave those without a trained token out of the epoch (reported).
+    drop_fully_masked: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "files", tuple(self.files))
-        if self.max_length < 1 or self.num_workers < 0:
-            raise ValueError(f"data.max_length must be >= 1 and num_workers >= 0, got {self.max_length}, {self.num_workers}")
-
-    def resolved_files(self) -> list[Path]:
-        base = Path(self.root) if self.root else Path(".")
-        return [p if p.is_absolute() else base / p for p in map(Path, self.files)]
+        if self.subsets is not None:
+            object.__setattr__(self, "subsets", tuple(self.subsets))
+        if self.max_length < 1 or self.num_workers < 0 or self.max_regions < 1:
+            raise ValueError(f"data.max_length and data.max_regions must be >= 1 and num_workers >= 0, got "
+                             f"{self.max_length}, {self.max_regions}, {self.num_workers}")
+        for entry in self.files:
+            if not isinstance(entry, str) and not (isinstance(entry, dict) and set(entry) == {"path", "kind"}):
+                raise ValueError(f"data.files entries must be a path or {{path, kind}}, got {entry!r}")
+        if self.files and self.subsets is not None:
+            raise ValueError("give data.files or data.subsets, not both")
 
 
 @dataclass(frozen=True)

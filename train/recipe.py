@@ -148,6 +148,8 @@ class Recipe:
 
     def _loader(self) -> DataLoader:
         self.sampler.set_epoch(self.state.epoch, start=self.state.batches_in_epoch * self.cfg.micro_batch_size)
+        if hasattr(self.dataset, "set_epoch"):  # osprey.data: stage-2 region order etc. are seeded per epoch
+            self.dataset.set_epoch(self.state.epoch)
         workers = self.cfg.data.num_workers
         return DataLoader(
             self.dataset, batch_size=self.cfg.micro_batch_size, sampler=self.sampler, collate_fn=self._collate_fn,
@@ -408,4 +410,37 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _dataset_from_config(cfg: TrainConfig, tokenizer, model_config):
     """(dataset, collate_fn, lengths) from `cfg.data` via `osprey.data` (stage-specific sample builders)."""
-    raise NotImplementedError("config-driven datasets need osprey.data.dataset")  # replaced once osprey.data lands
+    from osprey.data.dataset import RegionCollator, RegionDataset, count_fully_masked, manifest_subsets, specs_for_files
+
+    data = cfg.data
+    if data.root is None:
+        raise ValueError("data.root is not set: give the dataset folder (e.g. the output of `osprey data synth`)")
+    if data.files:
+        specs = []
+        for entry in data.files:
+            path, kind = (entry, None) if isinstance(entry, str) else (entry["path"], entry["kind"])
+            specs += specs_for_files([path], data.root, data.image_root, stage=cfg.stage if kind else None, kind=kind)
+    else:
+        specs = manifest_subsets(data.root, data.split, stages=[cfg.stage], names=data.subsets)
+    wrong = [f"{s.path} (stage {s.stage})" for s in specs if s.stage != cfg.stage]
+    if wrong or not specs:
+        raise ValueError(f"stage {cfg.stage} run: record files of other stages {wrong}" if wrong
+                         else f"no stage-{cfg.stage} sub-sets found in {data.root} (split {data.split})")
+    dataset = RegionDataset(specs, tokenizer, model_config.vision, max_length=data.max_length, seed=cfg.seed,
+                            image_token_id=model_config.image_token_id, max_regions=data.max_regions)
+    logger.info("data: %s", ", ".join(f"{s.path.name} ({s.kind})" for s in specs))
+    lengths = dataset.lengths
+    if data.drop_fully_masked:
+        bad = set(count_fully_masked(dataset))
+        keep = [i for i in range(len(dataset)) if i not in bad]
+        logger.warning("leaving out %d fully masked samples of %d", len(bad), len(dataset)) if bad else None
+        lengths = [lengths[i] for i in keep]
+        dataset = _EpochSubset(dataset, keep)
+    return dataset, RegionCollator(tokenizer.pad_token_id), lengths
+
+
+class _EpochSubset(torch.utils.data.Subset):
+    """A Subset that forwards `set_epoch` (per-epoch sample randomness) to its dataset."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)

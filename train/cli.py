@@ -1,0 +1,88 @@
+"""`osprey train`: run a training stage from a YAML config, and `osprey train plot` for its metrics log."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger(__name__)
+
+EPILOG = """\
+examples:
+  osprey model init --preset tiny --out runs/tiny/init
+  osprey data synth --out data/synth --n 2000
+  osprey train --stage 1 --config tiny_stage1            # a file in train/configs/ or a path
+  osprey train --stage 1 --config tiny_stage1 --resume   # continue the newest checkpoint exactly
+  osprey train --stage 3 --config osprey7b_stage3 --set optim.lr=2e-5 --set data.root=/data/osprey
+  deepspeed --num_gpus 8 --no_local_rank $(which osprey) train --stage 3 --config osprey7b_stage3
+  osprey train plot runs/tiny/stage1/metrics.jsonl --out curves.png
+"""
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train", help="train Osprey stage 1, 2 or 3 with DeepSpeed (GPU, or CPU for small models)",
+        description="Train one Osprey stage from a YAML config (see docs/train.md). Runs single-process on CPU or "
+        "one GPU as is; launch with `deepspeed` or `torchrun` for several GPUs.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--stage", type=int, choices=[1, 2, 3], help="stage; must agree with the config's `stage`")
+    parser.add_argument("--config", help="YAML config: a path or the name of a file in train/configs/")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    parser.add_argument("--max-steps", type=int, help="override max_steps")
+    parser.add_argument("--output", help="override output_dir")
+    parser.add_argument("--model", help="override model (start folder or preset)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override any config key, dotted, value parsed as YAML (repeatable): --set optim.lr=2e-5")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.set_defaults(func=_cmd_train)
+
+    sub = parser.add_subparsers(dest="train_command", metavar="{plot}")
+    plot = sub.add_parser("plot", help="plot loss / lr / throughput of a metrics.jsonl log to a PNG")
+    plot.add_argument("log", help="metrics.jsonl written by a run")
+    plot.add_argument("--out", required=True, help="output PNG")
+    plot.set_defaults(func=_cmd_plot)
+
+
+def resolve_config(args: argparse.Namespace):
+    from train.config import load_config, parse_override, resolve_config_path
+
+    import yaml
+
+    if not args.config:
+        raise SystemExit("osprey train: --config is required (a YAML file or a name in train/configs/)")
+    path = resolve_config_path(args.config)
+    raw = yaml.safe_load(path.read_text()) or {}
+    if args.stage is not None:
+        if raw.get("stage", args.stage) != args.stage:
+            raise SystemExit(f"osprey train: --stage {args.stage} contradicts stage: {raw['stage']} in {path}")
+        raw["stage"] = args.stage
+    overrides = [parse_override(text) for text in args.overrides]
+    for key, value in (("max_steps", args.max_steps), ("output_dir", args.output), ("model", args.model)):
+        if value is not None:
+            overrides.append(([key], value))
+    return load_config(raw=raw, overrides=overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    import json
+
+    try:
+        cfg = resolve_config(args)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"osprey train: {exc}") from exc
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    from train.recipe import Recipe
+
+    final = Recipe(cfg).run(resume=args.resume)
+    print(f"wrote {final}")
+    return 0
+
+
+def _cmd_plot(args: argparse.Namespace) -> int:
+    from train.metrics import plot_log
+
+    print(f"wrote {plot_log(args.log, args.out)}")
+    return 0
