@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import logging
 import mimetypes
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -153,8 +154,24 @@ class HttpBackend:
             self._cached = (path, image_data_url(path))
         return self._cached[1]
 
-    def _post(self, body: dict) -> list[dict]:
-        resp = self.client.post(self.url, json=body)
+    def _post(self, body: dict, retries: int = 5) -> list[dict]:
+        """One describe request; a full queue (429) or an unavailable server (503) is retried after its
+        Retry-After (at most 30 s, `retries` times)."""
+        import httpx
+
+        for attempt in range(retries + 1):
+            try:
+                resp = self.client.post(self.url, json=body)
+            except httpx.TransportError as exc:
+                raise RuntimeError(f"cannot reach {self.url}: {type(exc).__name__}: {exc}") from None
+            if resp.status_code not in (429, 503) or attempt == retries:
+                break
+            try:
+                wait = min(float(resp.headers.get("Retry-After", 1)), 30.0)
+            except ValueError:
+                wait = 1.0
+            logger.warning("%s answered %d; retrying in %.0f s", self.url, resp.status_code, wait)
+            time.sleep(wait)
         if resp.status_code >= 400:
             try:
                 message = resp.json()["error"]["message"]

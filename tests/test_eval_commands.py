@@ -268,3 +268,13 @@ def test_eval_against_server(tiny_model_dir, data, tmp_path):
         assert run_eval(["eval", "pope", "--data", str(data / "pope.json"), "--images", str(data),
                          "--endpoint", srv.url, "--out", str(out), "--max-new-tokens", "3"]) == 0
         assert _check_outputs(out, "pope")["summary"]["items"] == 3
+        # the server's error message reaches the user (a mask of another size than the image)
+        bad = [{"file_name": "a.png", "height": 10, "width": 10, "categories": ["dog"],
+                "annotations": [{"segmentation": encode_rle(np.ones((10, 10), bool)), "bbox": [0, 0, 10, 10]}]}]
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(RuntimeError, match="answered 400: .*size"):
+            run_eval(["eval", "classify", "--data", str(tmp_path / "bad.json"), "--images", str(data),
+                      "--endpoint", srv.url, "--out", str(tmp_path / "bad_out.json"), "--max-new-tokens", "3"])
+    with pytest.raises(RuntimeError, match="cannot reach"):  # the server is gone
+        run_eval(["eval", "classify", "--data", str(data / "lvis.json"), "--images", str(data),
+                  "--endpoint", srv.url, "--out", str(tmp_path / "gone.json"), "--max-new-tokens", "3"])
