@@ -182,7 +182,8 @@ def _build(cls: type, data: Any, where: str) -> Any:
     kwargs = {}
     for name, value in data.items():
         nested = _dataclass_in(hints[name])
-        kwargs[name] = _build(nested, value, f"{where}.{name}" if where else name) if nested and value is not None else value
+        key = f"{where}.{name}" if where else name
+        kwargs[name] = _build(nested, value, key) if nested and value is not None else _coerce(hints[name], value, key)
     missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -191,6 +192,32 @@ def _build(cls: type, data: Any, where: str) -> Any:
         return cls(**kwargs)
     except TypeError as exc:
         raise ValueError(f"invalid {where or 'config'}: {exc}") from exc
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    """Check a scalar against its field type; YAML reads `2e-5` (no dot) as a string, so numbers in strings pass."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif hint is bool and isinstance(value, bool):
+        return value
+    elif hint is str and isinstance(value, str):
+        return value
+    elif typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
+        return tuple(value)
+    elif hint is Any:
+        return value
+    name = getattr(hint, "__name__", str(hint))
+    raise ValueError(f"config key {key} must be {name}, got {type(value).__name__} {value!r}")
 
 
 def _dataclass_in(hint: Any) -> type | None:

@@ -2,8 +2,9 @@
 
 The order of an epoch is a pure function of (seed, epoch), so a resumed run skips exactly the samples it has
 already seen (`start`), without loading them. Grouping follows LLaVA's `get_length_grouped_indices`: shuffle,
-cut into mega-batches of `world_size * micro_batch * mega_factor`, sort each by length (longest first), so every
-global batch holds samples of similar length (less padding) while the epoch stays shuffled.
+cut into mega-batches of `world_size * micro_batch * mega_factor`, sort each by length (longest first), cut into
+global batches and shuffle those, so every global batch holds samples of similar length (less padding) while
+the epoch stays shuffled.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class ResumableSampler(Sampler[int]):
                      for i in sorted(order[k:k + mega], key=lambda i: -self.lengths[i])]
         pad = -len(order) % self.global_batch
         order += (order * (pad // max(1, len(order)) + 1))[:pad]
+        if self.group_by_length:  # batches keep similar lengths; their order still changes every epoch
+            gb = self.global_batch
+            batches = [order[k:k + gb] for k in range(0, len(order), gb)]
+            order = [i for b in torch.randperm(len(batches), generator=generator).tolist() for i in batches[b]]
         return order
 
     def rank_order(self, epoch: int) -> list[int]:
