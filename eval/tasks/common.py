@@ -61,8 +61,12 @@ def report_path(args: argparse.Namespace) -> Path:
 
 def run_meta(args: argparse.Namespace, command: str, extra_meta: dict | None = None) -> dict:
     """What identifies a run's answers: a partial file written under other settings is not resumed."""
-    source = {"endpoint": args.endpoint} if args.endpoint else {"model": str(Path(args.model).resolve()) if args.model else None}
-    return {"command": command, **source, "sampling": vars(sampling_from(args)), **(extra_meta or {})}
+    if args.endpoint:
+        source = {"endpoint": args.endpoint, "served_model": args.served_model}
+    else:
+        source = {"model": str(Path(args.model).resolve()) if args.model else None, "dtype": args.dtype}
+    return {"command": command, "data": str(Path(args.data).resolve()), **source,
+            "sampling": vars(sampling_from(args)), **(extra_meta or {})}
 
 
 def answer_queries(args: argparse.Namespace, command: str, queries: Sequence[Query], extra_meta: dict | None = None
@@ -70,8 +74,8 @@ def answer_queries(args: argparse.Namespace, command: str, queries: Sequence[Que
     """Ask the model every query (resuming from `<out>.partial.jsonl`); returns answers by key and run info."""
     sampling = sampling_from(args)
     meta = run_meta(args, command, extra_meta)
+    backend = make_backend(args)  # before the partial file: a run that cannot start leaves nothing behind
     partial = PartialResults(partial_path(args.out), meta)
-    backend = make_backend(args)
     start = time.perf_counter()
     answers = answer_all(backend, queries, sampling, partial, batch_size=args.batch_size, desc=f"eval {command}")
     run = {**meta, "backend": backend.name, "items": len(queries), "answer_seconds": round(time.perf_counter() - start, 3)}
