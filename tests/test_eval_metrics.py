@@ -11,7 +11,13 @@ from eval.metrics.captions import java_version
 from eval.metrics.judge_scores import parse_scores, relative_score
 from eval.metrics.pope import parse_yes_no, pope_metrics
 from eval.metrics.segmentation import PanopticQuality, SemanticConfusion, mask_ap
-from eval.metrics.text import exact_match, normalize_label, normalize_prediction, official_answer, semantic_iou
+from eval.metrics.text import (
+    exact_match,
+    normalize_label,
+    normalize_prediction,
+    official_answer,
+    semantic_iou,
+)
 from osprey.masks import encode_rle, mask_area, mask_to_bbox
 
 
@@ -229,3 +235,55 @@ def test_caption_metrics_fixed_pairs():
     b2 = 1.2**2
     assert per_item["d"]["ROUGE-L"] == pytest.approx((1 + b2) * 1 * 0.4 / (0.4 + b2 * 1))
     assert set(corpus) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+
+
+# ------------------------------------------------------------------------------------------- ovseg assembly
+
+
+def test_ovseg_class_probabilities_pick_the_named_class(embedder):
+    from eval.tasks.ovseg import class_probabilities
+    from eval.vocab import load_vocabulary
+
+    vocab = load_vocabulary("cityscapes")
+    probs = class_probabilities(["a red car", "a pedestrian walking", "blue sky", "a bike"], vocab, embedder)
+    assert probs.shape == (4, 19)
+    assert np.allclose(probs.sum(axis=1), 1.0)
+    names = [vocab.classes[k].name for k in probs.argmax(axis=1)]
+    assert names == ["car", "person", "sky", "bicycle"]
+
+
+def test_ovseg_correct_answers_score_perfectly():
+    """Segments classified right must give PQ = mIoU = AP = 1 through the prediction assembly."""
+    from types import SimpleNamespace
+
+    from eval.tasks.ovseg import IGNORE, build_predictions, gt_targets
+    from eval.vocab import load_vocabulary
+
+    vocab = load_vocabulary("cityscapes")
+    index = vocab.index_of_id()
+    ids = np.zeros((8, 8), dtype=np.int64)
+    ids[4:, :] = 1000  # road (stuff)
+    ids[0:3, 0:3] = 2001  # car
+    ids[0:3, 4:7] = 2002  # car
+    segments = [{"id": 1000, "category_id": 7, "iscrowd": 0}, {"id": 2001, "category_id": 26, "iscrowd": 0},
+                {"id": 2002, "category_id": 26, "iscrowd": 0}]
+    item = SimpleNamespace(image_id=1, segments=segments)
+    regions = [dict(s, rle=encode_rle(ids == s["id"])) for s in segments]
+    probs = np.full((3, 19), 0.01)
+    for r, s in enumerate(segments):
+        probs[r, index[s["category_id"]]] = 0.5
+    sem, (pan, pan_segs), dets = build_predictions(ids, regions, probs, vocab)
+    gt_sem, (gt_pan, gt_pan_segs), anns = gt_targets(ids, item, vocab)
+    assert (gt_sem == IGNORE).sum() == (ids == 0).sum()
+    pq = PanopticQuality({c.id: c.isthing for c in vocab.classes})
+    pq.add(gt_pan, gt_pan_segs, pan, pan_segs)
+    conf = SemanticConfusion(19, IGNORE)
+    conf.add(sem, gt_sem)
+    ap = mask_ap([{"id": 1, "height": 8, "width": 8}], anns, [{"id": c.id, "name": c.name} for c in vocab.classes if c.isthing],
+                 [dict(d, image_id=1) for d in dets])
+    assert pq.summary()["All"]["pq"] == pytest.approx(1.0)
+    assert pq.summary()["Things"]["n"] == 1 and pq.summary()["Stuff"]["n"] == 1
+    assert conf.summary()["miou"] == pytest.approx(1.0)
+    assert ap["AP"] == pytest.approx(1.0)
+    # top-100 (segment, class) pairs, things only: the two cars' true class first
+    assert len(dets) == 3 * len([c for c in vocab.classes if c.isthing]) and dets[0]["score"] == 0.5
