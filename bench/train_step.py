@@ -1,0 +1,231 @@
+"""Stage-3 training-step benchmark through DeepSpeed: tokens/s, MFU and peak memory on synthetic batches.
+
+Self-contained (imports only `osprey`), random weights, no data files. Each sample is the official shape:
+one 512 px image (1024 image tokens), ~100 text tokens holding `--regions` `<mask><pos>` pairs, an answer
+that is trained. Runs single-GPU as `python bench/train_step.py ...` (it makes itself a 1-process group) or
+`deepspeed --num_gpus 1 bench/train_step.py ...`; `--device cpu --preset tiny` checks the code path on CPU.
+
+MFU = model FLOPs per second / peak, with model FLOPs per token = 6 * N_lm when the LM's weights train
+(forward 2 + backward 4) and 4 * N_lm with LoRA (the backward still computes activation gradients through
+the frozen LM, but no full weight gradients); N_lm = the language model's parameters (embeddings included);
+vision tower, extractor, attention scores and checkpointing recompute are not counted. Peak: 989 TFLOP/s
+(H100/H200 dense bf16).
+
+    python bench/train_step.py --preset osprey-7b --lora --zero 3 --grad-ckpt --out bench_7b_lora.json
+    python bench/train_step.py --preset osprey-1b --zero 2 --grad-ckpt --out bench_1b_full.json
+    python bench/train_step.py --preset tiny --device cpu --steps 2 --warmup 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak per GPU
+
+# A ~1.1B Llama (TinyLlama shape) behind the real ConvNeXt-L tower: full fine-tuning fits one GPU.
+LLAMA_1B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
+            "num_hidden_layers": 22, "num_attention_heads": 32, "num_key_value_heads": 4,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": False,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+
+
+def build_config(preset: str):
+    from osprey.config import OspreyConfig
+
+    if preset == "osprey-1b":
+        return OspreyConfig(text=dict(LLAMA_1B), name="osprey-1b")
+    return OspreyConfig.from_preset(preset)
+
+
+def init_process_group(device: str) -> None:
+    """A 1-rank world when not launched by `deepspeed`/`torchrun` (env vars absent)."""
+    if device == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
+    import deepspeed
+
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+
+
+def synthetic_batch(config, batch_size: int, regions: int, text_tokens: int, device: torch.device, seed: int):
+    """ids: BOS + prompt + image slots + regions' <mask><pos> in text + answer (trained); same length per row."""
+    gen = torch.Generator().manual_seed(seed)
+    vocab, n_img, side = config.vocab_size, config.vision.num_image_tokens, config.vision.image_size
+    answer = max(8, text_tokens // 3)
+    rows, labels = [], []
+    for _ in range(batch_size):
+        text: list[int] = []
+        for _ in range(regions):  # "region1<mask><pos>," ...: a few words, then the pair
+            text += torch.randint(3, vocab, (3,), generator=gen).tolist() + [config.mask_token_id, config.pos_token_id]
+        text += torch.randint(3, vocab, (max(0, text_tokens - answer - len(text)),), generator=gen).tolist()
+        ans = torch.randint(3, vocab, (answer,), generator=gen)
+        ids = torch.cat([torch.tensor([1]), torch.randint(3, vocab, (6,), generator=gen),
+                         torch.full((n_img,), config.image_token_id), torch.tensor(text), ans, torch.tensor([2])])
+        lab = torch.full_like(ids, -100)
+        lab[-answer - 1:] = ids[-answer - 1:]
+        rows.append(ids)
+        labels.append(lab)
+    ids = torch.stack(rows)
+    masks = []
+    for _ in range(batch_size):
+        m = torch.zeros(regions, side, side, dtype=torch.bool)
+        for q in range(regions):
+            y, x = torch.randint(0, side // 2, (2,), generator=gen).tolist()
+            h, w = torch.randint(side // 16, side // 2, (2,), generator=gen).tolist()
+            m[q, y:y + h, x:x + w] = True
+        masks.append(m.to(device))
+    return {"input_ids": ids.to(device), "labels": torch.stack(labels).to(device),
+            "attention_mask": torch.ones_like(ids).to(device),
+            "pixel_values": torch.randn(batch_size, 3, side, side, generator=gen).to(device), "masks": masks}
+
+
+def set_stage3_trainable(model, lora: bool, lora_r: int) -> None:
+    """Stage 3: LM (or its LoRA adapters) + projector + extractor train; the vision tower is frozen."""
+    model.requires_grad_(False)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model.language_model = get_peft_model(model.language_model, LoraConfig(
+            r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM"))
+    else:
+        model.language_model.requires_grad_(True)
+    model.mm_projector.requires_grad_(True)
+    model.mask_extractor.requires_grad_(True)
+    model.vision_tower.eval()
+
+
+def run(args: argparse.Namespace) -> dict:
+    import deepspeed
+
+    from osprey.checkpoint import build_model
+
+    init_process_group(args.device)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if args.device == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+    torch.manual_seed(0)
+    config = build_config(args.preset)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build directly in the training dtype (7B: no fp32 copy on the GPU)
+    try:
+        model = build_model(config, device=device)
+    finally:
+        torch.set_default_dtype(default)
+    n_lm = sum(p.numel() for p in model.language_model.parameters())
+    if args.grad_ckpt:
+        lm, kwargs = model.language_model, {"use_reentrant": False}
+        if hasattr(lm, "activation_checkpointing_enable"):  # transformers >= 5.2x
+            lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    set_stage3_trainable(model, args.lora, args.lora_r)
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                                  fused=device.type == "cuda" or None)
+    world = torch.distributed.get_world_size()
+    ds_config = {
+        "train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": 1,
+        "train_batch_size": args.batch_size * world, "gradient_clipping": 1.0, "bf16": {"enabled": args.bf16},
+        "zero_optimization": {"stage": args.zero, "overlap_comm": True, "contiguous_gradients": True,
+                              **({"stage3_param_persistence_threshold": 10 * config.hidden_size,
+                                  "stage3_prefetch_bucket_size": int(0.9 * config.hidden_size ** 2),
+                                  "reduce_bucket_size": config.hidden_size ** 2} if args.zero == 3 else {})},
+        "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10 ** 9,
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    engine.train()
+    model.vision_tower.eval()
+    batch = synthetic_batch(config, args.batch_size, args.regions, args.text_tokens, device, seed=torch.distributed.get_rank())
+    tokens_per_step = int(batch["attention_mask"].sum()) * world
+    losses, times = [], []
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for step in range(args.warmup + args.steps):
+        _sync(device)
+        start = time.perf_counter()
+        out = engine(**batch, use_cache=False)
+        engine.backward(out.loss)
+        engine.step()
+        _sync(device)
+        losses.append(float(out.loss.detach()))
+        if step >= args.warmup:
+            times.append(time.perf_counter() - start)
+    step_time = sum(times) / len(times)
+    tokens_per_s = tokens_per_step / step_time
+    flops_per_token = (4 if args.lora else 6) * n_lm
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    result = {
+        "preset": args.preset, "device": name, "world_size": world, "zero": args.zero, "lora": args.lora,
+        "gradient_checkpointing": args.grad_ckpt, "bf16": args.bf16, "batch_size_per_gpu": args.batch_size,
+        "tokens_per_sample": tokens_per_step // (args.batch_size * world), "regions_per_sample": args.regions,
+        "lm_params": n_lm, "trainable_params": n_trainable, "steps_timed": args.steps,
+        "step_time_s": step_time, "tokens_per_s": tokens_per_s, "samples_per_s": args.batch_size * world / step_time,
+        "flop_formula": f"{4 if args.lora else 6} * N_lm * tokens", "flops_per_token": flops_per_token,
+        "peak_flops_per_gpu": peak, "mfu": flops_per_token * tokens_per_s / (peak * world) if peak else None,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "losses": losses, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+    }
+    return result
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--preset", default="osprey-1b", help="osprey-7b, osprey-1b (in code), tiny, or a preset JSON")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
+    parser.add_argument("--lora", action="store_true", help="LoRA adapters on the LM instead of full fine-tuning")
+    parser.add_argument("--lora-r", type=int, default=128)
+    parser.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3], help="ZeRO stage")
+    parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the LM")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 (CPU checks)")
+    parser.add_argument("--batch-size", type=int, default=1, help="samples per GPU per step (official: 1)")
+    parser.add_argument("--regions", type=int, default=4, help="regions (<mask><pos> pairs) per sample")
+    parser.add_argument("--text-tokens", type=int, default=100, help="text tokens per sample besides the image")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--out", help="also write the result JSON here")
+    parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    result = run(args)
+    if int(os.environ.get("RANK", 0)) == 0:
+        text = json.dumps(result, indent=2)
+        print(text)
+        if args.out:
+            out = Path(args.out)
+            tmp = out.with_name(f".{out.name}.tmp")
+            tmp.write_text(text)
+            tmp.replace(out)
+    return result
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+    main()

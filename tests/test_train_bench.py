@@ -1,0 +1,47 @@
+"""bench/train_step.py on CPU with the tiny preset: the code path the GPU benchmark takes (DeepSpeed engine,
+synthetic official-shape batches, stage-3 trainable set, LoRA + ZeRO-3 + checkpointing), so it cannot fail
+on the GPU machine for a trivial reason."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.train_step import build_config, main, synthetic_batch
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+
+def test_synthetic_batch_matches_the_model_slots():
+    config = build_config("tiny")
+    batch = synthetic_batch(config, batch_size=2, regions=3, text_tokens=100, device="cpu", seed=0)
+    ids = batch["input_ids"]
+    assert ids.shape[1] == 1 + 6 + config.vision.num_image_tokens + 100 + 1
+    assert ((ids == config.image_token_id).sum(dim=1) == config.vision.num_image_tokens).all()
+    assert ((ids == config.mask_token_id).sum(dim=1) == 3).all() and len(batch["masks"]) == 2
+    assert batch["masks"][0].shape == (3, config.vision.image_size, config.vision.image_size)
+    assert ((batch["labels"] != -100).sum(dim=1) == 100 // 3 + 1).all()
+
+
+def test_bench_full_finetune_zero2_fp32(tmp_path):
+    out = tmp_path / "bench.json"
+    result = main(["--preset", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--no-bf16",
+                   "--out", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert result["tokens_per_s"] > 0 and result["mfu"] is None and result["flop_formula"] == "6 * N_lm * tokens"
+    assert result["losses"][-1] < result["losses"][0]  # the same batch: one step already lowers the loss
+
+
+def test_bench_lora_zero3_checkpointing_bf16():
+    result = main(["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--lora", "--lora-r", "4",
+                   "--zero", "3", "--grad-ckpt"])
+    assert result["lora"] and result["zero"] == 3 and result["bf16"]
+    assert result["trainable_params"] < result["lm_params"] and result["flop_formula"] == "4 * N_lm * tokens"
+
+
+def test_1b_preset_shape():
+    from osprey.checkpoint import parameter_counts
+
+    counts = parameter_counts(build_config("osprey-1b"))
+    assert 1.0e9 < counts["language_model"] < 1.2e9 and 1.9e8 < counts["vision_tower"] < 2.1e8
