@@ -339,10 +339,11 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
         """FastAPI's 422 becomes OpenAI's 400 `invalid_request_error`, naming the first offending field."""
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "invalid"}
-        if first.get("type") == "json_invalid":
+        errors = exc.errors() or [{"loc": (), "msg": "invalid request", "type": "invalid"}]
+        if any(e.get("type") == "json_invalid" for e in errors):
             return JSONResponse(error_body(400, "the request body is not valid JSON", code="invalid_json"), 400)
+        # a union reports one error per branch: the deepest one names the field best
+        first = max(errors, key=lambda e: len(_clean_loc(e.get("loc", ()))))
         param = loc_to_param(_clean_loc(first.get("loc", ())))
         kind = first.get("type", "invalid")
         code = {"extra_forbidden": "unknown_field", "missing": "missing_field"}.get(kind, "invalid_value")
@@ -364,9 +365,27 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _clean_loc(loc: Any) -> list[Any]:
-    """Drop pydantic's union/tag markers (`str`, `list[...]`, `function-after[...]`) from an error location."""
-    return [p for p in loc if isinstance(p, int) or ("[" not in str(p) and p not in ("str", "int", "float",
-                                                                                    "text", "image_url"))]
+    """Drop pydantic's union markers from an error location: branch names (`str`, `list[str]`, ...) and
+    the tag of a tagged union (`content.list[tagged-union[...]].0.image_url.image_url.url` ->
+    `content[0].image_url.url`)."""
+    out: list[Any] = []
+    drop_tag = expect_tag = False
+    for part in loc:
+        if isinstance(part, int):
+            out.append(part)
+            expect_tag = drop_tag
+            continue
+        text = str(part)
+        if "tagged-union" in text:
+            drop_tag = True
+            continue
+        if expect_tag:
+            expect_tag = drop_tag = False
+            continue
+        if "[" in text or text in ("str", "int", "float", "bool", "none"):
+            continue
+        out.append(part)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- middleware

@@ -89,3 +89,16 @@ def test_serve_without_a_model_says_what_to_pass(capsys, monkeypatch, tmp_path):
     assert args.func(args) == 2
     args = parse(["serve", "--model", str(tmp_path), "--max-batch-size", "0"])
     assert args.func(args) == 2 and "max_batch_size" in capsys.readouterr().err
+
+
+def test_describe_needs_no_server_extras():
+    """`osprey describe` imports neither fastapi, uvicorn, httpx nor prometheus_client."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "for name in ('fastapi', 'uvicorn', 'httpx', 'prometheus_client', 'starlette'): sys.modules[name] = None\n"
+            "import serve.cli, serve.describe\n"
+            "print(serve.describe.load_masks.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
