@@ -27,7 +27,12 @@ import numpy as np
 
 # (name, command, sub-set file, metrics shown in the summary)
 PLAN = [
-    ("classify_categories", "classify", "stage2_categories", ["semantic_similarity", "semantic_iou", "accuracy"]),
+    (
+        "classify_categories",
+        "classify",
+        "stage2_categories",
+        ["semantic_similarity", "semantic_iou", "accuracy"],
+    ),
     ("classify_parts", "classify", "stage2_parts", ["semantic_similarity", "semantic_iou", "accuracy"]),
     ("ovseg", "ovseg", "stage2_categories", ["PQ", "AP", "mIoU", "region_accuracy"]),
     ("caption", "caption", "stage2_referring", ["METEOR", "CIDEr", "BLEU-4", "ROUGE-L"]),
@@ -61,7 +66,9 @@ def build_panoptic(records_path: Path, out_dir: Path, limit: int | None) -> tupl
     for n, rec in enumerate(records):
         masks = record_masks(rec)
         if masks.sum(axis=0).max(initial=0) > 1:
-            raise ValueError(f"{records_path}: record {n} has overlapping region masks; cannot build panoptic GT")
+            raise ValueError(
+                f"{records_path}: record {n} has overlapping region masks; cannot build panoptic GT"
+            )
         ids = np.zeros((rec.height, rec.width), dtype=np.int64)
         segments = []
         for i, (region, mask) in enumerate(zip(rec.annotation, masks)):
@@ -76,23 +83,51 @@ def build_panoptic(records_path: Path, out_dir: Path, limit: int | None) -> tupl
         images.append({"id": n, "file_name": rec.file_name, "height": rec.height, "width": rec.width})
         annotations.append({"image_id": n, "file_name": f"{n:06d}.png", "segments_info": segments})
     classes = [{"id": cat_id[name], "name": name, "isthing": True, "synonyms": [name]} for name in names]
-    classes.append({"id": bg_id, "name": BACKGROUND, "isthing": False, "synonyms": [BACKGROUND, "plain background"]})
+    classes.append(
+        {"id": bg_id, "name": BACKGROUND, "isthing": False, "synonyms": [BACKGROUND, "plain background"]}
+    )
     categories = [{"id": c["id"], "name": c["name"], "isthing": int(c["isthing"])} for c in classes]
     pan_json, classes_json = out_dir / "panoptic.json", out_dir / "classes.json"
-    _write_atomic(pan_json, json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    _write_atomic(
+        pan_json, json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
     _write_atomic(classes_json, json.dumps({"name": "synth", "classes": classes}, indent=1))
     return pan_json, png_dir, classes_json
 
 
-def _command(name: str, cmd: str, data_file: Path, args: argparse.Namespace, out_dir: Path) -> list[str] | str:
+def _command(
+    name: str, cmd: str, data_file: Path, args: argparse.Namespace, out_dir: Path
+) -> list[str] | str:
     """The `osprey eval` argv for one plan entry, or the reason it does not apply."""
-    argv = [sys.executable, "-m", "osprey.cli", "eval", cmd, "--data", str(data_file), "--images", str(args.data),
-            "--model", str(args.model), "--out", str(out_dir / f"{name}.json"), "--device", args.device,
-            "--dtype", args.dtype, "--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens)]
+    argv = [
+        sys.executable,
+        "-m",
+        "osprey.cli",
+        "eval",
+        cmd,
+        "--data",
+        str(data_file),
+        "--images",
+        str(args.data),
+        "--model",
+        str(args.model),
+        "--out",
+        str(out_dir / f"{name}.json"),
+        "--device",
+        args.device,
+        "--dtype",
+        args.dtype,
+        "--batch-size",
+        str(args.batch_size),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+    ]
     if args.limit is not None:
         argv += ["--limit", str(args.limit)]
     if args.temperature:
-        argv += ["--temperature", str(args.temperature)] + (["--seed", str(args.seed)] if args.seed is not None else [])
+        argv += ["--temperature", str(args.temperature)] + (
+            ["--seed", str(args.seed)] if args.seed is not None else []
+        )
     if cmd == "caption" and shutil.which("java") is None:
         return "no Java runtime (apt-get install default-jre-headless)"
     if cmd == "describe":
@@ -110,7 +145,9 @@ def _command(name: str, cmd: str, data_file: Path, args: argparse.Namespace, out
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, type=Path, help="root of a generated dataset (osprey data synth --out)")
+    p.add_argument(
+        "--data", required=True, type=Path, help="root of a generated dataset (osprey data synth --out)"
+    )
     p.add_argument("--model", required=True, type=Path, help="model folder (in-process)")
     p.add_argument("--out", required=True, type=Path, help="output folder")
     p.add_argument("--split", default="test")
@@ -119,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=64, help="answer cap (the official 1024 is slow for "
-                                                                  "a random model that never stops)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=64,
+        help="answer cap (the official 1024 is slow for a random model that never stops)",
+    )
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--judge-url", default=None)
@@ -153,23 +194,47 @@ def main(argv: list[str] | None = None) -> int:
         if proc.returncode != 0:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["(no output)"]
             rows.append([name, "failed", tail[0][:200], "", f"{seconds:.1f}"])
-            report[name] = {"status": "failed", "returncode": proc.returncode, "stderr_tail": proc.stderr[-2000:]}
+            report[name] = {
+                "status": "failed",
+                "returncode": proc.returncode,
+                "stderr_tail": proc.stderr[-2000:],
+            }
             print(proc.stderr[-2000:], file=sys.stderr)
             continue
         summary = json.loads((args.out / f"{name}.json").read_text())["summary"]
-        shown = ", ".join(f"{m} {summary[m]:.2f}" if isinstance(summary[m], float) else f"{m} {summary[m]}" for m in metrics)
+        shown = ", ".join(
+            f"{m} {summary[m]:.2f}" if isinstance(summary[m], float) else f"{m} {summary[m]}" for m in metrics
+        )
         items = summary.get("items", summary.get("regions", ""))
         rows.append([name, "ok", shown, str(items), f"{seconds:.1f}"])
-        report[name] = {"status": "ok", "summary": summary, "seconds": round(seconds, 2),
-                        "results": f"{name}.json", "report": f"{name}.md"}
+        report[name] = {
+            "status": "ok",
+            "summary": summary,
+            "seconds": round(seconds, 2),
+            "results": f"{name}.json",
+            "report": f"{name}.md",
+        }
 
-    lines = [f"# Evaluation summary: `{args.model}` on `{args.data}` ({args.split})", "",
-             "| eval | status | metrics (x100) | items | seconds |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Evaluation summary: `{args.model}` on `{args.data}` ({args.split})",
+        "",
+        "| eval | status | metrics (x100) | items | seconds |",
+        "|---|---|---|---|---|",
+    ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines += ["", "Per-command reports: " + ", ".join(f"[{n}]({n}.md)" for n, v in report.items() if v["status"] == "ok")]
+    lines += [
+        "",
+        "Per-command reports: "
+        + ", ".join(f"[{n}]({n}.md)" for n, v in report.items() if v["status"] == "ok"),
+    ]
     _write_atomic(args.out / "summary.md", "\n".join(lines) + "\n")
-    _write_atomic(args.out / "summary.json", json.dumps({"model": str(args.model), "data": str(args.data),
-                                                          "split": args.split, "evals": report}, indent=2) + "\n")
+    _write_atomic(
+        args.out / "summary.json",
+        json.dumps(
+            {"model": str(args.model), "data": str(args.data), "split": args.split, "evals": report}, indent=2
+        )
+        + "\n",
+    )
     print("\n".join(lines))
     return 0 if all(v["status"] != "failed" for v in report.values()) else 1
 

@@ -139,7 +139,9 @@ class HttpBackend:
     `<region> {question}`, since the endpoint always takes regions; in-process runs send no region at all.
     """
 
-    def __init__(self, endpoint: str, api_key: str | None = None, model: str | None = None, timeout: float = 600.0):
+    def __init__(
+        self, endpoint: str, api_key: str | None = None, model: str | None = None, timeout: float = 600.0
+    ):
         import httpx
 
         self.url = endpoint.rstrip("/") + "/v1/regions/describe"
@@ -213,7 +215,10 @@ class HttpBackend:
                 raise RuntimeError(f"{self.url} returned {len(results)} results for {len(idxs)} regions")
             for i, r in zip(idxs, results):
                 answers[i] = Answer(
-                    r["text"], r.get("raw_text", r["text"]), r.get("completion_tokens", 0), r.get("finish_reason", "stop")
+                    r["text"],
+                    r.get("raw_text", r["text"]),
+                    r.get("completion_tokens", 0),
+                    r.get("finish_reason", "stop"),
                 )
         return [a for a in answers if a is not None]
 

@@ -11,8 +11,12 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("eval", help="run the paper's evaluations (classify, ovseg, caption, describe, pope)",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "eval",
+        help="run the paper's evaluations (classify, ovseg, caption, describe, pope)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
     # the parsers only need argparse and light modules; each command's work is imported when it runs
     from eval.tasks import caption, classify, describe, ovseg, pope

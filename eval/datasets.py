@@ -87,8 +87,12 @@ def _file_name(image: dict) -> str:
 
 
 def _is_records(data: Any) -> bool:
-    return isinstance(data, list) and bool(data) and isinstance(data[0], dict) and "annotation" in data[0] and (
-        "conversations" in data[0] or "description" in data[0]
+    return (
+        isinstance(data, list)
+        and bool(data)
+        and isinstance(data[0], dict)
+        and "annotation" in data[0]
+        and ("conversations" in data[0] or "description" in data[0])
     )
 
 
@@ -136,27 +140,43 @@ def load_classification(path: str | Path, image_root: str | Path | None) -> list
         names = {c["id"]: c["name"] for c in data["categories"]}
         for ann in data["annotations"]:
             im = images[ann["image_id"]]
-            items.append(RegionItem(
-                f"{ann['image_id']}:{ann.get('id', len(items))}", resolve_image(image_root, _file_name(im)),
-                im["height"], im["width"], ann["segmentation"], names[ann["category_id"]],
-            ))
+            items.append(
+                RegionItem(
+                    f"{ann['image_id']}:{ann.get('id', len(items))}",
+                    resolve_image(image_root, _file_name(im)),
+                    im["height"],
+                    im["width"],
+                    ann["segmentation"],
+                    names[ann["category_id"]],
+                )
+            )
     elif isinstance(data, list) and data and "categories" in data[0]:  # official lvis/paco eval list
         for r, rec in enumerate(data):
             if len(rec["categories"]) != len(rec["annotations"]):
-                raise ValueError(f"{path}: entry {r} has {len(rec['categories'])} categories but "
-                                 f"{len(rec['annotations'])} annotations")
+                raise ValueError(
+                    f"{path}: entry {r} has {len(rec['categories'])} categories but "
+                    f"{len(rec['annotations'])} annotations"
+                )
             for i, (name, ann) in enumerate(zip(rec["categories"], rec["annotations"])):
-                items.append(RegionItem(
-                    f"{r}:{i}", resolve_image(image_root, rec["file_name"]), rec["height"], rec["width"],
-                    ann["segmentation"], name,
-                ))
+                items.append(
+                    RegionItem(
+                        f"{r}:{i}",
+                        resolve_image(image_root, rec["file_name"]),
+                        rec["height"],
+                        rec["width"],
+                        ann["segmentation"],
+                        name,
+                    )
+                )
     elif _is_records(data):
         for r, rec in enumerate(_records(data)):
             image = resolve_image(image_root, rec.file_name)
             named = [(i, _category_label(reg)) for i, reg in enumerate(rec.annotation) if reg.category_name]
             if named:
                 for i, name in named:
-                    items.append(RegionItem(f"{r}:{i}", image, rec.height, rec.width, _seg(rec.annotation[i]), name))
+                    items.append(
+                        RegionItem(f"{r}:{i}", image, rec.height, rec.width, _seg(rec.annotation[i]), name)
+                    )
                 continue
             turns = rec.conversations or []
             for t in range(0, len(turns) - 1, 2):
@@ -165,10 +185,14 @@ def load_classification(path: str | Path, image_root: str | Path | None) -> list
                     continue
                 label = turns[t + 1].value.strip().rstrip(".")
                 i = q[0]
-                items.append(RegionItem(f"{r}:{t}", image, rec.height, rec.width, _seg(rec.annotation[i]), label))
+                items.append(
+                    RegionItem(f"{r}:{t}", image, rec.height, rec.width, _seg(rec.annotation[i]), label)
+                )
     else:
-        raise ValueError(f"{path}: not a classification set (expected an LVIS/PACO eval list, a COCO-style json "
-                         "or Osprey-format records with category names)")
+        raise ValueError(
+            f"{path}: not a classification set (expected an LVIS/PACO eval list, a COCO-style json "
+            "or Osprey-format records with category names)"
+        )
     if not items:
         raise ValueError(f"{path}: no labelled regions found")
     return items
@@ -189,10 +213,16 @@ def load_captions(path: str | Path, image_root: str | Path | None) -> list[Regio
                 refs = im.get("captions") or ([im["caption"]] if "caption" in im else None)
             if not refs:
                 raise ValueError(f"{path}: annotation {ann.get('id', n)} has no caption (nor does its image)")
-            items.append(RegionItem(
-                str(ann.get("id", n)), resolve_image(image_root, _file_name(im)), im["height"], im["width"],
-                ann["segmentation"], [str(c) for c in refs],
-            ))
+            items.append(
+                RegionItem(
+                    str(ann.get("id", n)),
+                    resolve_image(image_root, _file_name(im)),
+                    im["height"],
+                    im["width"],
+                    ann["segmentation"],
+                    [str(c) for c in refs],
+                )
+            )
     elif _is_records(data):
         from osprey.data.records import DESCRIPTION_ENTRY
 
@@ -204,12 +234,16 @@ def load_captions(path: str | Path, image_root: str | Path | None) -> list[Regio
                 if m:
                     refs.setdefault(int(m.group(1)) - 1, []).append(m.group(2).strip())
             for i, reg in enumerate(rec.annotation):
-                caps = refs.get(i) or ([reg.caption] if isinstance(getattr(reg, "caption", None), str) else None)
+                caps = refs.get(i) or (
+                    [reg.caption] if isinstance(getattr(reg, "caption", None), str) else None
+                )
                 if caps:
                     items.append(RegionItem(f"{r}:{i}", image, rec.height, rec.width, _seg(reg), caps))
     else:
-        raise ValueError(f"{path}: not a caption set (expected a COCO-style json with captions or Osprey-format "
-                         "records with descriptions)")
+        raise ValueError(
+            f"{path}: not a caption set (expected a COCO-style json with captions or Osprey-format "
+            "records with descriptions)"
+        )
     if not items:
         raise ValueError(f"{path}: no captioned regions found")
     return items
@@ -238,21 +272,36 @@ def load_descriptions(
                     if not m:
                         continue
                     i = int(m.group(1)) - 1
-                    items.append(RegionItem(
-                        f"{r}:{i}", image, rec.height, rec.width, _seg(rec.annotation[i]), m.group(2).strip(),
-                        question="Can you give me a detailed description of <region>?",
-                        extra={"context": rec.model_extra.get("context", "") if rec.model_extra else ""},
-                    ))
+                    items.append(
+                        RegionItem(
+                            f"{r}:{i}",
+                            image,
+                            rec.height,
+                            rec.width,
+                            _seg(rec.annotation[i]),
+                            m.group(2).strip(),
+                            question="Can you give me a detailed description of <region>?",
+                            extra={"context": rec.model_extra.get("context", "") if rec.model_extra else ""},
+                        )
+                    )
             else:
                 turns = rec.conversations or []
                 for t in range(0, len(turns) - 1, 2):
                     q = _single_region_question(turns[t].value)
                     if q is None:
                         continue
-                    items.append(RegionItem(
-                        f"{r}:{t}", image, rec.height, rec.width, _seg(rec.annotation[q[0]]),
-                        turns[t + 1].value.strip(), question=q[1], extra={"context": ""},
-                    ))
+                    items.append(
+                        RegionItem(
+                            f"{r}:{t}",
+                            image,
+                            rec.height,
+                            rec.width,
+                            _seg(rec.annotation[q[0]]),
+                            turns[t + 1].value.strip(),
+                            question=q[1],
+                            extra={"context": ""},
+                        )
+                    )
         if not items:
             raise ValueError(f"{path}: no single-region questions with reference answers found")
         return items
@@ -279,11 +328,21 @@ def load_descriptions(
             h, w = q["height"], q["width"]
         else:
             h, w = image_size(image)
-        items.append(RegionItem(
-            str(qid), image, h, w, ann["segmentation"], reference,
-            question=q.get("text") or q["question"],
-            extra={"context": q.get("context") or ctx_by_image.get(file_name, ""), "category": q.get("category", "description")},
-        ))
+        items.append(
+            RegionItem(
+                str(qid),
+                image,
+                h,
+                w,
+                ann["segmentation"],
+                reference,
+                question=q.get("text") or q["question"],
+                extra={
+                    "context": q.get("context") or ctx_by_image.get(file_name, ""),
+                    "category": q.get("category", "description"),
+                },
+            )
+        )
     return items
 
 
@@ -306,10 +365,17 @@ def load_pope(path: str | Path, image_root: str | Path | None) -> list[RegionIte
                 m = _YES_NO.match(turns[t + 1].value)
                 if q is None or m is None:
                     continue
-                items.append(RegionItem(
-                    f"{r}:{t}", image, rec.height, rec.width, _seg(rec.annotation[q[0]]), m.group(1).lower(),
-                    question=q[1],
-                ))
+                items.append(
+                    RegionItem(
+                        f"{r}:{t}",
+                        image,
+                        rec.height,
+                        rec.width,
+                        _seg(rec.annotation[q[0]]),
+                        m.group(1).lower(),
+                        question=q[1],
+                    )
+                )
     elif isinstance(data, list) and data and {"image", "text", "label"} <= set(data[0]):
         sizes: dict[str, tuple[int, int]] = {}
         for n, q in enumerate(data):
@@ -320,10 +386,14 @@ def load_pope(path: str | Path, image_root: str | Path | None) -> list[RegionIte
             if label not in ("yes", "no"):
                 raise ValueError(f"{path}: item {n} has label {q['label']!r}, expected yes/no")
             h, w = sizes[image]
-            items.append(RegionItem(str(q.get("question_id", n)), image, h, w, None, label, question=q["text"]))
+            items.append(
+                RegionItem(str(q.get("question_id", n)), image, h, w, None, label, question=q["text"])
+            )
     else:
-        raise ValueError(f"{path}: not a POPE set (expected POPE JSON lines with image/text/label, or "
-                         "Osprey-format records with yes/no answers about one region)")
+        raise ValueError(
+            f"{path}: not a POPE set (expected POPE JSON lines with image/text/label, or "
+            "Osprey-format records with yes/no answers about one region)"
+        )
     if not items:
         raise ValueError(f"{path}: no yes/no questions found")
     return items
@@ -340,17 +410,27 @@ class PanopticImage:
     segments: list[dict]  # COCO panoptic segments_info: id, category_id, iscrowd, ...
 
 
-def load_panoptic(path: str | Path, image_root: str | Path | None, png_root: str | Path | None) -> list[PanopticImage]:
+def load_panoptic(
+    path: str | Path, image_root: str | Path | None, png_root: str | Path | None
+) -> list[PanopticImage]:
     data = load_json_or_jsonl(path)
     if not isinstance(data, dict) or "annotations" not in data or "images" not in data:
-        raise ValueError(f"{path}: not a COCO-panoptic json (needs 'images' and 'annotations' with segments_info)")
+        raise ValueError(
+            f"{path}: not a COCO-panoptic json (needs 'images' and 'annotations' with segments_info)"
+        )
     images = {im["id"]: im for im in data["images"]}
     png_root = Path(png_root) if png_root else Path(path).with_suffix("")
     out = []
     for ann in data["annotations"]:
         im = images[ann["image_id"]]
-        out.append(PanopticImage(ann["image_id"], resolve_image(image_root, _file_name(im)),
-                                 str(png_root / ann["file_name"]), list(ann["segments_info"])))
+        out.append(
+            PanopticImage(
+                ann["image_id"],
+                resolve_image(image_root, _file_name(im)),
+                str(png_root / ann["file_name"]),
+                list(ann["segments_info"]),
+            )
+        )
     return out
 
 

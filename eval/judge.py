@@ -28,7 +28,9 @@ DESCRIPTION_RULE = (
 )
 
 
-def review_prompt(context: str, question: str, reference: str, answer: str, rule: str = DESCRIPTION_RULE) -> str:
+def review_prompt(
+    context: str, question: str, reference: str, answer: str, rule: str = DESCRIPTION_RULE
+) -> str:
     """The judge's user message: context, question, Assistant 1 = reference (GPT-4), Assistant 2 = ours."""
     return (
         f"[Context]\n{context}\n\n"
@@ -42,8 +44,16 @@ def review_prompt(context: str, question: str, reference: str, answer: str, rule
 class JudgeClient:
     """POST `{url}/chat/completions` (OpenAI-compatible); retries rate limits and server errors with backoff."""
 
-    def __init__(self, url: str, model: str, api_key: str | None = None, temperature: float = 0.2,
-                 max_tokens: int = 1024, retries: int = 5, timeout: float = 300.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        api_key: str | None = None,
+        temperature: float = 0.2,
+        max_tokens: int = 1024,
+        retries: int = 5,
+        timeout: float = 300.0,
+    ) -> None:
         import httpx
 
         base = url.rstrip("/")

@@ -33,7 +33,9 @@ class Report:
         self.lines.append("| " + " | ".join(headers) + " |")
         self.lines.append("|" + "|".join("---" for _ in headers) + "|")
         for row in rows:
-            self.lines.append("| " + " | ".join(fmt(v).replace("|", "\\|").replace("\n", " ") for v in row) + " |")
+            self.lines.append(
+                "| " + " | ".join(fmt(v).replace("|", "\\|").replace("\n", " ") for v in row) + " |"
+            )
         self.lines.append("")
 
     def figure(self, name: str, fig: Any, caption: str = "") -> None:

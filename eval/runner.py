@@ -78,7 +78,9 @@ class PartialResults:
             raise ValueError(f"{self.path} is empty; delete it to start over")
         stored = json.loads(lines[0]).get("meta")
         if stored != self.meta:
-            diff = sorted(k for k in set(stored or {}) | set(self.meta) if (stored or {}).get(k) != self.meta.get(k))
+            diff = sorted(
+                k for k in set(stored or {}) | set(self.meta) if (stored or {}).get(k) != self.meta.get(k)
+            )
             raise ValueError(
                 f"{self.path} was written by a run with other settings (differing: {diff}); "
                 "delete it or use another --out to start over"
@@ -113,7 +115,9 @@ def chunk_by_image(queries: Sequence[Query], batch_size: int) -> list[list[Query
     by_image: dict[str, list[Query]] = {}
     for q in queries:
         by_image.setdefault(q.image, []).append(q)
-    return [group[i : i + batch_size] for group in by_image.values() for i in range(0, len(group), batch_size)]
+    return [
+        group[i : i + batch_size] for group in by_image.values() for i in range(0, len(group), batch_size)
+    ]
 
 
 def answer_all(

@@ -47,7 +47,9 @@ def load_vocabulary(name_or_path: str) -> Vocabulary:
     else:
         path = Path(name_or_path)
         if not path.is_file():
-            raise FileNotFoundError(f"class list {name_or_path!r} is neither a shipped one {SHIPPED} nor a file")
+            raise FileNotFoundError(
+                f"class list {name_or_path!r} is neither a shipped one {SHIPPED} nor a file"
+            )
         text, source = path.read_text(encoding="utf-8"), str(path)
     data = json.loads(text)
     classes = []

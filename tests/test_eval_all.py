@@ -18,7 +18,11 @@ def synth(tmp_path_factory):
     from data_tools.synth.generate import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("synth")
-    generate(SynthConfig(out=str(root), n=4, image_size=64, val_fraction=0.0, test_fraction=0.5), workers=1, progress=False)
+    generate(
+        SynthConfig(out=str(root), n=4, image_size=64, val_fraction=0.0, test_fraction=0.5),
+        workers=1,
+        progress=False,
+    )
     return root
 
 
@@ -50,4 +54,7 @@ def test_build_panoptic_from_object_records(synth, tmp_path):
             assert by_id[info[i + 1]["category_id"]].name == region.category_name
         background = ~masks.any(axis=0)
         assert np.array_equal(ids == 1000, background)
-        assert by_id[info[1000]["category_id"]].name == BACKGROUND and not by_id[info[1000]["category_id"]].isthing
+        assert (
+            by_id[info[1000]["category_id"]].name == BACKGROUND
+            and not by_id[info[1000]["category_id"]].isthing
+        )

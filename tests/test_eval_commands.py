@@ -56,37 +56,73 @@ def data(tmp_path_factory) -> Path:
         Image.fromarray(rng.integers(0, 255, (H, W, 3), dtype=np.uint8)).save(root / name)
 
     lvis = [
-        {"file_name": "a.png", "height": H, "width": W, "categories": ["dog", "traffic_light"],
-         "annotations": [{"segmentation": _poly(2, 2, 20, 20), "bbox": [2, 2, 18, 18]},
-                         {"segmentation": encode_rle(_rect(30, 5, 60, 40)), "bbox": [30, 5, 30, 35]}]},
-        {"file_name": "b.png", "height": H, "width": W, "categories": ["car"],
-         "annotations": [{"segmentation": _poly(10, 10, 50, 40), "bbox": [10, 10, 40, 30]}]},
+        {
+            "file_name": "a.png",
+            "height": H,
+            "width": W,
+            "categories": ["dog", "traffic_light"],
+            "annotations": [
+                {"segmentation": _poly(2, 2, 20, 20), "bbox": [2, 2, 18, 18]},
+                {"segmentation": encode_rle(_rect(30, 5, 60, 40)), "bbox": [30, 5, 30, 35]},
+            ],
+        },
+        {
+            "file_name": "b.png",
+            "height": H,
+            "width": W,
+            "categories": ["car"],
+            "annotations": [{"segmentation": _poly(10, 10, 50, 40), "bbox": [10, 10, 40, 30]}],
+        },
     ]
     (root / "lvis.json").write_text(json.dumps(lvis))
 
     coco_caps = {
-        "images": [{"id": 1, "file_name": "a.png", "height": H, "width": W, "caption": "a dog on the left"},
-                   {"id": 2, "file_name": "b.png", "height": H, "width": W, "caption": "the red car"}],
-        "annotations": [{"id": 11, "image_id": 1, "segmentation": _poly(2, 2, 20, 20), "bbox": [2, 2, 18, 18]},
-                        {"id": 12, "image_id": 2, "segmentation": _poly(10, 10, 50, 40), "bbox": [10, 10, 40, 30]}],
+        "images": [
+            {"id": 1, "file_name": "a.png", "height": H, "width": W, "caption": "a dog on the left"},
+            {"id": 2, "file_name": "b.png", "height": H, "width": W, "caption": "the red car"},
+        ],
+        "annotations": [
+            {"id": 11, "image_id": 1, "segmentation": _poly(2, 2, 20, 20), "bbox": [2, 2, 18, 18]},
+            {"id": 12, "image_id": 2, "segmentation": _poly(10, 10, 50, 40), "bbox": [10, 10, 40, 30]},
+        ],
     }
     (root / "refcocog.json").write_text(json.dumps(coco_caps))
 
     describe = [
-        {"question_id": 0, "image": "a.png", "height": H, "width": W, "category": "description",
-         "text": "Could you describe the region shown as <region> in the picture in great detail?",
-         "annotation": {"segmentation": _poly(2, 2, 20, 20), "bbox": [2, 2, 18, 18]},
-         "answer": "A small brown dog sits on the grass.", "context": "A dog and a car in a park."},
-        {"question_id": 1, "image": "b.png", "height": H, "width": W, "category": "description",
-         "text": "Please describe <region> in detail.",
-         "annotation": {"segmentation": _poly(10, 10, 50, 40), "bbox": [10, 10, 40, 30]},
-         "answer": "A red car parked by the road.", "context": "A street."},
+        {
+            "question_id": 0,
+            "image": "a.png",
+            "height": H,
+            "width": W,
+            "category": "description",
+            "text": "Could you describe the region shown as <region> in the picture in great detail?",
+            "annotation": {"segmentation": _poly(2, 2, 20, 20), "bbox": [2, 2, 18, 18]},
+            "answer": "A small brown dog sits on the grass.",
+            "context": "A dog and a car in a park.",
+        },
+        {
+            "question_id": 1,
+            "image": "b.png",
+            "height": H,
+            "width": W,
+            "category": "description",
+            "text": "Please describe <region> in detail.",
+            "annotation": {"segmentation": _poly(10, 10, 50, 40), "bbox": [10, 10, 40, 30]},
+            "answer": "A red car parked by the road.",
+            "context": "A street.",
+        },
     ]
     (root / "describe.json").write_text(json.dumps(describe))
 
-    pope = [{"question_id": i, "image": img, "text": f"Is there a {obj} in the image?", "label": label}
-            for i, (img, obj, label) in enumerate([("a.png", "dog", "yes"), ("a.png", "car", "no"), ("b.png", "car", "yes")])]
-    (root / "pope.json").write_text("\n".join(json.dumps(p) for p in pope) + "\n")  # POPE: JSON lines in .json
+    pope = [
+        {"question_id": i, "image": img, "text": f"Is there a {obj} in the image?", "label": label}
+        for i, (img, obj, label) in enumerate(
+            [("a.png", "dog", "yes"), ("a.png", "car", "no"), ("b.png", "car", "yes")]
+        )
+    ]
+    (root / "pope.json").write_text(
+        "\n".join(json.dumps(p) for p in pope) + "\n"
+    )  # POPE: JSON lines in .json
 
     # panoptic (Cityscapes ids): road 7 (stuff), person 24, car 26 (things), 99 unknown -> void, 0 void
     pan_dir = root / "panoptic"
@@ -100,15 +136,29 @@ def data(tmp_path_factory) -> Path:
         ids[30:40, 50:60] = 4000  # unknown category: void
         rgb = np.stack([ids % 256, (ids // 256) % 256, ids // 65536], axis=-1).astype(np.uint8)
         Image.fromarray(rgb).save(pan_dir / f"{image_id}.png")
-        info = [{"id": 1000, "category_id": 7, "iscrowd": 0}, {"id": 2001, "category_id": 26, "iscrowd": 0},
-                {"id": 4000, "category_id": 99, "iscrowd": 0}]
-        info.append({"id": 2002, "category_id": 26, "iscrowd": 1} if image_id == 1 else {"id": 3001, "category_id": 24, "iscrowd": 0})
+        info = [
+            {"id": 1000, "category_id": 7, "iscrowd": 0},
+            {"id": 2001, "category_id": 26, "iscrowd": 0},
+            {"id": 4000, "category_id": 99, "iscrowd": 0},
+        ]
+        info.append(
+            {"id": 2002, "category_id": 26, "iscrowd": 1}
+            if image_id == 1
+            else {"id": 3001, "category_id": 24, "iscrowd": 0}
+        )
         segments.append({"image_id": image_id, "file_name": f"{image_id}.png", "segments_info": info})
-    panoptic = {"images": [{"id": 1, "file_name": "a.png", "height": H, "width": W},
-                           {"id": 2, "file_name": "b.png", "height": H, "width": W}],
-                "annotations": segments,
-                "categories": [{"id": 7, "name": "road", "isthing": 0}, {"id": 24, "name": "person", "isthing": 1},
-                               {"id": 26, "name": "car", "isthing": 1}]}
+    panoptic = {
+        "images": [
+            {"id": 1, "file_name": "a.png", "height": H, "width": W},
+            {"id": 2, "file_name": "b.png", "height": H, "width": W},
+        ],
+        "annotations": segments,
+        "categories": [
+            {"id": 7, "name": "road", "isthing": 0},
+            {"id": 24, "name": "person", "isthing": 1},
+            {"id": 26, "name": "car", "isthing": 1},
+        ],
+    }
     (root / "panoptic.json").write_text(json.dumps(panoptic))
     return root
 
@@ -129,25 +179,66 @@ def _check_outputs(out: Path, command: str) -> dict:
 
 def test_classify_in_process(tiny_model_dir, data, tmp_path):
     out = tmp_path / "classify.json"
-    assert run_eval(["eval", "classify", "--data", str(data / "lvis.json"), "--images", str(data),
-                     "--model", str(tiny_model_dir), "--out", str(out), "--batch-size", "2", *FAST]) == 0
+    assert (
+        run_eval(
+            [
+                "eval",
+                "classify",
+                "--data",
+                str(data / "lvis.json"),
+                "--images",
+                str(data),
+                "--model",
+                str(tiny_model_dir),
+                "--out",
+                str(out),
+                "--batch-size",
+                "2",
+                *FAST,
+            ]
+        )
+        == 0
+    )
     res = _check_outputs(out, "classify")
     assert res["summary"]["items"] == 3
     assert [r["label"] for r in res["items"]] == ["dog", "traffic light", "car"]  # official normalisation
     for r in res["items"]:
         assert -1.0 <= r["ss"] <= 1.0 and 0.0 <= r["siou"] <= 1.0
-    assert res["summary"]["semantic_similarity"] == pytest.approx(100 * np.mean([r["ss"] for r in res["items"]]))
+    assert res["summary"]["semantic_similarity"] == pytest.approx(
+        100 * np.mean([r["ss"] for r in res["items"]])
+    )
 
 
 def test_classify_resumes_from_partial_answers(tiny_model_dir, data, tmp_path):
     from eval.tasks.common import run_meta
 
     out = tmp_path / "resume.json"
-    argv = ["eval", "classify", "--data", str(data / "lvis.json"), "--images", str(data),
-            "--model", str(tiny_model_dir), "--out", str(out), *FAST]
+    argv = [
+        "eval",
+        "classify",
+        "--data",
+        str(data / "lvis.json"),
+        "--images",
+        str(data),
+        "--model",
+        str(tiny_model_dir),
+        "--out",
+        str(out),
+        *FAST,
+    ]
     # a run that stopped after its first answer left this partial file behind
     partial = PartialResults(partial_path(out), run_meta(_parse(argv), "classify", {"task": "category"}))
-    partial.append([{"key": "0:0", "text": "zebra", "raw_text": "zebra", "completion_tokens": 1, "finish_reason": "stop"}])
+    partial.append(
+        [
+            {
+                "key": "0:0",
+                "text": "zebra",
+                "raw_text": "zebra",
+                "completion_tokens": 1,
+                "finish_reason": "stop",
+            }
+        ]
+    )
     assert run_eval(argv) == 0
     items = {r["key"]: r for r in json.loads(out.read_text())["items"]}
     assert items["0:0"]["answer"] == "zebra"  # kept, not asked again
@@ -156,14 +247,33 @@ def test_classify_resumes_from_partial_answers(tiny_model_dir, data, tmp_path):
     other = tmp_path / "other.json"
     PartialResults(partial_path(other), {"command": "classify", "sampling": {"temperature": 0.7}})
     with pytest.raises(ValueError, match="other settings"):
-        run_eval(argv[:-len(FAST)] + ["--out", str(other), *FAST])
+        run_eval(argv[: -len(FAST)] + ["--out", str(other), *FAST])
 
 
 def test_ovseg_in_process(tiny_model_dir, data, tmp_path):
     out = tmp_path / "ovseg.json"
-    assert run_eval(["eval", "ovseg", "--data", str(data / "panoptic.json"), "--panoptic-root", str(data / "panoptic"),
-                     "--images", str(data), "--classes", "cityscapes", "--model", str(tiny_model_dir),
-                     "--out", str(out), *FAST]) == 0
+    assert (
+        run_eval(
+            [
+                "eval",
+                "ovseg",
+                "--data",
+                str(data / "panoptic.json"),
+                "--panoptic-root",
+                str(data / "panoptic"),
+                "--images",
+                str(data),
+                "--classes",
+                "cityscapes",
+                "--model",
+                str(tiny_model_dir),
+                "--out",
+                str(out),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     res = _check_outputs(out, "ovseg")
     s = res["summary"]
     assert s["images"] == 2 and s["regions"] == 6  # 3 known segments per image; the unknown one is void
@@ -172,11 +282,29 @@ def test_ovseg_in_process(tiny_model_dir, data, tmp_path):
     assert 0.0 <= s["AP"] <= 100.0
 
 
-@pytest.mark.skipif(java_version() is None, reason="caption metrics need Java (apt-get install default-jre-headless)")
+@pytest.mark.skipif(
+    java_version() is None, reason="caption metrics need Java (apt-get install default-jre-headless)"
+)
 def test_caption_in_process(tiny_model_dir, data, tmp_path):
     out = tmp_path / "caption.json"
-    assert run_eval(["eval", "caption", "--data", str(data / "refcocog.json"), "--images", str(data),
-                     "--model", str(tiny_model_dir), "--out", str(out), *FAST]) == 0
+    assert (
+        run_eval(
+            [
+                "eval",
+                "caption",
+                "--data",
+                str(data / "refcocog.json"),
+                "--images",
+                str(data),
+                "--model",
+                str(tiny_model_dir),
+                "--out",
+                str(out),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     res = _check_outputs(out, "caption")
     assert res["summary"]["items"] == 2
     assert {"METEOR", "CIDEr", "BLEU-4", "ROUGE-L"} <= set(res["summary"])
@@ -185,8 +313,24 @@ def test_caption_in_process(tiny_model_dir, data, tmp_path):
 
 def test_pope_in_process(tiny_model_dir, data, tmp_path):
     out = tmp_path / "pope.json"
-    assert run_eval(["eval", "pope", "--data", str(data / "pope.json"), "--images", str(data),
-                     "--model", str(tiny_model_dir), "--out", str(out), *FAST]) == 0
+    assert (
+        run_eval(
+            [
+                "eval",
+                "pope",
+                "--data",
+                str(data / "pope.json"),
+                "--images",
+                str(data),
+                "--model",
+                str(tiny_model_dir),
+                "--out",
+                str(out),
+                *FAST,
+            ]
+        )
+        == 0
+    )
     res = _check_outputs(out, "pope")
     s = res["summary"]
     assert s["items"] == 3 and s["tp"] + s["fp"] + s["tn"] + s["fn"] == 3
@@ -203,7 +347,9 @@ class _Judge(BaseHTTPRequestHandler):
         _Judge.seen.append(body)
         content = body["messages"][1]["content"]
         review = "8 6\nAssistant 1 is more accurate." if "great detail" in content else "I cannot judge this."
-        payload = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": review}}]}).encode()
+        payload = json.dumps(
+            {"choices": [{"index": 0, "message": {"role": "assistant", "content": review}}]}
+        ).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -219,7 +365,10 @@ def test_describe_prompt_is_the_official_one():
     from osprey.prompts import task_prompt
 
     prompt = task_prompt(model_prompt("Could you describe <region> in great detail?"))
-    assert prompt == "<image>\n.\nThis provides an overview of the picture.\nCould you describe <mask><pos> in great detail?"
+    assert (
+        prompt
+        == "<image>\n.\nThis provides an overview of the picture.\nCould you describe <mask><pos> in great detail?"
+    )
 
 
 def test_describe_with_judge_endpoint(tiny_model_dir, data, tmp_path):
@@ -228,9 +377,28 @@ def test_describe_with_judge_endpoint(tiny_model_dir, data, tmp_path):
     thread.start()
     try:
         out = tmp_path / "describe.json"
-        assert run_eval(["eval", "describe", "--data", str(data / "describe.json"), "--images", str(data),
-                         "--judge-url", f"http://127.0.0.1:{server.server_port}/v1", "--judge-model", "judge",
-                         "--model", str(tiny_model_dir), "--out", str(out), *FAST]) == 0
+        assert (
+            run_eval(
+                [
+                    "eval",
+                    "describe",
+                    "--data",
+                    str(data / "describe.json"),
+                    "--images",
+                    str(data),
+                    "--judge-url",
+                    f"http://127.0.0.1:{server.server_port}/v1",
+                    "--judge-model",
+                    "judge",
+                    "--model",
+                    str(tiny_model_dir),
+                    "--out",
+                    str(out),
+                    *FAST,
+                ]
+            )
+            == 0
+        )
     finally:
         server.shutdown()
     res = _check_outputs(out, "describe")
@@ -245,36 +413,143 @@ def test_describe_with_judge_endpoint(tiny_model_dir, data, tmp_path):
 
 def test_bad_inputs_fail_clearly(data, tmp_path):
     with pytest.raises(ValueError, match="--model DIR"):
-        run_eval(["eval", "pope", "--data", str(data / "pope.json"), "--images", str(data), "--out", str(tmp_path / "x.json")])
+        run_eval(
+            [
+                "eval",
+                "pope",
+                "--data",
+                str(data / "pope.json"),
+                "--images",
+                str(data),
+                "--out",
+                str(tmp_path / "x.json"),
+            ]
+        )
     with pytest.raises(ValueError, match="not a POPE set"):
-        run_eval(["eval", "pope", "--data", str(data / "lvis.json"), "--out", str(tmp_path / "y.json"), "--model", "m"])
+        run_eval(
+            [
+                "eval",
+                "pope",
+                "--data",
+                str(data / "lvis.json"),
+                "--out",
+                str(tmp_path / "y.json"),
+                "--model",
+                "m",
+            ]
+        )
     with pytest.raises(FileNotFoundError, match="class list"):
-        run_eval(["eval", "ovseg", "--data", str(data / "panoptic.json"), "--classes", "nope", "--model", "m",
-                  "--out", str(tmp_path / "z.json")])
+        run_eval(
+            [
+                "eval",
+                "ovseg",
+                "--data",
+                str(data / "panoptic.json"),
+                "--classes",
+                "nope",
+                "--model",
+                "m",
+                "--out",
+                str(tmp_path / "z.json"),
+            ]
+        )
 
 
 def test_eval_against_server(tiny_model_dir, data, tmp_path):
-    background = pytest.importorskip("serve.background", reason="the server package (serve) is not importable yet")
+    background = pytest.importorskip(
+        "serve.background", reason="the server package (serve) is not importable yet"
+    )
     from serve.config import ServeConfig
 
     config = ServeConfig(model=str(tiny_model_dir), dtype="float32")
     with background.BackgroundServer(config) as srv:
         out = tmp_path / "classify_http.json"
-        assert run_eval(["eval", "classify", "--data", str(data / "lvis.json"), "--images", str(data),
-                         "--endpoint", srv.url, "--out", str(out), "--max-new-tokens", "3"]) == 0
+        assert (
+            run_eval(
+                [
+                    "eval",
+                    "classify",
+                    "--data",
+                    str(data / "lvis.json"),
+                    "--images",
+                    str(data),
+                    "--endpoint",
+                    srv.url,
+                    "--out",
+                    str(out),
+                    "--max-new-tokens",
+                    "3",
+                ]
+            )
+            == 0
+        )
         res = _check_outputs(out, "classify")
         assert res["summary"]["items"] == 3 and res["run"]["endpoint"] == srv.url
         out = tmp_path / "pope_http.json"  # image-level questions go as a full-image box region
-        assert run_eval(["eval", "pope", "--data", str(data / "pope.json"), "--images", str(data),
-                         "--endpoint", srv.url, "--out", str(out), "--max-new-tokens", "3"]) == 0
+        assert (
+            run_eval(
+                [
+                    "eval",
+                    "pope",
+                    "--data",
+                    str(data / "pope.json"),
+                    "--images",
+                    str(data),
+                    "--endpoint",
+                    srv.url,
+                    "--out",
+                    str(out),
+                    "--max-new-tokens",
+                    "3",
+                ]
+            )
+            == 0
+        )
         assert _check_outputs(out, "pope")["summary"]["items"] == 3
         # the server's error message reaches the user (a mask of another size than the image)
-        bad = [{"file_name": "a.png", "height": 10, "width": 10, "categories": ["dog"],
-                "annotations": [{"segmentation": encode_rle(np.ones((10, 10), bool)), "bbox": [0, 0, 10, 10]}]}]
+        bad = [
+            {
+                "file_name": "a.png",
+                "height": 10,
+                "width": 10,
+                "categories": ["dog"],
+                "annotations": [
+                    {"segmentation": encode_rle(np.ones((10, 10), bool)), "bbox": [0, 0, 10, 10]}
+                ],
+            }
+        ]
         (tmp_path / "bad.json").write_text(json.dumps(bad))
         with pytest.raises(RuntimeError, match="answered 400: .*size"):
-            run_eval(["eval", "classify", "--data", str(tmp_path / "bad.json"), "--images", str(data),
-                      "--endpoint", srv.url, "--out", str(tmp_path / "bad_out.json"), "--max-new-tokens", "3"])
+            run_eval(
+                [
+                    "eval",
+                    "classify",
+                    "--data",
+                    str(tmp_path / "bad.json"),
+                    "--images",
+                    str(data),
+                    "--endpoint",
+                    srv.url,
+                    "--out",
+                    str(tmp_path / "bad_out.json"),
+                    "--max-new-tokens",
+                    "3",
+                ]
+            )
     with pytest.raises(RuntimeError, match="cannot reach"):  # the server is gone
-        run_eval(["eval", "classify", "--data", str(data / "lvis.json"), "--images", str(data),
-                  "--endpoint", srv.url, "--out", str(tmp_path / "gone.json"), "--max-new-tokens", "3"])
+        run_eval(
+            [
+                "eval",
+                "classify",
+                "--data",
+                str(data / "lvis.json"),
+                "--images",
+                str(data),
+                "--endpoint",
+                srv.url,
+                "--out",
+                str(tmp_path / "gone.json"),
+                "--max-new-tokens",
+                "3",
+            ]
+        )

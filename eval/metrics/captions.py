@@ -53,7 +53,9 @@ def caption_scores(
     """
     if set(references) != set(predictions):
         missing = sorted(set(references) ^ set(predictions))[:5]
-        raise ValueError(f"references and predictions must cover the same ids; differing ids include {missing}")
+        raise ValueError(
+            f"references and predictions must cover the same ids; differing ids include {missing}"
+        )
     if not predictions:
         raise ValueError("no captions to score")
     for key, refs in references.items():

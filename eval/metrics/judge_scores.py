@@ -14,13 +14,19 @@ _NUM = r"(10(?:\.0+)?|\d(?:\.\d+)?)(?!\d)"  # a score in [0, 10], not part of a 
 _PATTERNS = [
     # "Assistant 1: 8 ... Assistant 2: 7" (also "Assistant 1 receives a score of 8")
     re.compile(
-        r"assistant\s*1\D{0,40}?" + _NUM + r"(?:\s*/\s*10)?\b.*?assistant\s*2\D{0,40}?" + _NUM + r"(?:\s*/\s*10)?\b",
+        r"assistant\s*1\D{0,40}?"
+        + _NUM
+        + r"(?:\s*/\s*10)?\b.*?assistant\s*2\D{0,40}?"
+        + _NUM
+        + r"(?:\s*/\s*10)?\b",
         re.IGNORECASE | re.DOTALL,
     ),
     # "8/10 and 7/10"
     re.compile(_NUM + r"\s*/\s*10\b.*?" + _NUM + r"\s*/\s*10\b", re.DOTALL),
     # "Scores: 8 and 7", "8 vs 7", "8 - 7", "(8, 7)"
-    re.compile(r"(?<![\d.])" + _NUM + r"\s*(?:,|and|vs\.?|-|;|\|)?\s*" + _NUM + r"(?![\d.]|\s*/)", re.IGNORECASE),
+    re.compile(
+        r"(?<![\d.])" + _NUM + r"\s*(?:,|and|vs\.?|-|;|\|)?\s*" + _NUM + r"(?![\d.]|\s*/)", re.IGNORECASE
+    ),
 ]
 
 

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 
 def parse_yes_no(answer: str) -> str:
-    """"no" when the first sentence contains the word no/not/No (commas dropped), else "yes"."""
+    """ "no" when the first sentence contains the word no/not/No (commas dropped), else "yes"."""
     text = answer.strip()
     if "." in text:
         text = text.split(".")[0]
@@ -40,5 +40,8 @@ def pope_metrics(predictions: Sequence[str], labels: Sequence[str]) -> dict[str,
         "recall": recall,
         "f1": f1,
         "yes_ratio": sum(p == "yes" for p in predictions) / len(predictions),
-        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
     }

@@ -117,11 +117,15 @@ class PanopticQuality:
                 "pq": st.iou / denom,
                 "sq": st.iou / st.tp if st.tp else 0.0,
                 "rq": st.tp / denom,
-                "tp": st.tp, "fp": st.fp, "fn": st.fn,
+                "tp": st.tp,
+                "fp": st.fp,
+                "fn": st.fn,
             }
         out: dict[str, dict] = {}
         for name, keep in (("All", None), ("Things", True), ("Stuff", False)):
-            cats = [c for c in self.categories if c in per_class and (keep is None or self.categories[c] == keep)]
+            cats = [
+                c for c in self.categories if c in per_class and (keep is None or self.categories[c] == keep)
+            ]
             n = len(cats)
             out[name] = {
                 k: (sum(per_class[c][k] for c in cats) / n if n else 0.0) for k in ("pq", "sq", "rq")
@@ -152,9 +156,9 @@ class SemanticConfusion:
         pred = pred.astype(np.int64)
         if pred.min() < 0 or pred.max() >= k:
             raise ValueError(f"predicted class indices must be in [0, {k})")
-        self.matrix += np.bincount((k + 1) * pred.reshape(-1) + gt.reshape(-1), minlength=(k + 1) ** 2).reshape(
-            k + 1, k + 1
-        )
+        self.matrix += np.bincount(
+            (k + 1) * pred.reshape(-1) + gt.reshape(-1), minlength=(k + 1) ** 2
+        ).reshape(k + 1, k + 1)
 
     def summary(self) -> dict:
         """{"miou", "fwiou", "macc", "pacc", "iou": list (nan = class absent from GT)}; values in [0, 1]."""

@@ -81,7 +81,9 @@ class SentenceEmbedder:
 
     def encode(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """(N, D) float32 embeddings, L2-normalised so that dot products are cosine similarities."""
-        emb = self.model.encode(list(texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False)
+        emb = self.model.encode(
+            list(texts), batch_size=batch_size, convert_to_numpy=True, show_progress_bar=False
+        )
         emb = np.asarray(emb, dtype=np.float32)
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         return emb / np.maximum(norms, 1e-12)

@@ -19,10 +19,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "caption",
         help="region captioning (RefCOCOg): METEOR, CIDEr, BLEU-1..4, ROUGE-L (pycocoevalcap; needs Java)",
         description="Caption each region (default prompt: `refcocog`) and score against the references with "
-                    "pycocoevalcap (PTB tokenizer, BLEU, METEOR, ROUGE-L, CIDEr). Java is required: "
-                    "`apt-get install default-jre-headless`.",
+        "pycocoevalcap (PTB tokenizer, BLEU, METEOR, ROUGE-L, CIDEr). Java is required: "
+        "`apt-get install default-jre-headless`.",
     )
-    p.add_argument("--data", required=True, help="RefCOCOg-style COCO json with captions, or Osprey-format records")
+    p.add_argument(
+        "--data", required=True, help="RefCOCOg-style COCO json with captions, or Osprey-format records"
+    )
     add_common_arguments(p, default_task="refcocog")
     p.set_defaults(func=run)
 
@@ -35,21 +37,42 @@ def run(args: argparse.Namespace) -> int:
     preds = {it.key: official_answer(answers[it.key]["text"]) for it in items}
     corpus, per_item = caption_scores({it.key: it.target for it in items}, preds)
     summary = {name: 100.0 * corpus[name] for name in METRICS} | {"items": len(items)}
-    rows = [{"key": it.key, "image": it.image, "prediction": preds[it.key], "references": it.target,
-             **{m: per_item[it.key][m] for m in METRICS}} for it in items]
-    results = {"command": "caption", "data": str(args.data), "summary": summary, "run": run_info, "java": java,
-               "note": "scores x100 (CIDEr too, as papers report it)", "items": rows}
+    rows = [
+        {
+            "key": it.key,
+            "image": it.image,
+            "prediction": preds[it.key],
+            "references": it.target,
+            **{m: per_item[it.key][m] for m in METRICS},
+        }
+        for it in items
+    ]
+    results = {
+        "command": "caption",
+        "data": str(args.data),
+        "summary": summary,
+        "run": run_info,
+        "java": java,
+        "note": "scores x100 (CIDEr too, as papers report it)",
+        "items": rows,
+    }
     finish(args, results)
 
     rep = Report(report_path(args), "Region captioning")
-    rep.text(f"Data: `{args.data}`; model: `{run_info['backend']}`; prompt task: `{args.task}`; {len(items)} regions. "
-             f"coco-caption toolkit (pycocoevalcap), PTB-tokenized; scores x100. Java: {java}.")
+    rep.text(
+        f"Data: `{args.data}`; model: `{run_info['backend']}`; prompt task: `{args.task}`; {len(items)} regions. "
+        f"coco-caption toolkit (pycocoevalcap), PTB-tokenized; scores x100. Java: {java}."
+    )
     rep.table(METRICS, [[summary[m] for m in METRICS]])
     rep.figure("metrics", bars(METRICS, [summary[m] for m in METRICS], "Caption metrics", "score x100"))
     rep.figure("cider", histogram([100 * r["CIDEr"] for r in rows], "CIDEr per region", "CIDEr x100"))
     rep.text("First regions:")
-    rep.table(["key", "prediction", "reference", "CIDEr x100"],
-              [[r["key"], r["prediction"][:120], r["references"][0][:120], 100 * r["CIDEr"]] for r in rows[:10]])
+    rep.table(
+        ["key", "prediction", "reference", "CIDEr x100"],
+        [[r["key"], r["prediction"][:120], r["references"][0][:120], 100 * r["CIDEr"]] for r in rows[:10]],
+    )
     rep.write()
-    print(f"caption: METEOR {summary['METEOR']:.2f}  CIDEr {summary['CIDEr']:.2f}  ({len(items)} regions) -> {args.out}")
+    print(
+        f"caption: METEOR {summary['METEOR']:.2f}  CIDEr {summary['CIDEr']:.2f}  ({len(items)} regions) -> {args.out}"
+    )
     return 0

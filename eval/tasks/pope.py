@@ -16,10 +16,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "pope",
         help="POPE object hallucination: accuracy, precision, recall, F1, yes-ratio",
         description="Image-level POPE files (JSON lines: image, text, label) are asked as `<image>\\n{question}` "
-                    "with no region, like the official script (over --endpoint: a full-image box region). "
-                    "Osprey-format records with yes/no answers about one region are asked about that region.",
+        "with no region, like the official script (over --endpoint: a full-image box region). "
+        "Osprey-format records with yes/no answers about one region are asked about that region.",
     )
-    p.add_argument("--data", required=True, help="POPE JSON lines, or Osprey-format records with yes/no answers")
+    p.add_argument(
+        "--data", required=True, help="POPE JSON lines, or Osprey-format records with yes/no answers"
+    )
     add_common_arguments(p)
     p.set_defaults(func=run)
 
@@ -32,7 +34,14 @@ def _confusion_figure(m: dict):
     top = max(max(row) for row in grid) or 1
     for i in range(2):
         for j in range(2):
-            ax.text(j, i, str(grid[i][j]), ha="center", va="center", color="white" if grid[i][j] > top / 2 else "black")
+            ax.text(
+                j,
+                i,
+                str(grid[i][j]),
+                ha="center",
+                va="center",
+                color="white" if grid[i][j] > top / 2 else "black",
+            )
     ax.set_xticks([0, 1], ["pred yes", "pred no"])
     ax.set_yticks([0, 1], ["label yes", "label no"])
     ax.set_title("POPE confusion")
@@ -48,18 +57,38 @@ def run(args: argparse.Namespace) -> int:
     labels = [it.target for it in items]
     m = pope_metrics(preds, labels)
     summary = {k: (100.0 * v if isinstance(v, float) else v) for k, v in m.items()} | {"items": len(items)}
-    rows = [{"key": it.key, "image": it.image, "question": it.question, "answer": answers[it.key]["raw_text"],
-             "parsed": p, "label": it.target} for it, p in zip(items, preds)]
+    rows = [
+        {
+            "key": it.key,
+            "image": it.image,
+            "question": it.question,
+            "answer": answers[it.key]["raw_text"],
+            "parsed": p,
+            "label": it.target,
+        }
+        for it, p in zip(items, preds)
+    ]
     results = {"command": "pope", "data": str(args.data), "summary": summary, "run": run_info, "items": rows}
     finish(args, results)
 
     rep = Report(report_path(args), "POPE (object hallucination)")
-    rep.text(f"Data: `{args.data}`; model: `{run_info['backend']}`; {len(items)} questions. An answer is \"no\" when "
-             "its first sentence contains the word no/not (POPE's evaluate.py), else \"yes\". Values x100.")
-    rep.table(["accuracy", "precision", "recall", "F1", "yes ratio", "TP", "FP", "TN", "FN"],
-              [[summary[k] for k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "tp", "fp", "tn", "fn")]])
+    rep.text(
+        f'Data: `{args.data}`; model: `{run_info["backend"]}`; {len(items)} questions. An answer is "no" when '
+        'its first sentence contains the word no/not (POPE\'s evaluate.py), else "yes". Values x100.'
+    )
+    rep.table(
+        ["accuracy", "precision", "recall", "F1", "yes ratio", "TP", "FP", "TN", "FN"],
+        [
+            [
+                summary[k]
+                for k in ("accuracy", "precision", "recall", "f1", "yes_ratio", "tp", "fp", "tn", "fn")
+            ]
+        ],
+    )
     rep.figure("confusion", _confusion_figure(m))
     rep.write()
-    print(f"pope: acc {summary['accuracy']:.2f}  F1 {summary['f1']:.2f}  yes {summary['yes_ratio']:.2f} "
-          f"({len(items)} questions) -> {args.out}")
+    print(
+        f"pope: acc {summary['accuracy']:.2f}  F1 {summary['f1']:.2f}  yes {summary['yes_ratio']:.2f} "
+        f"({len(items)} questions) -> {args.out}"
+    )
     return 0
