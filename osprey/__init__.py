@@ -1,6 +1,16 @@
 """Osprey: pixel-level region understanding with a multimodal LLM (model, tokens, prompts, mask codecs)."""
 
+from pathlib import Path
+
 from osprey.config import ExtractorConfig, OspreyConfig, VisionConfig
 
-__all__ = ["OspreyConfig", "VisionConfig", "ExtractorConfig"]
+__all__ = ["OspreyConfig", "VisionConfig", "ExtractorConfig", "default_model_path", "BUILTIN_MODEL_DIR"]
 __version__ = "0.1.0"
+
+# The project's own small model, trained by its own pipeline on the generated dataset (docs/builtin_model.md).
+BUILTIN_MODEL_DIR = Path(__file__).parent / "assets" / "builtin"
+
+
+def default_model_path() -> Path | None:
+    """The model `osprey serve` and `osprey describe` use without --model, or None if it is not installed."""
+    return BUILTIN_MODEL_DIR if (BUILTIN_MODEL_DIR / "config.json").is_file() else None

@@ -303,10 +303,32 @@ def default_tokenizer_corpus() -> list[str]:
     return lines
 
 
+def corpus_from_files(paths) -> list[str]:
+    """Texts of Osprey-format record files (.json/.jsonl) and plain text files, for training a tokenizer."""
+    from osprey.data.records import iter_records
+
+    texts: list[str] = []
+    for path in map(Path, paths):
+        if path.suffix in (".json", ".jsonl"):
+            texts += [text for _, record in iter_records(path) for text in record.texts()]
+        else:
+            texts += path.read_text().splitlines()
+    return texts
+
+
 def init_model_folder(
-    preset: str | OspreyConfig, out_dir: str | Path, *, seed: int = 0, dtype: str = "float32", tokenizer=None
+    preset: str | OspreyConfig,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    tokenizer=None,
+    corpus: list[str] | None = None,
 ) -> Path:
-    """Write a complete random-initialised model folder that every command accepts as `--model DIR`."""
+    """Write a complete random-initialised model folder that every command accepts as `--model DIR`.
+
+    Without a tokenizer, one is trained offline on `corpus` plus the project's prompts and templates.
+    """
     from osprey.tokenization import train_tokenizer
 
     config = preset if isinstance(preset, OspreyConfig) else OspreyConfig.from_preset(preset)
@@ -315,7 +337,7 @@ def init_model_folder(
             raise ValueError(
                 f"preset {config.name} has a {config.vocab_size}-token vocabulary; pass the tokenizer it was made for"
             )
-        tokenizer = train_tokenizer(default_tokenizer_corpus(), config.vocab_size)
+        tokenizer = train_tokenizer(default_tokenizer_corpus() + list(corpus or []), config.vocab_size)
     ids = (tokenizer.convert_tokens_to_ids("<mask>"), tokenizer.convert_tokens_to_ids("<pos>"))
     if ids != (config.mask_token_id, config.pos_token_id):
         raise ValueError(f"tokenizer ids of <mask>/<pos> {ids} differ from the config's "
@@ -324,3 +346,20 @@ def init_model_folder(
     model = build_model(config)
     model.to(getattr(torch, dtype))
     return save_pretrained(model, tokenizer, out_dir)
+
+
+def derive_model_folder(src: str | Path, out_dir: str | Path, *, extractor: dict, seed: int = 0) -> Path:
+    """Copy a model folder with another mask-extractor architecture (freshly initialised extractor, every other
+    weight kept): the ablations of the paper start stage 2 from one shared stage-1 model this way."""
+    import dataclasses
+
+    model, tokenizer, _ = load_pretrained(src)
+    config = model.config.replace(extractor=dataclasses.replace(model.config.extractor, **extractor))
+    torch.manual_seed(seed)
+    derived = build_model(config).to(model.dtype)
+    kept = {k: v for k, v in model.state_dict().items() if not k.startswith("mask_extractor.")}
+    result = derived.load_state_dict(kept, strict=False)
+    unexpected_or_missing = list(result.unexpected_keys) + [k for k in result.missing_keys if not k.startswith("mask_extractor.")]
+    if unexpected_or_missing:
+        raise ValueError(f"deriving {src} left keys unmatched: {unexpected_or_missing}")
+    return save_pretrained(derived, tokenizer, out_dir)

@@ -29,7 +29,18 @@ def _register_model_commands(subparsers: argparse._SubParsersAction) -> None:
     init.add_argument("--out", required=True, help="output folder")
     init.add_argument("--seed", type=int, default=0)
     init.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    init.add_argument("--corpus", nargs="*", default=[], metavar="FILE",
+                      help="record files (.json/.jsonl) or text files whose texts train the tokenizer")
     init.set_defaults(func=_cmd_model_init)
+
+    derive = sub.add_parser("derive", help="copy a model folder with another mask-extractor architecture (ablations)")
+    derive.add_argument("src")
+    derive.add_argument("--out", required=True)
+    derive.add_argument("--levels", default=None, help="comma-separated feature levels 0..3 (res2..res5), e.g. 2")
+    derive.add_argument("--no-position-token", action="store_true")
+    derive.add_argument("--mask-from-box", action="store_true", help="pool over each region's box, not its mask")
+    derive.add_argument("--seed", type=int, default=0)
+    derive.set_defaults(func=_cmd_model_derive)
 
     count = sub.add_parser("params", help="parameter counts per part of a preset (meta device)")
     count.add_argument("--preset", default="osprey-7b")
@@ -67,8 +78,25 @@ def _cmd_model_params(args: argparse.Namespace) -> int:
 def _cmd_model_init(args: argparse.Namespace) -> int:
     from osprey.checkpoint import init_model_folder
 
-    path = init_model_folder(args.preset, args.out, seed=args.seed, dtype=args.dtype)
+    from osprey.checkpoint import corpus_from_files
+
+    corpus = corpus_from_files(args.corpus) if args.corpus else None
+    path = init_model_folder(args.preset, args.out, seed=args.seed, dtype=args.dtype, corpus=corpus)
     print(f"wrote {path}")
+    return 0
+
+
+def _cmd_model_derive(args: argparse.Namespace) -> int:
+    from osprey.checkpoint import derive_model_folder
+
+    changes: dict = {}
+    if args.levels:
+        changes["levels"] = tuple(int(x) for x in args.levels.split(","))
+    if args.no_position_token:
+        changes["use_position_token"] = False
+    if args.mask_from_box:
+        changes["mask_from_box"] = True
+    print(f"wrote {derive_model_folder(args.src, args.out, extractor=changes, seed=args.seed)}")
     return 0
 
 

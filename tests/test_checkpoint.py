@@ -190,3 +190,21 @@ def test_model_init_cli_writes_a_complete_folder(tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     model, _, report = load_pretrained(out)
     assert report.ok
+
+
+def test_derive_changes_only_the_extractor(tiny_model_dir, tmp_path):
+    from osprey.checkpoint import derive_model_folder
+
+    derive_model_folder(tiny_model_dir, tmp_path / "res4", extractor={"levels": (2,), "use_position_token": False})
+    base, _, _ = load_pretrained(tiny_model_dir)
+    derived, _, report = load_pretrained(tmp_path / "res4")
+    assert report.ok and derived.config.extractor.levels == (2,) and not derived.config.extractor.use_position_token
+    assert not hasattr(derived.mask_extractor, "res2") and not hasattr(derived.mask_extractor, "mask_linear")
+    for name, tensor in base.state_dict().items():
+        if not name.startswith("mask_extractor."):
+            assert torch.equal(derived.state_dict()[name], tensor)
+
+
+def test_builtin_preset_fits_the_size_budget():
+    counts = parameter_counts(OspreyConfig.from_preset("builtin"))
+    assert counts["total"] * 2 < 40e6  # bf16 weight file under 40 MB
