@@ -23,7 +23,7 @@ def test_train_stage1_then_stage2_from_its_output_and_plot(tmp_path, capsys):
                  "--output", str(tmp_path / "s1"), *common]) == 0
     assert main(["train", "--stage", "2", "--config", "tiny_stage2", "--model", str(tmp_path / "s1" / "final"),
                  "--output", str(tmp_path / "s2"), *common]) == 0
-    model, _, report = load_pretrained(tmp_path / "s2" / "final", strict=True)
+    _, _, report = load_pretrained(tmp_path / "s2" / "final", strict=True)
     assert report.ok
     summary = json.loads((tmp_path / "s2" / "summary.json").read_text())
     assert summary["step"] == 2 and summary["samples_seen"] == 8 and summary["parts"]["mask_extractor"][0] > 0

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 class RegionDataset(torch.utils.data.Dataset):
     """Tokenized multi-region conversations with random images and masks; `repeat` copies one sample (overfit)."""
 
-    ANSWERS = ["a red circle", "the blue square on the left", "a green star", "small yellow tree", "a black car"]
+    ANSWERS = ("a red circle", "the blue square on the left", "a green star", "small yellow tree", "a black car")
 
     def __init__(self, tokenizer, config, n: int = 8, repeat: bool = False, seed: int = 0, fully_masked: bool = False):
         gen = torch.Generator().manual_seed(seed)

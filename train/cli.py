@@ -45,9 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def resolve_config(args: argparse.Namespace):
-    from train.config import load_config, parse_override, resolve_config_path
-
     import yaml
+
+    from train.config import load_config, parse_override, resolve_config_path
 
     if not args.config:
         raise SystemExit("osprey train: --config is required (a YAML file or a name in train/configs/)")

@@ -206,11 +206,7 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
             return float(value)
         except ValueError:
             pass
-    elif hint is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    elif hint is bool and isinstance(value, bool):
-        return value
-    elif hint is str and isinstance(value, str):
+    elif hint is int and isinstance(value, int) and not isinstance(value, bool) or hint is bool and isinstance(value, bool) or hint is str and isinstance(value, str):
         return value
     elif typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
         return tuple(value)

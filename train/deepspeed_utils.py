@@ -53,7 +53,7 @@ def init_distributed() -> tuple[int, int, torch.device]:
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", verbose=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     if on_gpu:
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         return rank, world, torch.device("cuda", local_rank)
     return rank, world, torch.device("cpu")

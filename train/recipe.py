@@ -21,9 +21,10 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -90,6 +91,9 @@ class Recipe:
         self.setup_data()
         self.setup_optimizer()
         resume_from = self.latest_checkpoint() if resume else None
+        if not resume and self.latest_checkpoint() is not None:
+            logger.warning("%s holds checkpoints of an earlier run; this run starts from step 0 and will replace them "
+                           "(pass --resume to continue instead)", self.checkpoint_root())
         if resume and resume_from is None:
             logger.warning("--resume: no checkpoint under %s, starting from step 0", self.output_dir / CHECKPOINT_DIR)
         if resume_from is not None:
@@ -128,7 +132,7 @@ class Recipe:
         if self._dataset is None:
             self._dataset, self._collate_fn, self._lengths = _dataset_from_config(cfg, self.tokenizer, self.model.config)
         dataset = self._dataset
-        lengths = list(self._lengths) if self._lengths is not None else list(getattr(dataset, "lengths"))
+        lengths = list(self._lengths) if self._lengths is not None else list(dataset.lengths)
         if len(lengths) != len(dataset):
             raise ValueError(f"got {len(lengths)} lengths for a dataset of {len(dataset)} samples")
         self.dataset = dataset
@@ -236,7 +240,7 @@ class Recipe:
                            self.rank, self.state.truncated_samples, self.state.fully_masked_samples)
         return self.state
 
-    def _micro_step(self, batch: dict[str, Any], window: "_Window") -> float:
+    def _micro_step(self, batch: dict[str, Any], window: _Window) -> float:
         inputs = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS}
         masks = [m.to(self.device, non_blocking=True) for m in batch["masks"]]
         labels = inputs["labels"]
@@ -260,7 +264,7 @@ class Recipe:
         self.engine.step()
         return float(loss.detach())
 
-    def _step_record(self, window: "_Window", per_token: float, peak: float | None) -> dict[str, Any]:
+    def _step_record(self, window: _Window, per_token: float, peak: float | None) -> dict[str, Any]:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - window.start
@@ -410,7 +414,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def _dataset_from_config(cfg: TrainConfig, tokenizer, model_config):
     """(dataset, collate_fn, lengths) from `cfg.data` via `osprey.data` (stage-specific sample builders)."""
-    from osprey.data.dataset import RegionCollator, RegionDataset, count_fully_masked, manifest_subsets, specs_for_files
+    from osprey.data.dataset import (
+        RegionCollator,
+        RegionDataset,
+        count_fully_masked,
+        manifest_subsets,
+        specs_for_files,
+    )
 
     data = cfg.data
     if data.root is None:

@@ -55,7 +55,10 @@ def set_trainable(model: nn.Module, stage: int, train_vision: bool = False, lora
         model.vision_tower.eval()  # frozen: no dropout / drop-path randomness, as the official tower
     counts = {part: _counts(getattr(model, part)) for part in PARTS}
     for part, (trainable, total) in counts.items():
-        logger.info("stage %d %-15s trainable %12s / %12s", stage, part, f"{trainable:,}", f"{total:,}")
+        names = [n for n, p in getattr(model, part).named_parameters() if p.requires_grad]
+        logger.info("stage %d %-15s trainable %12s / %12s parameters in %d tensors", stage, part, f"{trainable:,}",
+                    f"{total:,}", len(names))
+        logger.debug("stage %d %s trainable tensors: %s", stage, part, names)
     check_trainable(model, stage, train_vision, lora is not None)
     return counts
 
