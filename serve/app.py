@@ -354,7 +354,8 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse(error_body(exc.status_code, str(exc.detail), code="http_error"),
+        code = "invalid_json" if exc.status_code == 400 else "http_error"  # FastAPI's 400: unparsable body
+        return JSONResponse(error_body(exc.status_code, str(exc.detail), code=code),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)

@@ -252,6 +252,11 @@ NATIVE_BAD = [
     ({"regions": [{"rle": {"size": [H, W], "counts": "!!!"}}]}, 400, "regions[0].rle"),
     ({"regions": [{"polygon": [[1, 2, 3, 4, 5]]}]}, 400, "regions[0].polygon"),
     ({"regions": [{"box": [0, 0, 1000, 5]}]}, 400, "regions[0].box"),
+    ({"regions": [{"polygon": [[0, 0, 1e300, 0, 1e300, 1e300]]}]}, 400, "regions[0].polygon"),  # crashed pycocotools
+    ({"regions": [{"box": [10**30, 0, 5, 5]}]}, 400, "regions[0].box"),
+    ({"regions": [{"rle": {"size": [H, W], "counts": [10**30, 5]}}]}, 400, "regions[0].rle"),
+    ({"regions": [{"rle": {"size": [10**6, 10**6], "counts": "0"}}], "resize_masks": True}, 400, "regions[0].rle"),
+    ({"regions": [{"segmentation": "abc"}]}, 400, "regions[0]"),
     ({"regions": GOOD_REGION * 9}, 400, "regions"),
     ({"regions": []}, 400, "regions"),
     ({"regions": "everything"}, 400, "regions"),
@@ -282,6 +287,11 @@ def test_missing_fields_and_bad_json(server):
     assert_error(r, 400, None)
     r = httpx.post(server.url + "/v1/regions/describe", json=[1, 2], headers=AUTH)
     assert r.status_code == 400 and "error" in r.json()
+    for raw in (b"null", b'{"image": "\xff\xfe"}', b'{"image": "x", "regions": ' + b"[" * 100000 + b"]" * 100000 + b"}",
+                b'{"image": "%s", "regions": [{"polygon": [[0, 0, 1e999, 0, 5, 5]]}]}' % png_b64(IMAGE).encode()):
+        r = httpx.post(server.url + "/v1/regions/describe", content=raw, headers=AUTH | {"content-type": "application/json"})
+        assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    assert r.json()["error"]["param"] == "regions[0].polygon"  # inf reached the mask check, not the C decoder
     assert describe(server).status_code == 200
 
 
