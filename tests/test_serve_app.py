@@ -288,7 +288,7 @@ def test_missing_fields_and_bad_json(server):
     r = httpx.post(server.url + "/v1/regions/describe", json=[1, 2], headers=AUTH)
     assert r.status_code == 400 and "error" in r.json()
     for raw in (b"null", b'{"image": "\xff\xfe"}', b'{"image": "x", "regions": ' + b"[" * 100000 + b"]" * 100000 + b"}",
-                b'{"image": "%s", "regions": [{"polygon": [[0, 0, 1e999, 0, 5, 5]]}]}' % png_b64(IMAGE).encode()):
+                b'{"image": "%s", "max_tokens": 2, "regions": [{"polygon": [[0, 0, 1e999, 0, 5, 5]]}]}' % png_b64(IMAGE).encode()):
         r = httpx.post(server.url + "/v1/regions/describe", content=raw, headers=AUTH | {"content-type": "application/json"})
         assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert r.json()["error"]["param"] == "regions[0].polygon"  # inf reached the mask check, not the C decoder
