@@ -101,3 +101,22 @@ def test_graceful_shutdown_finishes_requests_in_flight(model_dir):
     assert not server.thread.is_alive()
     with pytest.raises(httpx.ConnectError):
         httpx.get(server.url + "/health")
+
+
+def test_image_urls_only_when_allowed(model_dir, tmp_path):
+    import functools
+    import http.server
+
+    Image.new("RGB", (32, 24), (200, 10, 10)).save(tmp_path / "red.png")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+    try:
+        with BackgroundServer(ServeConfig(model=str(model_dir), allow_image_urls=True)) as server:
+            r = httpx.post(server.url + "/v1/regions/describe", json=payload(image=base + "/red.png"))
+            assert r.status_code == 200, r.text
+            r = httpx.post(server.url + "/v1/regions/describe", json=payload(image=base + "/missing.png"))
+            assert r.status_code == 400 and r.json()["error"]["code"] == "image_fetch_failed"
+    finally:
+        files.shutdown()
