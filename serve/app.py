@@ -6,7 +6,6 @@ Built by `create_app(config, backend)`; the engine starts in the lifespan and dr
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import time
@@ -17,9 +16,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from osprey.prompts import clean_answer, task_prompt
 
@@ -27,7 +24,8 @@ from . import inputs
 from .chat import ChatConversation, bind_regions, parse_messages
 from .config import ServeConfig
 from .engine import Backend, ClientGone, Engine, PipelineBackend, RowResult, RowSpec
-from .errors import APIError, bad_request, error_body, loc_to_param
+from .errors import APIError, bad_request
+from .guard import GuardMiddleware, add_error_handlers
 from .metrics import Metrics
 from .schemas import (
     AssistantMessage,
@@ -46,7 +44,6 @@ from .schemas import (
 )
 
 log = logging.getLogger(__name__)
-_ENDPOINTS = ("/v1/chat/completions", "/v1/regions/describe", "/v1/models", "/health", "/metrics")
 
 
 def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
@@ -67,8 +64,8 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
 
     app = FastAPI(title="Osprey region server", version="0.1.0", lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
-    app.add_middleware(_GuardMiddleware, config=config, metrics=metrics)
-    _add_error_handlers(app)
+    app.add_middleware(GuardMiddleware, config=config, metrics=metrics)
+    add_error_handlers(app)
 
     # ------------------------------------------------------------------ plain endpoints
 
@@ -326,155 +323,3 @@ async def _describe_ndjson(events: AsyncIterator[tuple], first: tuple) -> AsyncI
         return
     finally:
         await events.aclose()
-
-
-# ---------------------------------------------------------------------------------------------- errors
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def api_error(_request: Request, exc: APIError) -> JSONResponse:
-        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        """FastAPI's 422 becomes OpenAI's 400 `invalid_request_error`, naming the first offending field."""
-        errors = exc.errors() or [{"loc": (), "msg": "invalid request", "type": "invalid"}]
-        if any(e.get("type") == "json_invalid" for e in errors):
-            return JSONResponse(error_body(400, "the request body is not valid JSON", code="invalid_json"), 400)
-        # a union reports one error per branch: the deepest one names the field best
-        first = max(errors, key=lambda e: len(_clean_loc(e.get("loc", ()))))
-        param = loc_to_param(_clean_loc(first.get("loc", ())))
-        kind = first.get("type", "invalid")
-        code = {"extra_forbidden": "unknown_field", "missing": "missing_field"}.get(kind, "invalid_value")
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
-        if kind == "extra_forbidden":
-            message = f"unknown field {param!r}"
-        return JSONResponse(error_body(400, message, param=param, code=code), status_code=400)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = "invalid_json" if exc.status_code == 400 else "http_error"  # FastAPI's 400: unparsable body
-        return JSONResponse(error_body(exc.status_code, str(exc.detail), code=code),
-                            status_code=exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def unexpected(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error", exc_info=exc)
-        return JSONResponse(error_body(500, f"internal server error ({type(exc).__name__})", code="internal_error"),
-                            status_code=500)
-
-
-def _clean_loc(loc: Any) -> list[Any]:
-    """Drop pydantic's union markers from an error location: branch names (`str`, `list[str]`, ...) and
-    the tag of a tagged union (`content.list[tagged-union[...]].0.image_url.image_url.url` ->
-    `content[0].image_url.url`)."""
-    out: list[Any] = []
-    drop_tag = expect_tag = False
-    for part in loc:
-        if isinstance(part, int):
-            out.append(part)
-            expect_tag = drop_tag
-            continue
-        text = str(part)
-        if "tagged-union" in text:
-            drop_tag = True
-            continue
-        if expect_tag:
-            expect_tag = drop_tag = False
-            continue
-        if "[" in text or text in ("str", "int", "float", "bool", "none"):
-            continue
-        out.append(part)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- middleware
-
-
-class _GuardMiddleware:
-    """API-key auth on /v1/*, a body-size cap enforced before parsing, and per-endpoint request metrics."""
-
-    def __init__(self, app: Any, config: ServeConfig, metrics: Metrics) -> None:
-        self.app, self.config, self.metrics = app, config, metrics
-        self._key = config.api_key.encode() if config.api_key else None
-
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        path = scope.get("path", "")
-        endpoint = path if path in _ENDPOINTS else "other"
-        status = {"code": 500}
-
-        async def send_wrapper(message: dict) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            error = self._check_auth(scope) if path.startswith("/v1/") else None
-            body_receive = None
-            if error is None:
-                body_receive, error = await self._read_body(scope, receive)
-            if error is not None:
-                await _send_json(send_wrapper, error)
-            else:
-                await self.app(scope, body_receive, send_wrapper)
-        finally:
-            self.metrics.request_done(endpoint, status["code"], started)
-
-    def _check_auth(self, scope: dict) -> APIError | None:
-        if self._key is None:
-            return None
-        headers = dict(scope.get("headers") or [])
-        given = headers.get(b"authorization", b"")
-        token = given[7:].strip() if given[:7].lower() == b"bearer " else b""
-        if not token or not hmac.compare_digest(token, self._key):
-            return APIError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
-                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-        return None
-
-    async def _read_body(self, scope: dict, receive: Any) -> tuple[Any, APIError | None]:
-        """Read the whole body up to the cap (413 on Content-Length or once exceeded), then replay it."""
-        limit = self.config.max_body_bytes
-        too_large = APIError(413, f"request body is larger than {limit} bytes", code="body_too_large")
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None:
-            try:
-                if int(length) > limit:
-                    return None, too_large
-            except ValueError:
-                return None, APIError(400, "invalid Content-Length header", code="invalid_header")
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return receive, None  # the app sees the disconnect itself
-            body = message.get("body", b"")
-            size += len(body)
-            if size > limit:
-                return None, too_large
-            chunks.append(body)
-            if not message.get("more_body", False):
-                break
-        data, replayed = b"".join(chunks), False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": data, "more_body": False}
-            return await receive()
-
-        return replay, None
-
-
-async def _send_json(send: Any, error: APIError) -> None:
-    body = json.dumps(error.body()).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    headers += [(k.lower().encode(), v.encode()) for k, v in error.headers.items()]
-    await send({"type": "http.response.start", "status": error.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
