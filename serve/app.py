@@ -125,7 +125,7 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
             id=rid, created=now, model=config.model_name,
             choices=[Choice(index=r.index, message=AssistantMessage(content=_chat_text(r.raw_text)),
                             finish_reason=r.finish_reason) for r in results],
-            usage=_usage(results)).model_dump())
+            usage=_usage(results, shared_prompt=True)).model_dump())
 
     # ------------------------------------------------------------------ native describe
 
@@ -269,8 +269,9 @@ def _chat_text(raw: str) -> str:
     return text[: -len("</s>")].rstrip() if text.endswith("</s>") else text
 
 
-def _usage(results: list[RowResult]) -> Usage:
-    prompt = sum(r.prompt_tokens for r in results)
+def _usage(results: list[RowResult], shared_prompt: bool = False) -> Usage:
+    """Token counts; the `n` choices of a chat request share one prompt, counted once (as OpenAI does)."""
+    prompt = (results[0].prompt_tokens if results else 0) if shared_prompt else sum(r.prompt_tokens for r in results)
     completion = sum(r.completion_tokens for r in results)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
@@ -299,7 +300,7 @@ async def _chat_sse(events: AsyncIterator[tuple], first: tuple, rid: str, create
                 results.append(event[2])
                 yield chunk([ChunkChoice(index=event[1], delta=Delta(), finish_reason=event[2].finish_reason)])
         if include_usage:
-            yield chunk([], _usage(results))
+            yield chunk([], _usage(results, shared_prompt=True))
     except APIError as exc:
         yield f"data: {json.dumps(exc.body())}\n\n"
     except ClientGone:

@@ -125,6 +125,9 @@ def test_streaming_matches_non_streaming_and_reports_usage(client):
     assert [texts[i].strip() for i in (0, 1)] == [c.message.content for c in full.choices]  # greedy: identical
     assert usage is not None and usage.completion_tokens == full.usage.completion_tokens
     assert usage.prompt_tokens == full.usage.prompt_tokens
+    single = client.chat.completions.create(n=1, **kwargs)
+    assert full.usage.prompt_tokens == single.usage.prompt_tokens  # n choices share one prompt
+    assert single.choices[0].message.content == full.choices[0].message.content
 
 
 def test_stream_wire_format_ends_with_done(server):
