@@ -257,3 +257,25 @@ def test_lengths_estimate_tracks_token_counts(dataset):
     assert estimates.shape == actual.shape
     assert np.corrcoef(estimates, actual)[0, 1] > 0.8
     assert (np.abs(estimates - actual) < 0.5 * actual).all()
+
+
+def test_task_prompt_samples_use_the_exact_inference_prompt():
+    import numpy as np
+
+    from osprey.data.records import parse_record
+    from osprey.data.samples import build_sample
+    from osprey.prompts import task_prompt
+
+    box = [[1.0, 1.0, 5.0, 1.0, 5.0, 5.0, 1.0, 5.0]]
+    record = parse_record({
+        "id": 1, "file_name": "x.png", "height": 8, "width": 8,
+        "annotation": [{"segmentation": box, "bbox": [1, 1, 4, 4]}, {"segmentation": box, "bbox": [1, 1, 4, 4]}],
+        "description": ["<region1>: square", "<region2>: circle"],
+    })
+    seen = set()
+    for seed in range(8):
+        sample = build_sample(record, 3, "task_category", "/images", np.random.default_rng(seed))
+        assert sample.messages[0] == ("human", task_prompt("category"))
+        assert len(sample.regions) == 1 and sample.num_mask_tokens == 1
+        seen.add(sample.messages[1][1])
+    assert seen == {"square", "circle"}

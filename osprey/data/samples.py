@@ -33,7 +33,7 @@ from osprey.data.records import (
     decode_region_mask,
     parse_record,
 )
-from osprey.prompts import CUSTOM_PREFIX, IMAGE_PLACEHOLDER, REGION_PLACEHOLDER, multi_region_prefix
+from osprey.prompts import CUSTOM_PREFIX, IMAGE_PLACEHOLDER, REGION_PLACEHOLDER, multi_region_prefix, task_prompt
 
 __all__ = [
     "DEFAULT_REGION_CAP",
@@ -59,7 +59,11 @@ SHORT_ANSWER_SUFFIX = " Answer the question using a single word or phrase."
 STAGE_KINDS: dict[int, tuple[str, ...]] = {
     1: ("captions",),
     2: ("categories", "referring", "parts"),
-    3: ("conversations", "short_form", "parts", "pos_neg", "detailed"),
+    3: ("conversations", "short_form", "parts", "pos_neg", "detailed",
+        # Single-region samples in the exact form of the inference prompts (osprey.prompts.TASK_PROMPTS), from
+        # records whose `description` holds each region's answer: they teach a model trained from scratch the
+        # prompts the server and eval use.
+        "task_category", "task_open_vocab", "task_short", "task_refcocog", "task_detailed"),
 }
 
 # Stage-2 openings per kind, after the official COCO / RefCOCO / part-dataset loaders (the part-dataset text
@@ -203,6 +207,8 @@ def build_stage3(record: Record, kind: str, image_root: Path, rng: np.random.Gen
         return _inline_regions(record, image_root)
     if kind == "detailed":
         return _detailed(record, image_root, rng)
+    if kind.startswith("task_"):
+        return _task_prompt(record, kind.removeprefix("task_"), image_root, rng)
     raise ValueError(f"unknown stage-3 kind {kind!r}; known: {list(STAGE_KINDS[3])}")
 
 
@@ -250,6 +256,16 @@ def _detailed(record: Record, image_root: Path, rng: np.random.Generator) -> Sam
         messages += [("human", question), ("gpt", rewrite_region_refs(text))]
         regions.append(record.annotation[k - 1])
     return _sample(record, image_root, messages, regions)
+
+
+def _task_prompt(record: Record, task: str, image_root: Path, rng: np.random.Generator) -> Sample:
+    """One region (drawn by `rng`) asked with the task's inference prompt; the answer is its description."""
+    entries = _descriptions(record)
+    if not entries:
+        raise ValueError(f"record {record.id}: task samples need `description` entries")
+    k, text = entries[int(rng.integers(len(entries)))]
+    messages = [("human", task_prompt(task)), ("gpt", rewrite_region_refs(text))]
+    return _sample(record, image_root, messages, [record.annotation[k - 1]])
 
 
 def build_sample(record: Record | Mapping[str, Any], stage: int, kind: str, image_root: str | Path,
