@@ -166,8 +166,9 @@ def test_lora_stage3_merges_on_save(tiny, tmp_path):
 
 def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path):
     folder, tokenizer, config = tiny
-    dataset = RegionDataset(tokenizer, config, n=10)
-    # micro batch 1, global 2: gradient accumulation; 10 samples = 5 steps per epoch, so 6 steps cross an epoch.
+    dataset = RegionDataset(tokenizer, config, n=11)
+    # micro batch 1, global 2: gradient accumulation; 11 samples = 5 steps per epoch (the 11th micro-batch is a
+    # partial accumulation, dropped), so 6 steps cross an epoch boundary.
     changes = {"max_steps": 6, "micro_batch_size": 1, "global_batch_size": 2, "save_steps": 3}
     full = Recipe(make_config(folder, tmp_path / "full", 3, **changes), dataset=dataset, collate_fn=collate)
     full.run()

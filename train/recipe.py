@@ -208,8 +208,6 @@ class Recipe:
         while self.state.step < stop:
             batches_per_epoch = self.steps_per_epoch * self.accumulation
             for batch in self._loader():
-                if self.state.batches_in_epoch >= batches_per_epoch:
-                    break  # the trailing partial accumulation of an epoch is dropped
                 loss = self._micro_step(batch, window)
                 window.losses.append(loss)
                 self.state.batches_in_epoch += 1
@@ -223,17 +221,14 @@ class Recipe:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
                 if self.metrics is not None and (self.state.step % cfg.log_steps == 0 or self.state.step == stop):
                     self.metrics.write(record)
-                if self.state.batches_in_epoch >= batches_per_epoch:
+                epoch_done = self.state.batches_in_epoch >= batches_per_epoch
+                if epoch_done:  # the rest of this loader is the epoch's trailing partial accumulation: dropped
                     self.state.epoch += 1
                     self.state.batches_in_epoch = 0
                 if cfg.save_steps and self.state.step % cfg.save_steps == 0 and self.state.step < self.total_steps:
                     self.save_checkpoint()
-                if self.state.step >= stop:
+                if epoch_done or self.state.step >= stop:
                     break
-            else:
-                if self.state.batches_in_epoch:  # loader exhausted before the epoch's last full step
-                    self.state.epoch += 1
-                    self.state.batches_in_epoch = 0
         bar.close()
         if self.state.fully_masked_samples or self.state.truncated_samples:
             logger.warning("rank %d: %d truncated samples, %d fully masked samples (no trained token: no loss)",
