@@ -74,8 +74,9 @@ def manifest_subsets(root: str | Path, split: str = "train", stages: Iterable[in
 
 def specs_for_files(files: Iterable[str | Path], root: str | Path, image_root: str | Path | None = None, *,
                     stage: int | None = None, kind: str | None = None) -> list[SubsetSpec]:
-    """Specs for record files given by path (relative to `root`): stage and kind come from `root/manifest.json`
-    when it lists the file (a generated dataset), else from `stage`/`kind`, which then apply to every file."""
+    """Specs for record files given by path (relative to `root`): stage and kind are `stage`/`kind` when given
+    (they apply to every file; a file may be read as another kind, e.g. categories as task samples), else
+    what `root/manifest.json` lists for the file (a generated dataset)."""
     root = Path(root)
     images = Path(image_root) if image_root is not None else root
     listed: dict[Path, tuple[int, str]] = {}
@@ -87,10 +88,10 @@ def specs_for_files(files: Iterable[str | Path], root: str | Path, image_root: s
     specs = []
     for file in files:
         path = Path(file) if Path(file).is_absolute() else root / file
-        if path.resolve() in listed:
-            specs.append(SubsetSpec(path, *listed[path.resolve()], images))
-        elif stage is not None and kind is not None:
+        if stage is not None and kind is not None:
             specs.append(SubsetSpec(path, stage, kind, images))
+        elif path.resolve() in listed:
+            specs.append(SubsetSpec(path, *listed[path.resolve()], images))
         else:
             raise ValueError(f"{path}: not listed in {root / 'manifest.json'}; give its stage and kind "
                              f"(one of {STAGE_KINDS})")

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The built-in model, end to end, on one GPU: generate the dataset, train stages 1-3 of the full model and of the
+# paper's three ablations (same data, same budget; they share the stage-1 model, which has no extractor in play),
+# evaluate them, and pack the results.
+#
+#   bash bench/builtin_recipe.sh            # WORK=runs/builtin_recipe, about 9 minutes on one H100/H200
+#
+# Variables: N (images), S1/S2/S3 (optimiser steps per stage), WORK, EVAL_LIMIT (records per eval sub-set).
+set -euo pipefail
+N=${N:-20000}; S1=${S1:-300}; S2=${S2:-500}; S3=${S3:-1500}; EVAL_LIMIT=${EVAL_LIMIT:-100}
+WORK=${WORK:-runs/builtin_recipe}; DATA=$WORK/data
+mkdir -p "$WORK"
+log() { echo "[$(date +%H:%M:%S)] $*"; }
+
+log "dataset: $N images"
+osprey data synth --out "$DATA" --n "$N" --workers "$(nproc)" --no-progress
+osprey model init --preset builtin --out "$WORK/full/init" --corpus "$DATA"/train/*.json
+
+common=(--set "data.root=$DATA" --set progress=false)
+log "stage 1 (shared)"
+osprey train --stage 1 --config builtin_stage1 "${common[@]}" --model "$WORK/full/init" --output "$WORK/full/stage1" \
+  --max-steps "$S1" > "$WORK/full_stage1.log" 2>&1
+osprey model derive "$WORK/full/stage1/final" --out "$WORK/box/stage1/final" --mask-from-box
+osprey model derive "$WORK/full/stage1/final" --out "$WORK/nopos/stage1/final" --no-position-token
+osprey model derive "$WORK/full/stage1/final" --out "$WORK/res4/stage1/final" --levels 2
+
+variant() {  # stages 2 and 3 of one variant; variants run side by side on the GPU, each with a share of the CPUs
+  local v=$1 workers=$2
+  export MASTER_PORT=$3
+  osprey train --stage 2 --config builtin_stage2 "${common[@]}" --set "data.num_workers=$workers" \
+    --model "$WORK/$v/stage1/final" --output "$WORK/$v/stage2" --max-steps "$S2" > "$WORK/${v}_stage2.log" 2>&1
+  osprey train --stage 3 --config builtin_stage3 "${common[@]}" --set "data.num_workers=$workers" \
+    --model "$WORK/$v/stage2/final" --output "$WORK/$v/stage3" --max-steps "$S3" > "$WORK/${v}_stage3.log" 2>&1
+}
+workers=$(( $(nproc) / 4 > 1 ? $(nproc) / 4 - 1 : 1 ))
+log "stages 2-3: full, box, nopos, res4 in parallel ($workers data workers each)"
+pids=()
+port=29600
+for v in full box nopos res4; do variant "$v" "$workers" $((port++)) & pids+=($!); done
+for p in "${pids[@]}"; do wait "$p"; done
+
+log "evaluation"
+python -m bench.region_eval --data "$DATA" --split test --limit "$EVAL_LIMIT" --out "$WORK/eval" \
+  --model full="$WORK/full/stage3/final" --model box="$WORK/box/stage3/final" \
+  --model nopos="$WORK/nopos/stage3/final" --model res4="$WORK/res4/stage3/final" > "$WORK/eval.log" 2>&1
+for v in full box nopos res4; do for s in 1 2 3; do
+  [ -f "$WORK/$v/stage$s/metrics.jsonl" ] && osprey train plot "$WORK/$v/stage$s/metrics.jsonl" --out "$WORK/curves_${v}_stage$s.png"
+done; done
+osprey model convert "$WORK/full/stage3/final" --out "$WORK/builtin_bf16" --dtype bfloat16
+log "done"

@@ -1,0 +1,188 @@
+"""Region-level accuracy of one or more models on a generated dataset's split, split by how hard the region is
+for a box: the paper's kind of ablation (mask vs box, with/without position token, multi-level vs res4 only).
+
+    python -m bench.region_eval --data data/synth --split test --model full=runs/builtin/stage3/final \
+        --model box=runs/abl_box/stage3/final --out runs/region_eval
+
+Per model, greedy decoding, every question teacher-forced on the ground-truth history:
+- category: the official category prompt per region of `stage2_categories` (exact match after normalisation);
+- attributes: the short-form questions of `stage3_short_form` by type (object, colour, size, texture, ...);
+- positive/negative: the yes/no questions of `stage3_pos_neg`.
+Each accuracy is also given for regions whose box overlaps another region's box (IoU > 0) and for regions that
+share their box with another region (IoU >= 0.9): there the box cannot tell the regions apart, the mask can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+QUESTION_TYPES = (
+    ("colour", re.compile(r"\bcolou?r\b|\bis .* (red|green|blue|yellow|orange|purple|pink|brown|black|white|gray|cyan)\b")),
+    ("size", re.compile(r"\bsize\b|\b(small|medium|large)\b")),
+    ("texture", re.compile(r"\btexture\b|\b(solid|striped|dotted|checkered)\b")),
+    ("position", re.compile(r"\b(where|left|right|top|bottom|center|image)\b")),
+    ("count", re.compile(r"\bhow many\b")),
+    ("object", re.compile(r"\bobject\b|\bis there an? \b|\bcategory\b|\bpart\b")),
+)
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"[^a-z0-9: ]", "", text.lower().replace("_", " ")).strip()
+
+
+def yes_no(text: str) -> str:
+    words = normalise(text).split()
+    return "no" if words and words[0] in ("no", "not") else "yes" if words and words[0] == "yes" else "other"
+
+
+def question_type(question: str) -> str:
+    q = question.lower()
+    return next((name for name, pattern in QUESTION_TYPES if pattern.search(q)), "other")
+
+
+def box_iou(a, b) -> float:
+    ax, ay, aw, ah = a
+    bx, by, bw, bh = b
+    iw = max(0.0, min(ax + aw, bx + bw) - max(ax, bx))
+    ih = max(0.0, min(ay + ah, by + bh) - max(ay, by))
+    inter = iw * ih
+    union = aw * ah + bw * bh - inter
+    return inter / union if union > 0 else 0.0
+
+
+def overlap_flags(record) -> list[tuple[bool, bool]]:
+    """Per region: (its box overlaps another region's box, it shares its box with another region)."""
+    boxes = [r.bbox for r in record.annotation]
+    out = []
+    for i, box in enumerate(boxes):
+        ious = [box_iou(box, other) for j, other in enumerate(boxes) if j != i]
+        out.append((any(v > 0 for v in ious), any(v >= 0.9 for v in ious)))
+    return out
+
+
+class Tally:
+    def __init__(self) -> None:
+        self.hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+
+    def add(self, key: str, correct: bool, overlap: tuple[bool, bool] | None = None) -> None:
+        keys = [key]
+        if overlap is not None:
+            keys += [f"{key}@overlap"] * overlap[0] + [f"{key}@same_box"] * overlap[1]
+        for k in keys:
+            self.hits[k][0] += int(correct)
+            self.hits[k][1] += 1
+
+    def result(self) -> dict[str, dict[str, float]]:
+        return {k: {"accuracy": h / n, "n": n} for k, (h, n) in sorted(self.hits.items())}
+
+
+def _records(data: Path, split: str, name: str, limit: int | None):
+    from osprey.data.records import iter_records
+
+    path = data / split / f"{name}.json"
+    for count, (_, record) in enumerate(iter_records(path)):
+        if limit is not None and count >= limit:
+            return
+        yield record
+
+
+def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: int) -> dict:
+    from osprey.data.records import record_masks
+    from osprey.data.samples import build_sample
+    from osprey.inference import SamplingParams
+    from osprey.prompts import task_prompt
+
+    params = SamplingParams(max_new_tokens=max_new_tokens)
+    tally = Tally()
+    rng = np.random.default_rng(0)
+    for record in tqdm(list(_records(data, split, "stage2_categories", limit)), desc="category", leave=False):
+        labels = [entry.split(":", 1)[1].strip() for entry in record.description]
+        answers = pipe.describe(data / record.file_name, record_masks(record), task="category", params=params)
+        for label, answer, flags in zip(labels, answers, overlap_flags(record)):
+            tally.add("category", normalise(answer.text) == normalise(label), flags)
+    for name, kind in (("stage3_short_form", "short_form"), ("stage3_pos_neg", "pos_neg")):
+        for record in tqdm(list(_records(data, split, name, limit)), desc=kind, leave=False):
+            sample = build_sample(record, 3, kind, data, rng)
+            masks = sample.masks()
+            encoded = pipe.encode_image(data / record.file_name)
+            flags = overlap_flags(record)
+            prompts, truths, types, overlaps = [], [], [], []
+            original_questions = [t.value for t in record.conversations if t.speaker == "human"]
+            for turn in range(0, len(sample.messages), 2):
+                history = sample.messages[: turn + 1]
+                used = sum(text.count("<mask>") for _, text in history)
+                prompts.append(pipe.prepare(encoded, history, masks[:used]))
+                truths.append(sample.messages[turn + 1][1])
+                question = original_questions[turn // 2]
+                types.append(question_type(question))
+                refs = [int(k) for k in re.findall(r"<region(\d+)>", question)]
+                overlaps.append(flags[refs[-1] - 1] if refs else None)
+            for answer, truth, qtype, overlap in zip(pipe.generate(prompts, params), truths, types, overlaps):
+                if kind == "pos_neg":
+                    tally.add("pos_neg", yes_no(answer.raw_text) == yes_no(truth), overlap)
+                else:
+                    tally.add(f"short_form:{qtype}", normalise(answer.raw_text) == normalise(truth), overlap)
+                    if qtype in ("colour", "size", "texture"):
+                        tally.add("attribute", normalise(answer.raw_text) == normalise(truth), overlap)
+    return tally.result()
+
+
+def markdown(results: dict[str, dict]) -> str:
+    models = list(results)
+    keys = sorted({k for r in results.values() for k in r}, key=lambda k: (k.split("@")[0], k))
+    lines = ["| metric | " + " | ".join(models) + " |", "| --- |" + " --- |" * len(models)]
+    for key in keys:
+        cells = []
+        for m in models:
+            v = results[m].get(key)
+            cells.append(f"{100 * v['accuracy']:.1f} (n={v['n']})" if v else "-")
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", required=True, type=Path, help="an `osprey data synth` folder")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--model", action="append", required=True, metavar="NAME=DIR")
+    parser.add_argument("--out", required=True, type=Path, help="output folder (region_eval.json / .md)")
+    parser.add_argument("--limit", type=int, default=None, help="records per sub-set")
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=12)
+    args = parser.parse_args(argv)
+
+    from osprey.inference import OspreyPipeline
+
+    results = {}
+    for spec in args.model:
+        name, _, path = spec.partition("=")
+        if not path:
+            parser.error(f"--model wants NAME=DIR, got {spec!r}")
+        pipe = OspreyPipeline.from_pretrained(path, device=args.device)
+        results[name] = evaluate(pipe, args.data, args.split, args.limit, args.max_new_tokens)
+        print(name, json.dumps({k: round(v["accuracy"], 4) for k, v in results[name].items()}), flush=True)
+    _write_atomic(args.out / "region_eval.json", json.dumps(results, indent=2) + "\n")
+    _write_atomic(args.out / "region_eval.md", markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
