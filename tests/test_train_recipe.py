@@ -180,6 +180,8 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path):
     resumed = Recipe(make_config(folder, tmp_path / "resumed", 3, **changes), dataset=dataset, collate_fn=collate)
     resumed.run(resume=True)
     assert resumed.state.losses[:3] == full.state.losses[:3]
+    with pytest.raises(FileExistsError, match="pass --resume"):  # a fresh run must not mix with old checkpoints
+        Recipe(make_config(folder, tmp_path / "resumed", 3, **changes), dataset=dataset, collate_fn=collate).setup()
 
     def log(name):
         return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]

@@ -76,7 +76,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     from train.recipe import Recipe
 
-    final = Recipe(cfg).run(resume=args.resume)
+    try:
+        final = Recipe(cfg).run(resume=args.resume)
+    except FileExistsError as exc:
+        raise SystemExit(f"osprey train: {exc}") from exc
     print(f"wrote {final}")
     return 0
 

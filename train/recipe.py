@@ -82,6 +82,9 @@ class Recipe:
 
     # -- setup -------------------------------------------------------------------------------------------------
     def setup(self, resume: bool = False) -> None:
+        if not resume and self.latest_checkpoint() is not None:
+            raise FileExistsError(f"{self.checkpoint_root()} holds checkpoints of an earlier run: pass --resume to "
+                                  "continue it, or choose another output_dir")
         self.rank, self.world_size, self.device = dsu.init_distributed()
         _seed_everything(self.cfg.seed + self.rank)
         if self.cfg.tf32 and self.device.type == "cuda":
@@ -91,9 +94,6 @@ class Recipe:
         self.setup_data()
         self.setup_optimizer()
         resume_from = self.latest_checkpoint() if resume else None
-        if not resume and self.latest_checkpoint() is not None:
-            logger.warning("%s holds checkpoints of an earlier run; this run starts from step 0 and will replace them "
-                           "(pass --resume to continue instead)", self.checkpoint_root())
         if resume and resume_from is None:
             logger.warning("--resume: no checkpoint under %s, starting from step 0", self.output_dir / CHECKPOINT_DIR)
         if resume_from is not None:
