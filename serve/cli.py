@@ -24,6 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="weights dtype (default: the folder's)")
+    serve.add_argument("--cpu-threads", type=int, default=None,
+                       help="torch threads when decoding on CPU (default: all cores but one)")
     serve.add_argument("--served-model-name", default="", help="model id in /v1/models (default: folder name)")
     serve.add_argument("--max-batch-size", type=int, default=8, help="prompts decoded together across requests")
     serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait this long to fill a batch")
@@ -83,6 +85,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = ServeConfig(
             model=model, served_model_name=args.served_model_name, device=args.device, dtype=args.dtype,
+            cpu_threads=args.cpu_threads,
             api_key=args.api_key or None, allow_image_urls=args.allow_image_urls,
             max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
             image_cache_size=args.image_cache_size, request_timeout_s=args.request_timeout,

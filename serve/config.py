@@ -15,6 +15,7 @@ class ServeConfig:
     served_model_name: str = ""  # name in /v1/models and responses; "" = the folder's name
     device: str = "cpu"
     dtype: str | None = None  # None = the folder's dtype (pipeline default)
+    cpu_threads: int | None = None  # torch threads on CPU; None = all cores but one (one is the event loop's)
     api_key: str | None = None  # when set, /v1/* need `Authorization: Bearer KEY`
     allow_image_urls: bool = False  # fetching http(s) URLs makes the server a proxy: off unless asked
     # engine
@@ -40,6 +41,8 @@ class ServeConfig:
                      "max_prompt_chars", "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
         if self.request_timeout_s <= 0 or self.batch_wait_ms < 0:
             raise ValueError("request_timeout_s must be > 0 and batch_wait_ms >= 0")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
 import queue
 import threading
 import time
@@ -54,15 +55,27 @@ class Backend(Protocol):
 
 
 class PipelineBackend:
-    """`osprey.inference.OspreyPipeline` in this process (the default backend)."""
+    """`osprey.inference.OspreyPipeline` in this process (the default backend).
 
-    def __init__(self, model: str, device: str = "cpu", dtype: str | None = None) -> None:
-        self.model, self.device, self.dtype = model, device, dtype
+    On CPU, torch's intra-op pool gets `cpu_threads` threads (default: all cores but one). With every core
+    given to OpenMP, its spinning threads starve the event loop and any other process: on the 2-core dev
+    machine under load that made decoding up to 10x slower and p90 latency ~20x worse (docs/serve.md).
+    """
+
+    def __init__(self, model: str, device: str = "cpu", dtype: str | None = None, cpu_threads: int | None = None
+                 ) -> None:
+        self.model, self.device, self.dtype, self.cpu_threads = model, device, dtype, cpu_threads
         self.pipe: Any = None
 
     def load(self) -> None:
+        import torch
+
         from osprey.inference import OspreyPipeline
 
+        if self.device.startswith("cpu"):
+            threads = self.cpu_threads or max(1, len(os.sched_getaffinity(0)) - 1)
+            torch.set_num_threads(threads)
+            log.info("CPU decoding with %d torch threads", threads)
         self.pipe = OspreyPipeline.from_pretrained(self.model, device=self.device, dtype=self.dtype)
 
     def encode_image(self, image: Image.Image) -> Any:
