@@ -6,6 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from osprey import default_model_path
+
 DEFAULT_MODEL_ENV = "OSPREY_MODEL"
 
 
@@ -56,7 +58,8 @@ class NoDefaultModel(RuntimeError):
 
 
 def resolve_model_path(model: str | None) -> str:
-    """The model folder to serve: `--model`, else $OSPREY_MODEL, else the project's default model folder.
+    """The model folder to serve: `--model`, else $OSPREY_MODEL, else the project's built-in model
+    (`osprey.default_model_path()`, when installed).
 
     Raises NoDefaultModel (the CLI exits 2) when none exists, telling the user what to pass.
     """
@@ -69,7 +72,7 @@ def resolve_model_path(model: str | None) -> str:
         if not Path(env).is_dir():
             raise NoDefaultModel(f"${DEFAULT_MODEL_ENV}={env!r} is not a folder")
         return env
-    default = _core_default_model_path()
+    default = default_model_path()
     if default is not None and Path(default).is_dir():
         return str(default)
     raise NoDefaultModel(
@@ -77,13 +80,3 @@ def resolve_model_path(model: str | None) -> str:
         f"official checkpoint, or a test model from `osprey model init --preset tiny --out DIR`), or set ${DEFAULT_MODEL_ENV}"
     )
 
-
-def _core_default_model_path() -> str | None:
-    """`osprey.default_model_path()` when the core provides one (it is planned, not yet there)."""
-    import osprey
-
-    finder = vars(osprey).get("default_model_path")
-    if finder is None:
-        return None
-    path = finder()
-    return None if path is None else str(path)

@@ -75,12 +75,28 @@ def test_describe_table_and_errors(files, capsys, monkeypatch):
                   "--model", str(files["model"])])
     assert args.func(args) == 2
     monkeypatch.delenv("OSPREY_MODEL", raising=False)
+    monkeypatch.setattr("serve.config.default_model_path", lambda: None)  # as if no built-in model is installed
     args = parse(["describe", str(files["image"]), "--masks", str(files["png"])])
     assert args.func(args) == 2 and "--model" in capsys.readouterr().err
 
 
+def test_default_model_resolution(files, monkeypatch, tmp_path):
+    from serve.config import NoDefaultModel, resolve_model_path
+
+    monkeypatch.delenv("OSPREY_MODEL", raising=False)
+    monkeypatch.setattr("serve.config.default_model_path", lambda: files["model"])
+    assert resolve_model_path(None) == str(files["model"])  # the built-in model, when installed
+    monkeypatch.setenv("OSPREY_MODEL", str(tmp_path))
+    assert resolve_model_path(None) == str(tmp_path)  # $OSPREY_MODEL before the built-in one
+    assert resolve_model_path(str(files["model"])) == str(files["model"])  # --model before both
+    monkeypatch.setenv("OSPREY_MODEL", str(tmp_path / "missing"))
+    with pytest.raises(NoDefaultModel, match="OSPREY_MODEL"):
+        resolve_model_path(None)
+
+
 def test_serve_without_a_model_says_what_to_pass(capsys, monkeypatch, tmp_path):
     monkeypatch.delenv("OSPREY_MODEL", raising=False)
+    monkeypatch.setattr("serve.config.default_model_path", lambda: None)  # as if no built-in model is installed
     args = parse(["serve"])
     assert args.func(args) == 2
     err = capsys.readouterr().err
