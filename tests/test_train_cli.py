@@ -29,6 +29,10 @@ def test_train_stage1_then_stage2_from_its_output_and_plot(tmp_path, capsys):
     assert summary["step"] == 2 and summary["samples_seen"] == 8 and summary["parts"]["mask_extractor"][0] > 0
 
     log = tmp_path / "s2" / "metrics.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    # tiny configs log every 5 steps (and the last): one record, its loss the mean of the 2 steps
+    assert [(r["step"], r["loss_steps"]) for r in records] == [(2, 2)]
+    assert records[0]["loss"] == pytest.approx(sum(summary["losses"]) / 2)
     assert main(["train", "plot", str(log), "--out", str(tmp_path / "curves.png")]) == 0
     assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -91,7 +91,7 @@ def plot_log(path: str | Path, out: str | Path) -> Path:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    fig.suptitle(Path(path).name)
+    fig.suptitle(f"{Path(path).parent.name}/{Path(path).name}")
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -205,6 +205,7 @@ class Recipe:
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc=f"stage {cfg.stage}", unit="step",
                    disable=not cfg.progress or self.rank != 0, dynamic_ncols=True)
         window = _Window()
+        pending: list[float] = []  # per-step losses not yet written to the log
         while self.state.step < stop:
             batches_per_epoch = self.steps_per_epoch * self.accumulation
             for batch in self._loader():
@@ -219,8 +220,11 @@ class Recipe:
                 window = _Window()
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+                pending.append(record["loss"])
                 if self.metrics is not None and (self.state.step % cfg.log_steps == 0 or self.state.step == stop):
-                    self.metrics.write(record)
+                    # loss: mean over the steps since the last record (HF Trainer style); the rest: this step
+                    self.metrics.write({**record, "loss": sum(pending) / len(pending), "loss_steps": len(pending)})
+                    pending = []
                 epoch_done = self.state.batches_in_epoch >= batches_per_epoch
                 if epoch_done:  # the rest of this loader is the epoch's trailing partial accumulation: dropped
                     self.state.epoch += 1
