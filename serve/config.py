@@ -36,6 +36,7 @@ class ServeConfig:
     max_prompt_chars: int = 16_000  # all text of a chat request together
     max_n: int = 8  # choices per chat request
     url_fetch_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0  # longest wait for the next piece of a request body -> 408
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "image_cache_size", "max_body_bytes", "max_image_pixels",
@@ -45,8 +46,8 @@ class ServeConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
-        if self.request_timeout_s <= 0 or self.batch_wait_ms < 0:
-            raise ValueError("request_timeout_s must be > 0 and batch_wait_ms >= 0")
+        if self.request_timeout_s <= 0 or self.body_timeout_s <= 0 or self.batch_wait_ms < 0:
+            raise ValueError("request_timeout_s and body_timeout_s must be > 0, batch_wait_ms >= 0")
 
     @property
     def model_name(self) -> str:

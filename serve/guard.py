@@ -3,6 +3,7 @@ that give every error OpenAI's shape (FastAPI's 422 validation errors become 400
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -114,6 +115,8 @@ class GuardMiddleware:
                 body_receive, error = await self._read_body(scope, receive)
             if error is not None:
                 await _send_json(send_wrapper, error)
+            elif body_receive is None:  # the client left while sending its body: nobody to answer
+                status["code"] = 499
             else:
                 await self.app(scope, body_receive, send_wrapper)
         finally:
@@ -131,7 +134,9 @@ class GuardMiddleware:
         return None
 
     async def _read_body(self, scope: dict, receive: Any) -> tuple[Any, APIError | None]:
-        """Read the whole body up to the cap (413 on Content-Length or once exceeded), then replay it."""
+        """Read the whole body up to the cap (413 on Content-Length or once exceeded), then replay it.
+
+        Returns (receive for the app, None), (None, error to send), or (None, None) if the client left."""
         limit = self.config.max_body_bytes
         too_large = APIError(413, f"request body is larger than {limit} bytes", code="body_too_large")
         headers = dict(scope.get("headers") or [])
@@ -144,9 +149,13 @@ class GuardMiddleware:
                 return None, APIError(400, "invalid Content-Length header", code="invalid_header")
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:  # a client that stalls mid-body (slowloris) must not hold a connection forever
+                message = await asyncio.wait_for(receive(), timeout=self.config.body_timeout_s)
+            except asyncio.TimeoutError:
+                return None, APIError(408, f"the request body did not arrive within {self.config.body_timeout_s} s",
+                                      code="body_timeout")
             if message["type"] == "http.disconnect":
-                return receive, None  # the app sees the disconnect itself
+                return None, None
             body = message.get("body", b"")
             size += len(body)
             if size > limit:

@@ -399,13 +399,17 @@ def test_flood_gets_answers_or_429_and_nothing_else(server):
 
 def test_client_disconnect_cancels_its_work(server):
     body = {"model": NAME, "messages": chat_messages("Describe <region1>."), "max_tokens": 32, "stream": True,
-            "regions": GOOD_REGION, "n": 4}
+            "regions": GOOD_REGION, "n": 8}
+    before = _metric(httpx.get(server.url + "/metrics").text, "osprey_generated_tokens_total")
     with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60) as r:
         next(r.iter_lines())  # the stream has begun; now hang up
     deadline = time.monotonic() + 10
     while server.engine._inflight and time.monotonic() < deadline:
         time.sleep(0.02)
     assert not server.engine._inflight
+    time.sleep(0.3)  # let the batch notice and end
+    generated = _metric(httpx.get(server.url + "/metrics").text, "osprey_generated_tokens_total") - before
+    assert generated < 8 * 32  # decoding stopped before every choice reached max_tokens
     assert describe(server).status_code == 200
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import socket
 import threading
 import time
 
@@ -71,12 +72,25 @@ def test_a_model_that_fails_to_load_is_reported(tmp_path):
         assert r.status_code == 503 and r.json()["error"]["code"] == "model_load_failed"
 
 
-def test_timeout_gives_504_and_the_server_recovers(model_dir):
-    config = ServeConfig(model=str(model_dir), request_timeout_s=0.001)
+def test_timeouts_and_stalled_or_abandoned_bodies(model_dir):
+    config = ServeConfig(model=str(model_dir), request_timeout_s=0.001, body_timeout_s=0.3)
     with BackgroundServer(config) as server:
         for stream in (False, True):
             r = httpx.post(server.url + "/v1/regions/describe", json=payload(stream=stream))
             assert r.status_code == 504 and r.json()["error"]["type"] == "timeout_error"
+        head = (b"POST /v1/regions/describe HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100\r\n\r\n{\"image\": ")
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:  # stalls mid-body
+            sock.sendall(head)
+            reply = b""
+            while b"body_timeout" not in reply and (chunk := sock.recv(4096)):
+                reply += chunk
+        assert reply.startswith(b"HTTP/1.1 408") and b"body_timeout" in reply
+        with socket.create_connection((server.host, server.port), timeout=10) as sock:  # leaves mid-body
+            sock.sendall(head)
+        time.sleep(0.2)
+        metrics = httpx.get(server.url + "/metrics").text
+        assert 'status="500"' not in metrics and 'status="499"' in metrics
         assert httpx.get(server.url + "/health").status_code == 200
 
 
