@@ -36,7 +36,7 @@ workers=$(( $(nproc) / 4 > 1 ? $(nproc) / 4 - 1 : 1 ))
 log "stages 2-3: full, box, nopos, res4 in parallel ($workers data workers each)"
 pids=()
 port=29600
-for v in full box nopos res4; do variant "$v" "$workers" $((port++)) & pids+=($!); done
+for v in full box nopos res4; do variant "$v" "$workers" "$port" & pids+=($!); port=$((port + 1)); done
 for p in "${pids[@]}"; do wait "$p"; done
 
 log "evaluation"

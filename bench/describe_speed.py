@@ -75,7 +75,7 @@ def our_flow(pipe, image, masks, new_tokens: int) -> float:
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--model", default=None, help="a model folder instead of a random preset")
@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="JSON results file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     pipe = build_pipeline(args)
     pipe.eos_token_id = -1  # never stop early: both flows decode exactly --new-tokens tokens

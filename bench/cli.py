@@ -1,0 +1,31 @@
+"""`osprey bench NAME [ARGS...]`: run one of the project's benchmarks (each script's own --help lists its options)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS = {
+    "describe-speed": ("bench.describe_speed", "region-description throughput vs the official one-region-per-call flow"),
+    "load": ("bench.load", "concurrent clients against a loopback server: requests/s, latency, correctness"),
+    "train-step": ("bench.train_step", "stage-3 DeepSpeed training step: tokens/s, MFU, peak memory"),
+    "eval-all": ("bench.eval_all", "every `osprey eval` command on a generated test split, one summary table"),
+    "region-eval": ("bench.region_eval", "region-level accuracy and the mask/box/position/levels ablation"),
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    listing = "\n".join(f"  {name:15s} {help}" for name, (_, help) in BENCHMARKS.items())
+    parser = subparsers.add_parser(
+        "bench", help="run a benchmark (describe-speed, load, train-step, eval-all, region-eval)",
+        description=__doc__, epilog="benchmarks:\n" + listing, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("name", choices=sorted(BENCHMARKS), metavar="NAME")
+    parser.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark (try NAME --help)")
+    parser.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    module = importlib.import_module(BENCHMARKS[args.name][0])
+    status = module.main(args.args)
+    return status if isinstance(status, int) else 0  # some benchmarks return their result dict
