@@ -220,6 +220,12 @@ def _polygons_to_coco(polygons: Any, height: int, width: int, strict: bool) -> d
             raise MaskError(f"polygon {i} has {coords.size // 2} points; a polygon needs at least 3")
         if not np.all(np.isfinite(coords)):
             raise MaskError(f"polygon {i} has non-finite coordinates (nan or inf)")
+        # pycocotools casts coordinates to C ints (huge values crash the process) and walks every pixel of every
+        # edge (far values cost time and memory): refuse anything far outside the image.
+        bound = 4 * max(height, width) + 16
+        if np.abs(coords).max() > bound:
+            raise MaskError(f"polygon {i} has a coordinate far outside the {width}x{height} (WxH) image "
+                            f"({np.abs(coords).max():g} > {bound})")
         xy = coords.reshape(-1, 2)
         if _is_collinear(xy):
             raise MaskError(f"polygon {i} is degenerate: zero area (all points collinear or repeated)")

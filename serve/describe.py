@@ -62,8 +62,6 @@ def _decode_one(region: Any, height: int, width: int, limits: inputs.Limits, whe
     try:
         if isinstance(region, dict) and any(k in region for k in (*inputs.REGION_KEYS, "segmentation")):
             return inputs.decode_region(region, height, width, limits, resize=False, param=where)
-        if isinstance(region, list) and mask_codecs.detect_format(region, height, width) == "polygons":
-            inputs.check_polygon_range(region, height, width, where)
         return mask_codecs.decode_mask(region, height, width)
     except APIError as exc:
         raise MaskFileError(f"{exc.param}: {exc.message}") from None

@@ -212,6 +212,7 @@ def _truncated_png() -> bytes:
         ([[1, 1, 1, 1, 1, 1]], 5, 5, "degenerate"),
         ([[1, 1, float("nan"), 1, 3, 3]], 5, 5, "non-finite"),
         ([[1, 1, float("inf"), 1, 3, 3]], 5, 5, "non-finite"),
+        ([[0, 0, 1e300, 0, 1e300, 1e300]], 5, 5, "far outside"),  # pycocotools would crash on it
         ([[1, 1, "a", 1, 3, 3]], 5, 5, "non-numeric"),
         ([], 5, 5, "empty mask list"),
         ([1, 1, 0, 2], 5, 5, "non-positive size"),
