@@ -5,7 +5,8 @@
 #
 #   bash bench/builtin_recipe.sh            # WORK=runs/builtin_recipe, about 9 minutes on one H100/H200
 #
-# Variables: N (images), S1/S2/S3 (optimiser steps per stage), WORK, EVAL_LIMIT (records per eval sub-set).
+# Variables: N (images), S1/S2/S3 (optimiser steps per stage), WORK, EVAL_LIMIT (records per eval sub-set),
+# EXTRA (more `osprey train` options for every stage, e.g. "--set micro_batch_size=4 --set global_batch_size=4").
 set -euo pipefail
 N=${N:-20000}; S1=${S1:-300}; S2=${S2:-500}; S3=${S3:-1500}; EVAL_LIMIT=${EVAL_LIMIT:-100}
 WORK=${WORK:-runs/builtin_recipe}; DATA=$WORK/data
@@ -16,7 +17,8 @@ log "dataset: $N images"
 osprey data synth --out "$DATA" --n "$N" --workers "$(nproc)" --no-progress
 osprey model init --preset builtin --out "$WORK/full/init" --corpus "$DATA"/train/*.json
 
-common=(--set "data.root=$DATA" --set progress=false)
+read -r -a extra <<< "${EXTRA:-}"
+common=(--set "data.root=$DATA" --set progress=false "${extra[@]}")
 log "stage 1 (shared)"
 osprey train --stage 1 --config builtin_stage1 "${common[@]}" --model "$WORK/full/init" --output "$WORK/full/stage1" \
   --max-steps "$S1" > "$WORK/full_stage1.log" 2>&1
