@@ -239,19 +239,23 @@ class Recipe:
                            self.rank, self.state.truncated_samples, self.state.fully_masked_samples)
         return self.state
 
-    def _micro_step(self, batch: dict[str, Any], window: _Window) -> float:
-        inputs = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS}
-        masks = [m.to(self.device, non_blocking=True) for m in batch["masks"]]
-        labels = inputs["labels"]
+    def _micro_step(self, batch: dict[str, Any], window: _Window) -> torch.Tensor:
+        """Forward, backward and (at accumulation boundaries) the optimiser step of one micro-batch.
+
+        Bookkeeping reads the batch while it is still on the CPU, so it never waits for the GPU.
+        """
+        labels = batch["labels"]
         trained_per_sample = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
-        fully_masked = int((trained_per_sample == 0).sum())
-        self.state.fully_masked_samples += fully_masked
+        self.state.fully_masked_samples += int((trained_per_sample == 0).sum())
         if "truncated" in batch:
             self.state.truncated_samples += int(torch.as_tensor(batch["truncated"]).sum())
         self.state.samples_seen += labels.shape[0]
         window.lr = self.optimizer.param_groups[0]["lr"]  # the rate this step applies (0 on step 1 of a warm-up)
-        window.tokens += int(inputs["attention_mask"].sum())
+        window.tokens += int(batch["attention_mask"].sum())
         window.samples += labels.shape[0]
+
+        inputs = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS}
+        masks = [m.to(self.device, non_blocking=True) for m in batch["masks"]]
         out = self.engine(**inputs, masks=masks, use_cache=False)
         if int(trained_per_sample.sum()) == 0:
             # Nothing to learn from this micro-batch: a zero loss keeps every rank's collectives in step.
@@ -261,13 +265,14 @@ class Recipe:
             loss = out.loss
         self.engine.backward(loss)
         self.engine.step()
-        return float(loss.detach())
+        return loss.detach()
 
     def _step_record(self, window: _Window, per_token: float, peak: float | None) -> dict[str, Any]:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - window.start
-        loss_sum, tokens, samples = dsu.all_reduce_sum([sum(window.losses), window.tokens, window.samples], self.device)
+        local_loss = float(torch.stack(window.losses).float().sum())  # one device sync per step
+        loss_sum, tokens, samples = dsu.all_reduce_sum([local_loss, window.tokens, window.samples], self.device)
         loss = loss_sum / (len(window.losses) * self.world_size)
         grad_norm = self.engine.get_global_grad_norm()
         record = {
@@ -373,7 +378,7 @@ class Recipe:
 class _Window:
     """Counters of the micro-batches of one optimiser step."""
 
-    losses: list[float] = field(default_factory=list)
+    losses: list[torch.Tensor] = field(default_factory=list)  # detached per-micro-batch losses, on the device
     lr: float = 0.0
     tokens: int = 0
     samples: int = 0
