@@ -107,14 +107,14 @@ def build_ds_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
     return ds
 
 
-def initialize(model: torch.nn.Module, optimizer, scheduler, ds_config: dict[str, Any]):
-    """-> (engine, optimizer, scheduler). With `optimizer=None` DeepSpeed builds the one in `ds_config`."""
+def initialize(model: torch.nn.Module, optimizer, scheduler, ds_config: dict[str, Any], param_groups=None):
+    """-> (engine, optimizer, scheduler). With `optimizer=None` DeepSpeed builds the one in `ds_config` over
+    `param_groups`; `scheduler` may be a callable that DeepSpeed calls with the optimizer it steps."""
     import deepspeed
 
-    params = [p for p in model.parameters() if p.requires_grad]
     engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, model_parameters=params if optimizer is None else None,
-        config=ds_config,
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        model_parameters=param_groups if optimizer is None else None, config=ds_config,
     )
     return engine, optimizer, scheduler
 

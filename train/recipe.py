@@ -178,13 +178,11 @@ class Recipe:
             fused = self.device.type == "cuda"
             optimizer = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, fused=fused or None)
         warmup = math.ceil(optim.warmup_ratio * self.total_steps)
-        if optimizer is None:  # DeepSpeed builds its Adam; the schedule is attached after initialisation
-            engine, optimizer, _ = dsu.initialize(self.model, None, None, ds_config)
-            scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, self.total_steps)
-            engine.lr_scheduler = scheduler
-        else:
-            scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, self.total_steps)
-            engine, optimizer, scheduler = dsu.initialize(self.model, optimizer, scheduler, ds_config)
+
+        def schedule(base_optimizer):  # DeepSpeed calls this with the optimizer it steps (also its own Adam)
+            return get_cosine_schedule_with_warmup(base_optimizer, warmup, self.total_steps)
+
+        engine, optimizer, scheduler = dsu.initialize(self.model, optimizer, schedule, ds_config, param_groups=groups)
         self.engine, self.optimizer, self.scheduler = engine, optimizer, scheduler
         self.ds_config = ds_config
         logger.info("optimizer: %s lr %.3g, warm-up %d of %d steps, ZeRO stage %d, bf16 %s",
