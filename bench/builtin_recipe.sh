@@ -6,8 +6,10 @@
 #   bash bench/builtin_recipe.sh            # WORK=runs/builtin_recipe, about 9 minutes on one H100/H200
 #
 # Variables: N (images), S1/S2/S3 (optimiser steps per stage), WORK, EVAL_LIMIT (records per eval sub-set),
-# EXTRA (more `osprey train` options for every stage, e.g. "--set micro_batch_size=4 --set global_batch_size=4").
+# EXTRA (more `osprey train` options for every stage, e.g. "--set micro_batch_size=4 --set global_batch_size=4"),
+# VARIANTS (default "full box nopos res4"; "full" trains only the built-in model).
 set -euo pipefail
+VARIANTS=${VARIANTS:-full box nopos res4}
 N=${N:-20000}; S1=${S1:-300}; S2=${S2:-500}; S3=${S3:-1500}; EVAL_LIMIT=${EVAL_LIMIT:-100}
 WORK=${WORK:-runs/builtin_recipe}; DATA=$WORK/data
 mkdir -p "$WORK"
@@ -22,9 +24,10 @@ common=(--set "data.root=$DATA" --set progress=false "${extra[@]}")
 log "stage 1 (shared)"
 osprey train --stage 1 --config builtin_stage1 "${common[@]}" --model "$WORK/full/init" --output "$WORK/full/stage1" \
   --max-steps "$S1" > "$WORK/full_stage1.log" 2>&1
-osprey model derive "$WORK/full/stage1/final" --out "$WORK/box/stage1/final" --mask-from-box
-osprey model derive "$WORK/full/stage1/final" --out "$WORK/nopos/stage1/final" --no-position-token
-osprey model derive "$WORK/full/stage1/final" --out "$WORK/res4/stage1/final" --levels 2
+declare -A derive_flags=([box]=--mask-from-box [nopos]=--no-position-token [res4]="--levels 2")
+for v in $VARIANTS; do
+  [ "$v" = full ] || osprey model derive "$WORK/full/stage1/final" --out "$WORK/$v/stage1/final" ${derive_flags[$v]}
+done
 
 variant() {  # stages 2 and 3 of one variant; variants run side by side on the GPU, each with a share of the CPUs
   local v=$1 workers=$2
@@ -34,18 +37,20 @@ variant() {  # stages 2 and 3 of one variant; variants run side by side on the G
   osprey train --stage 3 --config builtin_stage3 "${common[@]}" --set "data.num_workers=$workers" \
     --model "$WORK/$v/stage2/final" --output "$WORK/$v/stage3" --max-steps "$S3" > "$WORK/${v}_stage3.log" 2>&1
 }
-workers=$(( $(nproc) / 4 > 1 ? $(nproc) / 4 - 1 : 1 ))
-log "stages 2-3: full, box, nopos, res4 in parallel ($workers data workers each)"
+count=$(wc -w <<< "$VARIANTS")
+workers=$(( $(nproc) / count > 1 ? $(nproc) / count - 1 : 1 ))
+log "stages 2-3: $VARIANTS in parallel ($workers data workers each)"
 pids=()
 port=29600
-for v in full box nopos res4; do variant "$v" "$workers" "$port" & pids+=($!); port=$((port + 1)); done
+for v in $VARIANTS; do variant "$v" "$workers" "$port" & pids+=($!); port=$((port + 1)); done
 for p in "${pids[@]}"; do wait "$p"; done
 
-log "evaluation"
-python -m bench.region_eval --data "$DATA" --split test --limit "$EVAL_LIMIT" --out "$WORK/eval" \
-  --model full="$WORK/full/stage3/final" --model box="$WORK/box/stage3/final" \
-  --model nopos="$WORK/nopos/stage3/final" --model res4="$WORK/res4/stage3/final" > "$WORK/eval.log" 2>&1
-for v in full box nopos res4; do for s in 1 2 3; do
+if [ "$EVAL_LIMIT" != 0 ]; then  # EVAL_LIMIT=0: evaluate elsewhere (the dataset is deterministic: same seed, same data)
+  log "evaluation"
+  models=(); for v in $VARIANTS; do models+=(--model "$v=$WORK/$v/stage3/final"); done
+  python -m bench.region_eval --data "$DATA" --split test --limit "$EVAL_LIMIT" --out "$WORK/eval" "${models[@]}" > "$WORK/eval.log" 2>&1
+fi
+for v in $VARIANTS; do for s in 1 2 3; do
   [ -f "$WORK/$v/stage$s/metrics.jsonl" ] && osprey train plot "$WORK/$v/stage$s/metrics.jsonl" --out "$WORK/curves_${v}_stage$s.png"
 done; done
 osprey model convert "$WORK/full/stage3/final" --out "$WORK/builtin_bf16" --dtype bfloat16
