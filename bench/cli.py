@@ -7,6 +7,7 @@ import importlib
 
 BENCHMARKS = {
     "describe-speed": ("bench.describe_speed", "region-description throughput vs the official one-region-per-call flow"),
+    "extractor-speed": ("bench.extractor_speed", "mask extractor fwd+bwd: one batched pass vs one pass per image"),
     "load": ("bench.load", "concurrent clients against a loopback server: requests/s, latency, correctness"),
     "train-step": ("bench.train_step", "stage-3 DeepSpeed training step: tokens/s, MFU, peak memory"),
     "eval-all": ("bench.eval_all", "every `osprey eval` command on a generated test split, one summary table"),
@@ -17,7 +18,7 @@ BENCHMARKS = {
 def register(subparsers: argparse._SubParsersAction) -> None:
     listing = "\n".join(f"  {name:15s} {help}" for name, (_, help) in BENCHMARKS.items())
     parser = subparsers.add_parser(
-        "bench", help="run a benchmark (describe-speed, load, train-step, eval-all, region-eval)",
+        "bench", help="run a benchmark (describe-speed, extractor-speed, load, train-step, eval-all, region-eval)",
         description=__doc__, epilog="benchmarks:\n" + listing, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("name", choices=sorted(BENCHMARKS), metavar="NAME")

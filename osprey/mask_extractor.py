@@ -70,9 +70,39 @@ def masked_mean_pool(features: torch.Tensor, masks: torch.Tensor) -> torch.Tenso
 
     Official MaskPooling: bilinear resize, `> 0`, sum(F * m) / (sum(m) + 1e-8), so an empty mask pools to zeros.
     """
-    binary = (resize_masks(masks, features.shape[-2:]) > 0).float()
+    return masked_mean_pool_batch(features[None], [masks])
+
+
+def resize_mask_list(masks: list[torch.Tensor], size: tuple[int, int]) -> list[torch.Tensor]:
+    """Per-image mask stacks (Q_i, H_i, W_i) -> (Q_i, h, w) fp32; stacks of one shape are resized in one call."""
+    out: list[torch.Tensor | None] = [None] * len(masks)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, m in enumerate(masks):
+        groups.setdefault(tuple(m.shape[1:]), []).append(i)
+    for members in groups.values():
+        resized = resize_masks(torch.cat([masks[i] for i in members]), size)
+        for i, part in zip(members, resized.split([masks[i].shape[0] for i in members])):
+            out[i] = part
+    return out
+
+
+def masked_mean_pool_batch(features: torch.Tensor, masks: list[torch.Tensor]) -> torch.Tensor:
+    """features (B, C, h, w), masks: per image (Q_i, H_i, W_i) -> (sum Q_i, C), image 0's regions first.
+
+    One pooling for the whole batch: each image's binarised masks are padded to the batch's largest Q with
+    empty masks, pooled by one batched einsum, and the padding rows dropped.
+    """
+    counts = [m.shape[0] for m in masks]
+    longest = max(counts, default=0)
+    if longest == 0:
+        return features.new_zeros((0, features.shape[1]), dtype=torch.float32)
+    binary = features.new_zeros((len(masks), longest, *features.shape[-2:]), dtype=torch.float32)
+    for i, resized in enumerate(resize_mask_list(masks, tuple(features.shape[-2:]))):
+        binary[i, : counts[i]] = (resized > 0).float()
     weights = binary / (binary.sum(dim=(-1, -2), keepdim=True) + 1e-8)
-    return torch.einsum("chw,qhw->qc", features.float(), weights)
+    pooled = torch.einsum("bchw,bqhw->bqc", features.float(), weights)
+    valid = torch.arange(longest, device=features.device)[None] < torch.tensor(counts, device=features.device)[:, None]
+    return pooled[valid]
 
 
 class MaskExtractor(nn.Module):
@@ -94,21 +124,28 @@ class MaskExtractor(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
                 nn.init.zeros_(module.bias)
 
-    def forward(self, levels: list[torch.Tensor], masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """levels: 4 maps (C_l, h_l, w_l) of ONE image; masks: (Q, H0, W0) of that image, any size.
+    def forward(
+        self, levels: list[torch.Tensor], masks: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """levels: the 4 maps (B, C_l, h_l, w_l) of a batch; masks: per image a (Q_i, H_i, W_i) stack, any size.
 
-        Returns mask tokens (Q, D) fp32 and position tokens (Q, D) fp32 (None when the config has none).
+        Returns mask tokens (sum Q_i, D) fp32 and position tokens (sum Q_i, D) fp32 (None when the config has
+        none), image 0's regions first. The whole batch goes through each step at once.
         """
-        if masks.dim() != 3:
-            raise ValueError(f"masks must be (Q, H, W), got shape {tuple(masks.shape)}")
-        masks = masks.to(device=levels[0].device)
+        if len(masks) != levels[0].shape[0]:
+            raise ValueError(f"got mask stacks for {len(masks)} images but features for {levels[0].shape[0]}")
+        for m in masks:
+            if m.dim() != 3:
+                raise ValueError(f"masks must be (Q, H, W) per image, got shape {tuple(m.shape)}")
+        device = levels[0].device
+        masks = [m.to(device=device) for m in masks]
         if self.config.mask_from_box:
-            masks = masks_to_boxes_masks(masks > 0)
-        with torch.autocast(device_type=masks.device.type, enabled=False):
+            masks = [masks_to_boxes_masks(m > 0) for m in masks]
+        with torch.autocast(device_type=device.type, enabled=False):
             fused = None
             for index in self.config.levels:
                 features = levels[index]
-                pooled = masked_mean_pool(features, masks)
+                pooled = masked_mean_pool_batch(features, masks)
                 projected = _linear_fp32(getattr(self, _LEVEL_NAMES[index]), pooled)
                 # The official code stores each level's output in the features' dtype before summing.
                 projected = projected.to(features.dtype).float()
@@ -117,6 +154,6 @@ class MaskExtractor(nn.Module):
             pos_tokens = None
             if self.config.use_position_token:
                 size = self.config.mask_size
-                small = resize_masks(masks, (size, size)).reshape(masks.shape[0], size * size)
+                small = torch.cat(resize_mask_list(masks, (size, size))).reshape(-1, size * size)
                 pos_tokens = self.mask_linear(small)
         return mask_tokens, pos_tokens

@@ -82,16 +82,11 @@ class OspreyForCausalLM(nn.Module):
 
     def get_region_features(self, levels: list[torch.Tensor], masks: list[torch.Tensor]) -> RegionFeatures:
         """levels: (B, C, h, w) maps; masks: per image a (Q_i, H_i, W_i) tensor (Q_i may be 0)."""
-        if len(masks) != levels[0].shape[0]:
-            raise ValueError(f"got mask stacks for {len(masks)} images but features for {levels[0].shape[0]}")
-        mask_tokens, pos_tokens, counts = [], [], []
-        for index, image_masks in enumerate(masks):
-            tokens, pos = self.mask_extractor([level[index] for level in levels], image_masks)
-            mask_tokens.append(tokens)
-            pos_tokens.append(pos if pos is not None else torch.zeros_like(tokens))
-            counts.append(image_masks.shape[0])
+        tokens, pos = self.mask_extractor(levels, masks)
+        if pos is None:  # ablation without position tokens: the <pos> slots carry nothing
+            pos = torch.zeros_like(tokens)
         return RegionFeatures(
-            mask_tokens=torch.cat(mask_tokens).to(self.dtype), pos_tokens=torch.cat(pos_tokens).to(self.dtype), counts=counts
+            mask_tokens=tokens.to(self.dtype), pos_tokens=pos.to(self.dtype), counts=[m.shape[0] for m in masks]
         )
 
     # -- splice ------------------------------------------------------------------------------------------------

@@ -93,19 +93,20 @@ def _extractor(**overrides):
     return extractor
 
 
-def _levels(dtype=torch.float32):
+def _levels(dtype=torch.float32, batch=1):
+    """Feature maps of a batch, (B, C, s, s) per level."""
     torch.manual_seed(1)
-    return [torch.randn(c, s, s, dtype=dtype) for c, s in zip((4, 6, 8, 10), (16, 8, 4, 2))]
+    return [torch.randn(batch, c, s, s, dtype=dtype) for c, s in zip((4, 6, 8, 10), (16, 8, 4, 2))]
 
 
 def test_extractor_matches_the_spec_formula():
     extractor = _extractor()
     levels = _levels()
     masks = torch.from_numpy(_masks((31, 47)))
-    tokens, pos = extractor(levels, masks)
+    tokens, pos = extractor(levels, [masks])
     assert tokens.shape == (5, 12) and pos.shape == (5, 12)
     assert tokens.dtype == torch.float32 and pos.dtype == torch.float32
-    fused = sum(getattr(extractor, name)(masked_mean_pool(level, masks)) for name, level in zip(("res2", "res3", "res4", "res5"), levels))
+    fused = sum(getattr(extractor, name)(masked_mean_pool(level[0], masks)) for name, level in zip(("res2", "res3", "res4", "res5"), levels))
     torch.testing.assert_close(tokens, extractor.feat_linear(fused))
     small = torch.nn.functional.interpolate(masks[:, None].float(), size=(8, 8), mode="bilinear", align_corners=False)
     x = small.flatten(1)
@@ -116,7 +117,7 @@ def test_extractor_matches_the_spec_formula():
 
 def test_empty_mask_gives_bias_only_tokens():
     extractor = _extractor()
-    tokens, pos = extractor(_levels(), torch.zeros((1, 20, 20), dtype=torch.bool))
+    tokens, pos = extractor(_levels(), [torch.zeros((1, 20, 20), dtype=torch.bool)])
     bias_sum = sum(getattr(extractor, n).bias for n in ("res2", "res3", "res4", "res5"))
     torch.testing.assert_close(tokens[0], extractor.feat_linear(bias_sum))
     torch.testing.assert_close(pos[0], extractor.mask_linear(torch.zeros(1, 64))[0])
@@ -127,7 +128,7 @@ def test_half_precision_features_still_give_fp32_tokens_rounded_per_level():
     extractor = _extractor().to(torch.bfloat16)
     levels = _levels(torch.bfloat16)
     masks = torch.from_numpy(_masks((16, 16)))
-    tokens, pos = extractor(levels, masks)
+    tokens, pos = extractor(levels, [masks])
     assert tokens.dtype == torch.float32 and pos.dtype == torch.float32
     assert torch.isfinite(tokens).all()
 
@@ -135,7 +136,7 @@ def test_half_precision_features_still_give_fp32_tokens_rounded_per_level():
 def test_res4_only_and_no_position_token_ablations():
     extractor = _extractor(levels=(2,), use_position_token=False)
     assert not hasattr(extractor, "res2") and hasattr(extractor, "res4")
-    tokens, pos = extractor(_levels(), torch.from_numpy(_masks((16, 16))))
+    tokens, pos = extractor(_levels(), [torch.from_numpy(_masks((16, 16)))])
     assert pos is None and tokens.shape == (5, 12)
 
 
@@ -148,9 +149,29 @@ def test_box_ablation_pools_over_the_bounding_box():
     assert torch.equal(boxes[0], expected)
     assert not boxes[1].any()  # empty stays empty
     extractor = _extractor(mask_from_box=True)
-    torch.testing.assert_close(extractor(_levels(), masks)[0], _extractor()(_levels(), boxes)[0])
+    torch.testing.assert_close(extractor(_levels(), [masks])[0], _extractor()(_levels(), [boxes])[0])
 
 
-def test_extractor_rejects_bad_mask_rank():
+def test_extractor_rejects_bad_mask_rank_and_count():
     with pytest.raises(ValueError, match="Q, H, W"):
-        _extractor()(_levels(), torch.zeros((4, 4), dtype=torch.bool))
+        _extractor()(_levels(), [torch.zeros((4, 4), dtype=torch.bool)])
+    with pytest.raises(ValueError, match="mask stacks for 2 images but features for 1"):
+        _extractor()(_levels(), [torch.zeros((1, 4, 4), dtype=torch.bool)] * 2)
+
+
+def test_batched_extraction_equals_image_by_image():
+    """Images with different region counts (0 included) and mask sizes: one batched pass == one pass per image."""
+    extractor = _extractor()
+    levels = _levels(batch=4)
+    rng = np.random.default_rng(3)
+    masks = [
+        torch.from_numpy(rng.random((3, 40, 40)) > 0.6),
+        torch.zeros((0, 40, 40), dtype=torch.bool),
+        torch.from_numpy(_masks((37, 61))),
+        torch.from_numpy(rng.random((1, 40, 40)) > 0.9),
+    ]
+    tokens, pos = extractor(levels, masks)
+    assert tokens.shape == (9, 12) and pos.shape == (9, 12)
+    singles = [extractor([level[i:i + 1] for level in levels], [m]) for i, m in enumerate(masks)]
+    torch.testing.assert_close(tokens, torch.cat([t for t, _ in singles]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pos, torch.cat([p for _, p in singles]), rtol=1e-5, atol=1e-6)
