@@ -99,7 +99,6 @@ def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: in
     from osprey.data.records import record_masks
     from osprey.data.samples import build_sample
     from osprey.inference import SamplingParams
-    from osprey.prompts import task_prompt
 
     params = SamplingParams(max_new_tokens=max_new_tokens)
     tally = Tally()
