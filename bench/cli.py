@@ -11,6 +11,7 @@ BENCHMARKS = {
     "load": ("bench.load", "concurrent clients against a loopback server: requests/s, latency, correctness"),
     "train-step": ("bench.train_step", "stage-3 DeepSpeed training step: tokens/s, MFU, peak memory"),
     "eval-all": ("bench.eval_all", "every `osprey eval` command on a generated test split, one summary table"),
+    "token-norms": ("bench.token_norms", "norms of word, image, mask and position tokens: can the LLM tell regions apart?"),
     "region-eval": ("bench.region_eval", "region-level accuracy and the mask/box/position/levels ablation"),
 }
 
@@ -18,7 +19,7 @@ BENCHMARKS = {
 def register(subparsers: argparse._SubParsersAction) -> None:
     listing = "\n".join(f"  {name:15s} {help}" for name, (_, help) in BENCHMARKS.items())
     parser = subparsers.add_parser(
-        "bench", help="run a benchmark (describe-speed, extractor-speed, load, train-step, eval-all, region-eval)",
+        "bench", help="run a benchmark (describe-speed, extractor-speed, load, train-step, eval-all, region-eval, token-norms)",
         description=__doc__, epilog="benchmarks:\n" + listing, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("name", choices=sorted(BENCHMARKS), metavar="NAME")
