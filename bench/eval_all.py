@@ -42,7 +42,7 @@ PLAN = [
 BACKGROUND = "background"
 
 
-def _write_atomic(path: Path, data: str | bytes) -> None:
+def write_atomic(path: Path, data: str | bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     with os.fdopen(fd, "wb") as f:
@@ -88,10 +88,10 @@ def build_panoptic(records_path: Path, out_dir: Path, limit: int | None) -> tupl
     )
     categories = [{"id": c["id"], "name": c["name"], "isthing": int(c["isthing"])} for c in classes]
     pan_json, classes_json = out_dir / "panoptic.json", out_dir / "classes.json"
-    _write_atomic(
+    write_atomic(
         pan_json, json.dumps({"images": images, "annotations": annotations, "categories": categories})
     )
-    _write_atomic(classes_json, json.dumps({"name": "synth", "classes": classes}, indent=1))
+    write_atomic(classes_json, json.dumps({"name": "synth", "classes": classes}, indent=1))
     return pan_json, png_dir, classes_json
 
 
@@ -227,8 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         "Per-command reports: "
         + ", ".join(f"[{n}]({n}.md)" for n, v in report.items() if v["status"] == "ok"),
     ]
-    _write_atomic(args.out / "summary.md", "\n".join(lines) + "\n")
-    _write_atomic(
+    write_atomic(args.out / "summary.md", "\n".join(lines) + "\n")
+    write_atomic(
         args.out / "summary.json",
         json.dumps(
             {"model": str(args.model), "data": str(args.data), "split": args.split, "evals": report}, indent=2

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import tempfile
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
+
+from bench.eval_all import write_atomic
 
 QUESTION_TYPES = (
     ("colour", re.compile(r"\bcolou?r\b|\bis .* (red|green|blue|yellow|orange|purple|pink|brown|black|white|gray|cyan)\b")),
@@ -85,7 +85,8 @@ class Tally:
         return {k: {"accuracy": h / n, "n": n} for k, (h, n) in sorted(self.hits.items())}
 
 
-def _records(data: Path, split: str, name: str, limit: int | None):
+def split_records(data: Path, split: str, name: str, limit: int | None):
+    """The first `limit` records (all with None) of a generated dataset's `<split>/<name>.json`."""
     from osprey.data.records import iter_records
 
     path = data / split / f"{name}.json"
@@ -103,13 +104,13 @@ def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: in
     params = SamplingParams(max_new_tokens=max_new_tokens)
     tally = Tally()
     rng = np.random.default_rng(0)
-    for record in tqdm(list(_records(data, split, "stage2_categories", limit)), desc="category", leave=False):
+    for record in tqdm(list(split_records(data, split, "stage2_categories", limit)), desc="category", leave=False):
         labels = [entry.split(":", 1)[1].strip() for entry in record.description]
         answers = pipe.describe(data / record.file_name, record_masks(record), task="category", params=params)
         for label, answer, flags in zip(labels, answers, overlap_flags(record)):
             tally.add("category", normalise(answer.text) == normalise(label), flags)
     for name, kind in (("stage3_short_form", "short_form"), ("stage3_pos_neg", "pos_neg")):
-        for record in tqdm(list(_records(data, split, name, limit)), desc=kind, leave=False):
+        for record in tqdm(list(split_records(data, split, name, limit)), desc=kind, leave=False):
             sample = build_sample(record, 3, kind, data, rng)
             masks = sample.masks()
             encoded = pipe.encode_image(data / record.file_name)
@@ -148,14 +149,6 @@ def markdown(results: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, type=Path, help="an `osprey data synth` folder")
@@ -177,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         pipe = OspreyPipeline.from_pretrained(path, device=args.device)
         results[name] = evaluate(pipe, args.data, args.split, args.limit, args.max_new_tokens)
         print(name, json.dumps({k: round(v["accuracy"], 4) for k, v in results[name].items()}), flush=True)
-    _write_atomic(args.out / "region_eval.json", json.dumps(results, indent=2) + "\n")
-    _write_atomic(args.out / "region_eval.md", markdown(results))
+    write_atomic(args.out / "region_eval.json", json.dumps(results, indent=2) + "\n")
+    write_atomic(args.out / "region_eval.md", markdown(results))
     print(markdown(results))
     return 0
 

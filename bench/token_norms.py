@@ -17,12 +17,11 @@ import torch
 
 def token_statistics(pipe, data: Path, split: str, images: int) -> dict[str, float]:
     """Mean norms of each kind of token, and the mean pairwise cosine of the region tokens within an image."""
-    from osprey.data.records import iter_records, record_masks
+    from bench.region_eval import split_records
+    from osprey.data.records import record_masks
 
     norms: dict[str, list[float]] = {"mask": [], "pos": [], "image": [], "mask_cos": [], "pos_cos": []}
-    for count, (_, record) in enumerate(iter_records(data / split / "stage2_categories.json")):
-        if count >= images:
-            break
+    for record in split_records(data, split, "stage2_categories", images):
         encoded = pipe.encode_image(data / record.file_name)
         mask_tokens, pos_tokens = pipe.region_tokens(encoded, record_masks(record))
         norms["image"].append(float(encoded.tokens.float().norm(dim=-1).mean()))

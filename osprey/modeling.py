@@ -37,7 +37,6 @@ class ImageFeatures:
 class RegionFeatures:
     mask_tokens: torch.Tensor  # (sum Q_i, D), regions of image 0 first, in mask order
     pos_tokens: torch.Tensor  # (sum Q_i, D)
-    counts: list[int]  # Q_i per image
 
 
 def build_language_model(config: OspreyConfig) -> PreTrainedModel:
@@ -85,9 +84,7 @@ class OspreyForCausalLM(nn.Module):
         tokens, pos = self.mask_extractor(levels, masks)
         if pos is None:  # ablation without position tokens: the <pos> slots carry nothing
             pos = torch.zeros_like(tokens)
-        return RegionFeatures(
-            mask_tokens=tokens.to(self.dtype), pos_tokens=pos.to(self.dtype), counts=[m.shape[0] for m in masks]
-        )
+        return RegionFeatures(mask_tokens=tokens.to(self.dtype), pos_tokens=pos.to(self.dtype))
 
     # -- splice ------------------------------------------------------------------------------------------------
     def merge_embeddings(
