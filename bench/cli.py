@@ -12,6 +12,7 @@ BENCHMARKS = {
     "train-step": ("bench.train_step", "stage-3 DeepSpeed training step: tokens/s, MFU, peak memory"),
     "eval-all": ("bench.eval_all", "every `osprey eval` command on a generated test split, one summary table"),
     "token-norms": ("bench.token_norms", "norms of word, image, mask and position tokens: can the LLM tell regions apart?"),
+    "step-profile": ("bench.step_profile", "a real training config's step: data loading vs compute, top ops"),
     "region-eval": ("bench.region_eval", "region-level accuracy and the mask/box/position/levels ablation"),
 }
 

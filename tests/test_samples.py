@@ -279,3 +279,25 @@ def test_task_prompt_samples_use_the_exact_inference_prompt():
         assert len(sample.regions) == 1 and sample.num_mask_tokens == 1
         seen.add(sample.messages[1][1])
     assert seen == {"square", "circle"}
+
+
+def test_packed_masks_round_trip_through_a_worker():
+    """One flat buffer per batch: views equal the stacks (sizes differ, Q = 0 included) after a worker and pinning."""
+    from torch.utils.data import DataLoader
+
+    from osprey.data.dataset import PackedMasks
+
+    gen = torch.Generator().manual_seed(0)
+    stacks = [torch.rand(3, 5, 7, generator=gen) > 0.5, torch.zeros(0, 4, 4, dtype=torch.bool),
+              torch.rand(1, 9, 2, generator=gen) > 0.5]
+    packed = PackedMasks.pack(stacks)
+    assert len(packed) == 3 and packed.buffer.numel() == 3 * 35 + 18
+    assert all(torch.equal(a, b) for a, b in zip(packed, stacks))
+    assert [tuple(m.shape) for m in packed[1:]] == [(0, 4, 4), (1, 9, 2)]
+    loader = DataLoader(stacks, batch_size=3, num_workers=1, collate_fn=PackedMasks.pack)
+    (received,) = list(loader)
+    assert isinstance(received, PackedMasks) and all(torch.equal(a, b) for a, b in zip(received, stacks))
+    with pytest.raises(ValueError, match="does not hold"):
+        PackedMasks(torch.zeros(5, dtype=torch.bool), [(1, 2, 2)])
+    with pytest.raises(ValueError, match=r"\(Q, H, W\)"):
+        PackedMasks.pack([torch.zeros(4, 4, dtype=torch.bool)])

@@ -122,6 +122,10 @@ class Recipe:
         if cfg.gradient_checkpointing:
             enable_checkpointing(model.language_model)
         self.part_counts = set_trainable(model, cfg.stage, train_vision=cfg.train_vision, lora=cfg.lora)
+        if cfg.compile:
+            if dsu.load_template(cfg.deepspeed).get("zero_optimization", {}).get("stage", 0) == 3:
+                raise ValueError("compile: true is not supported with ZeRO-3 (its parameter hooks break compiled graphs)")
+            logger.info("compiled %d modules (regional torch.compile)", compile_regions(model))
         self.model, self.tokenizer = model, tokenizer
         self.lm_params = sum(p.numel() for n, p in model.language_model.named_parameters() if "lora_" not in n)
         self.lm_weights_train = cfg.stage == 3 and cfg.lora is None
@@ -206,8 +210,11 @@ class Recipe:
         pending: list[float] = []  # per-step losses not yet written to the log
         while self.state.step < stop:
             batches_per_epoch = self.steps_per_epoch * self.accumulation
+            waited = time.perf_counter()
             for batch in self._loader():
+                window.data_time += time.perf_counter() - waited
                 loss = self._micro_step(batch, window)
+                waited = time.perf_counter()
                 window.losses.append(loss)
                 self.state.batches_in_epoch += 1
                 if self.state.batches_in_epoch % self.accumulation:
@@ -253,7 +260,11 @@ class Recipe:
         window.samples += labels.shape[0]
 
         inputs = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS}
-        masks = [m.to(self.device, non_blocking=True) for m in batch["masks"]]
+        masks = batch["masks"]
+        if hasattr(masks, "to"):  # PackedMasks: one copy for the batch
+            masks = list(masks.to(self.device, non_blocking=True))
+        else:
+            masks = [m.to(self.device, non_blocking=True) for m in masks]
         out = self.engine(**inputs, masks=masks, use_cache=False)
         if int(trained_per_sample.sum()) == 0:
             # Nothing to learn from this micro-batch: a zero loss keeps every rank's collectives in step.
@@ -278,6 +289,7 @@ class Recipe:
             "loss": loss, "lr": window.lr,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "tokens_per_s": tokens / elapsed, "samples_per_s": samples / elapsed, "step_time_s": elapsed,
+            "data_time_s": window.data_time,
             "tokens": int(tokens),
         }
         if peak:
@@ -380,6 +392,7 @@ class _Window:
     lr: float = 0.0
     tokens: int = 0
     samples: int = 0
+    data_time: float = 0.0  # seconds spent waiting for the data loader (a data-bound run shows it near step_time_s)
     start: float = field(default_factory=time.perf_counter)
 
 
@@ -391,6 +404,25 @@ def enable_checkpointing(language_model: torch.nn.Module) -> None:
         language_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def compile_regions(model: torch.nn.Module) -> int:
+    """torch.compile the repeated blocks of the model in place: the LM's decoder layers (the classes transformers
+    lists in `_no_split_modules`, LoRA-wrapped or not) and the vision tower's stages. Returns how many.
+
+    Regional compilation: identical layers share one compiled graph, so compile time stays that of one layer,
+    while the element-wise work (norms, rotary, activations, dropout) is fused into few kernels.
+    """
+    lm = model.language_model
+    base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    layer_classes = set(getattr(base, "_no_split_modules", None) or ())
+    layers = [m for m in lm.modules() if type(m).__name__ in layer_classes]
+    for layer in layers:  # the sequence length varies by batch: dynamic after the first change
+        layer.compile()
+    stages = list(model.vision_tower.trunk.stages)
+    for stage in stages:  # fixed input size; static shapes (the stages share code but differ in shape)
+        stage.compile(dynamic=False)
+    return len(layers) + len(stages)
 
 
 def _seed_everything(seed: int) -> None:
