@@ -1,6 +1,6 @@
 """Stage-3 training-step benchmark through DeepSpeed: tokens/s, MFU and peak memory on synthetic batches.
 
-Self-contained (imports only `osprey`), random weights, no data files. Each sample is the official shape:
+Imports `osprey` (and `train` for --compile), random weights, no data files. Each sample is the official shape:
 one 512 px image (1024 image tokens), ~100 text tokens holding `--regions` `<mask><pos>` pairs, an answer
 that is trained. Runs single-GPU as `python bench/train_step.py ...` (it makes itself a 1-process group) or
 `deepspeed --num_gpus 1 bench/train_step.py ...`; `--device cpu --preset tiny` checks the code path on CPU.
@@ -136,6 +136,12 @@ def run(args: argparse.Namespace) -> dict:
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     set_stage3_trainable(model, args.lora, args.lora_r)
+    if args.compile:
+        if args.zero == 3:
+            raise SystemExit("--compile is not supported with --zero 3")
+        from train.recipe import compile_regions
+
+        compile_regions(model)
     params = [p for p in model.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -168,6 +174,16 @@ def run(args: argparse.Namespace) -> dict:
         losses.append(float(out.loss.detach()))
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
+    if args.profile:
+        activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            for _ in range(2):
+                out = engine(**batch, use_cache=False)
+                engine.backward(out.loss)
+                engine.step()
+            _sync(device)
+        print(prof.key_averages().table(sort_by="cuda_time_total" if device.type == "cuda" else "cpu_time_total",
+                                        row_limit=20), file=sys.stderr)
     step_time = sum(times) / len(times)
     tokens_per_s = tokens_per_step / step_time
     flops_per_token = (4 if args.lora else 6) * n_lm
@@ -175,7 +191,7 @@ def run(args: argparse.Namespace) -> dict:
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     result = {
         "preset": args.preset, "device": name, "world_size": world, "zero": args.zero, "lora": args.lora,
-        "gradient_checkpointing": args.grad_ckpt, "bf16": args.bf16, "batch_size_per_gpu": args.batch_size,
+        "gradient_checkpointing": args.grad_ckpt, "compile": args.compile, "bf16": args.bf16, "batch_size_per_gpu": args.batch_size,
         "tokens_per_sample": tokens_per_step // (args.batch_size * world), "regions_per_sample": args.regions,
         "lm_params": n_lm, "trainable_params": n_trainable, "steps_timed": args.steps,
         "step_time_s": step_time, "tokens_per_s": tokens_per_s, "samples_per_s": args.batch_size * world / step_time,
@@ -207,6 +223,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--text-tokens", type=int, default=100, help="text tokens per sample besides the image")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    parser.add_argument("--compile", action="store_true", help="regional torch.compile (LM layers, tower stages)")
+    parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of 2 more steps")
     parser.add_argument("--out", help="also write the result JSON here")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
     return parser.parse_args(argv)

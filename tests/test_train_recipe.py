@@ -203,3 +203,16 @@ def test_fully_masked_samples_are_counted_and_give_no_loss(tiny, tmp_path):
     assert recipe.state.losses == [0.0, 0.0]
     changed, _ = changed_parts(weights(folder), weights(final))
     assert not changed
+
+
+def test_compile_regions_wraps_every_decoder_layer_and_tower_stage(tiny, tmp_path):
+    from osprey.checkpoint import build_model
+    from train.recipe import compile_regions
+
+    _, _, config = tiny
+    model = build_model(config)
+    layers = config.text["num_hidden_layers"]
+    assert compile_regions(model) == layers + len(model.vision_tower.trunk.stages)
+    assert all(layer._compiled_call_impl is not None for layer in model.language_model.model.layers)
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        Recipe(make_config(tiny[0], tmp_path / "run", 3, compile=True, deepspeed="zero3")).setup_model()

@@ -128,6 +128,9 @@ class TrainConfig:
     bf16: bool = True
     tf32: bool = True
     gradient_checkpointing: bool = True
+    # torch.compile each LM decoder layer and each vision-tower stage (regional compilation: fused element-wise
+    # kernels, fewer launches; one compiled graph serves all identical layers). ZeRO-3 is not supported with it.
+    compile: bool = False
     # DeepSpeed JSON: a file in train/configs/ by stem ("zero2", "zero3", "zero3_offload") or a path.
     deepspeed: str = "zero2"
     save_steps: int = 500  # 0: save only at the end
