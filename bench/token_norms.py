@@ -3,6 +3,10 @@ region tokens of one image are). A model whose region tokens dwarf the word embe
 cannot tell regions apart: check this after each training stage.
 
     python -m bench.token_norms --model runs/builtin/stage2/final --data data/synth --split val --images 20
+
+`--probe N` also fits a linear classifier (multinomial logistic regression, torch L-BFGS) from the region tokens
+of N train images to their category names and reports its accuracy on the split: if even a linear probe cannot
+read the category from the mask and position tokens, no amount of LLM training will.
 """
 
 from __future__ import annotations
@@ -37,6 +41,68 @@ def token_statistics(pipe, data: Path, split: str, images: int) -> dict[str, flo
     return result
 
 
+def region_tokens_and_labels(pipe, data: Path, split: str, images: int):
+    """Per region: mask token, position token, the tower's features mask-pooled on every level (concatenated),
+    and the category name."""
+    from bench.region_eval import split_records
+    from osprey.data.records import record_masks
+    from osprey.mask_extractor import masked_mean_pool_batch
+    from osprey.preprocess import masks_to_tensor
+
+    mask_rows, pos_rows, pooled_rows, labels = [], [], [], []
+    for record in split_records(data, split, "stage2_categories", images):
+        encoded = pipe.encode_image(data / record.file_name)
+        masks = record_masks(record)
+        mask_tokens, pos_tokens = pipe.region_tokens(encoded, masks)
+        stack = masks_to_tensor(masks, encoded.height, encoded.width).to(pipe.device)
+        pooled = [masked_mean_pool_batch(level[None].float(), [stack]) for level in encoded.levels]
+        mask_rows.append(mask_tokens.detach().float().cpu())
+        pos_rows.append(pos_tokens.detach().float().cpu())
+        pooled_rows.append(torch.cat(pooled, dim=1).cpu())
+        labels += [a.category_name for a in record.annotation]
+    return torch.cat(mask_rows), torch.cat(pos_rows), torch.cat(pooled_rows), labels
+
+
+def linear_probe_accuracy(train_x: torch.Tensor, train_y: list[str], test_x: torch.Tensor, test_y: list[str],
+                          weight_decay: float = 1e-3) -> float:
+    """Standardised features -> multinomial logistic regression (L-BFGS, L2) -> accuracy on the test rows."""
+    classes = sorted(set(train_y))
+    index = {c: i for i, c in enumerate(classes)}
+    mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+    x, xt = (train_x - mean) / std, (test_x - mean) / std
+    y = torch.tensor([index[c] for c in train_y])
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(x.shape[1], len(classes))
+    optimizer = torch.optim.LBFGS(linear.parameters(), max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(linear(x), y) + weight_decay * linear.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        predicted = linear(xt).argmax(dim=1).tolist()
+    return float(np.mean([classes[p] == t for p, t in zip(predicted, test_y)]))
+
+
+def probe(pipe, data: Path, split: str, train_images: int, test_images: int) -> dict[str, float]:
+    """Category accuracy of linear probes on mask tokens, position tokens, both, and the tower's mask-pooled
+    features before the extractor (and the majority baseline)."""
+    train_mask, train_pos, train_pooled, train_y = region_tokens_and_labels(pipe, data, "train", train_images)
+    test_mask, test_pos, test_pooled, test_y = region_tokens_and_labels(pipe, data, split, test_images)
+    majority = max(test_y.count(c) for c in set(test_y)) / len(test_y)
+    return {
+        "probe_regions_train": len(train_y), "probe_regions_test": len(test_y), "probe_majority": majority,
+        "probe_mask": linear_probe_accuracy(train_mask, train_y, test_mask, test_y),
+        "probe_pos": linear_probe_accuracy(train_pos, train_y, test_pos, test_y),
+        "probe_both": linear_probe_accuracy(torch.cat([train_mask, train_pos], 1), train_y,
+                                            torch.cat([test_mask, test_pos], 1), test_y),
+        "probe_pooled_features": linear_probe_accuracy(train_pooled, train_y, test_pooled, test_y),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -44,12 +110,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="val")
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--probe", type=int, default=0, metavar="N",
+                        help="also fit linear category probes on the region tokens of N train images (0: no probe)")
+    parser.add_argument("--clip-weights", help="an open_clip weight file for the tower (e.g. `osprey train clip` output)")
+    parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
 
     from osprey.inference import OspreyPipeline
 
-    pipe = OspreyPipeline.from_pretrained(args.model, device=args.device)
-    print(json.dumps(token_statistics(pipe, args.data, args.split, args.images), indent=2))
+    pipe = OspreyPipeline.from_pretrained(args.model, device=args.device, clip_weights=args.clip_weights)
+    result = token_statistics(pipe, args.data, args.split, args.images)
+    if args.probe:
+        result.update(probe(pipe, args.data, args.split, args.probe, max(args.images, 100)))
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out:
+        from bench.eval_all import write_atomic
+
+        write_atomic(args.out, text)
     return 0
 
 

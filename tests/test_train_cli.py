@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from osprey.checkpoint import init_model_folder, load_pretrained
 from osprey.cli import main
@@ -45,3 +46,34 @@ def test_print_config_and_argument_errors(capsys):
         main(["train", "--stage", "2", "--config", "osprey7b_stage3"])
     with pytest.raises(SystemExit, match=r"unknown config keys: \['optim.learning_rate'\]"):
         main(["train", "--config", "osprey7b_stage3", "--set", "optim.learning_rate=1", "--print-config"])
+
+
+def test_clip_pretraining_writes_weights_the_stage_configs_load(tmp_path):
+    """`osprey train clip`: contrastive steps on the fixture's captions and region phrases, an open_clip file whose `visual.*` tensors
+    fill the tower exactly (load_pretrained(clip_weights=)), a refusal to overwrite a run, and the metrics log."""
+    from safetensors.torch import load_file
+
+    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+    args = ["train", "clip", "--data", str(FIXTURE), "--tokenizer", str(init), "--out", str(tmp_path / "clip"),
+            "--preset", "tiny", "--steps", "3", "--batch-size", "4", "--warmup-steps", "1", "--num-workers", "0",
+            "--log-steps", "1", "--save-steps", "2", "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    weights = tmp_path / "clip" / "open_clip.safetensors"
+    state = load_file(str(weights))
+    assert any(k.startswith("visual.trunk.") for k in state) and any(k.startswith("transformer.") for k in state)
+    records = [json.loads(line) for line in (tmp_path / "clip" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] > 0 for r in records)
+    # the fixture's referring records give every image its regions: the region-phrase term is in the loss
+    assert all(r["region_loss"] > 0 and r["regions_per_step"] > 4 for r in records)
+    assert all(r["loss"] == pytest.approx(r["image_loss"] + r["region_loss"]) for r in records)
+    assert not (tmp_path / "clip" / "checkpoint.pt").exists()  # removed once the weights are written
+
+    model, _, report = load_pretrained(init, clip_weights=weights, strict=True)
+    assert report.ok
+    tower = {k.removeprefix("vision_tower.vision_tower."): v
+             for k, v in model.state_dict().items() if k.startswith("vision_tower.vision_tower.visual.")}
+    assert all(torch.equal(tower[k], state[k].to(tower[k].dtype)) for k in tower)
+
+    (tmp_path / "clip" / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(SystemExit, match="--resume"):
+        main(args)

@@ -37,11 +37,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.set_defaults(func=_cmd_train)
 
-    sub = parser.add_subparsers(dest="train_command", metavar="{plot}")
+    sub = parser.add_subparsers(dest="train_command", metavar="{plot,clip}")
     plot = sub.add_parser("plot", help="plot loss / lr / throughput of a metrics.jsonl log to a PNG")
     plot.add_argument("log", help="metrics.jsonl written by a run")
     plot.add_argument("--out", required=True, help="output PNG")
     plot.set_defaults(func=_cmd_plot)
+
+    from train.clip_pretrain import ClipPretrainConfig
+
+    defaults = ClipPretrainConfig(data="", tokenizer="", out="")
+    clip = sub.add_parser(
+        "clip", help="pretrain a preset's vision tower CLIP-style (open_clip) on a dataset's captions",
+        description="Contrastive image-caption pretraining of the preset's open_clip vision tower with a small text "
+        "tower, for models without a pretrained CLIP (the built-in model). Writes OUT/open_clip.safetensors, which "
+        "stage configs load with clip_weights=.",
+        epilog="example:\n  osprey train clip --data data/synth --tokenizer runs/builtin/init --out runs/builtin/clip",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    clip.add_argument("--data", required=True, help="a generated dataset folder (its stage-1 captions are used)")
+    clip.add_argument("--tokenizer", required=True, help="a model folder whose tokenizer encodes the captions")
+    clip.add_argument("--out", required=True, help="output folder")
+    clip.add_argument("--preset", default=defaults.preset, help="preset whose vision tower is trained")
+    for name in ("steps", "batch_size", "warmup_steps", "context_length", "text_width", "text_heads", "text_layers",
+                 "num_workers", "seed", "save_steps", "log_steps"):
+        clip.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    clip.add_argument("--lr", type=float, default=defaults.lr)
+    clip.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    clip.add_argument("--region-weight", type=float, default=defaults.region_weight,
+                      help="weight of the region-phrase contrastive loss (0: image-caption only)")
+    clip.add_argument("--split", default=defaults.split)
+    clip.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    clip.add_argument("--no-progress", dest="progress", action="store_false")
+    clip.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    clip.set_defaults(func=_cmd_clip)
 
 
 def resolve_config(args: argparse.Namespace):
@@ -81,6 +109,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     except FileExistsError as exc:
         raise SystemExit(f"osprey train: {exc}") from exc
     print(f"wrote {final}")
+    return 0
+
+
+def _cmd_clip(args: argparse.Namespace) -> int:
+    from train.clip_pretrain import config_from_args, train_clip
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        weights = train_clip(config_from_args(args), resume=args.resume)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        raise SystemExit(f"osprey train clip: {exc}") from exc
+    print(f"wrote {weights}")
     return 0
 
 

@@ -1,0 +1,285 @@
+"""`osprey train clip`: pretrain a preset's vision tower as a CLIP model (open_clip) on a dataset's captions.
+
+Osprey starts from a pretrained CLIP ConvNeXt whose convolutional features already tell objects apart; the mask
+extractor only pools them. A model trained from scratch has no such tower, and the built-in model showed what
+follows (docs/builtin_model.md): with uninformative region tokens at the start of stage 3 the LLM learns the
+language prior, stops attending to the <mask>/<pos> slots, and the gradient to the extractor vanishes. This step
+supplies the missing pretrained CLIP: the preset's open_clip vision tower plus a small open_clip text tower
+(reading ids of the model's own tokenizer), trained with open_clip's contrastive `ClipLoss` on image captions,
+plus the same loss between regions and their referring phrases (as RegionCLIP): a region's embedding is the
+image path with the mask-pooled feature map in place of the global average pool (trunk head norm, then the
+open_clip projection), so the features the mask extractor pools learn to tell regions apart.
+
+The output is an open_clip weight file (`visual.*` and the text tower) that stage configs load through
+`clip_weights:`, exactly as the official recipe loads the ConvNeXt-L CLIP file.
+
+    osprey train clip --data data/synth --tokenizer runs/builtin/init --out runs/builtin/clip --steps 2000
+    osprey train --stage 1 --config builtin_stage1 --set clip_weights=runs/builtin/clip/open_clip.safetensors
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "open_clip.safetensors"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+@dataclass(frozen=True)
+class ClipPretrainConfig:
+    data: str  # a generated dataset (`osprey data synth`): its stage-1 caption sub-sets are read
+    tokenizer: str  # a model folder whose tokenizer encodes the captions (e.g. `osprey model init` output)
+    out: str  # output folder: open_clip.safetensors, metrics.jsonl, checkpoint.pt
+    preset: str = "builtin"  # whose vision config (open_clip_config) is trained
+    split: str = "train"
+    steps: int = 2000
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    region_weight: float = 1.0  # weight of the region-phrase loss (0: image-caption CLIP only)
+    context_length: int = 64
+    text_width: int = 256
+    text_heads: int = 4
+    text_layers: int = 4
+    num_workers: int = 4
+    seed: int = 0
+    save_steps: int = 500
+    log_steps: int = 10
+    device: str | None = None  # default: cuda when available
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 2 or self.lr <= 0 or self.context_length < 4:
+            raise ValueError(f"need steps >= 1, batch_size >= 2 (contrastive), lr > 0, context_length >= 4; got "
+                             f"{self.steps}, {self.batch_size}, {self.lr}, {self.context_length}")
+
+
+class ClipPairsDataset(Dataset):
+    """Per image: (preprocessed image, caption ids, region masks (Q, H, W), phrase ids (Q, L)).
+
+    Captions come from the caption records (every assistant turn is a pair), regions and phrases from the
+    referring records (`<regionK>: phrase` descriptions) of the same image; an image without referring records
+    has Q = 0.
+    """
+
+    def __init__(self, caption_specs, referring_specs, tokenizer, vision_config, context_length: int) -> None:
+        from osprey.data.records import iter_records
+
+        self.vision_config = vision_config
+        self.context_length = context_length
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.eos_id = tokenizer.eos_token_id
+        if self.eos_id is None:
+            raise ValueError("the tokenizer has no eos token; the text tower pools at it")
+        self.tokenizer = tokenizer
+        regions: dict[Path, tuple[Any, list[str]]] = {}
+        for spec in referring_specs:
+            for _, record in iter_records(spec.path):
+                phrases = [text.split(":", 1)[1].strip() for text in record.description or ()]
+                if phrases and len(phrases) == len(record.annotation):
+                    regions[spec.image_root / record.file_name] = (record, phrases)
+        self.items: list[tuple[Path, str, Any, list[str]]] = []
+        for spec in caption_specs:
+            for _, record in iter_records(spec.path):
+                path = spec.image_root / record.file_name
+                region_record, phrases = regions.get(path, (None, []))
+                for turn in record.conversations or ():
+                    if turn.speaker == "gpt":
+                        self.items.append((path, turn.value, region_record, phrases))
+        if not self.items:
+            raise ValueError(f"no captions found in {[str(s.path) for s in caption_specs]}")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """Text -> (context_length,) ids ending in eos (truncated before it if long), padded with pad_id."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.context_length - 1] + [self.eos_id]
+        out = torch.full((self.context_length,), self.pad_id, dtype=torch.long)
+        out[: len(ids)] = torch.tensor(ids)
+        return out
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        from osprey.data.records import record_masks
+        from osprey.preprocess import load_image, preprocess_image
+
+        path, caption, region_record, phrases = self.items[index]
+        image = load_image(path)
+        if region_record is not None:
+            masks = torch.from_numpy(record_masks(region_record)).to(torch.bool)
+            phrase_ids = torch.stack([self.encode(p) for p in phrases])
+        else:
+            masks = torch.zeros((0, image.height, image.width), dtype=torch.bool)
+            phrase_ids = torch.zeros((0, self.context_length), dtype=torch.long)
+        return {"image": preprocess_image(image, self.vision_config), "caption": self.encode(caption),
+                "masks": masks, "phrases": phrase_ids}
+
+
+def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
+    from osprey.data.dataset import PackedMasks
+
+    return {"images": torch.stack([i["image"] for i in items]), "captions": torch.stack([i["caption"] for i in items]),
+            "masks": PackedMasks.pack([i["masks"] for i in items]), "phrases": torch.cat([i["phrases"] for i in items])}
+
+
+def image_and_region_embeddings(visual, images: torch.Tensor, masks) -> tuple[torch.Tensor, torch.Tensor]:
+    """open_clip TimmModel -> (B, E) image embeddings (its own global pooling) and (sum Q, E) region embeddings:
+    the trunk's final map mask-pooled (`osprey.mask_extractor.masked_mean_pool_batch`) through the same head."""
+    from osprey.mask_extractor import masked_mean_pool_batch
+
+    features = visual.trunk.forward_features(images)
+    image_embeddings = visual.head(visual.trunk.forward_head(features))
+    pooled = masked_mean_pool_batch(features, list(masks)).to(features.dtype)
+    region_embeddings = visual.head(visual.trunk.forward_head(pooled[:, :, None, None]))
+    return image_embeddings, region_embeddings
+
+
+def build_clip(vision_config, vocab_size: int, pad_id: int, eos_id: int, cfg: ClipPretrainConfig):
+    """An open_clip CLIP: the preset's vision tower config and a small text tower over `vocab_size` ids."""
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+
+    clip_cfg = vision_config.open_clip_config
+    if clip_cfg is None:
+        import open_clip
+
+        clip_cfg = open_clip.get_model_config(vision_config.open_clip_model)
+    text_cfg = CLIPTextCfg(context_length=cfg.context_length, vocab_size=vocab_size, width=cfg.text_width,
+                           heads=cfg.text_heads, layers=cfg.text_layers, pad_id=pad_id, eos_id=eos_id,
+                           pool_type="eos")
+    return CLIP(embed_dim=clip_cfg["embed_dim"], vision_cfg=CLIPVisionCfg(**clip_cfg["vision_cfg"]), text_cfg=text_cfg)
+
+
+def in_batch_accuracy(image_features: torch.Tensor, text_features: torch.Tensor) -> float:
+    """Share of images whose own caption is the most similar one in the batch (and vice versa), averaged."""
+    logits = image_features @ text_features.T
+    target = torch.arange(len(logits), device=logits.device)
+    return float(((logits.argmax(1) == target).float().mean() + (logits.argmax(0) == target).float().mean()) / 2)
+
+
+def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
+    """Train, checkpoint every `save_steps` (atomically; `resume` continues from it), write the weight file."""
+    from open_clip.loss import ClipLoss
+    from safetensors.torch import save_file
+    from tqdm import tqdm
+    from transformers import get_cosine_schedule_with_warmup
+
+    from osprey.config import OspreyConfig
+    from osprey.data.dataset import manifest_subsets
+    from osprey.tokenization import load_tokenizer
+    from train.metrics import MetricsLog
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / CHECKPOINT_FILE
+    if checkpoint.exists() and not resume:
+        raise FileExistsError(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+    vision_config = OspreyConfig.from_preset(cfg.preset).vision
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    specs = manifest_subsets(cfg.data, cfg.split)
+    captions = [s for s in specs if s.kind == "captions"]
+    referring = [s for s in specs if s.kind == "referring"] if cfg.region_weight > 0 else []
+    if not captions:
+        raise ValueError(f"{cfg.data} has no caption sub-set for split {cfg.split!r}")
+    dataset = ClipPairsDataset(captions, referring, tokenizer, vision_config, cfg.context_length)
+    model = build_clip(vision_config, len(tokenizer), dataset.pad_id, dataset.eos_id, cfg).to(device)
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    step = 0
+    if resume and checkpoint.exists():
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step = state["step"]
+        logger.info("resumed %s at step %d", checkpoint, step)
+    (out / "clip_config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    loss_fn = ClipLoss()
+    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None)
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    logger.info("CLIP pretraining: %d captions, %d steps of %d, %s", len(dataset), cfg.steps, cfg.batch_size, device)
+
+    def save_checkpoint() -> None:
+        tmp = checkpoint.with_suffix(".tmp")
+        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "step": step}, tmp)
+        tmp.replace(checkpoint)
+
+    bar = tqdm(total=cfg.steps, initial=step, desc="clip", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    model.train()
+    window_start, window_samples, window_regions = time.perf_counter(), 0, 0
+    while step < cfg.steps:
+        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + step)  # a resumed run draws a fresh order
+        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=generator,
+                            num_workers=cfg.num_workers, pin_memory=device.type == "cuda", collate_fn=collate_pairs)
+        for batch in loader:
+            images = batch["images"].to(device, non_blocking=True)
+            masks = batch["masks"].to(device, non_blocking=True)
+            with autocast:
+                image_embeddings, region_embeddings = image_and_region_embeddings(model.visual, images, masks)
+                image_features = F.normalize(image_embeddings, dim=-1)
+                text_features = model.encode_text(batch["captions"].to(device), normalize=True)
+                logit_scale = model.logit_scale.exp()
+                loss = image_loss = loss_fn(image_features, text_features, logit_scale)
+                region_loss = None
+                if len(region_embeddings) > 1:
+                    phrase_features = model.encode_text(batch["phrases"].to(device), normalize=True)
+                    region_loss = loss_fn(F.normalize(region_embeddings, dim=-1), phrase_features, logit_scale)
+                    loss = image_loss + cfg.region_weight * region_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                model.logit_scale.clamp_(0, math.log(100))  # as open_clip's training loop
+            step += 1
+            window_samples += len(images)
+            window_regions += len(region_embeddings)
+            bar.update(1)
+            if step % cfg.log_steps == 0 or step == cfg.steps:
+                elapsed = time.perf_counter() - window_start
+                record = {"step": step, "loss": float(loss.detach()), "image_loss": float(image_loss.detach()),
+                          "region_loss": None if region_loss is None else float(region_loss.detach()),
+                          "regions_per_step": window_regions / cfg.log_steps, "lr": scheduler.get_last_lr()[0],
+                          "grad_norm": float(grad_norm), "logit_scale": float(logit_scale.detach()),
+                          "in_batch_accuracy": in_batch_accuracy(image_features.float(), text_features.float()),
+                          "samples_per_s": window_samples / elapsed}
+                metrics.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['in_batch_accuracy']:.2f}")
+                window_start, window_samples, window_regions = time.perf_counter(), 0, 0
+            if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.steps:
+                save_checkpoint()
+            if step >= cfg.steps:
+                break
+    bar.close()
+    metrics.close()
+    weights = out / WEIGHTS_FILE
+    tmp = weights.with_name(f".{weights.name}.tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    tmp.replace(weights)
+    checkpoint.unlink(missing_ok=True)
+    logger.info("wrote %s", weights)
+    return weights
+
+
+def config_from_args(args: Any) -> ClipPretrainConfig:
+    fields = ClipPretrainConfig.__dataclass_fields__
+    return ClipPretrainConfig(**{k: v for k, v in vars(args).items() if k in fields and v is not None})
