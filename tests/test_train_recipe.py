@@ -216,3 +216,23 @@ def test_compile_regions_wraps_every_decoder_layer_and_tower_stage(tiny, tmp_pat
     assert all(layer._compiled_call_impl is not None for layer in model.language_model.model.layers)
     with pytest.raises(ValueError, match="ZeRO-3"):
         Recipe(make_config(tiny[0], tmp_path / "run", 3, compile=True, deepspeed="zero3")).setup_model()
+
+
+def test_part_lr_gives_a_part_its_own_learning_rate(tiny, tmp_path):
+    cfg = make_config(tiny[0], tmp_path / "run", 3, optim={"lr": 1e-3, "part_lr": {"mask_extractor": 2e-5}})
+    folder, tokenizer, config = tiny
+    recipe = Recipe(cfg, dataset=RegionDataset(tokenizer, config), collate_fn=collate)
+    recipe.setup()
+    try:
+        # DeepSpeed flattens each group: count the elements at each rate
+        elements: dict[float, int] = {}
+        for group in recipe.optimizer.param_groups:
+            elements[group["initial_lr"]] = elements.get(group["initial_lr"], 0) + sum(p.numel() for p in group["params"])
+        extractor = sum(p.numel() for p in recipe.model.mask_extractor.parameters())
+        trainable = sum(p.numel() for p in recipe.model.parameters() if p.requires_grad)
+        assert elements == {1e-3: trainable - extractor, 2e-5: extractor}
+        assert recipe.optimizer.param_groups[0]["initial_lr"] == 1e-3
+    finally:
+        recipe.close()
+    with pytest.raises(ValueError, match="unknown parts"):
+        make_config(tiny[0], tmp_path / "x", 3, optim={"part_lr": {"extractor": 1e-4}})

@@ -91,9 +91,22 @@ class OptimConfig:
     # "torch": torch.optim.AdamW (fused on GPU; works everywhere, incl. DeepSpeed's CPU accelerator).
     # "deepspeed": DeepSpeed's own Adam (FusedAdam on GPU, DeepSpeedCPUAdam with ZeRO offload; compiles an op).
     optimizer: str = "torch"
+    # Learning rates for some parts instead of `lr` (as LLaVA's mm_projector_lr), by part name:
+    # vision_tower, mm_projector, mask_extractor, language_model. E.g. {mask_extractor: 1.0e-4}.
+    part_lr: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
+        parts = ("vision_tower", "mm_projector", "mask_extractor", "language_model")
+        unknown = sorted(set(self.part_lr) - set(parts))
+        if unknown:
+            raise ValueError(f"optim.part_lr has unknown parts {unknown}; parts: {list(parts)}")
+        try:
+            object.__setattr__(self, "part_lr", {k: float(v) for k, v in self.part_lr.items()})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"optim.part_lr values must be numbers, got {self.part_lr!r}") from exc
+        if any(v <= 0 for v in self.part_lr.values()):
+            raise ValueError(f"optim.part_lr values must be > 0, got {self.part_lr!r}")
         if self.lr <= 0 or self.weight_decay < 0 or self.eps <= 0 or self.grad_clip < 0:
             raise ValueError(f"invalid optimiser values: lr={self.lr}, weight_decay={self.weight_decay}, eps={self.eps}, "
                              f"grad_clip={self.grad_clip}")
@@ -213,6 +226,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return value
     elif typing.get_origin(hint) is tuple and isinstance(value, (list, tuple)):
         return tuple(value)
+    elif typing.get_origin(hint) is dict and isinstance(value, dict):
+        return dict(value)
     elif hint is Any:
         return value
     name = getattr(hint, "__name__", str(hint))

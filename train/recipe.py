@@ -171,10 +171,14 @@ class Recipe:
 
         cfg, optim = self.cfg, self.cfg.optim
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        groups = [
-            {"params": [p for n, p in trainable if p.ndim >= 2], "weight_decay": optim.weight_decay},
-            {"params": [p for n, p in trainable if p.ndim < 2], "weight_decay": 0.0},
-        ]
+        groups = []  # per (learning rate, decay): `optim.part_lr` overrides `lr` for whole parts
+        rates = sorted({optim.part_lr.get(n.split(".", 1)[0], optim.lr) for n, _ in trainable}, key=lambda r: r != optim.lr)
+        for lr in rates:  # the base rate's groups first: metrics log param_groups[0]'s rate
+            members = [(n, p) for n, p in trainable if optim.part_lr.get(n.split(".", 1)[0], optim.lr) == lr]
+            groups += [
+                {"params": [p for n, p in members if p.ndim >= 2], "weight_decay": optim.weight_decay, "lr": lr},
+                {"params": [p for n, p in members if p.ndim < 2], "weight_decay": 0.0, "lr": lr},
+            ]
         groups = [g for g in groups if g["params"]]
         ds_config = dsu.build_ds_config(cfg, self.world_size)
         optimizer = None
