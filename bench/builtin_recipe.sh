@@ -6,13 +6,13 @@
 #
 #   bash bench/builtin_recipe.sh            # WORK=runs/builtin_recipe
 #
-# Variables: N (images), S0 (CLIP steps; 0 skips the pretraining), S1/S2/S3 (optimiser steps per stage), WORK, EVAL_LIMIT (records per eval sub-set),
+# Variables: N (images), S0 (CLIP steps; 0 skips the pretraining), S0_BATCH (CLIP batch), S1/S2/S3 (optimiser steps per stage), WORK, EVAL_LIMIT (records per eval sub-set),
 # S3_TIMEOUT (seconds; stage 3 is stopped there and its newest checkpoint used instead of final/),
 # EXTRA (more `osprey train` options for every stage, e.g. "--set micro_batch_size=4 --set global_batch_size=4"),
 # VARIANTS (default "full box nopos res4"; "full" trains only the built-in model).
 set -euo pipefail
 VARIANTS=${VARIANTS:-full box nopos res4}
-N=${N:-20000}; S0=${S0:-2000}; S1=${S1:-300}; S2=${S2:-500}; S3=${S3:-1500}; EVAL_LIMIT=${EVAL_LIMIT:-100}
+N=${N:-20000}; S0=${S0:-2000}; S0_BATCH=${S0_BATCH:-256}; S1=${S1:-300}; S2=${S2:-500}; S3=${S3:-1500}; EVAL_LIMIT=${EVAL_LIMIT:-100}
 WORK=${WORK:-runs/builtin_recipe}; DATA=$WORK/data
 S3_TIMEOUT=${S3_TIMEOUT:-0}
 # The step of this small model is bound by the main process's kernel launches: extra OpenMP threads in it and in
@@ -31,7 +31,7 @@ common=(--set "data.root=$DATA" --set progress=false "${extra[@]}")
 clip=()
 if [ "$S0" != 0 ]; then
   log "vision tower: CLIP pretraining, $S0 steps"
-  osprey train clip --data "$DATA" --tokenizer "$WORK/full/init" --out "$WORK/clip" --steps "$S0" \
+  osprey train clip --data "$DATA" --tokenizer "$WORK/full/init" --out "$WORK/clip" --steps "$S0" --batch-size "$S0_BATCH" \
     --num-workers "$((CPUS - 1))" --no-progress > "$WORK/clip.log" 2>&1
   clip=(--set "clip_weights=$WORK/clip/open_clip.safetensors")
   python -m bench.token_norms --model "$WORK/full/init" --clip-weights "$WORK/clip/open_clip.safetensors" \

@@ -77,3 +77,26 @@ def test_clip_pretraining_writes_weights_the_stage_configs_load(tmp_path):
     (tmp_path / "clip" / "checkpoint.pt").write_bytes(b"")
     with pytest.raises(SystemExit, match="--resume"):
         main(args)
+
+
+def test_clip_pretraining_refuses_a_dataset_smaller_than_a_batch(tmp_path):
+    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+    with pytest.raises(SystemExit, match="no full batch"):
+        main(["train", "clip", "--data", str(FIXTURE), "--tokenizer", str(init), "--out", str(tmp_path / "clip"),
+              "--preset", "tiny", "--batch-size", "64", "--device", "cpu", "--no-progress"])
+
+
+def test_data_template_selects_the_system_prompt(tmp_path):
+    from train.config import load_config
+    from train.recipe import _dataset_from_config
+
+    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+    model, tokenizer, _ = load_pretrained(init)
+    for template, words in (("train", "curious user"), ("infer", "curious human")):
+        cfg = load_config(raw={"stage": 3, "model": str(init), "output_dir": str(tmp_path / "o"),
+                               "data": {"root": str(FIXTURE), "template": template}})
+        dataset, _, _ = _dataset_from_config(cfg, tokenizer, model.config)
+        ids = [t for t in dataset[0]["input_ids"].tolist() if t >= 0]
+        assert words in tokenizer.decode(ids)
+    with pytest.raises(ValueError, match="data.template"):
+        load_config(raw={"stage": 3, "model": "x", "output_dir": "o", "data": {"template": "chat"}})

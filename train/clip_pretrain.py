@@ -196,6 +196,8 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
     if not captions:
         raise ValueError(f"{cfg.data} has no caption sub-set for split {cfg.split!r}")
     dataset = ClipPairsDataset(captions, referring, tokenizer, vision_config, cfg.context_length)
+    if len(dataset) < cfg.batch_size:
+        raise ValueError(f"{len(dataset)} captions make no full batch of {cfg.batch_size}: lower --batch-size")
     model = build_clip(vision_config, len(tokenizer), dataset.pad_id, dataset.eos_id, cfg).to(device)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]

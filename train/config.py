@@ -62,6 +62,10 @@ class DataConfig:
     max_length: int = 2048
     # Tokenize every sample at start and leave those without a trained token out of the epoch (reported).
     drop_fully_masked: bool = False
+    # Conversation template (osprey.prompts.TEMPLATES): "train" is the official training system prompt ("curious
+    # user"); "infer" is the one inference and evaluation use ("curious human"). A pretrained LLM does not mind the
+    # difference; a model trained from scratch only knows the prompt it was trained with.
+    template: str = "train"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "files", tuple(self.files))
@@ -75,6 +79,8 @@ class DataConfig:
                 raise ValueError(f"data.files entries must be a path or {{path, kind}}, got {entry!r}")
         if self.files and self.subsets is not None:
             raise ValueError("give data.files or data.subsets, not both")
+        if self.template not in ("train", "infer"):
+            raise ValueError(f"data.template must be 'train' or 'infer', got {self.template!r}")
 
 
 @dataclass(frozen=True)

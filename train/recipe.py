@@ -475,7 +475,8 @@ def _dataset_from_config(cfg: TrainConfig, tokenizer, model_config):
         raise ValueError(f"stage {cfg.stage} run: record files of other stages {wrong}" if wrong
                          else f"no stage-{cfg.stage} sub-sets found in {data.root} (split {data.split})")
     dataset = RegionDataset(specs, tokenizer, model_config.vision, max_length=data.max_length, seed=cfg.seed,
-                            image_token_id=model_config.image_token_id, max_regions=data.max_regions)
+                            image_token_id=model_config.image_token_id, max_regions=data.max_regions,
+                            template=data.template)
     logger.info("data: %s", ", ".join(f"{s.path.name} ({s.kind})" for s in specs))
     lengths = dataset.lengths
     if data.drop_fully_masked:
