@@ -4,6 +4,11 @@ cannot tell regions apart: check this after each training stage.
 
     python -m bench.token_norms --model runs/builtin/stage2/final --data data/synth --split val --images 20
 
+`--reliance N` asks whether the LLM reads its visual inputs at all, on N stage-3 category samples of the train
+split: the loss with each sample's own masks, with masks shuffled between samples (same region counts), and with
+images shuffled; the largest attention weight from the answer position to a `<mask>`/`<pos>` slot; and the
+gradient norm of each part. A model that reads its regions loses clearly more with shuffled masks.
+
 `--probe N` also fits a linear classifier (multinomial logistic regression, torch L-BFGS) from the region tokens
 of N train images to their category names and reports its accuracy on the split: if even a linear probe cannot
 read the category from the mask and position tokens, no amount of LLM training will.
@@ -103,6 +108,48 @@ def probe(pipe, data: Path, split: str, train_images: int, test_images: int) -> 
     }
 
 
+def reliance(model_dir: str, data: Path, samples: int, clip_weights: str | None = None) -> dict[str, float]:
+    """Loss with own / shuffled masks / shuffled images, attention to the region slots, gradient norm per part."""
+    from osprey.checkpoint import load_pretrained
+    from train.config import load_config
+    from train.recipe import _dataset_from_config
+
+    model, tokenizer, _ = load_pretrained(model_dir, clip_weights=clip_weights)
+    model.float()
+    cfg = load_config(raw={"stage": 3, "model": model_dir, "output_dir": "unused", "data": {
+        "root": str(data), "files": [{"path": "train/stage2_categories.json", "kind": "task_category"}]}})
+    dataset, collate, _ = _dataset_from_config(cfg, tokenizer, model.config)
+    batch = collate([dataset[i] for i in range(min(samples, len(dataset)))])
+    masks = list(batch["masks"])
+    gen = torch.Generator().manual_seed(0)
+    shuffled = list(masks)
+    for count in {m.shape[0] for m in masks}:  # permute among samples with as many regions
+        rows = [i for i, m in enumerate(masks) if m.shape[0] == count]
+        for i, j in zip(rows, [rows[k] for k in torch.randperm(len(rows), generator=gen).tolist()]):
+            shuffled[i] = masks[j]
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    model.language_model.config._attn_implementation = "eager"  # attention weights are returned
+    model.eval()
+    with torch.no_grad():
+        own = model(**inputs, pixel_values=batch["pixel_values"], masks=masks, output_attentions=True)
+        loss_shuffled_masks = float(model(**inputs, pixel_values=batch["pixel_values"], masks=shuffled).loss)
+        loss_shuffled_images = float(model(**inputs, pixel_values=batch["pixel_values"].roll(1, 0), masks=masks).loss)
+    ids, labels = batch["input_ids"], batch["labels"]
+    region_slots = (ids == model.config.mask_token_id) | (ids == model.config.pos_token_id)
+    answer = (labels != -100).int().argmax(dim=1) - 1  # the position that predicts the first answer token
+    rows = torch.arange(len(ids))
+    attention = max(float((layer[rows, :, answer] * region_slots[:, None]).max()) for layer in own.attentions)
+    model.train()
+    model.zero_grad()
+    model(**inputs, pixel_values=batch["pixel_values"], masks=masks).loss.backward()
+    grads = {part: float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in getattr(model, part).parameters()
+                                        if p.grad is not None)))
+             for part in ("vision_tower", "mm_projector", "mask_extractor", "language_model")}
+    return {"reliance_samples": len(ids), "loss_own_masks": float(own.loss), "loss_shuffled_masks": loss_shuffled_masks,
+            "loss_shuffled_images": loss_shuffled_images, "max_attention_to_region_slots": attention,
+            **{f"grad_norm_{part}": value for part, value in grads.items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
@@ -112,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default=None)
     parser.add_argument("--probe", type=int, default=0, metavar="N",
                         help="also fit linear category probes on the region tokens of N train images (0: no probe)")
+    parser.add_argument("--reliance", type=int, default=0, metavar="N",
+                        help="also measure how much the loss depends on masks and images over N samples (0: no)")
     parser.add_argument("--clip-weights", help="an open_clip weight file for the tower (e.g. `osprey train clip` output)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -122,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     result = token_statistics(pipe, args.data, args.split, args.images)
     if args.probe:
         result.update(probe(pipe, args.data, args.split, args.probe, max(args.images, 100)))
+    if args.reliance:
+        result.update(reliance(args.model, args.data, args.reliance, args.clip_weights))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:

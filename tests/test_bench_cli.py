@@ -26,3 +26,27 @@ def test_token_norms_on_the_tiny_model(tiny_pipeline):
     stats = token_statistics(tiny_pipeline, Path(__file__).parent / "fixtures" / "synth", "train", images=2)
     assert set(stats) >= {"word_embedding_norm", "image_norm", "mask_norm", "pos_norm", "mask_cosine"}
     assert all(v == v and v >= -1 for v in stats.values())  # finite, cosines within range
+
+
+def test_probe_and_reliance_on_the_tiny_model(tiny_pipeline, tiny_model_dir):
+    """The diagnostics behind docs/builtin_model.md run on the tiny model: probes are accuracies, the reliance
+    test gives three finite losses (shuffling changes the inputs, so at least one loss moves), an attention
+    weight and a gradient norm per part."""
+    from pathlib import Path
+
+    import torch
+
+    from bench.token_norms import linear_probe_accuracy, probe, reliance
+
+    data = Path(__file__).parent / "fixtures" / "synth"
+    result = probe(tiny_pipeline, data, "test", train_images=8, test_images=4)
+    assert all(0.0 <= result[k] <= 1.0 for k in ("probe_mask", "probe_pos", "probe_both", "probe_pooled_features"))
+    assert result["probe_regions_train"] > result["probe_regions_test"] > 0
+    x = torch.tensor([[0.0, 1.0], [0.1, 0.9], [1.0, 0.0], [0.9, 0.1]])
+    assert linear_probe_accuracy(x, ["a", "a", "b", "b"], x, ["a", "a", "b", "b"]) == 1.0
+
+    stats = reliance(str(tiny_model_dir), data, samples=6)
+    losses = [stats["loss_own_masks"], stats["loss_shuffled_masks"], stats["loss_shuffled_images"]]
+    assert stats["reliance_samples"] == 6 and all(0 < v < 50 for v in losses) and len(set(losses)) > 1
+    assert 0.0 <= stats["max_attention_to_region_slots"] <= 1.0
+    assert all(stats[f"grad_norm_{p}"] > 0 for p in ("mm_projector", "mask_extractor", "language_model"))
