@@ -20,6 +20,7 @@ import logging
 import tempfile
 import time
 from pathlib import Path
+from statistics import mean
 
 import torch
 
@@ -80,7 +81,6 @@ def run(args: argparse.Namespace) -> dict:
         print(table)
         tokens = int(fixed["attention_mask"].sum())
         samples = fixed["input_ids"].shape[0]
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
         result = {
             "config": args.config, "stage": cfg.stage, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "micro_batch_size": cfg.micro_batch_size, "tokens_per_batch": tokens,

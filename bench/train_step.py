@@ -93,7 +93,7 @@ def synthetic_batch(config, batch_size: int, regions: int, text_tokens: int, dev
             "pixel_values": torch.randn(batch_size, 3, side, side, generator=gen).to(device), "masks": masks}
 
 
-def set_stage3_trainable(model, lora: bool, lora_r: int) -> None:
+def set_stage3_trainable(model, lora: bool, lora_r: int, lora_dropout: float = 0.05) -> None:
     """Stage 3: LM (or its LoRA adapters) + projector + extractor train; the vision tower is frozen."""
     model.requires_grad_(False)
     if lora:
@@ -101,7 +101,7 @@ def set_stage3_trainable(model, lora: bool, lora_r: int) -> None:
 
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
         model.language_model = get_peft_model(model.language_model, LoraConfig(
-            r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.05, target_modules=targets, task_type="CAUSAL_LM"))
+            r=lora_r, lora_alpha=2 * lora_r, lora_dropout=lora_dropout, target_modules=targets, task_type="CAUSAL_LM"))
     else:
         model.language_model.requires_grad_(True)
     model.mm_projector.requires_grad_(True)
@@ -135,7 +135,7 @@ def run(args: argparse.Namespace) -> dict:
             lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    set_stage3_trainable(model, args.lora, args.lora_r)
+    set_stage3_trainable(model, args.lora, args.lora_r, args.lora_dropout)
     if args.compile:
         if args.zero == 3:
             raise SystemExit("--compile is not supported with --zero 3")
@@ -191,6 +191,7 @@ def run(args: argparse.Namespace) -> dict:
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     result = {
         "preset": args.preset, "device": name, "world_size": world, "zero": args.zero, "lora": args.lora,
+        "lora_dropout": args.lora_dropout if args.lora else None,
         "gradient_checkpointing": args.grad_ckpt, "compile": args.compile, "bf16": args.bf16, "batch_size_per_gpu": args.batch_size,
         "tokens_per_sample": tokens_per_step // (args.batch_size * world), "regions_per_sample": args.regions,
         "lm_params": n_lm, "trainable_params": n_trainable, "steps_timed": args.steps,
@@ -215,6 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--lora", action="store_true", help="LoRA adapters on the LM instead of full fine-tuning")
     parser.add_argument("--lora-r", type=int, default=128)
+    parser.add_argument("--lora-dropout", type=float, default=0.05, help="0: peft skips the dropout kernels")
     parser.add_argument("--zero", type=int, default=2, choices=[0, 1, 2, 3], help="ZeRO stage")
     parser.add_argument("--grad-ckpt", action="store_true", help="activation checkpointing in the LM")
     parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 (CPU checks)")

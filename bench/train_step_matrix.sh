@@ -4,6 +4,7 @@
 #
 #   OUT=bench/results/train_step bash bench/train_step_matrix.sh
 #   ONLY="7b_lora_z2_b8_ckpt 1b_full_z2_b8" bash bench/train_step_matrix.sh   # a subset
+#   ONLY="7b_lora_z2_b4_compile_nodrop 7b_lora_z2_b16_compile_ckpt 1b_full_z2_b16_compile" bash ...  # next MFU steps
 set -uo pipefail
 OUT=${OUT:-runs/train_step}; mkdir -p "$OUT"
 declare -A SETTINGS=(
@@ -13,6 +14,12 @@ declare -A SETTINGS=(
   [7b_lora_z2_b4]="--preset osprey-7b --lora --zero 2 --batch-size 4"
   [1b_full_z2_b8]="--preset osprey-1b --zero 2 --batch-size 8"
   [1b_full_z2_b16_ckpt]="--preset osprey-1b --zero 2 --batch-size 16 --grad-ckpt"
+  # toward 40 % MFU: compiled, larger batches (host overhead per token falls), LoRA without dropout kernels
+  [7b_lora_z2_b4_compile]="--preset osprey-7b --lora --zero 2 --batch-size 4 --compile"
+  [7b_lora_z2_b4_compile_nodrop]="--preset osprey-7b --lora --zero 2 --batch-size 4 --compile --lora-dropout 0"
+  [7b_lora_z2_b16_compile_ckpt]="--preset osprey-7b --lora --zero 2 --batch-size 16 --compile --grad-ckpt --lora-dropout 0"
+  [1b_full_z2_b8_compile]="--preset osprey-1b --zero 2 --batch-size 8 --compile"
+  [1b_full_z2_b16_compile]="--preset osprey-1b --zero 2 --batch-size 16 --compile"
 )
 ORDER=${ONLY:-7b_lora_z2_b1_ckpt 7b_lora_z2_b8_ckpt 7b_lora_z2_b4 1b_full_z2_b8 1b_full_z2_b16_ckpt 7b_lora_z3_b1_ckpt}
 for name in $ORDER; do

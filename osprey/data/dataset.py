@@ -250,7 +250,7 @@ class PackedMasks(Sequence[torch.Tensor]):
     def __len__(self) -> int:
         return len(self.shapes)
 
-    def __getitem__(self, index):  # noqa: ANN001 - int or slice, as list
+    def __getitem__(self, index: int | slice) -> torch.Tensor | list[torch.Tensor]:  # a slice gives a list
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         start, stop = self._offsets[index], self._offsets[index + 1]
