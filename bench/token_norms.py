@@ -108,7 +108,14 @@ def probe(pipe, data: Path, split: str, train_images: int, test_images: int) -> 
     }
 
 
-def reliance(model_dir: str, data: Path, samples: int, clip_weights: str | None = None) -> dict[str, float]:
+RELIANCE_SAMPLES = {  # --reliance-kind -> (train record file, stage-3 sample kind)
+    "category": ("train/stage2_categories.json", "task_category"),
+    "short_form": ("train/stage3_short_form.json", "short_form"),
+}
+
+
+def reliance(model_dir: str, data: Path, samples: int, clip_weights: str | None = None, kind: str = "category",
+             template: str = "train") -> dict[str, float]:
     """Loss with own / shuffled masks / shuffled images, attention to the region slots, gradient norm per part."""
     from osprey.checkpoint import load_pretrained
     from train.config import load_config
@@ -116,8 +123,9 @@ def reliance(model_dir: str, data: Path, samples: int, clip_weights: str | None 
 
     model, tokenizer, _ = load_pretrained(model_dir, clip_weights=clip_weights)
     model.float()
+    path, sample_kind = RELIANCE_SAMPLES[kind]
     cfg = load_config(raw={"stage": 3, "model": model_dir, "output_dir": "unused", "data": {
-        "root": str(data), "files": [{"path": "train/stage2_categories.json", "kind": "task_category"}]}})
+        "root": str(data), "template": template, "files": [{"path": path, "kind": sample_kind}]}})
     dataset, collate, _ = _dataset_from_config(cfg, tokenizer, model.config)
     batch = collate([dataset[i] for i in range(min(samples, len(dataset)))])
     masks = list(batch["masks"])
@@ -145,7 +153,7 @@ def reliance(model_dir: str, data: Path, samples: int, clip_weights: str | None 
     grads = {part: float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in getattr(model, part).parameters()
                                         if p.grad is not None)))
              for part in ("vision_tower", "mm_projector", "mask_extractor", "language_model")}
-    return {"reliance_samples": len(ids), "loss_own_masks": float(own.loss), "loss_shuffled_masks": loss_shuffled_masks,
+    return {"reliance_samples": len(ids), "reliance_kind": kind, "reliance_template": template, "loss_own_masks": float(own.loss), "loss_shuffled_masks": loss_shuffled_masks,
             "loss_shuffled_images": loss_shuffled_images, "max_attention_to_region_slots": attention,
             **{f"grad_norm_{part}": value for part, value in grads.items()}}
 
@@ -161,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="also fit linear category probes on the region tokens of N train images (0: no probe)")
     parser.add_argument("--reliance", type=int, default=0, metavar="N",
                         help="also measure how much the loss depends on masks and images over N samples (0: no)")
+    parser.add_argument("--reliance-kind", choices=sorted(RELIANCE_SAMPLES), default="category",
+                        help="samples for --reliance: single-region category questions or multi-region short answers")
+    parser.add_argument("--template", choices=["train", "infer"], default="train",
+                        help="system prompt of the --reliance samples (the one the model was trained with)")
     parser.add_argument("--clip-weights", help="an open_clip weight file for the tower (e.g. `osprey train clip` output)")
     parser.add_argument("--out", type=Path, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -172,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe:
         result.update(probe(pipe, args.data, args.split, args.probe, max(args.images, 100)))
     if args.reliance:
-        result.update(reliance(args.model, args.data, args.reliance, args.clip_weights))
+        result.update(reliance(args.model, args.data, args.reliance, args.clip_weights, args.reliance_kind,
+                               args.template))
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
