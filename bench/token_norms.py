@@ -24,17 +24,24 @@ import numpy as np
 import torch
 
 
-def token_statistics(pipe, data: Path, split: str, images: int) -> dict[str, float]:
-    """Mean norms of each kind of token, and the mean pairwise cosine of the region tokens within an image."""
+def encoded_regions(pipe, data: Path, split: str, images: int):
+    """Per category record of the split's first `images`: (record, encoded image, masks, mask tokens, pos tokens)."""
     from bench.region_eval import split_records
     from osprey.data.records import record_masks
 
-    norms: dict[str, list[float]] = {"mask": [], "pos": [], "image": [], "mask_cos": [], "pos_cos": []}
     for record in split_records(data, split, "stage2_categories", images):
         encoded = pipe.encode_image(data / record.file_name)
-        mask_tokens, pos_tokens = pipe.region_tokens(encoded, record_masks(record))
+        masks = record_masks(record)
+        mask_tokens, pos_tokens = pipe.region_tokens(encoded, masks)
+        yield record, encoded, masks, mask_tokens.detach().float(), pos_tokens.detach().float()
+
+
+def token_statistics(pipe, data: Path, split: str, images: int) -> dict[str, float]:
+    """Mean norms of each kind of token, and the mean pairwise cosine of the region tokens within an image."""
+    norms: dict[str, list[float]] = {"mask": [], "pos": [], "image": [], "mask_cos": [], "pos_cos": []}
+    for _, encoded, _, mask_tokens, pos_tokens in encoded_regions(pipe, data, split, images):
         norms["image"].append(float(encoded.tokens.float().norm(dim=-1).mean()))
-        for name, tokens in (("mask", mask_tokens.float()), ("pos", pos_tokens.float())):
+        for name, tokens in (("mask", mask_tokens), ("pos", pos_tokens)):
             norms[name] += tokens.norm(dim=-1).tolist()
             if len(tokens) > 1:
                 unit = torch.nn.functional.normalize(tokens, dim=-1)
@@ -49,20 +56,15 @@ def token_statistics(pipe, data: Path, split: str, images: int) -> dict[str, flo
 def region_tokens_and_labels(pipe, data: Path, split: str, images: int):
     """Per region: mask token, position token, the tower's features mask-pooled on every level (concatenated),
     and the category name."""
-    from bench.region_eval import split_records
-    from osprey.data.records import record_masks
     from osprey.mask_extractor import masked_mean_pool_batch
     from osprey.preprocess import masks_to_tensor
 
     mask_rows, pos_rows, pooled_rows, labels = [], [], [], []
-    for record in split_records(data, split, "stage2_categories", images):
-        encoded = pipe.encode_image(data / record.file_name)
-        masks = record_masks(record)
-        mask_tokens, pos_tokens = pipe.region_tokens(encoded, masks)
+    for record, encoded, masks, mask_tokens, pos_tokens in encoded_regions(pipe, data, split, images):
         stack = masks_to_tensor(masks, encoded.height, encoded.width).to(pipe.device)
         pooled = [masked_mean_pool_batch(level[None].float(), [stack]) for level in encoded.levels]
-        mask_rows.append(mask_tokens.detach().float().cpu())
-        pos_rows.append(pos_tokens.detach().float().cpu())
+        mask_rows.append(mask_tokens.cpu())
+        pos_rows.append(pos_tokens.cpu())
         pooled_rows.append(torch.cat(pooled, dim=1).cpu())
         labels += [a.category_name for a in record.annotation]
     return torch.cat(mask_rows), torch.cat(pos_rows), torch.cat(pooled_rows), labels
@@ -119,14 +121,14 @@ def reliance(model_dir: str, data: Path, samples: int, clip_weights: str | None 
     """Loss with own / shuffled masks / shuffled images, attention to the region slots, gradient norm per part."""
     from osprey.checkpoint import load_pretrained
     from train.config import load_config
-    from train.recipe import _dataset_from_config
+    from train.recipe import dataset_from_config
 
     model, tokenizer, _ = load_pretrained(model_dir, clip_weights=clip_weights)
     model.float()
     path, sample_kind = RELIANCE_SAMPLES[kind]
     cfg = load_config(raw={"stage": 3, "model": model_dir, "output_dir": "unused", "data": {
         "root": str(data), "template": template, "files": [{"path": path, "kind": sample_kind}]}})
-    dataset, collate, _ = _dataset_from_config(cfg, tokenizer, model.config)
+    dataset, collate, _ = dataset_from_config(cfg, tokenizer, model.config)
     batch = collate([dataset[i] for i in range(min(samples, len(dataset)))])
     masks = list(batch["masks"])
     gen = torch.Generator().manual_seed(0)

@@ -23,6 +23,14 @@ class _VisualHolder(nn.Module):
         self.visual = visual
 
 
+def open_clip_model_config(config: VisionConfig) -> dict:
+    """The open_clip model config (`embed_dim`, `vision_cfg`, ...) of a vision config: its own, or open_clip's by name."""
+    clip_cfg = config.open_clip_config or open_clip.get_model_config(config.open_clip_model)
+    if clip_cfg is None:
+        raise ValueError(f"open_clip knows no model config {config.open_clip_model!r}")
+    return clip_cfg
+
+
 class VisionTower(nn.Module):
     """open_clip ConvNeXt: `forward(pixels (B,3,S,S)) -> [res2, res3, res4, res5]`, strides 4/8/16/32.
 
@@ -32,9 +40,7 @@ class VisionTower(nn.Module):
     def __init__(self, config: VisionConfig) -> None:
         super().__init__()
         self.config = config
-        clip_cfg = config.open_clip_config or open_clip.get_model_config(config.open_clip_model)
-        if clip_cfg is None:
-            raise ValueError(f"open_clip knows no model config {config.open_clip_model!r}")
+        clip_cfg = open_clip_model_config(config)
         self.vision_tower = _VisualHolder(_build_vision_tower(clip_cfg["embed_dim"], clip_cfg["vision_cfg"]))
         channels = tuple(info["num_chs"] for info in self.trunk.feature_info)
         if channels != config.level_channels:

@@ -88,14 +88,14 @@ def test_clip_pretraining_refuses_a_dataset_smaller_than_a_batch(tmp_path):
 
 def test_data_template_selects_the_system_prompt(tmp_path):
     from train.config import load_config
-    from train.recipe import _dataset_from_config
+    from train.recipe import dataset_from_config
 
     init = init_model_folder("tiny", tmp_path / "init", seed=0)
     model, tokenizer, _ = load_pretrained(init)
     for template, words in (("train", "curious user"), ("infer", "curious human")):
         cfg = load_config(raw={"stage": 3, "model": str(init), "output_dir": str(tmp_path / "o"),
                                "data": {"root": str(FIXTURE), "template": template}})
-        dataset, _, _ = _dataset_from_config(cfg, tokenizer, model.config)
+        dataset, _, _ = dataset_from_config(cfg, tokenizer, model.config)
         ids = [t for t in dataset[0]["input_ids"].tolist() if t >= 0]
         assert words in tokenizer.decode(ids)
     with pytest.raises(ValueError, match="data.template"):

@@ -71,12 +71,13 @@ class ClipPairsDataset(Dataset):
     """Per image: (preprocessed image, caption ids, region masks (Q, H, W), phrase ids (Q, L)).
 
     Captions come from the caption records (every assistant turn is a pair), regions and phrases from the
-    referring records (`<regionK>: phrase` descriptions) of the same image; an image without referring records
-    has Q = 0.
+    referring records (`<regionK>: phrase` descriptions, read by `osprey.data.samples.region_descriptions`, so
+    phrase i goes with the mask of region K) of the same image; an image without referring records has Q = 0.
     """
 
     def __init__(self, caption_specs, referring_specs, tokenizer, vision_config, context_length: int) -> None:
         from osprey.data.records import iter_records
+        from osprey.data.samples import region_descriptions
 
         self.vision_config = vision_config
         self.context_length = context_length
@@ -85,13 +86,13 @@ class ClipPairsDataset(Dataset):
         if self.eos_id is None:
             raise ValueError("the tokenizer has no eos token; the text tower pools at it")
         self.tokenizer = tokenizer
-        regions: dict[Path, tuple[Any, list[str]]] = {}
+        regions: dict[Path, tuple[Any, list[tuple[int, str]]]] = {}
         for spec in referring_specs:
             for _, record in iter_records(spec.path):
-                phrases = [text.split(":", 1)[1].strip() for text in record.description or ()]
-                if phrases and len(phrases) == len(record.annotation):
-                    regions[spec.image_root / record.file_name] = (record, phrases)
-        self.items: list[tuple[Path, str, Any, list[str]]] = []
+                described = region_descriptions(record)
+                if described:
+                    regions[spec.image_root / record.file_name] = (record, described)
+        self.items: list[tuple[Path, str, Any, list[tuple[int, str]]]] = []
         for spec in caption_specs:
             for _, record in iter_records(spec.path):
                 path = spec.image_root / record.file_name
@@ -116,11 +117,11 @@ class ClipPairsDataset(Dataset):
         from osprey.data.records import record_masks
         from osprey.preprocess import load_image, preprocess_image
 
-        path, caption, region_record, phrases = self.items[index]
+        path, caption, region_record, described = self.items[index]
         image = load_image(path)
         if region_record is not None:
-            masks = torch.from_numpy(record_masks(region_record)).to(torch.bool)
-            phrase_ids = torch.stack([self.encode(p) for p in phrases])
+            masks = torch.from_numpy(record_masks(region_record)).to(torch.bool)[[k - 1 for k, _ in described]]
+            phrase_ids = torch.stack([self.encode(text) for _, text in described])
         else:
             masks = torch.zeros((0, image.height, image.width), dtype=torch.bool)
             phrase_ids = torch.zeros((0, self.context_length), dtype=torch.long)
@@ -151,11 +152,9 @@ def build_clip(vision_config, vocab_size: int, pad_id: int, eos_id: int, cfg: Cl
     """An open_clip CLIP: the preset's vision tower config and a small text tower over `vocab_size` ids."""
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
 
-    clip_cfg = vision_config.open_clip_config
-    if clip_cfg is None:
-        import open_clip
+    from osprey.vision import open_clip_model_config
 
-        clip_cfg = open_clip.get_model_config(vision_config.open_clip_model)
+    clip_cfg = open_clip_model_config(vision_config)
     text_cfg = CLIPTextCfg(context_length=cfg.context_length, vocab_size=vocab_size, width=cfg.text_width,
                            heads=cfg.text_heads, layers=cfg.text_layers, pad_id=pad_id, eos_id=eos_id,
                            pool_type="eos")

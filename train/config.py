@@ -17,6 +17,8 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+# The model's top-level parts, by attribute name (stage tables, per-part learning rates, logging).
+PARTS = ("vision_tower", "mm_projector", "mask_extractor", "language_model")
 STAGES = (1, 2, 3)
 
 
@@ -103,10 +105,9 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "betas", tuple(self.betas))
-        parts = ("vision_tower", "mm_projector", "mask_extractor", "language_model")
-        unknown = sorted(set(self.part_lr) - set(parts))
+        unknown = sorted(set(self.part_lr) - set(PARTS))
         if unknown:
-            raise ValueError(f"optim.part_lr has unknown parts {unknown}; parts: {list(parts)}")
+            raise ValueError(f"optim.part_lr has unknown parts {unknown}; parts: {list(PARTS)}")
         try:
             object.__setattr__(self, "part_lr", {k: float(v) for k, v in self.part_lr.items()})
         except (TypeError, ValueError) as exc:

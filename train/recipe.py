@@ -134,7 +134,7 @@ class Recipe:
         """Dataset, per-sample lengths, the resumable (length-grouped) sampler."""
         cfg = self.cfg
         if self._dataset is None:
-            self._dataset, self._collate_fn, self._lengths = _dataset_from_config(cfg, self.tokenizer, self.model.config)
+            self._dataset, self._collate_fn, self._lengths = dataset_from_config(cfg, self.tokenizer, self.model.config)
         dataset = self._dataset
         lengths = list(self._lengths) if self._lengths is not None else list(dataset.lengths)
         if len(lengths) != len(dataset):
@@ -171,10 +171,11 @@ class Recipe:
 
         cfg, optim = self.cfg, self.cfg.optim
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
-        groups = []  # per (learning rate, decay): `optim.part_lr` overrides `lr` for whole parts
-        rates = sorted({optim.part_lr.get(n.split(".", 1)[0], optim.lr) for n, _ in trainable}, key=lambda r: r != optim.lr)
-        for lr in rates:  # the base rate's groups first: metrics log param_groups[0]'s rate
-            members = [(n, p) for n, p in trainable if optim.part_lr.get(n.split(".", 1)[0], optim.lr) == lr]
+        by_rate: dict[float, list[tuple[str, torch.nn.Parameter]]] = {optim.lr: []}  # base rate first: the log
+        for n, p in trainable:  # shows param_groups[0]'s rate; `optim.part_lr` overrides `lr` for whole parts
+            by_rate.setdefault(optim.part_lr.get(n.split(".", 1)[0], optim.lr), []).append((n, p))
+        groups = []  # per (learning rate, decay)
+        for lr, members in by_rate.items():
             groups += [
                 {"params": [p for n, p in members if p.ndim >= 2], "weight_decay": optim.weight_decay, "lr": lr},
                 {"params": [p for n, p in members if p.ndim < 2], "weight_decay": 0.0, "lr": lr},
@@ -450,7 +451,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _dataset_from_config(cfg: TrainConfig, tokenizer, model_config):
+def dataset_from_config(cfg: TrainConfig, tokenizer, model_config):
     """(dataset, collate_fn, lengths) from `cfg.data` via `osprey.data` (stage-specific sample builders)."""
     from osprey.data.dataset import (
         RegionCollator,

@@ -13,11 +13,10 @@ import re
 import torch
 from torch import nn
 
-from train.config import LoraConfig
+from train.config import PARTS, LoraConfig
 
 logger = logging.getLogger(__name__)
 
-PARTS = ("vision_tower", "mm_projector", "mask_extractor", "language_model")
 STAGE_PARTS: dict[int, tuple[str, ...]] = {
     1: ("mm_projector",),
     2: ("mask_extractor",),

@@ -147,7 +147,7 @@ def _turns(record: Record) -> list[tuple[str, str]]:
     return turns
 
 
-def _descriptions(record: Record) -> list[tuple[int, str]]:
+def region_descriptions(record: Record) -> list[tuple[int, str]]:
     """(region number, text) for each `"<regionK>: text"` description entry."""
     if record.description is None:
         raise ValueError(f"record {record.id} has no 'description' (it has 'conversations')")
@@ -184,7 +184,7 @@ def build_stage2(record: Record, kind: str, image_root: Path, rng: np.random.Gen
     """One turn per region (`<mask><pos>` -> label), regions shuffled by `rng` and capped per kind."""
     if kind not in STAGE2_OPENINGS:
         raise ValueError(f"unknown stage-2 kind {kind!r}; known: {sorted(STAGE2_OPENINGS)}")
-    labels = _descriptions(record)
+    labels = region_descriptions(record)
     cap = STAGE2_REGION_CAPS.get(kind, DEFAULT_REGION_CAP)
     order = rng.permutation(len(labels))[:cap]
     messages: list[tuple[str, str]] = []
@@ -249,7 +249,7 @@ def _detailed(record: Record, image_root: Path, rng: np.random.Generator) -> Sam
     """One turn per description entry: a detailed-description question about that region, then its text."""
     messages: list[tuple[str, str]] = []
     regions: list[Region] = []
-    for turn, (k, text) in enumerate(_descriptions(record)):
+    for turn, (k, text) in enumerate(region_descriptions(record)):
         question = DETAILED_QUESTIONS[int(rng.integers(len(DETAILED_QUESTIONS)))].replace("<region>", REGION_PLACEHOLDER)
         if turn == 0:
             question = OVERVIEW + question
@@ -260,7 +260,7 @@ def _detailed(record: Record, image_root: Path, rng: np.random.Generator) -> Sam
 
 def _task_prompt(record: Record, task: str, image_root: Path, rng: np.random.Generator) -> Sample:
     """One region (drawn by `rng`) asked with the task's inference prompt; the answer is its description."""
-    entries = _descriptions(record)
+    entries = region_descriptions(record)
     if not entries:
         raise ValueError(f"record {record.id}: task samples need `description` entries")
     k, text = entries[int(rng.integers(len(entries)))]
