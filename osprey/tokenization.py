@@ -126,7 +126,12 @@ def build_example(
 ) -> Example:
     """A training example from alternating (role, text) messages that end with an answer.
 
-    Text: the template's rendering (Vicuna v1). Trained tokens: those overlapping an answer or its `</s>`.
+    Text: the template's rendering (Vicuna v1). Trained tokens: those overlapping an answer, its `</s>`, or the
+    space between `ASSISTANT:` and the answer. Generation prompts end at `ASSISTANT:` (`encode_generation_prompt`),
+    so the model must produce that space itself: a Llama tokenizer folds it into the answer's first token
+    ("▁Yes"), but a small byte-level BPE may keep it as a lone "Ġ" token, which must be trained too (left out, the
+    built-in model learned only the first tokens that do carry the space, and answered every yes/no question
+    with a description).
     Truncation to `max_length` never splits a `<mask><pos>` pair.
     """
     conv = TEMPLATES[template]
@@ -140,7 +145,7 @@ def build_example(
         body_start = cursor + len(head)
         body_end = body_start + len(message) + len(sep)
         if index % 2 == 1:
-            trained.append((body_start, body_end))
+            trained.append((body_start - 1, body_end))  # from the space that ends `head`
         cursor = body_end
     assert cursor == len(text), "template rendering and span walk disagree"
 

@@ -74,3 +74,29 @@ def test_generation_prompt_ends_with_assistant(tokenizer):
     assert ids.count(-200) == 4
     with pytest.raises(ValueError, match="end with a human turn"):
         encode_generation_prompt(tokenizer, [("human", "q"), ("gpt", "a")], num_image_tokens=4)
+
+
+@pytest.mark.parametrize("source", ["tiny", "builtin"])
+def test_each_answer_is_trained_from_the_token_that_follows_the_generation_prompt(tiny_model_dir, source):
+    """Train/serve agreement: for every answer, the ids before its first trained token are exactly the generation
+    prompt of the conversation so far (`encode_generation_prompt`, which ends at `ASSISTANT:`), and the token
+    after that prompt is trained. With the built-in byte-level BPE "Yes" follows a lone-space token; before this
+    was trained, the model never learned to emit it and answered yes/no questions with descriptions."""
+    from pathlib import Path
+
+    import osprey
+
+    folder = tiny_model_dir if source == "tiny" else Path(osprey.__file__).parent / "assets" / "builtin"
+    tok = load_tokenizer(folder)
+    messages = [("human", "<image>\nThis provides an overview of the picture.\nIs there a diamond in <mask><pos>?"),
+                ("gpt", "Yes"), ("human", "Is <mask><pos> yellow?"), ("gpt", "No"),
+                ("human", "What is the category of <mask><pos>?"), ("gpt", "square"),
+                ("human", "Describe <mask><pos>."), ("gpt", "This is a small red circle.")]
+    for template in ("train", "infer"):
+        ex = build_example(tok, messages, num_image_tokens=4, template=template)
+        trained = [i for i, label in enumerate(ex.labels) if label != IGNORE_INDEX]
+        starts = [i for i in trained if i - 1 not in trained]
+        assert len(starts) == 4  # one contiguous trained run per answer (answer + </s>)
+        for turn, start in enumerate(starts):
+            prompt = encode_generation_prompt(tok, messages[: 2 * turn + 1], num_image_tokens=4, template=template)
+            assert ex.input_ids[:start] == prompt, (source, template, turn)
