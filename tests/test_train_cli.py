@@ -65,7 +65,9 @@ def test_clip_pretraining_writes_weights_the_stage_configs_load(tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] > 0 for r in records)
     # the fixture's referring records give every image its regions: the region-phrase term is in the loss
     assert all(r["region_loss"] > 0 and r["regions_per_step"] > 4 for r in records)
-    assert all(r["loss"] == pytest.approx(r["image_loss"] + r["region_loss"]) for r in records)
+    # ... and so is the category-name term (the fixture's category records share the referring regions)
+    assert all(r["category_loss"] > 0 for r in records)
+    assert all(r["loss"] == pytest.approx(r["image_loss"] + r["region_loss"] + r["category_loss"]) for r in records)
     assert not (tmp_path / "clip" / "checkpoint.pt").exists()  # removed once the weights are written
 
     model, _, report = load_pretrained(init, clip_weights=weights, strict=True)
@@ -77,6 +79,45 @@ def test_clip_pretraining_writes_weights_the_stage_configs_load(tmp_path):
     (tmp_path / "clip" / "checkpoint.pt").write_bytes(b"")
     with pytest.raises(SystemExit, match="--resume"):
         main(args)
+
+
+def test_distinct_text_loss_merges_duplicate_names_and_skips_regions_without_one():
+    """Each region's target is its own name among the batch's distinct names: two regions named alike share one
+    column (ClipLoss would make each the other's negative), and rows of pad ids take no part."""
+    import torch.nn.functional as F
+
+    from train.clip_pretrain import distinct_text_loss
+
+    torch.manual_seed(0)
+    pad = 0
+    names = torch.tensor([[5, 6, 1], [7, 1, 0], [5, 6, 1], [0, 0, 0]])  # regions 0 and 2 share a name; 3 has none
+    table = F.normalize(torch.randn(10, 4), dim=-1)
+
+    def encode_text(ids, normalize=True):
+        return F.normalize(table[ids].sum(1), dim=-1)
+
+    regions = F.normalize(torch.randn(4, 4), dim=-1)
+    scale = torch.tensor(10.0)
+    loss = distinct_text_loss(regions, names, encode_text, scale, pad)
+    distinct = encode_text(torch.tensor([[5, 6, 1], [7, 1, 0]]))
+    expected = F.cross_entropy(scale * regions[:3] @ distinct.T, torch.tensor([0, 1, 0]))
+    assert torch.allclose(loss, expected)
+    assert distinct_text_loss(regions, names[[0, 2, 3]], encode_text, scale, pad) is None  # one distinct name
+    assert distinct_text_loss(regions, names[[3]], encode_text, scale, pad) is None
+
+
+def test_clip_pretraining_time_limit_stops_and_writes_the_weights(tmp_path):
+    """--time-limit: the run stops after the step that crosses it and still writes a loadable weight file."""
+    from safetensors.torch import load_file
+
+    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+    out = tmp_path / "clip"
+    assert main(["train", "clip", "--data", str(FIXTURE), "--tokenizer", str(init), "--out", str(out),
+                 "--preset", "tiny", "--steps", "50", "--batch-size", "4", "--warmup-steps", "1", "--num-workers", "0",
+                 "--log-steps", "1", "--time-limit", "1e-6", "--no-progress", "--device", "cpu"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1]
+    assert any(k.startswith("visual.trunk.") for k in load_file(str(out / "open_clip.safetensors")))
 
 
 def test_clip_pretraining_refuses_a_dataset_smaller_than_a_batch(tmp_path):

@@ -65,7 +65,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     clip.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     clip.add_argument("--region-weight", type=float, default=defaults.region_weight,
                       help="weight of the region-phrase contrastive loss (0: image-caption only)")
+    clip.add_argument("--category-weight", type=float, default=defaults.category_weight,
+                      help="weight of the loss between regions and their category names (0: none)")
     clip.add_argument("--split", default=defaults.split)
+    clip.add_argument("--time-limit", type=float, default=defaults.time_limit,
+                      help="stop after this many seconds and write the weights (0: no limit; the schedule keeps "
+                           "its --steps length)")
     clip.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     clip.add_argument("--no-progress", dest="progress", action="store_false")
     clip.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

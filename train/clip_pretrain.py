@@ -10,6 +10,13 @@ plus the same loss between regions and their referring phrases (as RegionCLIP): 
 image path with the mask-pooled feature map in place of the global average pool (trunk head norm, then the
 open_clip projection), so the features the mask extractor pools learn to tell regions apart.
 
+Referring phrases alone teach colour and position, not shape: in a batch of ~1000 regions the colour and the
+place already single out a region's phrase (measured on one H100: 1,071 steps at batch 256 left a linear
+category probe on the pooled features at 20.5 % against 11.9 % for the majority class). So regions are also
+contrasted with their category names, as region-level pretraining on detection labels does (RegionCLIP, GLIP):
+a softmax over the batch's *distinct* names (`distinct_text_loss`), since ClipLoss would count the other
+regions of the same category as negatives.
+
 The output is an open_clip weight file (`visual.*` and the text tower) that stage configs load through
 `clip_weights:`, exactly as the official recipe loads the ConvNeXt-L CLIP file.
 
@@ -50,6 +57,7 @@ class ClipPretrainConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 100
     region_weight: float = 1.0  # weight of the region-phrase loss (0: image-caption CLIP only)
+    category_weight: float = 1.0  # weight of the region-category-name loss (0: none)
     context_length: int = 64
     text_width: int = 256
     text_heads: int = 4
@@ -58,13 +66,17 @@ class ClipPretrainConfig:
     seed: int = 0
     save_steps: int = 500
     log_steps: int = 10
+    # Stop after this many seconds of training (0: no limit), writing the weights as at the last step; the cosine
+    # schedule keeps its `steps` length, so the rate is not fully annealed. For fixed-length device sessions.
+    time_limit: float = 0.0
     device: str | None = None  # default: cuda when available
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 2 or self.lr <= 0 or self.context_length < 4:
-            raise ValueError(f"need steps >= 1, batch_size >= 2 (contrastive), lr > 0, context_length >= 4; got "
-                             f"{self.steps}, {self.batch_size}, {self.lr}, {self.context_length}")
+        if self.steps < 1 or self.batch_size < 2 or self.lr <= 0 or self.context_length < 4 or self.time_limit < 0:
+            raise ValueError(f"need steps >= 1, batch_size >= 2 (contrastive), lr > 0, context_length >= 4, "
+                             f"time_limit >= 0; got {self.steps}, {self.batch_size}, {self.lr}, {self.context_length}, "
+                             f"{self.time_limit}")
 
 
 class ClipPairsDataset(Dataset):
@@ -73,9 +85,12 @@ class ClipPairsDataset(Dataset):
     Captions come from the caption records (every assistant turn is a pair), regions and phrases from the
     referring records (`<regionK>: phrase` descriptions, read by `osprey.data.samples.region_descriptions`, so
     phrase i goes with the mask of region K) of the same image; an image without referring records has Q = 0.
+    Category names come from the category records of the same image whose regions are the referring record's
+    (same annotation); `categories` holds one name per region (all pad ids where a region has none).
     """
 
-    def __init__(self, caption_specs, referring_specs, tokenizer, vision_config, context_length: int) -> None:
+    def __init__(self, caption_specs, referring_specs, tokenizer, vision_config, context_length: int,
+                 category_specs=()) -> None:
         from osprey.data.records import iter_records
         from osprey.data.samples import region_descriptions
 
@@ -92,14 +107,21 @@ class ClipPairsDataset(Dataset):
                 described = region_descriptions(record)
                 if described:
                     regions[spec.image_root / record.file_name] = (record, described)
-        self.items: list[tuple[Path, str, Any, list[tuple[int, str]]]] = []
+        names: dict[Path, dict[int, str]] = {}
+        for spec in category_specs:
+            for _, record in iter_records(spec.path):
+                path = spec.image_root / record.file_name
+                if path in regions and regions[path][0].annotation == record.annotation:
+                    names[path] = dict(region_descriptions(record))
+        self.items: list[tuple[Path, str, Any, list[tuple[int, str, str | None]]]] = []
         for spec in caption_specs:
             for _, record in iter_records(spec.path):
                 path = spec.image_root / record.file_name
                 region_record, phrases = regions.get(path, (None, []))
+                labelled = [(k, text, names.get(path, {}).get(k)) for k, text in phrases]
                 for turn in record.conversations or ():
                     if turn.speaker == "gpt":
-                        self.items.append((path, turn.value, region_record, phrases))
+                        self.items.append((path, turn.value, region_record, labelled))
         if not self.items:
             raise ValueError(f"no captions found in {[str(s.path) for s in caption_specs]}")
 
@@ -120,20 +142,41 @@ class ClipPairsDataset(Dataset):
         path, caption, region_record, described = self.items[index]
         image = load_image(path)
         if region_record is not None:
-            masks = torch.from_numpy(record_masks(region_record)).to(torch.bool)[[k - 1 for k, _ in described]]
-            phrase_ids = torch.stack([self.encode(text) for _, text in described])
+            masks = torch.from_numpy(record_masks(region_record)).to(torch.bool)[[k - 1 for k, _, _ in described]]
+            phrase_ids = torch.stack([self.encode(text) for _, text, _ in described])
+            no_name = torch.full((self.context_length,), self.pad_id, dtype=torch.long)
+            category_ids = torch.stack([no_name if name is None else self.encode(name) for _, _, name in described])
         else:
             masks = torch.zeros((0, image.height, image.width), dtype=torch.bool)
-            phrase_ids = torch.zeros((0, self.context_length), dtype=torch.long)
+            phrase_ids = category_ids = torch.zeros((0, self.context_length), dtype=torch.long)
         return {"image": preprocess_image(image, self.vision_config), "caption": self.encode(caption),
-                "masks": masks, "phrases": phrase_ids}
+                "masks": masks, "phrases": phrase_ids, "categories": category_ids}
 
 
 def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
     from osprey.data.dataset import PackedMasks
 
     return {"images": torch.stack([i["image"] for i in items]), "captions": torch.stack([i["caption"] for i in items]),
-            "masks": PackedMasks.pack([i["masks"] for i in items]), "phrases": torch.cat([i["phrases"] for i in items])}
+            "masks": PackedMasks.pack([i["masks"] for i in items]), "phrases": torch.cat([i["phrases"] for i in items]),
+            "categories": torch.cat([i["categories"] for i in items])}
+
+
+def distinct_text_loss(region_features: torch.Tensor, text_ids: torch.Tensor, encode_text, logit_scale: torch.Tensor,
+                       pad_id: int) -> torch.Tensor | None:
+    """Cross-entropy of each region over the batch's distinct texts (its own text the target; UniCL-style).
+
+    Rows of `text_ids` that are all `pad_id` (no text) are left out; None when fewer than two distinct texts
+    remain (nothing to contrast).
+    """
+    has_text = (text_ids != pad_id).any(dim=1)
+    if not bool(has_text.any()):
+        return None
+    distinct, target = torch.unique(text_ids[has_text], dim=0, return_inverse=True)
+    if len(distinct) < 2:
+        return None
+    text_features = encode_text(distinct, normalize=True)
+    logits = logit_scale * region_features[has_text] @ text_features.T
+    return F.cross_entropy(logits.float(), target)
 
 
 def image_and_region_embeddings(visual, images: torch.Tensor, masks) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,10 +234,12 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
     tokenizer = load_tokenizer(cfg.tokenizer)
     specs = manifest_subsets(cfg.data, cfg.split)
     captions = [s for s in specs if s.kind == "captions"]
-    referring = [s for s in specs if s.kind == "referring"] if cfg.region_weight > 0 else []
+    wants_regions = cfg.region_weight > 0 or cfg.category_weight > 0
+    referring = [s for s in specs if s.kind == "referring"] if wants_regions else []
+    categories = [s for s in specs if s.kind == "categories"] if cfg.category_weight > 0 else []
     if not captions:
         raise ValueError(f"{cfg.data} has no caption sub-set for split {cfg.split!r}")
-    dataset = ClipPairsDataset(captions, referring, tokenizer, vision_config, cfg.context_length)
+    dataset = ClipPairsDataset(captions, referring, tokenizer, vision_config, cfg.context_length, categories)
     if len(dataset) < cfg.batch_size:
         raise ValueError(f"{len(dataset)} captions make no full batch of {cfg.batch_size}: lower --batch-size")
     model = build_clip(vision_config, len(tokenizer), dataset.pad_id, dataset.eos_id, cfg).to(device)
@@ -225,11 +270,16 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
 
     bar = tqdm(total=cfg.steps, initial=step, desc="clip", unit="step", disable=not cfg.progress, dynamic_ncols=True)
     model.train()
+    # One loader for the run (workers persist across epochs; each epoch draws a new order from the generator);
+    # a resumed run seeds it from its step, so it draws a fresh order rather than replaying the first epochs.
+    generator = torch.Generator().manual_seed(cfg.seed * 100_003 + step)
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=generator,
+                        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
+                        pin_memory=device.type == "cuda", collate_fn=collate_pairs)
+    started = time.perf_counter()
+    out_of_time = False
     window_start, window_samples, window_regions = time.perf_counter(), 0, 0
-    while step < cfg.steps:
-        generator = torch.Generator().manual_seed(cfg.seed * 100_003 + step)  # a resumed run draws a fresh order
-        loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=generator,
-                            num_workers=cfg.num_workers, pin_memory=device.type == "cuda", collate_fn=collate_pairs)
+    while step < cfg.steps and not out_of_time:
         for batch in loader:
             images = batch["images"].to(device, non_blocking=True)
             masks = batch["masks"].to(device, non_blocking=True)
@@ -239,11 +289,17 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
                 text_features = model.encode_text(batch["captions"].to(device), normalize=True)
                 logit_scale = model.logit_scale.exp()
                 loss = image_loss = loss_fn(image_features, text_features, logit_scale)
-                region_loss = None
-                if len(region_embeddings) > 1:
+                region_loss = category_loss = None
+                region_features = F.normalize(region_embeddings, dim=-1)
+                if cfg.region_weight > 0 and len(region_embeddings) > 1:
                     phrase_features = model.encode_text(batch["phrases"].to(device), normalize=True)
-                    region_loss = loss_fn(F.normalize(region_embeddings, dim=-1), phrase_features, logit_scale)
-                    loss = image_loss + cfg.region_weight * region_loss
+                    region_loss = loss_fn(region_features, phrase_features, logit_scale)
+                    loss = loss + cfg.region_weight * region_loss
+                if cfg.category_weight > 0 and len(region_embeddings) > 1:
+                    category_loss = distinct_text_loss(region_features, batch["categories"].to(device),
+                                                       model.encode_text, logit_scale, dataset.pad_id)
+                    if category_loss is not None:
+                        loss = loss + cfg.category_weight * category_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -259,6 +315,7 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
                 elapsed = time.perf_counter() - window_start
                 record = {"step": step, "loss": float(loss.detach()), "image_loss": float(image_loss.detach()),
                           "region_loss": None if region_loss is None else float(region_loss.detach()),
+                          "category_loss": None if category_loss is None else float(category_loss.detach()),
                           "regions_per_step": window_regions / cfg.log_steps, "lr": scheduler.get_last_lr()[0],
                           "grad_norm": float(grad_norm), "logit_scale": float(logit_scale.detach()),
                           "in_batch_accuracy": in_batch_accuracy(image_features.float(), text_features.float()),
@@ -268,9 +325,13 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
                 window_start, window_samples, window_regions = time.perf_counter(), 0, 0
             if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.steps:
                 save_checkpoint()
-            if step >= cfg.steps:
+            out_of_time = cfg.time_limit > 0 and time.perf_counter() - started >= cfg.time_limit
+            if step >= cfg.steps or out_of_time:
                 break
     bar.close()
+    if out_of_time and step < cfg.steps:
+        logger.warning("time limit of %.0f s reached at step %d of %d; writing the weights of step %d",
+                       cfg.time_limit, step, cfg.steps, step)
     metrics.close()
     weights = out / WEIGHTS_FILE
     tmp = weights.with_name(f".{weights.name}.tmp")
