@@ -96,6 +96,18 @@ def split_records(data: Path, split: str, name: str, limit: int | None):
         yield record
 
 
+def category_scores(record, answers: list[str]) -> list[tuple[bool, tuple[bool, bool]]]:
+    """Per `"<regionK>: label"` description entry of a `stage2_categories` record: (whether the answer for
+    region K, `answers[K - 1]` with `answers` in annotation order, matches the label; region K's overlap flags).
+    Entries bind to their region by K, whatever order the description lists them in."""
+    from osprey.data.samples import region_descriptions
+
+    if len(answers) != len(record.annotation):
+        raise ValueError(f"record {record.id}: {len(answers)} answer(s) for {len(record.annotation)} region(s)")
+    flags = overlap_flags(record)
+    return [(normalise(answers[k - 1]) == normalise(label), flags[k - 1]) for k, label in region_descriptions(record)]
+
+
 def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: int) -> dict:
     from osprey.data.records import record_masks
     from osprey.data.samples import build_sample
@@ -105,10 +117,9 @@ def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: in
     tally = Tally()
     rng = np.random.default_rng(0)
     for record in tqdm(list(split_records(data, split, "stage2_categories", limit)), desc="category", leave=False):
-        labels = [entry.split(":", 1)[1].strip() for entry in record.description]
         answers = pipe.describe(data / record.file_name, record_masks(record), task="category", params=params)
-        for label, answer, flags in zip(labels, answers, overlap_flags(record)):
-            tally.add("category", normalise(answer.text) == normalise(label), flags)
+        for correct, flags in category_scores(record, [answer.text for answer in answers]):
+            tally.add("category", correct, flags)
     for name, kind in (("stage3_short_form", "short_form"), ("stage3_pos_neg", "pos_neg")):
         for record in tqdm(list(split_records(data, split, name, limit)), desc=kind, leave=False):
             sample = build_sample(record, 3, kind, data, rng)

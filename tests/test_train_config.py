@@ -123,3 +123,10 @@ def test_values_are_type_checked_and_yaml_exponents_accepted():
         load_config(raw={**BASE, "micro_batch_size": "two"})
     with pytest.raises(ValueError, match="config key bf16 must be bool"):
         load_config(raw={**BASE, "bf16": "yes please"})
+
+
+def test_train_package_exports_match_its_lazy_table():
+    import train
+
+    assert set(train.__all__) == set(train._EXPORTS)
+    assert all(getattr(train, name) is not None for name in train.__all__)

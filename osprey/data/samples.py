@@ -33,7 +33,13 @@ from osprey.data.records import (
     decode_region_mask,
     parse_record,
 )
-from osprey.prompts import CUSTOM_PREFIX, IMAGE_PLACEHOLDER, REGION_PLACEHOLDER, multi_region_prefix, task_prompt
+from osprey.prompts import (
+    CUSTOM_PREFIX,
+    IMAGE_PLACEHOLDER,
+    REGION_PLACEHOLDER,
+    multi_region_prefix,
+    task_prompt,
+)
 
 __all__ = [
     "DEFAULT_REGION_CAP",

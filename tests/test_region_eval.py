@@ -1,0 +1,67 @@
+"""`bench.region_eval`: category labels bind to their region by `<regionK>`, not by list position."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from bench.region_eval import category_scores, evaluate
+from osprey.data.records import parse_record, record_masks
+
+
+def square(x, y, size):
+    return {"segmentation": [[x, y, x + size, y, x + size, y + size, x, y + size]], "bbox": [x, y, size, size]}
+
+
+def record(description, regions=None):
+    # region 1 (4x4) and region 2 (6x6) overlap, region 3 (2x2) stands alone; mask areas tell them apart
+    regions = regions or [square(0, 0, 4), square(2, 2, 6), square(12, 12, 2)]
+    return parse_record({"id": 7, "file_name": "images/x.png", "height": 16, "width": 16,
+                         "annotation": regions, "description": description})
+
+
+def test_labels_listed_out_of_order_bind_to_their_region():
+    rec = record(["<region3>: star", "<region1>: dog", "<region2>: cat"])
+    answers = ["Dog", "cat", "star"]  # in annotation order, all right
+    scores = category_scores(rec, answers)
+    assert [correct for correct, _ in scores] == [True, True, True]
+    # each entry carries its own region's overlap flags: region 3 overlaps nothing, regions 1 and 2 overlap
+    assert [flags for _, flags in scores] == [(False, False), (True, False), (True, False)]
+    # a wrong answer counts against the region it belongs to, not the entry at that list position
+    assert [c for c, _ in category_scores(rec, ["dog", "cat", "moon"])] == [False, True, True]
+
+
+def test_description_may_skip_regions_and_bad_inputs_are_errors():
+    rec = record(["<region2>: cat"])
+    assert category_scores(rec, ["x", "cat", "y"]) == [(True, (True, False))]
+    with pytest.raises(ValueError, match="2 answer"):
+        category_scores(rec, ["x", "cat"])
+    with pytest.raises(ValueError, match="region4"):
+        category_scores(record(["<region4>: cat"]), ["x", "y", "z"])
+
+
+class FakePipe:
+    """Answers each mask with the label of the region of that area (the masks come in annotation order)."""
+
+    def __init__(self, by_area):
+        self.by_area = by_area
+
+    def describe(self, image, masks, task, params):
+        assert task == "category"
+        return [SimpleNamespace(text=self.by_area[int(np.asarray(m).sum())]) for m in masks]
+
+
+def test_evaluate_scores_categories_by_region(tmp_path):
+    data = tmp_path / "data"
+    (data / "test").mkdir(parents=True)
+    rec = record(["<region2>: cat", "<region3>: star", "<region1>: dog"])
+    (data / "test" / "stage2_categories.json").write_text(json.dumps([rec.to_json()]))
+    for name in ("stage3_short_form", "stage3_pos_neg"):
+        (data / "test" / f"{name}.json").write_text("[]")
+    areas = [int(m.sum()) for m in record_masks(rec)]
+    assert len(set(areas)) == 3
+    pipe = FakePipe(dict(zip(areas, ["dog", "cat", "star"])))
+    result = evaluate(pipe, data, "test", limit=None, max_new_tokens=4)
+    assert result["category"] == {"accuracy": 1.0, "n": 3}
+    assert result["category@overlap"] == {"accuracy": 1.0, "n": 2}
