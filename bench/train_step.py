@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> dict:
     for step in range(args.warmup + args.steps):
         _sync(device)
         start = time.perf_counter()
-        out = engine(**batch, use_cache=False)
+        out = engine(**batch, use_cache=False, trained_logits_only=args.trained_logits_only)
         engine.backward(out.loss)
         engine.step()
         _sync(device)
@@ -178,7 +178,7 @@ def run(args: argparse.Namespace) -> dict:
         activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch.profiler.profile(activities=activities) as prof:
             for _ in range(2):
-                out = engine(**batch, use_cache=False)
+                out = engine(**batch, use_cache=False, trained_logits_only=args.trained_logits_only)
                 engine.backward(out.loss)
                 engine.step()
             _sync(device)
@@ -192,7 +192,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "preset": args.preset, "device": name, "world_size": world, "zero": args.zero, "lora": args.lora,
         "lora_dropout": args.lora_dropout if args.lora else None,
-        "gradient_checkpointing": args.grad_ckpt, "compile": args.compile, "bf16": args.bf16, "batch_size_per_gpu": args.batch_size,
+        "gradient_checkpointing": args.grad_ckpt, "compile": args.compile, "trained_logits_only": args.trained_logits_only, "bf16": args.bf16, "batch_size_per_gpu": args.batch_size,
         "tokens_per_sample": tokens_per_step // (args.batch_size * world), "regions_per_sample": args.regions,
         "lm_params": n_lm, "trainable_params": n_trainable, "steps_timed": args.steps,
         "step_time_s": step_time, "tokens_per_s": tokens_per_s, "samples_per_s": args.batch_size * world / step_time,
@@ -226,6 +226,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--compile", action="store_true", help="regional torch.compile (LM layers, tower stages)")
+    parser.add_argument("--full-logits", dest="trained_logits_only", action="store_false",
+                        help="LM head and loss over every position (transformers' loss), not only trained ones")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of 2 more steps")
     parser.add_argument("--out", help="also write the result JSON here")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`

@@ -20,6 +20,12 @@ declare -A SETTINGS=(
   [7b_lora_z2_b16_compile_ckpt]="--preset osprey-7b --lora --zero 2 --batch-size 16 --compile --grad-ckpt --lora-dropout 0"
   [1b_full_z2_b8_compile]="--preset osprey-1b --zero 2 --batch-size 8 --compile"
   [1b_full_z2_b16_compile]="--preset osprey-1b --zero 2 --batch-size 16 --compile"
+  # every setting above runs the LM head only at trained positions (bench/train_step.py's default since
+  # 2026-11-27); these measure that against the full logits, and the next batch sizes
+  [7b_lora_z2_b4_compile_nodrop_fulllogits]="--preset osprey-7b --lora --zero 2 --batch-size 4 --compile --lora-dropout 0 --full-logits"
+  [1b_full_z2_b16_compile_fulllogits]="--preset osprey-1b --zero 2 --batch-size 16 --compile --full-logits"
+  [7b_lora_z2_b8_compile_nodrop]="--preset osprey-7b --lora --zero 2 --batch-size 8 --compile --lora-dropout 0"
+  [1b_full_z2_b24_compile]="--preset osprey-1b --zero 2 --batch-size 24 --compile"
 )
 ORDER=${ONLY:-7b_lora_z2_b1_ckpt 7b_lora_z2_b8_ckpt 7b_lora_z2_b4 1b_full_z2_b8 1b_full_z2_b16_ckpt 7b_lora_z3_b1_ckpt}
 for name in $ORDER; do

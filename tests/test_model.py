@@ -116,3 +116,60 @@ def test_forward_backward_with_two_images_and_masks_of_any_size(model):
     assert model.mask_extractor.mask_linear.layers[0].weight.grad.abs().sum() > 0
     assert model.mm_projector[0].weight.grad.abs().sum() > 0
     model.zero_grad()
+
+
+def _batch_with_labels(cfg, trained_rows=(True, True)):
+    n = cfg.vision.num_image_tokens
+    rows = [
+        [1, *[cfg.image_token_id] * n, 10, cfg.mask_token_id, cfg.pos_token_id, 11, 12, 13, 2],
+        [1, *[cfg.image_token_id] * n, 14, cfg.mask_token_id, cfg.pos_token_id, 15, 16, 2, 0],
+    ]
+    ids = torch.tensor(rows)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    for r, trained in enumerate(trained_rows):
+        if trained:  # the answer: the last text tokens and </s>
+            labels[r, -4:] = ids[r, -4:]
+    labels[1, -1] = IGNORE_INDEX  # padding
+    attention = torch.ones_like(ids)
+    attention[1, -1] = 0
+    masks = [torch.rand(1, 40, 40) > 0.5, torch.rand(1, 64, 32) > 0.5]
+    return dict(input_ids=ids, attention_mask=attention, pixel_values=torch.randn(2, 3, 128, 128), masks=masks,
+                labels=labels)
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_trained_logits_only_gives_the_full_logits_loss_and_gradients():
+    """The LM head at trained positions only: same loss and same gradients as transformers' loss over all
+    logits, no logits returned; with nothing trained, a zero loss that still reaches the LM head."""
+    torch.manual_seed(0)
+    model = build_model(TINY).float().train()
+    batch = _batch_with_labels(TINY)
+    full = model(**batch)
+    full.loss.backward()
+    expected = _grads(model)
+    model.zero_grad()
+    sparse = model(**batch, trained_logits_only=True)
+    sparse.loss.backward()
+    got = _grads(model)
+    assert sparse.logits is None and full.logits is not None
+    assert torch.allclose(sparse.loss, full.loss, atol=1e-6)
+    assert expected.keys() == got.keys()
+    assert all(torch.allclose(got[k], expected[k], atol=1e-6, rtol=1e-4) for k in expected)
+    model.zero_grad()
+    empty = model(**_batch_with_labels(TINY, trained_rows=(False, False)), trained_logits_only=True)
+    assert float(empty.loss) == 0.0
+    empty.loss.backward()
+    assert model.language_model.get_output_embeddings().weight.grad is not None
+
+
+def test_trained_logits_only_through_a_lora_wrapper():
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    model = build_model(TINY).float().train()
+    model.language_model = peft.get_peft_model(model.language_model, peft.LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+    batch = _batch_with_labels(TINY)
+    assert torch.allclose(model(**batch, trained_logits_only=True).loss, model(**batch).loss, atol=1e-6)

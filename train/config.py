@@ -151,6 +151,9 @@ class TrainConfig:
     # torch.compile each LM decoder layer and each vision-tower stage (regional compilation: fused element-wise
     # kernels, fewer launches; one compiled graph serves all identical layers). ZeRO-3 is not supported with it.
     compile: bool = False
+    # Run the LM head only where the next token is trained (the loss is unchanged; the (B, T, vocab) logits and their
+    # fp32 copy are never built). Off: transformers' own loss over full logits.
+    trained_logits_only: bool = True
     # DeepSpeed JSON: a file in train/configs/ by stem ("zero2", "zero3", "zero3_offload") or a path.
     deepspeed: str = "zero2"
     save_steps: int = 500  # 0: save only at the end

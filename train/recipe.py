@@ -270,11 +270,12 @@ class Recipe:
             masks = list(masks.to(self.device, non_blocking=True))
         else:
             masks = [m.to(self.device, non_blocking=True) for m in masks]
-        out = self.engine(**inputs, masks=masks, use_cache=False)
+        out = self.engine(**inputs, masks=masks, use_cache=False, trained_logits_only=self.cfg.trained_logits_only)
         if int(trained_per_sample.sum()) == 0:
-            # Nothing to learn from this micro-batch: a zero loss keeps every rank's collectives in step.
+            # Nothing to learn from this micro-batch: a zero loss keeps every rank's collectives in step
+            # (the trained-logits-only loss is already such a zero).
             logger.warning("step %d: micro-batch has no trained token (fully masked), contributes zero loss", self.state.step)
-            loss = out.logits.sum() * 0.0
+            loss = out.loss if out.logits is None else out.logits.sum() * 0.0
         else:
             loss = out.loss
         self.engine.backward(loss)
