@@ -143,6 +143,18 @@ def _command(
     return argv
 
 
+def _training_overlap(model: Path, data: Path, split: str) -> str | None:
+    """`osprey.data.provenance.training_overlap` for a model folder (None when its config cannot be read)."""
+    from osprey.checkpoint import read_config
+    from osprey.data.provenance import training_overlap
+
+    try:
+        config = read_config(model)
+    except (OSError, ValueError):
+        return None
+    return training_overlap(config.training_data, data, split)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -173,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     if not split_dir.is_dir():
         raise SystemExit(f"{split_dir} does not exist: is --data the root of an `osprey data synth` output?")
     args.out.mkdir(parents=True, exist_ok=True)
+    contamination = _training_overlap(args.model, args.data, args.split)
+    if contamination:
+        print(f"warning: {contamination}", file=sys.stderr, flush=True)
     rows, report = [], {}
     for name, cmd, subset, metrics in PLAN:
         if args.only is not None and name not in args.only:
@@ -222,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         "|---|---|---|---|---|",
     ]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
+    if contamination:
+        lines += ["", f"**Warning: not a held-out evaluation.** {contamination}."]
     lines += [
         "",
         "Per-command reports: "
@@ -231,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     write_atomic(
         args.out / "summary.json",
         json.dumps(
-            {"model": str(args.model), "data": str(args.data), "split": args.split, "evals": report}, indent=2
+            {"model": str(args.model), "data": str(args.data), "split": args.split,
+             "training_overlap": contamination, "evals": report}, indent=2
         )
         + "\n",
     )

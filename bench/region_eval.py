@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -147,7 +148,7 @@ def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: in
     return tally.result()
 
 
-def markdown(results: dict[str, dict]) -> str:
+def markdown(results: dict[str, dict], warnings: dict[str, str] | None = None) -> str:
     models = list(results)
     keys = sorted({k for r in results.values() for k in r}, key=lambda k: (k.split("@")[0], k))
     lines = ["| metric | " + " | ".join(models) + " |", "| --- |" + " --- |" * len(models)]
@@ -157,6 +158,8 @@ def markdown(results: dict[str, dict]) -> str:
             v = results[m].get(key)
             cells.append(f"{100 * v['accuracy']:.1f} (n={v['n']})" if v else "-")
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
+    for name, text in (warnings or {}).items():
+        lines += ["", f"**Warning ({name}): not a held-out evaluation.** {text}."]
     return "\n".join(lines) + "\n"
 
 
@@ -171,19 +174,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=12)
     args = parser.parse_args(argv)
 
+    from osprey.data.provenance import training_overlap
     from osprey.inference import OspreyPipeline
 
-    results = {}
+    results: dict[str, dict] = {}
+    warnings: dict[str, str] = {}
     for spec in args.model:
         name, _, path = spec.partition("=")
         if not path:
             parser.error(f"--model wants NAME=DIR, got {spec!r}")
         pipe = OspreyPipeline.from_pretrained(path, device=args.device)
+        contamination = training_overlap(pipe.config.training_data, args.data, args.split)
+        if contamination:
+            print(f"warning: {name}: {contamination}", file=sys.stderr, flush=True)
+            warnings[name] = contamination
         results[name] = evaluate(pipe, args.data, args.split, args.limit, args.max_new_tokens)
         print(name, json.dumps({k: round(v["accuracy"], 4) for k, v in results[name].items()}), flush=True)
     write_atomic(args.out / "region_eval.json", json.dumps(results, indent=2) + "\n")
-    write_atomic(args.out / "region_eval.md", markdown(results))
-    print(markdown(results))
+    write_atomic(args.out / "region_eval.md", markdown(results, warnings))
+    print(markdown(results, warnings))
     return 0
 
 

@@ -107,8 +107,12 @@ class OspreyConfig:
     # LLaVA's image placeholder id (-200): expanded to `num_image_tokens` slots before the model sees the ids.
     image_token_id: int = -200
     name: str = "osprey-7b"
+    # Where the weights were trained (written by `osprey train`, one entry per dataset and split; see
+    # osprey.data.provenance), so an evaluation can tell when its test images are training images.
+    training_data: tuple[dict[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "training_data", tuple(dict(entry) for entry in self.training_data))
         if isinstance(self.vision, dict):
             object.__setattr__(self, "vision", VisionConfig(**self.vision))
         if isinstance(self.extractor, dict):

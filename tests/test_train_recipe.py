@@ -122,6 +122,9 @@ def test_stage_trains_declared_parts_and_overfits(tiny, tmp_path, stage):
     assert len(losses) == 12 and losses[-1] < losses[0] - drop, losses
     assert all(b <= a + 1e-4 for a, b in zip(losses, losses[1:])), losses  # the same batch: (nearly) monotone
     load_pretrained(final, strict=True)  # the saved folder is a complete model
+    from osprey.checkpoint import read_config
+
+    assert read_config(final).training_data[-1] == {"root": None, "split": "train", "stage": stage}  # provenance
     log = [json.loads(line) for line in (tmp_path / f"stage{stage}" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 13))
     assert all(r["tokens_per_s"] > 0 and r["grad_norm"] is not None for r in log)
