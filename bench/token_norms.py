@@ -120,7 +120,8 @@ def reliance(model_dir: str, data: Path, samples: int, clip_weights: str | None 
              template: str = "train") -> dict[str, float]:
     """Loss with own / shuffled masks / shuffled images, attention to the region slots, gradient norm per part."""
     from osprey.checkpoint import load_pretrained
-    from train.config import load_config
+    from osprey.tokenization import IGNORE_INDEX
+    from train.config import PARTS, load_config
     from train.recipe import dataset_from_config
 
     model, tokenizer, _ = load_pretrained(model_dir, clip_weights=clip_weights)
@@ -146,7 +147,7 @@ def reliance(model_dir: str, data: Path, samples: int, clip_weights: str | None 
         loss_shuffled_images = float(model(**inputs, pixel_values=batch["pixel_values"].roll(1, 0), masks=masks).loss)
     ids, labels = batch["input_ids"], batch["labels"]
     region_slots = (ids == model.config.mask_token_id) | (ids == model.config.pos_token_id)
-    answer = (labels != -100).int().argmax(dim=1) - 1  # the position that predicts the first answer token
+    answer = (labels != IGNORE_INDEX).int().argmax(dim=1) - 1  # the position that predicts the first answer token
     rows = torch.arange(len(ids))
     attention = max(float((layer[rows, :, answer] * region_slots[:, None]).max()) for layer in own.attentions)
     model.train()
@@ -154,7 +155,7 @@ def reliance(model_dir: str, data: Path, samples: int, clip_weights: str | None 
     model(**inputs, pixel_values=batch["pixel_values"], masks=masks).loss.backward()
     grads = {part: float(torch.sqrt(sum((p.grad.float() ** 2).sum() for p in getattr(model, part).parameters()
                                         if p.grad is not None)))
-             for part in ("vision_tower", "mm_projector", "mask_extractor", "language_model")}
+             for part in PARTS}
     return {"reliance_samples": len(ids), "reliance_kind": kind, "reliance_template": template, "loss_own_masks": float(own.loss), "loss_shuffled_masks": loss_shuffled_masks,
             "loss_shuffled_images": loss_shuffled_images, "max_attention_to_region_slots": attention,
             **{f"grad_norm_{part}": value for part, value in grads.items()}}

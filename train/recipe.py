@@ -131,8 +131,13 @@ class Recipe:
         self.lm_weights_train = cfg.stage == 3 and cfg.lora is None
 
     def setup_data(self) -> None:
-        """Dataset, per-sample lengths, the resumable (length-grouped) sampler."""
+        """Dataset, per-sample lengths, the resumable (length-grouped) sampler; the config saved models carry."""
+        from osprey.data.provenance import merge_training_data, training_entry
+
         cfg = self.cfg
+        # saved models record this run's data after the earlier stages' (osprey.data.provenance); read once
+        self.saved_config = self.model.config.replace(training_data=merge_training_data(
+            self.model.config.training_data, training_entry(cfg.data.root, cfg.data.split, cfg.stage)))
         if self._dataset is None:
             self._dataset, self._collate_fn, self._lengths = dataset_from_config(cfg, self.tokenizer, self.model.config)
         dataset = self._dataset
@@ -315,17 +320,13 @@ class Recipe:
     def save_model(self, out: Path) -> None:
         """The model folder (official key names, LoRA merged) via `osprey.checkpoint.save_pretrained` (rank 0)."""
         from osprey.checkpoint import build_model, save_pretrained
-        from osprey.data.provenance import merge_training_data, training_entry
 
         state = dsu.full_state_dict(self.engine)  # all ranks take part (ZeRO-3 gathers)
         if self.rank != 0:
             return
         if self.cfg.lora is not None:
             state = merge_lora_state(state, self.cfg.lora)
-        # the saved config records this run's data after the earlier stages' (osprey.data.provenance)
-        config = self.model.config.replace(training_data=merge_training_data(
-            self.model.config.training_data, training_entry(self.cfg.data.root, self.cfg.data.split, self.cfg.stage)))
-        view = build_model(config, device="meta")  # shares the gathered tensors, no copy
+        view = build_model(self.saved_config, device="meta")  # shares the gathered tensors, no copy
         view.load_state_dict(state, strict=True, assign=True)
         save_pretrained(view, self.tokenizer, out)
 
