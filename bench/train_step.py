@@ -1,14 +1,15 @@
 """Stage-3 training-step benchmark through DeepSpeed: tokens/s, MFU and peak memory on synthetic batches.
 
-Imports `osprey` (and `train` for --compile), random weights, no data files. Each sample is the official shape:
+Imports `osprey` and `train`, random weights, no data files. Each sample is the official shape:
 one 512 px image (1024 image tokens), ~100 text tokens holding `--regions` `<mask><pos>` pairs, an answer
 that is trained. Runs single-GPU as `python bench/train_step.py ...` (it makes itself a 1-process group) or
 `deepspeed --num_gpus 1 bench/train_step.py ...`; `--device cpu --preset tiny` checks the code path on CPU.
 
-MFU = model FLOPs per second / peak, with model FLOPs per token = 6 * N_lm when the LM's weights train
-(forward 2 + backward 4) and 4 * N_lm with LoRA (the backward still computes activation gradients through
-the frozen LM, but no full weight gradients); N_lm = the language model's parameters (embeddings included);
-vision tower, extractor, attention scores and checkpointing recompute are not counted. Peak: 989 TFLOP/s
+MFU = model FLOPs per second / peak, with model FLOPs counted from the LM's shapes by `train.metrics.LMFlops`
+(PaLM appendix B): 6 per decoder weight per token when the LM's weights train, 4 with LoRA (activation
+gradients only), 6 per LoRA adapter weight, the LM head only where it runs, causal attention; not the embedding
+lookup, the vision tower, the extractor or checkpointing recompute. `mfu_6n` keeps the earlier formula
+(k * N_lm * tokens, k = 6 or 4, N_lm all LM parameters) for comparison with older results. Peak: 989 TFLOP/s
 (H100/H200 dense bf16).
 
     python bench/train_step.py --preset osprey-7b --lora --zero 3 --grad-ckpt --out bench_7b_lora.json
@@ -27,6 +28,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from train.metrics import LMFlops
 
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak per GPU
 
@@ -136,6 +139,7 @@ def run(args: argparse.Namespace) -> dict:
         else:
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     set_stage3_trainable(model, args.lora, args.lora_r, args.lora_dropout)
+    lm_flops = LMFlops.of(model.language_model, weights_train=not args.lora)  # before ZeRO-3 partitions the weights
     if args.compile:
         if args.zero == 3:
             raise SystemExit("--compile is not supported with --zero 3")
@@ -186,7 +190,11 @@ def run(args: argparse.Namespace) -> dict:
                                         row_limit=20), file=sys.stderr)
     step_time = sum(times) / len(times)
     tokens_per_s = tokens_per_step / step_time
-    flops_per_token = (4 if args.lora else 6) * n_lm
+    lengths = batch["attention_mask"].sum(dim=1).tolist() * world
+    trained = int((batch["labels"][:, 1:] != -100).sum()) * world
+    flop_parts = lm_flops.breakdown(lengths, trained if args.trained_logits_only else sum(lengths))
+    step_flops = sum(flop_parts.values())
+    flops_per_token_6n = (4 if args.lora else 6) * n_lm
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     result = {
@@ -196,8 +204,11 @@ def run(args: argparse.Namespace) -> dict:
         "tokens_per_sample": tokens_per_step // (args.batch_size * world), "regions_per_sample": args.regions,
         "lm_params": n_lm, "trainable_params": n_trainable, "steps_timed": args.steps,
         "step_time_s": step_time, "tokens_per_s": tokens_per_s, "samples_per_s": args.batch_size * world / step_time,
-        "flop_formula": f"{4 if args.lora else 6} * N_lm * tokens", "flops_per_token": flops_per_token,
-        "peak_flops_per_gpu": peak, "mfu": flops_per_token * tokens_per_s / (peak * world) if peak else None,
+        "flop_formula": "train.metrics.LMFlops", "flops_per_step": step_flops, "flops_per_step_parts": flop_parts,
+        "flops_per_token": step_flops / tokens_per_step,
+        "peak_flops_per_gpu": peak, "mfu": step_flops / step_time / (peak * world) if peak else None,
+        "mfu_6n": flops_per_token_6n * tokens_per_s / (peak * world) if peak else None,
+        "flops_per_token_6n": flops_per_token_6n,
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "losses": losses, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
     }

@@ -348,16 +348,24 @@ def init_model_folder(
     return save_pretrained(model, tokenizer, out_dir)
 
 
-def derive_model_folder(src: str | Path, out_dir: str | Path, *, extractor: dict, seed: int = 0) -> Path:
-    """Copy a model folder with another mask-extractor architecture (freshly initialised extractor, every other
-    weight kept): the ablations of the paper start stage 2 from one shared stage-1 model this way."""
+def derive_model_folder(src: str | Path, out_dir: str | Path, *, extractor: dict, seed: int = 0,
+                        keep_extractor: bool = False) -> Path:
+    """Copy a model folder with another mask-extractor architecture, every other weight kept.
+
+    By default the extractor is freshly initialised: the paper's ablations start stage 2 from one shared stage-1
+    model this way. `keep_extractor` keeps each extractor weight the new architecture still has (same name and
+    shape), for ablations that fine-tune a trained model (a box-pooling variant keeps every weight; res4-only
+    drops the other levels' projections)."""
     import dataclasses
 
     model, tokenizer, _ = load_pretrained(src)
     config = model.config.replace(extractor=dataclasses.replace(model.config.extractor, **extractor))
     torch.manual_seed(seed)
     derived = build_model(config).to(model.dtype)
-    kept = {k: v for k, v in model.state_dict().items() if not k.startswith("mask_extractor.")}
+    target = derived.state_dict()
+    kept = {k: v for k, v in model.state_dict().items()
+            if not k.startswith("mask_extractor.")
+            or (keep_extractor and k in target and target[k].shape == v.shape)}
     result = derived.load_state_dict(kept, strict=False)
     unexpected_or_missing = list(result.unexpected_keys) + [k for k in result.missing_keys if not k.startswith("mask_extractor.")]
     if unexpected_or_missing:

@@ -39,6 +39,8 @@ def _register_model_commands(subparsers: argparse._SubParsersAction) -> None:
     derive.add_argument("--levels", default=None, help="comma-separated feature levels 0..3 (res2..res5), e.g. 2")
     derive.add_argument("--no-position-token", action="store_true")
     derive.add_argument("--mask-from-box", action="store_true", help="pool over each region's box, not its mask")
+    derive.add_argument("--keep-extractor", action="store_true",
+                        help="keep the extractor weights the new architecture still has (default: fresh extractor)")
     derive.add_argument("--seed", type=int, default=0)
     derive.set_defaults(func=_cmd_model_derive)
 
@@ -96,7 +98,8 @@ def _cmd_model_derive(args: argparse.Namespace) -> int:
         changes["use_position_token"] = False
     if args.mask_from_box:
         changes["mask_from_box"] = True
-    print(f"wrote {derive_model_folder(args.src, args.out, extractor=changes, seed=args.seed)}")
+    path = derive_model_folder(args.src, args.out, extractor=changes, seed=args.seed, keep_extractor=args.keep_extractor)
+    print(f"wrote {path}")
     return 0
 
 

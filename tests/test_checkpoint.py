@@ -205,6 +205,20 @@ def test_derive_changes_only_the_extractor(tiny_model_dir, tmp_path):
             assert torch.equal(derived.state_dict()[name], tensor)
 
 
+def test_derive_can_keep_the_extractor_weights_that_still_fit(tiny_model_dir, tmp_path):
+    from osprey.checkpoint import derive_model_folder
+
+    base, _, _ = load_pretrained(tiny_model_dir)
+    derive_model_folder(tiny_model_dir, tmp_path / "fresh", extractor={"levels": (2,)})
+    derive_model_folder(tiny_model_dir, tmp_path / "kept", extractor={"levels": (2,)}, keep_extractor=True)
+    fresh, _, _ = load_pretrained(tmp_path / "fresh")
+    kept, _, report = load_pretrained(tmp_path / "kept")
+    assert report.ok
+    for name, tensor in kept.state_dict().items():  # res4's projection, the fusion and the position MLP survive
+        assert torch.equal(tensor, base.state_dict()[name]), name
+    assert not torch.equal(fresh.mask_extractor.res4.weight, base.mask_extractor.res4.weight)
+
+
 def test_builtin_preset_fits_the_size_budget():
     counts = parameter_counts(OspreyConfig.from_preset("builtin"))
     assert counts["total"] * 2 < 40e6  # bf16 weight file under 40 MB

@@ -29,7 +29,7 @@ def test_bench_full_finetune_zero2_fp32(tmp_path):
     result = main(["--preset", "tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", "--no-bf16",
                    "--out", str(out)])
     assert json.loads(out.read_text()) == result
-    assert result["tokens_per_s"] > 0 and result["mfu"] is None and result["flop_formula"] == "6 * N_lm * tokens"
+    assert result["tokens_per_s"] > 0 and result["mfu"] is None and result["flop_formula"] == "train.metrics.LMFlops"
     assert result["losses"][-1] < result["losses"][0]  # the same batch: one step already lowers the loss
 
 
@@ -37,7 +37,7 @@ def test_bench_lora_zero3_checkpointing_bf16():
     result = main(["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "1", "--lora", "--lora-r", "4",
                    "--zero", "3", "--grad-ckpt"])
     assert result["lora"] and result["zero"] == 3 and result["bf16"]
-    assert result["trainable_params"] < result["lm_params"] and result["flop_formula"] == "4 * N_lm * tokens"
+    assert result["trainable_params"] < result["lm_params"] and result["flops_per_step_parts"]["adapters"] > 0
 
 
 def test_1b_preset_shape():

@@ -1,29 +1,76 @@
 """Training metrics: the JSONL log, the FLOP count behind MFU, and loss/lr curves.
 
-MFU formula (documented in docs/train.md): model FLOPs per optimiser step =
-`k * N_lm * tokens`, with N_lm the language model's parameter count (embeddings included, as the input/output
-matrices are used once per token), tokens = non-padding tokens of the step (image and region slots included),
-k = 6 when the LM's weights train (forward 2, backward 4: activation and weight gradients) and k = 4 when they
-are frozen or LoRA-adapted (the backward still computes activation gradients through the LM to reach the
-projector/extractor). Not counted: the vision tower and extractor (< 1% at 7B), attention score FLOPs (~3% at
-1.1k tokens) and gradient-checkpointing recompute (MFU counts useful work only).
+MFU = model FLOPs of the step / (elapsed time x peak). Model FLOPs follow PaLM (appendix B) counted from the LM's
+shapes by `LMFlops` (documented in docs/train.md), per token of a sequence of length T:
+- every matrix multiply of the decoder: 6 FLOPs per weight when the LM's weights train (forward 2, backward 4:
+  activation and weight gradients), 4 when they are frozen or LoRA-adapted (the backward still computes
+  activation gradients through the LM to reach the projector/extractor);
+- LoRA adapters: 6 per weight (they train);
+- the LM head (6 or 4 per weight) only at the positions where it runs: every token, or only the trained ones with
+  `trained_logits_only`;
+- causal attention scores and values: 6 * layers * (heads x head dim) * (T + 1), forward and backward, the half of
+  the score matrix a causal mask keeps;
+- not counted: the embedding lookup (no multiply), the vision tower and extractor (< 1% at 7B), norms and
+  activations, and gradient-checkpointing recompute (MFU counts useful work only).
+The earlier formula, `k * N_lm` (k = 6 or 4, N_lm all LM parameters), is kept as `mfu_6n` in benchmark results so
+older figures stay comparable.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 # Dense bf16 peak per GPU (tensor cores, no sparsity): H100 SXM and H200 both 989 TFLOP/s.
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def flops_per_token(n_lm_params: int, lm_weights_train: bool) -> float:
-    return (6.0 if lm_weights_train else 4.0) * n_lm_params
+@dataclass(frozen=True)
+class LMFlops:
+    """The language model's shapes that set the FLOPs of a training step (see the module docstring)."""
+
+    body_params: int  # weights of the decoder's matrix multiplies: the embedding and the head excluded
+    head_params: int
+    adapter_params: int  # LoRA A and B matrices
+    layers: int
+    attention_width: int  # query heads x head dim: the width of the score and value products
+    weights_train: bool  # full fine-tuning (6 per weight) or a frozen / LoRA-adapted LM (4 per weight)
+
+    @classmethod
+    def of(cls, language_model: nn.Module, weights_train: bool) -> LMFlops:
+        """Read the counts from a transformers causal LM, plain or wrapped by peft."""
+        embedding = language_model.get_input_embeddings().weight
+        head = language_model.get_output_embeddings().weight
+        adapters = sum(p.numel() for n, p in language_model.named_parameters() if "lora_" in n)
+        matrices = sum(p.numel() for n, p in language_model.named_parameters() if p.dim() >= 2 and "lora_" not in n)
+        body = matrices - embedding.numel() - (0 if head is embedding else head.numel())
+        config = language_model.config
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(body_params=body, head_params=head.numel(), adapter_params=adapters,
+                   layers=config.num_hidden_layers, attention_width=config.num_attention_heads * head_dim,
+                   weights_train=weights_train)
+
+    def breakdown(self, sequence_lengths: Sequence[int], head_positions: int) -> dict[str, float]:
+        """FLOPs per part for one step over sequences of these (non-padding) lengths, the head run at
+        `head_positions` positions."""
+        k = 6.0 if self.weights_train else 4.0
+        tokens = float(sum(sequence_lengths))
+        return {
+            "body": k * self.body_params * tokens,
+            "head": k * self.head_params * head_positions,
+            "adapters": 6.0 * self.adapter_params * tokens,
+            "attention": 6.0 * self.layers * self.attention_width * float(sum(t * (t + 1) for t in sequence_lengths)),
+        }
+
+    def step(self, sequence_lengths: Sequence[int], head_positions: int) -> float:
+        return sum(self.breakdown(sequence_lengths, head_positions).values())
 
 
 def peak_flops(device: torch.device) -> float | None:

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from osprey.modeling import IGNORE_INDEX
 from train import deepspeed_utils as dsu
 from train.config import TrainConfig
-from train.metrics import MetricsLog, flops_per_token, memory_stats, peak_flops
+from train.metrics import LMFlops, MetricsLog, memory_stats, peak_flops
 from train.sampler import ResumableSampler
 from train.trainable import merge_lora_state, set_trainable
 
@@ -127,8 +127,7 @@ class Recipe:
                 raise ValueError("compile: true is not supported with ZeRO-3 (its parameter hooks break compiled graphs)")
             logger.info("compiled %d modules (regional torch.compile)", compile_regions(model))
         self.model, self.tokenizer = model, tokenizer
-        self.lm_params = sum(p.numel() for n, p in model.language_model.named_parameters() if "lora_" not in n)
-        self.lm_weights_train = cfg.stage == 3 and cfg.lora is None
+        self.lm_flops = LMFlops.of(model.language_model, weights_train=cfg.stage == 3 and cfg.lora is None)
 
     def setup_data(self) -> None:
         """Dataset, per-sample lengths, the resumable (length-grouped) sampler; the config saved models carry."""
@@ -212,7 +211,6 @@ class Recipe:
         engine.train()
         if not cfg.train_vision:
             self.model.vision_tower.eval()
-        per_token = flops_per_token(self.lm_params, self.lm_weights_train)
         peak = peak_flops(self.device)
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc=f"stage {cfg.stage}", unit="step",
                    disable=not cfg.progress or self.rank != 0, dynamic_ncols=True)
@@ -230,7 +228,7 @@ class Recipe:
                 if self.state.batches_in_epoch % self.accumulation:
                     continue
                 self.state.step += 1
-                record = self._step_record(window, per_token, peak)
+                record = self._step_record(window, peak)
                 self.state.losses.append(record["loss"])
                 window = _Window()
                 bar.update(1)
@@ -266,7 +264,10 @@ class Recipe:
             self.state.truncated_samples += int(torch.as_tensor(batch["truncated"]).sum())
         self.state.samples_seen += labels.shape[0]
         window.lr = self.optimizer.param_groups[0]["lr"]  # the rate this step applies (0 on step 1 of a warm-up)
-        window.tokens += int(batch["attention_mask"].sum())
+        lengths = batch["attention_mask"].sum(dim=1).tolist()
+        window.tokens += sum(lengths)
+        window.flops += self.lm_flops.step(
+            lengths, int(trained_per_sample.sum()) if self.cfg.trained_logits_only else sum(lengths))
         window.samples += labels.shape[0]
 
         inputs = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS}
@@ -287,12 +288,13 @@ class Recipe:
         self.engine.step()
         return loss.detach()
 
-    def _step_record(self, window: _Window, per_token: float, peak: float | None) -> dict[str, Any]:
+    def _step_record(self, window: _Window, peak: float | None) -> dict[str, Any]:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = time.perf_counter() - window.start
         local_loss = float(torch.stack(window.losses).float().sum())  # one device sync per step
-        loss_sum, tokens, samples = dsu.all_reduce_sum([local_loss, window.tokens, window.samples], self.device)
+        loss_sum, tokens, samples, flops = dsu.all_reduce_sum(
+            [local_loss, window.tokens, window.samples, window.flops], self.device)
         loss = loss_sum / (len(window.losses) * self.world_size)
         grad_norm = self.engine.get_global_grad_norm()
         record = {
@@ -304,7 +306,7 @@ class Recipe:
             "tokens": int(tokens),
         }
         if peak:
-            record["mfu"] = per_token * tokens / elapsed / (peak * self.world_size)
+            record["mfu"] = flops / elapsed / (peak * self.world_size)
         record.update(memory_stats(self.device))
         return record
 
@@ -403,6 +405,7 @@ class _Window:
     lr: float = 0.0
     tokens: int = 0
     samples: int = 0
+    flops: float = 0.0  # model FLOPs of the micro-batches (train.metrics.LMFlops)
     data_time: float = 0.0  # seconds spent waiting for the data loader (a data-bound run shows it near step_time_s)
     start: float = field(default_factory=time.perf_counter)
 
