@@ -192,27 +192,60 @@ def run(args: argparse.Namespace) -> dict:
     tokens_per_s = tokens_per_step / step_time
     lengths = batch["attention_mask"].sum(dim=1).tolist() * world
     trained = int((batch["labels"][:, 1:] != -100).sum()) * world
-    flop_parts = lm_flops.breakdown(lengths, trained if args.trained_logits_only else sum(lengths))
-    step_flops = sum(flop_parts.values())
-    flops_per_token_6n = (4 if args.lora else 6) * n_lm
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
     result = {
         "preset": args.preset, "device": name, "world_size": world, "zero": args.zero, "lora": args.lora,
-        "lora_dropout": args.lora_dropout if args.lora else None,
+        "lora_r": args.lora_r if args.lora else None, "lora_dropout": args.lora_dropout if args.lora else None,
         "gradient_checkpointing": args.grad_ckpt, "compile": args.compile, "trained_logits_only": args.trained_logits_only, "bf16": args.bf16, "batch_size_per_gpu": args.batch_size,
         "tokens_per_sample": tokens_per_step // (args.batch_size * world), "regions_per_sample": args.regions,
         "lm_params": n_lm, "trainable_params": n_trainable, "steps_timed": args.steps,
         "step_time_s": step_time, "tokens_per_s": tokens_per_s, "samples_per_s": args.batch_size * world / step_time,
-        "flop_formula": "train.metrics.LMFlops", "flops_per_step": step_flops, "flops_per_step_parts": flop_parts,
-        "flops_per_token": step_flops / tokens_per_step,
-        "peak_flops_per_gpu": peak, "mfu": step_flops / step_time / (peak * world) if peak else None,
-        "mfu_6n": flops_per_token_6n * tokens_per_s / (peak * world) if peak else None,
-        "flops_per_token_6n": flops_per_token_6n,
+        **flop_fields(lm_flops, lengths, trained if args.trained_logits_only else sum(lengths), step_time,
+                      n_lm, args.lora, peak, world),
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "losses": losses, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
     }
     return result
+
+
+def flop_fields(lm_flops: LMFlops, lengths: list[int], head_positions: int, step_time: float, n_lm: int, lora: bool,
+                peak: float | None, world: int) -> dict:
+    """The FLOP count and MFU of a step (`train.metrics.LMFlops`), and the earlier `k * N_lm` formula beside it."""
+    parts = lm_flops.breakdown(lengths, head_positions)
+    step_flops, tokens = sum(parts.values()), sum(lengths)
+    per_token_6n = (4 if lora else 6) * n_lm
+    return {
+        "flop_formula": "train.metrics.LMFlops", "flops_per_step": step_flops, "flops_per_step_parts": parts,
+        "flops_per_token": step_flops / tokens, "peak_flops_per_gpu": peak,
+        "mfu": step_flops / step_time / (peak * world) if peak else None,
+        "flops_per_token_6n": per_token_6n,
+        "mfu_6n": per_token_6n * tokens / step_time / (peak * world) if peak else None,
+    }
+
+
+def recount(result: dict) -> dict:
+    """A result written before `LMFlops` (its formula was `k * N_lm * tokens`) with the FLOP fields recounted from
+    its recorded setting and step time. The model is built on the meta device: nothing is allocated."""
+    from osprey.checkpoint import build_model
+
+    if result.get("flop_formula") == "train.metrics.LMFlops":
+        return result
+    config = build_config(result["preset"])
+    model = build_model(config, device=torch.device("meta"))
+    lora_r = result.get("lora_r") or 128  # the benchmark's default; results before lora_r was recorded used it
+    set_stage3_trainable(model, result["lora"], lora_r)
+    lm_flops = LMFlops.of(model.language_model, weights_train=not result["lora"])
+    world, batch_size = result["world_size"], result["batch_size_per_gpu"]
+    text_tokens = result["tokens_per_sample"] - config.vision.num_image_tokens - 8  # BOS, 6 prompt ids, EOS
+    sample = synthetic_batch(config, 1, result["regions_per_sample"], text_tokens, torch.device("cpu"), seed=0)
+    lengths = [result["tokens_per_sample"]] * (batch_size * world)
+    trained = int((sample["labels"][:, 1:] != -100).sum()) * batch_size * world
+    head_positions = trained if result.get("trained_logits_only") else sum(lengths)
+    fields = flop_fields(lm_flops, lengths, head_positions, result["step_time_s"], result["lm_params"],
+                         result["lora"], result["peak_flops_per_gpu"], world)
+    fields["flop_formula"] += " (recounted from the recorded step time)"
+    return {**result, "lora_r": result.get("lora_r", lora_r if result["lora"] else None), **fields}
 
 
 def _sync(device: torch.device) -> None:
@@ -241,22 +274,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="LM head and loss over every position (transformers' loss), not only trained ones")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of 2 more steps")
     parser.add_argument("--out", help="also write the result JSON here")
+    parser.add_argument("--recount", nargs="+", metavar="JSON",
+                        help="rewrite earlier result files with the current FLOP count (no run; CPU, meta device)")
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # passed by `deepspeed`
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.recount:
+        for path in args.recount:
+            result = json.loads(Path(path).read_text())
+            if not {"preset", "step_time_s", "lm_params"} <= set(result):
+                print(f"{path}: skipped, not a bench/train_step.py result")
+                continue
+            result = recount(result)
+            _write_json(Path(path), result)
+            print(f"{path}: MFU {100 * (result['mfu'] or 0):.1f} % (k * N_lm: {100 * (result['mfu_6n'] or 0):.1f} %)")
+        return {}
     result = run(args)
     if int(os.environ.get("RANK", "0")) == 0:
-        text = json.dumps(result, indent=2)
-        print(text)
+        print(json.dumps(result, indent=2))
         if args.out:
-            out = Path(args.out)
-            tmp = out.with_name(f".{out.name}.tmp")
-            tmp.write_text(text)
-            tmp.replace(out)
+            _write_json(Path(args.out), result)
     return result
+
+
+def _write_json(out: Path, result: dict) -> None:
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(out)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,13 @@ def test_bench_full_finetune_zero2_fp32(tmp_path):
     assert json.loads(out.read_text()) == result
     assert result["tokens_per_s"] > 0 and result["mfu"] is None and result["flop_formula"] == "train.metrics.LMFlops"
     assert result["losses"][-1] < result["losses"][0]  # the same batch: one step already lowers the loss
+    # a result of the earlier formula is recounted from its recorded setting to the same FLOPs
+    old = {k: v for k, v in result.items() if not k.startswith(("flops_per", "mfu"))}
+    old["flop_formula"] = "6 * N_lm * tokens"
+    out.write_text(json.dumps(old))
+    main(["--recount", str(out)])
+    recounted = json.loads(out.read_text())
+    assert recounted["flops_per_step"] == result["flops_per_step"] and recounted["flops_per_step_parts"]["head"] > 0
 
 
 def test_bench_lora_zero3_checkpointing_bf16():
