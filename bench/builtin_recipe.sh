@@ -9,7 +9,7 @@
 # Every step is skipped when its output already exists in WORK (the dataset, init, clip, each variant's
 # stage<k>/final), so a run split over several sessions continues where the last one stopped; UNTIL stops it early.
 #
-# Variables: N (images), S0 (CLIP steps; 0 skips the pretraining and trains the tower in stages 1-3 instead),
+# Variables: N (images), SEED (dataset seed, default 0), S0 (CLIP steps; 0 skips the pretraining and trains the tower in stages 1-3 instead),
 # S0_BATCH (CLIP batch), S0_TIME (seconds; CLIP stops there and writes its weights), S1/S2/S3 (optimiser steps per
 # stage), WORK, EVAL_LIMIT (records per eval sub-set; 0 skips the evaluation),
 # S3_TIMEOUT (seconds; stage 3 is stopped there and its newest checkpoint used instead of final/),
@@ -18,7 +18,7 @@
 # UNTIL (clip, stage1, stage2 or stage3: stop after that step; default: run everything).
 set -euo pipefail
 VARIANTS=${VARIANTS:-full box nopos res4}
-N=${N:-20000}; S0=${S0:-2000}; S0_BATCH=${S0_BATCH:-256}; S0_TIME=${S0_TIME:-0}
+N=${N:-20000}; SEED=${SEED:-0}; S0=${S0:-2000}; S0_BATCH=${S0_BATCH:-256}; S0_TIME=${S0_TIME:-0}
 S1=${S1:-300}; S2=${S2:-500}; S3=${S3:-1500}; EVAL_LIMIT=${EVAL_LIMIT:-100}
 WORK=${WORK:-runs/builtin_recipe}; DATA=$WORK/data
 S3_TIMEOUT=${S3_TIMEOUT:-0}; UNTIL=${UNTIL:-}
@@ -31,11 +31,20 @@ log() { echo "[$(date +%H:%M:%S)] $*"; }
 
 stop_after() { [ "$UNTIL" = "$1" ] && { log "stopping after $1 (UNTIL=$UNTIL)"; exit 0; }; return 0; }
 
-if [ "$(python -c 'import json,sys; print(json.load(open(sys.argv[1]))["config"]["n"])' "$DATA/manifest.json" 2>/dev/null)" = "$N" ]; then
-  log "dataset: $DATA exists ($N images)"
+# Reuse the dataset only when its manifest says it is the one asked for (the generator's defaults, this N and seed);
+# image i depends on (seed, i) and the split on n, so any other dataset would mix training and test images.
+same_data=$(python - "$DATA/manifest.json" "$N" "$SEED" <<'PY' 2>/dev/null
+import json, sys
+from data_tools.synth.generate import SynthConfig
+manifest, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+print(json.load(open(manifest))["config"] == SynthConfig(out="", n=n, seed=seed).manifest_config())
+PY
+)
+if [ "$same_data" = True ]; then
+  log "dataset: $DATA exists ($N images, seed $SEED)"
 else
-  log "dataset: $N images"
-  osprey data synth --out "$DATA" --n "$N" --workers "$CPUS" --no-progress
+  log "dataset: $N images, seed $SEED"
+  osprey data synth --out "$DATA" --n "$N" --seed "$SEED" --workers "$CPUS" --no-progress
 fi
 [ -f "$WORK/full/init/config.json" ] || osprey model init --preset builtin --out "$WORK/full/init" --corpus "$DATA"/train/*.json
 

@@ -26,14 +26,12 @@ import torch
 
 
 def _time_steps(recipe, batches, device: torch.device) -> list[float]:
-    from train.recipe import _Window
-
     times = []
     for batch in batches:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        loss = recipe._micro_step(batch() if callable(batch) else batch, _Window())
+        loss = recipe.micro_step(batch() if callable(batch) else batch)
         float(loss)  # waits for the step
         times.append(time.perf_counter() - start)
     return times
@@ -54,7 +52,7 @@ def run(args: argparse.Namespace) -> dict:
         recipe.engine.train()
         if not cfg.train_vision:
             recipe.model.vision_tower.eval()
-        loader = iter(recipe._loader())
+        loader = iter(recipe.loader())
 
         def next_batch():
             start = time.perf_counter()

@@ -95,8 +95,9 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: list[str], test_x: tor
 
 
 def probe(pipe, data: Path, split: str, train_images: int, test_images: int) -> dict[str, float]:
-    """Category accuracy of linear probes on mask tokens, position tokens, both, and the tower's mask-pooled
-    features before the extractor (and the majority baseline)."""
+    """Category accuracy of linear probes on mask tokens, position tokens, both, the tower's mask-pooled features
+    before the extractor (all levels, and each level), those of the last level through the CLIP's projection head,
+    and the majority baseline."""
     train_mask, train_pos, train_pooled, train_y = region_tokens_and_labels(pipe, data, "train", train_images)
     test_mask, test_pos, test_pooled, test_y = region_tokens_and_labels(pipe, data, split, test_images)
     majority = max(test_y.count(c) for c in set(test_y)) / len(test_y)
@@ -107,7 +108,30 @@ def probe(pipe, data: Path, split: str, train_images: int, test_images: int) -> 
         "probe_both": linear_probe_accuracy(torch.cat([train_mask, train_pos], 1), train_y,
                                             torch.cat([test_mask, test_pos], 1), test_y),
         "probe_pooled_features": linear_probe_accuracy(train_pooled, train_y, test_pooled, test_y),
+        **{f"probe_pooled_{name}": linear_probe_accuracy(a, train_y, b, test_y)
+           for name, a, b in zip(_LEVEL_NAMES, *(_levels(pipe, x) for x in (train_pooled, test_pooled)))},
+        # the CLIP's own projection head over the last level: what `osprey train clip` taught, read linearly
+        "probe_clip_head": linear_probe_accuracy(_clip_head(pipe, train_pooled), train_y,
+                                                 _clip_head(pipe, test_pooled), test_y),
     }
+
+
+_LEVEL_NAMES = ("res2", "res3", "res4", "res5")
+
+
+def _levels(pipe, pooled: torch.Tensor) -> list[torch.Tensor]:
+    """Split concatenated per-level pooled features back into the levels."""
+    return list(torch.split(pooled, list(pipe.model.config.vision.level_channels), dim=1))
+
+
+@torch.no_grad()
+def _clip_head(pipe, pooled: torch.Tensor) -> torch.Tensor:
+    """The last level's pooled features through open_clip's head (trunk head norm, then the projection), as
+    `train.clip_pretrain.image_and_region_embeddings` computes region embeddings; Osprey does not use this head."""
+    visual = pipe.model.vision_tower.vision_tower.visual
+    weight = next(visual.head.parameters())
+    last = _levels(pipe, pooled)[-1].to(device=weight.device, dtype=weight.dtype)
+    return visual.head(visual.trunk.forward_head(last[:, :, None, None])).float().cpu()
 
 
 RELIANCE_SAMPLES = {  # --reliance-kind -> (train record file, stage-3 sample kind)

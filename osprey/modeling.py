@@ -17,9 +17,8 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from osprey.config import OspreyConfig
 from osprey.mask_extractor import MaskExtractor
+from osprey.tokenization import IGNORE_INDEX
 from osprey.vision import VisionTower
-
-IGNORE_INDEX = -100
 
 
 class Projector(nn.Sequential):
@@ -159,10 +158,11 @@ class OspreyForCausalLM(nn.Module):
         Returns the language model's output (`.loss` when labels are given, `.logits`). With labels and
         `trained_logits_only`, the LM head runs only at the positions whose next token is trained and `.logits` is
         None: the same loss without the (B, T, vocab) logits and their fp32 copy (at 7B, one 1132-token sample
-        trains ~35 tokens; its full logits are 145 MB in fp32).
+        trains ~35 tokens; its full logits are 145 MB in fp32). A batch without any trained token gets an exact zero
+        loss that reaches every trainable weight (not the NaN of an all-ignored cross-entropy), either way.
         """
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, masks)
-        if labels is not None and trained_logits_only:
+        if labels is not None and (trained_logits_only or not bool((labels[:, 1:] != IGNORE_INDEX).any())):
             return self._loss_at_trained_positions(inputs_embeds, attention_mask, labels, **lm_kwargs)
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **lm_kwargs)
 

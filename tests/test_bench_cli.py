@@ -40,7 +40,8 @@ def test_probe_and_reliance_on_the_tiny_model(tiny_pipeline, tiny_model_dir):
 
     data = Path(__file__).parent / "fixtures" / "synth"
     result = probe(tiny_pipeline, data, "test", train_images=8, test_images=4)
-    assert all(0.0 <= result[k] <= 1.0 for k in ("probe_mask", "probe_pos", "probe_both", "probe_pooled_features"))
+    assert all(0.0 <= result[k] <= 1.0 for k in ("probe_mask", "probe_pos", "probe_both", "probe_pooled_features",
+                                                 "probe_pooled_res2", "probe_pooled_res5", "probe_clip_head"))
     assert result["probe_regions_train"] > result["probe_regions_test"] > 0
     x = torch.tensor([[0.0, 1.0], [0.1, 0.9], [1.0, 0.0], [0.9, 0.1]])
     assert linear_probe_accuracy(x, ["a", "a", "b", "b"], x, ["a", "a", "b", "b"]) == 1.0
@@ -50,3 +51,18 @@ def test_probe_and_reliance_on_the_tiny_model(tiny_pipeline, tiny_model_dir):
     assert stats["reliance_samples"] == 6 and all(0 < v < 50 for v in losses) and len(set(losses)) > 1
     assert 0.0 <= stats["max_attention_to_region_slots"] <= 1.0
     assert all(stats[f"grad_norm_{p}"] > 0 for p in ("mm_projector", "mask_extractor", "language_model"))
+
+
+def test_step_profile_times_a_real_config_step(tmp_path):
+    """bench.step_profile builds the run as `osprey train` does and times loader-fed and fixed-batch steps."""
+    from pathlib import Path
+
+    from bench.step_profile import main
+
+    data = Path(__file__).parent / "fixtures" / "synth"
+    result = main(["--stage", "1", "--config", "tiny_stage1", "--model", "tiny", "--output", str(tmp_path / "run"),
+                   "--set", f"data.root={data}", "--set", "data.num_workers=0", "--set", "micro_batch_size=2",
+                   "--set", "global_batch_size=2", "--set", "progress=false",
+                   "--steps", "2", "--warmup", "1", "--profile-steps", "1", "--rows", "3"])
+    assert result["step_s_with_loader"] > 0 and result["step_s_fixed_batch"] > 0 and result["tokens_per_batch"] > 0
+    assert result["top_ops"]

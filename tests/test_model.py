@@ -143,7 +143,7 @@ def _grads(model):
 
 def test_trained_logits_only_gives_the_full_logits_loss_and_gradients():
     """The LM head at trained positions only: same loss and same gradients as transformers' loss over all
-    logits, no logits returned; with nothing trained, a zero loss that still reaches the LM head."""
+    logits, no logits returned; with nothing trained, a zero loss that still reaches the LM head (both paths)."""
     torch.manual_seed(0)
     model = build_model(TINY).float().train()
     batch = _batch_with_labels(TINY)
@@ -158,11 +158,12 @@ def test_trained_logits_only_gives_the_full_logits_loss_and_gradients():
     assert torch.allclose(sparse.loss, full.loss, atol=1e-6)
     assert expected.keys() == got.keys()
     assert all(torch.allclose(got[k], expected[k], atol=1e-6, rtol=1e-4) for k in expected)
-    model.zero_grad()
-    empty = model(**_batch_with_labels(TINY, trained_rows=(False, False)), trained_logits_only=True)
-    assert float(empty.loss) == 0.0
-    empty.loss.backward()
-    assert model.language_model.get_output_embeddings().weight.grad is not None
+    for trained_only in (True, False):  # nothing trained: a zero (not the NaN of an all-ignored loss) either way
+        model.zero_grad()
+        empty = model(**_batch_with_labels(TINY, trained_rows=(False, False)), trained_logits_only=trained_only)
+        assert float(empty.loss) == 0.0
+        empty.loss.backward()
+        assert model.language_model.get_output_embeddings().weight.grad is not None
 
 
 def test_trained_logits_only_through_a_lora_wrapper():

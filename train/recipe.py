@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from osprey.modeling import IGNORE_INDEX
+from osprey.tokenization import IGNORE_INDEX
 from train import deepspeed_utils as dsu
 from train.config import TrainConfig
 from train.metrics import LMFlops, MetricsLog, memory_stats, peak_flops
@@ -158,7 +158,8 @@ class Recipe:
                     len(dataset), self.steps_per_epoch, cfg.global_batch_size, cfg.micro_batch_size, self.world_size,
                     self.accumulation, self.total_steps)
 
-    def _loader(self) -> DataLoader:
+    def loader(self) -> DataLoader:
+        """The data loader for the current epoch, resuming inside it (`bench.step_profile` times it too)."""
         self.sampler.set_epoch(self.state.epoch, start=self.state.batches_in_epoch * self.cfg.micro_batch_size)
         if hasattr(self.dataset, "set_epoch"):  # osprey.data: stage-2 region order etc. are seeded per epoch
             self.dataset.set_epoch(self.state.epoch)
@@ -219,9 +220,9 @@ class Recipe:
         while self.state.step < stop:
             batches_per_epoch = self.steps_per_epoch * self.accumulation
             waited = time.perf_counter()
-            for batch in self._loader():
+            for batch in self.loader():
                 window.data_time += time.perf_counter() - waited
-                loss = self._micro_step(batch, window)
+                loss = self.micro_step(batch, window)
                 waited = time.perf_counter()
                 window.losses.append(loss)
                 self.state.batches_in_epoch += 1
@@ -252,11 +253,13 @@ class Recipe:
                            self.rank, self.state.truncated_samples, self.state.fully_masked_samples)
         return self.state
 
-    def _micro_step(self, batch: dict[str, Any], window: _Window) -> torch.Tensor:
-        """Forward, backward and (at accumulation boundaries) the optimiser step of one micro-batch.
+    def micro_step(self, batch: dict[str, Any], window: _Window | None = None) -> torch.Tensor:
+        """Forward, backward and (at accumulation boundaries) the optimiser step of one micro-batch; returns the
+        detached loss. `window` collects the step's counters for the metrics log (a throwaway one when None).
 
         Bookkeeping reads the batch while it is still on the CPU, so it never waits for the GPU.
         """
+        window = window if window is not None else _Window()
         labels = batch["labels"]
         trained_per_sample = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
         self.state.fully_masked_samples += int((trained_per_sample == 0).sum())
@@ -278,12 +281,10 @@ class Recipe:
             masks = [m.to(self.device, non_blocking=True) for m in masks]
         out = self.engine(**inputs, masks=masks, use_cache=False, trained_logits_only=self.cfg.trained_logits_only)
         if int(trained_per_sample.sum()) == 0:
-            # Nothing to learn from this micro-batch: a zero loss keeps every rank's collectives in step
-            # (the trained-logits-only loss is already such a zero).
+            # Nothing to learn from this micro-batch: the model's loss is an exact zero that still reaches every
+            # trainable weight, so every rank's collectives stay in step.
             logger.warning("step %d: micro-batch has no trained token (fully masked), contributes zero loss", self.state.step)
-            loss = out.loss if out.logits is None else out.logits.sum() * 0.0
-        else:
-            loss = out.loss
+        loss = out.loss
         self.engine.backward(loss)
         self.engine.step()
         return loss.detach()

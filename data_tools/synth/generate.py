@@ -61,6 +61,10 @@ class SynthConfig:
         if not (0 <= self.val_fraction and 0 <= self.test_fraction and self.val_fraction + self.test_fraction < 1):
             raise ValueError(f"bad split fractions val={self.val_fraction} test={self.test_fraction}")
 
+    def manifest_config(self) -> dict[str, Any]:
+        """The settings that decide the data (everything but the output folder), as the manifest records them."""
+        return {k: v for k, v in asdict(self).items() if k != "out"}
+
 
 def split_assignment(n: int, seed: int, val_fraction: float, test_fraction: float) -> list[str]:
     """Split name per image index: a seeded permutation, the first round(n*test) test, then val, rest train."""
@@ -182,7 +186,7 @@ def generate(config: SynthConfig, workers: int = 1, progress: bool = True) -> di
     manifest = {
         "version": MANIFEST_VERSION,
         "generator": "osprey data synth",
-        "config": {k: v for k, v in asdict(config).items() if k != "out"},
+        "config": config.manifest_config(),
         "images": {split: splits.count(split) for split in SPLITS},
         "subsets": {
             subset: {"stage": stage, "kind": kind,
