@@ -15,7 +15,8 @@
 # S3_TIMEOUT (seconds; stage 3 is stopped there and its newest checkpoint used instead of final/),
 # EXTRA (more `osprey train` options for every stage, e.g. "--set micro_batch_size=4 --set global_batch_size=4"),
 # VARIANTS (default "full box nopos res4"; "full" trains only the built-in model),
-# UNTIL (clip, stage1, stage2 or stage3: stop after that step; default: run everything).
+# UNTIL (clip, stage1, stage2 or stage3: stop after that step; default: run everything),
+# CLIP_PROJ (mlp, the default, or linear: the projection head the CLIP step trains the tower through).
 set -euo pipefail
 VARIANTS=${VARIANTS:-full box nopos res4}
 N=${N:-20000}; SEED=${SEED:-0}; S0=${S0:-2000}; S0_BATCH=${S0_BATCH:-256}; S0_TIME=${S0_TIME:-0}
@@ -46,7 +47,22 @@ else
   log "dataset: $N images, seed $SEED"
   osprey data synth --out "$DATA" --n "$N" --seed "$SEED" --workers "$CPUS" --no-progress
 fi
-[ -f "$WORK/full/init/config.json" ] || osprey model init --preset builtin --out "$WORK/full/init" --corpus "$DATA"/train/*.json
+# CLIP_PROJ=linear: the tower's CLIP projection head is one linear layer instead of open_clip's MLP. Osprey never
+# uses that head, but the CLIP step teaches the category through it: with the MLP, the category sits in the head
+# (a linear probe reads 50 % through it, ~20 % from the pooled features the extractor sees; docs/builtin_model.md).
+PRESET=builtin
+if [ "${CLIP_PROJ:-mlp}" != mlp ]; then
+  PRESET=$WORK/preset_builtin_${CLIP_PROJ}.json
+  python - "$PRESET" "$CLIP_PROJ" <<'PY'
+import json, sys
+from pathlib import Path
+from osprey.config import PRESET_DIR
+preset = json.loads((PRESET_DIR / "builtin.json").read_text())
+preset["vision"]["open_clip_config"]["vision_cfg"]["timm_proj"] = sys.argv[2]
+Path(sys.argv[1]).write_text(json.dumps(preset, indent=2))
+PY
+fi
+[ -f "$WORK/full/init/config.json" ] || osprey model init --preset "$PRESET" --out "$WORK/full/init" --corpus "$DATA"/train/*.json
 
 read -r -a extra <<< "${EXTRA:-}"
 common=(--set "data.root=$DATA" --set progress=false)
@@ -54,7 +70,7 @@ stage1=()
 if [ "$S0" != 0 ]; then
   if [ ! -f "$WORK/clip/open_clip.safetensors" ]; then
     log "vision tower: CLIP pretraining, $S0 steps (time limit: ${S0_TIME}s)"
-    osprey train clip --data "$DATA" --tokenizer "$WORK/full/init" --out "$WORK/clip" --steps "$S0" --batch-size "$S0_BATCH" \
+    osprey train clip --data "$DATA" --preset "$PRESET" --tokenizer "$WORK/full/init" --out "$WORK/clip" --steps "$S0" --batch-size "$S0_BATCH" \
       --time-limit "$S0_TIME" --num-workers "$((CPUS - 1))" --no-progress > "$WORK/clip.log" 2>&1
     python -m bench.token_norms --model "$WORK/full/init" --clip-weights "$WORK/clip/open_clip.safetensors" \
       --data "$DATA" --images 20 --probe 300 --out "$WORK/clip_probe.json" > /dev/null 2>&1 || true
