@@ -4,7 +4,7 @@ from pathlib import Path
 
 from osprey.config import ExtractorConfig, OspreyConfig, VisionConfig
 
-__all__ = ["OspreyConfig", "VisionConfig", "ExtractorConfig", "default_model_path", "BUILTIN_MODEL_DIR"]
+__all__ = ["BUILTIN_MODEL_DIR", "ExtractorConfig", "OspreyConfig", "VisionConfig", "default_model_path"]
 __version__ = "0.1.0"
 
 # The project's own small model, trained by its own pipeline on the generated dataset (docs/builtin_model.md).

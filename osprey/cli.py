@@ -78,9 +78,7 @@ def _cmd_model_params(args: argparse.Namespace) -> int:
 
 
 def _cmd_model_init(args: argparse.Namespace) -> int:
-    from osprey.checkpoint import init_model_folder
-
-    from osprey.checkpoint import corpus_from_files
+    from osprey.checkpoint import corpus_from_files, init_model_folder
 
     corpus = corpus_from_files(args.corpus) if args.corpus else None
     path = init_model_folder(args.preset, args.out, seed=args.seed, dtype=args.dtype, corpus=corpus)

@@ -142,19 +142,19 @@ class OspreyConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "OspreyConfig":
+    def from_dict(cls, data: dict[str, Any]) -> OspreyConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown OspreyConfig fields: {sorted(unknown)}")
         return cls(**data)
 
-    def replace(self, **changes: Any) -> "OspreyConfig":
+    def replace(self, **changes: Any) -> OspreyConfig:
         """A new config with some fields changed (e.g. an ablation); the original is untouched."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_preset(cls, name_or_path: str | Path) -> "OspreyConfig":
+    def from_preset(cls, name_or_path: str | Path) -> OspreyConfig:
         """A preset by name (`osprey-7b`, `tiny`, ...) or a JSON file path."""
         path = Path(name_or_path)
         if not path.suffix == ".json":

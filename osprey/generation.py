@@ -6,10 +6,9 @@ token budget, and finished rows stop counting as soon as they emit EOS.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Iterator, Sequence
-
 import inspect
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache, PreTrainedModel

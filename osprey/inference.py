@@ -7,9 +7,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from osprey.tokenization import encode_generation_prompt
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OspreyPipeline", "SamplingParams", "Generation", "StreamEvent", "EncodedImage", "PreparedPrompt"]
+__all__ = ["EncodedImage", "Generation", "OspreyPipeline", "PreparedPrompt", "SamplingParams", "StreamEvent"]
 
 
 @dataclass
@@ -82,7 +82,7 @@ class OspreyPipeline:
         dtype: torch.dtype | str | None = None,
         clip_weights: str | Path | None = None,
         max_batch_size: int = 32,
-    ) -> "OspreyPipeline":
+    ) -> OspreyPipeline:
         from osprey.checkpoint import load_pretrained
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

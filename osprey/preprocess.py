@@ -6,8 +6,8 @@ normalise with CLIP mean/std, then bilinearly stretch to S x S. Masks stay at th
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

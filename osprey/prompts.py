@@ -6,8 +6,9 @@ compatibility: change nothing without checking the spec.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Literal
 
 IMAGE_PLACEHOLDER = "<image>"
 MASK_TOKEN = "<mask>"
