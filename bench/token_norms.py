@@ -126,12 +126,14 @@ def _levels(pipe, pooled: torch.Tensor) -> list[torch.Tensor]:
 
 @torch.no_grad()
 def _clip_head(pipe, pooled: torch.Tensor) -> torch.Tensor:
-    """The last level's pooled features through open_clip's head (trunk head norm, then the projection), as
-    `train.clip_pretrain.image_and_region_embeddings` computes region embeddings; Osprey does not use this head."""
+    """The last level's pooled features as `osprey train clip` embeds regions (trunk head norm, then the CLIP
+    projection); Osprey itself does not use this head."""
+    from train.clip_pretrain import region_embeddings_from_pooled
+
     visual = pipe.model.vision_tower.vision_tower.visual
     weight = next(visual.head.parameters())
     last = _levels(pipe, pooled)[-1].to(device=weight.device, dtype=weight.dtype)
-    return visual.head(visual.trunk.forward_head(last[:, :, None, None])).float().cpu()
+    return region_embeddings_from_pooled(visual, last).float().cpu()
 
 
 RELIANCE_SAMPLES = {  # --reliance-kind -> (train record file, stage-3 sample kind)

@@ -29,9 +29,8 @@ from pathlib import Path
 
 import torch
 
-from train.metrics import LMFlops
-
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak per GPU
+from osprey.tokenization import IGNORE_INDEX
+from train.metrics import LMFlops, peak_flops
 
 # A ~1.1B Llama (TinyLlama shape) behind the real ConvNeXt-L tower: full fine-tuning fits one GPU.
 LLAMA_1B = {"model_type": "llama", "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632,
@@ -78,7 +77,7 @@ def synthetic_batch(config, batch_size: int, regions: int, text_tokens: int, dev
         ans = torch.randint(3, vocab, (answer,), generator=gen)
         ids = torch.cat([torch.tensor([1]), torch.randint(3, vocab, (6,), generator=gen),
                          torch.full((n_img,), config.image_token_id), torch.tensor(text), ans, torch.tensor([2])])
-        lab = torch.full_like(ids, -100)
+        lab = torch.full_like(ids, IGNORE_INDEX)
         lab[-answer - 1:] = ids[-answer - 1:]
         rows.append(ids)
         labels.append(lab)
@@ -191,9 +190,9 @@ def run(args: argparse.Namespace) -> dict:
     step_time = sum(times) / len(times)
     tokens_per_s = tokens_per_step / step_time
     lengths = batch["attention_mask"].sum(dim=1).tolist() * world
-    trained = int((batch["labels"][:, 1:] != -100).sum()) * world
+    trained = _head_positions(batch["labels"]) * world
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_BF16.items() if k in name), None)
+    peak = peak_flops(device)
     result = {
         "preset": args.preset, "device": name, "world_size": world, "zero": args.zero, "lora": args.lora,
         "lora_r": args.lora_r if args.lora else None, "lora_dropout": args.lora_dropout if args.lora else None,
@@ -240,12 +239,17 @@ def recount(result: dict) -> dict:
     text_tokens = result["tokens_per_sample"] - config.vision.num_image_tokens - 8  # BOS, 6 prompt ids, EOS
     sample = synthetic_batch(config, 1, result["regions_per_sample"], text_tokens, torch.device("cpu"), seed=0)
     lengths = [result["tokens_per_sample"]] * (batch_size * world)
-    trained = int((sample["labels"][:, 1:] != -100).sum()) * batch_size * world
+    trained = _head_positions(sample["labels"]) * batch_size * world
     head_positions = trained if result.get("trained_logits_only") else sum(lengths)
     fields = flop_fields(lm_flops, lengths, head_positions, result["step_time_s"], result["lm_params"],
                          result["lora"], result["peak_flops_per_gpu"], world)
     fields["flop_formula"] += " (recounted from the recorded step time)"
     return {**result, "lora_r": result.get("lora_r", lora_r if result["lora"] else None), **fields}
+
+
+def _head_positions(labels: torch.Tensor) -> int:
+    """Positions whose next token is trained: where the LM head runs with trained-only logits."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
 def _sync(device: torch.device) -> None:

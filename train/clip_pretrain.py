@@ -187,8 +187,13 @@ def image_and_region_embeddings(visual, images: torch.Tensor, masks) -> tuple[to
     features = visual.trunk.forward_features(images)
     image_embeddings = visual.head(visual.trunk.forward_head(features))
     pooled = masked_mean_pool_batch(features, list(masks)).to(features.dtype)
-    region_embeddings = visual.head(visual.trunk.forward_head(pooled[:, :, None, None]))
-    return image_embeddings, region_embeddings
+    return image_embeddings, region_embeddings_from_pooled(visual, pooled)
+
+
+def region_embeddings_from_pooled(visual, pooled: torch.Tensor) -> torch.Tensor:
+    """(N, C) mask-pooled final-map features -> (N, E) region embeddings: the trunk's head norm, then the CLIP
+    projection, as the global image path does with its own pooling."""
+    return visual.head(visual.trunk.forward_head(pooled[:, :, None, None]))
 
 
 def build_clip(vision_config, vocab_size: int, pad_id: int, eos_id: int, cfg: ClipPretrainConfig):

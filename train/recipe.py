@@ -262,6 +262,7 @@ class Recipe:
         window = window if window is not None else _Window()
         labels = batch["labels"]
         trained_per_sample = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+        trained = int(trained_per_sample.sum())
         self.state.fully_masked_samples += int((trained_per_sample == 0).sum())
         if "truncated" in batch:
             self.state.truncated_samples += int(torch.as_tensor(batch["truncated"]).sum())
@@ -269,8 +270,7 @@ class Recipe:
         window.lr = self.optimizer.param_groups[0]["lr"]  # the rate this step applies (0 on step 1 of a warm-up)
         lengths = batch["attention_mask"].sum(dim=1).tolist()
         window.tokens += sum(lengths)
-        window.flops += self.lm_flops.step(
-            lengths, int(trained_per_sample.sum()) if self.cfg.trained_logits_only else sum(lengths))
+        window.flops += self.lm_flops.step(lengths, trained if self.cfg.trained_logits_only else sum(lengths))
         window.samples += labels.shape[0]
 
         inputs = {k: batch[k].to(self.device, non_blocking=True) for k in MODEL_INPUTS}
@@ -280,7 +280,7 @@ class Recipe:
         else:
             masks = [m.to(self.device, non_blocking=True) for m in masks]
         out = self.engine(**inputs, masks=masks, use_cache=False, trained_logits_only=self.cfg.trained_logits_only)
-        if int(trained_per_sample.sum()) == 0:
+        if trained == 0:
             # Nothing to learn from this micro-batch: the model's loss is an exact zero that still reaches every
             # trainable weight, so every rank's collectives stay in step.
             logger.warning("step %d: micro-batch has no trained token (fully masked), contributes zero loss", self.state.step)
