@@ -16,7 +16,8 @@
 # EXTRA (more `osprey train` options for every stage, e.g. "--set micro_batch_size=4 --set global_batch_size=4"),
 # VARIANTS (default "full box nopos res4"; "full" trains only the built-in model),
 # UNTIL (clip, stage1, stage2 or stage3: stop after that step; default: run everything),
-# CLIP_PROJ (mlp, the default, or linear: the projection head the CLIP step trains the tower through).
+# CLIP_PROJ (mlp, the default, or linear: the projection head of the CLIP's image path),
+# CLIP_EXTRA (more `osprey train clip` options, e.g. "--category-weight 2 --region-levels final").
 set -euo pipefail
 VARIANTS=${VARIANTS:-full box nopos res4}
 N=${N:-20000}; SEED=${SEED:-0}; S0=${S0:-2000}; S0_BATCH=${S0_BATCH:-256}; S0_TIME=${S0_TIME:-0}
@@ -40,7 +41,7 @@ from data_tools.synth.generate import SynthConfig
 manifest, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 print(json.load(open(manifest))["config"] == SynthConfig(out="", n=n, seed=seed).manifest_config())
 PY
-)
+) || true  # no manifest yet (a fresh WORK): generate
 if [ "$same_data" = True ]; then
   log "dataset: $DATA exists ($N images, seed $SEED)"
 else
@@ -48,8 +49,9 @@ else
   osprey data synth --out "$DATA" --n "$N" --seed "$SEED" --workers "$CPUS" --no-progress
 fi
 # CLIP_PROJ=linear: the tower's CLIP projection head is one linear layer instead of open_clip's MLP. Osprey never
-# uses that head, but the CLIP step teaches the category through it: with the MLP, the category sits in the head
-# (a linear probe reads 50 % through it, ~20 % from the pooled features the extractor sees; docs/builtin_model.md).
+# uses that head. With `--region-levels final` (CLIP_EXTRA) regions are embedded through it too, and with the MLP the
+# category settles in the head (probe 50 % through it, ~20 % on the pooled levels; docs/builtin_model.md); the default
+# (`all`) embeds regions from the levels themselves, so the head only serves the image-caption term.
 PRESET=builtin
 if [ "${CLIP_PROJ:-mlp}" != mlp ]; then
   PRESET=$WORK/preset_builtin_${CLIP_PROJ}.json
@@ -71,7 +73,7 @@ if [ "$S0" != 0 ]; then
   if [ ! -f "$WORK/clip/open_clip.safetensors" ]; then
     log "vision tower: CLIP pretraining, $S0 steps (time limit: ${S0_TIME}s)"
     osprey train clip --data "$DATA" --preset "$PRESET" --tokenizer "$WORK/full/init" --out "$WORK/clip" --steps "$S0" --batch-size "$S0_BATCH" \
-      --time-limit "$S0_TIME" --num-workers "$((CPUS - 1))" --no-progress > "$WORK/clip.log" 2>&1
+      --time-limit "$S0_TIME" --num-workers "$((CPUS - 1))" --no-progress ${CLIP_EXTRA:-} > "$WORK/clip.log" 2>&1
     python -m bench.token_norms --model "$WORK/full/init" --clip-weights "$WORK/clip/open_clip.safetensors" \
       --data "$DATA" --images 20 --probe 300 --out "$WORK/clip_probe.json" > /dev/null 2>&1 || true
   fi

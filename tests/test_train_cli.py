@@ -61,6 +61,8 @@ def test_clip_pretraining_writes_weights_the_stage_configs_load(tmp_path):
     weights = tmp_path / "clip" / "open_clip.safetensors"
     state = load_file(str(weights))
     assert any(k.startswith("visual.trunk.") for k in state) and any(k.startswith("transformer.") for k in state)
+    assert not any(k.startswith("region_level_head.") for k in state)  # trained, not exported (as the CLIP head)
+    assert json.loads((tmp_path / "clip" / "clip_config.json").read_text())["region_levels"] == "all"
     records = [json.loads(line) for line in (tmp_path / "clip" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] > 0 for r in records)
     # the fixture's referring records give every image its regions: the region-phrase term is in the loss
@@ -75,6 +77,21 @@ def test_clip_pretraining_writes_weights_the_stage_configs_load(tmp_path):
     tower = {k.removeprefix("vision_tower.vision_tower."): v
              for k, v in model.state_dict().items() if k.startswith("vision_tower.vision_tower.visual.")}
     assert all(torch.equal(tower[k], state[k].to(tower[k].dtype)) for k in tower)
+
+    # a stage that loads the tower records the CLIP step's data as stage 0 (osprey.data.provenance)
+    from osprey.checkpoint import read_config
+    from osprey.data.provenance import training_entry
+    from train.clip_pretrain import clip_training_entry
+
+    assert main(["train", "--stage", "1", "--config", "tiny_stage1", "--model", str(init), "--output", str(tmp_path / "s1"),
+                 "--max-steps", "1", "--set", f"data.root={FIXTURE}", "--set", "data.num_workers=0",
+                 "--set", "micro_batch_size=2", "--set", "global_batch_size=2", "--set", "progress=false",
+                 "--set", f"clip_weights={weights}"]) == 0
+    recorded = read_config(tmp_path / "s1" / "final").training_data
+    assert recorded == (training_entry(FIXTURE, "train", 0), training_entry(FIXTURE, "train", 1))
+    assert clip_training_entry(weights) == recorded[0] and recorded[0]["stage"] == 0
+    (tmp_path / "bare").mkdir()
+    assert clip_training_entry(tmp_path / "bare" / "open_clip.safetensors") is None  # not ours: unknown
 
     (tmp_path / "clip" / "checkpoint.pt").write_bytes(b"")
     with pytest.raises(SystemExit, match="--resume"):
@@ -104,6 +121,40 @@ def test_distinct_text_loss_merges_duplicate_names_and_skips_regions_without_one
     assert torch.allclose(loss, expected)
     assert distinct_text_loss(regions, names[[0, 2, 3]], encode_text, scale, pad) is None  # one distinct name
     assert distinct_text_loss(regions, names[[3]], encode_text, scale, pad) is None
+
+
+def test_region_embeddings_read_every_level_as_the_extractor_does():
+    """With a LevelRegionHead the region embedding is the sum of per-level linear maps of the mask-pooled levels
+    the model's VisionTower gives (the extractor's inputs); without it, the last map through the CLIP head."""
+    from osprey.config import OspreyConfig
+    from osprey.mask_extractor import masked_mean_pool_batch
+    from osprey.vision import VisionTower, open_clip_model_config
+    from train.clip_pretrain import (
+        LevelRegionHead,
+        image_and_region_embeddings,
+        region_embeddings_from_pooled,
+    )
+
+    torch.manual_seed(0)
+    vision_config = OspreyConfig.from_preset("tiny").vision
+    tower = VisionTower(vision_config).eval()
+    visual = tower.vision_tower.visual
+    size = vision_config.image_size
+    images = torch.randn(2, 3, size, size)
+    masks = [torch.zeros(2, size, size, dtype=torch.bool), torch.ones(1, size, size, dtype=torch.bool)]
+    masks[0][0, : size // 2, : size // 3] = True
+    masks[0][1, size // 2 :, size // 4 :] = True
+    head = LevelRegionHead(vision_config.level_channels, open_clip_model_config(vision_config)["embed_dim"])
+    with torch.no_grad():
+        images_out, regions = image_and_region_embeddings(visual, images, masks, head)
+        levels = tower(images)
+        expected = sum(layer(masked_mean_pool_batch(level, masks)) for layer, level in zip(head.levels, levels))
+        _, final_regions = image_and_region_embeddings(visual, images, masks)
+        expected_final = region_embeddings_from_pooled(visual, masked_mean_pool_batch(levels[-1], masks))
+    assert regions.shape == (3, head.levels[0].out_features) and images_out.shape[0] == 2
+    assert torch.allclose(regions, expected, atol=1e-5)
+    assert torch.allclose(final_regions, expected_final, atol=1e-5)
+    assert not torch.allclose(regions[0], regions[1])  # the two masks of image 0 pool different features
 
 
 def test_clip_pretraining_time_limit_stops_and_writes_the_weights(tmp_path):

@@ -67,6 +67,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="weight of the region-phrase contrastive loss (0: image-caption only)")
     clip.add_argument("--category-weight", type=float, default=defaults.category_weight,
                       help="weight of the loss between regions and their category names (0: none)")
+    clip.add_argument("--region-levels", choices=("all", "final"), default=defaults.region_levels,
+                      help="region embedding from every level's pooled features through per-level linear maps (all, "
+                           "as the mask extractor reads them) or from the last map through the CLIP head (final)")
     clip.add_argument("--split", default=defaults.split)
     clip.add_argument("--time-limit", type=float, default=defaults.time_limit,
                       help="stop after this many seconds and write the weights (0: no limit; the schedule keeps "

@@ -6,9 +6,11 @@ follows (docs/builtin_model.md): with uninformative region tokens at the start o
 language prior, stops attending to the <mask>/<pos> slots, and the gradient to the extractor vanishes. This step
 supplies the missing pretrained CLIP: the preset's open_clip vision tower plus a small open_clip text tower
 (reading ids of the model's own tokenizer), trained with open_clip's contrastive `ClipLoss` on image captions,
-plus the same loss between regions and their referring phrases (as RegionCLIP): a region's embedding is the
-image path with the mask-pooled feature map in place of the global average pool (trunk head norm, then the
-open_clip projection), so the features the mask extractor pools learn to tell regions apart.
+plus the same loss between regions and their referring phrases (as RegionCLIP), so the features the mask
+extractor pools learn to tell regions apart. A region's embedding reads the tower as the extractor does: every
+level mask-pooled, through per-level linear maps, summed (`LevelRegionHead`; `region_levels="final"` instead puts
+the last map's pooled features through the image path's head, where the category then settles out of the
+extractor's linear reach: docs/builtin_model.md).
 
 Referring phrases alone teach colour and position, not shape: in a batch of ~1000 regions the colour and the
 place already single out a region's phrase (measured on one H100: 1,071 steps at batch 256 left a linear
@@ -36,12 +38,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "open_clip.safetensors"
 CHECKPOINT_FILE = "checkpoint.pt"
+REGION_LEVELS = ("all", "final")
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,10 @@ class ClipPretrainConfig:
     warmup_steps: int = 100
     region_weight: float = 1.0  # weight of the region-phrase loss (0: image-caption CLIP only)
     category_weight: float = 1.0  # weight of the region-category-name loss (0: none)
+    # Which features a region embedding reads. "all": every level res2..res5, mask-pooled, each through its own
+    # linear map, summed (the shape of the mask extractor, which reads them linearly); "final": the last map
+    # mask-pooled through the trunk's head norm and the CLIP projection (the image path with another pooling).
+    region_levels: str = "all"
     context_length: int = 64
     text_width: int = 256
     text_heads: int = 4
@@ -73,6 +81,8 @@ class ClipPretrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        if self.region_levels not in REGION_LEVELS:
+            raise ValueError(f"region_levels must be one of {REGION_LEVELS}, got {self.region_levels!r}")
         if self.steps < 1 or self.batch_size < 2 or self.lr <= 0 or self.context_length < 4 or self.time_limit < 0:
             raise ValueError(f"need steps >= 1, batch_size >= 2 (contrastive), lr > 0, context_length >= 4, "
                              f"time_limit >= 0; got {self.steps}, {self.batch_size}, {self.lr}, {self.context_length}, "
@@ -179,13 +189,41 @@ def distinct_text_loss(region_features: torch.Tensor, text_ids: torch.Tensor, en
     return F.cross_entropy(logits.float(), target)
 
 
-def image_and_region_embeddings(visual, images: torch.Tensor, masks) -> tuple[torch.Tensor, torch.Tensor]:
+class LevelRegionHead(nn.Module):
+    """Region embedding from every level: sum over levels of a linear map of the level's mask-pooled features.
+
+    The mask extractor reads each level through a linear layer and sums them, so a category that this head finds
+    in the pooled levels is one the extractor can read too; through the CLIP's (MLP) projection of the last map
+    alone, the tower learned it in the head, which Osprey discards (docs/builtin_model.md). Trained here, not saved
+    in the weight file (as Osprey never uses the CLIP head).
+    """
+
+    def __init__(self, level_channels: tuple[int, ...], embed_dim: int) -> None:
+        super().__init__()
+        self.levels = nn.ModuleList(nn.Linear(c, embed_dim, bias=i == 0) for i, c in enumerate(level_channels))
+
+    def forward(self, pooled_levels: list[torch.Tensor]) -> torch.Tensor:
+        return sum(layer(p) for layer, p in zip(self.levels, pooled_levels, strict=True))
+
+
+def image_and_region_embeddings(visual, images: torch.Tensor, masks,
+                                level_head: LevelRegionHead | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """open_clip TimmModel -> (B, E) image embeddings (its own global pooling) and (sum Q, E) region embeddings:
-    the trunk's final map mask-pooled (`osprey.mask_extractor.masked_mean_pool_batch`) through the same head."""
+    with `level_head`, every level mask-pooled (`osprey.mask_extractor.masked_mean_pool_batch`) through it;
+    without, the trunk's final map mask-pooled through the image path's head."""
     from osprey.mask_extractor import masked_mean_pool_batch
 
-    features = visual.trunk.forward_features(images)
-    image_embeddings = visual.head(visual.trunk.forward_head(features))
+    trunk = visual.trunk
+    x = trunk.stem(images)
+    levels = []
+    for stage in trunk.stages:
+        x = stage(x)
+        levels.append(x)
+    features = trunk.norm_pre(x)
+    image_embeddings = visual.head(trunk.forward_head(features))
+    if level_head is not None:
+        pooled = [masked_mean_pool_batch(level, list(masks)).to(level.dtype) for level in levels]
+        return image_embeddings, level_head(pooled)
     pooled = masked_mean_pool_batch(features, list(masks)).to(features.dtype)
     return image_embeddings, region_embeddings_from_pooled(visual, pooled)
 
@@ -226,6 +264,7 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
     from osprey.config import OspreyConfig
     from osprey.data.dataset import manifest_subsets
     from osprey.tokenization import load_tokenizer
+    from osprey.vision import open_clip_model_config
     from train.metrics import MetricsLog
 
     out = Path(cfg.out)
@@ -248,6 +287,11 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
     if len(dataset) < cfg.batch_size:
         raise ValueError(f"{len(dataset)} captions make no full batch of {cfg.batch_size}: lower --batch-size")
     model = build_clip(vision_config, len(tokenizer), dataset.pad_id, dataset.eos_id, cfg).to(device)
+    level_head = None
+    if cfg.region_levels == "all" and wants_regions:
+        level_head = LevelRegionHead(vision_config.level_channels, open_clip_model_config(vision_config)["embed_dim"])
+        level_head = level_head.to(device)
+        model.add_module("region_level_head", level_head)  # trained and checkpointed with the CLIP, not exported
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -289,7 +333,7 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
             images = batch["images"].to(device, non_blocking=True)
             masks = batch["masks"].to(device, non_blocking=True)
             with autocast:
-                image_embeddings, region_embeddings = image_and_region_embeddings(model.visual, images, masks)
+                image_embeddings, region_embeddings = image_and_region_embeddings(model.visual, images, masks, level_head)
                 image_features = F.normalize(image_embeddings, dim=-1)
                 text_features = model.encode_text(batch["captions"].to(device), normalize=True)
                 logit_scale = model.logit_scale.exp()
@@ -340,11 +384,25 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
     metrics.close()
     weights = out / WEIGHTS_FILE
     tmp = weights.with_name(f".{weights.name}.tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(tmp))
+    exported = {k: v for k, v in model.state_dict().items() if not k.startswith("region_level_head.")}
+    save_file({k: v.detach().contiguous().cpu() for k, v in exported.items()}, str(tmp))
     tmp.replace(weights)
     checkpoint.unlink(missing_ok=True)
     logger.info("wrote %s", weights)
     return weights
+
+
+def clip_training_entry(weights: str | Path) -> dict[str, Any] | None:
+    """The `training_data` entry (stage 0) of a weight file this command wrote, from the `clip_config.json` beside
+    it; None for other files (an official CLIP), whose training data is not ours to know."""
+    from osprey.data.provenance import training_entry
+
+    config = Path(weights).with_name("clip_config.json")
+    try:
+        recorded = json.loads(config.read_text())
+        return training_entry(recorded["data"], recorded.get("split", "train"), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def config_from_args(args: Any) -> ClipPretrainConfig:

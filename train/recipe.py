@@ -134,9 +134,17 @@ class Recipe:
         from osprey.data.provenance import merge_training_data, training_entry
 
         cfg = self.cfg
-        # saved models record this run's data after the earlier stages' (osprey.data.provenance); read once
+        # saved models record this run's data after the earlier stages' (osprey.data.provenance); read once.
+        # A tower from `osprey train clip` brings its own (stage 0), read from the clip_config.json beside it.
+        training_data = self.model.config.training_data
+        if cfg.clip_weights:
+            from train.clip_pretrain import clip_training_entry
+
+            clip_entry = clip_training_entry(cfg.clip_weights)
+            if clip_entry is not None:
+                training_data = merge_training_data(training_data, clip_entry)
         self.saved_config = self.model.config.replace(training_data=merge_training_data(
-            self.model.config.training_data, training_entry(cfg.data.root, cfg.data.split, cfg.stage)))
+            training_data, training_entry(cfg.data.root, cfg.data.split, cfg.stage)))
         if self._dataset is None:
             self._dataset, self._collate_fn, self._lengths = dataset_from_config(cfg, self.tokenizer, self.model.config)
         dataset = self._dataset
