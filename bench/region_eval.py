@@ -7,7 +7,8 @@ for a box: the paper's kind of ablation (mask vs box, with/without position toke
 Per model, greedy decoding, every question teacher-forced on the ground-truth history:
 - category: the official category prompt per region of `stage2_categories` (exact match after normalisation);
 - attributes: the short-form questions of `stage3_short_form` by type (object, colour, size, texture, ...);
-- positive/negative: the yes/no questions of `stage3_pos_neg`.
+- positive/negative: the yes/no questions of `stage3_pos_neg`, with the share answered "yes"
+  (`pos_neg:answered_yes`) beside the share whose truth is yes (`pos_neg:truth_yes`).
 Each accuracy is also given for regions whose box overlaps another region's box (IoU > 0) and for regions that
 share their box with another region (IoU >= 0.9): there the box cannot tell the regions apart, the mask can.
 """
@@ -140,7 +141,12 @@ def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: in
                 overlaps.append(flags[refs[-1] - 1] if refs else None)
             for answer, truth, qtype, overlap in zip(pipe.generate(prompts, params), truths, types, overlaps):
                 if kind == "pos_neg":
-                    tally.add("pos_neg", yes_no(answer.raw_text) == yes_no(truth), overlap)
+                    said = yes_no(answer.raw_text)
+                    tally.add("pos_neg", said == yes_no(truth), overlap)
+                    # the share of questions answered "yes" (and of those whose truth is yes): a model that
+                    # guesses shows up here even when its accuracy looks like a half-learned skill
+                    tally.add("pos_neg:answered_yes", said == "yes")
+                    tally.add("pos_neg:truth_yes", yes_no(truth) == "yes")
                 else:
                     tally.add(f"short_form:{qtype}", normalise(answer.raw_text) == normalise(truth), overlap)
                     if qtype in ("colour", "size", "texture"):

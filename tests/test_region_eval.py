@@ -1,12 +1,13 @@
 """`bench.region_eval`: category labels bind to their region by `<regionK>`, not by list position."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from bench.region_eval import category_scores, evaluate
+from bench.region_eval import category_scores, evaluate, yes_no
 from osprey.data.records import parse_record, record_masks
 
 
@@ -65,3 +66,19 @@ def test_evaluate_scores_categories_by_region(tmp_path):
     result = evaluate(pipe, data, "test", limit=None, max_new_tokens=4)
     assert result["category"] == {"accuracy": 1.0, "n": 3}
     assert result["category@overlap"] == {"accuracy": 1.0, "n": 2}
+
+
+def test_evaluate_runs_the_tiny_model_on_every_sub_set(tiny_pipeline):
+    """The real pipeline through all three parts on the fixture's test split: every question is scored, and the
+    yes/no part reports the share answered yes beside the share whose truth is yes."""
+    from bench.region_eval import split_records
+
+    fixture = Path(__file__).parent / "fixtures" / "synth"
+    result = evaluate(tiny_pipeline, fixture, "test", limit=2, max_new_tokens=3)
+    truths = [yes_no(t.value) for r in split_records(fixture, "test", "stage3_pos_neg", 2)
+              for t in r.conversations if t.speaker == "gpt"]
+    assert result["pos_neg"]["n"] == len(truths) > 0
+    assert result["pos_neg:truth_yes"] == {"accuracy": truths.count("yes") / len(truths), "n": len(truths)}
+    assert result["pos_neg:answered_yes"]["n"] == len(truths)
+    assert 0 <= result["pos_neg:answered_yes"]["accuracy"] <= 1
+    assert result["category"]["n"] > 0 and any(k.startswith("short_form:") for k in result)
