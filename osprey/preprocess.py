@@ -46,6 +46,8 @@ def preprocess_image(image: Image.Image, config: VisionConfig) -> torch.Tensor:
     mean = np.asarray(config.mean, dtype=np.float32)
     std = np.asarray(config.std, dtype=np.float32)
     tensor = torch.from_numpy((array - mean) / std).permute(2, 0, 1).contiguous()
+    if tensor.shape[1:] == (size, size):  # square input: the bilinear resize to its own size is the identity
+        return tensor
     return F.interpolate(tensor[None], size=(size, size), mode="bilinear", align_corners=False)[0]
 
 

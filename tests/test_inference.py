@@ -112,3 +112,26 @@ def test_describe_accepts_a_path_and_torch_masks(tiny_pipeline, image, masks, tm
     assert len(out) == 2
     with pytest.raises(ValueError, match="cannot read image"):
         tiny_pipeline.describe(str(tmp_path / "missing.png"), masks[:1])
+
+
+@pytest.mark.parametrize("width, height", [(128, 128), (192, 128), (128, 320), (64, 64)])  # tiny: S = 128
+def test_preprocess_image_is_the_official_resize_then_normalise(width, height):
+    """Short side to S (bicubic), normalised, then bilinear to S x S; a square image of size S is only normalised
+    (the bilinear resize to its own size is the identity, which the fast path skips)."""
+    import torch.nn.functional as F
+
+    from osprey.config import OspreyConfig
+    from osprey.preprocess import preprocess_image, shortest_edge_size
+
+    config = OspreyConfig.from_preset("tiny").vision
+    size = config.image_size
+    rng = np.random.default_rng(width * 1000 + height)
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    resized = image.resize(shortest_edge_size(width, height, size), resample=Image.BICUBIC)
+    normalised = (np.asarray(resized, dtype=np.float32) / 255 - np.asarray(config.mean, dtype=np.float32)) / np.asarray(
+        config.std, dtype=np.float32)
+    reference = F.interpolate(torch.from_numpy(normalised).permute(2, 0, 1)[None], size=(size, size), mode="bilinear",
+                              align_corners=False)[0]
+    out = preprocess_image(image, config)
+    assert out.shape == (3, size, size) and out.dtype == torch.float32
+    assert torch.allclose(out, reference, atol=1e-6)
