@@ -6,7 +6,8 @@ engine), then times
   2. `--steps` steps on one pre-loaded batch repeated (the step alone: no loading, no host-to-device copies
      beyond the batch's own),
 and profiles `--profile-steps` steps of (2) with torch.profiler, printing the ops that take the most device
-time (CUDA) or CPU time. Writes nothing into the run's output folder except DeepSpeed's own state.
+time (CUDA) or CPU time, and counting the ATen ops a step dispatches (`aten_ops_per_step`; the step time over
+that count, `host_us_per_op_if_op_bound`, is the host cost per op if dispatching them is what bounds the step). Writes nothing into the run's output folder except DeepSpeed's own state.
 
     python -m bench.step_profile --stage 3 --config builtin_stage3 --set data.root=data/synth6k \\
         --model runs/builtin/init --out step_profile.json
@@ -74,6 +75,9 @@ def run(args: argparse.Namespace) -> dict:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         with torch.profiler.profile(activities=activities) as prof:
             _time_steps(recipe, [fixed] * args.profile_steps, device)
+        # ATen ops dispatched per step (nested ones included): for a small model on a GPU the host pays for each,
+        # so a step whose time does not grow with the batch is bound by this count, not by the device
+        aten_ops = sum(1 for event in prof.events() if event.name.startswith("aten::")) / args.profile_steps
         sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
         table = prof.key_averages().table(sort_by=sort, row_limit=args.rows)
         print(table)
@@ -85,6 +89,7 @@ def run(args: argparse.Namespace) -> dict:
             "step_s_with_loader": mean(loaded), "loader_wait_s": mean(waits),
             "step_s_fixed_batch": mean(repeated),
             "samples_per_s_with_loader": samples / mean(loaded), "samples_per_s_fixed_batch": samples / mean(repeated),
+            "aten_ops_per_step": aten_ops, "host_us_per_op_if_op_bound": 1e6 * mean(repeated) / aten_ops,
             "num_workers": cfg.data.num_workers, "torch": torch.__version__,
             "top_ops": table,
         }
