@@ -7,7 +7,8 @@ engine), then times
      beyond the batch's own),
 and profiles `--profile-steps` steps of (2) with torch.profiler, printing the ops that take the most device
 time (CUDA) or CPU time, and counting the ATen ops a step dispatches (`aten_ops_per_step`; the step time over
-that count, `host_us_per_op_if_op_bound`, is the host cost per op if dispatching them is what bounds the step). Writes nothing into the run's output folder except DeepSpeed's own state.
+that count, `host_us_per_op_if_op_bound`, is the host cost per op if dispatching them is what bounds the step).
+Writes nothing into the run's output folder except DeepSpeed's own state.
 
     python -m bench.step_profile --stage 3 --config builtin_stage3 --set data.root=data/synth6k \\
         --model runs/builtin/init --out step_profile.json

@@ -31,6 +31,16 @@ def open_clip_model_config(config: VisionConfig) -> dict:
     return clip_cfg
 
 
+def trunk_levels(trunk: nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    """A timm ConvNeXt trunk's stage outputs [res2, res3, res4, res5] (stem, then each stage in turn)."""
+    x = trunk.stem(pixel_values)
+    levels = []
+    for stage in trunk.stages:
+        x = stage(x)
+        levels.append(x)
+    return levels
+
+
 class VisionTower(nn.Module):
     """open_clip ConvNeXt: `forward(pixels (B,3,S,S)) -> [res2, res3, res4, res5]`, strides 4/8/16/32.
 
@@ -57,12 +67,7 @@ class VisionTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         dtype = self.trunk.stem[0].weight.dtype
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
-            x = self.trunk.stem(pixel_values.to(dtype))
-            levels = []
-            for stage in self.trunk.stages:
-                x = stage(x)
-                levels.append(x)
-        return levels
+            return trunk_levels(self.trunk, pixel_values.to(dtype))
 
     def load_open_clip_weights(self, path: str | Path) -> tuple[list[str], list[str]]:
         """Load the `visual.*` tensors of an open_clip weight file (.bin/.pt/.safetensors); text-tower keys are ignored.

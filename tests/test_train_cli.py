@@ -53,6 +53,8 @@ def test_clip_pretraining_writes_weights_the_stage_configs_load(tmp_path):
     fill the tower exactly (load_pretrained(clip_weights=)), a refusal to overwrite a run, and the metrics log."""
     from safetensors.torch import load_file
 
+    from train.clip_pretrain import LEVEL_HEAD
+
     init = init_model_folder("tiny", tmp_path / "init", seed=0)
     args = ["train", "clip", "--data", str(FIXTURE), "--tokenizer", str(init), "--out", str(tmp_path / "clip"),
             "--preset", "tiny", "--steps", "3", "--batch-size", "4", "--warmup-steps", "1", "--num-workers", "0",
@@ -61,7 +63,7 @@ def test_clip_pretraining_writes_weights_the_stage_configs_load(tmp_path):
     weights = tmp_path / "clip" / "open_clip.safetensors"
     state = load_file(str(weights))
     assert any(k.startswith("visual.trunk.") for k in state) and any(k.startswith("transformer.") for k in state)
-    assert not any(k.startswith("region_level_head.") for k in state)  # trained, not exported (as the CLIP head)
+    assert not any(k.startswith(f"{LEVEL_HEAD}.") for k in state)  # trained, not exported (as the CLIP head)
     assert json.loads((tmp_path / "clip" / "clip_config.json").read_text())["region_levels"] == "all"
     records = [json.loads(line) for line in (tmp_path / "clip" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3] and all(r["loss"] > 0 for r in records)

@@ -46,6 +46,7 @@ logger = logging.getLogger(__name__)
 WEIGHTS_FILE = "open_clip.safetensors"
 CHECKPOINT_FILE = "checkpoint.pt"
 REGION_LEVELS = ("all", "final")
+LEVEL_HEAD = "region_level_head"  # the LevelRegionHead's module name in the CLIP: checkpointed, not exported
 
 
 @dataclass(frozen=True)
@@ -212,14 +213,11 @@ def image_and_region_embeddings(visual, images: torch.Tensor, masks,
     with `level_head`, every level mask-pooled (`osprey.mask_extractor.masked_mean_pool_batch`) through it;
     without, the trunk's final map mask-pooled through the image path's head."""
     from osprey.mask_extractor import masked_mean_pool_batch
+    from osprey.vision import trunk_levels
 
     trunk = visual.trunk
-    x = trunk.stem(images)
-    levels = []
-    for stage in trunk.stages:
-        x = stage(x)
-        levels.append(x)
-    features = trunk.norm_pre(x)
+    levels = trunk_levels(trunk, images)
+    features = trunk.norm_pre(levels[-1])  # the rest of timm's forward_features
     image_embeddings = visual.head(trunk.forward_head(features))
     if level_head is not None:
         pooled = [masked_mean_pool_batch(level, list(masks)).to(level.dtype) for level in levels]
@@ -291,7 +289,7 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
     if cfg.region_levels == "all" and wants_regions:
         level_head = LevelRegionHead(vision_config.level_channels, open_clip_model_config(vision_config)["embed_dim"])
         level_head = level_head.to(device)
-        model.add_module("region_level_head", level_head)  # trained and checkpointed with the CLIP, not exported
+        model.add_module(LEVEL_HEAD, level_head)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -384,7 +382,7 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
     metrics.close()
     weights = out / WEIGHTS_FILE
     tmp = weights.with_name(f".{weights.name}.tmp")
-    exported = {k: v for k, v in model.state_dict().items() if not k.startswith("region_level_head.")}
+    exported = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{LEVEL_HEAD}.")}
     save_file({k: v.detach().contiguous().cpu() for k, v in exported.items()}, str(tmp))
     tmp.replace(weights)
     checkpoint.unlink(missing_ok=True)
