@@ -194,3 +194,23 @@ def test_data_template_selects_the_system_prompt(tmp_path):
         assert words in tokenizer.decode(ids)
     with pytest.raises(ValueError, match="data.template"):
         load_config(raw={"stage": 3, "model": "x", "output_dir": "o", "data": {"template": "chat"}})
+
+
+def test_data_files_repeat_puts_a_file_k_times_in_an_epoch(tmp_path):
+    """`repeat: k` in a data.files entry (with or without a kind) mixes that file in k times."""
+    from train.config import load_config
+    from train.recipe import dataset_from_config
+
+    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+    model, tokenizer, _ = load_pretrained(init)
+
+    def size(files):
+        cfg = load_config(raw={"stage": 3, "model": str(init), "output_dir": str(tmp_path / "o"),
+                               "data": {"root": str(FIXTURE), "files": files}})
+        return len(dataset_from_config(cfg, tokenizer, model.config)[0])
+
+    pos_neg = {"path": "train/stage3_pos_neg.json", "kind": "pos_neg"}
+    once, detailed = size([pos_neg]), size(["train/stage3_detailed.json"])
+    assert once > 0 and detailed > 0
+    assert size([{**pos_neg, "repeat": 3}, "train/stage3_detailed.json"]) == 3 * once + detailed
+    assert size([{"path": "train/stage3_detailed.json", "repeat": 2}]) == 2 * detailed  # kind from the manifest

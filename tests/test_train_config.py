@@ -41,7 +41,10 @@ def test_shipped_configs_parse_with_official_hyper_parameters():
     ({**BASE, "optim": {"lr": -1.0}}, "lr=-1.0"),
     ({**BASE, "optim": {"optimizer": "sgd"}}, "'sgd'"),
     ({**BASE, "data": {"files": ["a.json"], "subsets": ["b"]}}, "not both"),
-    ({**BASE, "data": {"files": [{"path": "a.json"}]}}, "path or {path, kind}"),
+    ({**BASE, "data": {"files": [{"kind": "detailed"}]}}, "path or {path, kind, repeat}"),
+    ({**BASE, "data": {"files": [{"path": "a.json", "weight": 2}]}}, "path or {path, kind, repeat}"),
+    ({**BASE, "data": {"files": [{"path": "a.json", "repeat": 0}]}}, "repeat must be an integer >= 1"),
+    ({**BASE, "data": {"files": [{"path": "a.json", "repeat": 1.5}]}}, "repeat must be an integer >= 1"),
     ({**BASE, "max_steps": 0}, "max_steps"),
     ({**BASE, "data": [1, 2]}, "data must be a mapping"),
 ])

@@ -53,7 +53,8 @@ class DataConfig:
     # Manifest sub-set names (e.g. [stage3_conversations, stage3_detailed]); default: all of the run's stage.
     subsets: tuple[str, ...] | None = None
     # Explicit record files (relative to root): a path, or {path: ..., kind: ...} for files no manifest lists
-    # (kinds: osprey.data.samples.STAGE_KINDS, e.g. conversations, short_form, detailed for stage 3).
+    # (kinds: osprey.data.samples.STAGE_KINDS, e.g. conversations, short_form, detailed for stage 3); `repeat: k`
+    # in an entry ({path, repeat} or {path, kind, repeat}) puts its records k times in each epoch (data mixing).
     files: tuple[Any, ...] = ()
     image_root: str | None = None  # default: root
     max_regions: int = 15  # stage-3 records with more regions are skipped (official loaders)
@@ -77,8 +78,14 @@ class DataConfig:
             raise ValueError(f"data.max_length and data.max_regions must be >= 1 and num_workers >= 0, got "
                              f"{self.max_length}, {self.max_regions}, {self.num_workers}")
         for entry in self.files:
-            if not isinstance(entry, str) and not (isinstance(entry, dict) and set(entry) == {"path", "kind"}):
-                raise ValueError(f"data.files entries must be a path or {{path, kind}}, got {entry!r}")
+            if isinstance(entry, str):
+                continue
+            if not (isinstance(entry, dict) and "path" in entry and set(entry) <= {"path", "kind", "repeat"}):
+                raise ValueError(f"data.files entries must be a path or {{path, kind, repeat}} (kind and repeat "
+                                 f"optional), got {entry!r}")
+            repeat = entry.get("repeat", 1)
+            if isinstance(repeat, bool) or not isinstance(repeat, int) or repeat < 1:
+                raise ValueError(f"data.files repeat must be an integer >= 1, got {repeat!r} in {entry!r}")
         if self.files and self.subsets is not None:
             raise ValueError("give data.files or data.subsets, not both")
         if self.template not in ("train", "infer"):

@@ -485,8 +485,10 @@ def dataset_from_config(cfg: TrainConfig, tokenizer, model_config):
     if data.files:
         specs = []
         for entry in data.files:
-            path, kind = (entry, None) if isinstance(entry, str) else (entry["path"], entry["kind"])
-            specs += specs_for_files([path], data.root, data.image_root, stage=cfg.stage if kind else None, kind=kind)
+            entry = {"path": entry} if isinstance(entry, str) else entry
+            kind = entry.get("kind")
+            specs += entry.get("repeat", 1) * specs_for_files([entry["path"]], data.root, data.image_root,
+                                                              stage=cfg.stage if kind else None, kind=kind)
     else:
         specs = manifest_subsets(data.root, data.split, stages=[cfg.stage], names=data.subsets)
     wrong = [f"{s.path} (stage {s.stage})" for s in specs if s.stage != cfg.stage]
