@@ -52,6 +52,7 @@ fi
 # uses that head. With `--region-levels final` (CLIP_EXTRA) regions are embedded through it too, and with the MLP the
 # category settles in the head (probe 50 % through it, ~20 % on the pooled levels; docs/builtin_model.md); the default
 # (`all`) embeds regions from the levels themselves, so the head only serves the image-caption term.
+read -r -a extra <<< "${EXTRA:-}"; read -r -a clip_extra <<< "${CLIP_EXTRA:-}"
 PRESET=builtin
 if [ "${CLIP_PROJ:-mlp}" != mlp ]; then
   PRESET=$WORK/preset_builtin_${CLIP_PROJ}.json
@@ -66,14 +67,13 @@ PY
 fi
 [ -f "$WORK/full/init/config.json" ] || osprey model init --preset "$PRESET" --out "$WORK/full/init" --corpus "$DATA"/train/*.json
 
-read -r -a extra <<< "${EXTRA:-}"
 common=(--set "data.root=$DATA" --set progress=false)
 stage1=()
 if [ "$S0" != 0 ]; then
   if [ ! -f "$WORK/clip/open_clip.safetensors" ]; then
     log "vision tower: CLIP pretraining, $S0 steps (time limit: ${S0_TIME}s)"
     osprey train clip --data "$DATA" --preset "$PRESET" --tokenizer "$WORK/full/init" --out "$WORK/clip" --steps "$S0" --batch-size "$S0_BATCH" \
-      --time-limit "$S0_TIME" --num-workers "$((CPUS - 1))" --no-progress ${CLIP_EXTRA:-} > "$WORK/clip.log" 2>&1
+      --time-limit "$S0_TIME" --num-workers "$((CPUS - 1))" --no-progress "${clip_extra[@]}" > "$WORK/clip.log" 2>&1
     python -m bench.token_norms --model "$WORK/full/init" --clip-weights "$WORK/clip/open_clip.safetensors" \
       --data "$DATA" --images 20 --probe 300 --out "$WORK/clip_probe.json" > /dev/null 2>&1 || true
   fi

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from osprey.tokenization import IGNORE_INDEX
+from osprey.tokenization import IGNORE_INDEX, trained_targets
 from train.metrics import LMFlops, peak_flops
 
 # A ~1.1B Llama (TinyLlama shape) behind the real ConvNeXt-L tower: full fine-tuning fits one GPU.
@@ -249,7 +249,7 @@ def recount(result: dict) -> dict:
 
 def _head_positions(labels: torch.Tensor) -> int:
     """Positions whose next token is trained: where the LM head runs with trained-only logits."""
-    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+    return int(trained_targets(labels).sum())
 
 
 def _sync(device: torch.device) -> None:

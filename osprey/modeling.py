@@ -17,7 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from osprey.config import OspreyConfig
 from osprey.mask_extractor import MaskExtractor
-from osprey.tokenization import IGNORE_INDEX
+from osprey.tokenization import trained_targets
 from osprey.vision import VisionTower
 
 
@@ -162,7 +162,7 @@ class OspreyForCausalLM(nn.Module):
         loss that reaches every trainable weight (not the NaN of an all-ignored cross-entropy), either way.
         """
         inputs_embeds = self.embed_inputs(input_ids, pixel_values, masks)
-        if labels is not None and (trained_logits_only or not bool((labels[:, 1:] != IGNORE_INDEX).any())):
+        if labels is not None and (trained_logits_only or not bool(trained_targets(labels).any())):
             return self._loss_at_trained_positions(inputs_embeds, attention_mask, labels, **lm_kwargs)
         return self.language_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **lm_kwargs)
 
@@ -172,8 +172,7 @@ class OspreyForCausalLM(nn.Module):
         head = self.language_model.get_output_embeddings()
         out = decoder(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **lm_kwargs)
         hidden = out.last_hidden_state[:, :-1]
-        targets = labels[:, 1:]
-        trained = targets != IGNORE_INDEX
+        targets, trained = labels[:, 1:], trained_targets(labels)
         if bool(trained.any()):
             loss = F.cross_entropy(head(hidden[trained]).float(), targets[trained])
         else:  # nothing trained: a zero that still reaches every trainable weight (collectives stay in step)

@@ -12,11 +12,17 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from osprey.prompts import IMAGE_PLACEHOLDER, MASK_TOKEN, POS_TOKEN, TEMPLATES
 
 IGNORE_INDEX = -100
+
+
+def trained_targets(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels -> (B, T - 1) bool: which next-token targets train (position t predicts labels[:, t + 1])."""
+    return labels[:, 1:] != IGNORE_INDEX
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

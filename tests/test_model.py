@@ -5,7 +5,7 @@ import torch
 
 from osprey.checkpoint import build_model
 from osprey.config import OspreyConfig
-from osprey.modeling import IGNORE_INDEX
+from osprey.tokenization import IGNORE_INDEX
 
 TINY = OspreyConfig.from_preset("tiny")
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from osprey.tokenization import IGNORE_INDEX
+from osprey.tokenization import trained_targets
 from train import deepspeed_utils as dsu
 from train.config import TrainConfig
 from train.metrics import LMFlops, MetricsLog, memory_stats, peak_flops
@@ -269,7 +269,7 @@ class Recipe:
         """
         window = window if window is not None else _Window()
         labels = batch["labels"]
-        trained_per_sample = (labels[:, 1:] != IGNORE_INDEX).sum(dim=1)
+        trained_per_sample = trained_targets(labels).sum(dim=1)
         trained = int(trained_per_sample.sum())
         self.state.fully_masked_samples += int((trained_per_sample == 0).sum())
         if "truncated" in batch:
