@@ -11,8 +11,8 @@
 #
 # Variables: N (images), SEED (dataset seed, default 0), S0 (CLIP steps; 0 skips the pretraining and trains the tower in stages 1-3 instead),
 # S0_BATCH (CLIP batch), S0_TIME (seconds; CLIP stops there and writes its weights), S1/S2/S3 (optimiser steps per
-# stage), WORK, EVAL_LIMIT (records per eval sub-set; 0 skips the evaluation),
-# S3_TIMEOUT (seconds; stage 3 is stopped there and its newest checkpoint used instead of final/),
+# stage), S3Y/S3F (steps of the two stage-3 passes after it: yes/no-heavy, then final; 0 skips one), WORK, EVAL_LIMIT (records per eval sub-set; 0 skips the evaluation),
+# S3_TIMEOUT (seconds; each stage-3 pass is stopped there and its newest checkpoint used instead of final/),
 # EXTRA (more `osprey train` options for every stage, e.g. "--set micro_batch_size=4 --set global_batch_size=4"),
 # VARIANTS (default "full box nopos res4"; "full" trains only the built-in model),
 # UNTIL (clip, stage1, stage2 or stage3: stop after that step; default: run everything),
@@ -21,7 +21,7 @@
 set -euo pipefail
 VARIANTS=${VARIANTS:-full box nopos res4}
 N=${N:-20000}; SEED=${SEED:-0}; S0=${S0:-2000}; S0_BATCH=${S0_BATCH:-256}; S0_TIME=${S0_TIME:-0}
-S1=${S1:-300}; S2=${S2:-500}; S3=${S3:-1500}; EVAL_LIMIT=${EVAL_LIMIT:-100}
+S1=${S1:-300}; S2=${S2:-500}; S3=${S3:-1500}; S3Y=${S3Y:-900}; S3F=${S3F:-1400}; EVAL_LIMIT=${EVAL_LIMIT:-100}
 WORK=${WORK:-runs/builtin_recipe}; DATA=$WORK/data
 S3_TIMEOUT=${S3_TIMEOUT:-0}; UNTIL=${UNTIL:-}
 # The step of this small model is bound by the main process's kernel launches: extra OpenMP threads in it and in
@@ -95,6 +95,19 @@ for v in $VARIANTS; do
     osprey model derive "$WORK/full/stage1/final" --out "$WORK/$v/stage1/final" ${derive_flags[$v]}
 done
 
+stage3_pass() {  # variant, name, config, from, steps, workers: one stage-3 pass into $WORK/<variant>/<name>
+  local v=$1 name=$2 config=$3 from=$4 steps=$5 workers=$6
+  [ -d "$WORK/$v/$name/final" ] && return 0
+  local limit=(); [ "$S3_TIMEOUT" != 0 ] && limit=(timeout "$S3_TIMEOUT")
+  "${limit[@]}" osprey train --stage 3 --config "$config" "${common[@]}" --set "data.num_workers=$workers" \
+    --model "$from" --output "$WORK/$v/$name" --max-steps "$steps" > "$WORK/${v}_$name.log" 2>&1 || true
+  if [ ! -d "$WORK/$v/$name/final" ]; then  # stopped by S3_TIMEOUT: the newest checkpoint stands in
+    local last; last=$(ls -d "$WORK/$v/$name/checkpoints"/step-* | tail -1)
+    echo "$v: $name stopped early; using $last" | tee -a "$WORK/${v}_$name.log"
+    cp -r "$last/model" "$WORK/$v/$name/final"
+  fi
+}
+
 variant() {  # stages 2 and 3 of one variant; variants run side by side on the GPU, each with a share of the CPUs
   local v=$1 workers=$2
   export MASTER_PORT=$3
@@ -105,16 +118,14 @@ variant() {  # stages 2 and 3 of one variant; variants run side by side on the G
       --out "$WORK/${v}_stage2_norms.json" > /dev/null 2>&1 || true
   fi
   [ "$UNTIL" = stage2 ] && return 0
-  [ -d "$WORK/$v/stage3/final" ] && return 0
-  local limit=(); [ "$S3_TIMEOUT" != 0 ] && limit=(timeout "$S3_TIMEOUT")
-  "${limit[@]}" osprey train --stage 3 --config builtin_stage3 "${common[@]}" --set "data.num_workers=$workers" \
-    --model "$WORK/$v/stage2/final" --output "$WORK/$v/stage3" --max-steps "$S3" > "$WORK/${v}_stage3.log" 2>&1 || true
-  if [ ! -d "$WORK/$v/stage3/final" ]; then  # stopped by S3_TIMEOUT: the newest checkpoint stands in
-    local last; last=$(ls -d "$WORK/$v/stage3/checkpoints"/step-* | tail -1)
-    echo "$v: stage 3 stopped early; using $last" | tee -a "$WORK/${v}_stage3.log"
-    cp -r "$last/model" "$WORK/$v/stage3/final"
-  fi
-  python -m bench.token_norms --model "$WORK/$v/stage3/final" --data "$DATA" --images 20 --probe 300 --reliance 64 --template infer \
+  stage3_pass "$v" stage3 builtin_stage3 "$WORK/$v/stage2/final" "$S3" "$workers"
+  # The yes/no questions are learned only when they dominate the mix (builtin_stage3_yesno.yaml), then kept while
+  # the rest settles (builtin_stage3_final.yaml); the last pass run is the variant's model.
+  local from=$WORK/$v/stage3/final
+  if [ "$S3Y" != 0 ]; then stage3_pass "$v" stage3_yesno builtin_stage3_yesno "$from" "$S3Y" "$workers"; from=$WORK/$v/stage3_yesno/final; fi
+  if [ "$S3F" != 0 ]; then stage3_pass "$v" stage3_final builtin_stage3_final "$from" "$S3F" "$workers"; from=$WORK/$v/stage3_final/final; fi
+  [ -d "$WORK/$v/model" ] || cp -r "$from" "$WORK/$v/model"
+  python -m bench.token_norms --model "$WORK/$v/model" --data "$DATA" --images 20 --probe 300 --reliance 64 --template infer \
     --out "$WORK/${v}_stage3_norms.json" > /dev/null 2>&1 || true
 }
 count=$(wc -w <<< "$VARIANTS")
@@ -125,15 +136,15 @@ port=29600
 for v in $VARIANTS; do variant "$v" "$workers" "$port" & pids+=($!); port=$((port + 1)); done
 for p in "${pids[@]}"; do wait "$p"; done
 stop_after stage2
-for v in $VARIANTS; do for s in 1 2 3; do
+for v in $VARIANTS; do for s in 1 2 3 3_yesno 3_final; do
   [ -f "$WORK/$v/stage$s/metrics.jsonl" ] && osprey train plot "$WORK/$v/stage$s/metrics.jsonl" --out "$WORK/curves_${v}_stage$s.png"
 done; done
-[ -d "$WORK/builtin_bf16" ] || osprey model convert "$WORK/full/stage3/final" --out "$WORK/builtin_bf16" --dtype bfloat16
+[ -d "$WORK/builtin_bf16" ] || osprey model convert "$WORK/full/model" --out "$WORK/builtin_bf16" --dtype bfloat16
 stop_after stage3
 
 if [ "$EVAL_LIMIT" != 0 ]; then  # EVAL_LIMIT=0: evaluate elsewhere (the dataset is deterministic: same seed, same data)
   log "evaluation"
-  models=(); for v in $VARIANTS; do models+=(--model "$v=$WORK/$v/stage3/final"); done
+  models=(); for v in $VARIANTS; do models+=(--model "$v=$WORK/$v/model"); done
   python -m bench.region_eval --data "$DATA" --split test --limit "$EVAL_LIMIT" --out "$WORK/eval" "${models[@]}" > "$WORK/eval.log" 2>&1
 fi
 log "done"

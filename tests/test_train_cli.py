@@ -214,3 +214,21 @@ def test_data_files_repeat_puts_a_file_k_times_in_an_epoch(tmp_path):
     assert once > 0 and detailed > 0
     assert size([{**pos_neg, "repeat": 3}, "train/stage3_detailed.json"]) == 3 * once + detailed
     assert size([{"path": "train/stage3_detailed.json", "repeat": 2}]) == 2 * detailed  # kind from the manifest
+
+
+def test_builtin_stage3_configs_build_their_mixes_on_a_generated_dataset(tmp_path):
+    """The built-in model's three stage-3 configs name files and kinds the generator writes, in the shares they
+    document: the yes/no sub-set 1x, 20x (the pass that teaches the comparison), then 8x with the category prompt 2x."""
+    from train.config import load_config, parse_override
+    from train.recipe import dataset_from_config
+
+    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+    model, tokenizer, _ = load_pretrained(init)
+    sizes = {}
+    for name in ("builtin_stage3", "builtin_stage3_yesno", "builtin_stage3_final"):
+        cfg = load_config(name, [parse_override(f"data.root={FIXTURE}")])
+        sizes[name] = len(dataset_from_config(cfg, tokenizer, model.config)[0])
+    pos_neg = len(json.loads((FIXTURE / "train/stage3_pos_neg.json").read_text()))
+    categories = len(json.loads((FIXTURE / "train/stage2_categories.json").read_text()))
+    assert sizes["builtin_stage3_yesno"] == sizes["builtin_stage3"] + 19 * pos_neg
+    assert sizes["builtin_stage3_final"] == sizes["builtin_stage3"] + 7 * pos_neg + categories
