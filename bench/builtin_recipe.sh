@@ -12,7 +12,7 @@
 # Variables: N (images), SEED (dataset seed, default 0), S0 (CLIP steps; 0 skips the pretraining and trains the tower in stages 1-3 instead),
 # S0_BATCH (CLIP batch), S0_TIME (seconds; CLIP stops there and writes its weights), S1/S2/S3 (optimiser steps per
 # stage), S3Y/S3F (steps of the two stage-3 passes after it: yes/no-heavy, then final; 0 skips one), WORK, EVAL_LIMIT (records per eval sub-set; 0 skips the evaluation),
-# S3_TIMEOUT (seconds; each stage-3 pass is stopped there and its newest checkpoint used instead of final/),
+# S3_TIMEOUT (seconds of training per stage-3 pass: its schedule is fitted into them, `osprey train --time-limit`),
 # EXTRA (more `osprey train` options for every stage, e.g. "--set micro_batch_size=4 --set global_batch_size=4"),
 # VARIANTS (default "full box nopos res4"; "full" trains only the built-in model),
 # UNTIL (clip, stage1, stage2 or stage3: stop after that step; default: run everything),
@@ -98,10 +98,12 @@ done
 stage3_pass() {  # variant, name, config, from, steps, workers: one stage-3 pass into $WORK/<variant>/<name>
   local v=$1 name=$2 config=$3 from=$4 steps=$5 workers=$6
   [ -d "$WORK/$v/$name/final" ] && return 0
-  local limit=(); [ "$S3_TIMEOUT" != 0 ] && limit=(timeout "$S3_TIMEOUT")
+  # S3_TIMEOUT: the schedule is fitted into that many seconds of training (--time-limit, annealed, final/ written);
+  # the process is killed 120 s later if it is still running (start-up, saving), and its newest checkpoint used
+  local limit=() fit=(); [ "$S3_TIMEOUT" != 0 ] && { limit=(timeout "$((S3_TIMEOUT + 120))"); fit=(--time-limit "$S3_TIMEOUT"); }
   "${limit[@]}" osprey train --stage 3 --config "$config" "${common[@]}" --set "data.num_workers=$workers" \
-    --model "$from" --output "$WORK/$v/$name" --max-steps "$steps" > "$WORK/${v}_$name.log" 2>&1 || true
-  if [ ! -d "$WORK/$v/$name/final" ]; then  # stopped by S3_TIMEOUT: the newest checkpoint stands in
+    --model "$from" --output "$WORK/$v/$name" --max-steps "$steps" "${fit[@]}" > "$WORK/${v}_$name.log" 2>&1 || true
+  if [ ! -d "$WORK/$v/$name/final" ]; then  # killed: the newest checkpoint stands in
     local last; last=$(ls -d "$WORK/$v/$name/checkpoints"/step-* | tail -1)
     echo "$v: $name stopped early; using $last" | tee -a "$WORK/${v}_$name.log"
     cp -r "$last/model" "$WORK/$v/$name/final"
@@ -124,7 +126,7 @@ variant() {  # stages 2 and 3 of one variant; variants run side by side on the G
   local from=$WORK/$v/stage3/final
   if [ "$S3Y" != 0 ]; then stage3_pass "$v" stage3_yesno builtin_stage3_yesno "$from" "$S3Y" "$workers"; from=$WORK/$v/stage3_yesno/final; fi
   if [ "$S3F" != 0 ]; then stage3_pass "$v" stage3_final builtin_stage3_final "$from" "$S3F" "$workers"; from=$WORK/$v/stage3_final/final; fi
-  [ -d "$WORK/$v/model" ] || cp -r "$from" "$WORK/$v/model"
+  rm -rf "$WORK/$v/model"; cp -r "$from" "$WORK/$v/model"
   python -m bench.token_norms --model "$WORK/$v/model" --data "$DATA" --images 20 --probe 300 --reliance 64 --template infer \
     --out "$WORK/${v}_stage3_norms.json" > /dev/null 2>&1 || true
 }

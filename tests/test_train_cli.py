@@ -41,7 +41,11 @@ def test_train_stage1_then_stage2_from_its_output_and_plot(tmp_path, capsys):
 def test_print_config_and_argument_errors(capsys):
     assert main(["train", "--stage", "3", "--config", "osprey7b_stage3", "--set", "optim.lr=2e-5", "--print-config"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    assert printed["optim"]["lr"] == 2e-5 and printed["stage"] == 3
+    assert printed["optim"]["lr"] == 2e-5 and printed["stage"] == 3 and printed["time_limit"] == 0
+    assert main(["train", "--config", "osprey7b_stage3", "--time-limit", "450", "--print-config"]) == 0
+    assert json.loads(capsys.readouterr().out)["time_limit"] == 450
+    with pytest.raises(SystemExit, match="need time_limit >= 0"):
+        main(["train", "--config", "osprey7b_stage3", "--time-limit", "-1", "--print-config"])
     with pytest.raises(SystemExit, match="contradicts stage: 3"):
         main(["train", "--stage", "2", "--config", "osprey7b_stage3"])
     with pytest.raises(SystemExit, match=r"unknown config keys: \['optim.learning_rate'\]"):

@@ -5,6 +5,7 @@ are counted and contribute no loss."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -239,3 +240,73 @@ def test_part_lr_gives_a_part_its_own_learning_rate(tiny, tmp_path):
         recipe.close()
     with pytest.raises(ValueError, match="unknown parts"):
         make_config(tiny[0], tmp_path / "x", 3, optim={"part_lr": {"extractor": 1e-4}})
+
+
+def test_cosine_with_warmup_is_transformers_schedule():
+    from transformers import get_cosine_schedule_with_warmup
+
+    from train.recipe import cosine_with_warmup
+
+    for warmup, total in ((0, 10), (3, 10), (5, 7), (0, 1)):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        reference = get_cosine_schedule_with_warmup(optimizer, warmup, total).lr_lambdas[0]
+        for step in range(total + 2):
+            assert cosine_with_warmup(step, warmup, total) == pytest.approx(reference(step), abs=1e-12), (warmup, step)
+
+
+class SteppingClock:
+    """A clock that advances `tick` seconds each time it is read: one read per optimiser step in TimeBox."""
+
+    def __init__(self, tick: float = 1.0) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_time_box_fits_the_horizon_to_the_measured_pace():
+    from train.recipe import TimeBox
+
+    clock = SteppingClock(0.0)
+    box = TimeBox(20.0, start_step=100, clock=clock)  # resumed at step 100: 20 s from now
+    clock.tick = 2.0  # warm steps: slow, not measured
+    assert [box.fit(step, 500) for step in (101, 102, 103)] == [(500, False)] * 3
+    clock.tick = 1.0  # from step 103 (t = 6): 1 s a step
+    assert [box.fit(step, 500) for step in range(104, 108)] == [(500, False)] * 4  # not yet PACE_STEPS measured
+    assert box.fit(108, 500) == (108 + 20 - 11, False)  # t = 11: 9 s left at 1 s/step
+    assert box.fit(109, 110) == (110, False)  # never lengthens
+    clock.tick = 10.0
+    assert box.fit(110, 117) == (110, True)  # t = 22 > 20: out of time
+
+
+def test_time_limit_ends_the_schedule_within_it_and_a_resume_keeps_it(tiny, tmp_path):
+    folder, tokenizer, config = tiny
+    dataset = RegionDataset(tokenizer, config, n=8)
+    changes = {"max_steps": 50, "save_steps": 10, "time_limit": 20.0}
+    run = Recipe(make_config(folder, tmp_path / "run", 3, **changes), dataset=dataset, collate_fn=collate)
+    run.clock = SteppingClock(1.0)  # one second a step: the pace is measured over steps 3..8, 12 s are left
+    run.run()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert run.state.step == run.total_steps == run.state.horizon == summary["total_steps"] == 20
+    assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
+    log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 21))
+    from train.recipe import cosine_with_warmup
+
+    for record in log[9:]:  # from the first estimate on, the rate follows the 20-step cosine to its end
+        assert record["lr"] == pytest.approx(1e-3 * cosine_with_warmup(record["step"] - 1, 0, 20), rel=1e-6)
+    assert log[-1]["lr"] < 1e-5
+    checkpoint = json.loads((tmp_path / "run" / "checkpoints" / "step-000010" / "trainer_state.json").read_text())
+    assert checkpoint["horizon"] == 20
+
+    # killed after step 10: a resume without the limit keeps the shortened schedule and ends where it did
+    (tmp_path / "again").mkdir()
+    shutil.copytree(tmp_path / "run" / "checkpoints", tmp_path / "again" / "checkpoints")
+    shutil.rmtree(tmp_path / "again" / "checkpoints" / "step-000020", ignore_errors=True)
+    resumed = Recipe(make_config(folder, tmp_path / "again", 3, max_steps=50, save_steps=10), dataset=dataset,
+                     collate_fn=collate)
+    resumed.run(resume=True)
+    assert resumed.state.step == resumed.total_steps == 20
+    again = [json.loads(line) for line in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in again] == [r["lr"] for r in log[10:]]

@@ -30,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--config", help="YAML config: a path or the name of a file in train/configs/")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     parser.add_argument("--max-steps", type=int, help="override max_steps")
+    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
+                        help="override time_limit: fit the schedule into this many seconds of training (0: none)")
     parser.add_argument("--output", help="override output_dir")
     parser.add_argument("--model", help="override model (start folder or preset)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -94,7 +96,8 @@ def resolve_config(args: argparse.Namespace):
             raise SystemExit(f"osprey train: --stage {args.stage} contradicts stage: {raw['stage']} in {path}")
         raw["stage"] = args.stage
     overrides = [parse_override(text) for text in args.overrides]
-    for key, value in (("max_steps", args.max_steps), ("output_dir", args.output), ("model", args.model)):
+    for key, value in (("max_steps", args.max_steps), ("time_limit", args.time_limit), ("output_dir", args.output),
+                       ("model", args.model)):
         if value is not None:
             overrides.append(([key], value))
     return load_config(raw=raw, overrides=overrides)

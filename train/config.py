@@ -150,6 +150,9 @@ class TrainConfig:
     epochs: float = 1.0
     # Stop after this many optimiser steps (overrides `epochs` for the schedule length); -1 = use epochs.
     max_steps: int = -1
+    # Seconds the training loop may take (0: no limit). The schedule's horizon is then fitted to the measured pace,
+    # so the rate still anneals to its end within the limit and final/ is written; saving final/ comes after it.
+    time_limit: float = 0.0
     micro_batch_size: int = 1  # per GPU
     global_batch_size: int = 4  # micro_batch_size x world size x gradient accumulation
     bf16: bool = True
@@ -182,6 +185,8 @@ class TrainConfig:
                              f"{self.micro_batch_size}")
         if self.max_steps == 0 or self.max_steps < -1 or (self.max_steps == -1 and self.epochs <= 0):
             raise ValueError(f"need max_steps > 0 or epochs > 0, got max_steps={self.max_steps}, epochs={self.epochs}")
+        if not self.time_limit >= 0:
+            raise ValueError(f"need time_limit >= 0 (seconds; 0: none), got {self.time_limit}")
         if self.save_steps < 0 or self.log_steps < 1 or self.keep_checkpoints < 1:
             raise ValueError(f"need save_steps >= 0, log_steps >= 1, keep_checkpoints >= 1, got {self.save_steps}, "
                              f"{self.log_steps}, {self.keep_checkpoints}")

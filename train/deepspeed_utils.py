@@ -166,6 +166,17 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
+def broadcast_from_rank0(values: list[int], device: torch.device) -> list[int]:
+    """Rank 0's integers on every rank (decisions that must agree, such as when to stop)."""
+    import torch.distributed as dist
+
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return list(values)
+    tensor = torch.tensor(values, dtype=torch.int64, device=device)
+    dist.broadcast(tensor, src=0)
+    return tensor.tolist()
+
+
 def launch_command(config: str, stage: int, num_gpus: int = 8, hostfile: str | None = None) -> str:
     """The `deepspeed` launcher line for a config (printed by `osprey train --print-launch`)."""
     hosts = f"--hostfile {hostfile} " if hostfile else f"--num_gpus {num_gpus} "

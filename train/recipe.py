@@ -57,6 +57,7 @@ class TrainerState:
     truncated_samples: int = 0  # this rank
     fully_masked_samples: int = 0  # this rank: no trained token, contributed no loss
     losses: list[float] = field(default_factory=list)  # per-step mean loss (all ranks)
+    horizon: int = 0  # the schedule's last step where `time_limit` shortened it (0: from max_steps / epochs)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -79,6 +80,7 @@ class Recipe:
         self.state = TrainerState()
         self.engine = None
         self.metrics: MetricsLog | None = None
+        self.clock: Callable[[], float] = time.perf_counter  # what `time_limit` is measured with
 
     # -- setup -------------------------------------------------------------------------------------------------
     def setup(self, resume: bool = False) -> None:
@@ -180,8 +182,6 @@ class Recipe:
 
     def setup_optimizer(self) -> None:
         """AdamW (no decay on biases/norms, as HF Trainer) + cosine with warm-up, wrapped by the DeepSpeed engine."""
-        from transformers import get_cosine_schedule_with_warmup
-
         cfg, optim = self.cfg, self.cfg.optim
         trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         by_rate: dict[float, list[tuple[str, torch.nn.Parameter]]] = {optim.lr: []}  # base rate first: the log
@@ -202,7 +202,9 @@ class Recipe:
         warmup = math.ceil(optim.warmup_ratio * self.total_steps)
 
         def schedule(base_optimizer):  # DeepSpeed calls this with the optimizer it steps (also its own Adam)
-            return get_cosine_schedule_with_warmup(base_optimizer, warmup, self.total_steps)
+            # transformers' cosine with warm-up, its horizon read at each step: `time_limit` may shorten it
+            return torch.optim.lr_scheduler.LambdaLR(
+                base_optimizer, lambda step: cosine_with_warmup(step, warmup, self.total_steps))
 
         engine, optimizer, scheduler = dsu.initialize(self.model, optimizer, schedule, ds_config, param_groups=groups)
         self.engine, self.optimizer, self.scheduler = engine, optimizer, scheduler
@@ -223,6 +225,7 @@ class Recipe:
         peak = peak_flops(self.device)
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc=f"stage {cfg.stage}", unit="step",
                    disable=not cfg.progress or self.rank != 0, dynamic_ncols=True)
+        time_box = TimeBox(cfg.time_limit, self.state.step, self.clock) if cfg.time_limit else None
         window = _Window()
         pending: list[float] = []  # per-step losses not yet written to the log
         while self.state.step < stop:
@@ -238,6 +241,8 @@ class Recipe:
                     continue
                 self.state.step += 1
                 record = self._step_record(window, peak)
+                if time_box is not None:
+                    stop = self._fit_to_time(time_box, stop, bar)
                 self.state.losses.append(record["loss"])
                 window = _Window()
                 bar.update(1)
@@ -260,6 +265,23 @@ class Recipe:
             logger.warning("rank %d: %d truncated samples, %d fully masked samples (no trained token: no loss)",
                            self.rank, self.state.truncated_samples, self.state.fully_masked_samples)
         return self.state
+
+    def _fit_to_time(self, time_box: TimeBox, stop: int, bar) -> int:
+        """Shorten the schedule to the steps that fit the time limit (rank 0's clock decides for all ranks)."""
+        horizon, out_of_time = time_box.fit(self.state.step, self.total_steps)
+        horizon, out_of_time = dsu.broadcast_from_rank0([horizon, int(out_of_time)], self.device)
+        if out_of_time and self.state.step < self.total_steps:
+            logger.warning("time limit of %.0f s reached at step %d of %d: stopping before the schedule's end",
+                           self.cfg.time_limit, self.state.step, self.total_steps)
+        if out_of_time:
+            horizon = self.state.step
+        if horizon < self.total_steps:
+            if not self.state.horizon:
+                logger.info("time limit %.0f s: the schedule now ends at step %d (was %d)", self.cfg.time_limit,
+                            horizon, self.total_steps)
+            self.total_steps = self.state.horizon = horizon
+            bar.total = horizon
+        return min(stop, horizon)
 
     def micro_step(self, batch: dict[str, Any], window: _Window | None = None) -> torch.Tensor:
         """Forward, backward and (at accumulation boundaries) the optimiser step of one micro-batch; returns the
@@ -377,6 +399,8 @@ class Recipe:
         dsu.load_engine(self.engine, folder)
         state.pop("world_size")
         self.state = TrainerState(**state)
+        if self.state.horizon:  # a time limit had shortened the schedule: keep its shape
+            self.total_steps = self.state.horizon
         rng_file = folder / f"rng-rank{self.rank}.pt"
         _set_rng_state(torch.load(rng_file, weights_only=False))
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", folder, self.state.step, self.state.epoch,
@@ -404,6 +428,44 @@ class Recipe:
             return self.save_final()
         finally:
             self.close()
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    """The rate factor of transformers' `get_cosine_schedule_with_warmup` (half a cosine) at `step`."""
+    if step < warmup:
+        return step / max(1, warmup)
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+class TimeBox:
+    """How many optimiser steps fit in `limit` seconds from now on, from the pace measured after a few warm steps
+    (the first steps pay for data-loader start-up and kernel warm-up). The estimate only ever shortens the horizon,
+    and includes the checkpoint saves as they come."""
+
+    WARM_STEPS = 3  # steps not measured
+    PACE_STEPS = 5  # steps measured before the first estimate
+
+    def __init__(self, limit: float, start_step: int, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.limit, self.start_step, self.clock = limit, start_step, clock
+        self.started = clock()
+        self.mark: tuple[int, float] | None = None  # (step, time) where the pace is measured from
+
+    def fit(self, step: int, horizon: int) -> tuple[int, bool]:
+        """(the horizon, shortened to what fits; whether the limit is already reached) after `step`."""
+        now = self.clock()
+        elapsed = now - self.started
+        if elapsed >= self.limit:
+            return step, True
+        if self.mark is None:
+            if step - self.start_step >= self.WARM_STEPS:
+                self.mark = (step, now)
+            return horizon, False
+        measured = step - self.mark[0]
+        if measured < self.PACE_STEPS:
+            return horizon, False
+        per_step = (now - self.mark[1]) / measured
+        return min(horizon, step + int((self.limit - elapsed) / per_step)), False
 
 
 @dataclass
