@@ -5,7 +5,8 @@ for a box: the paper's kind of ablation (mask vs box, with/without position toke
         --model box=runs/abl_box/stage3/final --out runs/region_eval
 
 Per model, greedy decoding, every question teacher-forced on the ground-truth history:
-- category: the official category prompt per region of `stage2_categories` (exact match after normalisation);
+- category: the official category prompt per region of `stage2_categories` (exact match after normalisation),
+  overall and per category (`category:<name>`);
 - attributes: the short-form questions of `stage3_short_form` by type (object, colour, size, texture, ...);
 - positive/negative: the yes/no questions of `stage3_pos_neg`, with the share answered "yes"
   (`pos_neg:answered_yes`) beside the share whose truth is yes (`pos_neg:truth_yes`).
@@ -112,7 +113,7 @@ def category_scores(record, answers: list[str]) -> list[tuple[bool, tuple[bool, 
 
 def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: int) -> dict:
     from osprey.data.records import record_masks
-    from osprey.data.samples import build_sample
+    from osprey.data.samples import build_sample, region_descriptions
     from osprey.inference import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_new_tokens)
@@ -120,8 +121,10 @@ def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: in
     rng = np.random.default_rng(0)
     for record in tqdm(list(split_records(data, split, "stage2_categories", limit)), desc="category", leave=False):
         answers = pipe.describe(data / record.file_name, record_masks(record), task="category", params=params)
-        for correct, flags in category_scores(record, [answer.text for answer in answers]):
+        labels = [normalise(label) for _, label in region_descriptions(record)]  # category_scores' order
+        for (correct, flags), label in zip(category_scores(record, [answer.text for answer in answers]), labels):
             tally.add("category", correct, flags)
+            tally.add(f"category:{label}", correct)  # which categories are missed
     for name, kind in (("stage3_short_form", "short_form"), ("stage3_pos_neg", "pos_neg")):
         for record in tqdm(list(split_records(data, split, name, limit)), desc=kind, leave=False):
             sample = build_sample(record, 3, kind, data, rng)

@@ -66,6 +66,11 @@ def test_evaluate_scores_categories_by_region(tmp_path):
     result = evaluate(pipe, data, "test", limit=None, max_new_tokens=4)
     assert result["category"] == {"accuracy": 1.0, "n": 3}
     assert result["category@overlap"] == {"accuracy": 1.0, "n": 2}
+    assert {k: v["n"] for k, v in result.items() if k.startswith("category:")} == {"category:cat": 1, "category:star": 1,
+                                                                                  "category:dog": 1}
+    pipe.by_area[areas[0]] = "cat"  # region 1 (a dog) called a cat: only the dog's row loses
+    result = evaluate(pipe, data, "test", limit=None, max_new_tokens=4)
+    assert result["category:dog"]["accuracy"] == 0.0 and result["category:cat"]["accuracy"] == 1.0
 
 
 def test_evaluate_runs_the_tiny_model_on_every_sub_set(tiny_pipeline):
