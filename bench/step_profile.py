@@ -107,6 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", help="scratch output_dir (default: a temporary folder)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--time-limit", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--print-config", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")

@@ -245,7 +245,7 @@ def test_part_lr_gives_a_part_its_own_learning_rate(tiny, tmp_path):
 def test_cosine_with_warmup_is_transformers_schedule():
     from transformers import get_cosine_schedule_with_warmup
 
-    from train.recipe import cosine_with_warmup
+    from train.schedule import cosine_with_warmup
 
     for warmup, total in ((0, 10), (3, 10), (5, 7), (0, 1)):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -266,7 +266,7 @@ class SteppingClock:
 
 
 def test_time_box_fits_the_horizon_to_the_measured_pace():
-    from train.recipe import TimeBox
+    from train.schedule import TimeBox
 
     clock = SteppingClock(0.0)
     box = TimeBox(20.0, start_step=100, clock=clock)  # resumed at step 100: 20 s from now
@@ -292,7 +292,7 @@ def test_time_limit_ends_the_schedule_within_it_and_a_resume_keeps_it(tiny, tmp_
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     log = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 21))
-    from train.recipe import cosine_with_warmup
+    from train.schedule import cosine_with_warmup
 
     for record in log[9:]:  # from the first estimate on, the rate follows the 20-step cosine to its end
         assert record["lr"] == pytest.approx(1e-3 * cosine_with_warmup(record["step"] - 1, 0, 20), rel=1e-6)
@@ -310,3 +310,25 @@ def test_time_limit_ends_the_schedule_within_it_and_a_resume_keeps_it(tiny, tmp_
     assert resumed.state.step == resumed.total_steps == 20
     again = [json.loads(line) for line in (tmp_path / "again" / "metrics.jsonl").read_text().splitlines()]
     assert [r["lr"] for r in again] == [r["lr"] for r in log[10:]]
+
+
+def test_clip_pretraining_fits_its_schedule_into_the_time_limit(tmp_path, monkeypatch):
+    """`osprey train clip --time-limit` uses the same time box: on a clock of one second a step, a 20 s limit ends
+    the 50-step schedule at step 20 with the rate annealed to 0, and the weights are written."""
+    import train.schedule
+    from osprey.cli import main
+
+    class SteppedTimeBox(train.schedule.TimeBox):
+        def __init__(self, limit, start_step, clock=None):
+            super().__init__(limit, start_step, SteppingClock(1.0))
+
+    monkeypatch.setattr(train.schedule, "TimeBox", SteppedTimeBox)
+    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+    fixture = Path(__file__).parent / "fixtures" / "synth"
+    assert main(["train", "clip", "--data", str(fixture), "--tokenizer", str(init), "--out", str(tmp_path / "clip"),
+                 "--preset", "tiny", "--steps", "50", "--batch-size", "4", "--warmup-steps", "1", "--num-workers", "0",
+                 "--log-steps", "5", "--time-limit", "20", "--no-progress", "--device", "cpu"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "clip" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    assert records[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the rate after the last step: the cosine's end
+    assert (tmp_path / "clip" / "open_clip.safetensors").is_file()

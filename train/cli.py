@@ -74,8 +74,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                            "as the mask extractor reads them) or from the last map through the CLIP head (final)")
     clip.add_argument("--split", default=defaults.split)
     clip.add_argument("--time-limit", type=float, default=defaults.time_limit,
-                      help="stop after this many seconds and write the weights (0: no limit; the schedule keeps "
-                           "its --steps length)")
+                      help="fit the schedule into this many seconds of training and write the weights (0: no "
+                           "limit; as `osprey train --time-limit`)")
     clip.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     clip.add_argument("--no-progress", dest="progress", action="store_false")
     clip.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

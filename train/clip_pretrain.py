@@ -75,8 +75,8 @@ class ClipPretrainConfig:
     seed: int = 0
     save_steps: int = 500
     log_steps: int = 10
-    # Stop after this many seconds of training (0: no limit), writing the weights as at the last step; the cosine
-    # schedule keeps its `steps` length, so the rate is not fully annealed. For fixed-length device sessions.
+    # Seconds of training (0: no limit): the cosine's horizon is fitted to the measured pace (train.schedule.TimeBox),
+    # so the rate anneals to its end within the limit; the weights are written after it. For time-boxed machines.
     time_limit: float = 0.0
     device: str | None = None  # default: cuda when available
     progress: bool = True
@@ -257,13 +257,13 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
     from open_clip.loss import ClipLoss
     from safetensors.torch import save_file
     from tqdm import tqdm
-    from transformers import get_cosine_schedule_with_warmup
 
     from osprey.config import OspreyConfig
     from osprey.data.dataset import manifest_subsets
     from osprey.tokenization import load_tokenizer
     from osprey.vision import open_clip_model_config
     from train.metrics import MetricsLog
+    from train.schedule import TimeBox, cosine_schedule
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -294,14 +294,15 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, cfg.warmup_steps, cfg.steps)
+    horizon = cfg.steps  # the schedule's last step; `time_limit` may shorten it
+    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, lambda: horizon)
     step = 0
     if resume and checkpoint.exists():
         state = torch.load(checkpoint, map_location=device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        step = state["step"]
+        step, horizon = state["step"], state.get("horizon", cfg.steps)
         logger.info("resumed %s at step %d", checkpoint, step)
     (out / "clip_config.json").write_text(json.dumps(asdict(cfg), indent=2))
     loss_fn = ClipLoss()
@@ -312,7 +313,7 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
     def save_checkpoint() -> None:
         tmp = checkpoint.with_suffix(".tmp")
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "step": step}, tmp)
+                    "scheduler": scheduler.state_dict(), "step": step, "horizon": horizon}, tmp)
         tmp.replace(checkpoint)
 
     bar = tqdm(total=cfg.steps, initial=step, desc="clip", unit="step", disable=not cfg.progress, dynamic_ncols=True)
@@ -323,10 +324,10 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, drop_last=True, generator=generator,
                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
                         pin_memory=device.type == "cuda", collate_fn=collate_pairs)
-    started = time.perf_counter()
+    time_box = TimeBox(cfg.time_limit, step) if cfg.time_limit > 0 else None
     out_of_time = False
     window_start, window_samples, window_regions = time.perf_counter(), 0, 0
-    while step < cfg.steps and not out_of_time:
+    while step < horizon and not out_of_time:
         for batch in loader:
             images = batch["images"].to(device, non_blocking=True)
             masks = batch["masks"].to(device, non_blocking=True)
@@ -358,7 +359,13 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
             window_samples += len(images)
             window_regions += len(region_embeddings)
             bar.update(1)
-            if step % cfg.log_steps == 0 or step == cfg.steps:
+            if time_box is not None:
+                fitted, out_of_time = time_box.fit(step, horizon)
+                if fitted < horizon and not out_of_time:
+                    logger.info("time limit %.0f s: the schedule now ends at step %d (was %d)", cfg.time_limit,
+                                fitted, horizon)
+                    horizon = bar.total = fitted
+            if step % cfg.log_steps == 0 or step == horizon or out_of_time:
                 elapsed = time.perf_counter() - window_start
                 record = {"step": step, "loss": float(loss.detach()), "image_loss": float(image_loss.detach()),
                           "region_loss": None if region_loss is None else float(region_loss.detach()),
@@ -370,15 +377,14 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
                 metrics.write(record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['in_batch_accuracy']:.2f}")
                 window_start, window_samples, window_regions = time.perf_counter(), 0, 0
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.steps:
+            if cfg.save_steps and step % cfg.save_steps == 0 and step < horizon:
                 save_checkpoint()
-            out_of_time = cfg.time_limit > 0 and time.perf_counter() - started >= cfg.time_limit
-            if step >= cfg.steps or out_of_time:
+            if step >= horizon or out_of_time:
                 break
     bar.close()
-    if out_of_time and step < cfg.steps:
-        logger.warning("time limit of %.0f s reached at step %d of %d; writing the weights of step %d",
-                       cfg.time_limit, step, cfg.steps, step)
+    if out_of_time and step < horizon:
+        logger.warning("time limit of %.0f s reached at step %d of %d, before the schedule's end; writing the weights "
+                       "of step %d", cfg.time_limit, step, horizon, step)
     metrics.close()
     weights = out / WEIGHTS_FILE
     tmp = weights.with_name(f".{weights.name}.tmp")

@@ -35,6 +35,7 @@ from train import deepspeed_utils as dsu
 from train.config import TrainConfig
 from train.metrics import LMFlops, MetricsLog, memory_stats, peak_flops
 from train.sampler import ResumableSampler
+from train.schedule import TimeBox, cosine_schedule
 from train.trainable import merge_lora_state, set_trainable
 
 logger = logging.getLogger(__name__)
@@ -202,9 +203,7 @@ class Recipe:
         warmup = math.ceil(optim.warmup_ratio * self.total_steps)
 
         def schedule(base_optimizer):  # DeepSpeed calls this with the optimizer it steps (also its own Adam)
-            # transformers' cosine with warm-up, its horizon read at each step: `time_limit` may shorten it
-            return torch.optim.lr_scheduler.LambdaLR(
-                base_optimizer, lambda step: cosine_with_warmup(step, warmup, self.total_steps))
+            return cosine_schedule(base_optimizer, warmup, lambda: self.total_steps)  # time_limit may shorten it
 
         engine, optimizer, scheduler = dsu.initialize(self.model, optimizer, schedule, ds_config, param_groups=groups)
         self.engine, self.optimizer, self.scheduler = engine, optimizer, scheduler
@@ -428,44 +427,6 @@ class Recipe:
             return self.save_final()
         finally:
             self.close()
-
-
-def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
-    """The rate factor of transformers' `get_cosine_schedule_with_warmup` (half a cosine) at `step`."""
-    if step < warmup:
-        return step / max(1, warmup)
-    progress = (step - warmup) / max(1, total - warmup)
-    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
-class TimeBox:
-    """How many optimiser steps fit in `limit` seconds from now on, from the pace measured after a few warm steps
-    (the first steps pay for data-loader start-up and kernel warm-up). The estimate only ever shortens the horizon,
-    and includes the checkpoint saves as they come."""
-
-    WARM_STEPS = 3  # steps not measured
-    PACE_STEPS = 5  # steps measured before the first estimate
-
-    def __init__(self, limit: float, start_step: int, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.limit, self.start_step, self.clock = limit, start_step, clock
-        self.started = clock()
-        self.mark: tuple[int, float] | None = None  # (step, time) where the pace is measured from
-
-    def fit(self, step: int, horizon: int) -> tuple[int, bool]:
-        """(the horizon, shortened to what fits; whether the limit is already reached) after `step`."""
-        now = self.clock()
-        elapsed = now - self.started
-        if elapsed >= self.limit:
-            return step, True
-        if self.mark is None:
-            if step - self.start_step >= self.WARM_STEPS:
-                self.mark = (step, now)
-            return horizon, False
-        measured = step - self.mark[0]
-        if measured < self.PACE_STEPS:
-            return horizon, False
-        per_step = (now - self.mark[1]) / measured
-        return min(horizon, step + int((self.limit - elapsed) / per_step)), False
 
 
 @dataclass
