@@ -10,7 +10,7 @@
 # stage<k>/final), so a run split over several sessions continues where the last one stopped; UNTIL stops it early.
 #
 # Variables: N (images), SEED (dataset seed, default 0), S0 (CLIP steps; 0 skips the pretraining and trains the tower in stages 1-3 instead),
-# S0_BATCH (CLIP batch), S0_TIME (seconds; CLIP stops there and writes its weights), S1/S2/S3 (optimiser steps per
+# S0_BATCH (CLIP batch), S0_TIME (seconds; the CLIP schedule is fitted into them, --time-limit), S1/S2/S3 (optimiser steps per
 # stage), S3Y/S3F (steps of the two stage-3 passes after it: yes/no-heavy, then final; 0 skips one), WORK, EVAL_LIMIT (records per eval sub-set; 0 skips the evaluation),
 # S3_TIMEOUT (seconds of training per stage-3 pass: its schedule is fitted into them, `osprey train --time-limit`),
 # EXTRA (more `osprey train` options for every stage, e.g. "--set micro_batch_size=4 --set global_batch_size=4"),
