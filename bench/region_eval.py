@@ -8,7 +8,8 @@ Per model, greedy decoding, every question teacher-forced on the ground-truth hi
 - category: the official category prompt per region of `stage2_categories` (exact match after normalisation),
   overall and per category (`category:<name>`);
 - attributes: the short-form questions of `stage3_short_form` by type (object, colour, size, texture, ...);
-- positive/negative: the yes/no questions of `stage3_pos_neg`, with the share answered "yes"
+- positive/negative: the yes/no questions of `stage3_pos_neg`, overall and by what they ask about
+  (`pos_neg:colour`, `pos_neg:position`, `pos_neg:object`, ...), with the share answered "yes"
   (`pos_neg:answered_yes`) beside the share whose truth is yes (`pos_neg:truth_yes`).
 Each accuracy is also given for regions whose box overlaps another region's box (IoU > 0) and for regions that
 share their box with another region (IoU >= 0.9): there the box cannot tell the regions apart, the mask can.
@@ -146,6 +147,7 @@ def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: in
                 if kind == "pos_neg":
                     said = yes_no(answer.raw_text)
                     tally.add("pos_neg", said == yes_no(truth), overlap)
+                    tally.add(f"pos_neg:{qtype}", said == yes_no(truth))  # colour, position, object, ...
                     # the share of questions answered "yes" (and of those whose truth is yes): a model that
                     # guesses shows up here even when its accuracy looks like a half-learned skill
                     tally.add("pos_neg:answered_yes", said == "yes")

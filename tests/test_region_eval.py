@@ -86,4 +86,6 @@ def test_evaluate_runs_the_tiny_model_on_every_sub_set(tiny_pipeline):
     assert result["pos_neg:truth_yes"] == {"accuracy": truths.count("yes") / len(truths), "n": len(truths)}
     assert result["pos_neg:answered_yes"]["n"] == len(truths)
     assert 0 <= result["pos_neg:answered_yes"]["accuracy"] <= 1
+    by_type = {k: v["n"] for k, v in result.items() if k.startswith("pos_neg:") and "_yes" not in k}
+    assert sum(by_type.values()) == len(truths) and "pos_neg:other" not in by_type  # every question has a type
     assert result["category"]["n"] > 0 and any(k.startswith("short_form:") for k in result)
