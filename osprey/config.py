@@ -157,7 +157,7 @@ class OspreyConfig:
     def from_preset(cls, name_or_path: str | Path) -> OspreyConfig:
         """A preset by name (`osprey-7b`, `tiny`, ...) or a JSON file path."""
         path = Path(name_or_path)
-        if not path.suffix == ".json":
+        if path.suffix != ".json":
             path = PRESET_DIR / f"{name_or_path}.json"
         if not path.is_file():
             available = sorted(p.stem for p in PRESET_DIR.glob("*.json"))

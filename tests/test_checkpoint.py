@@ -170,7 +170,7 @@ def test_missing_and_unexpected_keys_are_reported(tiny_model_dir, tmp_path):
 
 
 def test_clip_weights_file_replaces_the_tower(tiny_model_dir, tmp_path):
-    model, tokenizer, _ = load_pretrained(tiny_model_dir)
+    model, _, _ = load_pretrained(tiny_model_dir)
     torch.manual_seed(3)
     other = build_model(model.config)
     clip_file = tmp_path / "open_clip_pytorch_model.bin"
@@ -188,7 +188,7 @@ def test_model_init_cli_writes_a_complete_folder(tmp_path):
     subprocess.run([sys.executable, "-m", "osprey.cli", "model", "init", "--preset", "tiny", "--out", str(out)], check=True,
                    capture_output=True)
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
-    model, _, report = load_pretrained(out)
+    _, _, report = load_pretrained(out)
     assert report.ok
 
 

@@ -1,5 +1,7 @@
 """Config tree: presets load, invalid values raise on construction, derived sizes are right."""
 
+import dataclasses
+
 import pytest
 
 from osprey.config import ExtractorConfig, OspreyConfig, VisionConfig, list_presets
@@ -39,5 +41,5 @@ def test_invalid_configs_raise(build, message):
 
 
 def test_configs_are_frozen():
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         OspreyConfig().name = "x"

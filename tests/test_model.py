@@ -133,8 +133,8 @@ def _batch_with_labels(cfg, trained_rows=(True, True)):
     attention = torch.ones_like(ids)
     attention[1, -1] = 0
     masks = [torch.rand(1, 40, 40) > 0.5, torch.rand(1, 64, 32) > 0.5]
-    return dict(input_ids=ids, attention_mask=attention, pixel_values=torch.randn(2, 3, 128, 128), masks=masks,
-                labels=labels)
+    return {"input_ids": ids, "attention_mask": attention, "pixel_values": torch.randn(2, 3, 128, 128), "masks": masks,
+            "labels": labels}
 
 
 def _grads(model):

@@ -4,6 +4,7 @@ are counted and contribute no loss."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -101,8 +102,8 @@ def changed_parts(before: dict, after: dict) -> tuple[set[str], list[str]]:
 
     changed, unchanged = set(), []
     assert before.keys() == after.keys()
-    for name in before:
-        (changed.add(part_of(name)) if not torch.equal(before[name], after[name]) else unchanged.append(name))
+    for name, tensor in before.items():
+        (changed.add(part_of(name)) if not torch.equal(tensor, after[name]) else unchanged.append(name))
     return changed, [n for n in unchanged if part_of(n) in changed]
 
 
@@ -121,7 +122,7 @@ def test_stage_trains_declared_parts_and_overfits(tiny, tmp_path, stage):
     # Stage 2 moves only the two region tokens, which a random 2-layer LM barely reads: its loss floor is close.
     drop = 0.005 if stage == 2 else 0.2
     assert len(losses) == 12 and losses[-1] < losses[0] - drop, losses
-    assert all(b <= a + 1e-4 for a, b in zip(losses, losses[1:])), losses  # the same batch: (nearly) monotone
+    assert all(b <= a + 1e-4 for a, b in itertools.pairwise(losses)), losses  # the same batch: (nearly) monotone
     load_pretrained(final, strict=True)  # the saved folder is a complete model
     from osprey.checkpoint import read_config
 
@@ -224,7 +225,7 @@ def test_compile_regions_wraps_every_decoder_layer_and_tower_stage(tiny, tmp_pat
 
 def test_part_lr_gives_a_part_its_own_learning_rate(tiny, tmp_path):
     cfg = make_config(tiny[0], tmp_path / "run", 3, optim={"lr": 1e-3, "part_lr": {"mask_extractor": 2e-5}})
-    folder, tokenizer, config = tiny
+    _, tokenizer, config = tiny
     recipe = Recipe(cfg, dataset=RegionDataset(tokenizer, config), collate_fn=collate)
     recipe.setup()
     try:

@@ -3,9 +3,12 @@ probed (logistic regression, a one-layer MLP) from train-split questions to test
 Run: python posneg_probe.py MODEL N_TRAIN_SAMPLES DATA"""
 import sys
 from pathlib import Path
-import numpy as np, torch, re
+
+import numpy as np
+import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.neural_network import MLPClassifier
+
 from osprey.checkpoint import load_pretrained
 from train.config import load_config
 from train.recipe import dataset_from_config
