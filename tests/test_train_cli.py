@@ -236,3 +236,26 @@ def test_builtin_stage3_configs_build_their_mixes_on_a_generated_dataset(tmp_pat
     categories = len(json.loads((FIXTURE / "train/stage2_categories.json").read_text()))
     assert sizes["builtin_stage3_yesno"] == sizes["builtin_stage3"] + 19 * pos_neg
     assert sizes["builtin_stage3_final"] == sizes["builtin_stage3"] + 7 * pos_neg + categories
+
+
+def test_two_ranks_agree_on_the_time_limit(tmp_path):
+    """Two CPU ranks (torchrun, gloo, ZeRO-2) with a time limit: rank 0's clock decides, both ranks shorten the
+    schedule to the same step and the run ends there with final/ written (a disagreement would hang a collective)."""
+    import subprocess
+    import sys
+
+    from train.deepspeed_utils import _free_port
+
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), "-m", "osprey.cli", "train", "--stage", "3", "--config", "tiny_stage3",
+               "--model", "tiny", "--set", f"data.root={FIXTURE}", "--set", "progress=false", "--set", "bf16=false",
+               "--set", "micro_batch_size=2", "--set", "global_batch_size=4", "--set", "save_steps=0",
+               "--max-steps", "500", "--time-limit", "6", "--output", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["step"] == summary["total_steps"] == summary["horizon"] < 500
+    shortened = [line for line in done.stderr.splitlines() if "the schedule now ends at step" in line]
+    assert len(shortened) == 2 and len({line.split("INFO", 1)[1] for line in shortened}) == 1  # one per rank, same
+    assert (out / "final" / "model.safetensors").is_file()
