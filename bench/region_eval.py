@@ -145,13 +145,13 @@ def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: in
                 overlaps.append(flags[refs[-1] - 1] if refs else None)
             for answer, truth, qtype, overlap in zip(pipe.generate(prompts, params), truths, types, overlaps):
                 if kind == "pos_neg":
-                    said = yes_no(answer.raw_text)
-                    tally.add("pos_neg", said == yes_no(truth), overlap)
-                    tally.add(f"pos_neg:{qtype}", said == yes_no(truth))  # colour, position, object, ...
+                    said, expected = yes_no(answer.raw_text), yes_no(truth)
+                    tally.add("pos_neg", said == expected, overlap)
+                    tally.add(f"pos_neg:{qtype}", said == expected)  # colour, position, object, ...
                     # the share of questions answered "yes" (and of those whose truth is yes): a model that
                     # guesses shows up here even when its accuracy looks like a half-learned skill
                     tally.add("pos_neg:answered_yes", said == "yes")
-                    tally.add("pos_neg:truth_yes", yes_no(truth) == "yes")
+                    tally.add("pos_neg:truth_yes", expected == "yes")
                 else:
                     tally.add(f"short_form:{qtype}", normalise(answer.raw_text) == normalise(truth), overlap)
                     if qtype in ("colour", "size", "texture"):

@@ -316,7 +316,7 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
                     "scheduler": scheduler.state_dict(), "step": step, "horizon": horizon}, tmp)
         tmp.replace(checkpoint)
 
-    bar = tqdm(total=cfg.steps, initial=step, desc="clip", unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=horizon, initial=step, desc="clip", unit="step", disable=not cfg.progress, dynamic_ncols=True)
     model.train()
     # One loader for the run (workers persist across epochs; each epoch draws a new order from the generator);
     # a resumed run seeds it from its step, so it draws a fresh order rather than replaying the first epochs.
@@ -362,8 +362,9 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
             if time_box is not None:
                 fitted, out_of_time = time_box.fit(step, horizon)
                 if fitted < horizon and not out_of_time:
-                    logger.info("time limit %.0f s: the schedule now ends at step %d (was %d)", cfg.time_limit,
-                                fitted, horizon)
+                    if horizon == cfg.steps:  # the first shortening (later ones trim a step or two as the pace moves)
+                        logger.info("time limit %.0f s: the schedule now ends at step %d (was %d)", cfg.time_limit,
+                                    fitted, horizon)
                     horizon = bar.total = fitted
             if step % cfg.log_steps == 0 or step == horizon or out_of_time:
                 elapsed = time.perf_counter() - window_start

@@ -269,10 +269,10 @@ class Recipe:
         """Shorten the schedule to the steps that fit the time limit (rank 0's clock decides for all ranks)."""
         horizon, out_of_time = time_box.fit(self.state.step, self.total_steps)
         horizon, out_of_time = dsu.broadcast_from_rank0([horizon, int(out_of_time)], self.device)
-        if out_of_time and self.state.step < self.total_steps:
-            logger.warning("time limit of %.0f s reached at step %d of %d: stopping before the schedule's end",
-                           self.cfg.time_limit, self.state.step, self.total_steps)
         if out_of_time:
+            if self.state.step < self.total_steps:
+                logger.warning("time limit of %.0f s reached at step %d of %d: stopping before the schedule's end",
+                               self.cfg.time_limit, self.state.step, self.total_steps)
             horizon = self.state.step
         if horizon < self.total_steps:
             if not self.state.horizon:
