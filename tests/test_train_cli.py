@@ -174,7 +174,26 @@ def test_clip_pretraining_time_limit_stops_and_writes_the_weights(tmp_path):
                  "--log-steps", "1", "--time-limit", "1e-6", "--no-progress", "--device", "cpu"]) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1]
-    assert any(k.startswith("visual.trunk.") for k in load_file(str(out / "open_clip.safetensors")))
+    first = load_file(str(out / "open_clip.safetensors"))
+    assert any(k.startswith("visual.trunk.") for k in first)
+
+    # --init carries on from those weights (the region level head starts fresh): at lr ~0 they barely move
+    again = tmp_path / "again"
+    common = ["--preset", "tiny", "--steps", "1", "--batch-size", "4", "--warmup-steps", "0", "--num-workers", "0",
+              "--no-progress", "--device", "cpu", "--lr", "1e-12"]
+    assert main(["train", "clip", "--data", str(FIXTURE), "--tokenizer", str(init), "--out", str(again),
+                 "--init", str(out / "open_clip.safetensors"), *common]) == 0
+    carried = load_file(str(again / "open_clip.safetensors"))
+    assert carried.keys() == first.keys()
+    assert all(torch.allclose(carried[k], first[k], atol=1e-6) for k in first)
+    fresh = tmp_path / "fresh"  # another seed: the weights above came from the file, not from the seed's init
+    assert main(["train", "clip", "--data", str(FIXTURE), "--tokenizer", str(init), "--out", str(fresh), *common,
+                 "--seed", "1"]) == 0
+    assert not torch.allclose(load_file(str(fresh / "open_clip.safetensors"))["visual.trunk.stem.0.weight"],
+                              first["visual.trunk.stem.0.weight"])
+    with pytest.raises(SystemExit, match="does not fit this CLIP"):
+        main(["train", "clip", "--data", str(FIXTURE), "--tokenizer", str(init), "--out", str(tmp_path / "bad"),
+              "--init", str(out / "open_clip.safetensors"), *common, "--text-width", "32"])
 
 
 def test_clip_pretraining_refuses_a_dataset_smaller_than_a_batch(tmp_path):

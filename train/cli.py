@@ -76,6 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     clip.add_argument("--time-limit", type=float, default=defaults.time_limit,
                       help="fit the schedule into this many seconds of training and write the weights (0: no "
                            "limit; as `osprey train --time-limit`)")
+    clip.add_argument("--init", metavar="WEIGHTS", help="open_clip weights to start from (an earlier run's "
+                      "open_clip.safetensors; the region level head starts fresh), e.g. to carry on a run whose "
+                      "checkpoint is gone")
     clip.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     clip.add_argument("--no-progress", dest="progress", action="store_false")
     clip.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")

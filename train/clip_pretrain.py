@@ -78,6 +78,9 @@ class ClipPretrainConfig:
     # Seconds of training (0: no limit): the cosine's horizon is fitted to the measured pace (train.schedule.TimeBox),
     # so the rate anneals to its end within the limit; the weights are written after it. For time-boxed machines.
     time_limit: float = 0.0
+    # open_clip weights to start from (an earlier run's open_clip.safetensors), e.g. to carry on a run whose
+    # checkpoint (with its optimizer state) is gone; the region level head is not exported and starts fresh.
+    init: str | None = None
     device: str | None = None  # default: cuda when available
     progress: bool = True
 
@@ -245,6 +248,22 @@ def build_clip(vision_config, vocab_size: int, pad_id: int, eos_id: int, cfg: Cl
     return CLIP(embed_dim=clip_cfg["embed_dim"], vision_cfg=CLIPVisionCfg(**clip_cfg["vision_cfg"]), text_cfg=text_cfg)
 
 
+def load_init_weights(model: torch.nn.Module, path: str) -> None:
+    """Load an exported open_clip weight file into `model`; only the (unexported) region level head may be missing."""
+    from safetensors.torch import load_file
+
+    hint = f"{path} does not fit this CLIP (same preset and text tower sizes?)"
+    try:
+        missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+    except RuntimeError as error:  # shapes differ
+        raise ValueError(f"{hint}: {str(error).splitlines()[1].strip()}") from error
+    missing = [k for k in missing if not k.startswith(f"{LEVEL_HEAD}.")]
+    if missing or unexpected:
+        raise ValueError(f"{hint}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}")
+    logger.info("started from the weights of %s", path)
+
+
 def in_batch_accuracy(image_features: torch.Tensor, text_features: torch.Tensor) -> float:
     """Share of images whose own caption is the most similar one in the batch (and vice versa), averaged."""
     logits = image_features @ text_features.T
@@ -290,6 +309,8 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
         level_head = LevelRegionHead(vision_config.level_channels, open_clip_model_config(vision_config)["embed_dim"])
         level_head = level_head.to(device)
         model.add_module(LEVEL_HEAD, level_head)
+    if cfg.init:
+        load_init_weights(model, cfg.init)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
@@ -325,6 +346,7 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
                         num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
                         pin_memory=device.type == "cuda", collate_fn=collate_pairs)
     time_box = TimeBox(cfg.time_limit, step) if cfg.time_limit > 0 else None
+    fitted_once = horizon != cfg.steps  # a resumed run had its horizon fitted already
     out_of_time = False
     window_start, window_samples, window_regions = time.perf_counter(), 0, 0
     while step < horizon and not out_of_time:
@@ -360,11 +382,12 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
             window_regions += len(region_embeddings)
             bar.update(1)
             if time_box is not None:
-                fitted, out_of_time = time_box.fit(step, horizon)
-                if fitted < horizon and not out_of_time:
-                    if horizon == cfg.steps:  # the first shortening (later ones trim a step or two as the pace moves)
+                fitted, out_of_time = time_box.fit(step, cfg.steps)
+                if fitted != horizon and not out_of_time:
+                    if not fitted_once:  # the first estimate (later ones move it a step or two as the pace settles)
                         logger.info("time limit %.0f s: the schedule now ends at step %d (was %d)", cfg.time_limit,
                                     fitted, horizon)
+                        fitted_once = True
                     horizon = bar.total = fitted
             if step % cfg.log_steps == 0 or step == horizon or out_of_time:
                 elapsed = time.perf_counter() - window_start

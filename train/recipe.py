@@ -165,6 +165,7 @@ class Recipe:
         if self.steps_per_epoch == 0:
             raise ValueError(f"{len(dataset)} samples make no full global batch of {cfg.global_batch_size}")
         self.total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.epochs * self.steps_per_epoch)
+        self.planned_steps = self.total_steps  # `total_steps` is the schedule's horizon: a time limit moves it below this
         logger.info("data: %d samples, %d steps/epoch (global batch %d = %d x %d ranks x %d accumulation), %d steps",
                     len(dataset), self.steps_per_epoch, cfg.global_batch_size, cfg.micro_batch_size, self.world_size,
                     self.accumulation, self.total_steps)
@@ -217,7 +218,8 @@ class Recipe:
         from tqdm import tqdm
 
         cfg, engine = self.cfg, self.engine
-        stop = min(self.total_steps, until_step) if until_step is not None else self.total_steps
+        until = until_step if until_step is not None else math.inf
+        stop = min(self.total_steps, until)
         engine.train()
         if not cfg.train_vision:
             self.model.vision_tower.eval()
@@ -241,7 +243,7 @@ class Recipe:
                 self.state.step += 1
                 record = self._step_record(window, peak)
                 if time_box is not None:
-                    stop = self._fit_to_time(time_box, stop, bar)
+                    stop = min(self._fit_to_time(time_box, bar), until)
                 self.state.losses.append(record["loss"])
                 window = _Window()
                 bar.update(1)
@@ -265,22 +267,22 @@ class Recipe:
                            self.rank, self.state.truncated_samples, self.state.fully_masked_samples)
         return self.state
 
-    def _fit_to_time(self, time_box: TimeBox, stop: int, bar) -> int:
-        """Shorten the schedule to the steps that fit the time limit (rank 0's clock decides for all ranks)."""
-        horizon, out_of_time = time_box.fit(self.state.step, self.total_steps)
+    def _fit_to_time(self, time_box: TimeBox, bar) -> int:
+        """Fit the schedule's horizon to the steps the time limit leaves (rank 0's clock decides for all ranks)."""
+        horizon, out_of_time = time_box.fit(self.state.step, self.planned_steps)
         horizon, out_of_time = dsu.broadcast_from_rank0([horizon, int(out_of_time)], self.device)
         if out_of_time:
             if self.state.step < self.total_steps:
                 logger.warning("time limit of %.0f s reached at step %d of %d: stopping before the schedule's end",
                                self.cfg.time_limit, self.state.step, self.total_steps)
             horizon = self.state.step
-        if horizon < self.total_steps:
+        if horizon != self.total_steps:
             if not self.state.horizon:
                 logger.info("time limit %.0f s: the schedule now ends at step %d (was %d)", self.cfg.time_limit,
                             horizon, self.total_steps)
             self.total_steps = self.state.horizon = horizon
             bar.total = horizon
-        return min(stop, horizon)
+        return horizon
 
     def micro_step(self, batch: dict[str, Any], window: _Window | None = None) -> torch.Tensor:
         """Forward, backward and (at accumulation boundaries) the optimiser step of one micro-batch; returns the

@@ -29,8 +29,12 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int,
 
 class TimeBox:
     """How many optimiser steps fit in `limit` seconds from now on, from the pace measured after a few warm steps
-    (the first steps pay for data-loader start-up and kernel warm-up). The estimate only ever shortens the horizon,
-    and includes the checkpoint saves as they come."""
+    (the first steps pay for data-loader start-up and kernel warm-up), up to the planned number of steps.
+
+    The horizon follows the pace measured so far at every step, in both directions: the first estimate comes while the
+    data loader's workers are still filling and is often pessimistic, and locking it in wastes the time it
+    underestimated (on one H100, a 360 s CLIP run fixed its horizon at 997 steps from its first five measured steps
+    and finished 70 s early). Checkpoint saves are part of the pace as they come."""
 
     WARM_STEPS = 3  # steps not measured
     PACE_STEPS = 5  # steps measured before the first estimate
@@ -40,8 +44,8 @@ class TimeBox:
         self.started = clock()
         self.mark: tuple[int, float] | None = None  # (step, time) where the pace is measured from
 
-    def fit(self, step: int, horizon: int) -> tuple[int, bool]:
-        """(the horizon, shortened to what fits; whether the limit is already reached) after `step`."""
+    def fit(self, step: int, planned: int) -> tuple[int, bool]:
+        """(the horizon: the steps that fit, at most `planned`; whether the limit is already reached) after `step`."""
         now = self.clock()
         elapsed = now - self.started
         if elapsed >= self.limit:
@@ -49,9 +53,9 @@ class TimeBox:
         if self.mark is None:
             if step - self.start_step >= self.WARM_STEPS:
                 self.mark = (step, now)
-            return horizon, False
+            return planned, False
         measured = step - self.mark[0]
         if measured < self.PACE_STEPS:
-            return horizon, False
+            return planned, False
         per_step = (now - self.mark[1]) / measured
-        return min(horizon, step + int((self.limit - elapsed) / per_step)), False
+        return min(planned, step + int((self.limit - elapsed) / per_step)), False
