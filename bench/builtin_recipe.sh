@@ -10,7 +10,9 @@
 # stage<k>/final), so a run split over several sessions continues where the last one stopped; UNTIL stops it early.
 #
 # Variables: N (images), SEED (dataset seed, default 0), S0 (CLIP steps; 0 skips the pretraining and trains the tower in stages 1-3 instead),
-# S0_BATCH (CLIP batch), S0_TIME (seconds; the CLIP schedule is fitted into them, --time-limit), S1/S2/S3 (optimiser steps per
+# S0_BATCH (CLIP batch), S0_TIME (seconds; the CLIP schedule is fitted into them, --time-limit: 2,400 steps take ~650 s on
+# one H100, and a schedule squeezed into much less anneals before the tower has learned; to split it over machines, carry
+# it on with `osprey train clip --init <earlier open_clip.safetensors>`, as built-in version 5 did), S1/S2/S3 (optimiser steps per
 # stage), S3Y/S3F (steps of the two stage-3 passes after it: yes/no-heavy, then final; 0 skips one), WORK, EVAL_LIMIT (records per eval sub-set; 0 skips the evaluation),
 # S3_TIMEOUT (seconds of training per stage-3 pass: its schedule is fitted into them, `osprey train --time-limit`),
 # EXTRA (more `osprey train` options for every stage, e.g. "--set micro_batch_size=4 --set global_batch_size=4"),
@@ -20,7 +22,7 @@
 # CLIP_EXTRA (more `osprey train clip` options, e.g. "--category-weight 2 --region-levels final").
 set -euo pipefail
 VARIANTS=${VARIANTS:-full box nopos res4}
-N=${N:-20000}; SEED=${SEED:-0}; S0=${S0:-2000}; S0_BATCH=${S0_BATCH:-256}; S0_TIME=${S0_TIME:-0}
+N=${N:-20000}; SEED=${SEED:-0}; S0=${S0:-2400}; S0_BATCH=${S0_BATCH:-256}; S0_TIME=${S0_TIME:-0}
 S1=${S1:-300}; S2=${S2:-500}; S3=${S3:-1500}; S3Y=${S3Y:-900}; S3F=${S3F:-1400}; EVAL_LIMIT=${EVAL_LIMIT:-100}
 WORK=${WORK:-runs/builtin_recipe}; DATA=$WORK/data
 S3_TIMEOUT=${S3_TIMEOUT:-0}; UNTIL=${UNTIL:-}
