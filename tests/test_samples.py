@@ -259,6 +259,14 @@ def test_lengths_estimate_tracks_token_counts(dataset):
     assert (np.abs(estimates - actual) < 0.5 * actual).all()
 
 
+def test_lengths_estimated_in_worker_processes_are_the_same(dataset, monkeypatch):
+    import osprey.data.dataset as module
+
+    monkeypatch.setattr(module, "_LENGTH_CHUNK", 7)  # several chunks on the fixture, the last one short
+    assert len(dataset) > 3 * 7 and len(dataset) % 7
+    assert dataset.estimate_lengths(workers=2) == dataset.estimate_lengths() == dataset.lengths
+
+
 def test_task_prompt_samples_use_the_exact_inference_prompt():
     import numpy as np
 

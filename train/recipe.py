@@ -524,7 +524,7 @@ def dataset_from_config(cfg: TrainConfig, tokenizer, model_config):
                             image_token_id=model_config.image_token_id, max_regions=data.max_regions,
                             template=data.template)
     logger.info("data: %s", ", ".join(f"{s.path.name} ({s.kind})" for s in specs))
-    lengths = dataset.lengths
+    lengths = dataset.estimate_lengths(workers=data.num_workers)  # the loader's workers, before they are started
     if data.drop_fully_masked:
         bad = set(count_fully_masked(dataset))
         keep = [i for i in range(len(dataset)) if i not in bad]

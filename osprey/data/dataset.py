@@ -203,20 +203,53 @@ class RegionDataset(Dataset):
             self._lengths = self.estimate_lengths()
         return self._lengths
 
-    def estimate_lengths(self, chars_per_token: float = 4.0) -> list[int]:
+    def estimate_lengths(self, chars_per_token: float = 4.0, workers: int = 0) -> list[int]:
         """Image slots + 2 per region + text characters / chars_per_token, per item (capped at max_length);
-        reads neither images nor masks and does not tokenize (~0.2 ms per item: JSON + schema + builder)."""
-        overhead = len(TEMPLATES[self.template].render([("human", ""), ("gpt", "")]))
-        out = []
-        for index in range(len(self)):
-            sample = self.sample(index)
-            text_chars = sum(len(t) for _, t in sample.messages) + overhead * (len(sample.messages) // 2)
-            regions = sample.num_mask_tokens
-            images = sum(t.count(IMAGE_PLACEHOLDER) for _, t in sample.messages)
-            text_chars -= regions * len(REGION_PLACEHOLDER) + images * len(IMAGE_PLACEHOLDER)
-            estimate = images * self.num_image_tokens + 2 * regions + math.ceil(text_chars / chars_per_token)
-            out.append(estimate if self.max_length is None else min(estimate, self.max_length))
-        return out
+        reads neither images nor masks and does not tokenize (~0.15 ms per item: JSON + schema + builder).
+
+        `workers` > 0 spreads the items over that many DataLoader worker processes, as training reads them: a mix
+        of 315,000 samples (the built-in model's last stage-3 pass) takes ~35 s in one process on a GPU machine,
+        time its device calls did not train in. The result is the same either way.
+        """
+        if workers > 0 and len(self) > _LENGTH_CHUNK:
+            from torch.utils.data import DataLoader
+
+            chunks = _LengthChunks(self, chars_per_token)
+            loader = DataLoader(chunks, batch_size=None, num_workers=min(workers, len(chunks)))
+            return [n for chunk in loader for n in chunk]
+        overhead = self._template_overhead()
+        return [self._estimate_length(index, chars_per_token, overhead) for index in range(len(self))]
+
+    def _template_overhead(self) -> int:
+        return len(TEMPLATES[self.template].render([("human", ""), ("gpt", "")]))
+
+    def _estimate_length(self, index: int, chars_per_token: float, overhead: int) -> int:
+        sample = self.sample(index)
+        text_chars = sum(len(t) for _, t in sample.messages) + overhead * (len(sample.messages) // 2)
+        regions = sample.num_mask_tokens
+        images = sum(t.count(IMAGE_PLACEHOLDER) for _, t in sample.messages)
+        text_chars -= regions * len(REGION_PLACEHOLDER) + images * len(IMAGE_PLACEHOLDER)
+        estimate = images * self.num_image_tokens + 2 * regions + math.ceil(text_chars / chars_per_token)
+        return estimate if self.max_length is None else min(estimate, self.max_length)
+
+
+_LENGTH_CHUNK = 4096  # items per worker task when the length estimate runs in parallel
+
+
+class _LengthChunks(Dataset):
+    """Chunk k: the length estimates of items [k * _LENGTH_CHUNK, (k + 1) * _LENGTH_CHUNK) of a RegionDataset."""
+
+    def __init__(self, dataset: RegionDataset, chars_per_token: float) -> None:
+        self.dataset, self.chars_per_token = dataset, chars_per_token
+
+    def __len__(self) -> int:
+        return -(-len(self.dataset) // _LENGTH_CHUNK)
+
+    def __getitem__(self, chunk: int) -> list[int]:
+        start = chunk * _LENGTH_CHUNK
+        overhead = self.dataset._template_overhead()
+        return [self.dataset._estimate_length(index, self.chars_per_token, overhead)
+                for index in range(start, min(start + _LENGTH_CHUNK, len(self.dataset)))]
 
 
 class PackedMasks(Sequence[torch.Tensor]):
