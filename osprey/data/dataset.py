@@ -243,7 +243,7 @@ class _LengthChunks(Dataset):
         self.dataset, self.chars_per_token = dataset, chars_per_token
 
     def __len__(self) -> int:
-        return -(-len(self.dataset) // _LENGTH_CHUNK)
+        return math.ceil(len(self.dataset) / _LENGTH_CHUNK)
 
     def __getitem__(self, chunk: int) -> list[int]:
         start = chunk * _LENGTH_CHUNK
