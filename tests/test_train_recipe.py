@@ -272,13 +272,13 @@ def test_time_box_fits_the_horizon_to_the_measured_pace():
     clock = SteppingClock(0.0)
     box = TimeBox(20.0, start_step=100, clock=clock)  # resumed at step 100: 20 s from now
     clock.tick = 2.0  # warm steps: slow, not measured
-    assert [box.fit(step, 500) for step in (101, 102, 103)] == [(500, False)] * 3
+    assert [box.fit(step, 300, 500) for step in (101, 102, 103)] == [(300, False)] * 3  # unchanged until measured
     clock.tick = 1.0  # from step 103 (t = 6): 1 s a step
-    assert [box.fit(step, 500) for step in range(104, 108)] == [(500, False)] * 4  # not yet PACE_STEPS measured
-    assert box.fit(108, 500) == (108 + 20 - 11, False)  # t = 11: 9 s left at 1 s/step
-    assert box.fit(109, 110) == (110, False)  # t = 12: 8 s left, more than fit before the planned 110 steps
+    assert [box.fit(step, 300, 500) for step in range(104, 108)] == [(300, False)] * 4  # not yet PACE_STEPS measured
+    assert box.fit(108, 300, 500) == (108 + 20 - 11, False)  # t = 11: 9 s left at 1 s/step
+    assert box.fit(109, 117, 110) == (110, False)  # t = 12: 8 s left, more than fit before the planned 110 steps
     clock.tick = 10.0
-    assert box.fit(110, 117) == (110, True)  # t = 22 > 20: out of time
+    assert box.fit(110, 110, 117) == (110, True)  # t = 22 > 20: out of time
 
 
 def test_time_box_corrects_a_pessimistic_first_estimate():
@@ -288,15 +288,15 @@ def test_time_box_corrects_a_pessimistic_first_estimate():
     clock = SteppingClock(0.0)
     box = TimeBox(100.0, start_step=0, clock=clock)
     clock.tick = 4.0  # t = 4, 8, 12: warm steps
-    assert [box.fit(step, 1000) for step in (1, 2, 3)] == [(1000, False)] * 3
+    assert [box.fit(step, 1000, 1000) for step in (1, 2, 3)] == [(1000, False)] * 3
     for step in range(4, 8):
-        box.fit(step, 1000)
-    horizon, _ = box.fit(8, 1000)  # t = 32: 4 s a step, 68 s left
+        box.fit(step, 1000, 1000)
+    horizon, _ = box.fit(8, 1000, 1000)  # t = 32: 4 s a step, 68 s left
     assert horizon == 8 + 17
     clock.tick = 0.5  # the workers are warm: steps are 8 times faster
-    horizons = [box.fit(step, 1000)[0] for step in range(9, 60)]
+    horizons = [box.fit(step, horizon, 1000)[0] for step in range(9, 60)]
     assert horizons[-1] > 3 * horizon  # the horizon follows the faster pace up
-    assert box.fit(60, 100) == (100, False)  # never past the planned steps (112 fit)
+    assert box.fit(60, horizons[-1], 100) == (100, False)  # never past the planned steps (112 fit)
 
 
 def test_time_limit_ends_the_schedule_within_it_and_a_resume_keeps_it(tiny, tmp_path):

@@ -382,7 +382,7 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
             window_regions += len(region_embeddings)
             bar.update(1)
             if time_box is not None:
-                fitted, out_of_time = time_box.fit(step, cfg.steps)
+                fitted, out_of_time = time_box.fit(step, horizon, cfg.steps)
                 if fitted != horizon and not out_of_time:
                     if not fitted_once:  # the first estimate (later ones move it a step or two as the pace settles)
                         logger.info("time limit %.0f s: the schedule now ends at step %d (was %d)", cfg.time_limit,

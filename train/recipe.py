@@ -269,7 +269,7 @@ class Recipe:
 
     def _fit_to_time(self, time_box: TimeBox, bar) -> int:
         """Fit the schedule's horizon to the steps the time limit leaves (rank 0's clock decides for all ranks)."""
-        horizon, out_of_time = time_box.fit(self.state.step, self.planned_steps)
+        horizon, out_of_time = time_box.fit(self.state.step, self.total_steps, self.planned_steps)
         horizon, out_of_time = dsu.broadcast_from_rank0([horizon, int(out_of_time)], self.device)
         if out_of_time:
             if self.state.step < self.total_steps:

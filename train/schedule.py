@@ -44,8 +44,9 @@ class TimeBox:
         self.started = clock()
         self.mark: tuple[int, float] | None = None  # (step, time) where the pace is measured from
 
-    def fit(self, step: int, planned: int) -> tuple[int, bool]:
-        """(the horizon: the steps that fit, at most `planned`; whether the limit is already reached) after `step`."""
+    def fit(self, step: int, horizon: int, planned: int) -> tuple[int, bool]:
+        """(the horizon: the steps that fit, at most `planned`, or `horizon` as it is until the pace is measured;
+        whether the limit is already reached) after `step`."""
         now = self.clock()
         elapsed = now - self.started
         if elapsed >= self.limit:
@@ -53,9 +54,9 @@ class TimeBox:
         if self.mark is None:
             if step - self.start_step >= self.WARM_STEPS:
                 self.mark = (step, now)
-            return planned, False
+            return horizon, False
         measured = step - self.mark[0]
         if measured < self.PACE_STEPS:
-            return planned, False
+            return horizon, False
         per_step = (now - self.mark[1]) / measured
         return min(planned, step + int((self.limit - elapsed) / per_step)), False
