@@ -259,6 +259,27 @@ def test_lengths_estimate_tracks_token_counts(dataset):
     assert (np.abs(estimates - actual) < 0.5 * actual).all()
 
 
+def test_a_repeated_record_file_is_read_once_and_its_items_repeat(model_and_tokenizer):
+    """A mix that lists a sub-set three times (`repeat: 3`) and reads another file as a second kind holds each
+    item as often, from the same bytes: the index does not grow with the repeats."""
+    from dataclasses import replace
+
+    model, tokenizer = model_and_tokenizer
+    specs = manifest_subsets(FIXTURE, "train", names=["stage3_pos_neg", "stage2_categories"])
+    pos_neg, categories = sorted(specs, key=lambda s: s.stage, reverse=True)
+    once = RegionDataset([pos_neg, categories], tokenizer, model.config.vision, max_length=1024)
+    mixed = [pos_neg] * 3 + [categories, replace(categories, kind="referring")]
+    repeated = RegionDataset(mixed, tokenizer, model.config.vision, max_length=1024)
+    n_pos_neg = len(once) - len(RegionDataset([categories], tokenizer, model.config.vision))
+    assert len(repeated) == 3 * n_pos_neg + 2 * (len(once) - n_pos_neg)
+    assert repeated._blob.nbytes == once._blob.nbytes
+    for copy in range(3):
+        assert [repeated.record(copy * n_pos_neg + i) for i in range(n_pos_neg)] == \
+            [once.record(i) for i in range(n_pos_neg)]
+    assert repeated.subset(len(repeated) - 1).kind == "referring"
+    assert repeated.record(len(repeated) - 1) == once.record(len(once) - 1)
+
+
 def test_lengths_estimated_in_worker_processes_are_the_same(dataset, monkeypatch):
     import osprey.data.dataset as module
 

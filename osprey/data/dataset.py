@@ -120,21 +120,34 @@ class RegionDataset(Dataset):
         self.epoch = 0
         self.image_token_id = image_token_id
         self.num_image_tokens = vision.num_image_tokens
-        # Records are kept as JSON bytes in one array (+ offsets), not as Python dicts: far less memory, and
-        # DataLoader workers forked from this process do not copy it page by page through reference counting.
+        # Records are kept as JSON bytes in one array (+ start/end offsets), not as Python dicts: far less memory,
+        # and DataLoader workers forked from this process do not copy it page by page through reference counting.
+        # A file listed again (a sub-set repeated in a mix, or read as another kind) is read once: its items point
+        # at the same bytes.
         blob = bytearray()
-        offsets, subset_of = [0], []
+        starts: list[int] = []
+        ends: list[int] = []
+        subset_of: list[int] = []
+        read: dict[tuple[Path, bool], tuple[list[int], list[int]]] = {}
         skipped = 0
         for subset_index, spec in enumerate(self.subsets):
-            for _, obj in iter_json_items(spec.path):
-                if spec.stage == 3 and len(obj.get("annotation", ())) > max_regions:
-                    skipped += 1
-                    continue
-                blob += json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
-                offsets.append(len(blob))
-                subset_of.append(subset_index)
+            key = (Path(spec.path).resolve(), spec.stage == 3)
+            if key not in read:
+                file_starts, file_ends = [], []
+                for _, obj in iter_json_items(spec.path):
+                    if spec.stage == 3 and len(obj.get("annotation", ())) > max_regions:
+                        skipped += 1
+                        continue
+                    file_starts.append(len(blob))
+                    blob += json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+                    file_ends.append(len(blob))
+                read[key] = (file_starts, file_ends)
+            starts += read[key][0]
+            ends += read[key][1]
+            subset_of += [subset_index] * len(read[key][0])
         self._blob = np.frombuffer(blob, dtype=np.uint8)
-        self._offsets = np.asarray(offsets, dtype=np.int64)
+        self._starts = np.asarray(starts, dtype=np.int64)
+        self._ends = np.asarray(ends, dtype=np.int64)
         self._subset_of = np.asarray(subset_of, dtype=np.int32)
         if skipped:
             logger.info("skipped %d stage-3 records with more than %d regions", skipped, max_regions)
@@ -152,7 +165,7 @@ class RegionDataset(Dataset):
         """The raw record (JSON object) of item `index`."""
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for a dataset of {len(self)} items")
-        return json.loads(self._blob[self._offsets[index]:self._offsets[index + 1]].tobytes())
+        return json.loads(self._blob[self._starts[index]:self._ends[index]].tobytes())
 
     def set_epoch(self, epoch: int) -> None:
         """Reseed the per-sample randomness (stage-2 region order, question choice) for a new epoch."""
