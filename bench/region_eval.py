@@ -6,7 +6,7 @@ for a box: the paper's kind of ablation (mask vs box, with/without position toke
 
 Per model, greedy decoding, every question teacher-forced on the ground-truth history:
 - category: the official category prompt per region of `stage2_categories` (exact match after normalisation),
-  overall and per category (`category:<name>`);
+  overall, per category (`category:<name>`) and by the region's visible area (`category:area<500`, ...);
 - attributes: the short-form questions of `stage3_short_form` by type (object, colour, size, texture, ...);
 - positive/negative: the yes/no questions of `stage3_pos_neg`, overall and by what they ask about
   (`pos_neg:colour`, `pos_neg:position`, `pos_neg:object`, ...), with the share answered "yes"
@@ -73,6 +73,15 @@ def overlap_flags(record) -> list[tuple[bool, bool]]:
     return out
 
 
+AREA_BUCKETS = (500, 2000)  # region pixels (visible mask): under ~22 x 22, up to ~45 x 45, larger
+
+
+def area_bucket(pixels: int) -> str:
+    """'area<500', 'area500-2000' or 'area>=2000' (with AREA_BUCKETS): where small regions lose their category."""
+    low, high = AREA_BUCKETS
+    return f"area<{low}" if pixels < low else f"area{low}-{high}" if pixels < high else f"area>={high}"
+
+
 class Tally:
     def __init__(self) -> None:
         self.hits: dict[str, list[int]] = defaultdict(lambda: [0, 0])
@@ -121,11 +130,14 @@ def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: in
     tally = Tally()
     rng = np.random.default_rng(0)
     for record in tqdm(list(split_records(data, split, "stage2_categories", limit)), desc="category", leave=False):
-        answers = pipe.describe(data / record.file_name, record_masks(record), task="category", params=params)
-        labels = [normalise(label) for _, label in region_descriptions(record)]  # category_scores' order
-        for (correct, flags), label in zip(category_scores(record, [answer.text for answer in answers]), labels):
+        masks = record_masks(record)
+        answers = pipe.describe(data / record.file_name, masks, task="category", params=params)
+        areas = masks.sum(axis=(1, 2))
+        entries = region_descriptions(record)  # category_scores' order
+        for (correct, flags), (k, label) in zip(category_scores(record, [answer.text for answer in answers]), entries):
             tally.add("category", correct, flags)
-            tally.add(f"category:{label}", correct)  # which categories are missed
+            tally.add(f"category:{normalise(label)}", correct)  # which categories are missed
+            tally.add(f"category:{area_bucket(int(areas[k - 1]))}", correct)  # and how small they are
     for name, kind in (("stage3_short_form", "short_form"), ("stage3_pos_neg", "pos_neg")):
         for record in tqdm(list(split_records(data, split, name, limit)), desc=kind, leave=False):
             sample = build_sample(record, 3, kind, data, rng)

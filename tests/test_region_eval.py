@@ -1,13 +1,14 @@
 """`bench.region_eval`: category labels bind to their region by `<regionK>`, not by list position."""
 
 import json
+from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from bench.region_eval import category_scores, evaluate, yes_no
+from bench.region_eval import area_bucket, category_scores, evaluate, yes_no
 from osprey.data.records import parse_record, record_masks
 
 
@@ -66,11 +67,20 @@ def test_evaluate_scores_categories_by_region(tmp_path):
     result = evaluate(pipe, data, "test", limit=None, max_new_tokens=4)
     assert result["category"] == {"accuracy": 1.0, "n": 3}
     assert result["category@overlap"] == {"accuracy": 1.0, "n": 2}
-    assert {k: v["n"] for k, v in result.items() if k.startswith("category:")} == {"category:cat": 1, "category:star": 1,
-                                                                                  "category:dog": 1}
-    pipe.by_area[areas[0]] = "cat"  # region 1 (a dog) called a cat: only the dog's row loses
+    by_name = {k: v["n"] for k, v in result.items() if k.startswith("category:") and ":area" not in k}
+    assert by_name == {"category:cat": 1, "category:star": 1, "category:dog": 1}
+    by_area = {k: v["n"] for k, v in result.items() if k.startswith("category:area")}
+    assert by_area == dict(Counter(f"category:{area_bucket(a)}" for a in areas))
+    pipe.by_area[areas[0]] = "cat"  # region 1 (a dog) called a cat: only the dog's row loses, and its area's
     result = evaluate(pipe, data, "test", limit=None, max_new_tokens=4)
     assert result["category:dog"]["accuracy"] == 0.0 and result["category:cat"]["accuracy"] == 1.0
+    dog_bucket = f"category:{area_bucket(areas[0])}"
+    assert result[dog_bucket]["accuracy"] == pytest.approx(1 - 1 / by_area[dog_bucket])
+
+
+def test_area_buckets():
+    assert [area_bucket(a) for a in (0, 499, 500, 1999, 2000, 65536)] == \
+        ["area<500", "area<500", "area500-2000", "area500-2000", "area>=2000", "area>=2000"]
 
 
 def test_evaluate_runs_the_tiny_model_on_every_sub_set(tiny_pipeline):
