@@ -256,7 +256,8 @@ def load_init_weights(model: torch.nn.Module, path: str) -> None:
     try:
         missing, unexpected = model.load_state_dict(load_file(path), strict=False)
     except RuntimeError as error:  # shapes differ
-        raise ValueError(f"{hint}: {str(error).splitlines()[1].strip()}") from error
+        lines = str(error).splitlines()  # "Error(s) in loading state_dict for CLIP:", then one line per tensor
+        raise ValueError(f"{hint}: {(lines[1:] or lines)[0].strip()}") from error
     missing = [k for k in missing if not k.startswith(f"{LEVEL_HEAD}.")]
     if missing or unexpected:
         raise ValueError(f"{hint}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
@@ -315,7 +316,7 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    horizon = cfg.steps  # the schedule's last step; `time_limit` may shorten it
+    horizon = cfg.steps  # the schedule's last step; `time_limit` fits it to the pace (at most `steps`)
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, lambda: horizon)
     step = 0
     if resume and checkpoint.exists():

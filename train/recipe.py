@@ -58,7 +58,7 @@ class TrainerState:
     truncated_samples: int = 0  # this rank
     fully_masked_samples: int = 0  # this rank: no trained token, contributed no loss
     losses: list[float] = field(default_factory=list)  # per-step mean loss (all ranks)
-    horizon: int = 0  # the schedule's last step where `time_limit` shortened it (0: from max_steps / epochs)
+    horizon: int = 0  # the schedule's last step as `time_limit` fitted it (0: none; max_steps / epochs)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -204,7 +204,7 @@ class Recipe:
         warmup = math.ceil(optim.warmup_ratio * self.total_steps)
 
         def schedule(base_optimizer):  # DeepSpeed calls this with the optimizer it steps (also its own Adam)
-            return cosine_schedule(base_optimizer, warmup, lambda: self.total_steps)  # time_limit may shorten it
+            return cosine_schedule(base_optimizer, warmup, lambda: self.total_steps)  # time_limit may move it
 
         engine, optimizer, scheduler = dsu.initialize(self.model, optimizer, schedule, ds_config, param_groups=groups)
         self.engine, self.optimizer, self.scheduler = engine, optimizer, scheduler
@@ -400,7 +400,7 @@ class Recipe:
         dsu.load_engine(self.engine, folder)
         state.pop("world_size")
         self.state = TrainerState(**state)
-        if self.state.horizon:  # a time limit had shortened the schedule: keep its shape
+        if self.state.horizon:  # a time limit had fitted the schedule: keep its shape
             self.total_steps = self.state.horizon
         rng_file = folder / f"rng-rank{self.rank}.pt"
         _set_rng_state(torch.load(rng_file, weights_only=False))

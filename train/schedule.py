@@ -1,7 +1,8 @@
 """The learning-rate schedule both training loops use, and the time box that fits it into a time limit.
 
 A run on a time-boxed machine should end annealed, not cut mid-schedule: `TimeBox` measures the pace after a few warm
-steps and shortens the cosine's horizon to the steps that fit, so the rate still reaches its end in time.
+steps and sets the cosine's horizon to the steps that fit (at most the planned ones), re-estimated every step, so
+the rate still reaches its end in time.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
 
 def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int,
                     horizon: Callable[[], int]) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up then cosine to 0 at `horizon()`, read at every step (a time limit may shorten it)."""
+    """Linear warm-up then cosine to 0 at `horizon()`, read at every step (a time limit may move it)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: cosine_with_warmup(step, warmup, horizon()))
 
 
