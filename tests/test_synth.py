@@ -64,6 +64,27 @@ def test_layout_and_manifest_counts(generated):
     assert sum(len(v) for v in ids.values()) == 10
 
 
+def test_extra_train_images_keep_val_and_test_as_they_were(generated, tmp_path):
+    """--extra-train: images 10..13 join train; val and test (files and images) and the first 10 images are byte for
+    byte those of the 10-image dataset of the same seed, so models trained on either meet the same held-out set."""
+    base = generated[0]
+    config = SynthConfig(out=str(tmp_path / "more"), n=10, seed=3, image_size=128, val_fraction=0.2,
+                         test_fraction=0.2, extra_train=4)
+    manifest = generate(config, workers=1, progress=False)
+    assert manifest["images"] == {"train": 10, "val": 2, "test": 2}
+    assert manifest["config"]["extra_train"] == 4
+    assert "extra_train" not in json.loads((base / "manifest.json").read_text())["config"]  # unchanged without it
+    more, before = _tree_bytes(tmp_path / "more"), _tree_bytes(base)
+    for split in ("val", "test"):
+        for subset in SUBSETS:
+            assert more[f"{split}/{subset}.json"] == before[f"{split}/{subset}.json"]
+    assert all(more[name] == data for name, data in before.items() if name.startswith("images/"))
+    train_ids = [r["id"] for r in json.loads(more["train/stage1_captions.json"])]
+    assert train_ids == [r["id"] for r in json.loads(before["train/stage1_captions.json"])] + [10, 11, 12, 13]
+    with pytest.raises(ValueError, match="extra_train"):
+        SynthConfig(out=str(tmp_path / "bad"), n=10, extra_train=-1)
+
+
 def test_split_assignment_is_exact_and_seeded():
     splits = split_assignment(100, seed=1, val_fraction=0.1, test_fraction=0.2)
     assert (splits.count("train"), splits.count("val"), splits.count("test")) == (70, 10, 20)
@@ -158,7 +179,7 @@ def test_images_are_small_pngs_of_the_configured_size(generated):
 def test_bad_config_names_the_value():
     with pytest.raises(ValueError, match="image_size"):
         SynthConfig(out="x", n=1, image_size=100)
-    with pytest.raises(ValueError, match="n must be"):
+    with pytest.raises(ValueError, match="need n >= 1"):
         SynthConfig(out="x", n=0)
 
 

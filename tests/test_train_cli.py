@@ -278,3 +278,55 @@ def test_two_ranks_agree_on_the_time_limit(tmp_path):
     shortened = [line for line in done.stderr.splitlines() if "the schedule now ends at step" in line]
     assert len(shortened) == 2 and len({line.split("INFO", 1)[1] for line in shortened}) == 1  # one per rank, same
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def _clip_metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_clip_pretraining_on_two_ranks_takes_the_same_steps_as_one_process(tmp_path):
+    """torchrun, two CPU ranks (gloo) of 2 images each against one process of 4: the same images per step (each rank
+    takes its share of one order), the image-caption loss over the gathered batch and averaged gradients give the
+    same losses, gradient norms and weights. Then both ranks with the region losses on and a time limit: rank 0's
+    clock decides, so both stop at the same step (a disagreement would hang a collective) and the weights are written."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from train.deepspeed_utils import _free_port
+
+    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+    common = ["train", "clip", "--data", str(FIXTURE), "--tokenizer", str(init), "--preset", "tiny",
+              "--batch-size", "4", "--warmup-steps", "0", "--lr", "1e-3", "--num-workers", "0", "--log-steps", "1",
+              "--save-steps", "0", "--no-progress", "--device", "cpu"]
+    without_regions = ["--steps", "3", "--region-weight", "0", "--category-weight", "0"]
+    assert main([*common, *without_regions, "--out", str(tmp_path / "one")]) == 0
+
+    def torchrun(*args: str) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(_free_port()), "-m", "osprey.cli", *common, *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+
+    done = torchrun(*without_regions, "--out", str(tmp_path / "two"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = _clip_metrics(tmp_path / "one"), _clip_metrics(tmp_path / "two")
+    assert [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+        assert b["samples_per_s"] > 0
+    weights_one = load_file(str(tmp_path / "one" / "open_clip.safetensors"))
+    weights_two = load_file(str(tmp_path / "two" / "open_clip.safetensors"))
+    assert weights_one.keys() == weights_two.keys()
+    for name, tensor in weights_one.items():
+        torch.testing.assert_close(weights_two[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+
+    done = torchrun("--steps", "500", "--time-limit", "4", "--out", str(tmp_path / "regions"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = _clip_metrics(tmp_path / "regions")
+    assert 1 <= records[-1]["step"] < 500 and records[-1]["region_loss"] is not None
+    assert (tmp_path / "regions" / "open_clip.safetensors").is_file()
+    assert not (tmp_path / "regions" / "checkpoint.pt").exists()
+    done = torchrun("--steps", "1", "--batch-size", "3", "--out", str(tmp_path / "odd"))
+    assert done.returncode != 0 and "--batch-size 3 does not split over 2 processes" in done.stderr

@@ -29,6 +29,9 @@ def register(data_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-objects", type=int, default=6, help="most objects per image (default 6)")
     parser.add_argument("--val-fraction", type=float, default=0.05, help="fraction of images in val (default 0.05)")
     parser.add_argument("--test-fraction", type=float, default=0.05, help="fraction of images in test (default 0.05)")
+    parser.add_argument("--extra-train", type=int, default=0, metavar="M",
+                        help="M more images, all in train, after the --n images' split: a larger training set with "
+                             "the same val and test as the --n-image dataset of this seed (default 0)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_cmd_synth)
 
@@ -39,6 +42,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     config = SynthConfig(
         out=args.out, n=args.n, seed=args.seed, image_size=args.image_size, image_format=args.image_format,
         max_objects=args.max_objects, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+        extra_train=args.extra_train,
     )
     manifest = generate(config, workers=max(1, args.workers), progress=not args.no_progress)
     for subset, info in manifest["subsets"].items():

@@ -48,12 +48,20 @@ class SynthConfig:
     max_objects: int = 6
     val_fraction: float = 0.05
     test_fraction: float = 0.05
+    # Images n .. n + extra_train - 1, all in train: a larger training set whose val and test images and records are
+    # exactly those of the n-image dataset of the same seed (the split is drawn over the first n only), so models
+    # trained on either are measured on the same held-out images.
+    extra_train: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.n + self.extra_train
 
     def __post_init__(self) -> None:
         for name in ("val_fraction", "test_fraction"):  # 0 and 0.0 must write the same manifest
             object.__setattr__(self, name, float(getattr(self, name)))
-        if self.n < 1:
-            raise ValueError(f"n must be >= 1, got {self.n}")
+        if self.n < 1 or self.extra_train < 0:
+            raise ValueError(f"need n >= 1 and extra_train >= 0, got {self.n} and {self.extra_train}")
         if self.image_size < 64 or self.image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32 and >= 64, got {self.image_size}")
         if self.image_format not in ("png", "jpg"):
@@ -62,8 +70,9 @@ class SynthConfig:
             raise ValueError(f"bad split fractions val={self.val_fraction} test={self.test_fraction}")
 
     def manifest_config(self) -> dict[str, Any]:
-        """The settings that decide the data (everything but the output folder), as the manifest records them."""
-        return {k: v for k, v in asdict(self).items() if k != "out"}
+        """The settings that decide the data (everything but the output folder), as the manifest records them
+        (extra_train only where set, so the manifests of datasets without it are as they were)."""
+        return {k: v for k, v in asdict(self).items() if k != "out" and not (k == "extra_train" and not v)}
 
 
 def split_assignment(n: int, seed: int, val_fraction: float, test_fraction: float) -> list[str]:
@@ -152,6 +161,7 @@ def generate(config: SynthConfig, workers: int = 1, progress: bool = True) -> di
     out = Path(config.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     splits = split_assignment(config.n, config.seed, config.val_fraction, config.test_fraction)
+    splits += ["train"] * config.extra_train
     writers = {(split, subset): _ListWriter(out / split / f"{subset}.json") for split in SPLITS for subset in SUBSETS}
     objects, parts, same_box = Counter(), Counter(), 0
     words: dict[str, list[int]] = {subset: [] for subset in SUBSETS}
@@ -161,11 +171,12 @@ def generate(config: SynthConfig, workers: int = 1, progress: bool = True) -> di
         with ExitStack() as stack:
             if workers > 1:
                 pool = stack.enter_context(multiprocessing.Pool(workers))
-                chunk = max(1, min(64, config.n // (8 * workers)))
-                results = pool.imap(work, range(config.n), chunksize=chunk)  # ordered: output independent of workers
+                chunk = max(1, min(64, config.total // (8 * workers)))
+                results = pool.imap(work, range(config.total), chunksize=chunk)  # ordered: independent of workers
             else:
-                results = map(work, range(config.n))
-            for index, lines, stats in tqdm(results, total=config.n, desc="synth", unit="img", disable=not progress):
+                results = map(work, range(config.total))
+            for index, lines, stats in tqdm(results, total=config.total, desc="synth", unit="img",
+                                            disable=not progress):
                 for subset, line in lines.items():
                     writers[(splits[index], subset)].write(line)
                 objects[stats["objects"]] += 1
@@ -180,8 +191,8 @@ def generate(config: SynthConfig, workers: int = 1, progress: bool = True) -> di
     for writer in writers.values():
         writer.close()
     elapsed = time.perf_counter() - start
-    logger.info("generated %d images in %.1f s (%.1f images/s, %d workers)", config.n, elapsed,
-                config.n / elapsed, workers)
+    logger.info("generated %d images in %.1f s (%.1f images/s, %d workers)", config.total, elapsed,
+                config.total / elapsed, workers)
 
     manifest = {
         "version": MANIFEST_VERSION,
