@@ -9,7 +9,8 @@
 # Every step is skipped when its output already exists in WORK (the dataset, init, clip, each variant's
 # stage<k>/final), so a run split over several sessions continues where the last one stopped; UNTIL stops it early.
 #
-# Variables: N (images), SEED (dataset seed, default 0), S0 (CLIP steps; 0 skips the pretraining and trains the tower in stages 1-3 instead),
+# Variables: N (images), EXTRA_TRAIN (more training images on top, `osprey data synth --extra-train`: val and test stay
+# those of N; built-in version 6 trained on N=20000 EXTRA_TRAIN=40000), SEED (dataset seed, default 0), S0 (CLIP steps; 0 skips the pretraining and trains the tower in stages 1-3 instead),
 # S0_BATCH (CLIP batch), S0_TIME (seconds; the CLIP schedule is fitted into them, --time-limit: 2,400 steps take ~650 s on
 # one H100, and a schedule squeezed into much less anneals before the tower has learned; to split it over machines, carry
 # it on with `osprey train clip --init <earlier open_clip.safetensors>`, as built-in version 5 did), S1/S2/S3 (optimiser steps per
@@ -22,7 +23,7 @@
 # CLIP_EXTRA (more `osprey train clip` options, e.g. "--category-weight 2 --region-levels final").
 set -euo pipefail
 VARIANTS=${VARIANTS:-full box nopos res4}
-N=${N:-20000}; SEED=${SEED:-0}; S0=${S0:-2400}; S0_BATCH=${S0_BATCH:-256}; S0_TIME=${S0_TIME:-0}
+N=${N:-20000}; EXTRA_TRAIN=${EXTRA_TRAIN:-0}; SEED=${SEED:-0}; S0=${S0:-2400}; S0_BATCH=${S0_BATCH:-256}; S0_TIME=${S0_TIME:-0}
 S1=${S1:-300}; S2=${S2:-500}; S3=${S3:-1500}; S3Y=${S3Y:-900}; S3F=${S3F:-1400}; EVAL_LIMIT=${EVAL_LIMIT:-100}
 WORK=${WORK:-runs/builtin_recipe}; DATA=$WORK/data
 S3_TIMEOUT=${S3_TIMEOUT:-0}; UNTIL=${UNTIL:-}
@@ -37,18 +38,18 @@ stop_after() { [ "$UNTIL" = "$1" ] && { log "stopping after $1 (UNTIL=$UNTIL)"; 
 
 # Reuse the dataset only when its manifest says it is the one asked for (the generator's defaults, this N and seed);
 # image i depends on (seed, i) and the split on n, so any other dataset would mix training and test images.
-same_data=$(python - "$DATA/manifest.json" "$N" "$SEED" <<'PY' 2>/dev/null
+same_data=$(python - "$DATA/manifest.json" "$N" "$SEED" "$EXTRA_TRAIN" <<'PY' 2>/dev/null
 import json, sys
 from data_tools.synth.generate import SynthConfig
-manifest, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-print(json.load(open(manifest))["config"] == SynthConfig(out="", n=n, seed=seed).manifest_config())
+manifest, n, seed, extra = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+print(json.load(open(manifest))["config"] == SynthConfig(out="", n=n, seed=seed, extra_train=extra).manifest_config())
 PY
 ) || true  # no manifest yet (a fresh WORK): generate
 if [ "$same_data" = True ]; then
-  log "dataset: $DATA exists ($N images, seed $SEED)"
+  log "dataset: $DATA exists ($N images + $EXTRA_TRAIN training images, seed $SEED)"
 else
-  log "dataset: $N images, seed $SEED"
-  osprey data synth --out "$DATA" --n "$N" --seed "$SEED" --workers "$CPUS" --no-progress
+  log "dataset: $N images + $EXTRA_TRAIN training images, seed $SEED"
+  osprey data synth --out "$DATA" --n "$N" --extra-train "$EXTRA_TRAIN" --seed "$SEED" --workers "$CPUS" --no-progress
 fi
 # CLIP_PROJ=linear: the tower's CLIP projection head is one linear layer instead of open_clip's MLP. Osprey never
 # uses that head. With `--region-levels final` (CLIP_EXTRA) regions are embedded through it too, and with the MLP the
