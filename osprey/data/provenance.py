@@ -4,8 +4,8 @@
 permutation of range(n); `--extra-train M` adds images n..n+M-1, all training images. Two generated datasets with
 the same seed and settings but a different `--n` (or split fractions) therefore hold the same images under
 different splits: the test split of `--n 6000` is mostly training images of `--n 20000`. The same `--n` with
-different `--extra-train` keeps val and test as they are. `osprey train` records each training set in the model's config (`training_data`), and
-`training_overlap` names the problem before an evaluation reports contaminated figures.
+different `--extra-train` keeps val and test as they are. `osprey train` records each training set in the model's
+config (`training_data`), and `training_overlap` names the problem before an evaluation reports contaminated figures.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ _SPLIT_ONLY = (*_SPLIT_DRAW, "extra_train")
 
 
 def _images(config: dict[str, Any]) -> int:
+    """How many images a generated dataset holds (osprey/ does not import data_tools' `SynthConfig.total`)."""
     return int(config.get("n", 0)) + int(config.get("extra_train", 0))
 
 
