@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from osprey.engine.core import GroupRequest, RegionDecoder, RowRequest, TokenEvent
+from osprey.engine.core import GroupRequest, RegionDecoder, RowRequest
 from osprey.engine.kv import PoolSize
-from osprey.engine.text import TextStream
+from osprey.engine.session import DecodeSession, StreamEvent
 from osprey.generation import SamplingParams
 from osprey.modeling import OspreyForCausalLM
 from osprey.preprocess import load_image, masks_to_tensor, preprocess_image
@@ -58,15 +58,6 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" | "length" | "cancelled"
-
-
-@dataclass
-class StreamEvent:
-    row: int
-    text_delta: str
-    token_id: int | None
-    finished: bool
-    finish_reason: str | None
 
 
 class OspreyPipeline:
@@ -179,6 +170,10 @@ class OspreyPipeline:
         """A continuous-batching decoder over this model with a preallocated KV pool of `pool_size`."""
         return RegionDecoder(self.model.language_model, self.eos_token_id, pool_size)
 
+    def session(self, pool_size: PoolSize) -> DecodeSession:
+        """A decoder that turns tokens into streamed text (stop strings included)."""
+        return DecodeSession(self.decoder(pool_size), self.tokenizer)
+
     @torch.inference_mode()
     def generate_stream(
         self,
@@ -198,13 +193,13 @@ class OspreyPipeline:
         if not prompts:
             return
         groups = self.group_requests(prompts, params, share_prefix)
-        decoder = self.decoder(_pool_for(groups))
-        for group in groups:
-            decoder.add(group)
-        rows = RowStreams(self.tokenizer, params)
-        while decoder.has_work:
-            events = rows.cancel(decoder, cancelled)
-            events += rows.advance(decoder, decoder.step())
+        session = self.session(_pool_for(groups))
+        session.add(groups)
+        live = set(range(len(prompts)))
+        while session.has_work:
+            events = [session.cancel(row) for row in sorted(live) if cancelled is not None and cancelled(row)]
+            events += session.step()
+            live -= {event.row for event in events if event.finished}
             if events:
                 yield events
 
@@ -250,41 +245,6 @@ class OspreyPipeline:
             PreparedPrompt(ids, encoded, mask_tokens[i:i + 1], pos_tokens[i:i + 1]) for i in range(mask_tokens.shape[0])
         ]
         return self.generate(prompts, params)
-
-
-class RowStreams:
-    """Engine token events -> `StreamEvent`s with text, one `TextStream` per row (row ids are indices)."""
-
-    def __init__(self, tokenizer, params: Sequence[SamplingParams]) -> None:
-        self.streams = [TextStream(tokenizer, p.stop) for p in params]
-        self.finished = [False] * len(params)
-
-    def cancel(self, decoder: RegionDecoder, cancelled: Callable[[int], bool] | None) -> list[StreamEvent]:
-        events = []
-        for row, done in enumerate(self.finished):
-            if not done and cancelled is not None and cancelled(row):
-                decoder.release(row)
-                self.finished[row] = True
-                events.append(StreamEvent(row, "", None, True, "cancelled"))
-        return events
-
-    def advance(self, decoder: RegionDecoder, tokens: Sequence[TokenEvent]) -> list[StreamEvent]:
-        events = []
-        for event in tokens:
-            row, stream = event.row_id, self.streams[event.row_id]
-            if self.finished[row]:
-                continue
-            delta = stream.push(event.token) if event.token is not None else ""
-            reason = event.finish_reason
-            if stream.stopped:
-                reason = "stop"
-                if not event.finished:
-                    decoder.release(row)
-            elif event.finished:
-                delta += stream.flush()
-            self.finished[row] = reason is not None
-            events.append(StreamEvent(row, delta, event.token, self.finished[row], reason))
-        return events
 
 
 def _pool_for(groups: Sequence[GroupRequest]) -> PoolSize:

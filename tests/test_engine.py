@@ -122,7 +122,7 @@ def test_a_row_that_cannot_fit_is_refused_naming_it(tiny_pipeline, image, masks)
     enc = tiny_pipeline.encode_image(image)
     (group,), _ = _decoder_rows(tiny_pipeline, enc, masks[:1], 4)
     decoder = tiny_pipeline.decoder(PoolSize(prefix_slots=1, prefix_tokens=2048, row_slots=1, suffix_tokens=8))
-    with pytest.raises(ValueError, match="row 0 needs .* suffix tokens"):
+    with pytest.raises(ValueError, match="row 0 needs .* tokens of its own"):
         decoder.add(GroupRequest(group.prefix, [RowRequest(0, group.rows[0].suffix, SamplingParams(max_new_tokens=50))]))
 
 

@@ -86,16 +86,22 @@ class RegionDecoder:
         self._released: set[Hashable] = set()
 
     # -- requests ----------------------------------------------------------------------------------------------
-    def add(self, group: GroupRequest) -> None:
-        """Queue a group; raises ValueError naming the row that cannot fit the pool."""
+    def check(self, group: GroupRequest) -> None:
+        """Raise ValueError naming the first row that cannot fit the pool."""
         if group.prefix.shape[0] < 1:
             raise ValueError("a group needs at least one prefix token")
-        group = self._fit_prefix(group)
+        overflow = max(0, group.prefix.shape[0] - self.pool.max_prefix)
         for row in group.rows:
-            need = row.suffix.shape[0] + row.params.max_new_tokens
+            prompt = overflow + row.suffix.shape[0]
+            need = prompt + row.params.max_new_tokens
             if row.suffix.shape[0] < 1 or need > self.pool.max_suffix:
-                raise ValueError(f"row {row.row_id!r} needs {need} suffix tokens ({row.suffix.shape[0]} prompt + "
+                raise ValueError(f"row {row.row_id!r} needs {need} tokens of its own ({prompt} prompt + "
                                  f"{row.params.max_new_tokens} new); the engine holds {self.pool.max_suffix} per row")
+
+    def add(self, group: GroupRequest) -> None:
+        """Queue a group; raises ValueError naming the row that cannot fit the pool."""
+        self.check(group)
+        group = self._fit_prefix(group)
         slots = self.pool.size.row_slots
         for start in range(0, len(group.rows), slots):  # more rows than the pool holds: several admissions
             self.waiting.append(GroupRequest(group.prefix, group.rows[start:start + slots]))
