@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 from osprey.engine.core import GroupRequest, RegionDecoder, RowRequest
-from osprey.engine.kv import PoolSize
+from osprey.engine.kv import PoolSize, plan_pool, token_bytes
 from osprey.engine.session import DecodeSession, StreamEvent
 from osprey.generation import SamplingParams
 from osprey.modeling import OspreyForCausalLM
@@ -120,6 +120,16 @@ class OspreyPipeline:
         self._check_region_count(ids, mask_tokens.shape[0])
         return PreparedPrompt(ids, image, mask_tokens, pos_tokens)
 
+    def prepare_each(
+        self, image: EncodedImage, messages: Sequence[tuple[str, str]], masks: np.ndarray | torch.Tensor | Sequence
+    ) -> list[PreparedPrompt]:
+        """One prompt per mask, all with the same single-region `messages` (describe): the text is tokenized once and
+        every mask goes through the extractor in one pass."""
+        ids = self._prompt_ids(messages)
+        self._check_region_count(ids, 1)
+        mask_tokens, pos_tokens = self.region_tokens(image, masks)
+        return [PreparedPrompt(ids, image, mask_tokens[i:i + 1], pos_tokens[i:i + 1]) for i in range(mask_tokens.shape[0])]
+
     def _prompt_ids(self, messages: Sequence[tuple[str, str]]) -> torch.Tensor:
         ids = encode_generation_prompt(
             self.tokenizer, messages, num_image_tokens=self.config.vision.num_image_tokens,
@@ -169,6 +179,27 @@ class OspreyPipeline:
     def decoder(self, pool_size: PoolSize) -> RegionDecoder:
         """A continuous-batching decoder over this model with a preallocated KV pool of `pool_size`."""
         return RegionDecoder(self.model.language_model, self.eos_token_id, pool_size)
+
+    def engine_pool(self, max_rows: int, max_row_tokens: int, kv_cache_gb: float | None = None,
+                    rows_per_image: int = 16) -> PoolSize:
+        """The KV pool of a long-running engine: at most `max_rows` region rows of `max_row_tokens` each (their own
+        prompt after the image prefix + answer), within `kv_cache_gb` (default: 90% of the GPU memory left, less
+        4 GiB for a prefill's activations; 1 GiB on CPU)."""
+        lm = self.model.language_model
+        per_token = token_bytes(lm.config.num_hidden_layers, lm.config.num_key_value_heads,
+                                lm.model.layers[0].self_attn.head_dim, self.model.dtype)
+        if kv_cache_gb is not None:
+            budget = int(kv_cache_gb * 2**30)
+        elif self.device.type == "cuda":
+            torch.cuda.empty_cache()  # blocks cached from an earlier pool count as used otherwise
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(0.9 * free) - 4 * 2**30
+        else:
+            budget = 2**30
+        prefix_tokens = self.config.vision.num_image_tokens + 256  # system prompt and text before the first region
+        plan = plan_pool(budget, per_token, prefix_tokens, max_row_tokens, rows_per_image)
+        rows = min(plan.row_slots, max_rows)
+        return PoolSize(min(plan.prefix_slots, rows), prefix_tokens, rows, max_row_tokens)
 
     def session(self, pool_size: PoolSize) -> DecodeSession:
         """A decoder that turns tokens into streamed text (stop strings included)."""
@@ -238,13 +269,7 @@ class OspreyPipeline:
     ) -> list[Generation]:
         """One answer per mask (each its own single-region prompt), the image encoded once for all of them."""
         encoded = image if isinstance(image, EncodedImage) else self.encode_image(image)
-        ids = self._prompt_ids([("human", task_prompt(task))])
-        self._check_region_count(ids, 1)
-        mask_tokens, pos_tokens = self.region_tokens(encoded, masks)
-        prompts = [
-            PreparedPrompt(ids, encoded, mask_tokens[i:i + 1], pos_tokens[i:i + 1]) for i in range(mask_tokens.shape[0])
-        ]
-        return self.generate(prompts, params)
+        return self.generate(self.prepare_each(encoded, [("human", task_prompt(task))], masks), params)
 
 
 def _pool_for(groups: Sequence[GroupRequest]) -> PoolSize:

@@ -25,7 +25,6 @@ from typing import Protocol
 import numpy as np
 from PIL import Image
 
-from osprey.engine.kv import PoolSize, plan_pool, token_bytes
 from osprey.engine.session import DecodeSession, StreamEvent
 from osprey.generation import SamplingParams
 from osprey.inference import EncodedImage, OspreyPipeline, PreparedPrompt
@@ -57,6 +56,10 @@ class Backend(Protocol):
 
     def prepare(self, encoded: EncodedImage, turns: list[tuple[str, str | None]], masks: np.ndarray) -> PreparedPrompt:
         """-> a prepared prompt; raises ValueError naming the problem (count mismatch, mask size, length)."""
+
+    def prepare_each(self, encoded: EncodedImage, turns: list[tuple[str, str | None]], masks: np.ndarray
+                     ) -> list[PreparedPrompt]:
+        """One single-region prompt per mask (the same `turns`), prepared together."""
 
     def max_context_tokens(self) -> int | None:
         """Prompt + generated tokens the model can attend over (None = no limit known)."""
@@ -96,9 +99,10 @@ class PipelineBackend:
     """
 
     def __init__(self, model: str, device: str = "cpu", dtype: str | None = None, cpu_threads: int | None = None,
-                 size: EngineSize = EngineSize()) -> None:
+                 size: EngineSize = EngineSize(), pipeline: OspreyPipeline | None = None) -> None:
+        """`pipeline`: an already built pipeline to serve (benchmarks with random weights); else `model` is loaded."""
         self.model, self.device, self.dtype, self.cpu_threads, self.size = model, device, dtype, cpu_threads, size
-        self.pipe: OspreyPipeline | None = None
+        self.pipe: OspreyPipeline | None = pipeline
         self.session: DecodeSession | None = None
 
     def load(self) -> None:
@@ -108,35 +112,23 @@ class PipelineBackend:
             threads = self.cpu_threads or max(1, len(os.sched_getaffinity(0)) - 1)
             torch.set_num_threads(threads)
             log.info("CPU decoding with %d torch threads", threads)
-        self.pipe = OspreyPipeline.from_pretrained(self.model, device=self.device, dtype=self.dtype)
-        pool = self._pool_size()
+        if self.pipe is None:
+            self.pipe = OspreyPipeline.from_pretrained(self.model, device=self.device, dtype=self.dtype)
+        pool = self.pipe.engine_pool(self.size.max_rows, self.size.max_row_tokens, self.size.kv_cache_gb,
+                                     self.size.rows_per_image)
         self.session = self.pipe.session(pool)
         log.info("engine pool: %d images x %d prefix tokens, %d rows x %d tokens", pool.prefix_slots,
                  pool.prefix_tokens, pool.row_slots, pool.suffix_tokens)
-
-    def _pool_size(self) -> PoolSize:
-        import torch
-
-        config, lm = self.pipe.config, self.pipe.model.language_model
-        per_token = token_bytes(lm.config.num_hidden_layers, lm.config.num_key_value_heads,
-                                lm.model.layers[0].self_attn.head_dim, self.pipe.model.dtype)
-        if self.size.kv_cache_gb is not None:
-            budget = int(self.size.kv_cache_gb * 2**30)
-        elif self.pipe.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.pipe.device)
-            budget = int(0.9 * free) - 4 * 2**30  # room for activations of a prefill
-        else:
-            budget = 2**30
-        prefix_tokens = config.vision.num_image_tokens + 256  # system prompt and text before the first region
-        plan = plan_pool(budget, per_token, prefix_tokens, self.size.max_row_tokens, self.size.rows_per_image)
-        rows = min(plan.row_slots, self.size.max_rows)
-        return PoolSize(min(plan.prefix_slots, rows), prefix_tokens, rows, self.size.max_row_tokens)
 
     def encode_image(self, image: Image.Image) -> EncodedImage:
         return self.pipe.encode_image(image)
 
     def prepare(self, encoded: EncodedImage, turns: list[tuple[str, str | None]], masks: np.ndarray) -> PreparedPrompt:
         return self.pipe.prepare(encoded, turns, masks)
+
+    def prepare_each(self, encoded: EncodedImage, turns: list[tuple[str, str | None]], masks: np.ndarray
+                     ) -> list[PreparedPrompt]:
+        return self.pipe.prepare_each(encoded, turns, masks)
 
     def max_context_tokens(self) -> int | None:
         limit = self.pipe.config.text.get("max_position_embeddings")
@@ -380,8 +372,8 @@ class Engine:
             return
         try:
             encoded = self._encode(job)
-            rows = [_Live(job, spec, next(self._row_ids), self.backend.prepare(encoded, spec.turns, spec.masks))
-                    for spec in job.rows]
+            rows = [_Live(job, spec, next(self._row_ids), prepared)
+                    for spec, prepared in zip(job.rows, self._prepare(encoded, job.rows))]
             for live in rows:
                 self._check_context(live)
             self.backend.add([EngineRow(live.row_id, live.prepared, live.spec.params) for live in rows])
@@ -398,6 +390,12 @@ class Engine:
             return
         self.metrics.inc("prompt_tokens", sum(live.prompt_tokens for live in rows))
         self._live.update((live.row_id, live) for live in rows)
+
+    def _prepare(self, encoded: EncodedImage, rows: list[RowSpec]) -> list[PreparedPrompt]:
+        """Rows that differ only by their one mask (describe) are prepared in one call."""
+        if len(rows) > 1 and all(r.turns == rows[0].turns and r.masks.shape[0] == 1 for r in rows):
+            return self.backend.prepare_each(encoded, rows[0].turns, np.concatenate([r.masks for r in rows]))
+        return [self.backend.prepare(encoded, spec.turns, spec.masks) for spec in rows]
 
     def _check_context(self, live: _Live) -> None:
         limit = self.backend.max_context_tokens()
