@@ -18,6 +18,7 @@ import torch
 from transformers import PreTrainedModel
 
 from osprey.engine.forward import LlamaForward, RowBlock
+from osprey.engine.graphs import DecodeStep
 from osprey.engine.kv import KVPool, PoolSize
 from osprey.engine.sampling import sample
 from osprey.generation import SamplingParams
@@ -72,7 +73,7 @@ class _Waiting:
 
 class RegionDecoder:
     def __init__(self, language_model: PreTrainedModel, eos_token_id: int, pool_size: PoolSize,
-                 max_prefill_tokens: int = 16384) -> None:
+                 max_prefill_tokens: int = 16384, cuda_graphs: bool = True) -> None:
         self.forward = LlamaForward(language_model)
         self.eos_token_id = eos_token_id
         weight = language_model.get_input_embeddings().weight
@@ -80,6 +81,7 @@ class RegionDecoder:
         self.pool = KVPool(pool_size, self.forward.num_layers, self.forward.num_kv_heads, self.forward.head_dim,
                            self.dtype, self.device)
         self.max_prefill_tokens = max_prefill_tokens
+        self.decode_step = DecodeStep(self.forward, self.pool, use_graphs=cuda_graphs and self.device.type == "cuda")
         self.waiting: collections.deque[GroupRequest] = collections.deque()
         self.groups: list[_Group] = []
         self.rows: list[_Row] = []
@@ -189,11 +191,12 @@ class RegionDecoder:
         return self._advance(new_rows, logits)
 
     def _decode(self) -> list[TokenEvent]:
-        tokens = torch.tensor([row.last_token for row in self.rows], device=self.device)
-        embeds = self.forward.embed(tokens)[:, None]
-        block = self._block(self.rows, 0, 0, tokens=1, start=[row.length for row in self.rows],
-                            lengths=[1] * len(self.rows))
-        logits = self.forward.forward_rows(embeds, block, self.pool, self._prefix_lengths(0))
+        rows, groups = self.rows, self.groups
+        start = [row.length for row in rows]
+        shape = self.decode_step.shape(len(rows), len(groups), max(row.local for row in rows) + 1,
+                                       max(g.prefix_length for g in groups), max(start) + 1)
+        logits = self.decode_step([row.last_token for row in rows], start, [row.group for row in rows],
+                                  [row.local for row in rows], [g.prefix_length for g in groups], shape)
         for row in self.rows:
             row.length += 1
         return self._advance(self.rows, logits)
@@ -231,6 +234,7 @@ class RegionDecoder:
             group_first=first_group, groups=len(self.groups) - first_group,
             width=max(row.local for row in rows) + 1,
             prefix_keys=max(group.prefix_length for group in self.groups[first_group:]),
+            suffix_keys=max(start) + tokens,
         )
 
     def _prefix_lengths(self, first_group: int) -> torch.Tensor:

@@ -49,7 +49,8 @@ class RowBlock:
     group_first: int
     groups: int
     width: int
-    prefix_keys: int  # prefix positions to read (max prefix length of the groups)
+    prefix_keys: int  # prefix positions to read (>= the longest prefix of the groups)
+    suffix_keys: int  # suffix positions to read (>= max start + tokens)
 
 
 class LlamaForward:
@@ -100,7 +101,7 @@ class LlamaForward:
         cos, sin = self._rope(embeds, positions.reshape(-1))
         rows = torch.arange(block.first, block.first + n, device=embeds.device)[:, None].expand(n, tokens)
         write_at = suffix_pos.clamp(max=pool.max_suffix - 1)
-        keys = int(block.start.max()) + tokens
+        keys = block.suffix_keys
         suffix_bias = self._suffix_bias(block, keys)
         prefix_bias = length_bias(prefix_lengths, block.prefix_keys)
         hidden = embeds.reshape(n * tokens, -1)
