@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> None:
         session.step()
     torch.cuda.synchronize()
     per_step = (time.perf_counter() - start) / args.steps
-    print(f"{session.live_rows} rows: {per_step * 1000:.2f} ms per decoding step ({session.live_rows / per_step:.0f} tokens/s)")
+    step = session.decoder.decode_step
+    print(f"{session.live_rows} rows: {per_step * 1000:.2f} ms per decoding step ({session.live_rows / per_step:.0f} "
+          f"tokens/s); CUDA graphs {'on' if step.use_graphs else 'off'}, {len(step._graphs)} recorded")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(5):
             session.step()

@@ -169,4 +169,4 @@ class LlamaForward:
         suffix_out = suffix_out.view(n, kv_heads, tokens, g, d).permute(0, 2, 1, 3, 4)
         suffix_lse = suffix_lse.view(n, kv_heads, tokens, g).permute(0, 2, 1, 3)
         out = merge(prefix_out, prefix_lse, suffix_out, suffix_lse)  # (n, T, Hkv, g, d)
-        return out.reshape(n * tokens, self.num_heads * d)
+        return out.reshape(n * tokens, self.num_heads * d).to(query.dtype)
