@@ -153,16 +153,38 @@ class OspreyPipeline:
         tokens, text); prompts with the same image and the same prefix ids share one group, so that prefix is
         computed and stored once for all of them. Row ids default to the prompt's index."""
         row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
-        groups: dict[tuple, tuple[torch.Tensor, list[RowRequest]]] = {}
-        for index, (prompt, p) in enumerate(zip(prompts, params)):
-            split = self._prefix_length(prompt.input_ids)
-            prefix_ids = prompt.input_ids[:split]
+        members: dict[tuple, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            prefix_ids = prompt.input_ids[:self._prefix_length(prompt.input_ids)]
             key = (id(prompt.image), tuple(prefix_ids.tolist())) if share_prefix else (index,)
-            if key not in groups:
-                groups[key] = (self._embed_ids(prefix_ids, prompt.image.tokens[None]), [])
-            suffix = self._embed_ids(prompt.input_ids[split:], None, prompt.mask_tokens, prompt.pos_tokens)
-            groups[key][1].append(RowRequest(row_ids[index], suffix, p))
-        return [GroupRequest(prefix, rows) for prefix, rows in groups.values()]
+            members.setdefault(key, []).append(index)
+        groups = []
+        for indices in members.values():
+            first = prompts[indices[0]]
+            split = self._prefix_length(first.input_ids)
+            suffixes = self._embed_suffixes([prompts[i] for i in indices], split)
+            rows = [RowRequest(row_ids[i], suffix, params[i]) for i, suffix in zip(indices, suffixes)]
+            groups.append(GroupRequest(self._embed_ids(first.input_ids[:split], first.image.tokens[None]), rows))
+        return groups
+
+    def _embed_suffixes(self, prompts: Sequence[PreparedPrompt], split: int) -> list[torch.Tensor]:
+        """Each prompt's ids from `split` on, embedded with its region tokens; prompts whose suffix ids are the same
+        (the regions of one describe call) in one batched lookup."""
+        batches: dict[tuple, list[int]] = {}
+        for index, prompt in enumerate(prompts):
+            batches.setdefault(tuple(prompt.input_ids[split:].tolist()), []).append(index)
+        out: list[torch.Tensor | None] = [None] * len(prompts)
+        for ids, indices in batches.items():
+            rows = [prompts[i] for i in indices]
+            batch_ids = torch.tensor(ids, device=self.device)[None].expand(len(rows), -1)
+            mask_tokens = torch.cat([p.mask_tokens for p in rows]) if rows[0].mask_tokens.shape[0] else None
+            pos_tokens = torch.cat([p.pos_tokens for p in rows]) if rows[0].pos_tokens.shape[0] else None
+            has_image = bool((batch_ids[0] == self.config.image_token_id).any())
+            embeds = self.model.merge_embeddings(batch_ids, rows[0].image.tokens[None].expand(len(rows), -1, -1)
+                                                 if has_image else None, mask_tokens, pos_tokens)
+            for index, row in zip(indices, embeds):
+                out[index] = row
+        return out
 
     def _prefix_length(self, ids: torch.Tensor) -> int:
         """Tokens before the first <mask> (the part shared by all regions of an image); at least one token is left

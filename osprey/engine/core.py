@@ -15,6 +15,7 @@ from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel
 
 from osprey.engine.forward import LlamaForward, RowBlock
@@ -243,9 +244,7 @@ class RegionDecoder:
     def _pad(self, suffixes: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
         """Row suffixes (t_i, D) -> (n, max t, D) zero-padded on the right, and the t_i."""
         lengths = [s.shape[0] for s in suffixes]
-        batch = torch.zeros((len(suffixes), max(lengths), suffixes[0].shape[1]), dtype=self.dtype, device=self.device)
-        for index, suffix in enumerate(suffixes):
-            batch[index, :suffix.shape[0]] = suffix.to(self.device, self.dtype)
+        batch = pad_sequence([s.to(self.device, self.dtype) for s in suffixes], batch_first=True)
         return batch, lengths
 
     def _compact(self) -> None:
