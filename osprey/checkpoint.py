@@ -33,6 +33,9 @@ KEY_PREFIXES: tuple[tuple[str, str], ...] = (
 # Layer-scale parameters of timm ConvNeXt blocks are named `gamma`. Older transformers renamed `gamma` to
 # `weight` while loading and then dropped it silently; files written that way carry `blocks.N.weight`.
 _LEGACY_GAMMA = re.compile(r"(\.stages\.\d+\.blocks\.\d+)\.weight$")
+# transformers <= 4.31 kept each layer's rotary frequencies as a persistent buffer, so the official files carry one
+# per layer; newer versions derive a single one from the config. Derived data: checked against ours, then dropped.
+_LEGACY_INV_FREQ = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -60,6 +63,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # ours, not found in the files
     unexpected: list[str] = field(default_factory=list)  # official names found but not in the model
     mismatched: list[str] = field(default_factory=list)  # "name: file shape vs model shape"
+    ignored: list[str] = field(default_factory=list)  # official names checked and dropped (legacy inv_freq)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -70,6 +74,8 @@ class LoadReport:
         lines = [f"missing: {len(self.missing)}, unexpected: {len(self.unexpected)}, mismatched: {len(self.mismatched)}"]
         for title, items in (("missing", self.missing), ("unexpected", self.unexpected), ("mismatched", self.mismatched)):
             lines += [f"  {title}: {item}" for item in items]
+        if self.ignored:
+            lines.append(f"  ignored (recomputed): {len(self.ignored)} rotary inv_freq buffers ({self.ignored[0]}, ...)")
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
@@ -214,6 +220,10 @@ def load_state(model: OspreyForCausalLM, model_dir: str | Path, skip_prefixes: t
     loaded: dict[str, torch.Tensor] = {}
     for file in _weight_files(Path(model_dir)):
         for name, tensor in _read_tensors(file).items():
+            if _LEGACY_INV_FREQ.match(name):
+                _check_inv_freq(model, name, tensor)
+                report.ignored.append(name)
+                continue
             ours = from_official(name)
             if ours.startswith(skip_prefixes):
                 continue
@@ -226,6 +236,28 @@ def load_state(model: OspreyForCausalLM, model_dir: str | Path, skip_prefixes: t
     report.missing = [k for k in expected if k not in loaded and not k.startswith(skip_prefixes)]
     model.load_state_dict(loaded, strict=False, assign=True)
     return report
+
+
+def _check_inv_freq(model: OspreyForCausalLM, name: str, saved: torch.Tensor) -> None:
+    """A legacy per-layer `inv_freq` must equal the frequencies our rotary embedding computes from the config
+    (rounded to the file's dtype, as 4.31 cast buffers with the model); otherwise the checkpoint was trained
+    with another rope setting and would load into silently wrong positions."""
+    rotary = model.language_model.model.rotary_emb
+    with torch.device("cpu"):
+        expected = type(rotary)(rotary.config).inv_freq  # rotary.inv_freq may sit on the meta device
+    lm = rotary.config
+    setting = (f"rope_theta={lm.rope_parameters.get('rope_theta')}, rope_type={lm.rope_parameters.get('rope_type')}, "
+               f"head_dim={getattr(lm, 'head_dim', None) or lm.hidden_size // lm.num_attention_heads}")
+    if tuple(saved.shape) != tuple(expected.shape):
+        raise ValueError(f"{name} has shape {tuple(saved.shape)} but this config ({setting}) gives "
+                         f"{tuple(expected.shape)}: the checkpoint was made for another head size or rope setting")
+    expected = expected.to(saved.dtype).float()
+    tolerance = torch.finfo(saved.dtype).eps if saved.is_floating_point() else 0.0
+    error = ((saved.float() - expected).abs() / expected.abs()).max().item()
+    if error > tolerance:
+        raise ValueError(f"{name} differs from the rotary frequencies of this config ({setting}) by {error:.3g} "
+                         "(relative): the checkpoint was trained with another rope setting; set rope_theta / "
+                         "rope_scaling in its config.json to the values it was trained with")
 
 
 def load_pretrained(
