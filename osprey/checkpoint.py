@@ -81,10 +81,18 @@ class LoadReport:
 
 
 # -- building ----------------------------------------------------------------------------------------------------
-def build_model(config: OspreyConfig, device: str | torch.device = "cpu") -> OspreyForCausalLM:
-    """A model with fresh weights (or empty meta tensors with device="meta")."""
-    with torch.device(device):
-        model = OspreyForCausalLM(config)
+def build_model(
+    config: OspreyConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> OspreyForCausalLM:
+    """A model with fresh weights (or empty meta tensors with device="meta"), created in `dtype` (default: torch's
+    default dtype) so that a 7B model never exists in fp32 first (28 GB)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
+    try:
+        with torch.device(device):
+            model = OspreyForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
     if str(device) != "meta":
         model.mask_extractor.reset_parameters()
     return model
@@ -335,6 +343,15 @@ def default_tokenizer_corpus() -> list[str]:
     return lines
 
 
+def synthetic_tokenizer_corpus(vocab_size: int) -> list[str]:
+    """Text for a tokenizer of `vocab_size` tokens when no real one is at hand: the project's prompts and, for
+    Llama-sized vocabularies (over 4096), numbered filler words that give BPE enough distinct merges. Random-weight
+    benchmark models need the real vocabulary size (embedding and LM-head work), not meaningful tokens."""
+    if vocab_size <= 4096:
+        return default_tokenizer_corpus()
+    return default_tokenizer_corpus() * 4 + [f"token{i} word{i * 7} item{i * 13}" for i in range(40000)]
+
+
 def corpus_from_files(paths) -> list[str]:
     """Texts of Osprey-format record files (.json/.jsonl) and plain text files, for training a tokenizer."""
     from osprey.data.records import iter_records
@@ -359,24 +376,23 @@ def init_model_folder(
 ) -> Path:
     """Write a complete random-initialised model folder that every command accepts as `--model DIR`.
 
-    Without a tokenizer, one is trained offline on `corpus` plus the project's prompts and templates.
+    Without a tokenizer, one of the config's vocabulary size is trained offline (seconds, also for the 32,000
+    tokens of osprey-7b) on `corpus` plus `synthetic_tokenizer_corpus`: a byte-level BPE, not Vicuna's
+    SentencePiece, so such a folder has the real shapes and amount of work but no real text. The weights are
+    created directly in `dtype` (osprey-7b in bfloat16: 14 GB of memory and disk).
     """
     from osprey.tokenization import train_tokenizer
 
     config = preset if isinstance(preset, OspreyConfig) else OspreyConfig.from_preset(preset)
     if tokenizer is None:
-        if config.vocab_size > 4096:
-            raise ValueError(
-                f"preset {config.name} has a {config.vocab_size}-token vocabulary; pass the tokenizer it was made for"
-            )
-        tokenizer = train_tokenizer(default_tokenizer_corpus() + list(corpus or []), config.vocab_size)
+        tokenizer = train_tokenizer(synthetic_tokenizer_corpus(config.vocab_size) + list(corpus or []),
+                                    config.vocab_size)
     ids = (tokenizer.convert_tokens_to_ids("<mask>"), tokenizer.convert_tokens_to_ids("<pos>"))
     if ids != (config.mask_token_id, config.pos_token_id):
         raise ValueError(f"tokenizer ids of <mask>/<pos> {ids} differ from the config's "
                          f"{(config.mask_token_id, config.pos_token_id)}")
     torch.manual_seed(seed)
-    model = build_model(config)
-    model.to(getattr(torch, dtype))
+    model = build_model(config, dtype=getattr(torch, dtype))
     return save_pretrained(model, tokenizer, out_dir)
 
 

@@ -233,6 +233,18 @@ def test_model_init_cli_writes_a_complete_folder(tmp_path):
     assert report.ok
 
 
+def test_model_init_makes_a_llama_sized_vocabulary_offline_in_bfloat16(tmp_path):
+    """osprey-7b's path (32,000 tokens, bf16) on tiny widths: the tokenizer is trained, not required."""
+    tiny = OspreyConfig.from_preset("tiny")
+    config = tiny.replace(text={**tiny.text, "vocab_size": 32000}, mask_token_id=32000, pos_token_id=32001)
+    from osprey.checkpoint import init_model_folder
+
+    init_model_folder(config, tmp_path / "m", dtype="bfloat16")
+    model, tokenizer, report = load_pretrained(tmp_path / "m")
+    assert report.ok and model.dtype == torch.bfloat16
+    assert len(tokenizer) == 32002 and tokenizer.convert_tokens_to_ids(["<mask>", "<pos>"]) == [32000, 32001]
+
+
 def test_derive_changes_only_the_extractor(tiny_model_dir, tmp_path):
     from osprey.checkpoint import derive_model_folder
 
