@@ -38,10 +38,9 @@ def build_pipeline(args):
     config = OspreyConfig.from_preset(args.preset)
     # A tokenizer of the preset's vocabulary size trained offline; random weights make the text meaningless, the
     # shapes and the amount of work are the real ones.
-    from osprey.checkpoint import default_tokenizer_corpus
+    from osprey.checkpoint import synthetic_tokenizer_corpus
 
-    corpus = default_tokenizer_corpus() * 4 + [f"token{i} word{i * 7} item{i * 13}" for i in range(40000)]
-    tokenizer = train_tokenizer(corpus, config.vocab_size)
+    tokenizer = train_tokenizer(synthetic_tokenizer_corpus(config.vocab_size), config.vocab_size)
     torch.manual_seed(0)
     model = build_model(config, device=device).to(dtype)
     return OspreyPipeline(model, tokenizer, max_batch_size=args.regions)

@@ -33,6 +33,9 @@ KEY_PREFIXES: tuple[tuple[str, str], ...] = (
 # Layer-scale parameters of timm ConvNeXt blocks are named `gamma`. Older transformers renamed `gamma` to
 # `weight` while loading and then dropped it silently; files written that way carry `blocks.N.weight`.
 _LEGACY_GAMMA = re.compile(r"(\.stages\.\d+\.blocks\.\d+)\.weight$")
+# transformers <= 4.31 kept each layer's rotary frequencies as a persistent buffer, so the official files carry one
+# per layer; newer versions derive a single one from the config. Derived data: checked against ours, then dropped.
+_LEGACY_INV_FREQ = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -60,6 +63,7 @@ class LoadReport:
     missing: list[str] = field(default_factory=list)  # ours, not found in the files
     unexpected: list[str] = field(default_factory=list)  # official names found but not in the model
     mismatched: list[str] = field(default_factory=list)  # "name: file shape vs model shape"
+    ignored: list[str] = field(default_factory=list)  # official names checked and dropped (legacy inv_freq)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -70,15 +74,25 @@ class LoadReport:
         lines = [f"missing: {len(self.missing)}, unexpected: {len(self.unexpected)}, mismatched: {len(self.mismatched)}"]
         for title, items in (("missing", self.missing), ("unexpected", self.unexpected), ("mismatched", self.mismatched)):
             lines += [f"  {title}: {item}" for item in items]
+        if self.ignored:
+            lines.append(f"  ignored (recomputed): {len(self.ignored)} rotary inv_freq buffers ({self.ignored[0]}, ...)")
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
 # -- building ----------------------------------------------------------------------------------------------------
-def build_model(config: OspreyConfig, device: str | torch.device = "cpu") -> OspreyForCausalLM:
-    """A model with fresh weights (or empty meta tensors with device="meta")."""
-    with torch.device(device):
-        model = OspreyForCausalLM(config)
+def build_model(
+    config: OspreyConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> OspreyForCausalLM:
+    """A model with fresh weights (or empty meta tensors with device="meta"), created in `dtype` (default: torch's
+    default dtype) so that a 7B model never exists in fp32 first (28 GB)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or previous)
+    try:
+        with torch.device(device):
+            model = OspreyForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
     if str(device) != "meta":
         model.mask_extractor.reset_parameters()
     return model
@@ -214,6 +228,10 @@ def load_state(model: OspreyForCausalLM, model_dir: str | Path, skip_prefixes: t
     loaded: dict[str, torch.Tensor] = {}
     for file in _weight_files(Path(model_dir)):
         for name, tensor in _read_tensors(file).items():
+            if _LEGACY_INV_FREQ.match(name):
+                _check_inv_freq(model, name, tensor)
+                report.ignored.append(name)
+                continue
             ours = from_official(name)
             if ours.startswith(skip_prefixes):
                 continue
@@ -226,6 +244,28 @@ def load_state(model: OspreyForCausalLM, model_dir: str | Path, skip_prefixes: t
     report.missing = [k for k in expected if k not in loaded and not k.startswith(skip_prefixes)]
     model.load_state_dict(loaded, strict=False, assign=True)
     return report
+
+
+def _check_inv_freq(model: OspreyForCausalLM, name: str, saved: torch.Tensor) -> None:
+    """A legacy per-layer `inv_freq` must equal the frequencies our rotary embedding computes from the config
+    (rounded to the file's dtype, as 4.31 cast buffers with the model); otherwise the checkpoint was trained
+    with another rope setting and would load into silently wrong positions."""
+    rotary = model.language_model.model.rotary_emb
+    with torch.device("cpu"):
+        expected = type(rotary)(rotary.config).inv_freq  # rotary.inv_freq may sit on the meta device
+    lm = rotary.config
+    setting = (f"rope_theta={lm.rope_parameters.get('rope_theta')}, rope_type={lm.rope_parameters.get('rope_type')}, "
+               f"head_dim={getattr(lm, 'head_dim', None) or lm.hidden_size // lm.num_attention_heads}")
+    if tuple(saved.shape) != tuple(expected.shape):
+        raise ValueError(f"{name} has shape {tuple(saved.shape)} but this config ({setting}) gives "
+                         f"{tuple(expected.shape)}: the checkpoint was made for another head size or rope setting")
+    expected = expected.to(saved.dtype).float()
+    tolerance = torch.finfo(saved.dtype).eps if saved.is_floating_point() else 0.0
+    error = ((saved.float() - expected).abs() / expected.abs()).max().item()
+    if error > tolerance:
+        raise ValueError(f"{name} differs from the rotary frequencies of this config ({setting}) by {error:.3g} "
+                         "(relative): the checkpoint was trained with another rope setting; set rope_theta / "
+                         "rope_scaling in its config.json to the values it was trained with")
 
 
 def load_pretrained(
@@ -303,6 +343,15 @@ def default_tokenizer_corpus() -> list[str]:
     return lines
 
 
+def synthetic_tokenizer_corpus(vocab_size: int) -> list[str]:
+    """Text for a tokenizer of `vocab_size` tokens when no real one is at hand: the project's prompts and, for
+    Llama-sized vocabularies (over 4096), numbered filler words that give BPE enough distinct merges. Random-weight
+    benchmark models need the real vocabulary size (embedding and LM-head work), not meaningful tokens."""
+    if vocab_size <= 4096:
+        return default_tokenizer_corpus()
+    return default_tokenizer_corpus() * 4 + [f"token{i} word{i * 7} item{i * 13}" for i in range(40000)]
+
+
 def corpus_from_files(paths) -> list[str]:
     """Texts of Osprey-format record files (.json/.jsonl) and plain text files, for training a tokenizer."""
     from osprey.data.records import iter_records
@@ -327,24 +376,23 @@ def init_model_folder(
 ) -> Path:
     """Write a complete random-initialised model folder that every command accepts as `--model DIR`.
 
-    Without a tokenizer, one is trained offline on `corpus` plus the project's prompts and templates.
+    Without a tokenizer, one of the config's vocabulary size is trained offline (seconds, also for the 32,000
+    tokens of osprey-7b) on `corpus` plus `synthetic_tokenizer_corpus`: a byte-level BPE, not Vicuna's
+    SentencePiece, so such a folder has the real shapes and amount of work but no real text. The weights are
+    created directly in `dtype` (osprey-7b in bfloat16: 14 GB of memory and disk).
     """
     from osprey.tokenization import train_tokenizer
 
     config = preset if isinstance(preset, OspreyConfig) else OspreyConfig.from_preset(preset)
     if tokenizer is None:
-        if config.vocab_size > 4096:
-            raise ValueError(
-                f"preset {config.name} has a {config.vocab_size}-token vocabulary; pass the tokenizer it was made for"
-            )
-        tokenizer = train_tokenizer(default_tokenizer_corpus() + list(corpus or []), config.vocab_size)
+        tokenizer = train_tokenizer(synthetic_tokenizer_corpus(config.vocab_size) + list(corpus or []),
+                                    config.vocab_size)
     ids = (tokenizer.convert_tokens_to_ids("<mask>"), tokenizer.convert_tokens_to_ids("<pos>"))
     if ids != (config.mask_token_id, config.pos_token_id):
         raise ValueError(f"tokenizer ids of <mask>/<pos> {ids} differ from the config's "
                          f"{(config.mask_token_id, config.pos_token_id)}")
     torch.manual_seed(seed)
-    model = build_model(config)
-    model.to(getattr(torch, dtype))
+    model = build_model(config, dtype=getattr(torch, dtype))
     return save_pretrained(model, tokenizer, out_dir)
 
 

@@ -76,7 +76,9 @@ TASK_PROMPTS: dict[str, str] = {
     "detailed": "<image>\n\nThis provides an overview of the picture.\nCan you give me a detailed description of {region}?",
 }
 CUSTOM_REGION_TAG = "<region>"  # custom prompts name their one region with this tag
-CUSTOM_PREFIX = "<image>\nThis provides an overview of the picture.\n"
+# The line every stage-3 sample and eval prompt has after the image (the demo and some evals add "\n" or ".\n").
+OVERVIEW_PREFIX = "<image>\nThis provides an overview of the picture.\n"
+CUSTOM_PREFIX = OVERVIEW_PREFIX
 
 
 def task_prompt(task: str) -> str:
@@ -92,12 +94,28 @@ def task_prompt(task: str) -> str:
 
 
 def multi_region_prefix(num_regions: int) -> str:
-    """The stage-3 opening that lists all regions, verbatim from the official data (typo "Ther" included)."""
+    """The stage-3 opening that lists all regions, verbatim from the official data (typo "Ther" included), up to
+    its final "."; `multi_region_question` is the whole first turn."""
     if num_regions < 1:
-        raise ValueError("a multi-region prompt needs at least one region")
+        raise ValueError(f"a multi-region prompt needs at least one region, got num_regions={num_regions}")
     noun = "part region" if num_regions == 1 else "part regions"
     listed = ",".join(f"region{i + 1}{REGION_PLACEHOLDER}" for i in range(num_regions))
-    return f"{IMAGE_PLACEHOLDER}\nThis provides an overview of the picture.\nTher are {num_regions} {noun} in the picture: {listed}."
+    return f"{OVERVIEW_PREFIX}Ther are {num_regions} {noun} in the picture: {listed}."
+
+
+def multi_region_question(num_regions: int, question: str) -> str:
+    """First human turn of the official multi-region samples (conversations, short-form, parts): the overview line,
+    every region listed as `regionK<mask><pos>` (the K-th `<mask>` binds region K), ". ", then the question, which
+    names regions as plain `regionK`:
+    `<image>\nThis provides an overview of the picture.\nTher are 2 part regions in the picture:
+    region1<mask><pos>,region2<mask><pos>. What is region1?`"""
+    return f"{multi_region_prefix(num_regions)} {question}"
+
+
+def inline_region_question(question: str) -> str:
+    """First human turn of the official samples that name regions inline (positive/negative, detailed
+    descriptions): the overview line, then the question with each region as `<mask><pos>` where it is named."""
+    return OVERVIEW_PREFIX + question
 
 
 def clean_answer(text: str) -> str:

@@ -8,12 +8,23 @@ truncated away) is still flagged on the example.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from tokenizers import (
+    AddedToken,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+    trainers,
+)
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from osprey.prompts import IMAGE_PLACEHOLDER, MASK_TOKEN, POS_TOKEN, TEMPLATES
 
@@ -25,22 +36,107 @@ def trained_targets(labels: torch.Tensor) -> torch.Tensor:
     return labels[:, 1:] != IGNORE_INDEX
 
 
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
-    """Load a (fast) tokenizer from a local folder and check that `<mask>`/`<pos>` are single added tokens."""
-    from transformers.utils import logging as hf_logging
+# -- loading: the tokenizer the official code used ------------------------------------------------------------------
+# The official code loads its tokenizer with `AutoTokenizer(..., use_fast=True)` under transformers 4.31, and the
+# released model was trained on those ids. For a Llama SentencePiece folder that tokenizer is the `tokenizers`
+# pipeline of 4.31's `LlamaConverter` (or the folder's own tokenizer.json, used verbatim): a normalizer that
+# prepends "▁" to *every* piece of text between added tokens ("<pos> a" -> "<pos>", "▁", "▁a"; "</s>USER" ->
+# "</s>", "▁USER"), with no pre-tokenizer. 4.31's fast tokenizer ignores `legacy` in tokenizer_config.json (only
+# its slow tokenizer read it). Transformers 5 rebuilds Llama tokenizers with a Metaspace pre-tokenizer that drops
+# that "▁" (and reads `legacy`), so we build the backend ourselves and wrap it, never going through AutoTokenizer.
+LLAMA_TOKENIZER_CLASSES = ("LlamaTokenizer", "LlamaTokenizerFast")
+_SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # our config.json has model_type "osprey", which AutoConfig doesn't know
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    missing = [t for t in (MASK_TOKEN, POS_TOKEN) if t not in tokenizer.get_vocab()]
-    if missing:
-        # Official folders carry added_tokens.json; add the tokens without resizing anything (ids past the vocab).
-        tokenizer.add_tokens(missing, special_tokens=True)
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
+    """The tokenizer of a model folder, giving the ids transformers 4.31 gave the official code for the same files.
+
+    Files, in 4.31's order of preference: tokenizer.json (used as it is), else tokenizer.model (SentencePiece,
+    converted as 4.31's `LlamaConverter` did); tokenizer_config.json / special_tokens_map.json name the special
+    tokens; added_tokens.json ids are checked. `<mask>`/`<pos>` end up as special tokens matched in the raw text,
+    as after the official `add_tokens(["<mask>", "<pos>"], special_tokens=True)`; pad = unk as in the official code.
+    """
+    folder = Path(path)
+    settings = _tokenizer_settings(folder)
+    is_llama = settings.get("tokenizer_class") in LLAMA_TOKENIZER_CLASSES or not (folder / "tokenizer.json").is_file()
+    if (folder / "tokenizer.json").is_file():
+        backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    elif (folder / "tokenizer.model").is_file():
+        backend = sentencepiece_to_tokenizers(folder / "tokenizer.model")
+    else:
+        raise FileNotFoundError(f"{folder} has neither tokenizer.json nor tokenizer.model: is it a model folder?")
+    specials = {key: _token_text(settings[key]) for key in _SPECIAL_KEYS if settings.get(key) is not None}
+    extra = {}
+    if is_llama:  # 4.31's LlamaTokenizerFast rebuilt the post-processor from these two flags (BOS on, EOS off)
+        extra = {"add_bos_token": settings.get("add_bos_token", True), "add_eos_token": settings.get("add_eos_token", False)}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, model_max_length=settings.get("model_max_length", 4096), **specials, **extra
+    )
+    _add_listed_tokens(tokenizer, folder)
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in (MASK_TOKEN, POS_TOKEN)],
+                         special_tokens=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.unk_token  # official: pad = unk (id 0)
+    return tokenizer
+
+
+def _tokenizer_settings(folder: Path) -> dict:
+    """tokenizer_config.json overlaid with special_tokens_map.json (4.31 applied the map after the config)."""
+    settings: dict = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (folder / name).is_file():
+            settings.update(json.loads((folder / name).read_text()))
+    return settings
+
+
+def _token_text(value: str | dict) -> str:
+    """Special tokens are saved as strings or, by 4.31, as `{"__type": "AddedToken", "content": ...}`."""
+    return value["content"] if isinstance(value, dict) else value
+
+
+def _add_listed_tokens(tokenizer: PreTrainedTokenizerFast, folder: Path) -> None:
+    """added_tokens.json: add what the backend lacks, in id order, and check every id (a wrong id would shift
+    `<mask>`/`<pos>` away from the ids the checkpoint's config names)."""
+    listed_file = folder / "added_tokens.json"
+    if not listed_file.is_file():
+        return
+    listed: dict[str, int] = json.loads(listed_file.read_text())
+    for token, index in sorted(listed.items(), key=lambda item: item[1]):
+        if token not in tokenizer.get_vocab():
+            special = token in tokenizer.all_special_tokens or token in (MASK_TOKEN, POS_TOKEN)
+            tokenizer.add_tokens([AddedToken(token, special=special, normalized=not special)], special_tokens=special)
+        if tokenizer.convert_tokens_to_ids(token) != index:
+            raise ValueError(f"{listed_file} gives {token!r} id {index} but the tokenizer files give it "
+                             f"{tokenizer.convert_tokens_to_ids(token)}")
+
+
+def sentencepiece_to_tokenizers(model_file: str | Path) -> Tokenizer:
+    """A Llama SentencePiece BPE file -> the `tokenizers` pipeline transformers 4.31's `LlamaConverter` built.
+
+    Merges: every split of a piece into two pieces, ordered by the piece's score (highest first), ties by the
+    ids of the two halves, as 4.31's `SentencePieceExtractor` ordered them (transformers 5 orders them otherwise).
+    """
+    from transformers.convert_slow_tokenizer import import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(Path(model_file).read_bytes())
+    if proto.trainer_spec.model_type != 2:  # 1 = unigram, 2 = BPE
+        raise ValueError(f"{model_file} is a SentencePiece model of type {proto.trainer_spec.model_type}; Llama "
+                         "tokenizers are BPE (type 2)")
+    # 4.31 names the first three pieces itself and gives them score 0.
+    scores = [("<unk>", 0.0), ("<s>", 0.0), ("</s>", 0.0)] + [(p.piece, p.score) for p in proto.pieces[3:]]
+    vocab = {piece: index for index, (piece, _) in enumerate(scores)}
+    merges = []
+    for merged, score in dict(scores).items():
+        halves = [(merged[:i], merged[i:]) for i in range(1, len(merged)) if merged[:i] in vocab and merged[i:] in vocab]
+        merges += [(left, right, score) for left, right in sorted(halves, key=lambda h: (vocab[h[0]], vocab[h[1]]))]
+    merges.sort(key=lambda merge: merge[2], reverse=True)  # stable: ties keep the order above
+    tokenizer = Tokenizer(models.BPE(vocab, [(left, right) for left, right, _ in merges],
+                                     unk_token=proto.trainer_spec.unk_piece, fuse_unk=True, byte_fallback=True))
+    tokenizer.add_special_tokens([AddedToken("<unk>"), AddedToken("<s>"), AddedToken("</s>")])
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(content=" ", left=1)])
     return tokenizer
 
 
@@ -55,8 +151,6 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenize
 
     Used for the tiny test preset and the project's built-in model (no Llama tokenizer exists offline).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

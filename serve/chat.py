@@ -1,10 +1,13 @@
 """OpenAI chat messages -> an Osprey conversation: turns, the image, and which region each `<mask><pos>` binds.
 
 `<regionK>` (1-based) in any turn becomes `<mask><pos>` bound to region K; a region mentioned twice appears
-twice (masks bind to `<mask>` occurrences in text order, across all turns). When no turn mentions a region,
-the regions are introduced the way Osprey's stage-3 data does ("Ther are N part regions in the picture:
-region1<mask><pos>,..."), so DAM-style clients ("describe the masked region") work unchanged. When some
-are mentioned, the others are left out of the prompt (multi-turn clients send every region on every turn).
+twice (masks bind to `<mask>` occurrences in text order, across all turns). The official data binds the i-th
+`<mask>` to the i-th annotation instead; the two agree whenever regions are mentioned in order, and ours lets a
+client name any region anywhere. The first turn opens as the official stage-3 samples do: when no turn mentions
+a region, all of them are introduced ("<image>\nThis provides an overview of the picture.\nTher are N part
+regions in the picture: region1<mask><pos>,region2<mask><pos>. " + question), so DAM-style clients ("describe
+the masked region") work unchanged; otherwise the overview line precedes the question, as in the positive/negative
+samples. Regions not mentioned are left out of the prompt (multi-turn clients send every region on every turn).
 """
 
 from __future__ import annotations
@@ -12,7 +15,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from osprey.prompts import IMAGE_PLACEHOLDER, MASK_TOKEN, POS_TOKEN, REGION_PLACEHOLDER, multi_region_prefix
+from osprey.prompts import (
+    IMAGE_PLACEHOLDER,
+    MASK_TOKEN,
+    POS_TOKEN,
+    REGION_PLACEHOLDER,
+    inline_region_question,
+    multi_region_question,
+)
 
 from .errors import bad_request
 from .schemas import ChatMessage, ImagePart
@@ -93,7 +103,8 @@ def _message_text(message: ChatMessage, param: str, conv: ChatConversation) -> s
 
 
 def bind_regions(conv: ChatConversation, num_regions: int) -> None:
-    """Replace `<regionK>` tags with `<mask><pos>`, record the binding, and put `<image>` in the first turn."""
+    """Replace `<regionK>` tags with `<mask><pos>`, record the binding, and open the first turn with `<image>` and
+    the region introduction of the official stage-3 data (osprey.prompts)."""
     mentioned: set[int] = set()
     turns: list[tuple[str, str]] = []
     for role, text in conv.turns:
@@ -109,9 +120,9 @@ def bind_regions(conv: ChatConversation, num_regions: int) -> None:
 
         turns.append((role, REGION_TAG.sub(substitute, text)))
     if num_regions and not mentioned:
-        first = multi_region_prefix(num_regions) + "\n" + turns[0][1]
+        first = multi_region_question(num_regions, turns[0][1])
         conv.region_order[:0] = list(range(num_regions))
     else:  # regions not mentioned (yet: a client sends all of them on every turn) are not in the prompt
-        first = IMAGE_PLACEHOLDER + "\n" + turns[0][1]
+        first = inline_region_question(turns[0][1])
     turns[0] = ("human", first)
     conv.turns = turns

@@ -109,10 +109,22 @@ def test_sharded_save_writes_an_index(tiny_model_dir, tmp_path):
     assert report.ok and torch.equal(_outputs(model), _outputs(again))
 
 
-def _write_official_folder(model, tokenizer, path, legacy_gamma=False):
-    """An official-style folder: sharded pytorch_model-*.bin + index, added_tokens.json, official config.json."""
+def _legacy_inv_freq(text_config: dict, dtype: torch.dtype, theta: float | None = None) -> torch.Tensor:
+    """The per-layer rotary buffer as transformers 4.31 computes it (LlamaRotaryEmbedding) and saves it: in the
+    model's dtype, since `model.to(dtype)` casts buffers too."""
+    dim = text_config["hidden_size"] // text_config["num_attention_heads"]
+    base = theta or text_config.get("rope_theta", 10000.0)
+    return (1.0 / (base ** (torch.arange(0, dim, 2).float() / dim))).to(dtype)
+
+
+def _write_official_folder(model, tokenizer, path, legacy_gamma=False, rope_theta=None):
+    """An official folder as transformers 4.31 writes it: sharded pytorch_model-*.bin + index (with every layer's
+    `rotary_emb.inv_freq` buffer), added_tokens.json, official config.json."""
     path.mkdir()
     state = {to_official(k): v.clone() for k, v in model.state_dict().items()}
+    inv_freq = _legacy_inv_freq(model.config.text, model.dtype, rope_theta)
+    for layer in range(model.config.text["num_hidden_layers"]):
+        state[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = inv_freq.clone()
     if legacy_gamma:
         state = {re.sub(r"(blocks\.\d+)\.gamma$", r"\1.weight", k): v for k, v in state.items()}
     names = sorted(state)
@@ -135,11 +147,40 @@ def test_official_folder_loads_strictly(tiny_model_dir, tmp_path, legacy_gamma):
     _write_official_folder(model, tokenizer, tmp_path / "official", legacy_gamma=legacy_gamma)
     loaded, tok, report = load_pretrained(tmp_path / "official", config=model.config)
     assert report.ok, report.summary()
+    assert not report.missing and not report.unexpected
+    layers = model.config.text["num_hidden_layers"]
+    assert sorted(report.ignored) == [f"model.layers.{i}.self_attn.rotary_emb.inv_freq" for i in range(layers)]
+    assert "ignored (recomputed)" in report.summary()
     reference = model.state_dict()
     assert all(torch.equal(reference[k], v) for k, v in loaded.state_dict().items())
     # .bin tensors come back in mmap'd storages whose alignment can change CPU kernel blocking: last-bit differences
     torch.testing.assert_close(_outputs(model), _outputs(loaded), rtol=1e-6, atol=1e-6)
     assert tok.convert_tokens_to_ids(["<mask>", "<pos>"]) == [512, 513]
+
+
+def test_legacy_inv_freq_of_another_rope_setting_is_an_error_naming_it(tiny_model_dir, tmp_path):
+    model, tokenizer, _ = load_pretrained(tiny_model_dir)
+    _write_official_folder(model, tokenizer, tmp_path / "official", rope_theta=1_000_000.0)
+    with pytest.raises(ValueError, match=r"rotary_emb\.inv_freq differs .*rope_theta=10000"):
+        load_pretrained(tmp_path / "official", config=model.config)
+
+
+def test_legacy_inv_freq_in_bfloat16_matches_after_rounding(tiny_model_dir, tmp_path):
+    model, tokenizer, _ = load_pretrained(tiny_model_dir)
+    _write_official_folder(model.to(torch.bfloat16), tokenizer, tmp_path / "official")
+    _, _, report = load_pretrained(tmp_path / "official", config=model.config)
+    assert report.ok and len(report.ignored) == model.config.text["num_hidden_layers"]
+
+
+def test_unknown_keys_next_to_legacy_inv_freq_still_fail(tiny_model_dir, tmp_path):
+    model, tokenizer, _ = load_pretrained(tiny_model_dir)
+    _write_official_folder(model, tokenizer, tmp_path / "official")
+    shard = tmp_path / "official" / "pytorch_model-00001-of-00002.bin"
+    state = torch.load(shard)
+    state["model.layers.0.self_attn.rotary_emb.cos_cached"] = torch.zeros(3)
+    torch.save(state, shard)
+    with pytest.raises(ValueError, match=r"unexpected: 1\b"):
+        load_pretrained(tmp_path / "official", config=model.config)
 
 
 def test_official_config_json_reads_as_osprey_7b(tmp_path):
@@ -190,6 +231,18 @@ def test_model_init_cli_writes_a_complete_folder(tmp_path):
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
     _, _, report = load_pretrained(out)
     assert report.ok
+
+
+def test_model_init_makes_a_llama_sized_vocabulary_offline_in_bfloat16(tmp_path):
+    """osprey-7b's path (32,000 tokens, bf16) on tiny widths: the tokenizer is trained, not required."""
+    tiny = OspreyConfig.from_preset("tiny")
+    config = tiny.replace(text={**tiny.text, "vocab_size": 32000}, mask_token_id=32000, pos_token_id=32001)
+    from osprey.checkpoint import init_model_folder
+
+    init_model_folder(config, tmp_path / "m", dtype="bfloat16")
+    model, tokenizer, report = load_pretrained(tmp_path / "m")
+    assert report.ok and model.dtype == torch.bfloat16
+    assert len(tokenizer) == 32002 and tokenizer.convert_tokens_to_ids(["<mask>", "<pos>"]) == [32000, 32001]
 
 
 def test_derive_changes_only_the_extractor(tiny_model_dir, tmp_path):

@@ -2,7 +2,15 @@
 
 import pytest
 
-from osprey.prompts import TASK_PROMPTS, TEMPLATES, clean_answer, multi_region_prefix, task_prompt
+from osprey.prompts import (
+    TASK_PROMPTS,
+    TEMPLATES,
+    clean_answer,
+    inline_region_question,
+    multi_region_prefix,
+    multi_region_question,
+    task_prompt,
+)
 
 TRAIN_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
@@ -65,8 +73,18 @@ def test_multi_region_prefix_keeps_official_typo_and_singular():
         "<image>\nThis provides an overview of the picture.\nTher are 1 part region in the picture: region1<mask><pos>."
     )
     assert multi_region_prefix(2).endswith("Ther are 2 part regions in the picture: region1<mask><pos>,region2<mask><pos>.")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="num_regions=0"):
         multi_region_prefix(0)
+
+
+def test_region_introductions_are_the_spec_strings_byte_for_byte():
+    # spec section 6: `<image>\nThis provides an overview of the picture.\n` + `Ther are N part regions in the
+    # picture: region1<mask><pos>,region2<mask><pos>. ` + question (the official loader joins them with ". ")
+    assert multi_region_question(2, "What is region1?") == (
+        "<image>\nThis provides an overview of the picture.\n"
+        "Ther are 2 part regions in the picture: region1<mask><pos>,region2<mask><pos>. What is region1?")
+    assert inline_region_question("Is <mask><pos> a dog?") == (
+        "<image>\nThis provides an overview of the picture.\nIs <mask><pos> a dog?")
 
 
 @pytest.mark.parametrize(

@@ -142,7 +142,8 @@ def test_regions_bind_in_text_order_across_turns():
                                     ("user", "And <region2> again?")))
     bind_regions(conv, 2)
     assert conv.region_order == [1, 0, 1]  # region 2 mentioned twice appears twice
-    assert conv.turns[0] == ("human", f"<image>\nCompare {REGION_PLACEHOLDER} and {REGION_PLACEHOLDER}.")
+    assert conv.turns[0] == ("human", ("<image>\nThis provides an overview of the picture.\n"  # as in pos/neg data
+                                      f"Compare {REGION_PLACEHOLDER} and {REGION_PLACEHOLDER}."))
     assert conv.turns[1] == ("gpt", "Sure.")
     assert conv.turns[2] == ("human", f"And {REGION_PLACEHOLDER} again?")
 
@@ -157,8 +158,8 @@ def test_unmentioned_regions_are_introduced_like_osprey_stage3():
     conv = parse_messages(_messages(("user", "Describe the masked region.")))
     bind_regions(conv, 1)
     assert conv.region_order == [0]
-    assert conv.turns[0][1].startswith("<image>\nThis provides an overview of the picture.\nTher are 1 part region")
-    assert conv.turns[0][1].endswith("\nDescribe the masked region.")
+    assert conv.turns[0][1] == ("<image>\nThis provides an overview of the picture.\nTher are 1 part region in the "
+                                "picture: region1<mask><pos>. Describe the masked region.")  # spec 6, verbatim
 
 
 @pytest.mark.parametrize(("items", "regions", "code"), [

@@ -34,10 +34,11 @@ from osprey.data.records import (
     parse_record,
 )
 from osprey.prompts import (
-    CUSTOM_PREFIX,
     IMAGE_PLACEHOLDER,
+    OVERVIEW_PREFIX,
     REGION_PLACEHOLDER,
-    multi_region_prefix,
+    inline_region_question,
+    multi_region_question,
     task_prompt,
 )
 
@@ -58,7 +59,7 @@ __all__ = [
     "rewrite_region_refs",
 ]
 
-OVERVIEW = CUSTOM_PREFIX  # "<image>\nThis provides an overview of the picture.\n"
+OVERVIEW = OVERVIEW_PREFIX  # "<image>\nThis provides an overview of the picture.\n"
 SHORT_ANSWER_SUFFIX = " Answer the question using a single word or phrase."
 
 # Which kinds each stage serves; `kind` names the dataset family a record file belongs to.
@@ -94,13 +95,38 @@ STAGE2_OPENINGS: dict[str, str] = {
 STAGE2_REGION_CAPS: dict[str, int] = {"categories": 20}  # COCO instances: 20; every other stage-2 set: 15
 DEFAULT_REGION_CAP = 15
 
-# A few of the official detailed-description questions; `<region>` becomes the region's `<mask><pos>`.
+# The official detailed-description questions (osprey/datasets/osprey_724k.py), typos included: the model was
+# trained on these strings. `<region>` becomes the region's `<mask><pos>`.
 DETAILED_QUESTIONS: tuple[str, ...] = (
     "Can you provide me with a detailed description of the region in the picture marked by <region>?",
     "I'm curious about the region represented by <region> in the picture. Could you describe it in detail?",
     "What can you tell me about the region indicated by <region> in the image?",
+    "I'd like to know more about the area in the photo labeled <region>. Can you give me a detailed description?",
     "Could you describe the region shown as <region> in the picture in great detail?",
+    "What details can you give me about the region outlined by <region> in the photo?",
+    "Please provide me with a comprehensive description of the region marked with <region> in the image.",
+    "Can you give me a detailed account of the region labeled as <region> in the picture?",
+    "I'm interested in learning more about the region represented by <region> in the photo. Can you describe it in detail?",
+    "What is the region outlined by <region> in the picture like? Could you give me a detailed description?",
+    "Can you provide me with a detailed description of the region in the picture marked by <region>, please?",
+    "I'm curious about the region represented by <region> in the picture. Could you describe it in detail, please?",
+    "What can you tell me about the region indicated by <region> in the image, exactly?",
+    "I'd like to know more about the area in the photo labeled <region>, please. Can you give me a detailed description?",
+    "Could you describe the region shown as <region> in the picture in great detail, please?",
+    "What details can you give me about the region outlined by <region> in the photo, please?",
+    "Please provide me with a comprehensive description of the region marked with <region> in the image, please.",
+    "Can you give me a detailed account of the region labeled as <region> in the picture, please?",
+    "I'm interested in learning more about the region represented by <region> in the photo. Can you describe it in detail, please?",
+    "What is the region outlined by <region> in the picture like, please? Could you give me a detailed description?",
     "Please describe the region <region> in the image in detail.",
+    "Can you offer a thorough analysis of the region <region> in the image?",
+    "Could you elaborate on the region highlighted by <region> in the picture provided?",
+    "Please share more information about the zone emphasized with <region> in the photo.",
+    "What insights can you give ablout the area denoted by <region> in the image presented?",
+    "Can you share a comprehensive rundown of the region denoted by <region> in the presented image?",
+    "I'd like to know more about the region highlighted by <region> in the picture provided.",
+    "Work through the important details of the area <region> in the image.",
+    "Illustrate the area represtented by <region> through a descriptive explanation.",
     "Examine the region <region> closely and share its details.",
 )
 
@@ -228,7 +254,7 @@ def _multi_region(record: Record, image_root: Path, suffix: str) -> Sample:
             if IMAGE_PLACEHOLDER in text:
                 raise ValueError(f"record {record.id}: stage-3 questions must not contain <image>: {text[:60]!r}")
             if i == 0:
-                text = multi_region_prefix(len(record.annotation)) + " " + text
+                text = multi_region_question(len(record.annotation), text)
             text += suffix
         messages.append((role, text))
     return _sample(record, image_root, messages, record.annotation)
@@ -244,7 +270,7 @@ def _inline_regions(record: Record, image_root: Path) -> Sample:
             regions += [record.annotation[int(k) - 1] for k in REGION_REF.findall(text)]
             text = REGION_REF.sub(REGION_PLACEHOLDER, text)
             if i == 0:
-                text = OVERVIEW + text
+                text = inline_region_question(text)
         else:
             text = rewrite_region_refs(text)
         messages.append((role, text))
@@ -258,7 +284,7 @@ def _detailed(record: Record, image_root: Path, rng: np.random.Generator) -> Sam
     for turn, (k, text) in enumerate(region_descriptions(record)):
         question = DETAILED_QUESTIONS[int(rng.integers(len(DETAILED_QUESTIONS)))].replace("<region>", REGION_PLACEHOLDER)
         if turn == 0:
-            question = OVERVIEW + question
+            question = inline_region_question(question)
         messages += [("human", question), ("gpt", rewrite_region_refs(text))]
         regions.append(record.annotation[k - 1])
     return _sample(record, image_root, messages, regions)
