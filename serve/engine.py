@@ -376,7 +376,7 @@ class Engine:
                     for spec, prepared in zip(job.rows, self._prepare(encoded, job.rows))]
             for live in rows:
                 self._check_context(live)
-            self.backend.add([EngineRow(live.row_id, live.prepared, live.spec.params) for live in rows])
+            self._start(rows)
         except APIError as exc:
             job.fail(exc)
             return
@@ -390,6 +390,14 @@ class Engine:
             return
         self.metrics.inc("prompt_tokens", sum(live.prompt_tokens for live in rows))
         self._live.update((live.row_id, live) for live in rows)
+
+    def _start(self, rows: list[_Live]) -> None:
+        try:
+            self.backend.add([EngineRow(live.row_id, live.prepared, live.spec.params) for live in rows])
+        except ValueError as exc:  # a row larger than the engine's row slots (--max-row-tokens)
+            raise APIError(400, f"a region's prompt and max_tokens do not fit this server's engine ({exc}); lower "
+                                "max_tokens or shorten the conversation", param="max_tokens",
+                           code="context_length_exceeded") from None
 
     def _prepare(self, encoded: EncodedImage, rows: list[RowSpec]) -> list[PreparedPrompt]:
         """Rows that differ only by their one mask (describe) are prepared in one call."""

@@ -134,3 +134,13 @@ def test_image_urls_only_when_allowed(model_dir, tmp_path):
             assert r.status_code == 400 and r.json()["error"]["code"] == "image_fetch_failed"
     finally:
         files.shutdown()
+
+
+def test_a_request_larger_than_the_engine_rows_gets_400_and_the_server_keeps_serving(model_dir):
+    config = ServeConfig(model=str(model_dir), max_tokens_limit=64, max_row_tokens=80)
+    with BackgroundServer(config) as server:
+        r = httpx.post(server.url + "/v1/regions/describe", json=payload(max_tokens=64, task="<region> " + "is it red or blue " * 12))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "max_tokens" in r.json()["error"]["message"]
+        ok = httpx.post(server.url + "/v1/regions/describe", json=payload(max_tokens=4))
+        assert ok.status_code == 200 and len(ok.json()["results"]) == 1
