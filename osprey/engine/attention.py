@@ -6,22 +6,17 @@ one query block. Each row's suffix (its region tokens, question and generated to
 the two partial softmaxes are combined exactly through their log-sum-exps, so the result equals attention over
 the concatenation.
 
-`attend` computes one part with two batched matmuls. On CUDA the inputs stay bf16 and cuBLAS accumulates and
-writes the scores in fp32 (`bmm(..., out_dtype=float32)`), the probabilities go back to bf16 for the second
-product, as flash attention does. Unlike the fused SDPA kernels, cuBLAS spreads a handful of long key rows over the
-whole GPU, which is the decoding case: 1 to 64 query rows per image against ~1,100 prefix keys (the
-memory-efficient kernel ran this 3-4x slower than the bytes it reads allow on an H100). Elsewhere (CPU) the same
-math runs in fp32.
+`attend` is the one kernel call: on CUDA the memory-efficient SDPA kernel (fp32 accumulation, an additive bias,
+and it returns the log-sum-exp); elsewhere the same math in fp32 with matmuls. Two cuBLAS batched matmuls with
+fp32 scores were tried in its place and were slower (a 16 images x 16 regions 7B step: 33.5 ms on an H200, against
+29.4 ms with this kernel on an H100, the slower card): the unfused softmax passes over the prefix part's fp32
+scores (38 MB a layer) cost more than they saved. A fused kernel reading the prefix once per image with a query
+block per image (flash decoding) is the next step (docs/engine.md).
 """
 
 from __future__ import annotations
 
-import functools
-import logging
-
 import torch
-
-log = logging.getLogger(__name__)
 
 __all__ = ["attend", "length_bias", "merge"]
 
@@ -33,40 +28,27 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: to
     """query (B, H, M, d), key/value (B, H, N, d), bias broadcastable to (B, H, M, N) (0 or -inf)
     -> output (B, H, M, d) fp32, log-sum-exp (B, H, M) fp32.
 
-    `key` and `value` may be strided views of a KV pool: (B, H) must merge into one batch dimension without a copy.
+    `key` and `value` may be strided views of a KV pool.
     Every query row must see at least one key (a row of -inf gives NaN, as softmax would).
     """
-    if query.is_cuda and query.dtype != torch.float32 and _bmm_writes_fp32():
-        return _attend_low_precision(query, key, value, bias, scale)
+    if query.is_cuda:
+        out, lse, _, _ = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, _aligned_bias(bias, query, key.shape[2]), True, 0.0, False, scale=scale)
+        return out.float(), lse[:, :, :query.shape[2]]
     scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scale + bias
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.matmul(torch.exp(scores - lse[..., None]), value.float())
     return out, lse
 
 
-@functools.cache
-def _bmm_writes_fp32() -> bool:
-    """cuBLAS bf16 x bf16 -> fp32 through `torch.bmm(out_dtype=...)` (recent torch); else the fp32 path, slower."""
-    try:
-        a = torch.ones((1, 1, 8), dtype=torch.bfloat16, device="cuda")
-        return torch.bmm(a, a.transpose(1, 2), out_dtype=torch.float32).dtype == torch.float32
-    except (TypeError, RuntimeError) as exc:
-        log.warning("torch.bmm(out_dtype=float32) is unavailable (%s): attention runs in fp32 copies", exc)
-        return False
-
-
-def _attend_low_precision(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor,
-                          scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    batch, heads, rows, _ = query.shape
-    keys = key.shape[2]
-    q = query.reshape(batch * heads, rows, -1)
-    k, v = key.flatten(0, 1), value.flatten(0, 1)  # views: the pool's (slot, head) strides merge
-    scores = torch.bmm(q, k.transpose(1, 2), out_dtype=torch.float32).view(batch, heads, rows, keys)
-    scores = scores.mul_(scale).add_(bias)
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.exp(scores.sub_(lse[..., None])).to(value.dtype)
-    out = torch.bmm(probs.view(batch * heads, rows, keys), v, out_dtype=torch.float32)
-    return out.view(batch, heads, rows, -1), lse
+def _aligned_bias(bias: torch.Tensor, query: torch.Tensor, keys: int) -> torch.Tensor:
+    """The CUDA kernel wants the bias in the query's dtype, expanded to (B, H, M, N), with rows whose stride is a
+    multiple of 16 elements: stored padded, passed as a view."""
+    batch, heads, rows = query.shape[:3]
+    padded = -(-keys // 16) * 16
+    store = torch.empty((*bias.shape[:-1], padded), dtype=query.dtype, device=query.device)
+    store[..., :keys] = bias
+    return store[..., :keys].expand(batch, heads, rows, keys)
 
 
 def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
