@@ -263,11 +263,10 @@ def test_two_ranks_agree_on_the_time_limit(tmp_path):
     import subprocess
     import sys
 
-    from train.deepspeed_utils import _free_port
-
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "osprey.cli", "train", "--stage", "3", "--config", "tiny_stage3",
+    # --standalone: the rendezvous store binds port 0 and keeps it (no free-port race with other runs)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "osprey.cli", "train", "--stage", "3", "--config", "tiny_stage3",
                "--model", "tiny", "--set", f"data.root={FIXTURE}", "--set", "progress=false", "--set", "bf16=false",
                "--set", "micro_batch_size=2", "--set", "global_batch_size=4", "--set", "save_steps=0",
                "--max-steps", "500", "--time-limit", "6", "--output", str(out)]
@@ -275,8 +274,9 @@ def test_two_ranks_agree_on_the_time_limit(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == summary["total_steps"] == summary["horizon"] < 500
-    shortened = [line for line in done.stderr.splitlines() if "the schedule now ends at step" in line]
-    assert len(shortened) == 2 and len({line.split("INFO", 1)[1] for line in shortened}) == 1  # one per rank, same
+    shortened = [line.split("INFO", 1)[1] for line in done.stderr.splitlines() if "the schedule now ends at step" in line]
+    # however often a slow machine makes rank 0 shorten the schedule, both ranks log each new end: the same lines
+    assert shortened and all(shortened.count(line) == 2 for line in shortened)
     assert (out / "final" / "model.safetensors").is_file()
 
 
@@ -294,8 +294,6 @@ def test_clip_pretraining_on_two_ranks_takes_the_same_steps_as_one_process(tmp_p
 
     from safetensors.torch import load_file
 
-    from train.deepspeed_utils import _free_port
-
     init = init_model_folder("tiny", tmp_path / "init", seed=0)
     common = ["train", "clip", "--data", str(FIXTURE), "--tokenizer", str(init), "--preset", "tiny",
               "--batch-size", "4", "--warmup-steps", "0", "--lr", "1e-3", "--num-workers", "0", "--log-steps", "1",
@@ -304,8 +302,8 @@ def test_clip_pretraining_on_two_ranks_takes_the_same_steps_as_one_process(tmp_p
     assert main([*common, *without_regions, "--out", str(tmp_path / "one")]) == 0
 
     def torchrun(*args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                   str(_free_port()), "-m", "osprey.cli", *common, *args]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                   "osprey.cli", *common, *args]
         return subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
 
     done = torchrun(*without_regions, "--out", str(tmp_path / "two"))
