@@ -45,6 +45,96 @@ class GatedBackend(PipelineBackend):
         super().load()
 
 
+class SteppedBackend(PipelineBackend):
+    """The real pipeline backend whose decoding waits after its first step with text (so the client has seen
+    output) until the test opens `go`, and which counts the steps each decoded batch took: the test decides when
+    the worker is busy instead of guessing with sleeps."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(model)
+        self.go = threading.Event()
+        self.busy = threading.Event()  # a batch has yielded its first step and waits for `go`
+        self.steps: list[int] = []  # per decoded batch, in order
+        self.gated_after = 0  # steps the first batch had taken when it stopped at the gate
+
+    def generate_stream(self, prepared, params, cancelled):
+        self.steps.append(0)
+        for step in super().generate_stream(prepared, params, cancelled):
+            self.steps[-1] += 1
+            yield step
+            if any(event.text_delta for event in step) and not self.busy.is_set():
+                self.gated_after = self.steps[-1]
+                self.busy.set()
+                assert self.go.wait(60), "the test never opened the gate"
+
+
+def _wait_for(condition, what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _metric(server: BackgroundServer, name: str) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_client_disconnect_stops_decoding_and_drops_queued_rows(model_dir):
+    """n=8 rows in batches of 4: the client hangs up after the first streamed token while the first batch waits
+    at its gate. Then that batch stops at its next step and the second batch is never decoded. Without the
+    engine's cancellation checks, the first batch runs to max_tokens (or EOS) and the second one runs too."""
+    backend = SteppedBackend(str(model_dir))
+    config = ServeConfig(model=str(model_dir), max_batch_size=4, max_tokens_limit=32)
+    chat = {"model": "osprey", "max_tokens": 32, "temperature": 1, "seed": 3, "stream": True, "n": 8,
+            "regions": [{"box": [2, 2, 10, 8]}], "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + payload()["image"]}},
+                {"type": "text", "text": "Describe <region1> in detail."}]}]}
+    with BackgroundServer(config, backend) as server:
+        chat["model"] = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=chat, timeout=60) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # the first batch has begun; now hang up
+        _wait_for(lambda: not server.engine._inflight, "the server to notice the client is gone")
+        backend.go.set()
+        assert httpx.post(server.url + "/v1/regions/describe", json=payload()).status_code == 200  # FIFO: all done
+    assert len(backend.steps) == 2, backend.steps  # the cancelled job's first batch, then the follow-up request
+    assert backend.steps[0] == backend.gated_after + 1, backend.steps  # the step after the gate saw the cancellation
+
+
+def test_a_full_queue_answers_429_and_every_admitted_request_completes(model_dir):
+    """max_queue=2: while the worker is held mid-decode, two requests wait in the queue, the next ones get 429
+    with Retry-After, and once the worker goes on every admitted request gets its complete answer."""
+    import asyncio
+
+    backend = SteppedBackend(str(model_dir))
+    config = ServeConfig(model=str(model_dir), max_batch_size=2, max_queue=2)
+    with BackgroundServer(config, backend) as server:
+        async def scenario() -> tuple[list[httpx.Response], list[httpx.Response]]:
+            async with httpx.AsyncClient(timeout=60) as http:
+                def post():
+                    return asyncio.ensure_future(http.post(server.url + "/v1/regions/describe",
+                                                           json=payload(regions=2, max_tokens=3)))
+
+                running = post()
+                await asyncio.to_thread(_wait_for, backend.busy.is_set, "the first batch")
+                queued = [post() for _ in range(2)]
+                await asyncio.to_thread(_wait_for, lambda: _metric(server, "osprey_queue_depth") == 2, "a full queue")
+                refused = [await post() for _ in range(2)]
+                backend.go.set()
+                return [await running, *[await q for q in queued]], refused
+
+        answered, refused = asyncio.run(scenario())
+    for r in refused:
+        assert r.status_code == 429 and r.headers["retry-after"] and r.json()["error"]["type"] == "rate_limit_error"
+    for r in answered:
+        assert r.status_code == 200, r.text
+        assert [x["index"] for x in r.json()["results"]] == [0, 1]
+        assert all(x["completion_tokens"] == 3 or x["finish_reason"] == "stop" for x in r.json()["results"])
+
+
 def test_health_is_503_until_the_model_is_loaded(model_dir):
     backend = GatedBackend(str(model_dir))
     with BackgroundServer(ServeConfig(model=str(model_dir)), backend, wait_ready=False) as server:
@@ -88,9 +178,8 @@ def test_timeouts_and_stalled_or_abandoned_bodies(model_dir):
         assert reply.startswith(b"HTTP/1.1 408") and b"body_timeout" in reply
         with socket.create_connection((server.host, server.port), timeout=10) as sock:  # leaves mid-body
             sock.sendall(head)
-        time.sleep(0.2)
-        metrics = httpx.get(server.url + "/metrics").text
-        assert 'status="500"' not in metrics and 'status="499"' in metrics
+        _wait_for(lambda: 'status="499"' in httpx.get(server.url + "/metrics").text, "the 499 to be counted")
+        assert 'status="500"' not in httpx.get(server.url + "/metrics").text
         assert httpx.get(server.url + "/health").status_code == 200
 
 
