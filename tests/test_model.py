@@ -33,11 +33,22 @@ def test_7b_feature_shapes_on_meta_device():
     assert tuple(tokens.shape) == (1, 1024, 4096)
 
 
-def test_vision_tower_is_frozen_by_default_and_runs_without_grad(model):
-    for p in model.vision_tower.parameters():
-        p.requires_grad_(False)
-    levels = model.vision_tower(torch.randn(1, 3, 128, 128))
-    assert not levels[0].requires_grad
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_vision_tower_is_frozen_by_default_and_runs_without_grad(stage):
+    """Every stage applied with the training config's defaults leaves the tower frozen, in eval mode, and its
+    features carry no graph; asked to train it, the same tower's features do (so the check can fail)."""
+    train = pytest.importorskip("train.trainable")
+    from train.config import TrainConfig
+
+    torch.manual_seed(0)
+    model = build_model(TINY).train()
+    default = TrainConfig.__dataclass_fields__["train_vision"].default
+    train.set_trainable(model, stage, train_vision=default)
+    assert not model.vision_tower.trainable and not model.vision_tower.training
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+    assert not model.vision_tower(torch.randn(1, 3, 128, 128))[0].requires_grad
+    train.set_trainable(model, stage, train_vision=True)
+    assert model.vision_tower(torch.randn(1, 3, 128, 128))[0].requires_grad
 
 
 def _ids(*parts):

@@ -50,12 +50,23 @@ class RegionDataset(torch.utils.data.Dataset):
                 "masks": torch.rand(regions, 48, 40, generator=gen) > 0.5, "truncated": example.truncated,
             })
         self.lengths = [len(item["input_ids"]) for item in self.items]
+        self.epoch = 0
+        self.epochs_set: list[int] = []  # what the recipe told this dataset, in order
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Like osprey.data's datasets: per-sample randomness (here the masks) is reseeded per epoch."""
+        self.epoch = epoch
+        self.epochs_set.append(epoch)
+
     def __getitem__(self, index: int) -> dict:
-        return self.items[index]
+        item = self.items[index]
+        if self.epoch == 0:
+            return item
+        gen = torch.Generator().manual_seed(1000 * self.epoch + index)
+        return item | {"masks": item["masks"] ^ (torch.rand(item["masks"].shape, generator=gen) > 0.5)}
 
 
 def collate(items: list[dict]) -> dict:
@@ -170,21 +181,28 @@ def test_lora_stage3_merges_on_save(tiny, tmp_path):
 
 
 def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path):
+    """Killed in the second epoch and resumed from a checkpoint taken there: the resumed run reseeds the dataset
+    for that epoch (not epoch 0) and continues exactly as the uninterrupted run, which reseeded it per epoch."""
     folder, tokenizer, config = tiny
-    dataset = RegionDataset(tokenizer, config, n=11)
     # micro batch 1, global 2: gradient accumulation; 11 samples = 5 steps per epoch (the 11th micro-batch is a
-    # partial accumulation, dropped), so 6 steps cross an epoch boundary.
-    changes = {"max_steps": 6, "micro_batch_size": 1, "global_batch_size": 2, "save_steps": 3}
-    full = Recipe(make_config(folder, tmp_path / "full", 3, **changes), dataset=dataset, collate_fn=collate)
+    # partial accumulation, dropped), so step 6 is in epoch 1 and its checkpoint is taken there.
+    changes = {"max_steps": 8, "micro_batch_size": 1, "global_batch_size": 2, "save_steps": 3}
+    full_data = RegionDataset(tokenizer, config, n=11)
+    full = Recipe(make_config(folder, tmp_path / "full", 3, **changes), dataset=full_data, collate_fn=collate)
     full.run()
+    assert full_data.epochs_set == [0, 1]
 
+    dataset = RegionDataset(tokenizer, config, n=11)
     killed = Recipe(make_config(folder, tmp_path / "resumed", 3, **changes), dataset=dataset, collate_fn=collate)
     killed.setup()
-    killed.train(until_step=4)  # "killed" after step 4: the step-3 checkpoint is the newest
+    killed.train(until_step=7)  # "killed" after step 7: the step-6 checkpoint (epoch 1) is the newest
     killed.close()
-    resumed = Recipe(make_config(folder, tmp_path / "resumed", 3, **changes), dataset=dataset, collate_fn=collate)
+    resumed_data = RegionDataset(tokenizer, config, n=11)
+    resumed = Recipe(make_config(folder, tmp_path / "resumed", 3, **changes), dataset=resumed_data,
+                     collate_fn=collate)
     resumed.run(resume=True)
-    assert resumed.state.losses[:3] == full.state.losses[:3]
+    assert resumed_data.epochs_set == [1]
+    assert resumed.state.losses[:6] == full.state.losses[:6]  # restored with the checkpoint
     with pytest.raises(FileExistsError, match="pass --resume"):  # a fresh run must not mix with old checkpoints
         Recipe(make_config(folder, tmp_path / "resumed", 3, **changes), dataset=dataset, collate_fn=collate).setup()
 
@@ -192,7 +210,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path):
         return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
     full_log, resumed_log = log("full"), log("resumed")
-    assert [r["step"] for r in resumed_log] == list(range(1, 7))
+    assert [r["step"] for r in resumed_log] == list(range(1, 9))
     for a, b in zip(full_log, resumed_log):
         assert abs(a["loss"] - b["loss"]) < 1e-6 and a["lr"] == b["lr"], (a, b)
     a, b = weights(tmp_path / "full" / "final"), weights(tmp_path / "resumed" / "final")
