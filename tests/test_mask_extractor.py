@@ -125,12 +125,40 @@ def test_empty_mask_gives_bias_only_tokens():
 
 
 def test_half_precision_features_still_give_fp32_tokens_rounded_per_level():
+    """bf16 weights and features: each level's projection is computed in fp32 and stored in bf16 before the
+    sum (the official dtype flow), by hand here; summing unrounded projections gives other tokens."""
     extractor = _extractor().to(torch.bfloat16)
     levels = _levels(torch.bfloat16)
     masks = torch.from_numpy(_masks((16, 16)))
     tokens, pos = extractor(levels, [masks])
     assert tokens.dtype == torch.float32 and pos.dtype == torch.float32
-    assert torch.isfinite(tokens).all()
+
+    def projection(name, level):
+        layer = getattr(extractor, name)
+        pooled = masked_mean_pool(level[0].float(), masks)
+        return pooled @ layer.weight.float().T + layer.bias.float()
+
+    names = ("res2", "res3", "res4", "res5")
+    head = extractor.feat_linear
+    rounded = sum(projection(n, lv).to(torch.bfloat16).float() for n, lv in zip(names, levels))
+    torch.testing.assert_close(tokens, rounded @ head.weight.float().T + head.bias.float(), rtol=0, atol=1e-6)
+    unrounded = sum(projection(n, lv) for n, lv in zip(names, levels))
+    assert not torch.allclose(tokens, unrounded @ head.weight.float().T + head.bias.float(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(31, 47), (3, 5), (1, 1)])
+def test_position_tokens_match_the_per_pixel_reference(shape):
+    """Position token = 3-layer MLP (ReLU) of the mask resized to mask_size^2 (bilinear, align_corners=False),
+    row-major: computed in float64 from the per-pixel resize, for small, one-pixel and 1x1 images."""
+    extractor = _extractor()
+    masks = _masks(shape) if min(shape) > 2 else np.ones((1, *shape), bool)
+    _, pos = extractor(_levels(), [torch.from_numpy(masks)])
+    size = extractor.config.mask_size
+    x = np.stack([reference_bilinear(m.astype(np.float64), size, size).reshape(-1) for m in masks])
+    for i, layer in enumerate(extractor.mask_linear.layers):
+        x = x @ layer.weight.detach().double().numpy().T + layer.bias.detach().double().numpy()
+        x = np.maximum(x, 0) if i < 2 else x
+    np.testing.assert_allclose(pos.detach().numpy(), x, rtol=1e-5, atol=1e-6)
 
 
 def test_res4_only_and_no_position_token_ablations():

@@ -33,6 +33,26 @@ def test_7b_feature_shapes_on_meta_device():
     assert tuple(tokens.shape) == (1, 1024, 4096)
 
 
+def test_image_tokens_are_the_official_projector_of_the_token_level_in_row_major_order(model):
+    """mlp2x_gelu by hand in float64: Linear, exact (erf) GELU, Linear over the token level's grid cells in
+    row-major order (cell (r, c) is token r * w + c)."""
+    import math
+
+    import numpy as np
+
+    pixels = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        features = model.get_image_features(pixels)
+    grid = features.levels[TINY.vision.image_token_level][0].double().numpy()  # (C, h, w)
+    _, h, w = grid.shape
+    w1, b1 = (t.detach().double().numpy() for t in (model.mm_projector[0].weight, model.mm_projector[0].bias))
+    w2, b2 = (t.detach().double().numpy() for t in (model.mm_projector[2].weight, model.mm_projector[2].bias))
+    gelu = np.vectorize(lambda v: 0.5 * v * (1 + math.erf(v / math.sqrt(2))))
+    for r, col in ((0, 0), (0, w - 1), (h - 1, 0), (h // 2, w // 3)):
+        expected = gelu(grid[:, r, col] @ w1.T + b1) @ w2.T + b2
+        np.testing.assert_allclose(features.tokens[0, r * w + col].double().numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_vision_tower_is_frozen_by_default_and_runs_without_grad(stage):
     """Every stage applied with the training config's defaults leaves the tower frozen, in eval mode, and its
