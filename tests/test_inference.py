@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import our_greedy_tokens, transformers_greedy_tokens
 from PIL import Image
 
 from osprey.inference import SamplingParams
@@ -137,29 +138,6 @@ def test_preprocess_image_is_the_official_resize_then_normalise(width, height):
     assert torch.allclose(out, reference, atol=1e-6)
 
 
-def _our_tokens(pipe, prompts, max_new_tokens: int, share_prefix: bool) -> list[list[int]]:
-    tokens: list[list[int]] = [[] for _ in prompts]
-    params = SamplingParams(max_new_tokens=max_new_tokens)
-    for step in pipe.generate_stream(prompts, params, share_prefix=share_prefix):
-        for event in step:
-            if event.token_id is not None:
-                tokens[event.row].append(event.token_id)
-    return tokens
-
-
-def _transformers_tokens(pipe, prompts, max_new_tokens: int) -> list[list[int]]:
-    """The independent reference: transformers' own greedy `generate` on the same prompt embeddings."""
-    embeds, attention, prefix = pipe._embed(prompts, share_prefix=False)
-    assert prefix is None
-    out = pipe.model.language_model.generate(
-        inputs_embeds=embeds, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
-        eos_token_id=pipe.eos_token_id, pad_token_id=pipe.eos_token_id)
-    rows = []
-    for row in out.tolist():
-        rows.append(row[:row.index(pipe.eos_token_id)] if pipe.eos_token_id in row else row)
-    return rows
-
-
 @pytest.mark.parametrize("which", ["tiny_pipeline", "builtin_pipeline"])
 def test_greedy_tokens_equal_transformers_generate(which, request, masks):
     """Batched (left-padded, shared prefix or not) and single decoding give transformers' greedy tokens; the
@@ -171,8 +149,8 @@ def test_greedy_tokens_equal_transformers_generate(which, request, masks):
     prompts = [pipe.prepare(enc, [("human", task_prompt("short"))], masks[i:i + 1]) for i in range(3)]
     prompts.append(pipe.prepare(enc, [("human", task_prompt("category")), ("gpt", "a thing"),
                                       ("human", "and <mask><pos> next to <mask><pos>?")], masks[:3]))
-    reference = _transformers_tokens(pipe, prompts, 12)
+    reference = transformers_greedy_tokens(pipe, prompts, 12)
     assert any(reference), reference
-    assert _our_tokens(pipe, prompts, 12, share_prefix=False) == reference
-    assert _our_tokens(pipe, prompts[:3], 12, share_prefix=True) == reference[:3]
-    assert [_our_tokens(pipe, [p], 12, share_prefix=False)[0] for p in prompts] == reference
+    assert our_greedy_tokens(pipe, prompts, 12, share_prefix=False) == reference
+    assert our_greedy_tokens(pipe, prompts[:3], 12, share_prefix=True) == reference[:3]
+    assert [our_greedy_tokens(pipe, [p], 12, share_prefix=False)[0] for p in prompts] == reference

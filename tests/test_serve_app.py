@@ -6,7 +6,6 @@ masks. Load behaviour (queue overflow, cancellation) is in test_serve_engine.py,
 from __future__ import annotations
 
 import base64
-import io
 import json
 import struct
 import zlib
@@ -16,6 +15,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+from helpers import data_url, png_b64
 from PIL import Image
 
 from osprey import BUILTIN_MODEL_DIR
@@ -28,16 +28,6 @@ KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 H, W = 40, 56
 NAME = "tiny-osprey"
-
-
-def png_b64(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def data_url(image: Image.Image) -> str:
-    return "data:image/png;base64," + png_b64(image)
 
 
 IMAGE = Image.fromarray((np.random.default_rng(0).random((H, W, 3)) * 255).astype(np.uint8))

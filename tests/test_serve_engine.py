@@ -3,8 +3,6 @@ graceful shutdown that finishes the requests in flight."""
 
 from __future__ import annotations
 
-import base64
-import io
 import socket
 import threading
 import time
@@ -12,9 +10,9 @@ import time
 import httpx
 import numpy as np
 import pytest
+from helpers import png_b64
 from PIL import Image
 
-from osprey.checkpoint import init_model_folder
 from serve.background import BackgroundServer
 from serve.config import ServeConfig
 from serve.engine import PipelineBackend
@@ -22,15 +20,13 @@ from serve.engine import PipelineBackend
 
 def payload(regions: int = 1, max_tokens: int = 2, **extra) -> dict:
     image = Image.fromarray((np.random.default_rng(1).random((24, 32, 3)) * 255).astype(np.uint8))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return {"image": base64.b64encode(buf.getvalue()).decode(), "regions": [{"box": [2, 2, 10, 8]}] * regions,
+    return {"image": png_b64(image), "regions": [{"box": [2, 2, 10, 8]}] * regions,
             "max_tokens": max_tokens} | extra
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return init_model_folder("tiny", tmp_path_factory.mktemp("tiny"), seed=0)
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 class GatedBackend(PipelineBackend):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from osprey.checkpoint import init_model_folder, load_pretrained, read_config, to_official
+from osprey.checkpoint import load_pretrained, read_config, to_official
 from osprey.prompts import multi_region_prefix
 from osprey.tokenization import IGNORE_INDEX, build_example
 from train.config import load_config
@@ -83,8 +83,8 @@ def collate(items: list[dict]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = init_model_folder("tiny", tmp_path_factory.mktemp("model") / "tiny", seed=0)
+def tiny(tiny_model_dir):
+    folder = tiny_model_dir
     _, tokenizer, _ = load_pretrained(folder)
     return folder, tokenizer, read_config(folder)
 
@@ -349,7 +349,7 @@ def test_time_limit_ends_the_schedule_within_it_and_a_resume_keeps_it(tiny, tmp_
     assert [r["lr"] for r in again] == [r["lr"] for r in log[10:]]
 
 
-def test_clip_pretraining_fits_its_schedule_into_the_time_limit(tmp_path, monkeypatch):
+def test_clip_pretraining_fits_its_schedule_into_the_time_limit(tiny_model_dir, tmp_path, monkeypatch):
     """`osprey train clip --time-limit` uses the same time box: on a clock of one second a step, a 20 s limit ends
     the 50-step schedule at step 20 with the rate annealed to 0, and the weights are written."""
     import train.schedule
@@ -360,7 +360,7 @@ def test_clip_pretraining_fits_its_schedule_into_the_time_limit(tmp_path, monkey
             super().__init__(limit, start_step, SteppingClock(1.0))
 
     monkeypatch.setattr(train.schedule, "TimeBox", SteppedTimeBox)
-    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+    init = tiny_model_dir  # read-only: shared
     fixture = Path(__file__).parent / "fixtures" / "synth"
     assert main(["train", "clip", "--data", str(fixture), "--tokenizer", str(init), "--out", str(tmp_path / "clip"),
                  "--preset", "tiny", "--steps", "50", "--batch-size", "4", "--warmup-steps", "1", "--num-workers", "0",
