@@ -31,10 +31,15 @@ def test_describe_returns_one_answer_per_mask_and_encodes_once(tiny_pipeline, im
     monkeypatch.setattr(tiny_pipeline.model, "get_image_features", lambda px: calls.append(px.shape) or original(px))
     answers = tiny_pipeline.describe(image, masks, task="category", params=SamplingParams(max_new_tokens=5))
     assert len(answers) == 4 and len(calls) == 1
+    # the same as preparing each region's official prompt and generating it alone
+    enc = tiny_pipeline.encode_image(image)
+    alone = [tiny_pipeline.generate([tiny_pipeline.prepare(enc, [("human", task_prompt("category"))], masks[i:i + 1])],
+                                    SamplingParams(max_new_tokens=5))[0] for i in range(4)]
+    assert answers == alone
+    prompt_tokens = len(tiny_pipeline._prompt_ids([("human", task_prompt("category"))]))
     for a in answers:
-        assert isinstance(a.text, str) and 1 <= a.completion_tokens <= 5
-        assert a.finish_reason in ("stop", "length")
-        assert a.prompt_tokens > tiny_pipeline.config.vision.num_image_tokens
+        assert a.prompt_tokens == prompt_tokens
+        assert (a.finish_reason, a.completion_tokens) in (("length", 5), *(("stop", n) for n in range(1, 5)))
 
 
 def test_batched_generation_equals_one_by_one(tiny_pipeline, image, masks):

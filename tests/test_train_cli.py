@@ -257,6 +257,7 @@ def test_builtin_stage3_configs_build_their_mixes_on_a_generated_dataset(tiny_mo
     assert sizes["builtin_stage3_final"] == sizes["builtin_stage3"] + 7 * pos_neg + categories
 
 
+@pytest.mark.slow
 def test_two_ranks_agree_on_the_time_limit(tmp_path):
     """Two CPU ranks (torchrun, gloo, ZeRO-2) with a time limit: rank 0's clock decides, both ranks shorten the
     schedule to the same step and the run ends there with final/ written (a disagreement would hang a collective)."""
@@ -284,6 +285,7 @@ def _clip_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_clip_pretraining_on_two_ranks_takes_the_same_steps_as_one_process(tiny_model_dir, tmp_path):
     """torchrun, two CPU ranks (gloo) of 2 images each against one process of 4: the same images per step (each rank
     takes its share of one order), the image-caption loss over the gathered batch and averaged gradients give the

@@ -180,6 +180,7 @@ def test_lora_stage3_merges_on_save(tiny, tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path):
     """Killed in the second epoch and resumed from a checkpoint taken there: the resumed run reseeds the dataset
     for that epoch (not epoch 0) and continues exactly as the uninterrupted run, which reseeded it per epoch."""
