@@ -26,6 +26,7 @@ text += ("\n[tool.mutmut]\nsource_paths = [\"osprey\", \"serve\", \"eval\"]\n"
          "pytest_add_cli_args = [\"-p\", \"no:randomly\", \"-q\"]\n")
 Path("pyproject.toml").write_text(text)
 PY
+mkdir -p "$work/mutants"  # exists before Python starts: a missing PYTHONPATH entry would be cached as absent
 export PYTHONPATH="$work/mutants"  # the mutated copy, not an installed checkout
 mutmut run --max-children "${MUTMUT_CHILDREN:-2}" > mutmut.log 2>&1 || true
 echo "mutation run in $work"

@@ -17,7 +17,8 @@ def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     """A socket bound to `port` (0: one the OS picks) and kept open for uvicorn to serve on. Asking for a free
     port, closing it and letting uvicorn bind it later races with any other process doing the same."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if port:  # a named port may be rebound while its last connections sit in TIME_WAIT (as uvicorn does)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError:

@@ -131,6 +131,18 @@ def test_a_full_queue_answers_429_and_every_admitted_request_completes(model_dir
         assert all(x["completion_tokens"] == 3 or x["finish_reason"] == "stop" for x in r.json()["results"])
 
 
+def test_the_server_port_is_held_from_construction_to_stop():
+    """No bind-then-close: the port a BackgroundServer reports is bound by it before it starts, so nobody else
+    can take it in between."""
+    from serve.background import listening_socket
+
+    held = listening_socket()
+    port = held.getsockname()[1]
+    with socket.socket() as other, pytest.raises(OSError):
+        other.bind(("127.0.0.1", port))
+    held.close()
+
+
 def test_health_is_503_until_the_model_is_loaded(model_dir):
     backend = GatedBackend(str(model_dir))
     with BackgroundServer(ServeConfig(model=str(model_dir)), backend, wait_ready=False) as server:
