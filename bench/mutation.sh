@@ -23,7 +23,10 @@ text += ("\n[tool.mutmut]\nsource_paths = [\"osprey\", \"serve\", \"eval\"]\n"
          f"only_mutate = {json.dumps([module])}\n"
          "also_copy = [\"tests\", \"train\", \"data_tools\", \"bench\", \"pyproject.toml\"]\n"
          f"pytest_add_cli_args_test_selection = {json.dumps(tests)}\n"
-         "pytest_add_cli_args = [\"-p\", \"no:randomly\", \"-q\"]\n")
+         "pytest_add_cli_args = [\"-p\", \"no:randomly\", \"-q\"]\n"
+         # a mutant's test run is timed against the clean run; on a busy machine the default 1 s margin made
+         # most mutants of a millisecond function 'time out' (not a verdict): allow 30 s
+         "timeout_constant = 30.0\n")
 Path("pyproject.toml").write_text(text)
 PY
 mkdir -p "$work/mutants"  # exists before Python starts: a missing PYTHONPATH entry would be cached as absent
