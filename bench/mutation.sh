@@ -29,6 +29,8 @@ text += ("\n[tool.mutmut]\nsource_paths = [\"osprey\", \"serve\", \"eval\"]\n"
          "timeout_constant = 30.0\n")
 Path("pyproject.toml").write_text(text)
 PY
+# One torch thread: mutmut forks a child per mutant, and a child forked after OpenMP's pool started can hang.
+export OMP_NUM_THREADS=1
 mkdir -p "$work/mutants"  # exists before Python starts: a missing PYTHONPATH entry would be cached as absent
 export PYTHONPATH="$work/mutants"  # the mutated copy, not an installed checkout
 mutmut run --max-children "${MUTMUT_CHILDREN:-2}" > mutmut.log 2>&1 || true
