@@ -196,10 +196,23 @@ def test_batched_extraction_equals_image_by_image():
         torch.from_numpy(rng.random((3, 40, 40)) > 0.6),
         torch.zeros((0, 40, 40), dtype=torch.bool),
         torch.from_numpy(_masks((37, 61))),
-        torch.from_numpy(rng.random((1, 40, 40)) > 0.9),
+        torch.from_numpy(rng.random((1, 29, 40)) > 0.5),  # the width of images 0-1, another height
     ]
     tokens, pos = extractor(levels, masks)
     assert tokens.shape == (9, 12) and pos.shape == (9, 12)
     singles = [extractor([level[i:i + 1] for level in levels], [m]) for i, m in enumerate(masks)]
     torch.testing.assert_close(tokens, torch.cat([t for t, _ in singles]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pos, torch.cat([p for _, p in singles]), rtol=1e-5, atol=1e-6)
+
+
+def test_fresh_initialisation_is_the_official_one():
+    """reset_parameters (stage-2 start): every Linear weight N(0, 0.02), every bias 0."""
+    torch.manual_seed(0)
+    extractor = MaskExtractor(ExtractorConfig(hidden_size=256, mask_size=16), level_channels=(64, 128, 256, 512),
+                              out_dim=256)
+    extractor.reset_parameters()
+    linears = [m for m in extractor.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4 + 1 + 3
+    weights = torch.cat([m.weight.flatten() for m in linears])
+    assert abs(weights.mean().item()) < 1e-3 and weights.std().item() == pytest.approx(0.02, rel=0.01)
+    assert all(not m.bias.any() for m in linears)

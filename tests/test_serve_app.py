@@ -55,6 +55,11 @@ def server(model_dir):
 
 
 @pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
 def pipe(model_dir):
     from osprey.inference import OspreyPipeline
 
