@@ -149,8 +149,10 @@ def test_sampling_is_greedy_at_temperature_zero_and_seeded_rows_ignore_their_bat
     batch = sample(logits, temps, top_p, seeds, steps, True)
     alone = sample(logits[:1], temps[:1], top_p[:1], seeds[:1], steps[:1], True)
     assert batch[0] == alone[0] and batch[2] == logits[2].argmax()
-    # top_p that keeps only the best token is greedy
-    assert torch.equal(sample(logits, torch.ones(4), torch.full((4,), 1e-6), seeds, steps, True), logits.argmax(-1))
+    # top_p that keeps only the best token is greedy, also below float32's smallest number (it rounds to 0)
+    for tiny in (1e-6, 5e-324):
+        top = torch.full((4,), tiny)
+        assert torch.equal(sample(logits, torch.ones(4), top, seeds, steps, True), logits.argmax(-1))
 
 
 def test_sampling_follows_the_distribution():

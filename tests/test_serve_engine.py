@@ -15,7 +15,7 @@ from PIL import Image
 
 from serve.background import BackgroundServer
 from serve.config import ServeConfig
-from serve.engine import PipelineBackend
+from serve.engine import EngineSize, PipelineBackend
 
 
 def payload(regions: int = 1, max_tokens: int = 2, **extra) -> dict:
@@ -42,26 +42,27 @@ class GatedBackend(PipelineBackend):
 
 
 class SteppedBackend(PipelineBackend):
-    """The real pipeline backend whose decoding waits after its first step with text (so the client has seen
-    output) until the test opens `go`, and which counts the steps each decoded batch took: the test decides when
-    the worker is busy instead of guessing with sleeps."""
+    """The real pipeline backend that, once a step has produced text (so the client has seen output), waits before
+    its next step until the test opens `go`, and records the rows each step advanced: the test decides when the
+    worker is busy instead of guessing with sleeps."""
 
-    def __init__(self, model: str) -> None:
-        super().__init__(model)
+    def __init__(self, model: str, **kwargs) -> None:
+        super().__init__(model, **kwargs)
         self.go = threading.Event()
-        self.busy = threading.Event()  # a batch has yielded its first step and waits for `go`
-        self.steps: list[int] = []  # per decoded batch, in order
-        self.gated_after = 0  # steps the first batch had taken when it stopped at the gate
+        self.busy = threading.Event()  # the worker waits for `go` inside a step
+        self.rows_per_step: list[set[int]] = []  # per engine step, the row ids that advanced
+        self.gated_at = -1  # the index of the step that waited at the gate
+        self._text_seen = False
 
-    def generate_stream(self, prepared, params, cancelled):
-        self.steps.append(0)
-        for step in super().generate_stream(prepared, params, cancelled):
-            self.steps[-1] += 1
-            yield step
-            if any(event.text_delta for event in step) and not self.busy.is_set():
-                self.gated_after = self.steps[-1]
-                self.busy.set()
-                assert self.go.wait(60), "the test never opened the gate"
+    def step(self):
+        if self._text_seen and not self.busy.is_set():
+            self.gated_at = len(self.rows_per_step)
+            self.busy.set()
+            assert self.go.wait(60), "the test never opened the gate"
+        events = super().step()
+        self.rows_per_step.append({event.row for event in events})
+        self._text_seen = self._text_seen or any(event.text_delta for event in events)
+        return events
 
 
 def _wait_for(condition, what: str, timeout_s: float = 30) -> None:
@@ -79,10 +80,10 @@ def _metric(server: BackgroundServer, name: str) -> float:
 
 
 def test_client_disconnect_stops_decoding_and_drops_queued_rows(model_dir):
-    """n=8 rows in batches of 4: the client hangs up after the first streamed token while the first batch waits
-    at its gate. Then that batch stops at its next step and the second batch is never decoded. Without the
-    engine's cancellation checks, the first batch runs to max_tokens (or EOS) and the second one runs too."""
-    backend = SteppedBackend(str(model_dir))
+    """n=8 rows with room for 4: the client hangs up after the first streamed token while the engine waits at its
+    gate. Then its 4 running rows leave before the next step and the 4 waiting ones never start. Without the
+    engine's cancellation checks, the running rows go on to max_tokens (or EOS) and the waiting ones run too."""
+    backend = SteppedBackend(str(model_dir), size=EngineSize(max_rows=4, max_row_tokens=300))
     config = ServeConfig(model=str(model_dir), max_batch_size=4, max_tokens_limit=32)
     chat = {"model": "osprey", "max_tokens": 32, "temperature": 1, "seed": 3, "stream": True, "n": 8,
             "regions": [{"box": [2, 2, 10, 8]}], "messages": [{"role": "user", "content": [
@@ -92,12 +93,15 @@ def test_client_disconnect_stops_decoding_and_drops_queued_rows(model_dir):
         chat["model"] = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
         with httpx.stream("POST", server.url + "/v1/chat/completions", json=chat, timeout=60) as r:
             assert r.status_code == 200
-            next(r.iter_lines())  # the first batch has begun; now hang up
+            next(r.iter_lines())  # the first rows have begun; now hang up
         _wait_for(lambda: not server.engine._inflight, "the server to notice the client is gone")
         backend.go.set()
-        assert httpx.post(server.url + "/v1/regions/describe", json=payload()).status_code == 200  # FIFO: all done
-    assert len(backend.steps) == 2, backend.steps  # the cancelled job's first batch, then the follow-up request
-    assert backend.steps[0] == backend.gated_after + 1, backend.steps  # the step after the gate saw the cancellation
+        follow_up = httpx.post(server.url + "/v1/regions/describe", json=payload())
+        assert follow_up.status_code == 200
+    started = set().union(*backend.rows_per_step[:backend.gated_at + 1])
+    assert started and started <= set(range(4)), backend.rows_per_step  # 4 rows fit; the chat's rows are 0..7
+    after_gate = set().union(*backend.rows_per_step[backend.gated_at + 1:])
+    assert after_gate == {8}, backend.rows_per_step  # after the gated step, only the follow-up request's row ran
 
 
 def test_a_full_queue_answers_429_and_every_admitted_request_completes(model_dir):

@@ -25,6 +25,7 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
     probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
     sorted_probs, order = probs.sort(dim=-1, descending=True)
     keep_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs < top_p[:, None]  # smallest prefix with mass >= p
+    keep_sorted[:, 0] = True  # the best token always: a top_p below float32's range would otherwise keep none
     keep = torch.zeros_like(keep_sorted).scatter(1, order, keep_sorted)
     noise = _uniform(seed, step, logits.shape[1])
     scores = torch.log(probs).masked_fill(~keep, float("-inf")) - torch.log(-torch.log(noise))
