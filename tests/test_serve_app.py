@@ -253,13 +253,13 @@ NATIVE_BAD = [
     ({"regions": [{"rle": mask_codecs.encode_rle(np.zeros((10, 10), bool))}]}, 400, "regions[0].rle"),
     ({"regions": [{"png": mask_codecs.encode_png_base64(np.zeros((H + 1, W), bool))}]}, 400, "regions[0].png"),
     ({"regions": [{"rle": {"size": [H, W], "counts": "!!!"}}]}, 400, "regions[0].rle"),
-    ({"regions": [{"polygon": [[1, 2, 3, 4, 5]]}]}, 400, "regions[0].polygon"),
-    ({"regions": [{"box": [0, 0, 1000, 5]}]}, 400, "regions[0].box"),
+    ({"regions": [{"polygon": [[1, 2, 3, 4, 5]]}]}, 400, "regions[0].polygon[0]"),
+    ({"regions": [{"box": [1000, 0, 5, 5]}]}, 400, "regions[0].box"),  # wholly outside; partly outside is clipped
     ({"regions": [{"polygon": [[0, 0, 1e300, 0, 1e300, 1e300]]}]}, 400, "regions[0].polygon"),  # crashed pycocotools
     ({"regions": [{"box": [10**30, 0, 5, 5]}]}, 400, "regions[0].box"),
     ({"regions": [{"rle": {"size": [H, W], "counts": [10**30, 5]}}]}, 400, "regions[0].rle"),
     ({"regions": [{"rle": {"size": [10**6, 10**6], "counts": "0"}}], "resize_masks": True}, 400, "regions[0].rle"),
-    ({"regions": [{"segmentation": "abc"}]}, 400, "regions[0]"),
+    ({"regions": [{"segmentation": "abc"}]}, 400, "regions[0].segmentation"),
     ({"regions": GOOD_REGION * 9}, 400, "regions"),
     ({"regions": []}, 400, "regions"),
     ({"regions": "everything"}, 400, "regions"),
@@ -294,7 +294,7 @@ def test_missing_fields_and_bad_json(server):
                 b'{"image": "%s", "max_tokens": 2, "regions": [{"polygon": [[0, 0, 1e999, 0, 5, 5]]}]}' % png_b64(IMAGE).encode()):
         r = httpx.post(server.url + "/v1/regions/describe", content=raw, headers=AUTH | {"content-type": "application/json"})
         assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
-    assert r.json()["error"]["param"] == "regions[0].polygon"  # inf reached the mask check, not the C decoder
+    assert r.json()["error"]["param"] == "regions[0].polygon[0][2]"  # the schema refuses inf before any decoder
     assert describe(server).status_code == 200
 
 
@@ -319,7 +319,7 @@ def test_oversized_body_is_refused_before_parsing(server):
 CHAT_BAD = [
     ({"messages": chat_messages("What is <region3>?")}, "messages"),
     ({"messages": chat_messages("What is <region1>?"), "extra_body": {"regions": GOOD_REGION * 9}}, "regions"),
-    ({"messages": chat_messages("What is <region1>?"), "extra_body": {"regions": [{"box": [0, 0, 99, 99]}]}},
+    ({"messages": chat_messages("What is <region1>?"), "extra_body": {"regions": [{"box": [99, 99, 9, 9]}]}},
      "regions[0].box"),
     ({"messages": [{"role": "user", "content": "no image here"}]}, "messages"),
     ({"messages": chat_messages("<image> and <mask>")}, "messages[0].content"),
