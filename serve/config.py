@@ -9,6 +9,7 @@ from pathlib import Path
 from osprey import default_model_path
 
 DEFAULT_MODEL_ENV = "OSPREY_MODEL"
+_RUN_OUTPUT_NAMES = ("final", "latest", "best", "last")  # folder names a training run writes its model to
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,14 @@ class ServeConfig:
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or Path(self.model).name
+        """`served_model_name`, else the folder's name; a training run's `final` / `checkpoint-N` folder is named
+        with its run (`pass3/final`), since "final" alone says nothing about the model."""
+        if self.served_model_name:
+            return self.served_model_name
+        path = Path(self.model).resolve()
+        if path.name in _RUN_OUTPUT_NAMES or path.name.startswith(("checkpoint-", "step-", "step_")):
+            return f"{path.parent.name}/{path.name}"
+        return path.name
 
 
 class NoDefaultModel(RuntimeError):

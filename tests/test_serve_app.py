@@ -418,3 +418,46 @@ def test_no_request_ever_got_a_500(server):
     text = httpx.get(server.url + "/metrics").text
     assert 'status="500"' not in text
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+# ---------------------------------------------------------------------------------------------- paper cuts (#20)
+
+
+def test_empty_mask_is_a_400_naming_the_region(server):
+    empty = mask_codecs.encode_rle(np.zeros((H, W), bool))
+    r = describe(server, regions=[{"box": [8, 5, 22, 15]}, {"rle": empty}])
+    assert_error(r, 400, "regions[1]")
+    assert r.json()["error"]["code"] == "empty_mask" and "empty" in r.json()["error"]["message"]
+    transparent = Image.new("RGBA", (W, H), (0, 0, 0, 0))  # an alpha-channel region with no pixel inside
+    r = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, timeout=60, json={
+        "messages": chat_messages("What is <region1>?", data_url(transparent)), "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "empty_mask"
+    assert r.json()["error"]["param"] == "messages[0].content[1].image_url.url"
+
+
+def test_bare_coco_rle_and_clipped_boxes_are_accepted(server):
+    """pycocotools' own output `{"size", "counts"}` is a region; a box partly outside is clipped, with a note."""
+    r = describe(server, regions=[mask_codecs.encode_rle(MASK_A), {"box": [40, 30, 100, 100]}])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [x["index"] for x in body["results"]] == [0, 1]
+    assert len(body["notes"]) == 1 and body["notes"][0].startswith("regions[1].box:") and "clipped" in body["notes"][0]
+
+
+def test_openapi_types_regions_and_lists_400(server):
+    schema = httpx.get(server.url + "/openapi.json").json()
+    for path in ("/v1/regions/describe", "/v1/chat/completions"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert "422" not in responses and "400" in responses
+    regions = schema["components"]["schemas"]["DescribeRequest"]["properties"]["regions"]
+    forms = {ref["$ref"].rsplit("/", 1)[-1] for ref in regions["items"]["oneOf"]}
+    assert forms == {"RLERegion", "PolygonRegion", "BoxRegion", "PNGRegion", "BitmapRegion", "CocoRLE", "SAMRegion"}
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+
+
+def test_a_run_folder_is_served_under_its_run_name(tmp_path):
+    final = tmp_path / "pass3" / "final"
+    final.mkdir(parents=True)
+    assert ServeConfig(model=str(final)).model_name == "pass3/final"
+    assert ServeConfig(model=str(tmp_path / "pass3")).model_name == "pass3"
+    assert ServeConfig(model=str(final), served_model_name="mine").model_name == "mine"
