@@ -20,10 +20,10 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from osprey.masks import alpha_mask
-from osprey.prompts import clean_answer, task_prompt
+from osprey.prompts import REGION_PLACEHOLDER, clean_answer, task_prompt
 
 from . import inputs
 from .chat import ChatConversation, bind_regions, parse_messages
@@ -43,6 +43,7 @@ from .schemas import (
     DescribeRequest,
     DescribeResponse,
     ErrorResponse,
+    Health,
     ModelCard,
     ModelList,
     RegionResult,
@@ -104,12 +105,13 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     504: {"model": ErrorResponse, "description": "request timed out"},
 }
 router = APIRouter()
+DESCRIBE_MAX_TOKENS = 64  # a describe request's default: a short answer per region
 
 
 # ---------------------------------------------------------------------------------------------- plain endpoints
 
 
-@router.get("/health")
+@router.get("/health", response_model=Health, responses={503: {"model": Health, "description": "loading, or failed"}})
 async def health(server: Server) -> Response:
     if server.engine.load_error is not None:
         return JSONResponse({"status": "error", "error": server.engine.load_error}, status_code=503)
@@ -123,7 +125,8 @@ async def models(server: Server) -> ModelList:
     return ModelList(data=[ModelCard(id=server.config.model_name, created=server.created)])
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
 async def prometheus(server: Server) -> Response:
     body, content_type = server.metrics.render()
     return Response(body, media_type=content_type)
@@ -132,7 +135,8 @@ async def prometheus(server: Server) -> Response:
 # ---------------------------------------------------------------------------------------------- chat completions
 
 
-@router.post("/v1/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
+@router.post("/v1/chat/completions", response_model=ChatCompletion,
+             responses=_ERRORS | {200: {"content": {"text/event-stream": {}}, "description": "with stream"}})
 async def chat_completions(body: ChatCompletionRequest, request: Request, server: Server) -> Response:
     """OpenAI chat completions; regions as `<regionK>` tags bound to `regions`, mask images or the alpha channel."""
     config = server.config
@@ -188,7 +192,8 @@ def _chat_rows(body: ChatCompletionRequest, conv: ChatConversation, masks: np.nd
 # ---------------------------------------------------------------------------------------------- native describe
 
 
-@router.post("/v1/regions/describe", response_model=DescribeResponse, responses=_ERRORS)
+@router.post("/v1/regions/describe", response_model=DescribeResponse,
+             responses=_ERRORS | {200: {"content": {"application/x-ndjson": {}}, "description": "with stream"}})
 async def describe(body: DescribeRequest, request: Request, server: Server) -> Response:
     """Describe each region of one image with a task prompt; one result per region, in request order."""
     config = server.config
@@ -196,14 +201,15 @@ async def describe(body: DescribeRequest, request: Request, server: Server) -> R
     if len(body.task) > config.max_prompt_chars:
         raise bad_request(f"task prompt is longer than {config.max_prompt_chars} characters", "task",
                           "prompt_too_long")
-    max_tokens = _max_tokens(body.max_tokens, "max_tokens", config)
+    max_tokens = _max_tokens(body.max_tokens or min(DESCRIBE_MAX_TOKENS, config.max_tokens_limit), "max_tokens", config)
     image = await _load_image(body.image, "image", server)
     h, w = image.size_hw
     regions = await asyncio.to_thread(inputs.decode_regions, regions_payload(body.regions), h, w, server.limits,
                                       max_regions=config.max_regions, resize=body.resize_masks)
     params = _sampling(max_tokens, body.temperature, body.top_p, body.seed, ())
     prompt = task_prompt(body.task)
-    rows = [RowSpec(i, [("human", prompt)], regions.masks[i:i + 1], params) for i in range(len(regions.masks))]
+    mentions = prompt.count(REGION_PLACEHOLDER)  # a custom task may name its region more than once
+    rows = [RowSpec(i, [("human", prompt)], regions.masks[[i] * mentions], params) for i in range(len(regions.masks))]
     job = server.engine.submit(image.image, image.key, rows, config.request_timeout_s)
     events, first = await _start(server.engine, job, request)
     rid, now = f"desc-{uuid.uuid4().hex}", int(time.time())
@@ -216,16 +222,45 @@ async def describe(body: DescribeRequest, request: Request, server: Server) -> R
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema without the 422 it adds to every route with a body (this server answers 400)."""
+    """FastAPI's schema without the 422 it adds to every route with a body (this server answers 400), and with
+    this server's limits (model name, max_tokens, regions, n, prompt length), so a client or a fuzzer reads
+    from the document what the server accepts."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         for path in schema.get("paths", {}).values():
             for operation in path.values():
                 operation.get("responses", {}).pop("422", None)
+        models = schema.get("components", {}).get("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
-            schema.get("components", {}).get("schemas", {}).pop(name, None)
+            models.pop(name, None)
+        _declare_limits(models, app.state.server.config)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _declare_limits(models: dict[str, Any], config: ServeConfig) -> None:
+    limits = {
+        "DescribeRequest": {"max_tokens": {"maximum": config.max_tokens_limit},
+                            "regions": {"maxItems": config.max_regions}},
+        "ChatCompletionRequest": {"max_tokens": {"maximum": config.max_tokens_limit},
+                                  "max_completion_tokens": {"maximum": config.max_tokens_limit},
+                                  "n": {"maximum": config.max_n}, "regions": {"maxItems": config.max_regions}},
+    }
+    for model, fields in limits.items():
+        properties = models.get(model, {}).get("properties", {})
+        for field_name, limit in fields.items():
+            prop = properties[field_name]
+            for branch in prop.get("anyOf", [prop]):  # optional fields: the non-null branch
+                if branch.get("type") in ("integer", "array"):
+                    branch.update(limit)
+        model_field = properties.get("model", {})
+        for branch in model_field.get("anyOf", [model_field]):
+            if branch.get("type") == "string":
+                branch["enum"] = [config.model_name]
+    task = models.get("DescribeRequest", {}).get("properties", {}).get("task", {})
+    for branch in task.get("anyOf", []):
+        if "pattern" in branch:
+            branch["maxLength"] = config.max_prompt_chars
 
 
 # ---------------------------------------------------------------------------------------------- request helpers

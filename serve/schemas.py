@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
-from osprey.prompts import task_prompt
+from osprey.prompts import CUSTOM_REGION_TAG, TASK_PROMPTS, task_prompt
 
 # ---------------------------------------------------------------------------------------------- regions
 # What each form means, and the checks no schema can say (polygon area, RLE counts summing to the size, a
@@ -23,6 +23,7 @@ class _Strict(BaseModel):
 Side = Annotated[int, Field(ge=1, le=1 << 20)]
 Count = Annotated[int, Field(ge=0)]
 Coordinate = Annotated[float, Field(allow_inf_nan=False)]
+Extent = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 Bit = Annotated[int, Field(ge=0, le=1)]
 
 
@@ -30,25 +31,31 @@ class CocoRLE(_Strict):
     """COCO run-length encoding, as pycocotools writes it: `counts` compressed (text) or a list of runs."""
 
     size: tuple[Side, Side] = Field(description="[height, width] of the mask")
-    counts: str | list[Count] = Field(description="column-major runs, starting with the number of zeros")
+    counts: Annotated[str, Field(json_schema_extra={"format": "coco-rle-counts"})] | list[Count] = Field(
+        description="column-major runs starting with the zeros, summing to height x width: as a list, or "
+                    "compressed as pycocotools writes them")
 
 
 class RLERegion(_Strict):
     rle: CocoRLE
 
 
+Polygon = Annotated[list[Coordinate], Field(min_length=6)]  # x1, y1, x2, y2, x3, y3, ...
+
+
 class PolygonRegion(_Strict):
-    polygon: (list[Annotated[list[Coordinate], Field(min_length=6)]] | Annotated[list[Coordinate], Field(min_length=6)]) = \
-        Field(min_length=1, description="COCO polygons: flat [x1, y1, x2, y2, ...] lists (merged), or one")
+    polygon: Annotated[list[Polygon], Field(min_length=1)] | Polygon = Field(
+        description="COCO polygons: flat [x1, y1, x2, y2, ...] lists (merged into one region), or one such list")
 
 
 class BoxRegion(_Strict):
-    box: tuple[Coordinate, Coordinate, Coordinate, Coordinate] = Field(
+    box: tuple[Coordinate, Coordinate, Extent, Extent] = Field(
         description="[x, y, w, h] in pixels; a box reaching outside the image is clipped (a note says so)")
 
 
 class PNGRegion(_Strict):
-    png: str = Field(min_length=1, description="base64 PNG (or a data URL): nonzero or alpha > 0 is inside")
+    png: str = Field(min_length=1, json_schema_extra={"format": "mask-png", "contentEncoding": "base64"},
+                     description="base64 PNG (or a data URL) at the image size: nonzero or alpha > 0 is inside")
 
 
 class BitmapRegion(_Strict):
@@ -110,7 +117,8 @@ class TextPart(_Lenient):
 
 
 class ImageURL(_Lenient):
-    url: str
+    url: str = Field(json_schema_extra={"format": "image-url"},
+                     description="a data URL (data:image/png;base64,...), or http(s) if the server allows it")
     detail: str | None = None
 
 
@@ -122,10 +130,12 @@ class ImagePart(_Lenient):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # int64, as OpenAI documents (and torch accepts)
 StopText = Annotated[str, Field(min_length=1)]  # an empty stop string would end every answer at once
+# A task: an official prompt's name, or a custom prompt with `<region>` where the region goes.
+Task = Literal[tuple(sorted(TASK_PROMPTS))] | Annotated[str, Field(pattern=CUSTOM_REGION_TAG, max_length=16_000)]
 
 
 class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant"]  # no tools: this model does not call them
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
@@ -211,11 +221,12 @@ class DescribeRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    image: str = Field(min_length=1, description="base64 image or data URL (http(s) URL if the server allows)")
+    image: str = Field(min_length=1, json_schema_extra={"format": "image-url"},
+                       description="base64 image or data URL (http(s) URL if the server allows)")
     regions: list[Region] = Field(min_length=1)
-    task: str = Field(default="short", min_length=1, description="short, detailed, category, open_vocab, "
-                      "refcocog, or a custom prompt containing <region>")
-    max_tokens: int = Field(default=64, ge=1)
+    task: Task = "short"
+    max_tokens: int | None = Field(default=None, ge=1, description="new tokens per region (default: 64, or the "
+                                   "server's limit if lower)")
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: Seed | None = None
@@ -262,6 +273,11 @@ class ErrorResponse(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------- models
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "error"]
+    error: str | None = None
 
 
 class ModelCard(BaseModel):

@@ -461,3 +461,10 @@ def test_a_run_folder_is_served_under_its_run_name(tmp_path):
     assert ServeConfig(model=str(final)).model_name == "pass3/final"
     assert ServeConfig(model=str(tmp_path / "pass3")).model_name == "pass3"
     assert ServeConfig(model=str(final), served_model_name="mine").model_name == "mine"
+
+
+def test_a_custom_task_may_name_its_region_twice(server):
+    r = describe(server, task="Compare <region> with itself: is <region> round?")
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["prompt_tokens"] > describe(server, task="Is <region> round?").json()["results"][0][
+        "prompt_tokens"]

@@ -76,7 +76,7 @@ def test_clip_pretraining_writes_weights_the_stage_configs_load(tmp_path):
     # ... and so is the category-name term (the fixture's category records share the referring regions)
     assert all(r["category_loss"] > 0 for r in records)
     assert all(r["loss"] == pytest.approx(r["image_loss"] + r["region_loss"] + r["category_loss"]) for r in records)
-    assert not (tmp_path / "clip" / "checkpoint.pt").exists()  # removed once the weights are written
+    assert not (tmp_path / "clip" / "checkpoints").exists()  # removed once the weights are written
 
     model, _, report = load_pretrained(init, clip_weights=weights, strict=True)
     assert report.ok
@@ -99,7 +99,7 @@ def test_clip_pretraining_writes_weights_the_stage_configs_load(tmp_path):
     (tmp_path / "bare").mkdir()
     assert clip_training_entry(tmp_path / "bare" / "open_clip.safetensors") is None  # not ours: unknown
 
-    (tmp_path / "clip" / "checkpoint.pt").write_bytes(b"")
+    (tmp_path / "clip" / "checkpoints" / "step-000002").mkdir(parents=True)  # an earlier run's checkpoint
     with pytest.raises(SystemExit, match="--resume"):
         main(args)
 
@@ -327,6 +327,6 @@ def test_clip_pretraining_on_two_ranks_takes_the_same_steps_as_one_process(tmp_p
     records = _clip_metrics(tmp_path / "regions")
     assert 1 <= records[-1]["step"] < 500 and records[-1]["region_loss"] is not None
     assert (tmp_path / "regions" / "open_clip.safetensors").is_file()
-    assert not (tmp_path / "regions" / "checkpoint.pt").exists()
+    assert not (tmp_path / "regions" / "checkpoints").exists()
     done = torchrun("--steps", "1", "--batch-size", "3", "--out", str(tmp_path / "odd"))
     assert done.returncode != 0 and "--batch-size 3 does not split over 2 processes" in done.stderr

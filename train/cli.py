@@ -81,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       "checkpoint is gone")
     clip.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     clip.add_argument("--no-progress", dest="progress", action="store_false")
-    clip.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    clip.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under OUT/checkpoints")
     clip.set_defaults(func=_cmd_clip)
 
 

@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,10 +49,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from train.checkpoints import checkpoint_root, latest_checkpoint, writing_checkpoint
+
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "open_clip.safetensors"
-CHECKPOINT_FILE = "checkpoint.pt"
+STATE_FILE = "clip_state.pt"  # in each checkpoint folder: model, optimizer, schedule, step, fitted horizon
 REGION_LEVELS = ("all", "final")
 LEVEL_HEAD = "region_level_head"  # the LevelRegionHead's module name in the CLIP: checkpointed, not exported
 
@@ -60,7 +63,7 @@ LEVEL_HEAD = "region_level_head"  # the LevelRegionHead's module name in the CLI
 class ClipPretrainConfig:
     data: str  # a generated dataset (`osprey data synth`): its stage-1 caption sub-sets are read
     tokenizer: str  # a model folder whose tokenizer encodes the captions (e.g. `osprey model init` output)
-    out: str  # output folder: open_clip.safetensors, metrics.jsonl, checkpoint.pt
+    out: str  # output folder: open_clip.safetensors, metrics.jsonl, checkpoints/ (while it runs)
     preset: str = "builtin"  # whose vision config (open_clip_config) is trained
     split: str = "train"
     steps: int = 2000
@@ -322,15 +325,17 @@ def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
 
 
 def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
-    """Train, checkpoint every `save_steps` (atomically; `resume` continues from it), write the weight file.
-    Under torchrun, every rank runs this; rank 0 logs and writes the files."""
-    out = Path(cfg.out)
-    checkpoint = out / CHECKPOINT_FILE
-    if checkpoint.exists() and not resume:
-        raise FileExistsError(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
+    """Train, checkpoint every `save_steps` (train.checkpoints; `resume` continues from the latest), write the weight
+    file. Under torchrun, every rank runs this; rank 0 logs and writes the files."""
+    if latest_checkpoint(cfg.out) is not None and not resume:
+        raise FileExistsError(f"{checkpoint_root(cfg.out)} holds checkpoints of an earlier run: pass --resume to "
+                              "continue it, or choose another --out")
     rank, world_size, device, opened_group = start_ranks(cfg)
     try:
-        return _train(cfg, resume, rank, world_size, device)
+        recipe = ClipRecipe(cfg, rank, world_size, device)
+        recipe.setup(resume)
+        recipe.train()
+        return recipe.save_weights()
     finally:
         if opened_group:
             import torch.distributed as dist
@@ -338,176 +343,255 @@ def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
             dist.destroy_process_group()
 
 
-def _train(cfg: ClipPretrainConfig, resume: bool, rank: int, world_size: int, device: torch.device) -> Path:
-    from open_clip.loss import ClipLoss
-    from safetensors.torch import save_file
-    from torch.utils.data.distributed import DistributedSampler
-    from tqdm import tqdm
+@dataclass
+class _Losses:
+    """One step's loss terms (the region terms None where a step had too few regions)."""
 
-    from osprey.config import OspreyConfig
-    from osprey.data.dataset import manifest_subsets
-    from osprey.tokenization import load_tokenizer
-    from osprey.vision import open_clip_model_config
-    from train.deepspeed_utils import all_reduce_sum, barrier, broadcast_from_rank0
-    from train.metrics import MetricsLog
-    from train.schedule import TimeBox, cosine_schedule
+    total: torch.Tensor
+    image: torch.Tensor
+    region: torch.Tensor | None
+    category: torch.Tensor | None
+    image_features: torch.Tensor
+    text_features: torch.Tensor
+    logit_scale: torch.Tensor
+    regions: int
 
-    if cfg.batch_size % world_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world_size} processes")
-    local_batch = cfg.batch_size // world_size
-    out = Path(cfg.out)
-    checkpoint = out / CHECKPOINT_FILE
-    is_main = rank == 0
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    vision_config = OspreyConfig.from_preset(cfg.preset).vision
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    specs = manifest_subsets(cfg.data, cfg.split)
-    captions = [s for s in specs if s.kind == "captions"]
-    wants_regions = cfg.region_weight > 0 or cfg.category_weight > 0
-    referring = [s for s in specs if s.kind == "referring"] if wants_regions else []
-    categories = [s for s in specs if s.kind == "categories"] if cfg.category_weight > 0 else []
-    if not captions:
-        raise ValueError(f"{cfg.data} has no caption sub-set for split {cfg.split!r}")
-    dataset = ClipPairsDataset(captions, referring, tokenizer, vision_config, cfg.context_length, categories)
-    if len(dataset) < cfg.batch_size:
-        raise ValueError(f"{len(dataset)} captions make no full batch of {cfg.batch_size}: lower --batch-size")
-    model = build_clip(vision_config, len(tokenizer), dataset.pad_id, dataset.eos_id, cfg).to(device)
-    level_head = None
-    if cfg.region_levels == "all" and wants_regions:
-        level_head = LevelRegionHead(vision_config.level_channels, open_clip_model_config(vision_config)["embed_dim"])
-        level_head = level_head.to(device)
-        model.add_module(LEVEL_HEAD, level_head)
-    if cfg.init:
-        load_init_weights(model, cfg.init)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    horizon = cfg.steps  # the schedule's last step; `time_limit` fits it to the pace (at most `steps`)
-    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, lambda: horizon)
-    step = 0
-    if resume and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, horizon = state["step"], state.get("horizon", cfg.steps)
-        logger.info("resumed %s at step %d", checkpoint, step)
-    if world_size > 1:
-        share_rank0_weights(model)
-    if is_main:
-        (out / "clip_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    params = [p for p in model.parameters() if p.requires_grad]
-    region_loss_fn = ClipLoss()  # each rank's own regions: their number differs between ranks
-    # Image-caption pairs: the whole step's batch, gathered with gradients (a plain ClipLoss on one process).
-    image_loss_fn = ClipLoss(gather_with_grad=True, rank=rank, world_size=world_size) if world_size > 1 else ClipLoss()
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None) if is_main else None
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    logger.info("CLIP pretraining: %d captions, %d steps of %d (%d processes of %d), %s", len(dataset), cfg.steps,
-                cfg.batch_size, world_size, local_batch, device)
 
-    def save_checkpoint() -> None:
-        tmp = checkpoint.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "step": step, "horizon": horizon}, tmp)
-        tmp.replace(checkpoint)
+class ClipRecipe:
+    """One CLIP pretraining run, laid out as train.recipe.Recipe: `setup` (data, model, optimizer, resume), `train`,
+    `save_weights`; checkpoints, the time limit and the metrics log are that recipe's (train.checkpoints,
+    train.schedule.FittedHorizon, train.metrics.MetricsLog)."""
 
-    bar = tqdm(total=horizon, initial=step, desc="clip", unit="step", disable=not (cfg.progress and is_main),
-               dynamic_ncols=True)
-    model.train()
-    # One loader for the run (workers persist across epochs; each epoch draws a new order, the same on every rank,
-    # which takes its own share); a resumed run seeds it from its step, so it draws a fresh order rather than
-    # replaying the first epochs.
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                 seed=cfg.seed * 100_003 + step, drop_last=True)
-    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, drop_last=True,
-                        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                        pin_memory=device.type == "cuda", collate_fn=collate_pairs)
-    time_box = TimeBox(cfg.time_limit, step) if cfg.time_limit > 0 else None
-    fitted_once = horizon != cfg.steps  # a resumed run had its horizon fitted already
-    out_of_time = False
-    epoch = 0
-    window_start, window_samples, window_regions = time.perf_counter(), 0, 0
-    while step < horizon and not out_of_time:
-        sampler.set_epoch(epoch)
-        epoch += 1
-        for batch in loader:
-            images = batch["images"].to(device, non_blocking=True)
-            masks = batch["masks"].to(device, non_blocking=True)
-            with autocast:
-                image_embeddings, region_embeddings = image_and_region_embeddings(model.visual, images, masks, level_head)
-                image_features = F.normalize(image_embeddings, dim=-1)
-                text_features = model.encode_text(batch["captions"].to(device), normalize=True)
-                logit_scale = model.logit_scale.exp()
-                loss = image_loss = image_loss_fn(image_features, text_features, logit_scale)
-                region_loss = category_loss = None
-                region_features = F.normalize(region_embeddings, dim=-1)
-                if cfg.region_weight > 0 and len(region_embeddings) > 1:
-                    phrase_features = model.encode_text(batch["phrases"].to(device), normalize=True)
-                    region_loss = region_loss_fn(region_features, phrase_features, logit_scale)
-                    loss = loss + cfg.region_weight * region_loss
-                if cfg.category_weight > 0 and len(region_embeddings) > 1:
-                    category_loss = distinct_text_loss(region_features, batch["categories"].to(device),
-                                                       model.encode_text, logit_scale, dataset.pad_id)
-                    if category_loss is not None:
-                        loss = loss + cfg.category_weight * category_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if world_size > 1:
-                average_gradients(params, world_size)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))  # as open_clip's training loop
-            step += 1
-            window_samples += len(images)
-            window_regions += len(region_embeddings)
+    def __init__(self, cfg: ClipPretrainConfig, rank: int, world_size: int, device: torch.device) -> None:
+        if cfg.batch_size % world_size:
+            raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world_size} processes")
+        self.cfg, self.rank, self.world_size, self.device = cfg, rank, world_size, device
+        self.local_batch = cfg.batch_size // world_size
+        self.out = Path(cfg.out)
+        self.is_main = rank == 0
+        self.step = 0
+        self.level_head: LevelRegionHead | None = None
+
+    # -- setup -------------------------------------------------------------------------------------------------
+    def setup(self, resume: bool) -> None:
+        from train.metrics import MetricsLog
+        from train.schedule import FittedHorizon
+
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(self.cfg.seed)
+        self.setup_data()
+        self.setup_model()
+        self.fitted = FittedHorizon(self.cfg.time_limit, 0, self.cfg.steps, self.device)  # the cosine reads it
+        self.setup_optimizer()
+        horizon = self.load_checkpoint() if resume else None
+        # the time box measures from here (a resumed run: from its step, with the horizon it had fitted)
+        self.fitted = FittedHorizon(self.cfg.time_limit, self.step, self.cfg.steps, self.device, horizon=horizon)
+        if self.world_size > 1:
+            share_rank0_weights(self.model)
+        if self.is_main:
+            (self.out / "clip_config.json").write_text(json.dumps(asdict(self.cfg), indent=2))
+        self.metrics = MetricsLog(self.out / "metrics.jsonl", resume_step=self.step if resume else None) \
+            if self.is_main else None
+        logger.info("CLIP pretraining: %d captions, %d steps of %d (%d processes of %d), %s", len(self.dataset),
+                    self.cfg.steps, self.cfg.batch_size, self.world_size, self.local_batch, self.device)
+
+    def setup_data(self) -> None:
+        from osprey.config import OspreyConfig
+        from osprey.data.dataset import manifest_subsets
+        from osprey.tokenization import load_tokenizer
+
+        cfg = self.cfg
+        self.vision_config = OspreyConfig.from_preset(cfg.preset).vision
+        self.tokenizer = load_tokenizer(cfg.tokenizer)
+        specs = manifest_subsets(cfg.data, cfg.split)
+        captions = [s for s in specs if s.kind == "captions"]
+        self.wants_regions = cfg.region_weight > 0 or cfg.category_weight > 0
+        referring = [s for s in specs if s.kind == "referring"] if self.wants_regions else []
+        categories = [s for s in specs if s.kind == "categories"] if cfg.category_weight > 0 else []
+        if not captions:
+            raise ValueError(f"{cfg.data} has no caption sub-set for split {cfg.split!r}")
+        self.dataset = ClipPairsDataset(captions, referring, self.tokenizer, self.vision_config, cfg.context_length,
+                                        categories)
+        if len(self.dataset) < cfg.batch_size:
+            raise ValueError(f"{len(self.dataset)} captions make no full batch of {cfg.batch_size}: lower --batch-size")
+
+    def setup_model(self) -> None:
+        from open_clip.loss import ClipLoss
+
+        from osprey.vision import open_clip_model_config
+
+        cfg = self.cfg
+        self.model = build_clip(self.vision_config, len(self.tokenizer), self.dataset.pad_id, self.dataset.eos_id,
+                                cfg).to(self.device)
+        if cfg.region_levels == "all" and self.wants_regions:
+            embed_dim = open_clip_model_config(self.vision_config)["embed_dim"]
+            self.level_head = LevelRegionHead(self.vision_config.level_channels, embed_dim).to(self.device)
+            self.model.add_module(LEVEL_HEAD, self.level_head)
+        if cfg.init:
+            load_init_weights(self.model, cfg.init)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.region_loss_fn = ClipLoss()  # each rank's own regions: their number differs between ranks
+        # Image-caption pairs: the whole step's batch, gathered with gradients (a plain ClipLoss on one process).
+        self.image_loss_fn = (ClipLoss(gather_with_grad=True, rank=self.rank, world_size=self.world_size)
+                              if self.world_size > 1 else ClipLoss())
+
+    def setup_optimizer(self) -> None:
+        from train.schedule import cosine_schedule
+
+        cfg, named = self.cfg, list(self.model.named_parameters())
+        decay = [p for n, p in named if p.ndim >= 2 and "logit_scale" not in n]
+        no_decay = [p for n, p in named if p.ndim < 2 or "logit_scale" in n]
+        self.optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                                            {"params": no_decay, "weight_decay": 0.0}],
+                                           lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
+        # the cosine reads the horizon at every step: the time limit may move it
+        self.scheduler = cosine_schedule(self.optimizer, cfg.warmup_steps, lambda: self.fitted.horizon)
+
+    # -- training ----------------------------------------------------------------------------------------------
+    def train(self) -> None:
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.fitted.horizon, initial=self.step, desc="clip", unit="step", dynamic_ncols=True,
+                   disable=not (self.cfg.progress and self.is_main))
+        self.model.train()
+        window = {"start": time.perf_counter(), "samples": 0, "regions": 0}
+        for batch in self._batches() if self.step < self.fitted.horizon else ():
+            losses = self.train_step(batch)
+            self.step += 1
+            window["samples"] += len(batch["images"])
+            window["regions"] += losses.regions
             bar.update(1)
-            if time_box is not None:  # rank 0's clock decides, so that all ranks stop at the same step
-                fitted, out_of_time = broadcast_from_rank0(list(time_box.fit(step, horizon, cfg.steps)), device)
-                out_of_time = bool(out_of_time)
-                if fitted != horizon and not out_of_time:
-                    if not fitted_once:  # the first estimate (later ones move it a step or two as the pace settles)
-                        logger.info("time limit %.0f s: the schedule now ends at step %d (was %d)", cfg.time_limit,
-                                    fitted, horizon)
-                        fitted_once = True
-                    horizon = bar.total = fitted
-            if step % cfg.log_steps == 0 or step == horizon or out_of_time:
-                elapsed = time.perf_counter() - window_start
-                samples, regions = all_reduce_sum([window_samples, window_regions], device)
-                if metrics is not None:
-                    record = {"step": step, "loss": float(loss.detach()), "image_loss": float(image_loss.detach()),
-                              "region_loss": None if region_loss is None else float(region_loss.detach()),
-                              "category_loss": None if category_loss is None else float(category_loss.detach()),
-                              "regions_per_step": regions / cfg.log_steps, "lr": scheduler.get_last_lr()[0],
-                              "grad_norm": float(grad_norm), "logit_scale": float(logit_scale.detach()),
-                              "in_batch_accuracy": in_batch_accuracy(image_features.float(), text_features.float()),
-                              "samples_per_s": samples / elapsed}
-                    metrics.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['in_batch_accuracy']:.2f}")
-                window_start, window_samples, window_regions = time.perf_counter(), 0, 0
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < horizon and is_main:
-                save_checkpoint()
-            if step >= horizon or out_of_time:
+            out_of_time = self.fitted.update(self.step)
+            bar.total = self.fitted.horizon
+            done = self.step >= self.fitted.horizon or out_of_time
+            if self.step % self.cfg.log_steps == 0 or done:
+                self._log(losses, window, bar)
+                window = {"start": time.perf_counter(), "samples": 0, "regions": 0}
+            if self.cfg.save_steps and self.step % self.cfg.save_steps == 0 and not done:
+                self.save_checkpoint()
+            if done:
                 break
-    bar.close()
-    if out_of_time and step < horizon:
-        logger.warning("time limit of %.0f s reached at step %d of %d, before the schedule's end; writing the weights "
-                       "of step %d", cfg.time_limit, step, horizon, step)
-    weights = out / WEIGHTS_FILE
-    if is_main:
-        metrics.close()
-        tmp = weights.with_name(f".{weights.name}.tmp")
-        exported = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{LEVEL_HEAD}.")}
-        save_file({k: v.detach().contiguous().cpu() for k, v in exported.items()}, str(tmp))
-        tmp.replace(weights)
-        checkpoint.unlink(missing_ok=True)
-        logger.info("wrote %s", weights)
-    barrier()  # no rank returns before the weights exist
-    return weights
+        bar.close()
+
+    def _batches(self):
+        """Batches until the schedule ends, epoch after epoch, from one loader for the run: its workers persist, each
+        epoch draws a new order, the same on every rank, which takes its own share; a resumed run seeds it from its
+        step, so it draws a fresh order rather than replaying the first epochs."""
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(self.dataset, num_replicas=self.world_size, rank=self.rank, shuffle=True,
+                                     seed=self.cfg.seed * 100_003 + self.step, drop_last=True)
+        loader = DataLoader(self.dataset, batch_size=self.local_batch, sampler=sampler, drop_last=True,
+                            num_workers=self.cfg.num_workers, persistent_workers=self.cfg.num_workers > 0,
+                            pin_memory=self.device.type == "cuda", collate_fn=collate_pairs)
+        epoch = 0
+        while True:
+            sampler.set_epoch(epoch)
+            epoch += 1
+            yield from loader
+
+    def train_step(self, batch: dict[str, Any]) -> _Losses:
+        """Forward, backward (gradients averaged over ranks), clip, optimiser and schedule step."""
+        losses = self._losses(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses.total.backward()
+        if self.world_size > 1:
+            average_gradients(self.params, self.world_size)
+        self.grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, 1.0))
+        self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0, math.log(100))  # as open_clip's training loop
+        return losses
+
+    def _losses(self, batch: dict[str, Any]) -> _Losses:
+        """The image-caption loss, plus the region-phrase and region-category terms where a batch has regions."""
+        cfg, model, device = self.cfg, self.model, self.device
+        images = batch["images"].to(device, non_blocking=True)
+        masks = batch["masks"].to(device, non_blocking=True)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            image_embeddings, region_embeddings = image_and_region_embeddings(model.visual, images, masks,
+                                                                              self.level_head)
+            image_features = F.normalize(image_embeddings, dim=-1)
+            text_features = model.encode_text(batch["captions"].to(device), normalize=True)
+            logit_scale = model.logit_scale.exp()
+            total = image_loss = self.image_loss_fn(image_features, text_features, logit_scale)
+            region_loss = category_loss = None
+            region_features = F.normalize(region_embeddings, dim=-1)
+            if cfg.region_weight > 0 and len(region_embeddings) > 1:
+                phrase_features = model.encode_text(batch["phrases"].to(device), normalize=True)
+                region_loss = self.region_loss_fn(region_features, phrase_features, logit_scale)
+                total = total + cfg.region_weight * region_loss
+            if cfg.category_weight > 0 and len(region_embeddings) > 1:
+                category_loss = distinct_text_loss(region_features, batch["categories"].to(device),
+                                                   model.encode_text, logit_scale, self.dataset.pad_id)
+                if category_loss is not None:
+                    total = total + cfg.category_weight * category_loss
+        return _Losses(total, image_loss, region_loss, category_loss, image_features, text_features, logit_scale,
+                       len(region_embeddings))
+
+    def _log(self, losses: _Losses, window: dict[str, float], bar) -> None:
+        """One metrics record (rank 0), with the throughput of all ranks since the last one."""
+        from train.deepspeed_utils import all_reduce_sum
+
+        elapsed = time.perf_counter() - window["start"]
+        samples, regions = all_reduce_sum([window["samples"], window["regions"]], self.device)
+        if self.metrics is None:
+            return
+
+        def value(loss: torch.Tensor | None) -> float | None:
+            return None if loss is None else float(loss.detach())
+
+        record = {"step": self.step, "loss": value(losses.total), "image_loss": value(losses.image),
+                  "region_loss": value(losses.region), "category_loss": value(losses.category),
+                  "regions_per_step": regions / self.cfg.log_steps, "lr": self.scheduler.get_last_lr()[0],
+                  "grad_norm": self.grad_norm, "logit_scale": value(losses.logit_scale),
+                  "in_batch_accuracy": in_batch_accuracy(losses.image_features.float(), losses.text_features.float()),
+                  "samples_per_s": samples / elapsed}
+        self.metrics.write(record)
+        bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['in_batch_accuracy']:.2f}")
+
+    # -- checkpoints and the weight file -----------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        with writing_checkpoint(self.out, self.step, self.rank, keep=1) as folder:
+            if self.is_main:
+                torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                            "scheduler": self.scheduler.state_dict(), "step": self.step,
+                            "horizon": self.fitted.horizon}, folder / STATE_FILE)
+
+    def load_checkpoint(self) -> int | None:
+        """Continue from the latest checkpoint (every rank reads it); returns its fitted horizon."""
+        folder = latest_checkpoint(self.out)
+        if folder is None:
+            logger.warning("--resume: no checkpoint under %s, starting from step 0", checkpoint_root(self.out))
+            return None
+        state = torch.load(folder / STATE_FILE, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        logger.info("resumed %s at step %d", folder, self.step)
+        return state["horizon"]
+
+    def save_weights(self) -> Path:
+        """The open_clip weight file (without the region level head), then the checkpoints go: the file is the
+        run's product, and a next run carries it on with --init."""
+        from safetensors.torch import save_file
+
+        from train.deepspeed_utils import barrier
+
+        weights = self.out / WEIGHTS_FILE
+        if self.is_main:
+            self.metrics.close()
+            tmp = weights.with_name(f".{weights.name}.tmp")
+            exported = {k: v for k, v in self.model.state_dict().items() if not k.startswith(f"{LEVEL_HEAD}.")}
+            save_file({k: v.detach().contiguous().cpu() for k, v in exported.items()}, str(tmp))
+            tmp.replace(weights)
+            shutil.rmtree(checkpoint_root(self.out), ignore_errors=True)
+            logger.info("wrote %s", weights)
+        barrier()  # no rank returns before the weights exist
+        return weights
 
 
 def clip_training_entry(weights: str | Path) -> dict[str, Any] | None:
