@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +15,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from osprey.generation import SamplingParams, decode, left_pad
+from osprey.engine.core import GroupRequest, RegionDecoder, RowRequest
+from osprey.engine.kv import PoolSize, plan_pool, token_bytes
+from osprey.engine.session import DecodeSession, StreamEvent
+from osprey.generation import SamplingParams
 from osprey.modeling import OspreyForCausalLM
 from osprey.preprocess import load_image, masks_to_tensor, preprocess_image
 from osprey.prompts import clean_answer, task_prompt
@@ -55,15 +58,6 @@ class Generation:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" | "length" | "cancelled"
-
-
-@dataclass
-class StreamEvent:
-    row: int
-    text_delta: str
-    token_id: int | None
-    finished: bool
-    finish_reason: str | None
 
 
 class OspreyPipeline:
@@ -126,6 +120,16 @@ class OspreyPipeline:
         self._check_region_count(ids, mask_tokens.shape[0])
         return PreparedPrompt(ids, image, mask_tokens, pos_tokens)
 
+    def prepare_each(
+        self, image: EncodedImage, messages: Sequence[tuple[str, str]], masks: np.ndarray | torch.Tensor | Sequence
+    ) -> list[PreparedPrompt]:
+        """One prompt per mask, all with the same single-region `messages` (describe): the text is tokenized once and
+        every mask goes through the extractor in one pass."""
+        ids = self._prompt_ids(messages)
+        self._check_region_count(ids, 1)
+        mask_tokens, pos_tokens = self.region_tokens(image, masks)
+        return [PreparedPrompt(ids, image, mask_tokens[i:i + 1], pos_tokens[i:i + 1]) for i in range(mask_tokens.shape[0])]
+
     def _prompt_ids(self, messages: Sequence[tuple[str, str]]) -> torch.Tensor:
         ids = encode_generation_prompt(
             self.tokenizer, messages, num_image_tokens=self.config.vision.num_image_tokens,
@@ -143,29 +147,63 @@ class OspreyPipeline:
             raise ValueError(f"the prompt references {found} regions (<mask><pos>) but {num_masks} masks were given")
 
     # -- generation --------------------------------------------------------------------------------------------
-    def _embed(
-        self, prompts: Sequence[PreparedPrompt], share_prefix: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """-> (rows (B, T, D), attention (B, T), shared prefix (1, P, D) or None).
+    def group_requests(self, prompts: Sequence[PreparedPrompt], params: Sequence[SamplingParams],
+                       share_prefix: bool = True, row_ids: Sequence[Hashable] | None = None) -> list[GroupRequest]:
+        """Prompts -> engine groups. A prompt's prefix is everything before its first region (system prompt, image
+        tokens, text); prompts with the same image and the same prefix ids share one group, so that prefix is
+        computed and stored once for all of them. Row ids default to the prompt's index."""
+        row_ids = list(range(len(prompts))) if row_ids is None else list(row_ids)
+        groups: dict[tuple, tuple[torch.Tensor, list[RowRequest]]] = {}
+        for index, (prompt, p) in enumerate(zip(prompts, params)):
+            split = self._prefix_length(prompt.input_ids)
+            prefix_ids = prompt.input_ids[:split]
+            key = (id(prompt.image), tuple(prefix_ids.tolist())) if share_prefix else (index,)
+            if key not in groups:
+                groups[key] = (self._embed_ids(prefix_ids, prompt.image.tokens[None]), [])
+            suffix = self._embed_ids(prompt.input_ids[split:], None, prompt.mask_tokens, prompt.pos_tokens)
+            groups[key][1].append(RowRequest(row_ids[index], suffix, p))
+        return [GroupRequest(prefix, rows) for prefix, rows in groups.values()]
 
-        Prompts with identical ids on the same image (all regions of one image under one task) differ only from
-        their first region on: the part before it is computed once for all of them.
-        """
-        rows = []
-        for p in prompts:
-            ids = p.input_ids.to(self.device)[None]
-            rows.append(self.model.merge_embeddings(ids, p.image.tokens[None], p.mask_tokens, p.pos_tokens)[0])
-        first = prompts[0]
-        mask_slots = (first.input_ids == self.config.mask_token_id).nonzero()
-        shareable = (
-            share_prefix and len(prompts) > 1 and len(mask_slots) > 0
-            and all(p.image is first.image and torch.equal(p.input_ids, first.input_ids) for p in prompts[1:])
-        )
-        batch, attention = left_pad(rows)
-        if not shareable:
-            return batch, attention, None
-        split = int(mask_slots[0, 0])
-        return batch[:, split:], attention[:, split:], batch[:1, :split]
+    def _prefix_length(self, ids: torch.Tensor) -> int:
+        """Tokens before the first <mask> (the part shared by all regions of an image); at least one token is left
+        to the row, whose last position gives the first logits."""
+        masks = (ids == self.config.mask_token_id).nonzero()
+        return int(masks[0, 0]) if len(masks) else int(ids.shape[0]) - 1
+
+    def _embed_ids(self, ids: torch.Tensor, image_tokens: torch.Tensor | None, mask_tokens: torch.Tensor | None = None,
+                   pos_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        has_image = bool((ids == self.config.image_token_id).any())
+        return self.model.merge_embeddings(ids.to(self.device)[None], image_tokens if has_image else None,
+                                           mask_tokens, pos_tokens)[0]
+
+    def decoder(self, pool_size: PoolSize) -> RegionDecoder:
+        """A continuous-batching decoder over this model with a preallocated KV pool of `pool_size`."""
+        return RegionDecoder(self.model.language_model, self.eos_token_id, pool_size)
+
+    def engine_pool(self, max_rows: int, max_row_tokens: int, kv_cache_gb: float | None = None,
+                    rows_per_image: int = 16) -> PoolSize:
+        """The KV pool of a long-running engine: at most `max_rows` region rows of `max_row_tokens` each (their own
+        prompt after the image prefix + answer), within `kv_cache_gb` (default: 90% of the GPU memory left, less
+        4 GiB for a prefill's activations; 1 GiB on CPU)."""
+        lm = self.model.language_model
+        per_token = token_bytes(lm.config.num_hidden_layers, lm.config.num_key_value_heads,
+                                lm.model.layers[0].self_attn.head_dim, self.model.dtype)
+        if kv_cache_gb is not None:
+            budget = int(kv_cache_gb * 2**30)
+        elif self.device.type == "cuda":
+            torch.cuda.empty_cache()  # blocks cached from an earlier pool count as used otherwise
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(0.9 * free) - 4 * 2**30
+        else:
+            budget = 2**30
+        prefix_tokens = self.config.vision.num_image_tokens + 256  # system prompt and text before the first region
+        plan = plan_pool(budget, per_token, prefix_tokens, max_row_tokens, rows_per_image)
+        rows = min(plan.row_slots, max_rows)
+        return PoolSize(min(plan.prefix_slots, rows), prefix_tokens, rows, max_row_tokens)
+
+    def session(self, pool_size: PoolSize) -> DecodeSession:
+        """A decoder that turns tokens into streamed text (stop strings included)."""
+        return DecodeSession(self.decoder(pool_size), self.tokenizer)
 
     @torch.inference_mode()
     def generate_stream(
@@ -175,7 +213,7 @@ class OspreyPipeline:
         cancelled: Callable[[int], bool] | None = None,
         share_prefix: bool = True,
     ) -> Iterator[list[StreamEvent]]:
-        """Decode all prompts as one batch; yield per step the events of rows that produced text or finished.
+        """Decode all prompts together; yield per step the events of rows that produced text or finished.
 
         `cancelled(row)` is polled each step: a cancelled row finishes with reason "cancelled".
         """
@@ -185,41 +223,16 @@ class OspreyPipeline:
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         if not prompts:
             return
-        embeds, attention, prefix = self._embed(prompts, share_prefix)
-        tokens: list[list[int]] = [[] for _ in prompts]
-        emitted = [""] * len(prompts)
-        finished = [False] * len(prompts)
-        for step in decode(self.model.language_model, embeds, attention, params, self.eos_token_id, prefix):
-            events = []
-            for row in range(len(prompts)):
-                if finished[row] or not bool(step.active[row]):
-                    continue
-                if cancelled is not None and cancelled(row):
-                    finished[row] = True
-                    events.append(StreamEvent(row, "", None, True, "cancelled"))
-                    continue
-                token = int(step.tokens[row])
-                reason = None
-                if bool(step.hit_eos[row]):
-                    reason = "stop"
-                else:
-                    tokens[row].append(token)
-                    if bool(step.finished[row]):
-                        reason = "length"
-                text = self.tokenizer.decode(tokens[row], skip_special_tokens=True)
-                cut = _first_stop(text, params[row].stop)
-                if cut is not None:
-                    text, reason = text[:cut], "stop"
-                elif reason is None and text.endswith("\ufffd"):
-                    text = emitted[row]  # an incomplete UTF-8 sequence: wait for the next token
-                delta = text[len(emitted[row]):] if text.startswith(emitted[row]) else ""
-                emitted[row] = emitted[row] + delta
-                finished[row] = reason is not None
-                events.append(StreamEvent(row, delta, None if bool(step.hit_eos[row]) else token, finished[row], reason))
+        groups = self.group_requests(prompts, params, share_prefix)
+        session = self.session(_pool_for(groups))
+        session.add(groups)
+        live = set(range(len(prompts)))
+        while session.has_work:
+            events = [session.cancel(row) for row in sorted(live) if cancelled is not None and cancelled(row)]
+            events += session.step()
+            live -= {event.row for event in events if event.finished}
             if events:
                 yield events
-            if all(finished):
-                return
 
     def generate(
         self,
@@ -256,15 +269,13 @@ class OspreyPipeline:
     ) -> list[Generation]:
         """One answer per mask (each its own single-region prompt), the image encoded once for all of them."""
         encoded = image if isinstance(image, EncodedImage) else self.encode_image(image)
-        ids = self._prompt_ids([("human", task_prompt(task))])
-        self._check_region_count(ids, 1)
-        mask_tokens, pos_tokens = self.region_tokens(encoded, masks)
-        prompts = [
-            PreparedPrompt(ids, encoded, mask_tokens[i:i + 1], pos_tokens[i:i + 1]) for i in range(mask_tokens.shape[0])
-        ]
-        return self.generate(prompts, params)
+        return self.generate(self.prepare_each(encoded, [("human", task_prompt(task))], masks), params)
 
 
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    positions = [text.find(s) for s in stops if s and s in text]
-    return min(positions) if positions else None
+def _pool_for(groups: Sequence[GroupRequest]) -> PoolSize:
+    """A pool that holds exactly these groups at once."""
+    rows = [row for group in groups for row in group.rows]
+    return PoolSize(
+        prefix_slots=len(groups), prefix_tokens=max(group.prefix.shape[0] for group in groups),
+        row_slots=len(rows), suffix_tokens=max(row.suffix.shape[0] + row.params.max_new_tokens for row in rows),
+    )

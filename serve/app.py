@@ -68,9 +68,10 @@ class ServerState:
 def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
     """The server for `config`; `backend` defaults to the in-process pipeline on `config.model`."""
     metrics = Metrics()
-    engine = Engine(backend or PipelineBackend(config.model, config.device, config.dtype, config.cpu_threads), metrics,
-                    max_batch_size=config.max_batch_size, batch_wait_ms=config.batch_wait_ms,
-                    max_queue=config.max_queue, image_cache_size=config.image_cache_size)
+    backend = backend or PipelineBackend(config.model, config.device, config.dtype, config.cpu_threads,
+                                         config.engine_size)
+    engine = Engine(backend, metrics, batch_wait_ms=config.batch_wait_ms, max_queue=config.max_queue,
+                    image_cache_size=config.image_cache_size)
     limits = inputs.Limits(config.max_image_pixels, config.max_image_side)
     inputs.set_pil_limits(limits)
 

@@ -37,7 +37,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--cpu-threads", type=int, default=None,
                        help="torch threads when decoding on CPU (default: all cores but one)")
     serve.add_argument("--served-model-name", default="", help="model id in /v1/models (default: folder name)")
-    serve.add_argument("--max-batch-size", type=int, default=8, help="prompts decoded together across requests")
+    serve.add_argument("--max-batch-size", type=int, default=8,
+                       help="region rows decoded together across requests (continuous batching; on a GPU try 256)")
+    serve.add_argument("--kv-cache-gb", type=float, default=None,
+                       help="KV memory of the engine (default: 90%% of the GPU memory left after loading; 1 GiB on CPU)")
+    serve.add_argument("--max-row-tokens", type=int, default=None,
+                       help="tokens held per region row: its prompt after the image + its answer "
+                            "(default: --max-tokens-limit + 256); smaller fits more rows in the KV memory")
     serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait this long to fill a batch")
     serve.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 429")
     serve.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request before 504")
@@ -105,7 +111,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
             image_cache_size=args.image_cache_size, request_timeout_s=args.request_timeout,
             max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
-            max_regions=args.max_regions, max_tokens_limit=args.max_tokens_limit)
+            max_regions=args.max_regions, max_tokens_limit=args.max_tokens_limit, kv_cache_gb=args.kv_cache_gb,
+            max_row_tokens=args.max_row_tokens)
     except ValueError as exc:
         print(f"osprey serve: {exc}", file=sys.stderr)
         return 2

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from osprey import default_model_path
 
+from .engine import EngineSize
+
 DEFAULT_MODEL_ENV = "OSPREY_MODEL"
 _RUN_OUTPUT_NAMES = ("final", "latest", "best", "last")  # folder names a training run writes its model to
 
@@ -22,7 +24,9 @@ class ServeConfig:
     api_key: str | None = None  # when set, /v1/* need `Authorization: Bearer KEY`
     allow_image_urls: bool = False  # fetching http(s) URLs makes the server a proxy: off unless asked
     # engine
-    max_batch_size: int = 8  # prompts decoded together (regions of several requests share a batch)
+    max_batch_size: int = 8  # region rows decoded together, across requests (continuous batching)
+    kv_cache_gb: float | None = None  # engine KV memory; None: 90% of the GPU memory left after loading (1 GiB on CPU)
+    max_row_tokens: int | None = None  # per region row: its prompt after the image + answer; None: max_tokens_limit + 256
     batch_wait_ms: float = 5.0  # how long the worker waits to fill a batch once work is there
     max_queue: int = 64  # requests waiting for the worker; more -> 429 with Retry-After
     image_cache_size: int = 16  # encoded images kept (LRU by content hash): same image, one encoding
@@ -45,10 +49,20 @@ class ServeConfig:
                      "max_prompt_chars", "max_n"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
+            raise ValueError(f"kv_cache_gb must be > 0, got {self.kv_cache_gb}")
+        if self.max_row_tokens is not None and self.max_row_tokens <= self.max_tokens_limit:
+            raise ValueError(f"max_row_tokens ({self.max_row_tokens}) must exceed max_tokens_limit "
+                             f"({self.max_tokens_limit}): a row holds its prompt and its answer")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
         if self.request_timeout_s <= 0 or self.body_timeout_s <= 0 or self.batch_wait_ms < 0:
             raise ValueError("request_timeout_s and body_timeout_s must be > 0, batch_wait_ms >= 0")
+
+    @property
+    def engine_size(self) -> EngineSize:
+        return EngineSize(max_rows=self.max_batch_size, kv_cache_gb=self.kv_cache_gb,
+                          max_row_tokens=self.max_row_tokens or self.max_tokens_limit + 256)
 
     @property
     def model_name(self) -> str:

@@ -1,28 +1,33 @@
-"""The engine between HTTP and the model: a bounded queue, one worker thread, dynamic batching, cancellation.
+"""The engine between HTTP and the model: a bounded queue, one worker thread, continuous batching, cancellation.
 
-Requests become `Job`s (one image, one or more prompt rows). The worker thread owns the model: it encodes
-each job's image once (LRU cache by content hash, so requests for the same image share it), prepares the
-rows, and decodes rows of several jobs together, up to `max_batch_size` prompts, waiting `batch_wait_ms`
-to fill a batch. Events (text deltas, finished rows, errors) flow back to the event loop thread-safely.
-A cancelled job (client gone, timeout) is dropped from the queue; a batch whose live rows are all
-cancelled stops decoding.
+Requests become `Job`s (one image, one or more prompt rows). The worker thread owns the model: it encodes each
+job's image once (LRU cache by content hash, so requests for the same image share it), prepares the rows and hands
+them to the backend's decoder, which runs rows of many jobs together: a job's rows join between two decoding steps
+and leave as each finishes, so a long answer never holds a short one back. Events (text deltas, finished rows,
+errors) flow back to the event loop thread-safely. A cancelled job (client gone, timeout) frees its rows' slots at
+the next step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 from PIL import Image
+
+from osprey.engine.session import DecodeSession, StreamEvent
+from osprey.generation import SamplingParams
+from osprey.inference import EncodedImage, OspreyPipeline, PreparedPrompt
 
 from .errors import APIError
 from .metrics import Metrics
@@ -33,67 +38,120 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------- backends
 
 
+@dataclass(frozen=True)
+class EngineRow:
+    """One prompt handed to a backend: `row_id` names it in the backend's events."""
+
+    row_id: int
+    prepared: PreparedPrompt
+    params: SamplingParams
+
+
 class Backend(Protocol):
-    """What the engine needs from a model runtime (the in-process pipeline now; a vLLM one later)."""
+    """What the engine needs from a model runtime (the in-process pipeline; a vLLM one later)."""
 
     def load(self) -> None: ...
 
-    def encode_image(self, image: Image.Image) -> Any: ...
+    def encode_image(self, image: Image.Image) -> EncodedImage: ...
 
-    def prepare(self, encoded: Any, turns: list[tuple[str, str | None]], masks: np.ndarray) -> Any:
+    def prepare(self, encoded: EncodedImage, turns: list[tuple[str, str | None]], masks: np.ndarray) -> PreparedPrompt:
         """-> a prepared prompt; raises ValueError naming the problem (count mismatch, mask size, length)."""
 
-    def prompt_tokens(self, prepared: Any) -> int: ...
+    def prepare_each(self, encoded: EncodedImage, turns: list[tuple[str, str | None]], masks: np.ndarray
+                     ) -> list[PreparedPrompt]:
+        """One single-region prompt per mask (the same `turns`), prepared together."""
 
     def max_context_tokens(self) -> int | None:
         """Prompt + generated tokens the model can attend over (None = no limit known)."""
 
-    def generate_stream(self, prepared: Sequence[Any], params: Sequence[Any],
-                        cancelled: Callable[[int], bool]) -> Iterator[list[Any]]:
-        """Per decoding step, a list of events with `row, text_delta, token_id, finished, finish_reason`;
-        `cancelled(row)` is polled each step and a cancelled row stops (finish_reason "cancelled")."""
+    def add(self, rows: list[EngineRow]) -> None:
+        """Start decoding rows (they join the running batch); raises ValueError when one cannot fit."""
+
+    def cancel(self, row_id: int) -> None:
+        """Stop a row; no more events come for it."""
+
+    def step(self) -> list[StreamEvent]:
+        """One round of work (admitting rows or one token for every live row): the rows' events."""
+
+    @property
+    def has_work(self) -> bool: ...
+
+    @property
+    def live_rows(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class EngineSize:
+    """How much the in-process engine holds: region rows in flight and the KV memory behind them."""
+
+    max_rows: int = 8  # region rows decoded together (across requests)
+    kv_cache_gb: float | None = None  # KV memory; None: 90% of the GPU memory left after loading, 1 GiB on CPU
+    max_row_tokens: int = 1280  # per row: its own prompt tokens (after the image prefix) + generated tokens
+    rows_per_image: int = 16  # how the KV memory is split between image prefixes and rows
 
 
 class PipelineBackend:
-    """`osprey.inference.OspreyPipeline` in this process (the default backend).
+    """`osprey.inference.OspreyPipeline` in this process (the default backend), decoding with `osprey.engine`.
 
     On CPU, torch's intra-op pool gets `cpu_threads` threads (default: all cores but one). With every core
     given to OpenMP, its spinning threads starve the event loop and any other process: on the 2-core dev
     machine under load that made decoding up to 10x slower and p90 latency ~20x worse (docs/serve.md).
     """
 
-    def __init__(self, model: str, device: str = "cpu", dtype: str | None = None, cpu_threads: int | None = None
-                 ) -> None:
-        self.model, self.device, self.dtype, self.cpu_threads = model, device, dtype, cpu_threads
-        self.pipe: Any = None
+    def __init__(self, model: str, device: str = "cpu", dtype: str | None = None, cpu_threads: int | None = None,
+                 size: EngineSize = EngineSize(), pipeline: OspreyPipeline | None = None) -> None:
+        """`pipeline`: an already built pipeline to serve (benchmarks with random weights); else `model` is loaded."""
+        self.model, self.device, self.dtype, self.cpu_threads, self.size = model, device, dtype, cpu_threads, size
+        self.pipe: OspreyPipeline | None = pipeline
+        self.session: DecodeSession | None = None
 
     def load(self) -> None:
         import torch
-
-        from osprey.inference import OspreyPipeline
 
         if self.device.startswith("cpu"):
             threads = self.cpu_threads or max(1, len(os.sched_getaffinity(0)) - 1)
             torch.set_num_threads(threads)
             log.info("CPU decoding with %d torch threads", threads)
-        self.pipe = OspreyPipeline.from_pretrained(self.model, device=self.device, dtype=self.dtype)
+        if self.pipe is None:
+            self.pipe = OspreyPipeline.from_pretrained(self.model, device=self.device, dtype=self.dtype)
+        pool = self.pipe.engine_pool(self.size.max_rows, self.size.max_row_tokens, self.size.kv_cache_gb,
+                                     self.size.rows_per_image)
+        self.session = self.pipe.session(pool)
+        log.info("engine pool: %d images x %d prefix tokens, %d rows x %d tokens", pool.prefix_slots,
+                 pool.prefix_tokens, pool.row_slots, pool.suffix_tokens)
 
-    def encode_image(self, image: Image.Image) -> Any:
+    def encode_image(self, image: Image.Image) -> EncodedImage:
         return self.pipe.encode_image(image)
 
-    def prepare(self, encoded: Any, turns: list[tuple[str, str | None]], masks: np.ndarray) -> Any:
+    def prepare(self, encoded: EncodedImage, turns: list[tuple[str, str | None]], masks: np.ndarray) -> PreparedPrompt:
         return self.pipe.prepare(encoded, turns, masks)
 
-    def prompt_tokens(self, prepared: Any) -> int:
-        return int(prepared.num_tokens)
+    def prepare_each(self, encoded: EncodedImage, turns: list[tuple[str, str | None]], masks: np.ndarray
+                     ) -> list[PreparedPrompt]:
+        return self.pipe.prepare_each(encoded, turns, masks)
 
     def max_context_tokens(self) -> int | None:
         limit = self.pipe.config.text.get("max_position_embeddings")
         return None if limit is None else int(limit)
 
-    def generate_stream(self, prepared: Sequence[Any], params: Sequence[Any],
-                        cancelled: Callable[[int], bool]) -> Iterator[list[Any]]:
-        return self.pipe.generate_stream(list(prepared), list(params), cancelled=cancelled)
+    def add(self, rows: list[EngineRow]) -> None:
+        groups = self.pipe.group_requests([r.prepared for r in rows], [r.params for r in rows],
+                                          row_ids=[r.row_id for r in rows])
+        self.session.add(groups)
+
+    def cancel(self, row_id: int) -> None:
+        self.session.cancel(row_id)
+
+    def step(self) -> list[StreamEvent]:
+        return self.session.step()
+
+    @property
+    def has_work(self) -> bool:
+        return self.session is not None and self.session.has_work
+
+    @property
+    def live_rows(self) -> int:
+        return 0 if self.session is None else self.session.live_rows
 
 
 # ---------------------------------------------------------------------------------------------- jobs
@@ -107,7 +165,7 @@ class RowSpec:
     index: int
     turns: list[tuple[str, str | None]]
     masks: np.ndarray
-    params: Any
+    params: SamplingParams
 
 
 @dataclass
@@ -148,11 +206,14 @@ class _Live:
 
     job: Job
     spec: RowSpec
-    prepared: Any
-    prompt_tokens: int
+    row_id: int
+    prepared: PreparedPrompt
     text: list[str] = field(default_factory=list)
     tokens: int = 0
-    done: bool = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.prepared.num_tokens
 
 
 _STOP = object()
@@ -166,14 +227,15 @@ class ClientGone(Exception):
 
 
 class Engine:
-    def __init__(self, backend: Backend, metrics: Metrics, *, max_batch_size: int = 8, batch_wait_ms: float = 5.0,
-                 max_queue: int = 64, image_cache_size: int = 16) -> None:
+    def __init__(self, backend: Backend, metrics: Metrics, *, batch_wait_ms: float = 5.0, max_queue: int = 64,
+                 image_cache_size: int = 16) -> None:
         self.backend = backend
         self.metrics = metrics
-        self.max_batch_size = max_batch_size
+        self._live: dict[int, _Live] = {}
+        self._row_ids = itertools.count()
         self.batch_wait_s = batch_wait_ms / 1000.0
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
-        self._cache: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[str, EncodedImage] = collections.OrderedDict()
         self._cache_size = image_cache_size
         self._thread = threading.Thread(target=self._main, name="osprey-engine", daemon=True)
         self._inflight: set[Job] = set()
@@ -269,42 +331,40 @@ class Engine:
             return
         self.ready.set()
         self.metrics.set("model_loaded", 1)
-        log.info("model loaded; engine ready (max batch %d)", self.max_batch_size)
-        pending: collections.deque[_Live] = collections.deque()
+        log.info("model loaded; engine ready")
         stopping = False
-        while not (stopping and not pending):
-            if not pending:
-                item = self._queue.get()
-                if item is _STOP:
-                    break
-                self._admit(item, pending)
-            stopping = self._fill(pending) or stopping
-            self.metrics.set("queue_depth", self._queue.qsize())
-            batch: list[_Live] = []
-            while pending and len(batch) < self.max_batch_size:
-                live = pending.popleft()
-                if not live.job.cancelled.is_set():
-                    batch.append(live)
-            if batch:
-                self._decode(batch)
+        while not stopping or self.backend.has_work:
+            if not stopping:
+                stopping = self._take(wait=not self.backend.has_work)
+            self._drop_cancelled()
+            if self.backend.has_work:
+                self._step()
         log.info("engine stopped")
 
-    def _fill(self, pending: collections.deque[_Live]) -> bool:
-        """Take more queued jobs for up to batch_wait while the batch has room; True when told to stop."""
-        deadline = time.monotonic() + self.batch_wait_s
-        while len(pending) < self.max_batch_size:
+    def _take(self, wait: bool) -> bool:
+        """Admit queued jobs (when idle, block for one and give others `batch_wait` to arrive); True on stop."""
+        if wait:
+            item = self._queue.get()
+            if item is _STOP:
+                return True
+            self._admit(item)
+            deadline = time.monotonic() + self.batch_wait_s
+        else:
+            deadline = time.monotonic()
+        while True:
             timeout = deadline - time.monotonic()
             try:
                 item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
             except queue.Empty:
-                return False
+                break
             if item is _STOP:
                 return True
-            self._admit(item, pending)
+            self._admit(item)
+        self.metrics.set("queue_depth", self._queue.qsize())
         return False
 
-    def _admit(self, job: Job, pending: collections.deque[_Live]) -> None:
-        """Encode the image (cached) and prepare the job's rows; errors go to that job only."""
+    def _admit(self, job: Job) -> None:
+        """Encode the image (cached), prepare the job's rows and start them; errors go to that job only."""
         if job.cancelled.is_set():
             return
         if time.monotonic() > job.deadline:
@@ -312,11 +372,11 @@ class Engine:
             return
         try:
             encoded = self._encode(job)
-            rows = []
-            for spec in job.rows:
-                prepared = self.backend.prepare(encoded, spec.turns, spec.masks)
-                rows.append(_Live(job, spec, prepared, self.backend.prompt_tokens(prepared)))
-                self._check_context(rows[-1])
+            rows = [_Live(job, spec, next(self._row_ids), prepared)
+                    for spec, prepared in zip(job.rows, self._prepare(encoded, job.rows))]
+            for live in rows:
+                self._check_context(live)
+            self.backend.add([EngineRow(live.row_id, live.prepared, live.spec.params) for live in rows])
         except APIError as exc:
             job.fail(exc)
             return
@@ -328,7 +388,14 @@ class Engine:
             job.fail(APIError(500, f"internal error while preparing the prompt ({type(exc).__name__})",
                               code="internal_error"))
             return
-        pending.extend(rows)
+        self.metrics.inc("prompt_tokens", sum(live.prompt_tokens for live in rows))
+        self._live.update((live.row_id, live) for live in rows)
+
+    def _prepare(self, encoded: EncodedImage, rows: list[RowSpec]) -> list[PreparedPrompt]:
+        """Rows that differ only by their one mask (describe) are prepared in one call."""
+        if len(rows) > 1 and all(r.turns == rows[0].turns and r.masks.shape[0] == 1 for r in rows):
+            return self.backend.prepare_each(encoded, rows[0].turns, np.concatenate([r.masks for r in rows]))
+        return [self.backend.prepare(encoded, spec.turns, spec.masks) for spec in rows]
 
     def _check_context(self, live: _Live) -> None:
         limit = self.backend.max_context_tokens()
@@ -338,7 +405,7 @@ class Engine:
                                 f"more were asked for, but the model's context is {limit} tokens; shorten the "
                                 "conversation or lower max_tokens", param="messages", code="context_length_exceeded")
 
-    def _encode(self, job: Job) -> Any:
+    def _encode(self, job: Job) -> EncodedImage:
         encoded = self._cache.get(job.image_key)
         if encoded is not None:
             self._cache.move_to_end(job.image_key)
@@ -352,33 +419,33 @@ class Engine:
             self._cache.popitem(last=False)
         return encoded
 
-    def _decode(self, batch: list[_Live]) -> None:
+    def _drop_cancelled(self) -> None:
+        """Rows of cancelled jobs (client gone, timeout, shutdown) leave the decoder before the next step."""
+        for row_id in [row_id for row_id, live in self._live.items() if live.job.cancelled.is_set()]:
+            self.backend.cancel(row_id)
+            del self._live[row_id]
+
+    def _step(self) -> None:
         started = time.perf_counter()
-        self.metrics.set("running", len(batch))
-        self.metrics.inc("prompt_tokens", sum(live.prompt_tokens for live in batch))
-        stream = self.backend.generate_stream([live.prepared for live in batch], [live.spec.params for live in batch],
-                                              lambda row: batch[row].job.cancelled.is_set())
         try:
-            for step in stream:
-                for event in step:
-                    self._on_event(batch[event.row], event)
-                if all(live.done or live.job.cancelled.is_set() for live in batch):
-                    break
+            events = self.backend.step()
         except Exception as exc:
             log.exception("generation failed")
-            for live in batch:
-                if not live.done:
-                    live.job.fail(APIError(500, f"generation failed ({type(exc).__name__})", code="internal_error"))
-        finally:
-            close = getattr(stream, "close", None)
-            if close is not None:
-                close()
-            self.metrics.set("running", 0)
-            self.metrics.batch_done(len(batch), sum(live.tokens for live in batch), time.perf_counter() - started)
-
-    def _on_event(self, live: _Live, event: Any) -> None:
-        if live.done:
+            for row_id, live in list(self._live.items()):
+                live.job.fail(APIError(500, f"generation failed ({type(exc).__name__})", code="internal_error"))
+                self.backend.cancel(row_id)
+            self._live.clear()
             return
+        tokens = 0
+        for event in events:
+            live = self._live.get(event.row)
+            if live is not None:
+                tokens += event.token_id is not None
+                self._on_event(live, event)
+        self.metrics.set("running", self.backend.live_rows)
+        self.metrics.batch_done(len(events), tokens, time.perf_counter() - started)
+
+    def _on_event(self, live: _Live, event: StreamEvent) -> None:
         if event.token_id is not None:
             live.tokens += 1
         if event.text_delta:
@@ -388,7 +455,7 @@ class Engine:
                 self.metrics.observe("ttft", live.job.first_token - live.job.submitted)
             live.job.emit(("delta", live.spec.index, event.text_delta))
         if event.finished:
-            live.done = True
+            del self._live[live.row_id]
             live.job.emit(("done", live.spec.index, RowResult(
                 index=live.spec.index, raw_text="".join(live.text), prompt_tokens=live.prompt_tokens,
                 completion_tokens=live.tokens, finish_reason=event.finish_reason or "stop")))

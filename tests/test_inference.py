@@ -62,7 +62,8 @@ def test_shared_prefix_prefill_equals_full_prefill(tiny_pipeline, image, masks):
     shared = tiny_pipeline.generate(prompts, params, share_prefix=True)
     full = tiny_pipeline.generate(prompts, params, share_prefix=False)
     assert [s.raw_text for s in shared] == [f.raw_text for f in full]
-    assert tiny_pipeline._embed(prompts, True)[2] is not None  # the shared path was taken
+    assert len(tiny_pipeline.group_requests(prompts, [params] * 4, share_prefix=True)) == 1  # one shared prefix
+    assert len(tiny_pipeline.group_requests(prompts, [params] * 4, share_prefix=False)) == 4
 
 
 def test_seeded_sampling_is_reproducible(tiny_pipeline, image, masks):

@@ -1,0 +1,167 @@
+"""Serving benchmark: regions/s and latency of the official flow, our engine in-process, `osprey serve` over HTTP
+and vLLM on the LLM half of the same workload, on one device in one run.
+
+The workload: clients that each send one image with M region masks ("describe", short prompt) and send their next
+image when every region of the last one is answered; I clients at once = I images in flight. Every region decodes
+exactly --new-tokens tokens (EOS ignored), greedy. Per configuration (system, M, I): regions/s, output tokens/s,
+p50/p99 latency per region and per request (from the request's start), time to first token, peak GPU memory.
+
+    python -m bench.serve_bench --preset osprey-7b --out bench/results/serve_bench_h100.json
+    python -m bench.serve_bench --preset tiny --device cpu --masks 1 4 --images 1 2 --new-tokens 8    # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.serve_vllm import vllm_available
+from bench.serve_workload import (
+    Measurement,
+    Workload,
+    build_pipeline,
+    make_workload,
+    run_engine,
+    run_official,
+    run_server,
+    summarize,
+)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--preset", default="osprey-7b", help="random weights of this preset's shapes")
+    parser.add_argument("--model", default=None, help="a model folder instead of a random preset")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--masks", type=int, nargs="+", default=[1, 16, 64], help="masks per image (M)")
+    parser.add_argument("--images", type=int, nargs="+", default=[1, 16, 64], help="images in flight (I)")
+    parser.add_argument("--waves", type=int, default=2, help="images each client sends in turn")
+    parser.add_argument("--max-regions-per-config", type=int, default=2048,
+                        help="fewer waves for large M x I so one configuration stays short")
+    parser.add_argument("--systems", nargs="+", default=["official", "engine", "server", "vllm"],
+                        choices=["official", "engine", "server", "vllm"])
+    parser.add_argument("--official-regions", type=int, default=3, help="regions timed for the official flow")
+    parser.add_argument("--max-rows", type=int, default=512, help="engine rows in flight (server --max-batch-size)")
+    parser.add_argument("--kv-cache-gb", type=float, default=None)
+    parser.add_argument("--out", default=None, help="JSON results file (a PNG plot is written beside it)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    pipe = build_pipeline(args.preset, args.model, args.device, args.dtype)
+    pipe.eos_token_id = -1  # never stop early: every region decodes exactly --new-tokens tokens
+    results: list[Measurement] = []
+    if "vllm" in args.systems and not vllm_available():
+        print("vLLM is not installed: its column is left out (bench/gpu_install.sh installs it on the GPU machine)")
+        args.systems = [s for s in args.systems if s != "vllm"]
+    if "official" in args.systems:
+        results.append(run_official(pipe, make_workload(1, args.official_regions, 1, seed=0), args.new_tokens))
+        print(json.dumps(summarize(results[-1])), flush=True)
+    workloads = [_workload(args, masks, images) for masks in args.masks for images in args.images]
+    for system in ("engine", "server", "vllm"):  # vLLM last: its engine keeps most of the GPU memory once started
+        if system in args.systems:
+            for workload in workloads:
+                results.append(_run(system, args, pipe, workload))
+                _write(args, _report(args, pipe, results))  # a run cut short keeps what it measured
+    report = _report(args, pipe, results)
+    if args.out:
+        _plot(report, Path(args.out).with_suffix(".png"))
+    return report
+
+
+def _write(args: argparse.Namespace, report: dict) -> None:
+    if not args.out:
+        return
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".json.partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    partial.replace(path)
+
+
+def _workload(args: argparse.Namespace, masks: int, images: int) -> Workload:
+    waves = max(1, min(args.waves, args.max_regions_per_config // (masks * images)))
+    return make_workload(images, masks, waves, seed=masks * 1000 + images)
+
+
+def _run(system: str, args: argparse.Namespace, pipe, workload: Workload) -> Measurement:
+    if system == "engine":
+        m = run_engine(pipe, workload, args.new_tokens, args.max_rows, args.kv_cache_gb)
+    elif system == "server":
+        m = run_server(pipe, workload, args.new_tokens, args.max_rows, args.kv_cache_gb)
+    else:
+        from bench.serve_vllm import run_vllm
+
+        m = run_vllm(pipe, workload, args.new_tokens)
+    print(json.dumps(summarize(m)), flush=True)
+    return m
+
+
+def _report(args: argparse.Namespace, pipe, results: list[Measurement]) -> dict:
+    device = torch.cuda.get_device_name() if pipe.device.type == "cuda" else platform.processor() or "cpu"
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip() or None
+    except OSError:
+        commit = None
+    settings = {"model": args.model or args.preset, "dtype": str(pipe.model.dtype), "new_tokens": args.new_tokens,
+                "task": "short", "greedy": True, "eos": "ignored", "waves": args.waves, "max_rows": args.max_rows,
+                "torch": torch.__version__}
+    return {"device": device, "commit": commit, "settings": settings, "results": [summarize(m) for m in results],
+            "summary": _speedups(results)}
+
+
+def _speedups(results: list[Measurement]) -> list[dict]:
+    """Engine and server against vLLM (and the official flow) per configuration."""
+    by_key = {(m.system, m.masks_per_image, m.images_in_flight): m for m in results}
+    official = next((m for m in results if m.system == "official"), None)
+    rows = []
+    for (system, masks, images), m in by_key.items():
+        if system != "engine":
+            continue
+        row = {"masks_per_image": masks, "images_in_flight": images, "engine_regions_per_s": m.regions_per_s}
+        for other in ("server", "vllm"):
+            o = by_key.get((other, masks, images))
+            if o is not None:
+                row[f"engine_over_{other}"] = m.regions_per_s / o.regions_per_s
+        if official is not None:
+            row["engine_over_official"] = m.regions_per_s / official.regions_per_s
+        rows.append(row)
+    return rows
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = sorted({r["system"] for r in report["results"] if r["system"] != "official"})
+    configs = sorted({(r["masks_per_image"], r["images_in_flight"]) for r in report["results"] if r["system"] != "official"})
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(configs)), 4))
+    width = 0.8 / max(1, len(systems))
+    for i, system in enumerate(systems):
+        values = [next((r["regions_per_s"] for r in report["results"] if r["system"] == system
+                        and (r["masks_per_image"], r["images_in_flight"]) == c), 0.0) for c in configs]
+        ax.bar(np.arange(len(configs)) + i * width, values, width, label=system)
+    ax.set_xticks(np.arange(len(configs)) + width * (len(systems) - 1) / 2,
+                  [f"M={m}\nI={i}" for m, i in configs])
+    ax.set_ylabel("regions / s")
+    ax.set_title(f"{report['device']}: {report['settings']['model']}, {report['settings']['new_tokens']} tokens per region")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

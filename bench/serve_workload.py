@@ -1,0 +1,260 @@
+"""The serving benchmark's workload and its drivers: the official flow, our engine in-process, and the HTTP server.
+
+Every driver runs the same closed loop: I clients, each sending its images in turn (M boxes each, the short-caption
+prompt) and the next one once every region of the last is answered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from osprey.generation import SamplingParams
+from osprey.inference import OspreyPipeline
+from osprey.prompts import task_prompt
+
+HEIGHT, WIDTH = 480, 640
+
+
+@dataclass(frozen=True)
+class Request:
+    image: Image.Image
+    boxes: list[list[int]]  # xywh, the regions (masks are these boxes filled)
+
+    @property
+    def masks(self) -> np.ndarray:
+        masks = np.zeros((len(self.boxes), HEIGHT, WIDTH), bool)
+        for q, (x, y, w, h) in enumerate(self.boxes):
+            masks[q, y:y + h, x:x + w] = True
+        return masks
+
+    def png_b64(self) -> str:
+        buffer = io.BytesIO()
+        self.image.save(buffer, format="PNG")
+        return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@dataclass(frozen=True)
+class Workload:
+    clients: list[list[Request]]  # per client, the images it sends in turn
+
+    @property
+    def masks_per_image(self) -> int:
+        return len(self.clients[0][0].boxes)
+
+    @property
+    def images_in_flight(self) -> int:
+        return len(self.clients)
+
+    @property
+    def regions(self) -> int:
+        return sum(len(r.boxes) for c in self.clients for r in c)
+
+
+@dataclass
+class Measurement:
+    system: str
+    masks_per_image: int
+    images_in_flight: int
+    new_tokens: int
+    seconds: float = 0.0
+    region_latencies: list[float] = field(default_factory=list)
+    request_latencies: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+    peak_mem_gb: float | None = None
+
+    @property
+    def regions_per_s(self) -> float:
+        return len(self.region_latencies) / self.seconds
+
+
+def make_workload(images_in_flight: int, masks: int, waves: int, seed: int) -> Workload:
+    """Images of coloured rectangles (they compress like photos, not like noise) with random boxes."""
+    rng = np.random.default_rng(seed)
+    return Workload([[_request(rng, masks) for _ in range(waves)] for _ in range(images_in_flight)])
+
+
+def _request(rng: np.random.Generator, masks: int) -> Request:
+    image = Image.new("RGB", (WIDTH, HEIGHT), tuple(int(v) for v in rng.integers(0, 255, 3)))
+    draw = ImageDraw.Draw(image)
+    for _ in range(12):
+        x, y = int(rng.integers(0, WIDTH - 40)), int(rng.integers(0, HEIGHT - 40))
+        draw.rectangle([x, y, x + int(rng.integers(20, 200)), y + int(rng.integers(20, 200))],
+                       fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    boxes = []
+    for _ in range(masks):
+        w, h = int(rng.integers(8, 160)), int(rng.integers(8, 160))
+        boxes.append([int(rng.integers(0, WIDTH - w)), int(rng.integers(0, HEIGHT - h)), w, h])
+    return Request(image, boxes)
+
+
+def build_pipeline(preset: str, model: str | None, device: str, dtype: str | None) -> OspreyPipeline:
+    from bench.describe_speed import build_pipeline as build
+
+    args = argparse.Namespace(preset=preset, model=model, device=device, dtype=dtype, regions=512)
+    return build(args)
+
+
+def summarize(m: Measurement) -> dict:
+    def pct(values: list[float], q: float) -> float | None:
+        return float(np.percentile(values, q)) if values else None
+
+    return {"system": m.system, "masks_per_image": m.masks_per_image, "images_in_flight": m.images_in_flight,
+            "regions": len(m.region_latencies), "seconds": m.seconds, "regions_per_s": m.regions_per_s,
+            "output_tokens_per_s": m.regions_per_s * m.new_tokens,
+            "p50_region_s": pct(m.region_latencies, 50), "p99_region_s": pct(m.region_latencies, 99),
+            "p50_request_s": pct(m.request_latencies, 50), "p99_request_s": pct(m.request_latencies, 99),
+            "ttft_s": pct(m.ttfts, 50), "peak_mem_gb": m.peak_mem_gb}
+
+
+def _reset_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_memory(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+# ---------------------------------------------------------------------------------------------- official flow
+
+
+def run_official(pipe: OspreyPipeline, workload: Workload, new_tokens: int) -> Measurement:
+    """One region per call, the image re-encoded each time, HF `generate` at batch 1 (bench.describe_speed)."""
+    from bench.describe_speed import official_flow
+
+    request = workload.clients[0][0]
+    official_flow(pipe, request.image, request.masks[:1], 2)  # warm-up
+    _reset_memory(pipe.device)
+    seconds = official_flow(pipe, request.image, request.masks, new_tokens)
+    per_region = seconds / len(request.boxes)
+    return Measurement("official", 1, 1, new_tokens, seconds, [per_region] * len(request.boxes),
+                       [per_region] * len(request.boxes), [], _peak_memory(pipe.device))
+
+
+# ---------------------------------------------------------------------------------------------- engine in-process
+
+
+@dataclass
+class _Client:
+    requests: list[Request]
+    started: float = 0.0
+    remaining: int = 0
+    first_token: bool = False
+
+
+def run_engine(pipe: OspreyPipeline, workload: Workload, new_tokens: int, max_rows: int,
+               kv_cache_gb: float | None) -> Measurement:
+    """The closed loop on `OspreyPipeline`'s decode session (what the server's worker thread runs)."""
+    session = pipe.session(pipe.engine_pool(max_rows, new_tokens + 256, kv_cache_gb))
+    _drive(pipe, session, make_workload(1, 2, 1, seed=99), new_tokens, Measurement("warm-up", 1, 1, new_tokens))
+    m = Measurement("engine", workload.masks_per_image, workload.images_in_flight, new_tokens)
+    _reset_memory(pipe.device)
+    _drive(pipe, session, workload, new_tokens, m)
+    m.peak_mem_gb = _peak_memory(pipe.device)
+    return m
+
+
+def _drive(pipe: OspreyPipeline, session, workload: Workload, new_tokens: int, m: Measurement) -> None:
+    params = SamplingParams(max_new_tokens=new_tokens)
+    clients = [_Client(list(reqs)) for reqs in workload.clients]
+    start = time.perf_counter()
+
+    def send(index: int) -> None:
+        client = clients[index]
+        request = client.requests.pop(0)
+        client.started, client.remaining, client.first_token = time.perf_counter(), len(request.boxes), False
+        encoded = pipe.encode_image(request.image)
+        prompts = pipe.prepare_each(encoded, [("human", task_prompt("short"))], request.masks)
+        ids: list[Hashable] = [(index, q) for q in range(len(prompts))]
+        session.add(pipe.group_requests(prompts, [params] * len(prompts), row_ids=ids))
+
+    for index in range(len(clients)):
+        send(index)
+    while session.has_work:
+        events = session.step()
+        now = time.perf_counter()
+        for event in events:
+            client = clients[event.row[0]]
+            if not client.first_token:
+                client.first_token = True
+                m.ttfts.append(now - client.started)
+            if event.finished:
+                m.region_latencies.append(now - client.started)
+                client.remaining -= 1
+                if client.remaining == 0:
+                    m.request_latencies.append(now - client.started)
+                    if client.requests:
+                        send(event.row[0])
+    _sync(pipe.device)
+    m.seconds = time.perf_counter() - start
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------------------------------- the HTTP server
+
+
+def run_server(pipe: OspreyPipeline, workload: Workload, new_tokens: int, max_rows: int,
+               kv_cache_gb: float | None) -> Measurement:
+    """`osprey serve`'s app (real uvicorn on loopback, in this process) with concurrent HTTP clients."""
+    from serve.background import BackgroundServer
+    from serve.config import ServeConfig
+    from serve.engine import PipelineBackend
+
+    config = ServeConfig(model="bench", device=str(pipe.device), max_batch_size=max_rows, kv_cache_gb=kv_cache_gb,
+                         max_tokens_limit=new_tokens, max_row_tokens=new_tokens + 256, max_queue=4096,
+                         max_regions=max(64, workload.masks_per_image), request_timeout_s=3600.0, batch_wait_ms=2.0)
+    backend = PipelineBackend("bench", str(pipe.device), size=config.engine_size, pipeline=pipe)
+    m = Measurement("server", workload.masks_per_image, workload.images_in_flight, new_tokens)
+    with BackgroundServer(config, backend) as server:
+        asyncio.run(_http_clients(server.url, make_workload(1, 2, 1, seed=99), new_tokens,
+                                  Measurement("warm-up", 1, 1, new_tokens)))
+        _reset_memory(pipe.device)
+        asyncio.run(_http_clients(server.url, workload, new_tokens, m))
+        m.peak_mem_gb = _peak_memory(pipe.device)
+    del backend.session  # free the server's KV pool before the next configuration
+    return m
+
+
+async def _http_clients(url: str, workload: Workload, new_tokens: int, m: Measurement) -> None:
+    import httpx
+
+    bodies = [[{"image": r.png_b64(), "regions": [{"box": b} for b in r.boxes], "task": "short",
+                "max_tokens": new_tokens, "stream": True} for r in client] for client in workload.clients]
+    limits = httpx.Limits(max_connections=len(bodies) + 4, max_keepalive_connections=len(bodies) + 4)
+    async with httpx.AsyncClient(base_url=url, timeout=3600.0, limits=limits) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(_http_client(http, client, m) for client in bodies))
+        m.seconds = time.perf_counter() - start
+
+
+async def _http_client(http, bodies: list[dict], m: Measurement) -> None:
+    for body in bodies:
+        started = time.perf_counter()
+        async with http.stream("POST", "/v1/regions/describe", json=body) as response:
+            if response.status_code != 200:
+                raise RuntimeError(f"the server answered {response.status_code}: {await response.aread()!r}")
+            async for line in response.aiter_lines():
+                if not line:
+                    continue
+                event = json.loads(line)
+                if "error" in event:
+                    raise RuntimeError(f"the server failed a request: {event}")
+                if "text" in event:
+                    m.region_latencies.append(time.perf_counter() - started)
+        m.request_latencies.append(time.perf_counter() - started)

@@ -1,0 +1,279 @@
+"""Continuous batching of region rows over shared image prefixes: what `osprey serve` and `OspreyPipeline` decode with.
+
+A `GroupRequest` is one image's shared prefix (system prompt, image tokens, text before the first region) and its
+rows (each region's own tokens and sampling settings). `step()` either admits waiting groups (prefix prefilled
+once into a prefix slot, then all new rows' suffixes in one pass, first tokens sampled) or runs one decoding step
+for every live row. Rows join and leave between steps; finished and released rows free their slots at once. A
+group waits while its rows do not fit the preallocated pool, so load never runs the device out of memory.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel
+
+from osprey.engine.forward import LlamaForward, RowBlock
+from osprey.engine.graphs import DecodeStep
+from osprey.engine.kv import KVPool, PoolSize
+from osprey.engine.sampling import sample
+from osprey.generation import SamplingParams
+
+__all__ = ["GroupRequest", "RegionDecoder", "RowRequest", "TokenEvent"]
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    row_id: Hashable  # the caller's name for the row, unique among rows in flight
+    suffix: torch.Tensor  # (t, D) embeddings of the row's own prompt tokens (t >= 1), after the group's prefix
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class GroupRequest:
+    prefix: torch.Tensor  # (P, D) embeddings every row of the group starts with
+    rows: list[RowRequest]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    row_id: Hashable
+    token: int | None  # the new token; None when the row ended with EOS (EOS is not part of the answer)
+    finished: bool
+    finish_reason: str | None  # "stop" (EOS) | "length" (max_new_tokens reached) | None
+
+
+@dataclass
+class _Group:
+    prefix_length: int
+    live_rows: int
+
+
+@dataclass
+class _Row:
+    request: RowRequest
+    group: int  # prefix slot
+    local: int  # index within its group (its column in the prefix query block)
+    length: int  # suffix tokens whose keys/values are stored
+    seed: int
+    last_token: int = -1  # sampled, not yet fed
+    generated: int = 0
+    done: bool = False
+
+
+@dataclass
+class _Waiting:
+    group: GroupRequest
+    ready: collections.deque = field(default_factory=collections.deque)
+
+
+class RegionDecoder:
+    def __init__(self, language_model: PreTrainedModel, eos_token_id: int, pool_size: PoolSize,
+                 max_prefill_tokens: int = 16384, cuda_graphs: bool = True) -> None:
+        self.forward = LlamaForward(language_model)
+        self.eos_token_id = eos_token_id
+        weight = language_model.get_input_embeddings().weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.pool = KVPool(pool_size, self.forward.num_layers, self.forward.num_kv_heads, self.forward.head_dim,
+                           self.dtype, self.device)
+        self.max_prefill_tokens = max_prefill_tokens
+        self.decode_step = DecodeStep(self.forward, self.pool, use_graphs=cuda_graphs and self.device.type == "cuda")
+        self.waiting: collections.deque[GroupRequest] = collections.deque()
+        self.groups: list[_Group] = []
+        self.rows: list[_Row] = []
+        self._released: set[Hashable] = set()
+
+    # -- requests ----------------------------------------------------------------------------------------------
+    def check(self, group: GroupRequest) -> None:
+        """Raise ValueError naming the first row that cannot fit the pool."""
+        if group.prefix.shape[0] < 1:
+            raise ValueError("a group needs at least one prefix token")
+        overflow = max(0, group.prefix.shape[0] - self.pool.max_prefix)
+        for row in group.rows:
+            prompt = overflow + row.suffix.shape[0]
+            need = prompt + row.params.max_new_tokens
+            if row.suffix.shape[0] < 1 or need > self.pool.max_suffix:
+                raise ValueError(f"row {row.row_id!r} needs {need} tokens of its own ({prompt} prompt + "
+                                 f"{row.params.max_new_tokens} new); the engine holds {self.pool.max_suffix} per row")
+
+    def add(self, group: GroupRequest) -> None:
+        """Queue a group; raises ValueError naming the row that cannot fit the pool."""
+        self.check(group)
+        group = self._fit_prefix(group)
+        slots = self.pool.size.row_slots
+        for start in range(0, len(group.rows), slots):  # more rows than the pool holds: several admissions
+            self.waiting.append(GroupRequest(group.prefix, group.rows[start:start + slots]))
+
+    def release(self, row_id: Hashable) -> None:
+        """Stop a row (cancelled, or a stop string found by the caller); its slot is freed before the next step."""
+        self._released.add(row_id)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.rows or self.waiting)
+
+    @property
+    def live_rows(self) -> int:
+        return len(self.rows)
+
+    # -- stepping ----------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """Admit what fits (prefill) or decode one token for every live row; events of rows that advanced."""
+        self._drop_released()
+        admitted = self._admit()
+        if admitted:
+            return self._prefill(admitted)
+        if not self.rows:
+            return []
+        return self._decode()
+
+    def _fit_prefix(self, group: GroupRequest) -> GroupRequest:
+        """A prefix longer than the prefix slots: its tail becomes the start of every row's suffix."""
+        keep = self.pool.max_prefix
+        if group.prefix.shape[0] <= keep:
+            return group
+        tail = group.prefix[keep:]
+        rows = [RowRequest(r.row_id, torch.cat([tail, r.suffix]), r.params) for r in group.rows]
+        return GroupRequest(group.prefix[:keep], rows)
+
+    def _drop_released(self) -> None:
+        if not self._released:
+            return
+        for row in self.rows:
+            if row.request.row_id in self._released:
+                row.done = True
+        for group in list(self.waiting):
+            kept = [r for r in group.rows if r.row_id not in self._released]
+            if len(kept) != len(group.rows):
+                self.waiting.remove(group)
+                if kept:
+                    self.waiting.appendleft(GroupRequest(group.prefix, kept))
+        self._released.clear()
+        self._compact()
+
+    def _admit(self) -> list[GroupRequest]:
+        admitted: list[GroupRequest] = []
+        rows = len(self.rows)
+        tokens = 0
+        while self.waiting:
+            group = self.waiting[0]
+            fits = (len(self.groups) + len(admitted) < self.pool.size.prefix_slots
+                    and rows + len(group.rows) <= self.pool.size.row_slots)
+            size = group.prefix.shape[0] + sum(r.suffix.shape[0] for r in group.rows)
+            if not fits or (admitted and tokens + size > self.max_prefill_tokens):
+                break
+            admitted.append(self.waiting.popleft())
+            rows += len(group.rows)
+            tokens += size
+        return admitted
+
+    def _prefill(self, admitted: list[GroupRequest]) -> list[TokenEvent]:
+        first_group, first_row = len(self.groups), len(self.rows)
+        for group in admitted:
+            slot = len(self.groups)
+            self.forward.prefill_prefix(group.prefix.to(self.device, self.dtype), self.pool, slot)
+            self.groups.append(_Group(group.prefix.shape[0], len(group.rows)))
+            for local, request in enumerate(group.rows):
+                seed = request.params.seed if request.params.seed is not None else random.getrandbits(62)
+                self.rows.append(_Row(request, slot, local, 0, seed))
+        new_rows = self.rows[first_row:]
+        embeds, lengths = self._pad([row.request.suffix for row in new_rows])
+        block = self._block(new_rows, first_row, first_group, tokens=embeds.shape[1],
+                            start=[0] * len(new_rows), lengths=lengths)
+        logits = self.forward.forward_rows(embeds, block, self.pool, self._prefix_lengths(first_group))
+        for row, length in zip(new_rows, lengths):
+            row.length = length
+        return self._advance(new_rows, logits)
+
+    def _decode(self) -> list[TokenEvent]:
+        rows, groups = self.rows, self.groups
+        start = [row.length for row in rows]
+        shape = self.decode_step.shape(len(rows), len(groups), max(row.local for row in rows) + 1,
+                                       max(g.prefix_length for g in groups), max(start) + 1)
+        logits = self.decode_step([row.last_token for row in rows], start, [row.group for row in rows],
+                                  [row.local for row in rows], [g.prefix_length for g in groups], shape)
+        for row in self.rows:
+            row.length += 1
+        return self._advance(self.rows, logits)
+
+    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> list[TokenEvent]:
+        """Sample each row's next token, record it, and finish rows at EOS or their token budget."""
+        chosen = self._sample(rows, logits).tolist()
+        events = []
+        for row, token in zip(rows, chosen):
+            if token == self.eos_token_id:
+                row.done = True
+                events.append(TokenEvent(row.request.row_id, None, True, "stop"))
+                continue
+            row.last_token, row.generated = token, row.generated + 1
+            row.done = row.generated >= row.request.params.max_new_tokens
+            events.append(TokenEvent(row.request.row_id, token, row.done, "length" if row.done else None))
+        self._compact()
+        return events
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+        params = [row.request.params for row in rows]
+        floats = torch.tensor([[p.temperature for p in params], [p.top_p for p in params]], device=self.device)
+        ints = torch.tensor([[row.seed for row in rows], [row.generated for row in rows]], device=self.device)
+        return sample(logits, floats[0], floats[1], ints[0], ints[1], any(p.temperature > 0 for p in params))
+
+    # -- bookkeeping -------------------------------------------------------------------------------------------
+    def _block(self, rows: list[_Row], first_row: int, first_group: int, tokens: int, start: list[int],
+               lengths: list[int]) -> RowBlock:
+        device = self.device
+        return RowBlock(
+            first=first_row, count=len(rows), tokens=tokens,
+            start=torch.tensor(start, device=device), lengths=torch.tensor(lengths, device=device),
+            group=torch.tensor([row.group - first_group for row in rows], device=device),
+            local=torch.tensor([row.local for row in rows], device=device),
+            group_first=first_group, groups=len(self.groups) - first_group,
+            width=max(row.local for row in rows) + 1,
+            prefix_keys=max(group.prefix_length for group in self.groups[first_group:]),
+            suffix_keys=max(start) + tokens,
+        )
+
+    def _prefix_lengths(self, first_group: int) -> torch.Tensor:
+        return torch.tensor([g.prefix_length for g in self.groups[first_group:]], device=self.device)
+
+    def _pad(self, suffixes: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
+        """Row suffixes (t_i, D) -> (n, max t, D) zero-padded on the right, and the t_i."""
+        lengths = [s.shape[0] for s in suffixes]
+        batch = torch.zeros((len(suffixes), max(lengths), suffixes[0].shape[1]), dtype=self.dtype, device=self.device)
+        for index, suffix in enumerate(suffixes):
+            batch[index, :suffix.shape[0]] = suffix.to(self.device, self.dtype)
+        return batch, lengths
+
+    def _compact(self) -> None:
+        """Free the slots of finished rows and of groups without live rows, keeping live slots at the front."""
+        if not any(row.done for row in self.rows):
+            return
+        for row in self.rows:
+            if row.done:
+                self.groups[row.group].live_rows -= 1
+        self.rows = self._compact_rows()
+        emptied = [index for index, group in enumerate(self.groups) if group.live_rows == 0]
+        for index in sorted(emptied, reverse=True):
+            last = len(self.groups) - 1
+            if index != last:
+                self.pool.move_prefix(last, index)
+                self.groups[index] = self.groups[last]
+                for row in self.rows:
+                    if row.group == last:
+                        row.group = index
+            self.groups.pop()
+
+    def _compact_rows(self) -> list[_Row]:
+        live = [index for index, row in enumerate(self.rows) if not row.done]
+        count = len(live)
+        sources = [index for index in live if index >= count]
+        targets = [index for index in range(count) if self.rows[index].done]
+        self.pool.move_rows(sources, targets)
+        rows = list(self.rows)
+        for source, target in zip(sources, targets):
+            rows[target] = self.rows[source]
+        return rows[:count]

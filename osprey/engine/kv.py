@@ -1,0 +1,81 @@
+"""Preallocated key/value storage: prefix slots (one per image in flight) and row slots (one per region row).
+
+Both are allocated once, at start-up, from a memory budget, so a burst of requests queues instead of running out
+of memory. Live slots are kept at the front (0 .. n-1): when one is freed, the last live one is moved into its
+place (one copy of its keys and values), so every pass reads contiguous slices and never gathers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["KVPool", "PoolSize", "plan_pool"]
+
+
+@dataclass(frozen=True)
+class PoolSize:
+    prefix_slots: int  # images in flight
+    prefix_tokens: int  # longest shared prefix kept (longer prompts move the rest into the rows' suffix)
+    row_slots: int  # region rows in flight
+    suffix_tokens: int  # per row: its own prompt tokens + generated tokens
+
+    def __post_init__(self) -> None:
+        for name in ("prefix_slots", "prefix_tokens", "row_slots", "suffix_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+def token_bytes(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    """Bytes of keys + values of one token over all layers."""
+    return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+def plan_pool(budget_bytes: int, per_token: int, prefix_tokens: int, suffix_tokens: int, rows_per_image: int = 8
+              ) -> PoolSize:
+    """The largest pool within `budget_bytes` with `rows_per_image` row slots per prefix slot."""
+    per_image = per_token * (prefix_tokens + rows_per_image * suffix_tokens)
+    images = budget_bytes // per_image
+    if images < 1:
+        raise ValueError(f"a KV budget of {budget_bytes / 2**30:.2f} GiB holds not even one image "
+                         f"({per_image / 2**30:.2f} GiB for {prefix_tokens} prefix and {rows_per_image} x "
+                         f"{suffix_tokens} row tokens); lower max_suffix_tokens or free memory")
+    return PoolSize(int(images), prefix_tokens, int(images * rows_per_image), suffix_tokens)
+
+
+class KVPool:
+    def __init__(self, size: PoolSize, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.size = size
+        prefix_shape = (size.prefix_slots, num_kv_heads, size.prefix_tokens, head_dim)
+        suffix_shape = (size.row_slots, num_kv_heads, size.suffix_tokens, head_dim)
+        self.prefix_k = [torch.zeros(prefix_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.prefix_v = [torch.zeros(prefix_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.suffix_k = [torch.zeros(suffix_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.suffix_v = [torch.zeros(suffix_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @property
+    def max_prefix(self) -> int:
+        return self.size.prefix_tokens
+
+    @property
+    def max_suffix(self) -> int:
+        return self.size.suffix_tokens
+
+    def move_rows(self, sources: list[int], targets: list[int]) -> None:
+        """Copy row slots `sources` onto `targets` (all layers)."""
+        self._move(self.suffix_k + self.suffix_v, sources, targets)
+
+    def move_prefix(self, source: int, target: int) -> None:
+        self._move(self.prefix_k + self.prefix_v, [source], [target])
+
+    @staticmethod
+    def _move(tensors: list[torch.Tensor], sources: list[int], targets: list[int]) -> None:
+        if not sources:
+            return
+        device = tensors[0].device
+        src = torch.tensor(sources, device=device)
+        dst = torch.tensor(targets, device=device)
+        for tensor in tensors:
+            tensor[dst] = tensor[src]

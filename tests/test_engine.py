@@ -1,0 +1,178 @@
+"""The region engine against independent references: transformers' own generate, plain attention, and itself
+under every batching shape (groups, rows joining mid-flight, releases, prefix overflow)."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from osprey.engine.attention import attend, length_bias, merge
+from osprey.engine.core import GroupRequest, RowRequest
+from osprey.engine.kv import PoolSize, plan_pool
+from osprey.engine.sampling import sample
+from osprey.engine.text import TextStream
+from osprey.inference import SamplingParams
+from osprey.prompts import task_prompt
+
+
+@pytest.fixture(scope="module")
+def image():
+    rng = np.random.default_rng(1)
+    return Image.fromarray((rng.random((40, 56, 3)) * 255).astype(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def masks():
+    m = np.zeros((5, 40, 56), bool)
+    m[0, 2:20, 3:30] = True
+    m[1, 20:, :] = True
+    m[2, 7, 9] = True  # one pixel
+    m[3, :, 40:] = True
+    return m  # m[4] empty
+
+
+def _reference_tokens(pipe, prompt, new_tokens: int) -> list[int]:
+    """Greedy tokens from transformers' `generate` on the full spliced prompt (no engine code involved)."""
+    lm = pipe.model.language_model
+    embeds = pipe.model.merge_embeddings(prompt.input_ids[None], prompt.image.tokens[None], prompt.mask_tokens,
+                                         prompt.pos_tokens)
+    with torch.inference_mode():
+        out = lm.generate(inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+                          max_new_tokens=new_tokens, do_sample=False, eos_token_id=pipe.eos_token_id, pad_token_id=0)
+    tokens = out[0].tolist()
+    return tokens[:tokens.index(pipe.eos_token_id)] if pipe.eos_token_id in tokens else tokens
+
+
+def _engine_tokens(pipe, prompts, params) -> list[list[int]]:
+    tokens = [[] for _ in prompts]
+    for events in pipe.generate_stream(prompts, params):
+        for e in events:
+            if e.token_id is not None:
+                tokens[e.row].append(e.token_id)
+    return tokens
+
+
+def test_greedy_tokens_equal_transformers_generate(tiny_pipeline, image, masks):
+    enc = tiny_pipeline.encode_image(image)
+    prompts = [tiny_pipeline.prepare(enc, [("human", task_prompt("short"))], masks[q:q + 1]) for q in range(5)]
+    prompts.append(tiny_pipeline.prepare(enc, [("human", task_prompt("category")), ("gpt", "a thing"),
+                                               ("human", "and <mask><pos> next to <mask><pos>?")], masks[:3]))
+    ours = _engine_tokens(tiny_pipeline, prompts, SamplingParams(max_new_tokens=12))
+    reference = [_reference_tokens(tiny_pipeline, p, 12) for p in prompts]
+    assert ours == reference
+    assert len({tuple(t) for t in ours}) > 1  # the regions do not all get one answer
+
+
+def _decoder_rows(pipe, enc, masks, new_tokens):
+    prompts = [pipe.prepare(enc, [("human", task_prompt("short"))], masks[q:q + 1]) for q in range(len(masks))]
+    params = [SamplingParams(max_new_tokens=new_tokens)] * len(prompts)
+    return pipe.group_requests(prompts, params), [_reference_tokens(pipe, p, new_tokens) for p in prompts]
+
+
+def _run(decoder, until_empty=True):
+    tokens = {}
+    while decoder.has_work:
+        for e in decoder.step():
+            tokens.setdefault(e.row_id, [])
+            if e.token is not None:
+                tokens[e.row_id].append(e.token)
+    return tokens
+
+
+def test_rows_joining_a_running_batch_and_a_small_pool_keep_the_reference_tokens(tiny_pipeline, image, masks):
+    enc = tiny_pipeline.encode_image(image)
+    (group,), reference = _decoder_rows(tiny_pipeline, enc, masks, 10)
+    # two prefix slots, three row slots: the five rows run in waves, a second group joins mid-flight
+    decoder = tiny_pipeline.decoder(PoolSize(prefix_slots=2, prefix_tokens=2048, row_slots=3, suffix_tokens=64))
+    decoder.add(GroupRequest(group.prefix, group.rows[:2]))
+    tokens = {}
+    for _ in range(3):
+        for e in decoder.step():
+            tokens.setdefault(e.row_id, []).extend([] if e.token is None else [e.token])
+    decoder.add(GroupRequest(group.prefix, group.rows[2:]))
+    for row_id, more in _run(decoder).items():
+        tokens.setdefault(row_id, []).extend(more)
+    assert [tokens[i] for i in range(5)] == reference
+    assert decoder.live_rows == 0 and not decoder.groups
+
+
+def test_a_prefix_longer_than_the_slots_moves_into_the_rows(tiny_pipeline, image, masks):
+    enc = tiny_pipeline.encode_image(image)
+    (group,), reference = _decoder_rows(tiny_pipeline, enc, masks[:3], 8)
+    decoder = tiny_pipeline.decoder(PoolSize(prefix_slots=1, prefix_tokens=10, row_slots=3, suffix_tokens=512))
+    decoder.add(group)
+    tokens = _run(decoder)
+    assert [tokens[i] for i in range(3)] == reference
+
+
+def test_released_rows_stop_and_free_their_slots(tiny_pipeline, image, masks):
+    enc = tiny_pipeline.encode_image(image)
+    (group,), reference = _decoder_rows(tiny_pipeline, enc, masks[:3], 8)
+    decoder = tiny_pipeline.decoder(PoolSize(prefix_slots=1, prefix_tokens=2048, row_slots=3, suffix_tokens=64))
+    decoder.add(group)
+    first = decoder.step()
+    assert {e.row_id for e in first} == {0, 1, 2} and decoder.live_rows == 3
+    decoder.release(1)
+    tokens = _run(decoder)
+    assert 1 not in tokens and decoder.live_rows == 0
+    assert [[first[i].token] + tokens[i] for i in (0, 2)] == [reference[0], reference[2]]
+
+
+def test_a_row_that_cannot_fit_is_refused_naming_it(tiny_pipeline, image, masks):
+    enc = tiny_pipeline.encode_image(image)
+    (group,), _ = _decoder_rows(tiny_pipeline, enc, masks[:1], 4)
+    decoder = tiny_pipeline.decoder(PoolSize(prefix_slots=1, prefix_tokens=2048, row_slots=1, suffix_tokens=8))
+    with pytest.raises(ValueError, match="row 0 needs .* tokens of its own"):
+        decoder.add(GroupRequest(group.prefix, [RowRequest(0, group.rows[0].suffix, SamplingParams(max_new_tokens=50))]))
+
+
+def test_cascade_attention_equals_attention_over_the_concatenation():
+    torch.manual_seed(0)
+    q = torch.randn(3, 2, 4, 8)
+    k_a, v_a, k_b, v_b = (torch.randn(3, 2, n, 8) for n in (7, 7, 5, 5))
+    bias_a, bias_b = length_bias(torch.tensor([7, 3, 1]), 7), length_bias(torch.tensor([5, 5, 2]), 5)
+    out_a, lse_a = attend(q, k_a, v_a, bias_a, 0.3)
+    out_b, lse_b = attend(q, k_b, v_b, bias_b, 0.3)
+    merged = merge(out_a.transpose(1, 2), lse_a.transpose(1, 2), out_b.transpose(1, 2), lse_b.transpose(1, 2))
+    full = torch.nn.functional.scaled_dot_product_attention(
+        q, torch.cat([k_a, k_b], 2), torch.cat([v_a, v_b], 2), attn_mask=torch.cat([bias_a, bias_b], -1), scale=0.3)
+    torch.testing.assert_close(merged.transpose(1, 2), full, atol=1e-5, rtol=1e-5)
+
+
+def test_sampling_is_greedy_at_temperature_zero_and_seeded_rows_ignore_their_batch():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    zero = torch.zeros(4)
+    assert torch.equal(sample(logits, zero, torch.ones(4), torch.arange(4), zero.long(), True), logits.argmax(-1))
+    temps, top_p = torch.tensor([1.0, 1.0, 0.0, 1.0]), torch.ones(4)
+    seeds, steps = torch.tensor([7, 8, 9, 7]), torch.tensor([0, 0, 0, 0])
+    batch = sample(logits, temps, top_p, seeds, steps, True)
+    alone = sample(logits[:1], temps[:1], top_p[:1], seeds[:1], steps[:1], True)
+    assert batch[0] == alone[0] and batch[2] == logits[2].argmax()
+    # top_p that keeps only the best token is greedy
+    assert torch.equal(sample(logits, torch.ones(4), torch.full((4,), 1e-6), seeds, steps, True), logits.argmax(-1))
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).repeat(4000, 1)
+    drawn = sample(logits, torch.ones(4000), torch.ones(4000), torch.arange(4000), torch.zeros(4000, dtype=torch.long), True)
+    freq = torch.bincount(drawn, minlength=3).float() / 4000
+    torch.testing.assert_close(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.03, rtol=0)
+
+
+def test_text_stream_equals_full_decoding_and_cuts_stop_strings(tiny_pipeline):
+    tok = tiny_pipeline.tokenizer
+    ids = tok.encode("a red bottle, and two cups on the shelf", add_special_tokens=False)
+    stream = TextStream(tok)
+    text = "".join(stream.push(t) for t in ids) + stream.flush()
+    assert text == tok.decode(ids, skip_special_tokens=True)
+    stream = TextStream(tok, stop=("two",))
+    text = "".join(stream.push(t) for t in ids)
+    assert stream.stopped and text == tok.decode(ids, skip_special_tokens=True).split("two")[0]
+
+
+def test_pool_plan_fits_the_budget():
+    size = plan_pool(10 * 2**20, per_token=1024, prefix_tokens=100, suffix_tokens=50, rows_per_image=4)
+    assert size.prefix_slots == (10 * 2**20) // (1024 * 300) and size.row_slots == 4 * size.prefix_slots
+    with pytest.raises(ValueError, match="not even one image"):
+        plan_pool(1000, per_token=1024, prefix_tokens=100, suffix_tokens=50)
