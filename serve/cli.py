@@ -88,12 +88,10 @@ def _cmd_describe(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .config import NoDefaultModel, ServeConfig, resolve_model_path
+    from .config import ServeConfig, model_path_for
 
-    try:
-        model = resolve_model_path(args.model)
-    except NoDefaultModel as exc:
-        print(f"osprey serve: {exc}", file=sys.stderr)
+    model = model_path_for("serve", args.model)
+    if model is None:
         return 2
     try:
         import uvicorn

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,3 +104,12 @@ def resolve_model_path(model: str | None) -> str:
         f"official checkpoint, or a test model from `osprey model init --preset tiny --out DIR`), or set ${DEFAULT_MODEL_ENV}"
     )
 
+
+
+def model_path_for(command: str, model: str | None) -> str | None:
+    """`resolve_model_path` for a CLI command: the folder, or None after telling the user (on stderr) what to pass."""
+    try:
+        return resolve_model_path(model)
+    except NoDefaultModel as exc:
+        print(f"osprey {command}: {exc}", file=sys.stderr)
+        return None

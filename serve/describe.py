@@ -99,12 +99,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run(args: Any) -> int:
     """The `osprey describe` command (args from serve.cli)."""
-    from .config import NoDefaultModel, resolve_model_path
+    from .config import model_path_for
 
-    try:
-        model = resolve_model_path(args.model)
-    except NoDefaultModel as exc:
-        print(f"osprey describe: {exc}", file=sys.stderr)
+    model = model_path_for("describe", args.model)
+    if model is None:
         return 2
     try:
         with Image.open(args.image) as opened:

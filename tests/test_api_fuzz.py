@@ -6,9 +6,9 @@ import pytest
 
 pytest.importorskip("schemathesis", reason="the API fuzz needs the dev extra (schemathesis)")
 
-from bench.api_fuzz import KEY, fuzz  # noqa: E402
-from serve.background import BackgroundServer  # noqa: E402
-from serve.config import ServeConfig  # noqa: E402
+from bench.api_fuzz import KEY, fuzz
+from serve.background import BackgroundServer
+from serve.config import ServeConfig
 
 
 @pytest.mark.slow
