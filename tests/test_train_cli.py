@@ -330,3 +330,42 @@ def test_clip_pretraining_on_two_ranks_takes_the_same_steps_as_one_process(tmp_p
     assert not (tmp_path / "regions" / "checkpoints").exists()
     done = torchrun("--steps", "1", "--batch-size", "3", "--out", str(tmp_path / "odd"))
     assert done.returncode != 0 and "--batch-size 3 does not split over 2 processes" in done.stderr
+
+
+def test_clip_pretraining_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    """A run killed after its step-2 checkpoint continues from it with --resume (train.checkpoints, as the stage
+    recipe's): the schedule goes on where it was (same rates as an uninterrupted run), the log holds each step once,
+    and the checkpoints go once the weights are written."""
+    from train.clip_recipe import ClipRecipe
+
+    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+    args = ["train", "clip", "--data", str(FIXTURE), "--tokenizer", str(init), "--preset", "tiny", "--steps", "4",
+            "--batch-size", "4", "--warmup-steps", "1", "--num-workers", "0", "--log-steps", "1", "--save-steps", "2",
+            "--no-progress", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+
+    class Killed(Exception):
+        pass
+
+    save = ClipRecipe.save_checkpoint
+
+    def save_then_die(self):
+        save(self)
+        raise Killed
+
+    monkeypatch.setattr(ClipRecipe, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        main([*args, "--out", str(tmp_path / "cut")])
+    monkeypatch.undo()
+    assert (tmp_path / "cut" / "checkpoints" / "step-000002" / "clip_state.pt").is_file()
+    with pytest.raises(SystemExit, match="--resume"):
+        main([*args, "--out", str(tmp_path / "cut")])
+    assert main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+
+    def log(name):
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    assert [r["step"] for r in log("cut")] == [1, 2, 3, 4]
+    assert [r["lr"] for r in log("cut")] == pytest.approx([r["lr"] for r in log("whole")])
+    assert [r["loss"] for r in log("cut")][:2] == pytest.approx([r["loss"] for r in log("whole")][:2])
+    assert (tmp_path / "cut" / "open_clip.safetensors").is_file() and not (tmp_path / "cut" / "checkpoints").exists()

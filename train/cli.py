@@ -127,7 +127,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_clip(args: argparse.Namespace) -> int:
-    from train.clip_pretrain import config_from_args, train_clip
+    from train.clip_pretrain import config_from_args
+    from train.clip_recipe import train_clip
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
