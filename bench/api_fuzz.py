@@ -12,8 +12,10 @@ What the fuzzer is taught, beyond the document: how to draw its three string for
 base64 data URL, of `FUZZ_SIZE`; `mask-png`: a PNG mask of that size; `coco-rle-counts`: compressed counts of a
 random mask of that size). And, unless `--as-published`, the region geometry narrowed to that image size (RLE
 sizes, bitmap shapes, box and polygon coordinates inside the image, list counts left out since JSON schema cannot
-say "sums to height x width"): the published document must allow any image size, so its regions are mostly the
-wrong size for any one image, and a server that refused them would be right.
+say "sums to height x width") and chat messages to one user turn with the image first: the published document
+must allow any image size and any conversation, so its regions are mostly the wrong size for any one image and its
+conversations mostly not ones (a user turn last, an image in a user turn), and a server that refused them would be
+right. `--as-published` fuzzes the document as served: the figure to read there is the server errors (none).
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ def register_formats() -> None:
 
 
 def narrow_to_image_size(raw_schema: dict) -> None:
-    """Region geometry of the published document narrowed to the fuzzer's image size (see the module text)."""
+    """Region geometry of the published document narrowed to the fuzzer's image size, and chat messages to one user
+    turn (see the module text)."""
     h, w = FUZZ_SIZE
     models = raw_schema["components"]["schemas"]
     rle = models["CocoRLE"]["properties"]
@@ -87,6 +90,15 @@ def narrow_to_image_size(raw_schema: dict) -> None:
     polygon = {"type": "array", "items": coordinate, "minItems": 6, "maxItems": 12}
     models["PolygonRegion"]["properties"]["polygon"] = {"anyOf": [
         {"type": "array", "items": polygon, "minItems": 1, "maxItems": 3}, polygon]}
+    # A conversation's rules (starts and ends with the user, the image in a user turn) are no JSON schema's: the
+    # fuzzer sends one user turn, the image first, then text parts.
+    models["ChatCompletionRequest"]["properties"]["messages"] = {"type": "array", "minItems": 1, "maxItems": 1,
+                                                                 "items": {"$ref": "#/components/schemas/UserTurn"}}
+    models["UserTurn"] = {"type": "object", "required": ["role", "content"], "properties": {
+        "role": {"const": "user"},
+        "content": {"type": "array", "minItems": 2, "maxItems": 3,
+                    "prefixItems": [{"$ref": "#/components/schemas/ImagePart"}],
+                    "items": {"$ref": "#/components/schemas/TextPart"}}}}
     models["BoxRegion"]["properties"]["box"] = {"type": "array", "minItems": 4, "maxItems": 4, "items": False,
                                                 "prefixItems": [{"type": "number", "minimum": 0, "maximum": w - 1},
                                                                 {"type": "number", "minimum": 0, "maximum": h - 1},

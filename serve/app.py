@@ -258,6 +258,11 @@ def _declare_limits(models: dict[str, Any], config: ServeConfig) -> None:
         for branch in model_field.get("anyOf", [model_field]):
             if branch.get("type") == "string":
                 branch["enum"] = [config.model_name]
+    for model in ("DescribeRequest", "ChatCompletionRequest"):  # int64 bounds, exact (the generator writes floats)
+        seed = models.get(model, {}).get("properties", {}).get("seed", {})
+        for branch in seed.get("anyOf", [seed]):
+            if branch.get("type") == "integer":
+                branch.update(minimum=-(2**63), maximum=2**63 - 1)
     task = models.get("DescribeRequest", {}).get("properties", {}).get("task", {})
     for branch in task.get("anyOf", []):
         if "pattern" in branch:
