@@ -78,3 +78,16 @@ def test_ovseg_runs_on_the_generated_dataset(synth, tiny_model_dir, tmp_path, ca
     panoptic = tmp_path / "ovseg_panoptic_gt" / "panoptic.json"
     assert main(["eval", "ovseg", "--data", str(panoptic), "--model", str(tiny_model_dir), "--out", str(out)]) == 2
     assert "--classes is needed" in capsys.readouterr().err
+
+
+def test_eval_all_sends_every_command_to_an_endpoint(tmp_path):
+    """`bench.eval_all --endpoint URL` evaluates a running server: each `osprey eval` gets the URL, not a model."""
+    from bench.eval_all import _command, _parse
+
+    args = _parse(["--data", str(tmp_path), "--endpoint", "http://127.0.0.1:9", "--api-key", "k",
+                   "--out", str(tmp_path / "out")])
+    argv = _command("pope", "pope", tmp_path / "stage3_pos_neg.json", args, tmp_path)
+    assert argv[argv.index("--endpoint") + 1] == "http://127.0.0.1:9" and "--model" not in argv
+    assert argv[argv.index("--api-key") + 1] == "k"
+    with pytest.raises(SystemExit):  # one of the two
+        _parse(["--data", str(tmp_path), "--out", str(tmp_path / "out")])
