@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,13 +181,9 @@ class _Scores:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        data_path, png_root, classes = _panoptic_inputs(args)
-        vocab = load_vocabulary(classes)
-        images = limit(load_panoptic(data_path, args.images, png_root), args.limit)
-    except (ValueError, OSError) as exc:
-        print(f"osprey eval ovseg: {exc}", file=sys.stderr)
-        return 2
+    data_path, png_root, classes = _panoptic_inputs(args)
+    vocab = load_vocabulary(classes)
+    images = limit(load_panoptic(data_path, args.images, png_root), args.limit)
     per_image = [_regions(item, vocab)[1] for item in images]
     queries = [Query(f"{item.image_id}:{seg['id']}", item.image, args.task, seg["rle"]["size"][0],
                      seg["rle"]["size"][1], seg["rle"]) for item, regions in zip(images, per_image) for seg in regions]
