@@ -17,6 +17,7 @@ BENCHMARKS = {
     "token-norms": ("bench.token_norms", "norms of word, image, mask and position tokens: can the LLM tell regions apart?"),
     "step-profile": ("bench.step_profile", "a real training config's step: data loading vs compute, top ops"),
     "region-eval": ("bench.region_eval", "region-level accuracy and the mask/box/position/levels ablation"),
+    "api-fuzz": ("bench.api_fuzz", "schemathesis against the real server's /openapi.json: server errors, answers"),
 }
 
 

@@ -114,8 +114,6 @@ def set_stage3_trainable(model, lora: bool, lora_r: int, lora_dropout: float = 0
 def run(args: argparse.Namespace) -> dict:
     import deepspeed
 
-    from osprey.checkpoint import build_model
-
     init_process_group(args.device)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if args.device == "cuda" else torch.device("cpu")
     if device.type == "cuda":
@@ -123,9 +121,39 @@ def run(args: argparse.Namespace) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
     config = build_config(args.preset)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    model, lm_flops, n_lm, n_trainable, optimizer = _build(args, config, device)
+    world = torch.distributed.get_world_size()
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=_deepspeed_config(args, config, world))
+    engine.train()
+    model.vision_tower.eval()
+    batch = synthetic_batch(config, args.batch_size, args.regions, args.text_tokens, device, seed=torch.distributed.get_rank())
+    tokens_per_step = int(batch["attention_mask"].sum()) * world
+    losses, step_time = _time_steps(args, engine, batch, device)
+    lengths = batch["attention_mask"].sum(dim=1).tolist() * world
+    trained = _head_positions(batch["labels"]) * world
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {
+        "preset": args.preset, "device": name, "world_size": world, "zero": args.zero, "lora": args.lora,
+        "lora_r": args.lora_r if args.lora else None, "lora_dropout": args.lora_dropout if args.lora else None,
+        "gradient_checkpointing": args.grad_ckpt, "compile": args.compile, "trained_logits_only": args.trained_logits_only, "bf16": args.bf16, "batch_size_per_gpu": args.batch_size,
+        "tokens_per_sample": tokens_per_step // (args.batch_size * world), "regions_per_sample": args.regions,
+        "lm_params": n_lm, "trainable_params": n_trainable, "steps_timed": args.steps,
+        "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time,
+        "samples_per_s": args.batch_size * world / step_time,
+        **flop_fields(lm_flops, lengths, trained if args.trained_logits_only else sum(lengths), step_time,
+                      n_lm, args.lora, peak_flops(device), world),
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "losses": losses, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
+    }
+
+
+def _build(args: argparse.Namespace, config, device: torch.device):
+    """(model in the training dtype with stage 3's trainable parts, its LM FLOP counter, LM and trainable parameter
+    counts, the optimizer)."""
+    from osprey.checkpoint import build_model
+
     default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build directly in the training dtype (7B: no fp32 copy on the GPU)
+    torch.set_default_dtype(torch.bfloat16 if args.bf16 else torch.float32)  # 7B: no fp32 copy on the GPU
     try:
         model = build_model(config, device=device)
     finally:
@@ -146,24 +174,25 @@ def run(args: argparse.Namespace) -> dict:
 
         compile_regions(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                                   fused=device.type == "cuda" or None)
-    world = torch.distributed.get_world_size()
-    ds_config = {
+    return model, lm_flops, n_lm, sum(p.numel() for p in params), optimizer
+
+
+def _deepspeed_config(args: argparse.Namespace, config, world: int) -> dict:
+    zero3 = {"stage3_param_persistence_threshold": 10 * config.hidden_size,
+             "stage3_prefetch_bucket_size": int(0.9 * config.hidden_size ** 2),
+             "reduce_bucket_size": config.hidden_size ** 2} if args.zero == 3 else {}
+    return {
         "train_micro_batch_size_per_gpu": args.batch_size, "gradient_accumulation_steps": 1,
         "train_batch_size": args.batch_size * world, "gradient_clipping": 1.0, "bf16": {"enabled": args.bf16},
-        "zero_optimization": {"stage": args.zero, "overlap_comm": True, "contiguous_gradients": True,
-                              **({"stage3_param_persistence_threshold": 10 * config.hidden_size,
-                                  "stage3_prefetch_bucket_size": int(0.9 * config.hidden_size ** 2),
-                                  "reduce_bucket_size": config.hidden_size ** 2} if args.zero == 3 else {})},
+        "zero_optimization": {"stage": args.zero, "overlap_comm": True, "contiguous_gradients": True, **zero3},
         "zero_allow_untested_optimizer": True, "zero_force_ds_cpu_optimizer": False, "steps_per_print": 10 ** 9,
     }
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
-    engine.train()
-    model.vision_tower.eval()
-    batch = synthetic_batch(config, args.batch_size, args.regions, args.text_tokens, device, seed=torch.distributed.get_rank())
-    tokens_per_step = int(batch["attention_mask"].sum()) * world
+
+
+def _time_steps(args: argparse.Namespace, engine, batch: dict, device: torch.device) -> tuple[list[float], float]:
+    """(every step's loss, the mean time of the steps after the warm-up); with --profile, two more steps profiled."""
     losses, times = [], []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -187,25 +216,7 @@ def run(args: argparse.Namespace) -> dict:
             _sync(device)
         print(prof.key_averages().table(sort_by="cuda_time_total" if device.type == "cuda" else "cpu_time_total",
                                         row_limit=20), file=sys.stderr)
-    step_time = sum(times) / len(times)
-    tokens_per_s = tokens_per_step / step_time
-    lengths = batch["attention_mask"].sum(dim=1).tolist() * world
-    trained = _head_positions(batch["labels"]) * world
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    peak = peak_flops(device)
-    result = {
-        "preset": args.preset, "device": name, "world_size": world, "zero": args.zero, "lora": args.lora,
-        "lora_r": args.lora_r if args.lora else None, "lora_dropout": args.lora_dropout if args.lora else None,
-        "gradient_checkpointing": args.grad_ckpt, "compile": args.compile, "trained_logits_only": args.trained_logits_only, "bf16": args.bf16, "batch_size_per_gpu": args.batch_size,
-        "tokens_per_sample": tokens_per_step // (args.batch_size * world), "regions_per_sample": args.regions,
-        "lm_params": n_lm, "trainable_params": n_trainable, "steps_timed": args.steps,
-        "step_time_s": step_time, "tokens_per_s": tokens_per_s, "samples_per_s": args.batch_size * world / step_time,
-        **flop_fields(lm_flops, lengths, trained if args.trained_logits_only else sum(lengths), step_time,
-                      n_lm, args.lora, peak, world),
-        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "losses": losses, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
-    }
-    return result
+    return losses, sum(times) / len(times)
 
 
 def flop_fields(lm_flops: LMFlops, lengths: list[int], head_positions: int, step_time: float, n_lm: int, lora: bool,

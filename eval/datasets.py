@@ -260,60 +260,44 @@ def load_descriptions(
 ) -> list[RegionItem]:
     """Items with `question` (region written `<region>`), `target` = reference answer, extra["context"]."""
     data = load_json_or_jsonl(path)
+    if not _is_records(data):
+        return _official_descriptions(data, path, image_root, references, context)
     items: list[RegionItem] = []
-    if _is_records(data):
-        for r, rec in enumerate(_records(data)):
-            image = resolve_image(image_root, rec.file_name)
-            if rec.description:
-                from osprey.data.records import DESCRIPTION_ENTRY
+    for r, rec in enumerate(_records(data)):
+        image = resolve_image(image_root, rec.file_name)
+        if rec.description:
+            items += _record_descriptions(rec, r, image)
+        else:  # single-region questions of a conversation, their answers the references
+            items += [RegionItem(key, image, rec.height, rec.width, segmentation, answer.strip(), question=question,
+                                 extra={"context": ""})
+                      for key, segmentation, question, answer in _region_questions(rec, r)]
+    if not items:
+        raise ValueError(f"{path}: no single-region questions with reference answers found")
+    return items
 
-                for entry in rec.description:
-                    m = DESCRIPTION_ENTRY.match(entry)
-                    if not m:
-                        continue
-                    i = int(m.group(1)) - 1
-                    items.append(
-                        RegionItem(
-                            f"{r}:{i}",
-                            image,
-                            rec.height,
-                            rec.width,
-                            _seg(rec.annotation[i]),
-                            m.group(2).strip(),
-                            question="Can you give me a detailed description of <region>?",
-                            extra={"context": rec.model_extra.get("context", "") if rec.model_extra else ""},
-                        )
-                    )
-            else:
-                turns = rec.conversations or []
-                for t in range(0, len(turns) - 1, 2):
-                    q = _single_region_question(turns[t].value)
-                    if q is None:
-                        continue
-                    items.append(
-                        RegionItem(
-                            f"{r}:{t}",
-                            image,
-                            rec.height,
-                            rec.width,
-                            _seg(rec.annotation[q[0]]),
-                            turns[t + 1].value.strip(),
-                            question=q[1],
-                            extra={"context": ""},
-                        )
-                    )
-        if not items:
-            raise ValueError(f"{path}: no single-region questions with reference answers found")
-        return items
 
-    refs_by_id: dict[Any, str] = {}
-    if references is not None:
-        for a in load_json_or_jsonl(references):
-            refs_by_id[a["question_id"]] = a["text"]
-    ctx_by_image: dict[str, str] = {}
-    if context is not None:
-        for c in load_json_or_jsonl(context):
-            ctx_by_image[c["image"]] = c["prompt"]
+def _record_descriptions(rec: Any, r: int, image: str) -> list[RegionItem]:
+    """A record's `<regionK>: description` entries as detailed-description questions."""
+    from osprey.data.records import DESCRIPTION_ENTRY
+
+    context = rec.model_extra.get("context", "") if rec.model_extra else ""
+    items = []
+    for entry in rec.description:
+        m = DESCRIPTION_ENTRY.match(entry)
+        if m:
+            i = int(m.group(1)) - 1
+            items.append(RegionItem(f"{r}:{i}", image, rec.height, rec.width, _seg(rec.annotation[i]),
+                                    m.group(2).strip(), question="Can you give me a detailed description of <region>?",
+                                    extra={"context": context}))
+    return items
+
+
+def _official_descriptions(data: Any, path: str | Path, image_root: str | Path | None,
+                           references: str | Path | None, context: str | Path | None) -> list[RegionItem]:
+    """The official Ferret-Bench-style question list, with answers and image contexts from their own files."""
+    refs_by_id = {a["question_id"]: a["text"] for a in load_json_or_jsonl(references)} if references else {}
+    ctx_by_image = {c["image"]: c["prompt"] for c in load_json_or_jsonl(context)} if context else {}
+    items = []
     for n, q in enumerate(data):
         qid = q.get("question_id", n)
         file_name = q.get("image") or q["file_name"]
@@ -324,26 +308,22 @@ def load_descriptions(
         if reference is None:
             raise ValueError(f"{path}: question {qid} has no reference answer (give --references)")
         image = resolve_image(image_root, file_name)
-        if "height" in q and "width" in q:
-            h, w = q["height"], q["width"]
-        else:
-            h, w = image_size(image)
-        items.append(
-            RegionItem(
-                str(qid),
-                image,
-                h,
-                w,
-                ann["segmentation"],
-                reference,
-                question=q.get("text") or q["question"],
-                extra={
-                    "context": q.get("context") or ctx_by_image.get(file_name, ""),
-                    "category": q.get("category", "description"),
-                },
-            )
-        )
+        h, w = (q["height"], q["width"]) if "height" in q and "width" in q else image_size(image)
+        items.append(RegionItem(str(qid), image, h, w, ann["segmentation"], reference,
+                                question=q.get("text") or q["question"],
+                                extra={"context": q.get("context") or ctx_by_image.get(file_name, ""),
+                                       "category": q.get("category", "description")}))
     return items
+
+
+def _region_questions(rec: Any, r: int) -> Iterator[tuple[str, Any, str, str]]:
+    """(key, segmentation, question with `<region>`, answer) for each user turn of a record's conversation that
+    asks about exactly one region."""
+    turns = rec.conversations or []
+    for t in range(0, len(turns) - 1, 2):
+        q = _single_region_question(turns[t].value)
+        if q is not None:
+            yield f"{r}:{t}", _seg(rec.annotation[q[0]]), q[1], turns[t + 1].value
 
 
 # ---------------------------------------------------------------------------------------- POPE
@@ -359,23 +339,11 @@ def load_pope(path: str | Path, image_root: str | Path | None) -> list[RegionIte
     if _is_records(data):
         for r, rec in enumerate(_records(data)):
             image = resolve_image(image_root, rec.file_name)
-            turns = rec.conversations or []
-            for t in range(0, len(turns) - 1, 2):
-                q = _single_region_question(turns[t].value)
-                m = _YES_NO.match(turns[t + 1].value)
-                if q is None or m is None:
-                    continue
-                items.append(
-                    RegionItem(
-                        f"{r}:{t}",
-                        image,
-                        rec.height,
-                        rec.width,
-                        _seg(rec.annotation[q[0]]),
-                        m.group(1).lower(),
-                        question=q[1],
-                    )
-                )
+            for key, segmentation, question, answer in _region_questions(rec, r):
+                m = _YES_NO.match(answer)
+                if m is not None:
+                    items.append(RegionItem(key, image, rec.height, rec.width, segmentation, m.group(1).lower(),
+                                            question=question))
     elif isinstance(data, list) and data and {"image", "text", "label"} <= set(data[0]):
         sizes: dict[str, tuple[int, int]] = {}
         for n, q in enumerate(data):

@@ -1,6 +1,8 @@
 """The FastAPI application: OpenAI chat completions, native region descriptions, models, health, metrics.
 
-Built by `create_app(config, backend)`; the engine starts in the lifespan and drains on shutdown.
+Built by `create_app(config, backend)`; the routes live on `router` and read the server's state (config, engine,
+limits) from `app.state.server`; the engine starts in the lifespan and drains on shutdown. Fixed request rules
+are in the pydantic schemas (serve.schemas); the rules that depend on the server's settings are checked here.
 """
 
 from __future__ import annotations
@@ -12,13 +14,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
-from osprey.prompts import clean_answer, task_prompt
+from osprey.masks import alpha_mask
+from osprey.prompts import REGION_PLACEHOLDER, clean_answer, task_prompt
 
 from . import inputs
 from .chat import ChatConversation, bind_regions, parse_messages
@@ -37,13 +42,27 @@ from .schemas import (
     Delta,
     DescribeRequest,
     DescribeResponse,
+    ErrorResponse,
+    Health,
     ModelCard,
     ModelList,
     RegionResult,
     Usage,
+    regions_payload,
 )
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """What every route reads: set on `app.state.server` by `create_app`."""
+
+    config: ServeConfig
+    engine: Engine
+    metrics: Metrics
+    limits: inputs.Limits
+    created: int  # the served model's creation time in /v1/models
 
 
 def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
@@ -55,7 +74,6 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
                     image_cache_size=config.image_cache_size)
     limits = inputs.Limits(config.max_image_pixels, config.max_image_side)
     inputs.set_pil_limits(limits)
-    created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -64,100 +82,191 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
         await engine.shutdown(timeout_s=config.request_timeout_s)
 
     app = FastAPI(title="Osprey region server", version="0.1.0", lifespan=lifespan)
+    app.state.server = ServerState(config, engine, metrics, limits, int(time.time()))
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
     app.add_middleware(GuardMiddleware, config=config, metrics=metrics)
     add_error_handlers(app)
-
-    # ------------------------------------------------------------------ plain endpoints
-
-    @app.get("/health")
-    async def health() -> Response:
-        if engine.load_error is not None:
-            return JSONResponse({"status": "error", "error": engine.load_error}, status_code=503)
-        if not engine.ready.is_set():
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok"})
-
-    @app.get("/v1/models")
-    async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=config.model_name, created=created)])
-
-    @app.get("/metrics")
-    async def prometheus() -> Response:
-        body, content_type = metrics.render()
-        return Response(body, media_type=content_type)
-
-    # ------------------------------------------------------------------ chat completions
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-        _check_model(body.model, config)
-        conv = parse_messages(body.messages)
-        if conv.chars > config.max_prompt_chars:
-            raise bad_request(f"the messages hold {conv.chars} characters; at most {config.max_prompt_chars}",
-                              "messages", "prompt_too_long")
-        max_tokens = _max_tokens(body.max_completion_tokens or body.max_tokens
-                                 or min(config.default_chat_max_tokens, config.max_tokens_limit),
-                                 "max_completion_tokens" if body.max_completion_tokens else "max_tokens", config)
-        if body.n > config.max_n:
-            raise bad_request(f"n = {body.n} is more than {config.max_n}", "n")
-        stops = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise bad_request("stop takes up to 4 non-empty strings", "stop")
-        image, masks = await _chat_image_and_masks(conv, body, config, limits)
-        bind_regions(conv, len(masks))
-        if len(conv.region_order) > config.max_regions:
-            raise bad_request(f"the messages mention regions {len(conv.region_order)} times; at most "
-                              f"{config.max_regions}", "messages", "too_many_regions")
-        bound = masks[conv.region_order] if conv.region_order else masks[:0]
-        rows = [RowSpec(i, list(conv.turns), bound, _sampling(
-            max_tokens, 0.0 if body.temperature is None else body.temperature,
-            1.0 if body.top_p is None else body.top_p, None if body.seed is None else body.seed + i, tuple(stops)))
-            for i in range(body.n)]
-        job = engine.submit(image.image, image.key, rows, config.request_timeout_s)
-        events, first = await _start(engine, job, request)
-        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_chat_sse(events, first, rid, now, config.model_name, body.n, usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        results = await _collect(events, first)
-        return JSONResponse(ChatCompletion(
-            id=rid, created=now, model=config.model_name,
-            choices=[Choice(index=r.index, message=AssistantMessage(content=_chat_text(r.raw_text)),
-                            finish_reason=r.finish_reason) for r in results],
-            usage=_usage(results, shared_prompt=True)).model_dump())
-
-    # ------------------------------------------------------------------ native describe
-
-    @app.post("/v1/regions/describe")
-    async def describe(body: DescribeRequest, request: Request) -> Response:
-        _check_model(body.model, config)
-        try:
-            prompt = task_prompt(body.task)
-        except ValueError as exc:
-            raise bad_request(str(exc), "task") from None
-        if len(body.task) > config.max_prompt_chars:
-            raise bad_request(f"task prompt is longer than {config.max_prompt_chars} characters", "task",
-                              "prompt_too_long")
-        max_tokens = _max_tokens(body.max_tokens, "max_tokens", config)
-        image = await _load_image(body.image, "image", config, limits)
-        h, w = image.size_hw
-        masks = await asyncio.to_thread(inputs.decode_regions, body.regions, h, w, limits,
-                                        max_regions=config.max_regions, resize=body.resize_masks)
-        params = _sampling(max_tokens, body.temperature, body.top_p, body.seed, ())
-        rows = [RowSpec(i, [("human", prompt)], masks[i:i + 1], params) for i in range(len(masks))]
-        job = engine.submit(image.image, image.key, rows, config.request_timeout_s)
-        events, first = await _start(engine, job, request)
-        rid, now = f"desc-{uuid.uuid4().hex}", int(time.time())
-        if body.stream:
-            return StreamingResponse(_describe_ndjson(events, first), media_type="application/x-ndjson")
-        results = await _collect(events, first)
-        return JSONResponse(DescribeResponse(
-            id=rid, created=now, model=config.model_name, results=[_region_result(r) for r in results],
-            usage=_usage(results)).model_dump())
-
+    app.include_router(router)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _server(request: Request) -> ServerState:
+    return request.app.state.server
+
+
+Server = Annotated[ServerState, Depends(_server)]
+# Every request error is a 400 in OpenAI's shape (serve.guard turns FastAPI's 422 into it), so the schema
+# lists that instead of FastAPI's default 422.
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "invalid request; error.param names the field"},
+    404: {"model": ErrorResponse, "description": "unknown model"},
+    413: {"model": ErrorResponse, "description": "body or image too large"},
+    429: {"model": ErrorResponse, "description": "queue full; retry after Retry-After seconds"},
+    504: {"model": ErrorResponse, "description": "request timed out"},
+}
+router = APIRouter()
+DESCRIBE_MAX_TOKENS = 64  # a describe request's default: a short answer per region
+
+
+# ---------------------------------------------------------------------------------------------- plain endpoints
+
+
+@router.get("/health", response_model=Health, responses={503: {"model": Health, "description": "loading, or failed"}})
+async def health(server: Server) -> Response:
+    if server.engine.load_error is not None:
+        return JSONResponse({"status": "error", "error": server.engine.load_error}, status_code=503)
+    if not server.engine.ready.is_set():
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/v1/models")
+async def models(server: Server) -> ModelList:
+    return ModelList(data=[ModelCard(id=server.config.model_name, created=server.created)])
+
+
+@router.get("/metrics", response_class=PlainTextResponse,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+async def prometheus(server: Server) -> Response:
+    body, content_type = server.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+# ---------------------------------------------------------------------------------------------- chat completions
+
+
+@router.post("/v1/chat/completions", response_model=ChatCompletion,
+             responses=_ERRORS | {200: {"content": {"text/event-stream": {}}, "description": "with stream"}})
+async def chat_completions(body: ChatCompletionRequest, request: Request, server: Server) -> Response:
+    """OpenAI chat completions; regions as `<regionK>` tags bound to `regions`, mask images or the alpha channel."""
+    config = server.config
+    _check_model(body.model, config)
+    conv = parse_messages(body.messages)
+    _check_chat_limits(body, conv, config)
+    image, masks = await _chat_image_and_masks(conv, body, server)
+    bind_regions(conv, len(masks))
+    if len(conv.region_order) > config.max_regions:
+        raise bad_request(f"the messages mention regions {len(conv.region_order)} times; at most "
+                          f"{config.max_regions}", "messages", "too_many_regions")
+    job = server.engine.submit(image.image, image.key, _chat_rows(body, conv, masks, config),
+                               config.request_timeout_s)
+    events, first = await _start(server.engine, job, request)
+    rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_chat_sse(events, first, rid, now, config.model_name, body.n, usage),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    results = await _collect(events, first)
+    return JSONResponse(ChatCompletion(
+        id=rid, created=now, model=config.model_name,
+        choices=[Choice(index=r.index, message=AssistantMessage(content=_chat_text(r.raw_text)),
+                        finish_reason=r.finish_reason) for r in results],
+        usage=_usage(results, shared_prompt=True)).model_dump())
+
+
+def _check_chat_limits(body: ChatCompletionRequest, conv: ChatConversation, config: ServeConfig) -> None:
+    """The limits that depend on the server's settings (the fixed rules are in ChatCompletionRequest)."""
+    if conv.chars > config.max_prompt_chars:
+        raise bad_request(f"the messages hold {conv.chars} characters; at most {config.max_prompt_chars}",
+                          "messages", "prompt_too_long")
+    if body.n > config.max_n:
+        raise bad_request(f"n = {body.n} is more than {config.max_n}", "n")
+    _max_tokens(body.max_completion_tokens or body.max_tokens or 0,
+                "max_completion_tokens" if body.max_completion_tokens else "max_tokens", config)
+
+
+def _chat_rows(body: ChatCompletionRequest, conv: ChatConversation, masks: np.ndarray,
+               config: ServeConfig) -> list[RowSpec]:
+    """One row per choice, each with the regions in `<mask>` order; seeds differ per choice."""
+    max_tokens = (body.max_completion_tokens or body.max_tokens
+                  or min(config.default_chat_max_tokens, config.max_tokens_limit))
+    bound = masks[conv.region_order] if conv.region_order else masks[:0]
+    stops = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+    temperature = 0.0 if body.temperature is None else body.temperature
+    top_p = 1.0 if body.top_p is None else body.top_p
+    return [RowSpec(i, list(conv.turns), bound, _sampling(
+        max_tokens, temperature, top_p, None if body.seed is None else body.seed + i, stops))
+        for i in range(body.n)]
+
+
+# ---------------------------------------------------------------------------------------------- native describe
+
+
+@router.post("/v1/regions/describe", response_model=DescribeResponse,
+             responses=_ERRORS | {200: {"content": {"application/x-ndjson": {}}, "description": "with stream"}})
+async def describe(body: DescribeRequest, request: Request, server: Server) -> Response:
+    """Describe each region of one image with a task prompt; one result per region, in request order."""
+    config = server.config
+    _check_model(body.model, config)
+    if len(body.task) > config.max_prompt_chars:
+        raise bad_request(f"task prompt is longer than {config.max_prompt_chars} characters", "task",
+                          "prompt_too_long")
+    max_tokens = _max_tokens(body.max_tokens or min(DESCRIBE_MAX_TOKENS, config.max_tokens_limit), "max_tokens", config)
+    image = await _load_image(body.image, "image", server)
+    h, w = image.size_hw
+    regions = await asyncio.to_thread(inputs.decode_regions, regions_payload(body.regions), h, w, server.limits,
+                                      max_regions=config.max_regions, resize=body.resize_masks)
+    params = _sampling(max_tokens, body.temperature, body.top_p, body.seed, ())
+    prompt = task_prompt(body.task)
+    mentions = prompt.count(REGION_PLACEHOLDER)  # a custom task may name its region more than once
+    rows = [RowSpec(i, [("human", prompt)], regions.masks[[i] * mentions], params) for i in range(len(regions.masks))]
+    job = server.engine.submit(image.image, image.key, rows, config.request_timeout_s)
+    events, first = await _start(server.engine, job, request)
+    rid, now = f"desc-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        return StreamingResponse(_describe_ndjson(events, first, regions.notes), media_type="application/x-ndjson")
+    results = await _collect(events, first)
+    return JSONResponse(DescribeResponse(
+        id=rid, created=now, model=config.model_name, results=[_region_result(r) for r in results],
+        usage=_usage(results), notes=regions.notes).model_dump())
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema without the 422 it adds to every route with a body (this server answers 400), and with
+    this server's limits (model name, max_tokens, regions, n, prompt length), so a client or a fuzzer reads
+    from the document what the server accepts."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        models = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            models.pop(name, None)
+        _declare_limits(models, app.state.server.config)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+def _declare_limits(models: dict[str, Any], config: ServeConfig) -> None:
+    limits = {
+        "DescribeRequest": {"max_tokens": {"maximum": config.max_tokens_limit},
+                            "regions": {"maxItems": config.max_regions}},
+        "ChatCompletionRequest": {"max_tokens": {"maximum": config.max_tokens_limit},
+                                  "max_completion_tokens": {"maximum": config.max_tokens_limit},
+                                  "n": {"maximum": config.max_n}, "regions": {"maxItems": config.max_regions}},
+    }
+    for model, fields in limits.items():
+        properties = models.get(model, {}).get("properties", {})
+        for field_name, limit in fields.items():
+            prop = properties[field_name]
+            for branch in prop.get("anyOf", [prop]):  # optional fields: the non-null branch
+                if branch.get("type") in ("integer", "array"):
+                    branch.update(limit)
+        model_field = properties.get("model", {})
+        for branch in model_field.get("anyOf", [model_field]):
+            if branch.get("type") == "string":
+                branch["enum"] = [config.model_name]
+    for model in ("DescribeRequest", "ChatCompletionRequest"):  # int64 bounds, exact (the generator writes floats)
+        seed = models.get(model, {}).get("properties", {}).get("seed", {})
+        for branch in seed.get("anyOf", [seed]):
+            if branch.get("type") == "integer":
+                branch.update(minimum=-(2**63), maximum=2**63 - 1)
+    task = models.get("DescribeRequest", {}).get("properties", {}).get("task", {})
+    for branch in task.get("anyOf", []):
+        if "pattern" in branch:
+            branch["maxLength"] = config.max_prompt_chars
 
 
 # ---------------------------------------------------------------------------------------------- request helpers
@@ -188,7 +297,8 @@ def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int | Non
         raise bad_request(f"invalid sampling parameters: {exc}", None) from None
 
 
-async def _load_image(source: str, param: str, config: ServeConfig, limits: inputs.Limits) -> inputs.DecodedImage:
+async def _load_image(source: str, param: str, server: ServerState) -> inputs.DecodedImage:
+    config = server.config
     if not isinstance(source, str) or not source.strip():
         raise bad_request("the image is empty", param, "invalid_image")
     if inputs.is_remote_url(source):
@@ -199,35 +309,36 @@ async def _load_image(source: str, param: str, config: ServeConfig, limits: inpu
                                      timeout_s=config.url_fetch_timeout_s)
     else:
         raw = inputs.decode_base64(source, param)
-    return await asyncio.to_thread(inputs.open_image, raw, param, limits)
+    return await asyncio.to_thread(inputs.open_image, raw, param, server.limits)
 
 
-async def _chat_image_and_masks(conv: ChatConversation, body: ChatCompletionRequest, config: ServeConfig,
-                                limits: inputs.Limits) -> tuple[inputs.DecodedImage, np.ndarray]:
+async def _chat_image_and_masks(conv: ChatConversation, body: ChatCompletionRequest,
+                                server: ServerState) -> tuple[inputs.DecodedImage, np.ndarray]:
     """The image (first image_url) and the region masks `(Q, H, W) bool`: from `regions`, from extra images
     (their alpha, DAM convention), or from the image's own alpha channel."""
-    image = await _load_image(conv.images[0].url, conv.images[0].param, config, limits)
+    config, limits = server.config, server.limits
+    image = await _load_image(conv.images[0].url, conv.images[0].param, server)
     h, w = image.size_hw
     extra = conv.images[1:]
     if body.regions is not None and extra:
         raise bad_request("give regions either in 'regions' or as extra mask images, not both", "regions")
     if body.regions is not None:
-        masks = await asyncio.to_thread(inputs.decode_regions, body.regions, h, w, limits,
-                                        max_regions=config.max_regions, resize=body.resize_masks)
-        return image, masks
+        regions = await asyncio.to_thread(inputs.decode_regions, regions_payload(body.regions), h, w, limits,
+                                          max_regions=config.max_regions, resize=body.resize_masks)
+        return image, regions.masks
     if len(extra) > config.max_regions:
         raise bad_request(f"too many mask images: {len(extra)} > {config.max_regions}", "messages", "too_many_regions")
+    masks = np.zeros((len(extra), h, w), dtype=bool)
+    for i, ref in enumerate(extra):
+        mask_image = await _load_image(ref.url, ref.param, server)
+        masks[i] = inputs.mask_image_region(mask_image.image, h, w, limits, resize=body.resize_masks, param=ref.param)
     if extra:
-        masks = np.zeros((len(extra), h, w), dtype=bool)
-        for i, ref in enumerate(extra):
-            mask_image = await _load_image(ref.url, ref.param, config, limits)
-            masks[i] = inputs.fit_mask(inputs.image_as_mask(mask_image.image), h, w, resize=body.resize_masks,
-                                       param=ref.param)
         return image, masks
-    alpha = inputs.alpha_mask(image.image)
-    if alpha is not None:
-        return image, alpha[None]
-    return image, np.zeros((0, h, w), dtype=bool)
+    alpha = alpha_mask(image.image)
+    if alpha is None:
+        return image, masks
+    return image, inputs.mask_image_region(image.image, h, w, limits, resize=False,
+                                           param=conv.images[0].param)[None]
 
 
 async def _start(engine: Engine, job: Any, request: Request) -> tuple[AsyncIterator[tuple], tuple]:
@@ -311,14 +422,14 @@ async def _chat_sse(events: AsyncIterator[tuple], first: tuple, rid: str, create
     yield "data: [DONE]\n\n"
 
 
-async def _describe_ndjson(events: AsyncIterator[tuple], first: tuple) -> AsyncIterator[str]:
+async def _describe_ndjson(events: AsyncIterator[tuple], first: tuple, notes: list[str]) -> AsyncIterator[str]:
     results: list[RowResult] = []
     try:
         async for event in _all_events(events, first):
             if event[0] == "done":
                 results.append(event[2])
                 yield _region_result(event[2]).model_dump_json() + "\n"
-        yield json.dumps({"usage": _usage(results).model_dump(), "done": True}) + "\n"
+        yield json.dumps({"usage": _usage(results).model_dump(), "notes": notes, "done": True}) + "\n"
     except APIError as exc:
         yield json.dumps(exc.body()) + "\n"
     except ClientGone:

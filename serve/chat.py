@@ -55,8 +55,6 @@ def parse_messages(messages: list[ChatMessage]) -> ChatConversation:
     systems: list[str] = []
     for i, message in enumerate(messages):
         param = f"messages[{i}]"
-        if message.role == "tool":
-            raise bad_request("tool messages are not supported (this model does not call tools)", f"{param}.role")
         text = _message_text(message, param, conv)
         conv.chars += len(text)
         for token in _RESERVED:

@@ -10,15 +10,25 @@ import sys
 log = logging.getLogger(__name__)
 
 
+class _DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where the help already says it (the API key's would leak)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "default" in (action.help or "") or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     serve = subparsers.add_parser(
         "serve", help="run the OpenAI-compatible region server (chat completions + /v1/regions/describe)",
         description="Serve a model folder over HTTP: POST /v1/chat/completions (OpenAI schema, regions as "
                     "<region1>.. with a top-level 'regions' list or RGBA mask images), POST /v1/regions/describe, "
-                    "GET /v1/models, /health, /metrics. See docs/serve.md.")
+                    "GET /v1/models, /health, /metrics. See docs/serve.md.",
+        formatter_class=_DefaultsHelp)
     serve.add_argument("--model", default=None, help="model folder (default: $OSPREY_MODEL or the installed default)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="TCP port")
     serve.add_argument("--api-key", default=os.environ.get("OSPREY_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $OSPREY_API_KEY; none = open)")
     serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -43,24 +53,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="largest image (pixels)")
     serve.add_argument("--image-cache-size", type=int, default=16, help="encoded images kept (LRU)")
     serve.add_argument("--allow-image-urls", action="store_true", help="let clients send http(s) image URLs")
-    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                       help="uvicorn's log level")
     serve.set_defaults(func=_cmd_serve)
 
     describe = subparsers.add_parser(
         "describe", help="describe regions of one image in-process (no server)",
         description="Describe each region of IMAGE with the model and print a table (or JSON). Masks: PNG files "
                     "(one region each) or JSON files holding a list of regions in any codec "
-                    "(RLE, polygons, boxes, base64 PNG) or a SAM automatic-mask-generator list.")
+                    "(RLE, polygons, boxes, base64 PNG) or a SAM automatic-mask-generator list.",
+        formatter_class=_DefaultsHelp)
     describe.add_argument("image", help="image file")
     describe.add_argument("--masks", nargs="+", required=True, metavar="FILE", help="PNG mask files or JSON region lists")
     describe.add_argument("--task", default="short",
                           help="short, detailed, category, open_vocab, refcocog, or a custom prompt containing <region>")
     describe.add_argument("--model", default=None, help="model folder (default: $OSPREY_MODEL or the installed default)")
-    describe.add_argument("--device", default="cpu")
-    describe.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    describe.add_argument("--max-tokens", type=int, default=64)
+    describe.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    describe.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                          help="weights' dtype (default: the folder's)")
+    describe.add_argument("--max-tokens", type=int, default=64, help="new tokens per region")
     describe.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    describe.add_argument("--seed", type=int, default=None)
+    describe.add_argument("--seed", type=int, default=None, help="sampling seed")
+    describe.add_argument("--resize-masks", action="store_true",
+                          help="resize masks of another size than the image (nearest) instead of refusing them")
     describe.add_argument("--json", action="store_true", help="print JSON instead of a table")
     describe.add_argument("--overlay", default=None, metavar="OUT.png", help="write the image with masks and captions")
     describe.set_defaults(func=_cmd_describe)
@@ -73,12 +88,10 @@ def _cmd_describe(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from .config import NoDefaultModel, ServeConfig, resolve_model_path
+    from .config import ServeConfig, model_path_for
 
-    try:
-        model = resolve_model_path(args.model)
-    except NoDefaultModel as exc:
-        print(f"osprey serve: {exc}", file=sys.stderr)
+    model = model_path_for("serve", args.model)
+    if model is None:
         return 2
     try:
         import uvicorn

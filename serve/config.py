@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from osprey import default_model_path
 from .engine import EngineSize
 
 DEFAULT_MODEL_ENV = "OSPREY_MODEL"
+_RUN_OUTPUT_NAMES = ("final", "latest", "best", "last")  # folder names a training run writes its model to
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,14 @@ class ServeConfig:
 
     @property
     def model_name(self) -> str:
-        return self.served_model_name or Path(self.model).name
+        """`served_model_name`, else the folder's name; a training run's `final` / `checkpoint-N` folder is named
+        with its run (`pass3/final`), since "final" alone says nothing about the model."""
+        if self.served_model_name:
+            return self.served_model_name
+        path = Path(self.model).resolve()
+        if path.name in _RUN_OUTPUT_NAMES or path.name.startswith(("checkpoint-", "step-", "step_")):
+            return f"{path.parent.name}/{path.name}"
+        return path.name
 
 
 class NoDefaultModel(RuntimeError):
@@ -95,3 +104,12 @@ def resolve_model_path(model: str | None) -> str:
         f"official checkpoint, or a test model from `osprey model init --preset tiny --out DIR`), or set ${DEFAULT_MODEL_ENV}"
     )
 
+
+
+def model_path_for(command: str, model: str | None) -> str | None:
+    """`resolve_model_path` for a CLI command: the folder, or None after telling the user (on stderr) what to pass."""
+    try:
+        return resolve_model_path(model)
+    except NoDefaultModel as exc:
+        print(f"osprey {command}: {exc}", file=sys.stderr)
+        return None

@@ -15,9 +15,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from osprey import masks as mask_codecs
 
-from . import inputs
-from .errors import APIError
-
 log = logging.getLogger(__name__)
 PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
            (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
@@ -27,46 +24,38 @@ class MaskFileError(ValueError):
     """A masks file that cannot be read; the message names the file and the region."""
 
 
-def load_masks(paths: list[str], height: int, width: int) -> np.ndarray:
-    """Mask files -> `(Q, H, W) bool` in file order: PNG masks (one region each, nonzero or alpha = inside), or
-    JSON: a list of regions (`{"rle"|"polygon"|"box"|"png": ...}`, bare COCO codec objects, or SAM entries)."""
-    limits = inputs.Limits(max_image_pixels=1 << 40, max_image_side=1 << 20)  # local files: no bomb limits
-    out: list[np.ndarray] = []
+def load_masks(paths: list[str], height: int, width: int, *, resize: bool = False) -> mask_codecs.DecodedRegions:
+    """Mask files -> `(Q, H, W) bool` in file order, by osprey.masks' region decoder: PNG masks (one region
+    each, nonzero or alpha = inside), or JSON: a list of regions (`{"rle"|"polygon"|"box"|"png": ...}`, bare
+    COCO codec objects, or SAM entries). Errors name the file and the region."""
+    fit = mask_codecs.RegionFit(resize=resize, resize_option="pass --resize-masks")
+    masks: list[np.ndarray] = []
+    notes: list[str] = []
     for path in paths:
         data = Path(path).read_bytes()
-        if data.startswith(mask_codecs.PNG_SIGNATURE):
-            try:
-                mask = mask_codecs.decode_png(data)
-            except mask_codecs.MaskError as exc:
-                raise MaskFileError(f"{path}: {exc}") from None
-            if mask.shape != (height, width):
-                raise MaskFileError(f"{path}: mask is {mask.shape[1]}x{mask.shape[0]}, image is {width}x{height}")
-            out.append(mask)
-            continue
         try:
-            regions = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise MaskFileError(f"{path}: neither a PNG nor JSON ({exc})") from None
-        if isinstance(regions, dict):
-            regions = [regions]
-        if not isinstance(regions, list):
-            raise MaskFileError(f"{path}: expected a JSON list of regions, got {type(regions).__name__}")
-        for i, region in enumerate(regions):
-            out.append(_decode_one(region, height, width, limits, f"{path}[{i}]"))
-    if not out:
-        raise MaskFileError("no regions in the mask files")
-    return np.stack(out)
+            if data.startswith(mask_codecs.PNG_SIGNATURE):
+                masks.append(mask_codecs.fit_region(mask_codecs.decode_png(data), height, width, fit=fit, where=path))
+                continue
+            decoded = mask_codecs.decode_regions(_json_regions(path, data), height, width, max_regions=1 << 20,
+                                                 fit=fit, where=path)
+        except mask_codecs.MaskError as exc:
+            raise MaskFileError(str(exc) if exc.where else f"{path}: {exc}") from None
+        masks.extend(decoded.masks)
+        notes.extend(decoded.notes)
+    return mask_codecs.DecodedRegions(np.stack(masks), notes)
 
 
-def _decode_one(region: Any, height: int, width: int, limits: inputs.Limits, where: str) -> np.ndarray:
+def _json_regions(path: str, data: bytes) -> list[Any]:
     try:
-        if isinstance(region, dict) and any(k in region for k in (*inputs.REGION_KEYS, "segmentation")):
-            return inputs.decode_region(region, height, width, limits, resize=False, param=where)
-        return mask_codecs.decode_mask(region, height, width)
-    except APIError as exc:
-        raise MaskFileError(f"{exc.param}: {exc.message}") from None
-    except mask_codecs.MaskError as exc:
-        raise MaskFileError(f"{where}: {exc}") from None
+        regions = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MaskFileError(f"{path}: neither a PNG nor JSON ({exc})") from None
+    if isinstance(regions, dict):
+        regions = [regions]
+    if not isinstance(regions, list):
+        raise MaskFileError(f"{path}: expected a JSON list of regions, got {type(regions).__name__}")
+    return regions
 
 
 def draw_overlay(image: Image.Image, masks: np.ndarray, labels: list[str], alpha: float = 0.45) -> Image.Image:
@@ -110,12 +99,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run(args: Any) -> int:
     """The `osprey describe` command (args from serve.cli)."""
-    from .config import NoDefaultModel, resolve_model_path
+    from .config import model_path_for
 
-    try:
-        model = resolve_model_path(args.model)
-    except NoDefaultModel as exc:
-        print(f"osprey describe: {exc}", file=sys.stderr)
+    model = model_path_for("describe", args.model)
+    if model is None:
         return 2
     try:
         with Image.open(args.image) as opened:
@@ -124,10 +111,13 @@ def run(args: Any) -> int:
         print(f"osprey describe: cannot read image {args.image}: {exc}", file=sys.stderr)
         return 2
     try:
-        masks = load_masks(args.masks, image.height, image.width)
+        regions = load_masks(args.masks, image.height, image.width, resize=args.resize_masks)
     except (MaskFileError, OSError) as exc:
         print(f"osprey describe: {exc}", file=sys.stderr)
         return 2
+    for note in regions.notes:
+        print(f"osprey describe: note: {note}", file=sys.stderr)
+    masks = regions.masks
 
     from osprey.inference import OspreyPipeline, SamplingParams
 

@@ -41,8 +41,10 @@ def add_error_handlers(app: FastAPI) -> None:
         first = max(errors, key=lambda e: len(_clean_loc(e.get("loc", ()))))
         param = loc_to_param(_clean_loc(first.get("loc", ())))
         kind = first.get("type", "invalid")
-        code = {"extra_forbidden": "unknown_field", "missing": "missing_field"}.get(kind, "invalid_value")
-        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        code = {"extra_forbidden": "unknown_field", "missing": "missing_field", "invalid_region": "invalid_region"}.get(
+            kind, "invalid_value")
+        msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+        message = f"{param}: {msg}" if param else msg
         if kind == "extra_forbidden":
             message = f"unknown field {param!r}"
         return JSONResponse(error_body(400, message, param=param, code=code), status_code=400)
@@ -61,7 +63,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 def _clean_loc(loc: Any) -> list[Any]:
-    """Drop pydantic's union markers from an error location: branch names (`str`, `list[str]`, ...) and
+    """Drop pydantic's union markers from an error location: branch names (`str`, `list[str]`, `CocoRLE`) and
     the tag of a tagged union (`content.list[tagged-union[...]].0.image_url.image_url.url` ->
     `content[0].image_url.url`)."""
     out: list[Any] = []
@@ -78,7 +80,7 @@ def _clean_loc(loc: Any) -> list[Any]:
         if expect_tag:
             expect_tag = drop_tag = False
             continue
-        if "[" in text or text in ("str", "int", "float", "bool", "none"):
+        if "[" in text or "-" in text or text[:1].isupper() or text in ("str", "int", "float", "bool", "none"):  # branch names
             continue
         out.append(part)
     return out

@@ -1,4 +1,4 @@
-"""Request payload decoding with limits: base64 / data URLs / http(s) images, PIL safety, region masks.
+"""Request payload decoding with limits: base64 / data URLs / http(s) images, PIL safety; regions by osprey.masks.
 
 Everything here raises `APIError` (4xx) naming the request field, never anything else: the server must
 answer every malformed input with a client error and keep serving.
@@ -12,7 +12,6 @@ import hashlib
 import io
 import re
 import warnings
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,7 +24,6 @@ from .errors import APIError, bad_request
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+/-]*)(?:;[\w=.-]+)*;base64,", re.IGNORECASE)
 _IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
-REGION_KEYS = ("rle", "polygon", "box", "png")  # a region is a dict with exactly one of these, or a SAM entry
 
 
 @dataclass(frozen=True)
@@ -130,117 +128,31 @@ def _too_large(param: str, limits: Limits, width: int | None = None, height: int
         param, "image_too_large")
 
 
-def alpha_mask(image: Image.Image) -> np.ndarray | None:
-    """`(H, W) bool` where alpha > 0, or None when the image has no alpha or it is fully opaque."""
-    if image.mode not in ("RGBA", "LA", "PA") and not (image.mode == "P" and "transparency" in image.info):
-        return None
-    alpha = np.asarray(image.convert("RGBA").getchannel("A"))
-    if alpha.min() == 255:
-        return None
-    return alpha > 0
-
-
-def image_as_mask(image: Image.Image) -> np.ndarray:
-    """An extra image sent as a mask (DAM convention): alpha > 0 if it has alpha, else nonzero gray."""
-    alpha = alpha_mask(image)
-    if alpha is not None:
-        return alpha
-    if image.mode in ("RGBA", "LA", "PA"):  # fully opaque alpha: the whole image
-        return np.ones((image.height, image.width), dtype=bool)
-    return np.asarray(image.convert("L")) > 0
-
-
 def decode_regions(regions: Any, height: int, width: int, limits: Limits, *, max_regions: int,
-                   resize: bool = False, param: str = "regions") -> np.ndarray:
-    """A request's `regions` list -> `(Q, H, W) bool` masks at the image size.
-
-    Each region: `{"rle": ...}`, `{"polygon": ...}`, `{"box": [x, y, w, h]}`, `{"png": base64}`, or a SAM
-    automatic-mask-generator entry (a dict with `segmentation`). Masks of another size than the image are
-    refused unless `resize` (nearest-neighbour) is asked for.
-    """
-    if not isinstance(regions, list):
-        raise bad_request(f"'{param}' must be a list of regions, got {type(regions).__name__}", param, "invalid_type")
-    if not regions:
-        raise bad_request(f"'{param}' is empty: give at least one region", param, "invalid_value")
-    if len(regions) > max_regions:
-        raise bad_request(f"too many regions: {len(regions)} > {max_regions}", param, "too_many_regions")
-    out = np.zeros((len(regions), height, width), dtype=bool)
-    for i, region in enumerate(regions):
-        out[i] = decode_region(region, height, width, limits, resize=resize, param=f"{param}[{i}]")
-    return out
-
-
-def decode_region(region: Any, height: int, width: int, limits: Limits, *, resize: bool, param: str) -> np.ndarray:
-    if not isinstance(region, Mapping):
-        raise bad_request(f"a region must be an object with one of {list(REGION_KEYS)} or a SAM entry, "
-                          f"got {type(region).__name__}", param, "invalid_type")
+                   resize: bool = False, param: str = "regions") -> mask_codecs.DecodedRegions:
+    """A request's `regions` -> `(Q, H, W) bool` masks at the image size, by osprey.masks' region decoder."""
     try:
-        if "segmentation" in region:  # SAM entry as-is (other keys: bbox, area, predicted_iou, ...)
-            seg = region["segmentation"]
-            if isinstance(seg, Mapping):
-                _check_rle_size(seg, height, width, limits, resize, param + ".segmentation")
-                mask = mask_codecs.decode_sam(region)
-            else:
-                mask = mask_codecs.decode_sam(region, height, width) if not resize else mask_codecs.decode_sam(region)
-        else:
-            keys = [k for k in REGION_KEYS if k in region]
-            extra = sorted(set(region) - set(REGION_KEYS))
-            if len(keys) != 1 or extra:
-                raise bad_request(f"a region needs exactly one of {list(REGION_KEYS)} (or SAM's 'segmentation'); "
-                                  f"got keys {sorted(region)}", param, "invalid_region")
-            kind = keys[0]
-            value = region[kind]
-            param = f"{param}.{kind}"
-            if kind == "rle":
-                _check_rle_size(value, height, width, limits, resize, param)
-                mask = mask_codecs.decode_rle(value)
-            elif kind == "polygon":
-                if not isinstance(value, list):
-                    raise bad_request("polygon must be a list of [x1, y1, x2, y2, ...] lists", param, "invalid_type")
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", mask_codecs.MaskWarning)
-                    mask = mask_codecs.decode_polygons(value, height, width)
-            elif kind == "box":
-                if not isinstance(value, list):
-                    raise bad_request("box must be [x, y, w, h]", param, "invalid_type")
-                mask = mask_codecs.decode_box(value, height, width)
-            else:
-                raw = decode_base64(value, param)
-                if not raw.startswith(mask_codecs.PNG_SIGNATURE):
-                    raise bad_request("region png is not a PNG file", param, "invalid_mask")
-                open_image(raw, param, limits)  # header size check before decoding (bombs)
-                mask = mask_codecs.decode_png(raw)
+        return mask_codecs.decode_regions(regions, height, width, max_regions=max_regions,
+                                          fit=region_fit(limits, resize), where=param)
     except mask_codecs.MaskError as exc:
-        raise bad_request(str(exc), param, "invalid_mask") from None
-    except (TypeError, ValueError, OverflowError) as exc:  # e.g. numbers too large for pycocotools
-        raise bad_request(f"undecodable region: {exc}", param, "invalid_mask") from None
-    return fit_mask(mask, height, width, resize=resize, param=param)
+        raise region_error(exc) from None
 
 
-def _check_rle_size(rle: Any, height: int, width: int, limits: Limits, resize: bool, param: str) -> None:
-    """Refuse a wrong or huge RLE size before decoding allocates it."""
-    if not isinstance(rle, Mapping) or not isinstance(rle.get("size"), (list, tuple)) or len(rle["size"]) != 2:
-        return  # decode_rle names the problem
-    h, w = rle["size"]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (h, w)):
-        return
-    if (h, w) != (height, width):
-        if not resize:
-            raise _size_mismatch(param, (h, w), (height, width))
-        if h * w > limits.max_image_pixels:
-            raise bad_request(f"mask size {w}x{h} is larger than the pixel limit", param, "image_too_large")
+def mask_image_region(image: Image.Image, height: int, width: int, limits: Limits, *, resize: bool,
+                      param: str) -> np.ndarray:
+    """An extra image sent as a mask (DAM convention) -> its region, held to the same rules as `regions`."""
+    try:
+        return mask_codecs.fit_region(mask_codecs.image_to_mask(image), height, width,
+                                      fit=region_fit(limits, resize), where=param)
+    except mask_codecs.MaskError as exc:
+        raise region_error(exc) from None
 
 
-def fit_mask(mask: np.ndarray, height: int, width: int, *, resize: bool, param: str) -> np.ndarray:
-    """Check a mask against the image size; resize nearest only when the client opted in."""
-    if mask.shape == (height, width):
-        return mask
-    if not resize:
-        raise _size_mismatch(param, mask.shape, (height, width))
-    return np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST), dtype=bool)
+def region_fit(limits: Limits, resize: bool) -> mask_codecs.RegionFit:
+    return mask_codecs.RegionFit(resize=resize, resize_option='set "resize_masks": true',
+                                 max_pixels=limits.max_image_pixels)
 
 
-def _size_mismatch(param: str, got: Sequence[int], want: Sequence[int]) -> APIError:
-    return bad_request(
-        f"mask size {got[1]}x{got[0]} (WxH) differs from the image {want[1]}x{want[0]}; send masks at the "
-        "image size or set \"resize_masks\": true", param, "mask_size_mismatch")
+def region_error(exc: mask_codecs.MaskError) -> APIError:
+    """The one mapping from a region the decoder refused to the HTTP error naming it."""
+    return bad_request(exc.message, exc.where, exc.code)

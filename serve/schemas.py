@@ -7,7 +7,102 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+
+from osprey.prompts import CUSTOM_REGION_TAG, TASK_PROMPTS, task_prompt
+
+# ---------------------------------------------------------------------------------------------- regions
+# What each form means, and the checks no schema can say (polygon area, RLE counts summing to the size, a
+# PNG's pixels), are osprey.masks.decode_region's; these models tell a client (and a fuzzer) which shapes exist.
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+Side = Annotated[int, Field(ge=1, le=1 << 20)]
+Count = Annotated[int, Field(ge=0)]
+Coordinate = Annotated[float, Field(allow_inf_nan=False)]
+Extent = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Bit = Annotated[int, Field(ge=0, le=1)]
+
+
+class CocoRLE(_Strict):
+    """COCO run-length encoding, as pycocotools writes it: `counts` compressed (text) or a list of runs."""
+
+    size: tuple[Side, Side] = Field(description="[height, width] of the mask")
+    counts: Annotated[str, Field(json_schema_extra={"format": "coco-rle-counts"})] | list[Count] = Field(
+        description="column-major runs starting with the zeros, summing to height x width: as a list, or "
+                    "compressed as pycocotools writes them")
+
+
+class RLERegion(_Strict):
+    rle: CocoRLE
+
+
+Polygon = Annotated[list[Coordinate], Field(min_length=6)]  # x1, y1, x2, y2, x3, y3, ...
+
+
+class PolygonRegion(_Strict):
+    polygon: Annotated[list[Polygon], Field(min_length=1)] | Polygon = Field(
+        description="COCO polygons: flat [x1, y1, x2, y2, ...] lists (merged into one region), or one such list")
+
+
+class BoxRegion(_Strict):
+    box: tuple[Coordinate, Coordinate, Extent, Extent] = Field(
+        description="[x, y, w, h] in pixels; a box reaching outside the image is clipped (a note says so)")
+
+
+class PNGRegion(_Strict):
+    png: str = Field(min_length=1, json_schema_extra={"format": "mask-png", "contentEncoding": "base64"},
+                     description="base64 PNG (or a data URL) at the image size: nonzero or alpha > 0 is inside")
+
+
+class BitmapRegion(_Strict):
+    bitmap: list[Annotated[list[Bit], Field(min_length=1)]] = Field(min_length=1, description="rows of 0/1")
+
+
+class SAMRegion(BaseModel):
+    """A SAM automatic-mask-generator entry as it is; fields other than these are ignored."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    segmentation: CocoRLE | list[Annotated[list[Bit], Field(min_length=1)]]
+    area: Count | None = None
+    bbox: list[float] | None = None
+    predicted_iou: float | None = None
+    stability_score: float | None = None
+
+
+def _region_tag(value: Any) -> str | None:
+    """Which region model a request value is, by its keys (the forms share no `type` field). The tags hold
+    brackets so that serve.guard drops them from error locations, like pydantic's union branch names."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump()
+    if not isinstance(value, dict):
+        return None
+    if "segmentation" in value:
+        return "region[sam]"
+    if "counts" in value or "size" in value:
+        return "region[coco_rle]"
+    keys = [k for k in ("rle", "polygon", "box", "png", "bitmap") if k in value]
+    return f"region[{keys[0]}]" if len(keys) == 1 else None
+
+
+Region = Annotated[
+    Annotated[RLERegion, Tag("region[rle]")] | Annotated[PolygonRegion, Tag("region[polygon]")] | Annotated[BoxRegion, Tag("region[box]")]
+    | Annotated[PNGRegion, Tag("region[png]")] | Annotated[BitmapRegion, Tag("region[bitmap]")]
+    | Annotated[CocoRLE, Tag("region[coco_rle]")] | Annotated[SAMRegion, Tag("region[sam]")],
+    Discriminator(_region_tag, custom_error_type="invalid_region",
+                  custom_error_message="a region needs exactly one of rle, polygon, box, png, bitmap, or is a COCO "
+                                       "RLE {size, counts} or a SAM entry with segmentation"),
+]
+
+
+def regions_payload(regions: list[Region]) -> list[dict[str, Any]]:
+    """The validated regions as the plain objects osprey.masks decodes (None fields left out)."""
+    return [r.model_dump(exclude_none=True) for r in regions]
+
 
 # ---------------------------------------------------------------------------------------------- chat requests
 
@@ -22,7 +117,8 @@ class TextPart(_Lenient):
 
 
 class ImageURL(_Lenient):
-    url: str
+    url: str = Field(json_schema_extra={"format": "image-url"},
+                     description="a data URL (data:image/png;base64,...), or http(s) if the server allows it")
     detail: str | None = None
 
 
@@ -33,10 +129,13 @@ class ImagePart(_Lenient):
 
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]  # int64, as OpenAI documents (and torch accepts)
+StopText = Annotated[str, Field(min_length=1)]  # an empty stop string would end every answer at once
+# A task: an official prompt's name, or a custom prompt with `<region>` where the region goes.
+Task = Literal[tuple(sorted(TASK_PROMPTS))] | Annotated[str, Field(pattern=CUSTOM_REGION_TAG, max_length=16_000)]
 
 
 class ChatMessage(_Lenient):
-    role: Literal["system", "developer", "user", "assistant", "tool"]
+    role: Literal["system", "developer", "user", "assistant"]  # no tools: this model does not call them
     content: str | list[ContentPart] | None = None
     name: str | None = None
 
@@ -53,12 +152,12 @@ class ChatCompletionRequest(_Lenient):
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: Seed | None = None
-    stop: str | list[str] | None = None
+    stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = None
     n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # extensions (the `openai` client sends these through extra_body)
-    regions: list[Any] | None = None
+    regions: list[Region] | None = Field(default=None, min_length=1)
     resize_masks: bool = False
 
 
@@ -117,20 +216,28 @@ class ChatCompletionChunk(BaseModel):
 
 
 class DescribeRequest(BaseModel):
-    """`POST /v1/regions/describe` (docs/serve.md). Regions are decoded by serve.inputs (param-named errors)."""
+    """`POST /v1/regions/describe` (docs/serve.md). Regions are decoded by osprey.masks (param-named errors)."""
 
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
-    image: str
-    regions: list[Any]
-    task: str = "short"
-    max_tokens: int = Field(default=64, ge=1)
+    image: str = Field(min_length=1, json_schema_extra={"format": "image-url"},
+                       description="base64 image or data URL (http(s) URL if the server allows)")
+    regions: list[Region] = Field(min_length=1)
+    task: Task = "short"
+    max_tokens: int | None = Field(default=None, ge=1, description="new tokens per region (default: 64, or the "
+                                   "server's limit if lower)")
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: Seed | None = None
     stream: bool = False
     resize_masks: bool = False
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, task: str) -> str:
+        task_prompt(task)  # raises ValueError naming the known tasks
+        return task
 
 
 class RegionResult(BaseModel):
@@ -149,9 +256,28 @@ class DescribeResponse(BaseModel):
     model: str
     results: list[RegionResult]
     usage: Usage
+    notes: list[str] = Field(default_factory=list, description="what was changed in the regions, e.g. a clipped box")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error, OpenAI's shape; `param` names the offending field (`regions[2].box`)."""
+
+    error: ErrorDetail
 
 
 # ---------------------------------------------------------------------------------------------- models
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "error"]
+    error: str | None = None
 
 
 class ModelCard(BaseModel):

@@ -269,3 +269,81 @@ def test_to_rle_checks_like_decode():
         M.to_rle([[1, 1, 3, 1, 3]], 5, 5)
     with pytest.raises(MaskError, match="does not match the image size"):
         M.to_rle({"size": [4, 4], "counts": [16]}, 5, 5)
+
+
+# ---------------------------------------------------------------------------------------------- user regions
+
+
+def _square(h: int = 12, w: int = 16) -> np.ndarray:
+    mask = np.zeros((h, w), bool)
+    mask[2:7, 3:11] = True
+    return mask
+
+
+def test_decode_region_reads_every_form_alike():
+    mask = _square()
+    forms = [
+        M.encode_rle(mask), {"rle": M.encode_rle(mask)}, {"rle": M.encode_uncompressed_rle(mask)},
+        {"box": [3, 2, 8, 5]}, {"bbox": [3, 2, 8, 5]}, [3, 2, 8, 5], {"polygon": [[3, 2, 11, 2, 11, 7, 3, 7]]},
+        {"png": M.encode_png_base64(mask)}, {"bitmap": mask.astype(int).tolist()}, mask, M.encode_sam(mask),
+    ]
+    for form in forms:
+        decoded = M.decode_region(form, 12, 16)
+        assert (decoded.mask == mask).all() and decoded.notes == (), form
+
+
+def test_decode_region_clips_boxes_with_a_note_and_refuses_empty_masks():
+    decoded = M.decode_region({"box": [10, 5, 20, 20]}, 12, 16, where="regions[3]")
+    assert decoded.mask.sum() == 6 * 7 and decoded.mask[5:, 10:].all()
+    assert decoded.notes == (("regions[3].box: box [10, 5, 20, 20] reaches outside the 16x12 (WxH) image; "
+                             "clipped to [10, 5, 6, 7]"),)
+    with pytest.raises(MaskError, match=r"lies outside") as info:
+        M.decode_region({"box": [20, 0, 5, 5]}, 12, 16, where="regions[0]")
+    assert info.value.where == "regions[0].box"
+    with pytest.raises(MaskError, match="regions\\[2\\]: the mask is empty") as info:
+        M.decode_region(M.encode_rle(np.zeros((12, 16), bool)), 12, 16, where="regions[2]")
+    assert info.value.code == "empty_mask"
+
+
+def test_decode_region_fits_sizes_only_when_asked_and_names_the_option():
+    small = _square()[::2, ::2]
+    fit = M.RegionFit(resize_option="pass --resize-masks")
+    with pytest.raises(MaskError, match="pass --resize-masks") as info:
+        M.decode_region({"png": M.encode_png_base64(small)}, 12, 16, fit=fit)
+    assert info.value.code == "mask_size_mismatch"
+    resized = M.decode_region({"rle": M.encode_rle(small)}, 12, 16, fit=M.RegionFit(resize=True)).mask
+    assert resized.shape == (12, 16) and resized[2:6, 4:10].all()
+    with pytest.raises(MaskError) as info:  # refused from its size, before decoding allocates it
+        M.decode_region({"rle": {"size": [10**5, 10**5], "counts": [10**10]}}, 12, 16,
+                        fit=M.RegionFit(resize=True, max_pixels=10**6))
+    assert info.value.code == "image_too_large"
+
+
+def test_decode_region_notes_what_it_tolerates():
+    entry = M.encode_sam(_square()) | {"area": 3}
+    assert "does not match" in M.decode_region(entry, 12, 16).notes[0]
+    with pytest.raises(MaskError, match="does not match"):
+        M.decode_region(entry, 12, 16, fit=M.RegionFit(strict=True))
+    bowtie = {"polygon": [[0, 0, 10, 10, 10, 0, 0, 10]]}
+    assert "self-intersecting" in M.decode_region(bowtie, 12, 16).notes[0]
+
+
+@pytest.mark.parametrize(("region", "where", "code"), [
+    ("box", "r", "invalid_type"), ({"circle": 1}, "r", "invalid_region"), ({"box": [1, 1, 2, 2], "png": "x"}, "r",
+    "invalid_region"), ({"box": "abc"}, "r.box", "invalid_type"), ({"png": "%%"}, "r.png", "invalid_base64"),
+    ({"size": [12, 16], "counts": [1]}, "r", "invalid_mask"),
+])
+def test_decode_region_errors_name_the_region(region, where, code):
+    with pytest.raises(MaskError) as info:
+        M.decode_region(region, 12, 16, where="r")
+    assert (info.value.where, info.value.code) == (where, code)
+
+
+def test_image_to_mask_is_one_rule_for_pngs_and_images():
+    rgba = np.zeros((12, 16, 4), np.uint8)
+    rgba[2:7, 3:11, 3] = 255
+    image = Image.fromarray(rgba, "RGBA")
+    assert (M.image_to_mask(image) == _square()).all() and (M.alpha_mask(image) == _square()).all()
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    assert (M.decode_png(buf.getvalue()) == _square()).all()

@@ -313,13 +313,13 @@ NATIVE_BAD = [
     ({"regions": [{"rle": mask_codecs.encode_rle(np.zeros((10, 10), bool))}]}, 400, "regions[0].rle"),
     ({"regions": [{"png": mask_codecs.encode_png_base64(np.zeros((H + 1, W), bool))}]}, 400, "regions[0].png"),
     ({"regions": [{"rle": {"size": [H, W], "counts": "!!!"}}]}, 400, "regions[0].rle"),
-    ({"regions": [{"polygon": [[1, 2, 3, 4, 5]]}]}, 400, "regions[0].polygon"),
-    ({"regions": [{"box": [0, 0, 1000, 5]}]}, 400, "regions[0].box"),
+    ({"regions": [{"polygon": [[1, 2, 3, 4, 5]]}]}, 400, "regions[0].polygon[0]"),
+    ({"regions": [{"box": [1000, 0, 5, 5]}]}, 400, "regions[0].box"),  # wholly outside; partly outside is clipped
     ({"regions": [{"polygon": [[0, 0, 1e300, 0, 1e300, 1e300]]}]}, 400, "regions[0].polygon"),  # crashed pycocotools
     ({"regions": [{"box": [10**30, 0, 5, 5]}]}, 400, "regions[0].box"),
     ({"regions": [{"rle": {"size": [H, W], "counts": [10**30, 5]}}]}, 400, "regions[0].rle"),
     ({"regions": [{"rle": {"size": [10**6, 10**6], "counts": "0"}}], "resize_masks": True}, 400, "regions[0].rle"),
-    ({"regions": [{"segmentation": "abc"}]}, 400, "regions[0]"),
+    ({"regions": [{"segmentation": "abc"}]}, 400, "regions[0].segmentation"),
     ({"regions": GOOD_REGION * 9}, 400, "regions"),
     ({"regions": []}, 400, "regions"),
     ({"regions": "everything"}, 400, "regions"),
@@ -354,7 +354,7 @@ def test_missing_fields_and_bad_json(server):
                 b'{"image": "%s", "max_tokens": 2, "regions": [{"polygon": [[0, 0, 1e999, 0, 5, 5]]}]}' % png_b64(IMAGE).encode()):
         r = httpx.post(server.url + "/v1/regions/describe", content=raw, headers=AUTH | {"content-type": "application/json"})
         assert r.status_code == 400 and set(r.json()["error"]) == {"message", "type", "param", "code"}
-    assert r.json()["error"]["param"] == "regions[0].polygon"  # inf reached the mask check, not the C decoder
+    assert r.json()["error"]["param"] == "regions[0].polygon[0][2]"  # the schema refuses inf before any decoder
     assert describe(server).status_code == 200
 
 
@@ -379,7 +379,7 @@ def test_oversized_body_is_refused_before_parsing(server):
 CHAT_BAD = [
     ({"messages": chat_messages("What is <region3>?")}, "messages"),
     ({"messages": chat_messages("What is <region1>?"), "extra_body": {"regions": GOOD_REGION * 9}}, "regions"),
-    ({"messages": chat_messages("What is <region1>?"), "extra_body": {"regions": [{"box": [0, 0, 99, 99]}]}},
+    ({"messages": chat_messages("What is <region1>?"), "extra_body": {"regions": [{"box": [99, 99, 9, 9]}]}},
      "regions[0].box"),
     ({"messages": [{"role": "user", "content": "no image here"}]}, "messages"),
     ({"messages": chat_messages("<image> and <mask>")}, "messages[0].content"),
@@ -431,3 +431,53 @@ def assert_error(r: httpx.Response, status: int, param: str | None) -> None:
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     if param is not None:
         assert err["param"] == param, err
+
+
+# ---------------------------------------------------------------------------------------------- paper cuts (#20)
+
+
+def test_empty_mask_is_a_400_naming_the_region(server):
+    empty = mask_codecs.encode_rle(np.zeros((H, W), bool))
+    r = describe(server, regions=[{"box": [8, 5, 22, 15]}, {"rle": empty}])
+    assert_error(r, 400, "regions[1]")
+    assert r.json()["error"]["code"] == "empty_mask" and "empty" in r.json()["error"]["message"]
+    transparent = Image.new("RGBA", (W, H), (0, 0, 0, 0))  # an alpha-channel region with no pixel inside
+    r = httpx.post(server.url + "/v1/chat/completions", headers=AUTH, timeout=60, json={
+        "messages": chat_messages("What is <region1>?", data_url(transparent)), "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "empty_mask"
+    assert r.json()["error"]["param"] == "messages[0].content[1].image_url.url"
+
+
+def test_bare_coco_rle_and_clipped_boxes_are_accepted(server):
+    """pycocotools' own output `{"size", "counts"}` is a region; a box partly outside is clipped, with a note."""
+    r = describe(server, regions=[mask_codecs.encode_rle(MASK_A), {"box": [40, 30, 100, 100]}])
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [x["index"] for x in body["results"]] == [0, 1]
+    assert len(body["notes"]) == 1 and body["notes"][0].startswith("regions[1].box:") and "clipped" in body["notes"][0]
+
+
+def test_openapi_types_regions_and_lists_400(server):
+    schema = httpx.get(server.url + "/openapi.json").json()
+    for path in ("/v1/regions/describe", "/v1/chat/completions"):
+        responses = schema["paths"][path]["post"]["responses"]
+        assert "422" not in responses and "400" in responses
+    regions = schema["components"]["schemas"]["DescribeRequest"]["properties"]["regions"]
+    forms = {ref["$ref"].rsplit("/", 1)[-1] for ref in regions["items"]["oneOf"]}
+    assert forms == {"RLERegion", "PolygonRegion", "BoxRegion", "PNGRegion", "BitmapRegion", "CocoRLE", "SAMRegion"}
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+
+
+def test_a_run_folder_is_served_under_its_run_name(tmp_path):
+    final = tmp_path / "pass3" / "final"
+    final.mkdir(parents=True)
+    assert ServeConfig(model=str(final)).model_name == "pass3/final"
+    assert ServeConfig(model=str(tmp_path / "pass3")).model_name == "pass3"
+    assert ServeConfig(model=str(final), served_model_name="mine").model_name == "mine"
+
+
+def test_a_custom_task_may_name_its_region_twice(server):
+    r = describe(server, task="Compare <region> with itself: is <region> round?")
+    assert r.status_code == 200, r.text
+    assert r.json()["results"][0]["prompt_tokens"] > describe(server, task="Is <region> round?").json()["results"][0][
+        "prompt_tokens"]

@@ -43,13 +43,49 @@ def files(tmp_path_factory):
 
 
 def test_mask_files_of_every_kind(files):
-    masks = load_masks([str(files["sam"]), str(files["regions"]), str(files["png"])], H, W)
+    masks = load_masks([str(files["sam"]), str(files["regions"]), str(files["png"])], H, W).masks
     assert masks.shape == (6, H, W)
     assert (masks[0] == files["a"]).all() and (masks[1] == files["b"]).all() and (masks[5] == files["a"]).all()
     bad = files["root"] / "bad.json"
-    bad.write_text(json.dumps([{"box": [0, 0, 500, 5]}]))
-    with pytest.raises(MaskFileError, match=r"bad.json\[0\]"):
+    bad.write_text(json.dumps([{"box": [1, 1, 5, 5]}, {"box": [500, 0, 5, 5]}]))
+    with pytest.raises(MaskFileError, match=r"bad.json\[1\].box: box .* lies outside"):
         load_masks([str(bad)], H, W)
+
+
+def test_mask_file_size_error_names_the_cli_option(files, capsys):
+    """The mask-size error of `osprey describe` names its own option (not the server's `resize_masks`)."""
+    small = files["root"] / "small.png"
+    small.write_bytes(mask_codecs.encode_png(files["a"][::2, ::2]))
+    with pytest.raises(MaskFileError, match="--resize-masks") as info:
+        load_masks([str(small)], H, W)
+    assert "resize_masks" not in str(info.value)
+    fitted = load_masks([str(small)], H, W, resize=True).masks
+    assert fitted.shape == (1, H, W) and fitted[0, 4:10, 6:18].all()
+    args = parse(["describe", str(files["image"]), "--masks", str(small), "--model", str(files["model"]),
+                  "--max-tokens", "2", "--resize-masks", "--json"])
+    assert args.func(args) == 0 and len(json.loads(capsys.readouterr().out)) == 1
+
+
+def test_mask_file_notes_and_empty_regions(files, capsys):
+    clipped = files["root"] / "clipped.json"
+    clipped.write_text(json.dumps([{"box": [30, 20, 50, 50]}, mask_codecs.encode_rle(files["b"])]))  # bare COCO RLE
+    regions = load_masks([str(clipped)], H, W)
+    assert regions.masks[0].sum() == 10 * 10 and (regions.masks[1] == files["b"]).all()
+    assert len(regions.notes) == 1 and "clipped.json[0].box" in regions.notes[0] and "clipped" in regions.notes[0]
+    args = parse(["describe", str(files["image"]), "--masks", str(clipped), "--model", str(files["model"]),
+                  "--max-tokens", "2"])
+    assert args.func(args) == 0 and "note: " in capsys.readouterr().err
+    empty = files["root"] / "empty.json"
+    empty.write_text(json.dumps([{"box": [1, 1, 2, 2]}, mask_codecs.encode_rle(np.zeros((H, W), bool))]))
+    with pytest.raises(MaskFileError, match=r"empty.json\[1\]: the mask is empty"):
+        load_masks([str(empty)], H, W)
+
+
+def test_serve_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        parse(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert "(default: 8000)" in out and "(default: 64)" in out
 
 
 def test_describe_prints_json_and_writes_an_overlay(files, capsys):

@@ -48,7 +48,7 @@ def test_every_region_codec_decodes_to_the_same_pixels():
         {"png": "data:image/png;base64," + mask_codecs.encode_png_base64(mask)},
         mask_codecs.encode_sam(mask),
     ]
-    out = inputs.decode_regions(regions, H, W, LIMITS, max_regions=10)
+    out = inputs.decode_regions(regions, H, W, LIMITS, max_regions=10).masks
     assert out.shape == (len(regions), H, W) and out.dtype == bool
     for q in range(len(regions)):
         assert (out[q] == mask).all(), q
@@ -60,7 +60,7 @@ def test_every_region_codec_decodes_to_the_same_pixels():
     ({"rle": {"size": [H, W], "counts": [1, 2]}}, "regions[0].rle", "invalid_mask"),
     ({"rle": {"size": [100000, 100000], "counts": "0"}}, "regions[0].rle", "mask_size_mismatch"),
     ({"polygon": [[1, 2, 3]]}, "regions[0].polygon", "invalid_mask"),
-    ({"box": [0, 0, 100, 3]}, "regions[0].box", "invalid_mask"),
+    ({"box": [100, 0, 10, 3]}, "regions[0].box", "invalid_mask"),  # wholly outside (partly outside is clipped)
     ({"box": "abc"}, "regions[0].box", "invalid_type"),
     ({"png": "not base64 !!"}, "regions[0].png", "invalid_base64"),
     ({"png": base64.b64encode(b"GIF89a....").decode()}, "regions[0].png", "invalid_mask"),
@@ -86,7 +86,8 @@ def test_region_count_and_list_checks():
 def test_resize_masks_is_opt_in_and_nearest():
     small = np.zeros((6, 8), dtype=bool)
     small[1:3, 2:4] = True
-    out = inputs.decode_regions([{"rle": mask_codecs.encode_rle(small)}], H, W, LIMITS, max_regions=1, resize=True)
+    out = inputs.decode_regions([{"rle": mask_codecs.encode_rle(small)}], H, W, LIMITS, max_regions=1,
+                                 resize=True).masks
     assert out.shape == (1, H, W) and out[0, 2:6, 4:8].all() and out.sum() == 16
 
 
@@ -115,11 +116,11 @@ def test_alpha_channel_is_the_region():
     rgba[..., 3] = 0
     rgba[2:7, 3:11, 3] = 255
     image = Image.fromarray(rgba, "RGBA")
-    assert (inputs.alpha_mask(image) == a_mask()).all()
-    assert inputs.alpha_mask(Image.new("RGBA", (W, H), (1, 2, 3, 255))) is None  # opaque: a plain image
-    assert inputs.alpha_mask(Image.new("RGB", (W, H))) is None
+    assert (mask_codecs.alpha_mask(image) == a_mask()).all()
+    assert mask_codecs.alpha_mask(Image.new("RGBA", (W, H), (1, 2, 3, 255))) is None  # opaque: a plain image
+    assert mask_codecs.alpha_mask(Image.new("RGB", (W, H))) is None
     gray = Image.fromarray(a_mask().astype(np.uint8) * 255, "L")
-    assert (inputs.image_as_mask(gray) == a_mask()).all()
+    assert (mask_codecs.image_to_mask(gray) == a_mask()).all()
 
 
 def _messages(*items):

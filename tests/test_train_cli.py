@@ -76,7 +76,7 @@ def test_clip_pretraining_writes_weights_the_stage_configs_load(tiny_model_dir, 
     # ... and so is the category-name term (the fixture's category records share the referring regions)
     assert all(r["category_loss"] > 0 for r in records)
     assert all(r["loss"] == pytest.approx(r["image_loss"] + r["region_loss"] + r["category_loss"]) for r in records)
-    assert not (tmp_path / "clip" / "checkpoint.pt").exists()  # removed once the weights are written
+    assert not (tmp_path / "clip" / "checkpoints").exists()  # removed once the weights are written
 
     model, _, report = load_pretrained(init, clip_weights=weights, strict=True)
     assert report.ok
@@ -99,7 +99,7 @@ def test_clip_pretraining_writes_weights_the_stage_configs_load(tiny_model_dir, 
     (tmp_path / "bare").mkdir()
     assert clip_training_entry(tmp_path / "bare" / "open_clip.safetensors") is None  # not ours: unknown
 
-    (tmp_path / "clip" / "checkpoint.pt").write_bytes(b"")
+    (tmp_path / "clip" / "checkpoints" / "step-000002").mkdir(parents=True)  # an earlier run's checkpoint
     with pytest.raises(SystemExit, match="--resume"):
         main(args)
 
@@ -327,6 +327,45 @@ def test_clip_pretraining_on_two_ranks_takes_the_same_steps_as_one_process(tiny_
     records = _clip_metrics(tmp_path / "regions")
     assert 1 <= records[-1]["step"] < 500 and records[-1]["region_loss"] is not None
     assert (tmp_path / "regions" / "open_clip.safetensors").is_file()
-    assert not (tmp_path / "regions" / "checkpoint.pt").exists()
+    assert not (tmp_path / "regions" / "checkpoints").exists()
     done = torchrun("--steps", "1", "--batch-size", "3", "--out", str(tmp_path / "odd"))
     assert done.returncode != 0 and "--batch-size 3 does not split over 2 processes" in done.stderr
+
+
+def test_clip_pretraining_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    """A run killed after its step-2 checkpoint continues from it with --resume (train.checkpoints, as the stage
+    recipe's): the schedule goes on where it was (same rates as an uninterrupted run), the log holds each step once,
+    and the checkpoints go once the weights are written."""
+    from train.clip_recipe import ClipRecipe
+
+    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+    args = ["train", "clip", "--data", str(FIXTURE), "--tokenizer", str(init), "--preset", "tiny", "--steps", "4",
+            "--batch-size", "4", "--warmup-steps", "1", "--num-workers", "0", "--log-steps", "1", "--save-steps", "2",
+            "--no-progress", "--device", "cpu"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+
+    class Killed(Exception):
+        pass
+
+    save = ClipRecipe.save_checkpoint
+
+    def save_then_die(self):
+        save(self)
+        raise Killed
+
+    monkeypatch.setattr(ClipRecipe, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        main([*args, "--out", str(tmp_path / "cut")])
+    monkeypatch.undo()
+    assert (tmp_path / "cut" / "checkpoints" / "step-000002" / "clip_state.pt").is_file()
+    with pytest.raises(SystemExit, match="--resume"):
+        main([*args, "--out", str(tmp_path / "cut")])
+    assert main([*args, "--out", str(tmp_path / "cut"), "--resume"]) == 0
+
+    def log(name):
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    assert [r["step"] for r in log("cut")] == [1, 2, 3, 4]
+    assert [r["lr"] for r in log("cut")] == pytest.approx([r["lr"] for r in log("whole")])
+    assert [r["loss"] for r in log("cut")][:2] == pytest.approx([r["loss"] for r in log("whole")][:2])
+    assert (tmp_path / "cut" / "open_clip.safetensors").is_file() and not (tmp_path / "cut" / "checkpoints").exists()

@@ -81,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       "checkpoint is gone")
     clip.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     clip.add_argument("--no-progress", dest="progress", action="store_false")
-    clip.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    clip.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under OUT/checkpoints")
     clip.set_defaults(func=_cmd_clip)
 
 
@@ -127,7 +127,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_clip(args: argparse.Namespace) -> int:
-    from train.clip_pretrain import config_from_args, train_clip
+    from train.clip_pretrain import config_from_args
+    from train.clip_recipe import train_clip
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

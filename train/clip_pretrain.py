@@ -36,22 +36,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import os
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 logger = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "open_clip.safetensors"
-CHECKPOINT_FILE = "checkpoint.pt"
 REGION_LEVELS = ("all", "final")
 LEVEL_HEAD = "region_level_head"  # the LevelRegionHead's module name in the CLIP: checkpointed, not exported
 
@@ -60,7 +56,7 @@ LEVEL_HEAD = "region_level_head"  # the LevelRegionHead's module name in the CLI
 class ClipPretrainConfig:
     data: str  # a generated dataset (`osprey data synth`): its stage-1 caption sub-sets are read
     tokenizer: str  # a model folder whose tokenizer encodes the captions (e.g. `osprey model init` output)
-    out: str  # output folder: open_clip.safetensors, metrics.jsonl, checkpoint.pt
+    out: str  # output folder: open_clip.safetensors, metrics.jsonl, checkpoints/ (while it runs)
     preset: str = "builtin"  # whose vision config (open_clip_config) is trained
     split: str = "train"
     steps: int = 2000
@@ -277,237 +273,6 @@ def in_batch_accuracy(image_features: torch.Tensor, text_features: torch.Tensor)
     logits = image_features @ text_features.T
     target = torch.arange(len(logits), device=logits.device)
     return float(((logits.argmax(1) == target).float().mean() + (logits.argmax(0) == target).float().mean()) / 2)
-
-
-def start_ranks(cfg: ClipPretrainConfig) -> tuple[int, int, torch.device, bool]:
-    """(rank, world size, device, whether this call opened the process group): one process as is; under a launcher
-    that sets WORLD_SIZE > 1 (torchrun), a process group (nccl on GPUs, gloo on CPUs) and this rank's GPU."""
-    import torch.distributed as dist
-
-    default = "cuda" if torch.cuda.is_available() else "cpu"
-    use_cuda = (cfg.device or default).startswith("cuda")
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, torch.device(cfg.device or default), False
-    opened = not dist.is_initialized()
-    if opened:
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    device = torch.device("cpu")
-    if use_cuda:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device, opened
-
-
-def share_rank0_weights(model: nn.Module) -> None:
-    """Every rank starts from rank 0's parameters and buffers (the same seed gives the same init; a resumed or
-    `--init` run loads the same file, but this makes it certain)."""
-    import torch.distributed as dist
-
-    for tensor in [*model.parameters(), *model.buffers()]:
-        dist.broadcast(tensor.data, src=0)
-
-
-def average_gradients(params: list[nn.Parameter], world_size: int) -> None:
-    """Mean of every parameter's gradient over the ranks, in one flat all-reduce (a rank where a parameter got no
-    gradient, e.g. no regions in its share of the batch, counts zeros for it)."""
-    import torch.distributed as dist
-    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
-
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = _flatten_dense_tensors(grads)
-    dist.all_reduce(flat)
-    flat.div_(world_size)
-    for param, grad in zip(params, _unflatten_dense_tensors(flat, grads), strict=True):
-        param.grad = grad
-
-
-def train_clip(cfg: ClipPretrainConfig, resume: bool = False) -> Path:
-    """Train, checkpoint every `save_steps` (atomically; `resume` continues from it), write the weight file.
-    Under torchrun, every rank runs this; rank 0 logs and writes the files."""
-    out = Path(cfg.out)
-    checkpoint = out / CHECKPOINT_FILE
-    if checkpoint.exists() and not resume:
-        raise FileExistsError(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
-    rank, world_size, device, opened_group = start_ranks(cfg)
-    try:
-        return _train(cfg, resume, rank, world_size, device)
-    finally:
-        if opened_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-def _train(cfg: ClipPretrainConfig, resume: bool, rank: int, world_size: int, device: torch.device) -> Path:
-    from open_clip.loss import ClipLoss
-    from safetensors.torch import save_file
-    from torch.utils.data.distributed import DistributedSampler
-    from tqdm import tqdm
-
-    from osprey.config import OspreyConfig
-    from osprey.data.dataset import manifest_subsets
-    from osprey.tokenization import load_tokenizer
-    from osprey.vision import open_clip_model_config
-    from train.deepspeed_utils import all_reduce_sum, barrier, broadcast_from_rank0
-    from train.metrics import MetricsLog
-    from train.schedule import TimeBox, cosine_schedule
-
-    if cfg.batch_size % world_size:
-        raise ValueError(f"--batch-size {cfg.batch_size} does not split over {world_size} processes")
-    local_batch = cfg.batch_size // world_size
-    out = Path(cfg.out)
-    checkpoint = out / CHECKPOINT_FILE
-    is_main = rank == 0
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    vision_config = OspreyConfig.from_preset(cfg.preset).vision
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    specs = manifest_subsets(cfg.data, cfg.split)
-    captions = [s for s in specs if s.kind == "captions"]
-    wants_regions = cfg.region_weight > 0 or cfg.category_weight > 0
-    referring = [s for s in specs if s.kind == "referring"] if wants_regions else []
-    categories = [s for s in specs if s.kind == "categories"] if cfg.category_weight > 0 else []
-    if not captions:
-        raise ValueError(f"{cfg.data} has no caption sub-set for split {cfg.split!r}")
-    dataset = ClipPairsDataset(captions, referring, tokenizer, vision_config, cfg.context_length, categories)
-    if len(dataset) < cfg.batch_size:
-        raise ValueError(f"{len(dataset)} captions make no full batch of {cfg.batch_size}: lower --batch-size")
-    model = build_clip(vision_config, len(tokenizer), dataset.pad_id, dataset.eos_id, cfg).to(device)
-    level_head = None
-    if cfg.region_levels == "all" and wants_regions:
-        level_head = LevelRegionHead(vision_config.level_channels, open_clip_model_config(vision_config)["embed_dim"])
-        level_head = level_head.to(device)
-        model.add_module(LEVEL_HEAD, level_head)
-    if cfg.init:
-        load_init_weights(model, cfg.init)
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2 or "logit_scale" in n]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    horizon = cfg.steps  # the schedule's last step; `time_limit` fits it to the pace (at most `steps`)
-    scheduler = cosine_schedule(optimizer, cfg.warmup_steps, lambda: horizon)
-    step = 0
-    if resume and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, horizon = state["step"], state.get("horizon", cfg.steps)
-        logger.info("resumed %s at step %d", checkpoint, step)
-    if world_size > 1:
-        share_rank0_weights(model)
-    if is_main:
-        (out / "clip_config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    params = [p for p in model.parameters() if p.requires_grad]
-    region_loss_fn = ClipLoss()  # each rank's own regions: their number differs between ranks
-    # Image-caption pairs: the whole step's batch, gathered with gradients (a plain ClipLoss on one process).
-    image_loss_fn = ClipLoss(gather_with_grad=True, rank=rank, world_size=world_size) if world_size > 1 else ClipLoss()
-    metrics = MetricsLog(out / "metrics.jsonl", resume_step=step if resume else None) if is_main else None
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    logger.info("CLIP pretraining: %d captions, %d steps of %d (%d processes of %d), %s", len(dataset), cfg.steps,
-                cfg.batch_size, world_size, local_batch, device)
-
-    def save_checkpoint() -> None:
-        tmp = checkpoint.with_suffix(".tmp")
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "step": step, "horizon": horizon}, tmp)
-        tmp.replace(checkpoint)
-
-    bar = tqdm(total=horizon, initial=step, desc="clip", unit="step", disable=not (cfg.progress and is_main),
-               dynamic_ncols=True)
-    model.train()
-    # One loader for the run (workers persist across epochs; each epoch draws a new order, the same on every rank,
-    # which takes its own share); a resumed run seeds it from its step, so it draws a fresh order rather than
-    # replaying the first epochs.
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                 seed=cfg.seed * 100_003 + step, drop_last=True)
-    loader = DataLoader(dataset, batch_size=local_batch, sampler=sampler, drop_last=True,
-                        num_workers=cfg.num_workers, persistent_workers=cfg.num_workers > 0,
-                        pin_memory=device.type == "cuda", collate_fn=collate_pairs)
-    time_box = TimeBox(cfg.time_limit, step) if cfg.time_limit > 0 else None
-    fitted_once = horizon != cfg.steps  # a resumed run had its horizon fitted already
-    out_of_time = False
-    epoch = 0
-    window_start, window_samples, window_regions = time.perf_counter(), 0, 0
-    while step < horizon and not out_of_time:
-        sampler.set_epoch(epoch)
-        epoch += 1
-        for batch in loader:
-            images = batch["images"].to(device, non_blocking=True)
-            masks = batch["masks"].to(device, non_blocking=True)
-            with autocast:
-                image_embeddings, region_embeddings = image_and_region_embeddings(model.visual, images, masks, level_head)
-                image_features = F.normalize(image_embeddings, dim=-1)
-                text_features = model.encode_text(batch["captions"].to(device), normalize=True)
-                logit_scale = model.logit_scale.exp()
-                loss = image_loss = image_loss_fn(image_features, text_features, logit_scale)
-                region_loss = category_loss = None
-                region_features = F.normalize(region_embeddings, dim=-1)
-                if cfg.region_weight > 0 and len(region_embeddings) > 1:
-                    phrase_features = model.encode_text(batch["phrases"].to(device), normalize=True)
-                    region_loss = region_loss_fn(region_features, phrase_features, logit_scale)
-                    loss = loss + cfg.region_weight * region_loss
-                if cfg.category_weight > 0 and len(region_embeddings) > 1:
-                    category_loss = distinct_text_loss(region_features, batch["categories"].to(device),
-                                                       model.encode_text, logit_scale, dataset.pad_id)
-                    if category_loss is not None:
-                        loss = loss + cfg.category_weight * category_loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if world_size > 1:
-                average_gradients(params, world_size)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100))  # as open_clip's training loop
-            step += 1
-            window_samples += len(images)
-            window_regions += len(region_embeddings)
-            bar.update(1)
-            if time_box is not None:  # rank 0's clock decides, so that all ranks stop at the same step
-                fitted, out_of_time = broadcast_from_rank0(list(time_box.fit(step, horizon, cfg.steps)), device)
-                out_of_time = bool(out_of_time)
-                if fitted != horizon and not out_of_time:
-                    if not fitted_once:  # the first estimate (later ones move it a step or two as the pace settles)
-                        logger.info("time limit %.0f s: the schedule now ends at step %d (was %d)", cfg.time_limit,
-                                    fitted, horizon)
-                        fitted_once = True
-                    horizon = bar.total = fitted
-            if step % cfg.log_steps == 0 or step == horizon or out_of_time:
-                elapsed = time.perf_counter() - window_start
-                samples, regions = all_reduce_sum([window_samples, window_regions], device)
-                if metrics is not None:
-                    record = {"step": step, "loss": float(loss.detach()), "image_loss": float(image_loss.detach()),
-                              "region_loss": None if region_loss is None else float(region_loss.detach()),
-                              "category_loss": None if category_loss is None else float(category_loss.detach()),
-                              "regions_per_step": regions / cfg.log_steps, "lr": scheduler.get_last_lr()[0],
-                              "grad_norm": float(grad_norm), "logit_scale": float(logit_scale.detach()),
-                              "in_batch_accuracy": in_batch_accuracy(image_features.float(), text_features.float()),
-                              "samples_per_s": samples / elapsed}
-                    metrics.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['in_batch_accuracy']:.2f}")
-                window_start, window_samples, window_regions = time.perf_counter(), 0, 0
-            if cfg.save_steps and step % cfg.save_steps == 0 and step < horizon and is_main:
-                save_checkpoint()
-            if step >= horizon or out_of_time:
-                break
-    bar.close()
-    if out_of_time and step < horizon:
-        logger.warning("time limit of %.0f s reached at step %d of %d, before the schedule's end; writing the weights "
-                       "of step %d", cfg.time_limit, step, horizon, step)
-    weights = out / WEIGHTS_FILE
-    if is_main:
-        metrics.close()
-        tmp = weights.with_name(f".{weights.name}.tmp")
-        exported = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{LEVEL_HEAD}.")}
-        save_file({k: v.detach().contiguous().cpu() for k, v in exported.items()}, str(tmp))
-        tmp.replace(weights)
-        checkpoint.unlink(missing_ok=True)
-        logger.info("wrote %s", weights)
-    barrier()  # no rank returns before the weights exist
-    return weights
 
 
 def clip_training_entry(weights: str | Path) -> dict[str, Any] | None:

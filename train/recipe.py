@@ -18,8 +18,6 @@ import json
 import logging
 import math
 import random
-import re
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -32,18 +30,17 @@ from torch.utils.data import DataLoader, Dataset
 
 from osprey.tokenization import trained_targets
 from train import deepspeed_utils as dsu
+from train.checkpoints import CHECKPOINT_DIR, checkpoint_root, latest_checkpoint, writing_checkpoint
 from train.config import TrainConfig
 from train.metrics import LMFlops, MetricsLog, memory_stats, peak_flops
 from train.sampler import ResumableSampler
-from train.schedule import TimeBox, cosine_schedule
+from train.schedule import FittedHorizon, cosine_schedule
 from train.trainable import merge_lora_state, set_trainable
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
 FINAL_DIR = "final"
 STATE_FILE = "trainer_state.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "pixel_values")
 
 
@@ -226,7 +223,8 @@ class Recipe:
         peak = peak_flops(self.device)
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc=f"stage {cfg.stage}", unit="step",
                    disable=not cfg.progress or self.rank != 0, dynamic_ncols=True)
-        time_box = TimeBox(cfg.time_limit, self.state.step, self.clock) if cfg.time_limit else None
+        fitted = FittedHorizon(cfg.time_limit, self.state.step, self.planned_steps, self.device,
+                               horizon=self.total_steps, clock=self.clock)
         window = _Window()
         pending: list[float] = []  # per-step losses not yet written to the log
         while self.state.step < stop:
@@ -242,8 +240,11 @@ class Recipe:
                     continue
                 self.state.step += 1
                 record = self._step_record(window, peak)
-                if time_box is not None:
-                    stop = min(self._fit_to_time(time_box, bar), until)
+                if cfg.time_limit:
+                    fitted.update(self.state.step)
+                    if fitted.horizon != self.total_steps:
+                        self.total_steps = self.state.horizon = bar.total = fitted.horizon
+                    stop = min(self.total_steps, until)
                 self.state.losses.append(record["loss"])
                 window = _Window()
                 bar.update(1)
@@ -266,23 +267,6 @@ class Recipe:
             logger.warning("rank %d: %d truncated samples, %d fully masked samples (no trained token: no loss)",
                            self.rank, self.state.truncated_samples, self.state.fully_masked_samples)
         return self.state
-
-    def _fit_to_time(self, time_box: TimeBox, bar) -> int:
-        """Fit the schedule's horizon to the steps the time limit leaves (rank 0's clock decides for all ranks)."""
-        horizon, out_of_time = time_box.fit(self.state.step, self.total_steps, self.planned_steps)
-        horizon, out_of_time = dsu.broadcast_from_rank0([horizon, int(out_of_time)], self.device)
-        if out_of_time:
-            if self.state.step < self.total_steps:
-                logger.warning("time limit of %.0f s reached at step %d of %d: stopping before the schedule's end",
-                               self.cfg.time_limit, self.state.step, self.total_steps)
-            horizon = self.state.step
-        if horizon != self.total_steps:
-            if not self.state.horizon:
-                logger.info("time limit %.0f s: the schedule now ends at step %d (was %d)", self.cfg.time_limit,
-                            horizon, self.total_steps)
-            self.total_steps = self.state.horizon = horizon
-            bar.total = horizon
-        return horizon
 
     def micro_step(self, batch: dict[str, Any], window: _Window | None = None) -> torch.Tensor:
         """Forward, backward and (at accumulation boundaries) the optimiser step of one micro-batch; returns the
@@ -344,12 +328,10 @@ class Recipe:
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def checkpoint_root(self) -> Path:
-        return self.output_dir / CHECKPOINT_DIR
+        return checkpoint_root(self.output_dir)
 
     def latest_checkpoint(self) -> Path | None:
-        root = self.checkpoint_root()
-        steps = sorted((int(m.group(1)), p) for p in root.glob("step-*") if (m := _STEP_DIR.match(p.name)))
-        return steps[-1][1] if steps else None
+        return latest_checkpoint(self.output_dir)
 
     def save_model(self, out: Path) -> None:
         """The model folder (official key names, LoRA merged) via `osprey.checkpoint.save_pretrained` (rank 0)."""
@@ -365,32 +347,15 @@ class Recipe:
         save_pretrained(view, self.tokenizer, out)
 
     def save_checkpoint(self) -> Path:
-        """A resumable checkpoint at the current step, written under a temporary name then renamed."""
-        root = self.checkpoint_root()
-        final = root / f"step-{self.state.step:06d}"
-        tmp = root / f".tmp-step-{self.state.step:06d}"
-        if self.rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        dsu.barrier()
-        self.save_model(tmp / "model")
-        dsu.save_engine(self.engine, tmp, client_state={"trainer_state": self.state.to_dict()})
-        torch.save(_rng_state(), tmp / f"rng-rank{self.rank}.pt")
-        if self.rank == 0:
-            (tmp / STATE_FILE).write_text(json.dumps({**self.state.to_dict(), "world_size": self.world_size}, indent=2))
-        dsu.barrier()
-        if self.rank == 0:
-            shutil.rmtree(final, ignore_errors=True)
-            tmp.replace(final)
-            self._prune_checkpoints()
-            logger.info("saved checkpoint %s", final)
-        dsu.barrier()
-        return final
-
-    def _prune_checkpoints(self) -> None:
-        steps = sorted((int(m.group(1)), p) for p in self.checkpoint_root().glob("step-*") if (m := _STEP_DIR.match(p.name)))
-        for _, path in steps[:-self.cfg.keep_checkpoints]:
-            shutil.rmtree(path, ignore_errors=True)
+        """A resumable checkpoint at the current step (train.checkpoints: written whole, then renamed)."""
+        with writing_checkpoint(self.output_dir, self.state.step, self.rank, self.cfg.keep_checkpoints) as tmp:
+            self.save_model(tmp / "model")
+            dsu.save_engine(self.engine, tmp, client_state={"trainer_state": self.state.to_dict()})
+            torch.save(_rng_state(), tmp / f"rng-rank{self.rank}.pt")
+            if self.rank == 0:
+                (tmp / STATE_FILE).write_text(json.dumps({**self.state.to_dict(), "world_size": self.world_size},
+                                                         indent=2))
+        return self.checkpoint_root() / f"step-{self.state.step:06d}"
 
     def load_checkpoint(self, folder: Path) -> None:
         state = json.loads((folder / STATE_FILE).read_text())

@@ -7,11 +7,14 @@ the rate still reaches its end in time.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
@@ -61,3 +64,37 @@ class TimeBox:
             return horizon, False
         per_step = (now - self.mark[1]) / measured
         return min(planned, step + int((self.limit - elapsed) / per_step)), False
+
+
+class FittedHorizon:
+    """The schedule's last step under a time limit, as a run goes: `update(step)` after every optimiser step refits
+    it with the `TimeBox` (rank 0's clock decides for every rank, so all stop at the same step) and says whether the
+    limit is reached. Without a limit the horizon stays `planned`."""
+
+    def __init__(self, limit: float, start_step: int, planned: int, device: torch.device, *, horizon: int | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
+        self.limit, self.planned, self.device = limit, planned, device
+        self.horizon = horizon or planned  # a resumed run's fitted horizon, else the plan
+        self.time_box = (TimeBox(limit, start_step) if clock is None else TimeBox(limit, start_step, clock)) \
+            if limit > 0 else None
+        self.logged = self.horizon != planned  # a resumed run logged its fit already
+
+    def update(self, step: int) -> bool:
+        """Refit after `step`; True when the time limit is reached (the horizon is then `step`)."""
+        from train.deepspeed_utils import broadcast_from_rank0
+
+        if self.time_box is None:
+            return False
+        horizon, out_of_time = self.time_box.fit(step, self.horizon, self.planned)
+        horizon, out_of_time = broadcast_from_rank0([horizon, int(out_of_time)], self.device)
+        if out_of_time:
+            if step < self.horizon:
+                logger.warning("time limit of %.0f s reached at step %d of %d: stopping before the schedule's end",
+                               self.limit, step, self.horizon)
+            horizon = step
+        if horizon != self.horizon and not self.logged:  # later refits move it a step or two as the pace settles
+            logger.info("time limit %.0f s: the schedule now ends at step %d (was %d)", self.limit, horizon,
+                        self.horizon)
+            self.logged = True
+        self.horizon = horizon
+        return bool(out_of_time)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 
 from eval.backends import Query
 from eval.datasets import load_descriptions
@@ -76,38 +77,47 @@ def _score_figure(pairs: list[tuple[float, float]]):
 
 
 def run(args: argparse.Namespace) -> int:
-    import os
-
     items = limit(load_descriptions(args.data, args.images, args.references, args.context), args.limit)
-    queries = [
-        Query(it.key, it.image, model_prompt(it.question), it.height, it.width, it.segmentation)
-        for it in items
-    ]
+    queries = [Query(it.key, it.image, model_prompt(it.question), it.height, it.width, it.segmentation)
+               for it in items]
     answers, run_info = answer_queries(args, "describe", queries)
+    judge = JudgeClient(args.judge_url, args.judge_model, args.judge_api_key or os.environ.get("OPENAI_API_KEY"),
+                        max_tokens=args.judge_max_tokens)
+    reviews = _judge_answers(args, judge, items, answers, run_info)
+    rows, pairs, errors = _score_rows(items, answers, reviews)
+    summary = {
+        "relative_score": relative_score(pairs) if pairs else float("nan"),
+        "mean_reference": sum(p[0] for p in pairs) / len(pairs) if pairs else float("nan"),
+        "mean_ours": sum(p[1] for p in pairs) / len(pairs) if pairs else float("nan"),
+        "scored": len(pairs), "errors": errors, "items": len(items),
+    }
+    finish(args, {"command": "describe", "data": str(args.data), "summary": summary, "run": run_info,
+                  "judge": {"url": judge.url, "model": args.judge_model}, "items": rows})
+    partial_path(str(args.out) + ".reviews").unlink(missing_ok=True)
+    _write_report(args, judge, run_info, summary, rows, pairs, errors)
+    print(f"describe: relative score {summary['relative_score']:.2f} ({len(pairs)} scored, {errors} unparseable) "
+          f"-> {args.out}")
+    return 0
 
-    judge = JudgeClient(
-        args.judge_url,
-        args.judge_model,
-        args.judge_api_key or os.environ.get("OPENAI_API_KEY"),
-        max_tokens=args.judge_max_tokens,
-    )
-    # judge reviews are resumable too, in their own partial file
-    reviews = PartialResults(
-        partial_path(str(args.out) + ".reviews"),
-        {"judge": args.judge_model, "judge_url": judge.url, "answers": run_info["sampling"]},
-    )
+
+def _judge_answers(args: argparse.Namespace, judge: JudgeClient, items: list, answers: dict[str, dict],
+                   run_info: dict) -> PartialResults:
+    """The judge's review of every answer; resumable, in its own partial file."""
     from tqdm import tqdm
 
+    reviews = PartialResults(partial_path(str(args.out) + ".reviews"),
+                             {"judge": args.judge_model, "judge_url": judge.url, "answers": run_info["sampling"]})
     for it in tqdm([it for it in items if it.key not in reviews.done], desc="judging", unit="answer"):
-        content = review_prompt(
-            it.extra.get("context", ""),
-            it.question or "",
-            it.target,
-            official_answer(answers[it.key]["text"]),
-        )
+        content = review_prompt(it.extra.get("context", ""), it.question or "", it.target,
+                                official_answer(answers[it.key]["text"]))
         review = judge.review(content)
         reviews.append([{"key": it.key, "review": review, "scores": parse_scores(review)}])
+    return reviews
 
+
+def _score_rows(items: list, answers: dict[str, dict],
+                reviews: PartialResults) -> tuple[list[dict], list[tuple[float, float]], int]:
+    """(one row per item, the (reference, ours) score pairs of readable reviews, the unreadable count)."""
     rows, pairs, errors = [], [], 0
     for it in items:
         rev = reviews.done[it.key]
@@ -116,37 +126,14 @@ def run(args: argparse.Namespace) -> int:
             errors += 1
         else:
             pairs.append((float(scores[0]), float(scores[1])))
-        rows.append(
-            {
-                "key": it.key,
-                "image": it.image,
-                "question": it.question,
-                "reference": it.target,
-                "answer": official_answer(answers[it.key]["text"]),
-                "review": rev["review"],
-                "scores": scores,
-                "error": None if scores is not None else "unparseable review",
-            }
-        )
-    summary = {
-        "relative_score": relative_score(pairs) if pairs else float("nan"),
-        "mean_reference": sum(p[0] for p in pairs) / len(pairs) if pairs else float("nan"),
-        "mean_ours": sum(p[1] for p in pairs) / len(pairs) if pairs else float("nan"),
-        "scored": len(pairs),
-        "errors": errors,
-        "items": len(items),
-    }
-    results = {
-        "command": "describe",
-        "data": str(args.data),
-        "summary": summary,
-        "run": run_info,
-        "judge": {"url": judge.url, "model": args.judge_model},
-        "items": rows,
-    }
-    finish(args, results)
-    partial_path(str(args.out) + ".reviews").unlink(missing_ok=True)
+        rows.append({"key": it.key, "image": it.image, "question": it.question, "reference": it.target,
+                     "answer": official_answer(answers[it.key]["text"]), "review": rev["review"], "scores": scores,
+                     "error": None if scores is not None else "unparseable review"})
+    return rows, pairs, errors
 
+
+def _write_report(args: argparse.Namespace, judge: JudgeClient, run_info: dict, summary: dict, rows: list[dict],
+                  pairs: list[tuple[float, float]], errors: int) -> None:
     rep = Report(report_path(args), "Detailed region description (LLM judge)")
     rep.text(
         f"Data: `{args.data}`; model: `{run_info['backend']}`; judge: `{args.judge_model}` at `{judge.url}`. "
@@ -163,8 +150,3 @@ def run(args: argparse.Namespace) -> int:
         rep.text("Unparseable reviews (first lines):")
         rep.table(["key", "review"], [[r["key"], json.dumps(r["review"][:160])] for r in bad])
     rep.write()
-    print(
-        f"describe: relative score {summary['relative_score']:.2f} ({len(pairs)} scored, {errors} unparseable) "
-        f"-> {args.out}"
-    )
-    return 0
