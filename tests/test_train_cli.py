@@ -332,14 +332,13 @@ def test_clip_pretraining_on_two_ranks_takes_the_same_steps_as_one_process(tiny_
     assert done.returncode != 0 and "--batch-size 3 does not split over 2 processes" in done.stderr
 
 
-def test_clip_pretraining_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+def test_clip_pretraining_resumes_from_its_last_checkpoint(tmp_path, monkeypatch, tiny_model_dir):
     """A run killed after its step-2 checkpoint continues from it with --resume (train.checkpoints, as the stage
     recipe's): the schedule goes on where it was (same rates as an uninterrupted run), the log holds each step once,
     and the checkpoints go once the weights are written."""
     from train.clip_recipe import ClipRecipe
 
-    init = init_model_folder("tiny", tmp_path / "init", seed=0)
-    args = ["train", "clip", "--data", str(FIXTURE), "--tokenizer", str(init), "--preset", "tiny", "--steps", "4",
+    args = ["train", "clip", "--data", str(FIXTURE), "--tokenizer", str(tiny_model_dir), "--preset", "tiny", "--steps", "4",
             "--batch-size", "4", "--warmup-steps", "1", "--num-workers", "0", "--log-steps", "1", "--save-steps", "2",
             "--no-progress", "--device", "cpu"]
     assert main([*args, "--out", str(tmp_path / "whole")]) == 0
