@@ -105,7 +105,8 @@ def make_backend(args: argparse.Namespace, settings: AnnotateSettings):
     model = resolve_model_path(args.model)
     if args.ray is not None:
         return RayAnnotator(model, settings, args.ray, args.actors, device=args.device, dtype=args.dtype)
-    return PipelineAnnotator(model, settings, device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size)
+    return PipelineAnnotator.from_model_dir(model, settings, device=args.device, dtype=args.dtype,
+                                            max_batch_size=args.max_batch_size)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from osprey import masks as mask_codecs
+from osprey.inference import OspreyPipeline, SamplingParams
 from osprey.prompts import task_prompt
 
 from .annotate_io import Failure, ImageItem, ImageResult, RegionItem, RegionRecord
@@ -92,12 +93,8 @@ class PipelineAnnotator:
     """One image at a time through `OspreyPipeline`: encoded once, all its regions prepared in one extractor pass
     and decoded together (`generate` chunks them by the pipeline's max batch size)."""
 
-    def __init__(self, model_dir: str, settings: AnnotateSettings, device: str = "cpu", dtype: str | None = None,
-                 max_batch_size: int = 32) -> None:
-        from osprey.inference import OspreyPipeline, SamplingParams
-
-        self.pipe = OspreyPipeline.from_pretrained(model_dir, device=device, dtype=dtype, max_batch_size=max_batch_size)
-        self.model = Path(model_dir).name
+    def __init__(self, pipe: OspreyPipeline, settings: AnnotateSettings, model: str) -> None:
+        self.pipe, self.model = pipe, model
         self.prompt = task_prompt(settings.task)
         self.params = SamplingParams(max_new_tokens=settings.max_tokens, temperature=settings.temperature,
                                      seed=settings.seed)
@@ -113,6 +110,12 @@ class PipelineAnnotator:
         result.records = [_record(item, r, g.text, g.raw_text, g.finish_reason, self.model, self.prompt)
                           for r, g in zip(decoded.regions, gens, strict=True)]
         return result
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str, settings: AnnotateSettings, device: str = "cpu", dtype: str | None = None,
+                       max_batch_size: int = 32) -> PipelineAnnotator:
+        pipe = OspreyPipeline.from_pretrained(model_dir, device=device, dtype=dtype, max_batch_size=max_batch_size)
+        return cls(pipe, settings, Path(model_dir).name)
 
     def map(self, items: Iterable[ImageItem]) -> Iterator[ImageResult]:
         for item in items:
@@ -206,7 +209,7 @@ class _RayActor:
         import torch
 
         torch.set_num_threads(threads)
-        self.annotator = PipelineAnnotator(model_dir, settings, device=device, dtype=dtype)
+        self.annotator = PipelineAnnotator.from_model_dir(model_dir, settings, device=device, dtype=dtype)
 
     def __call__(self, batch: dict) -> dict:
         results = [self.annotator.annotate(ImageItem.from_json(text)) for text in batch["item"]]

@@ -16,6 +16,8 @@ from PIL import Image
 
 from osprey import masks as mask_codecs
 from osprey.cli import main
+from serve.annotate import run_annotation
+from serve.annotate_backends import AnnotateSettings, PipelineAnnotator
 from serve.annotate_io import JsonlOutput, read_input
 
 SIZE = 48
@@ -62,6 +64,12 @@ def _annotate(coco, out: Path, model: Path, *extra: str) -> int:
                  "--max-tokens", "6", "--no-progress", *extra])
 
 
+@pytest.fixture(scope="module")
+def annotator(tiny_pipeline) -> PipelineAnnotator:
+    """The CLI's in-process backend on the session's pipeline (warmed once; the CLI would load it per run)."""
+    return PipelineAnnotator(tiny_pipeline, AnnotateSettings("short", max_tokens=6), "tiny")
+
+
 def _lines(path: Path) -> list[str]:
     return path.read_text().splitlines()
 
@@ -102,13 +110,15 @@ def test_rerun_skips_everything_already_written(coco, full_run, tiny_model_dir, 
     assert "0 regions" in capsys.readouterr().err
 
 
-def test_partial_run_then_torn_line_then_resume_equals_one_run(coco, full_run, tiny_model_dir, tmp_path):
+def test_partial_run_then_torn_line_then_resume_equals_one_run(coco, full_run, annotator, tmp_path):
     out = tmp_path / "out.jsonl"
-    _annotate(coco, out, tiny_model_dir, "--max-images", "1")
-    assert len(_lines(out)) == 3
+    items = read_input(str(coco[0]), str(coco[1]))
+    first = run_annotation(items, annotator, out, max_images=1, progress=False)
+    assert first.regions == 3 and len(_lines(out)) == 3
     with open(out, "a") as f:  # what a kill in the middle of a write leaves
         f.write('{"image": "im1.png", "image_id": 2, "id": 11, "rle": {"si')
-    _annotate(coco, out, tiny_model_dir)
+    second = run_annotation(items, annotator, out, progress=False)
+    assert (second.skipped, second.regions, len(second.failures)) == (3, 6, 2)
     assert sorted(_lines(out)) == sorted(_lines(full_run))
 
 
@@ -136,7 +146,7 @@ def test_endpoint_gives_the_in_process_greedy_answers(coco, full_run, tiny_model
     assert sorted(_lines(out)) == sorted(_lines(full_run))
 
 
-def test_sam_and_png_folders(tiny_model_dir, tmp_path):
+def test_sam_and_png_folders(annotator, tmp_path):
     sam, png = tmp_path / "sam", tmp_path / "png"
     for folder in (sam, png):
         folder.mkdir()
@@ -151,8 +161,7 @@ def test_sam_and_png_folders(tiny_model_dir, tmp_path):
     outs = []
     for folder in (sam, png):
         out = tmp_path / f"{folder.name}.jsonl"
-        assert main(["annotate", str(folder), "--out", str(out), "--model", str(tiny_model_dir), "--max-tokens", "6",
-                     "--no-progress", "--task", "What is in <region>?"]) == 0
+        assert not run_annotation(read_input(str(folder)), annotator, out, progress=False).failures
         outs.append([json.loads(line) for line in _lines(out)])
     assert [r["text"] for r in outs[0]] == [r["text"] for r in outs[1]]
     assert [r["area"] for r in outs[1]] == [100, 600]
