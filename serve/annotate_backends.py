@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -151,13 +152,23 @@ class EndpointAnnotator:
             self._next += 1
             return self.urls[self._next % len(self.urls)]
 
-    def _post(self, url: str, body: dict) -> dict:
+    def _post(self, url: str, body: dict, retries: int = 5) -> dict:
+        """One describe request; a full queue (429) or a loading server (503) is retried after its Retry-After."""
         import httpx
 
-        try:
-            resp = self.client.post(url, json=body)
-        except httpx.TransportError as exc:
-            raise RuntimeError(f"cannot reach {url}: {type(exc).__name__}: {exc}") from None
+        for attempt in range(retries + 1):
+            try:
+                resp = self.client.post(url, json=body)
+            except httpx.TransportError as exc:
+                raise RuntimeError(f"cannot reach {url}: {type(exc).__name__}: {exc}") from None
+            if resp.status_code not in (429, 503) or attempt == retries:
+                break
+            try:
+                delay = min(float(resp.headers.get("Retry-After", 1)), 30.0)
+            except ValueError:
+                delay = 1.0
+            log.warning("%s answered %d; retrying in %.0f s", url, resp.status_code, delay)
+            time.sleep(delay)
         if resp.status_code >= 400:
             raise RuntimeError(f"{url} answered {resp.status_code}: {resp.text[:300]}")
         return resp.json()
