@@ -57,6 +57,7 @@ __all__ = [
     "encode_uncompressed_rle",
     "mask_area",
     "mask_to_bbox",
+    "panoptic_segment_ids",
     "polygon_self_intersects",
     "rle_area",
     "rle_counts",
@@ -527,6 +528,23 @@ def _box_to_coco(box: Any, height: int, width: int, *, clip: bool = False) -> di
         if x1 <= x0 or y1 <= y0:
             raise MaskError(f"box {list(box)} (xywh) lies outside the image {width}x{height} (WxH)")
     return mask_utils.frPyObjects(np.array([[x0, y0, x1 - x0, y1 - y0]], dtype=np.float64), height, width)[0]
+
+
+# ---------------------------------------------------------------------------------------------- panoptic
+
+
+def panoptic_segment_ids(png: str | bytes | Any) -> np.ndarray:
+    """A COCO-panoptic PNG (a path or its bytes) -> `(H, W) int64` segment ids, R + 256 G + 256^2 B (0 = none);
+    segment K's mask is `ids == K`."""
+    from PIL import Image, UnidentifiedImageError
+
+    source = io.BytesIO(png) if isinstance(png, (bytes, bytearray)) else png
+    try:
+        with Image.open(source) as image:
+            rgb = np.asarray(image.convert("RGB"), dtype=np.int64)
+    except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise MaskError(f"undecodable panoptic PNG: {exc}") from None
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
 
 
 # ---------------------------------------------------------------------------------------------- SAM

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         task_prompt(args.task)
-        items = read_input(args.input, args.images, args.layout)
+        items = read_input(args.input, args.images, args.layout, args.panoptic_masks)
         if args.coco and not Path(args.input).is_file():
             raise ValueError("--coco needs a COCO INPUT file")
         settings = AnnotateSettings(args.task, args.max_tokens, args.temperature, args.seed)

@@ -64,12 +64,10 @@ def decode_item(item: ImageItem) -> DecodedImage:
         reason = f"cannot read image {item.path}: {exc}"
         return DecodedImage(None, [], [Failure(item.image, region.id, reason) for region in item.regions])
     regions, failures = [], []
+    panoptic: dict[str, np.ndarray] = {}  # a panoptic PNG holds all regions of its image: decoded once
     for region in item.regions:
         try:
-            if region.mask_file is not None:
-                mask = mask_codecs.decode_png(Path(region.mask_file).read_bytes(), image.height, image.width)
-            else:
-                mask = mask_codecs.decode_mask(region.segmentation, image.height, image.width)
+            mask = _decode_region(region, image.height, image.width, panoptic)
         except (mask_codecs.MaskError, OSError, TypeError, ValueError) as exc:
             failures.append(Failure(item.image, region.id, f"undecodable mask: {exc}"))
             continue
@@ -79,6 +77,20 @@ def decode_item(item: ImageItem) -> DecodedImage:
         regions.append(DecodedRegion(region, mask, mask_codecs.encode_rle(mask),
                                      mask_codecs.mask_to_bbox(mask), mask_codecs.mask_area(mask)))
     return DecodedImage(image, regions, failures)
+
+
+def _decode_region(region: RegionItem, height: int, width: int, panoptic: dict[str, np.ndarray]) -> np.ndarray:
+    if region.segment_id is not None:
+        if region.mask_file not in panoptic:
+            panoptic[region.mask_file] = mask_codecs.panoptic_segment_ids(region.mask_file)
+        ids = panoptic[region.mask_file]
+        if ids.shape != (height, width):
+            raise mask_codecs.MaskError(f"panoptic PNG {region.mask_file} is {ids.shape[1]}x{ids.shape[0]}, "
+                                        f"the image {width}x{height}")
+        return ids == region.segment_id
+    if region.mask_file is not None:
+        return mask_codecs.decode_png(Path(region.mask_file).read_bytes(), height, width)
+    return mask_codecs.decode_mask(region.segmentation, height, width)
 
 
 def _record(item: ImageItem, region: DecodedRegion, text: str, raw: str, reason: str, model: str,

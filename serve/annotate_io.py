@@ -1,8 +1,9 @@
 """`osprey annotate` data: datasets read into typed image/region items, the resumable JSON-lines output, COCO write-back.
 
 Three input layouts (docs/annotate.md):
-- COCO instances JSON + `--images DIR`: regions are the annotations (polygons, RLE, or the bbox when a crowd-free
-  annotation has no segmentation), ids are the annotation ids;
+- COCO instances JSON + `--images DIR`: regions are the annotations (polygons, RLE, or the bbox when an
+  annotation has no segmentation), ids are the annotation ids; COCO panoptic JSON + `--images DIR`: regions are the
+  `segments_info` entries, ids the segment ids, masks read from the PNG folder named like the JSON (`--panoptic-masks`);
 - SAM folder: `DIR/NAME.jpg` + `DIR/NAME.json` (the automatic mask generator's list, or `{"annotations": [...]}`),
   ids are list indices;
 - PNG folder: `DIR/NAME.jpg` + `DIR/NAME/*.png`, one mask per PNG (the layout SAM's `amg.py` writes without
@@ -31,7 +32,8 @@ class InputError(ValueError):
 class RegionItem:
     id: int | str  # COCO annotation id, SAM list index, or PNG file stem
     segmentation: Any = None  # any `osprey.masks.decode_mask` form (COCO polygons / RLE / box / SAM entry)
-    mask_file: str | None = None  # a PNG mask file instead of `segmentation`
+    mask_file: str | None = None  # a PNG mask file instead of `segmentation` (a panoptic PNG with `segment_id`)
+    segment_id: int | None = None  # COCO panoptic: the region is `mask_file`'s pixels with this id
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,8 @@ def record_key(image: str, region_id: int | str) -> str:
 # ---------------------------------------------------------------------------------------------- readers
 
 
-def read_input(source: str, images: str | None = None, layout: str = "auto") -> list[ImageItem]:
+def read_input(source: str, images: str | None = None, layout: str = "auto",
+               panoptic_masks: str | None = None) -> list[ImageItem]:
     """INPUT -> image items, in dataset order. Raises InputError naming the path when INPUT is unusable."""
     path = Path(source)
     if not path.exists():
@@ -97,13 +100,13 @@ def read_input(source: str, images: str | None = None, layout: str = "auto") -> 
     if layout == "coco":
         if images is None:
             raise InputError("a COCO INPUT needs --images DIR (the folder its file_name entries are in)")
-        return read_coco(path, Path(images))
+        return read_coco(path, Path(images), panoptic_masks)
     if not path.is_dir():
         raise InputError(f"INPUT {source} must be a folder for the {layout} layout")
     return read_sam_folder(path) if layout == "sam" else read_png_folder(path)
 
 
-def read_coco(path: Path, images: Path) -> list[ImageItem]:
+def read_coco(path: Path, images: Path, panoptic_masks: str | None = None) -> list[ImageItem]:
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -111,14 +114,27 @@ def read_coco(path: Path, images: Path) -> list[ImageItem]:
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) or "annotations" not in data:
         raise InputError(f"INPUT {path} is not a COCO file: expected 'images' and 'annotations'")
     if data["annotations"] and "segments_info" in data["annotations"][0]:
-        raise InputError(f"INPUT {path} is COCO panoptic, which `osprey annotate` does not read yet; convert it "
-                         "with `osprey data convert` or pass the instances file")
+        return read_panoptic(data, images, Path(panoptic_masks) if panoptic_masks else path.with_suffix(""))
     by_image: dict[Any, list[RegionItem]] = {}
     for ann in data["annotations"]:
         seg = ann.get("segmentation") or ({"box": ann["bbox"]} if "bbox" in ann else None)
         by_image.setdefault(ann.get("image_id"), []).append(RegionItem(ann["id"], seg))
     return [ImageItem(img["file_name"], str(images / img["file_name"]), img["id"], tuple(by_image.get(img["id"], ())))
             for img in data["images"] if by_image.get(img["id"])]
+
+
+def read_panoptic(data: dict, images: Path, masks: Path) -> list[ImageItem]:
+    if not masks.is_dir():
+        raise InputError(f"COCO panoptic INPUT: its PNG folder {masks} does not exist (pass --panoptic-masks DIR)")
+    names = {img["id"]: img["file_name"] for img in data["images"]}
+    items = []
+    for ann in data["annotations"]:
+        name = names.get(ann["image_id"], f"{ann['image_id']}")
+        png = str(masks / ann["file_name"])
+        regions = tuple(RegionItem(seg["id"], mask_file=png, segment_id=seg["id"]) for seg in ann["segments_info"])
+        if regions:
+            items.append(ImageItem(name, str(images / name), ann["image_id"], regions))
+    return items
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -235,16 +251,19 @@ def answer_key(task: str) -> str:
 
 
 def write_coco(source: str | Path, out_jsonl: str | Path, target: str | Path, task: str) -> int:
-    """The COCO INPUT with each answered annotation given `"osprey": {KEY: text, "model", "finish_reason"}`;
+    """The COCO INPUT with each answered annotation (panoptic: segment) given `"osprey": {KEY: text, ...}`;
     returns how many annotations got one."""
     data = json.loads(Path(source).read_text())
     answers = {record_key(r["image"], r["id"]): r for r in read_records(out_jsonl)}
     names = {img["id"]: img["file_name"] for img in data["images"]}
     count = 0
     for ann in data["annotations"]:
-        row = answers.get(record_key(names.get(ann.get("image_id"), ""), ann["id"]))
-        if row is not None:
-            ann["osprey"] = {answer_key(task): row["text"], "model": row["model"], "finish_reason": row["finish_reason"]}
-            count += 1
+        image = names.get(ann.get("image_id"), "")
+        for region in ann.get("segments_info", [ann]):  # panoptic: the answers go on the segments
+            row = answers.get(record_key(image, region["id"]))
+            if row is not None:
+                region["osprey"] = {answer_key(task): row["text"], "model": row["model"],
+                                    "finish_reason": row["finish_reason"]}
+                count += 1
     write_json_atomic(data, target)
     return count

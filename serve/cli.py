@@ -72,12 +72,15 @@ def _register_annotate(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "annotate", help="caption or label every region of a dataset (COCO, SAM or PNG masks) into JSON lines",
         description="Describe every region of INPUT and append one JSON line per region to OUT (resumable: a rerun "
-                    "skips regions already written). INPUT: a COCO instances JSON (with --images DIR), a folder of "
-                    "images with NAME.json SAM mask lists, or a folder of images with NAME/*.png masks. "
+                    "skips regions already written). INPUT: a COCO instances or panoptic JSON (with --images DIR), "
+                    "a folder of images with NAME.json SAM mask lists, or a folder of images with NAME/*.png masks. "
                     "See docs/annotate.md.")
-    p.add_argument("input", help="COCO JSON, or a folder of images with SAM JSON files or PNG mask folders")
+    p.add_argument("input", help="COCO instances/panoptic JSON, or a folder of images with SAM JSON files or "
+                                 "PNG mask folders")
     p.add_argument("--out", required=True, help="JSON lines output (appended; existing regions are skipped)")
     p.add_argument("--images", default=None, help="image folder of a COCO INPUT")
+    p.add_argument("--panoptic-masks", default=None, metavar="DIR",
+                   help="PNG folder of a COCO panoptic INPUT (default: the JSON's path without .json)")
     p.add_argument("--layout", default="auto", choices=["auto", "coco", "sam", "png"],
                    help="INPUT layout (auto: a file is COCO; a folder with *.json is SAM, else PNG masks)")
     p.add_argument("--task", default="short",

@@ -18,7 +18,7 @@ from osprey import masks as mask_codecs
 from osprey.cli import main
 from serve.annotate import run_annotation
 from serve.annotate_backends import AnnotateSettings, PipelineAnnotator
-from serve.annotate_io import JsonlOutput, read_input
+from serve.annotate_io import JsonlOutput, read_input, write_coco
 
 SIZE = 48
 
@@ -165,6 +165,28 @@ def test_sam_and_png_folders(annotator, tmp_path):
         outs.append([json.loads(line) for line in _lines(out)])
     assert [r["text"] for r in outs[0]] == [r["text"] for r in outs[1]]
     assert [r["area"] for r in outs[1]] == [100, 600]
+
+
+def test_coco_panoptic_regions_are_its_segments(annotator, tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "panoptic").mkdir()
+    _image(tmp_path / "images" / "a.jpg", 3)
+    ids = np.zeros((SIZE, SIZE, 3), np.uint8)
+    ids[:10, :10] = (7, 0, 0)  # segment 7
+    ids[20:30, 5:45] = (4, 1, 0)  # segment 4 + 256 = 260
+    Image.fromarray(ids).save(tmp_path / "panoptic" / "a.png")
+    data = {"images": [{"id": 1, "file_name": "a.jpg", "height": SIZE, "width": SIZE}],
+            "annotations": [{"image_id": 1, "file_name": "a.png", "segments_info": [{"id": 7}, {"id": 260}]}],
+            "categories": []}
+    source = tmp_path / "panoptic.json"
+    source.write_text(json.dumps(data))
+    out = tmp_path / "out.jsonl"
+    run_annotation(read_input(str(source), str(tmp_path / "images")), annotator, out, progress=False)
+    rows = [json.loads(line) for line in _lines(out)]
+    assert [(r["id"], r["area"]) for r in rows] == [(7, 100), (260, 400)]
+    write_coco(source, out, tmp_path / "back.json", "category")
+    segments = json.loads((tmp_path / "back.json").read_text())["annotations"][0]["segments_info"]
+    assert [s["osprey"]["category"] for s in segments] == [r["text"] for r in rows]
 
 
 @pytest.mark.parametrize("argv, message", [
