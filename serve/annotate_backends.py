@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from osprey import masks as mask_codecs
-from osprey.inference import OspreyPipeline, SamplingParams
+from osprey.inference import OspreyPipeline, PreparedPrompt, SamplingParams
 from osprey.prompts import task_prompt
 
 from .annotate_io import Failure, ImageItem, ImageResult, RegionItem, RegionRecord
@@ -102,9 +103,16 @@ def _record(item: ImageItem, region: DecodedRegion, text: str, raw: str, reason:
 # ---------------------------------------------------------------------------------------------- in-process
 
 
+@dataclass
+class _Prepared:
+    item: ImageItem
+    decoded: DecodedImage
+    prompts: list[PreparedPrompt]  # one per decoded region
+
+
 class PipelineAnnotator:
-    """One image at a time through `OspreyPipeline`: encoded once, all its regions prepared in one extractor pass
-    and decoded together (`generate` chunks them by the pipeline's max batch size)."""
+    """`OspreyPipeline` in this process: each image encoded once, all its regions prepared in one extractor pass,
+    and the regions of consecutive images decoded together (`generate` chunks them by the max batch size)."""
 
     def __init__(self, pipe: OspreyPipeline, settings: AnnotateSettings, model: str) -> None:
         self.pipe, self.model = pipe, model
@@ -113,16 +121,23 @@ class PipelineAnnotator:
                                      seed=settings.seed)
 
     def annotate(self, item: ImageItem) -> ImageResult:
+        return next(self._finish([self._prepare(item)]))
+
+    def _prepare(self, item: ImageItem) -> _Prepared:
         decoded = decode_item(item)
-        result = ImageResult(failures=decoded.failures)
         if not decoded.regions:
-            return result
+            return _Prepared(item, decoded, [])
         encoded = self.pipe.encode_image(decoded.image)
         masks = np.stack([r.mask for r in decoded.regions])
-        gens = self.pipe.generate(self.pipe.prepare_each(encoded, [("human", self.prompt)], masks), self.params)
-        result.records = [_record(item, r, g.text, g.raw_text, g.finish_reason, self.model, self.prompt)
-                          for r, g in zip(decoded.regions, gens, strict=True)]
-        return result
+        return _Prepared(item, decoded, self.pipe.prepare_each(encoded, [("human", self.prompt)], masks))
+
+    def _finish(self, batch: list[_Prepared]) -> Iterator[ImageResult]:
+        """Decode the regions of all images in `batch` together; one result per image, in order."""
+        gens = iter(self.pipe.generate([p for entry in batch for p in entry.prompts], self.params))
+        for entry in batch:
+            records = [_record(entry.item, r, g.text, g.raw_text, g.finish_reason, self.model, self.prompt)
+                       for r, g in zip(entry.decoded.regions, itertools.islice(gens, len(entry.prompts)), strict=True)]
+            yield ImageResult(records, entry.decoded.failures)
 
     @classmethod
     def from_model_dir(cls, model_dir: str, settings: AnnotateSettings, device: str = "cpu", dtype: str | None = None,
@@ -131,8 +146,16 @@ class PipelineAnnotator:
         return cls(pipe, settings, Path(model_dir).name)
 
     def map(self, items: Iterable[ImageItem]) -> Iterator[ImageResult]:
+        """Images are gathered until their regions fill a batch (the pipeline's `max_batch_size`), so images with
+        few regions each (COCO has ~7) still decode together; each image's result comes out on its own."""
+        batch: list[_Prepared] = []
         for item in items:
-            yield self.annotate(item)
+            batch.append(self._prepare(item))
+            if sum(len(entry.prompts) for entry in batch) >= self.pipe.max_batch_size:
+                yield from self._finish(batch)
+                batch = []
+        if batch:
+            yield from self._finish(batch)
 
 
 # ---------------------------------------------------------------------------------------------- HTTP

@@ -208,7 +208,7 @@ def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(coco, full_run
     out = tmp_path / "out.jsonl"
     path, images = coco
     cmd = [sys.executable, "-m", "osprey.cli", "annotate", str(path), "--images", str(images), "--out", str(out),
-           "--model", str(tiny_model_dir), "--max-tokens", "6", "--no-progress"]
+           "--model", str(tiny_model_dir), "--max-tokens", "6", "--no-progress", "--max-batch-size", "1"]
     proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     deadline = time.monotonic() + 120
     while not (out.exists() and out.stat().st_size) and time.monotonic() < deadline:
