@@ -28,6 +28,7 @@ from .annotate_io import (
     read_input,
     record_key,
     write_coco,
+    write_text_atomic,
 )
 
 log = logging.getLogger(__name__)
@@ -127,8 +128,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"osprey annotate: {exc}", file=sys.stderr)
         return 2
     failures_path = Path(str(args.out) + ".failures.jsonl")
-    with open(failures_path, "w", encoding="utf-8") as f:  # this run's failures; a rerun retries them
-        f.writelines(json.dumps(asdict(x)) + "\n" for x in summary.failures)
+    # this run's failures only: a rerun retries them
+    write_text_atomic("".join(json.dumps(asdict(x)) + "\n" for x in summary.failures), failures_path)
     if args.coco:
         count = write_coco(args.input, args.out, args.coco, args.task)
         log.info("wrote %s (%d annotations answered)", args.coco, count)

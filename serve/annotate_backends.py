@@ -171,7 +171,10 @@ class EndpointAnnotator:
 
     def __init__(self, urls: list[str], settings: AnnotateSettings, api_key: str | None = None,
                  workers: int | None = None, max_regions: int = 64, timeout_s: float = 600.0) -> None:
-        import httpx
+        try:
+            import httpx
+        except ImportError:
+            raise RuntimeError("--endpoint needs httpx: pip install 'osprey-regions[serve]'") from None
 
         self.urls = [u.rstrip("/") + "/v1/regions/describe" for u in urls]
         self.settings, self.prompt, self.max_regions = settings, task_prompt(settings.task), max_regions

@@ -230,13 +230,14 @@ def read_records(path: str | Path) -> Iterator[dict[str, Any]]:
                 yield json.loads(line)
 
 
-def write_json_atomic(obj: Any, path: str | Path) -> None:
+def write_text_atomic(text: str, path: str | Path) -> None:
+    """Write a whole file through a temporary file and a rename, so readers never see half of it."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -265,5 +266,5 @@ def write_coco(source: str | Path, out_jsonl: str | Path, target: str | Path, ta
                 region["osprey"] = {answer_key(task): row["text"], "model": row["model"],
                                     "finish_reason": row["finish_reason"]}
                 count += 1
-    write_json_atomic(data, target)
+    write_text_atomic(json.dumps(data, ensure_ascii=False), target)
     return count
