@@ -13,10 +13,18 @@ from .config import ServeConfig
 from .engine import Backend, Engine
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A socket bound to `port` (0: one the OS picks) and kept open for uvicorn to serve on. Asking for a free
+    port, closing it and letting uvicorn bind it later races with any other process doing the same."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if port:  # a named port may be rebound while its last connections sit in TIME_WAIT (as uvicorn does)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class BackgroundServer:
@@ -27,13 +35,15 @@ class BackgroundServer:
         import uvicorn
 
         self.app = create_app(config, backend)
-        self.host, self.port = host, port or free_port(host)
+        self.socket = listening_socket(host, port or 0)
+        self.host, self.port = host, int(self.socket.getsockname()[1])
         self.url = f"http://{host}:{self.port}"
         self.wait_ready, self.startup_timeout_s = wait_ready, startup_timeout_s
         self.server = uvicorn.Server(uvicorn.Config(self.app, host=host, port=self.port, log_level="warning",
                                                     timeout_graceful_shutdown=max(1, int(config.request_timeout_s))))
         self.server.install_signal_handlers = lambda: None  # not the main thread
-        self.thread = threading.Thread(target=self.server.run, name="osprey-server", daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]},
+                                       name="osprey-server", daemon=True)
 
     @property
     def engine(self) -> Engine:
@@ -58,6 +68,7 @@ class BackgroundServer:
     def stop(self, timeout_s: float = 60.0) -> None:
         self.server.should_exit = True
         self.thread.join(timeout_s)
+        self.socket.close()  # uvicorn has closed its server on it; this releases a never-started one too
 
     def __enter__(self) -> BackgroundServer:  # noqa: PYI034
         return self.start()

@@ -27,6 +27,16 @@ def tiny_pipeline(tiny_model_dir):
     return OspreyPipeline.from_pretrained(tiny_model_dir, device="cpu", dtype=torch.float32)
 
 
+@pytest.fixture(scope="session")
+def builtin_pipeline():
+    """The built-in trained model (osprey/assets/builtin): its answers depend on the masks, unlike the tiny random
+    model's, so tests that must tell one mask from another compare with it."""
+    from osprey import BUILTIN_MODEL_DIR
+    from osprey.inference import OspreyPipeline
+
+    return OspreyPipeline.from_pretrained(BUILTIN_MODEL_DIR, device="cpu", dtype=torch.float32)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -250,36 +250,55 @@ def test_classify_resumes_from_partial_answers(tiny_model_dir, data, tmp_path):
         run_eval(argv[: -len(FAST)] + ["--out", str(other), *FAST])
 
 
-def test_ovseg_in_process(tiny_model_dir, data, tmp_path):
-    out = tmp_path / "ovseg.json"
-    assert (
-        run_eval(
-            [
-                "eval",
-                "ovseg",
-                "--data",
-                str(data / "panoptic.json"),
-                "--panoptic-root",
-                str(data / "panoptic"),
-                "--images",
-                str(data),
-                "--classes",
-                "cityscapes",
-                "--model",
-                str(tiny_model_dir),
-                "--out",
-                str(out),
-                *FAST,
-            ]
-        )
-        == 0
-    )
-    res = _check_outputs(out, "ovseg")
-    s = res["summary"]
-    assert s["images"] == 2 and s["regions"] == 6  # 3 known segments per image; the unknown one is void
-    for key in ("PQ", "SQ", "RQ", "mIoU"):
-        assert 0.0 <= s[key] <= 100.0
-    assert 0.0 <= s["AP"] <= 100.0
+def _ovseg(model: Path, data: Path, out: Path) -> dict:
+    argv = ["eval", "ovseg", "--data", str(data / "panoptic.json"), "--panoptic-root", str(data / "panoptic"),
+            "--images", str(data), "--classes", "cityscapes", "--model", str(model), "--out", str(out), *FAST]
+    assert run_eval(argv) == 0
+    return _check_outputs(out, "ovseg")
+
+
+def _answered(first: dict, out: Path, answer) -> None:
+    """A partial file for `out` with the run's settings and `answer(item)` for every region: the resumed run
+    asks the model nothing, so the scores are those of these answers."""
+    meta = {k: v for k, v in first["run"].items() if k not in ("backend", "items", "answer_seconds")}
+    records = [{"key": it["key"], "text": answer(it), "raw_text": answer(it), "completion_tokens": 1,
+                "finish_reason": "stop"} for it in first["items"]]
+    partial_path(out).write_text("\n".join(json.dumps(r) for r in [{"meta": meta}, *records]) + "\n")
+
+
+def test_ovseg_scores_are_the_ones_right_and_wrong_answers_must_get(tiny_model_dir, data, tmp_path):
+    """The fixture: per image a road (stuff, 1436 px), a car (300 px) and a car crowd (image a) or a person
+    (image b, 225 px each); an unknown segment is void. Scores computed by hand for three sets of answers: all
+    right, "road" everywhere, and right but the person called a car (where PQ, SQ and RQ all differ)."""
+    first = _ovseg(tiny_model_dir, data, tmp_path / "tiny.json")  # the real model answers (nonsense)
+    assert first["summary"]["images"] == 2 and first["summary"]["regions"] == 6  # the unknown segment is void
+    assert {it["gt"] for it in first["items"]} == {"road", "car", "person"}
+
+    _answered(first, tmp_path / "right.json", lambda it: it["gt"])
+    s = _ovseg(tiny_model_dir, data, tmp_path / "right.json")["summary"]
+    for key in ("PQ", "SQ", "RQ", "PQ_th", "PQ_st", "mIoU", "pixel_acc", "region_accuracy", "AP"):
+        assert s[key] == pytest.approx(100.0), (key, s)
+
+    _answered(first, tmp_path / "road.json", lambda it: "road")
+    s = _ovseg(tiny_model_dir, data, tmp_path / "road.json")["summary"]
+    assert s["region_accuracy"] == pytest.approx(100 * 2 / 5)  # the crowd car is not counted
+    road_iou = 1436 / 1961  # all 1961 labelled px of an image are predicted road; 1436 are road
+    assert s["pixel_acc"] == pytest.approx(100 * road_iou)
+    assert s["mIoU"] == pytest.approx(100 * road_iou / 3)  # road, car, person: the two others 0
+    # road: one match per image (IoU road_iou); car: 2 misses (the crowd is ignored); person: 1 miss
+    assert s["PQ_st"] == pytest.approx(100 * road_iou) and s["PQ_th"] == pytest.approx(0.0)
+    assert s["PQ"] == pytest.approx(100 * road_iou / 3) and s["RQ"] == pytest.approx(100 / 3)
+
+    _answered(first, tmp_path / "car.json", lambda it: "car" if it["gt"] == "person" else it["gt"])
+    s = _ovseg(tiny_model_dir, data, tmp_path / "car.json")["summary"]
+    # car: 2 matches and 1 false positive (RQ 2/2.5, SQ 1); person: 1 miss; road right
+    assert s["PQ"] == pytest.approx(100 * (1 + 0.8 + 0) / 3) and s["RQ"] == pytest.approx(100 * (1 + 0.8) / 3)
+    assert s["SQ"] == pytest.approx(100 * (1 + 1 + 0) / 3)
+    assert s["PQ_th"] == pytest.approx(100 * 0.8 / 2) and s["PQ_st"] == pytest.approx(100.0)
+    assert s["region_accuracy"] == pytest.approx(100 * 4 / 5)
+    assert s["pixel_acc"] == pytest.approx(100 * (3922 - 225) / 3922)
+    car_iou = 825 / (825 + 225)  # 300 + 300 + the 225 px crowd are car; the person's 225 px are called car
+    assert s["mIoU"] == pytest.approx(100 * (1 + car_iou + 0) / 3)
 
 
 @pytest.mark.skipif(

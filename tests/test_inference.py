@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import our_greedy_tokens, transformers_greedy_tokens
 from PIL import Image
 
 from osprey.inference import SamplingParams
@@ -30,10 +31,15 @@ def test_describe_returns_one_answer_per_mask_and_encodes_once(tiny_pipeline, im
     monkeypatch.setattr(tiny_pipeline.model, "get_image_features", lambda px: calls.append(px.shape) or original(px))
     answers = tiny_pipeline.describe(image, masks, task="category", params=SamplingParams(max_new_tokens=5))
     assert len(answers) == 4 and len(calls) == 1
+    # the same as preparing each region's official prompt and generating it alone
+    enc = tiny_pipeline.encode_image(image)
+    alone = [tiny_pipeline.generate([tiny_pipeline.prepare(enc, [("human", task_prompt("category"))], masks[i:i + 1])],
+                                    SamplingParams(max_new_tokens=5))[0] for i in range(4)]
+    assert answers == alone
+    prompt_tokens = len(tiny_pipeline._prompt_ids([("human", task_prompt("category"))]))
     for a in answers:
-        assert isinstance(a.text, str) and 1 <= a.completion_tokens <= 5
-        assert a.finish_reason in ("stop", "length")
-        assert a.prompt_tokens > tiny_pipeline.config.vision.num_image_tokens
+        assert a.prompt_tokens == prompt_tokens
+        assert (a.finish_reason, a.completion_tokens) in (("length", 5), *(("stop", n) for n in range(1, 5)))
 
 
 def test_batched_generation_equals_one_by_one(tiny_pipeline, image, masks):
@@ -136,3 +142,21 @@ def test_preprocess_image_is_the_official_resize_then_normalise(width, height):
     out = preprocess_image(image, config)
     assert out.shape == (3, size, size) and out.dtype == torch.float32
     assert torch.allclose(out, reference, atol=1e-6)
+
+
+@pytest.mark.parametrize("which", ["tiny_pipeline", "builtin_pipeline"])
+def test_greedy_tokens_equal_transformers_generate(which, request, masks):
+    """Batched (left-padded, shared prefix or not) and single decoding give transformers' greedy tokens; the
+    built-in model gives real sentences (EOS included), the tiny one long random ones."""
+    pipe = request.getfixturevalue(which)
+    rng = np.random.default_rng(1)
+    image = Image.fromarray((rng.random((48, 72, 3)) * 255).astype(np.uint8))
+    enc = pipe.encode_image(image)
+    prompts = [pipe.prepare(enc, [("human", task_prompt("short"))], masks[i:i + 1]) for i in range(3)]
+    prompts.append(pipe.prepare(enc, [("human", task_prompt("category")), ("gpt", "a thing"),
+                                      ("human", "and <mask><pos> next to <mask><pos>?")], masks[:3]))
+    reference = transformers_greedy_tokens(pipe, prompts, 12)
+    assert any(reference), reference
+    assert our_greedy_tokens(pipe, prompts, 12, share_prefix=False) == reference
+    assert our_greedy_tokens(pipe, prompts[:3], 12, share_prefix=True) == reference[:3]
+    assert [our_greedy_tokens(pipe, [p], 12, share_prefix=False)[0] for p in prompts] == reference

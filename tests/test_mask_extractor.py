@@ -125,12 +125,40 @@ def test_empty_mask_gives_bias_only_tokens():
 
 
 def test_half_precision_features_still_give_fp32_tokens_rounded_per_level():
+    """bf16 weights and features: each level's projection is computed in fp32 and stored in bf16 before the
+    sum (the official dtype flow), by hand here; summing unrounded projections gives other tokens."""
     extractor = _extractor().to(torch.bfloat16)
     levels = _levels(torch.bfloat16)
     masks = torch.from_numpy(_masks((16, 16)))
     tokens, pos = extractor(levels, [masks])
     assert tokens.dtype == torch.float32 and pos.dtype == torch.float32
-    assert torch.isfinite(tokens).all()
+
+    def projection(name, level):
+        layer = getattr(extractor, name)
+        pooled = masked_mean_pool(level[0].float(), masks)
+        return pooled @ layer.weight.float().T + layer.bias.float()
+
+    names = ("res2", "res3", "res4", "res5")
+    head = extractor.feat_linear
+    rounded = sum(projection(n, lv).to(torch.bfloat16).float() for n, lv in zip(names, levels))
+    torch.testing.assert_close(tokens, rounded @ head.weight.float().T + head.bias.float(), rtol=0, atol=1e-6)
+    unrounded = sum(projection(n, lv) for n, lv in zip(names, levels))
+    assert not torch.allclose(tokens, unrounded @ head.weight.float().T + head.bias.float(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(31, 47), (3, 5), (1, 1)])
+def test_position_tokens_match_the_per_pixel_reference(shape):
+    """Position token = 3-layer MLP (ReLU) of the mask resized to mask_size^2 (bilinear, align_corners=False),
+    row-major: computed in float64 from the per-pixel resize, for small, one-pixel and 1x1 images."""
+    extractor = _extractor()
+    masks = _masks(shape) if min(shape) > 2 else np.ones((1, *shape), bool)
+    _, pos = extractor(_levels(), [torch.from_numpy(masks)])
+    size = extractor.config.mask_size
+    x = np.stack([reference_bilinear(m.astype(np.float64), size, size).reshape(-1) for m in masks])
+    for i, layer in enumerate(extractor.mask_linear.layers):
+        x = x @ layer.weight.detach().double().numpy().T + layer.bias.detach().double().numpy()
+        x = np.maximum(x, 0) if i < 2 else x
+    np.testing.assert_allclose(pos.detach().numpy(), x, rtol=1e-5, atol=1e-6)
 
 
 def test_res4_only_and_no_position_token_ablations():
@@ -168,10 +196,23 @@ def test_batched_extraction_equals_image_by_image():
         torch.from_numpy(rng.random((3, 40, 40)) > 0.6),
         torch.zeros((0, 40, 40), dtype=torch.bool),
         torch.from_numpy(_masks((37, 61))),
-        torch.from_numpy(rng.random((1, 40, 40)) > 0.9),
+        torch.from_numpy(rng.random((1, 29, 40)) > 0.5),  # the width of images 0-1, another height
     ]
     tokens, pos = extractor(levels, masks)
     assert tokens.shape == (9, 12) and pos.shape == (9, 12)
     singles = [extractor([level[i:i + 1] for level in levels], [m]) for i, m in enumerate(masks)]
     torch.testing.assert_close(tokens, torch.cat([t for t, _ in singles]), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(pos, torch.cat([p for _, p in singles]), rtol=1e-5, atol=1e-6)
+
+
+def test_fresh_initialisation_is_the_official_one():
+    """reset_parameters (stage-2 start): every Linear weight N(0, 0.02), every bias 0."""
+    torch.manual_seed(0)
+    extractor = MaskExtractor(ExtractorConfig(hidden_size=256, mask_size=16), level_channels=(64, 128, 256, 512),
+                              out_dim=256)
+    extractor.reset_parameters()
+    linears = [m for m in extractor.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(linears) == 4 + 1 + 3
+    weights = torch.cat([m.weight.flatten() for m in linears])
+    assert abs(weights.mean().item()) < 1e-3 and weights.std().item() == pytest.approx(0.02, rel=0.01)
+    assert all(not m.bias.any() for m in linears)

@@ -33,11 +33,42 @@ def test_7b_feature_shapes_on_meta_device():
     assert tuple(tokens.shape) == (1, 1024, 4096)
 
 
-def test_vision_tower_is_frozen_by_default_and_runs_without_grad(model):
-    for p in model.vision_tower.parameters():
-        p.requires_grad_(False)
-    levels = model.vision_tower(torch.randn(1, 3, 128, 128))
-    assert not levels[0].requires_grad
+def test_image_tokens_are_the_official_projector_of_the_token_level_in_row_major_order(model):
+    """mlp2x_gelu by hand in float64: Linear, exact (erf) GELU, Linear over the token level's grid cells in
+    row-major order (cell (r, c) is token r * w + c)."""
+    import math
+
+    import numpy as np
+
+    pixels = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        features = model.get_image_features(pixels)
+    grid = features.levels[TINY.vision.image_token_level][0].double().numpy()  # (C, h, w)
+    _, h, w = grid.shape
+    w1, b1 = (t.detach().double().numpy() for t in (model.mm_projector[0].weight, model.mm_projector[0].bias))
+    w2, b2 = (t.detach().double().numpy() for t in (model.mm_projector[2].weight, model.mm_projector[2].bias))
+    gelu = np.vectorize(lambda v: 0.5 * v * (1 + math.erf(v / math.sqrt(2))))
+    for r, col in ((0, 0), (0, w - 1), (h - 1, 0), (h // 2, w // 3)):
+        expected = gelu(grid[:, r, col] @ w1.T + b1) @ w2.T + b2
+        np.testing.assert_allclose(features.tokens[0, r * w + col].double().numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_vision_tower_is_frozen_by_default_and_runs_without_grad(stage):
+    """Every stage applied with the training config's defaults leaves the tower frozen, in eval mode, and its
+    features carry no graph; asked to train it, the same tower's features do (so the check can fail)."""
+    train = pytest.importorskip("train.trainable")
+    from train.config import TrainConfig
+
+    torch.manual_seed(0)
+    model = build_model(TINY).train()
+    default = TrainConfig.__dataclass_fields__["train_vision"].default
+    train.set_trainable(model, stage, train_vision=default)
+    assert not model.vision_tower.trainable and not model.vision_tower.training
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+    assert not model.vision_tower(torch.randn(1, 3, 128, 128))[0].requires_grad
+    train.set_trainable(model, stage, train_vision=True)
+    assert model.vision_tower(torch.randn(1, 3, 128, 128))[0].requires_grad
 
 
 def _ids(*parts):

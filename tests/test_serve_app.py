@@ -1,26 +1,26 @@
 """The real server (uvicorn, tiny model) through the official `openai` client and httpx: every endpoint,
-both region conventions, streaming, and bad inputs of every kind (a 4xx in OpenAI's shape, never a 500,
-and the next good request still succeeds)."""
+both region conventions, streaming, stop strings, and bad inputs of every kind (a 4xx in OpenAI's shape, never a
+500, and the next good request still succeeds). Answers are compared with the in-process pipeline on the same
+masks. Load behaviour (queue overflow, cancellation) is in test_serve_engine.py, where the test holds the worker."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
-import io
 import json
 import struct
-import time
 import zlib
+from pathlib import Path
 
 import httpx
 import numpy as np
 import openai
 import pytest
+from helpers import data_url, png_b64
 from PIL import Image
 
+from osprey import BUILTIN_MODEL_DIR
 from osprey import masks as mask_codecs
-from osprey.checkpoint import init_model_folder
-from osprey.prompts import clean_answer
+from osprey.prompts import IMAGE_PLACEHOLDER, REGION_PLACEHOLDER, clean_answer, multi_region_prefix
 from serve.background import BackgroundServer
 from serve.config import ServeConfig
 
@@ -28,16 +28,6 @@ KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 H, W = 40, 56
 NAME = "tiny-osprey"
-
-
-def png_b64(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def data_url(image: Image.Image) -> str:
-    return "data:image/png;base64," + png_b64(image)
 
 
 IMAGE = Image.fromarray((np.random.default_rng(0).random((H, W, 3)) * 255).astype(np.uint8))
@@ -48,22 +38,60 @@ MASK_B[22:38, 30:50] = True
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return init_model_folder("tiny", tmp_path_factory.mktemp("tiny"), seed=0)
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 @pytest.fixture(scope="module")
 def server(model_dir):
+    """The module's server. When the module is done (whatever order its tests ran in), it must never have
+    answered 500: every bad input above is a 4xx."""
     config = ServeConfig(model=str(model_dir), served_model_name=NAME, api_key=KEY, max_regions=8,
                          max_tokens_limit=32, max_body_bytes=2 * 1024 * 1024, max_image_pixels=1024 * 1024,
                          max_batch_size=4, max_queue=4, request_timeout_s=60)
     with BackgroundServer(config) as srv:
         yield srv
+        assert 'status="500"' not in httpx.get(srv.url + "/metrics").text
 
 
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def pipe(model_dir):
+    from osprey.inference import OspreyPipeline
+
+    return OspreyPipeline.from_pretrained(model_dir, device="cpu")
+
+
+# The built-in (trained) model on a generated image: its answers depend on the masks (the tiny random model's do
+# not), so comparing the server with the pipeline on the same masks can tell a wrong mask from a right one.
+SYNTH = json.loads((Path(__file__).parent / "fixtures/synth/test/stage2_categories.json").read_text())[0]
+SYNTH_IMAGE = Image.open(Path(__file__).parent / "fixtures/synth" / SYNTH["file_name"]).convert("RGB")
+STAR, ROBOT = (mask_codecs.decode_rle(SYNTH["annotation"][i]["segmentation"]) for i in (0, 3))
+
+
+@pytest.fixture(scope="module")
+def builtin(builtin_pipeline):
+    """(client, pipeline) for a server of the built-in model."""
+    config = ServeConfig(model=str(BUILTIN_MODEL_DIR), served_model_name=NAME, max_tokens_limit=32)
+    with BackgroundServer(config) as srv:
+        yield openai.OpenAI(base_url=srv.url + "/v1", api_key="none", max_retries=0, timeout=60), builtin_pipeline
+
+
+def greedy_reference(pipe, turns: list[tuple[str, str]], masks: np.ndarray, max_tokens: int) -> str:
+    """What the chat endpoint must answer for these turns and masks on SYNTH_IMAGE (greedy), in process."""
+    from osprey.inference import SamplingParams
+
+    prepared = pipe.prepare(pipe.encode_image(SYNTH_IMAGE), turns, masks)
+    return pipe.generate([prepared], SamplingParams(max_new_tokens=max_tokens))[0].raw_text.strip()
+
+
+def synth_messages(text: str, *extra_images: str, image: Image.Image = SYNTH_IMAGE) -> list[dict]:
+    parts = [{"type": "image_url", "image_url": {"url": url}} for url in (data_url(image), *extra_images)]
+    return [{"role": "user", "content": parts + [{"type": "text", "text": text}]}]
 
 
 def chat_messages(text: str, *extra_images: str) -> list[dict]:
@@ -142,29 +170,62 @@ def test_stream_wire_format_ends_with_done(server):
     assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
 
 
-def test_rgba_conventions(client):
-    rgba = np.asarray(IMAGE.convert("RGBA")).copy()
-    rgba[..., 3] = np.where(MASK_A, 255, 0)
-    single = Image.fromarray(rgba, "RGBA")  # one image whose alpha is the region
-    r = client.chat.completions.create(model=NAME, max_tokens=3, messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": data_url(single)}},
-        {"type": "text", "text": "Describe the masked region."}]}])
-    assert r.choices[0].finish_reason in ("stop", "length")
-    masks = [Image.fromarray(np.dstack([np.zeros((H, W, 3), np.uint8), m.astype(np.uint8) * 255]), "RGBA")
-             for m in (MASK_A, MASK_B)]
-    r = client.chat.completions.create(model=NAME, max_tokens=3, messages=chat_messages(
-        "Is <region2> left of <region1>?", *(data_url(m) for m in masks)))
-    assert r.usage.prompt_tokens > 0
+def test_rgba_conventions_answer_what_the_same_masks_answer_in_process(builtin):
+    """The image's own alpha (one region) and extra RGBA mask images (DAM convention) give the answer the same
+    masks give in process; inverted masks give another answer (so the comparison tells masks apart)."""
+    client, pipe = builtin
+    greedy = {"model": NAME, "max_tokens": 12, "temperature": 0}
+    rgba = np.asarray(SYNTH_IMAGE.convert("RGBA")).copy()
+    rgba[..., 3] = np.where(STAR, 255, 0)
+    by_alpha = client.chat.completions.create(**greedy, messages=synth_messages(
+        "Describe the masked region.", image=Image.fromarray(rgba, "RGBA"))).choices[0].message.content
+    one = [("human", multi_region_prefix(1) + "\nDescribe the masked region.")]
+    assert by_alpha == greedy_reference(pipe, one, STAR[None], 12)
+    assert by_alpha != greedy_reference(pipe, one, ~STAR[None], 12)
+
+    def mask_image(mask: np.ndarray) -> str:
+        h, w = mask.shape
+        return data_url(Image.fromarray(np.dstack([np.zeros((h, w, 3), np.uint8), mask.astype(np.uint8) * 255]), "RGBA"))
+
+    by_images = client.chat.completions.create(**greedy, messages=synth_messages(
+        "What is <region2>?", mask_image(STAR), mask_image(ROBOT))).choices[0].message.content
+    turns = [("human", f"{IMAGE_PLACEHOLDER}\nWhat is {REGION_PLACEHOLDER}?")]
+    assert by_images == greedy_reference(pipe, turns, ROBOT[None], 12)
+    assert by_images != greedy_reference(pipe, turns, ~ROBOT[None], 12)
+    assert by_images != greedy_reference(pipe, turns, STAR[None], 12)  # the second image is <region2>
 
 
-def test_multi_turn_keeps_regions_bound(client):
-    regions = [{"box": [8, 5, 22, 15]}, {"box": [30, 22, 20, 16]}]
-    first = chat_messages("What is <region1>?")
-    r1 = client.chat.completions.create(model=NAME, messages=first, max_tokens=3, extra_body={"regions": regions})
+def test_multi_turn_keeps_regions_bound(builtin):
+    """Turn two asks about <region2> after turn one's <region1>: the answer is the in-process one for masks
+    [STAR, ROBOT] in mention order, not the one for [STAR, STAR]."""
+    client, pipe = builtin
+    regions = [{"rle": mask_codecs.encode_rle(STAR)}, {"rle": mask_codecs.encode_rle(ROBOT)}]
+    greedy = {"model": NAME, "max_tokens": 12, "temperature": 0, "extra_body": {"regions": regions}}
+    first = synth_messages("What is <region1>?")
+    r1 = client.chat.completions.create(messages=first, **greedy)
     history = first + [{"role": "assistant", "content": r1.choices[0].message.content},
-                       {"role": "user", "content": "And how does it compare to <region2> and <region1>?"}]
-    r2 = client.chat.completions.create(model=NAME, messages=history, max_tokens=3, extra_body={"regions": regions})
-    assert r2.usage.prompt_tokens > r1.usage.prompt_tokens  # history and the extra regions are in the prompt
+                       {"role": "user", "content": "And what is <region2>?"}]
+    r2 = client.chat.completions.create(messages=history, **greedy)
+    turns = [("human", f"{IMAGE_PLACEHOLDER}\nWhat is {REGION_PLACEHOLDER}?"), ("gpt", r1.choices[0].message.content),
+             ("human", f"And what is {REGION_PLACEHOLDER}?")]
+    answer = r2.choices[0].message.content
+    assert answer == greedy_reference(pipe, turns, np.stack([STAR, ROBOT]), 12)
+    assert answer != greedy_reference(pipe, turns, np.stack([STAR, STAR]), 12)
+    assert r2.usage.prompt_tokens > r1.usage.prompt_tokens
+
+
+def test_a_stop_string_cuts_the_answer_where_it_first_appears(builtin):
+    """A one-character piece of the greedy answer's middle is sent as a stop string: the answer ends just before
+    its first occurrence, with finish_reason "stop". (One character: text already streamed is never taken back,
+    so a longer stop string split over two tokens would leave its first part in the answer.)"""
+    client, _ = builtin
+    kwargs = {"model": NAME, "messages": synth_messages("Describe <region1>."), "max_tokens": 16, "temperature": 0,
+              "extra_body": {"regions": [{"rle": mask_codecs.encode_rle(ROBOT)}]}}
+    full = client.chat.completions.create(**kwargs).choices[0].message.content
+    stop = next(c for c in full[len(full) // 2:] if c.isalpha())
+    cut = client.chat.completions.create(stop=[stop, "\u2603"], **kwargs).choices[0]
+    assert cut.finish_reason == "stop" and full.find(stop) > 0, full
+    assert cut.message.content == full[:full.find(stop)].strip()
 
 
 def test_sampling_is_seeded_and_tiny_temperatures_are_greedy(client):
@@ -186,8 +247,8 @@ def test_chat_without_regions(client):
 # ---------------------------------------------------------------------------------------------- native describe
 
 
-def test_describe_every_codec_and_matches_the_pipeline(server, model_dir):
-    from osprey.inference import OspreyPipeline, SamplingParams
+def test_describe_every_codec_and_matches_the_pipeline(server, pipe):
+    from osprey.inference import SamplingParams
 
     regions = [{"rle": mask_codecs.encode_uncompressed_rle(MASK_A)}, {"polygon": [[30, 22, 50, 22, 50, 38, 30, 38]]},
                {"png": mask_codecs.encode_png_base64(MASK_B)}, {"box": [8, 5, 22, 15]}]
@@ -200,7 +261,6 @@ def test_describe_every_codec_and_matches_the_pipeline(server, model_dir):
         assert x["text"] == clean_answer(x["raw_text"]) and x["finish_reason"] in ("stop", "length")
     assert body["usage"]["completion_tokens"] == sum(x["completion_tokens"] for x in body["results"])
     # the server answers what the in-process pipeline answers (same batch of 4, greedy)
-    pipe = OspreyPipeline.from_pretrained(model_dir, device="cpu")
     masks = np.stack([MASK_A, MASK_B, MASK_B, MASK_A])
     gens = pipe.describe(IMAGE, masks, task="category", params=SamplingParams(max_new_tokens=4))
     assert [g.raw_text for g in gens] == [x["raw_text"] for x in body["results"]]
@@ -371,50 +431,3 @@ def assert_error(r: httpx.Response, status: int, param: str | None) -> None:
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     if param is not None:
         assert err["param"] == param, err
-
-
-# ---------------------------------------------------------------------------------------------- load behaviour
-
-
-def test_flood_gets_answers_or_429_and_nothing_else(server):
-    """max_queue=4 and 8 regions per request (two batches each): the queue overflows; every request gets
-    exactly one complete answer or a 429 with Retry-After."""
-
-    async def flood() -> list[httpx.Response]:
-        payload = {"image": data_url(IMAGE), "regions": GOOD_REGION * 8, "max_tokens": 8}
-        async with httpx.AsyncClient(timeout=60, headers=AUTH) as http:
-            return await asyncio.gather(*(http.post(server.url + "/v1/regions/describe", json=payload)
-                                          for _ in range(16)))
-
-    responses = asyncio.run(flood())
-    statuses = [r.status_code for r in responses]
-    assert set(statuses) <= {200, 429} and 429 in statuses and 200 in statuses, statuses
-    for r in responses:
-        if r.status_code == 429:
-            assert r.headers["retry-after"] and r.json()["error"]["type"] == "rate_limit_error"
-        else:
-            assert len(r.json()["results"]) == 8
-    assert describe(server).status_code == 200
-
-
-def test_client_disconnect_cancels_its_work(server):
-    body = {"model": NAME, "messages": chat_messages("Describe <region1>."), "max_tokens": 32, "stream": True,
-            "regions": GOOD_REGION, "n": 8}
-    before = _metric(httpx.get(server.url + "/metrics").text, "osprey_generated_tokens_total")
-    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, headers=AUTH, timeout=60) as r:
-        next(r.iter_lines())  # the stream has begun; now hang up
-    deadline = time.monotonic() + 10
-    while server.engine._inflight and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert not server.engine._inflight
-    time.sleep(0.3)  # let the batch notice and end
-    generated = _metric(httpx.get(server.url + "/metrics").text, "osprey_generated_tokens_total") - before
-    assert generated < 8 * 32  # decoding stopped before every choice reached max_tokens
-    assert describe(server).status_code == 200
-
-
-def test_no_request_ever_got_a_500(server):
-    """Runs last in this module: after all the bad inputs above, the server never answered 500."""
-    text = httpx.get(server.url + "/metrics").text
-    assert 'status="500"' not in text
-    assert httpx.get(server.url + "/health").status_code == 200

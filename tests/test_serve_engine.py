@@ -3,8 +3,6 @@ graceful shutdown that finishes the requests in flight."""
 
 from __future__ import annotations
 
-import base64
-import io
 import socket
 import threading
 import time
@@ -12,9 +10,9 @@ import time
 import httpx
 import numpy as np
 import pytest
+from helpers import png_b64
 from PIL import Image
 
-from osprey.checkpoint import init_model_folder
 from serve.background import BackgroundServer
 from serve.config import ServeConfig
 from serve.engine import PipelineBackend
@@ -22,15 +20,13 @@ from serve.engine import PipelineBackend
 
 def payload(regions: int = 1, max_tokens: int = 2, **extra) -> dict:
     image = Image.fromarray((np.random.default_rng(1).random((24, 32, 3)) * 255).astype(np.uint8))
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return {"image": base64.b64encode(buf.getvalue()).decode(), "regions": [{"box": [2, 2, 10, 8]}] * regions,
+    return {"image": png_b64(image), "regions": [{"box": [2, 2, 10, 8]}] * regions,
             "max_tokens": max_tokens} | extra
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return init_model_folder("tiny", tmp_path_factory.mktemp("tiny"), seed=0)
+def model_dir(tiny_model_dir):
+    return tiny_model_dir
 
 
 class GatedBackend(PipelineBackend):
@@ -43,6 +39,108 @@ class GatedBackend(PipelineBackend):
     def load(self) -> None:
         self.gate.wait(30)
         super().load()
+
+
+class SteppedBackend(PipelineBackend):
+    """The real pipeline backend whose decoding waits after its first step with text (so the client has seen
+    output) until the test opens `go`, and which counts the steps each decoded batch took: the test decides when
+    the worker is busy instead of guessing with sleeps."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__(model)
+        self.go = threading.Event()
+        self.busy = threading.Event()  # a batch has yielded its first step and waits for `go`
+        self.steps: list[int] = []  # per decoded batch, in order
+        self.gated_after = 0  # steps the first batch had taken when it stopped at the gate
+
+    def generate_stream(self, prepared, params, cancelled):
+        self.steps.append(0)
+        for step in super().generate_stream(prepared, params, cancelled):
+            self.steps[-1] += 1
+            yield step
+            if any(event.text_delta for event in step) and not self.busy.is_set():
+                self.gated_after = self.steps[-1]
+                self.busy.set()
+                assert self.go.wait(60), "the test never opened the gate"
+
+
+def _wait_for(condition, what: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _metric(server: BackgroundServer, name: str) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_client_disconnect_stops_decoding_and_drops_queued_rows(model_dir):
+    """n=8 rows in batches of 4: the client hangs up after the first streamed token while the first batch waits
+    at its gate. Then that batch stops at its next step and the second batch is never decoded. Without the
+    engine's cancellation checks, the first batch runs to max_tokens (or EOS) and the second one runs too."""
+    backend = SteppedBackend(str(model_dir))
+    config = ServeConfig(model=str(model_dir), max_batch_size=4, max_tokens_limit=32)
+    chat = {"model": "osprey", "max_tokens": 32, "temperature": 1, "seed": 3, "stream": True, "n": 8,
+            "regions": [{"box": [2, 2, 10, 8]}], "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + payload()["image"]}},
+                {"type": "text", "text": "Describe <region1> in detail."}]}]}
+    with BackgroundServer(config, backend) as server:
+        chat["model"] = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=chat, timeout=60) as r:
+            assert r.status_code == 200
+            next(r.iter_lines())  # the first batch has begun; now hang up
+        _wait_for(lambda: not server.engine._inflight, "the server to notice the client is gone")
+        backend.go.set()
+        assert httpx.post(server.url + "/v1/regions/describe", json=payload()).status_code == 200  # FIFO: all done
+    assert len(backend.steps) == 2, backend.steps  # the cancelled job's first batch, then the follow-up request
+    assert backend.steps[0] == backend.gated_after + 1, backend.steps  # the step after the gate saw the cancellation
+
+
+def test_a_full_queue_answers_429_and_every_admitted_request_completes(model_dir):
+    """max_queue=2: while the worker is held mid-decode, two requests wait in the queue, the next ones get 429
+    with Retry-After, and once the worker goes on every admitted request gets its complete answer."""
+    import asyncio
+
+    backend = SteppedBackend(str(model_dir))
+    config = ServeConfig(model=str(model_dir), max_batch_size=2, max_queue=2)
+    with BackgroundServer(config, backend) as server:
+        async def scenario() -> tuple[list[httpx.Response], list[httpx.Response]]:
+            async with httpx.AsyncClient(timeout=60) as http:
+                def post():
+                    return asyncio.ensure_future(http.post(server.url + "/v1/regions/describe",
+                                                           json=payload(regions=2, max_tokens=3)))
+
+                running = post()
+                await asyncio.to_thread(_wait_for, backend.busy.is_set, "the first batch")
+                queued = [post() for _ in range(2)]
+                await asyncio.to_thread(_wait_for, lambda: _metric(server, "osprey_queue_depth") == 2, "a full queue")
+                refused = [await post() for _ in range(2)]
+                backend.go.set()
+                return [await running, *[await q for q in queued]], refused
+
+        answered, refused = asyncio.run(scenario())
+    for r in refused:
+        assert r.status_code == 429 and r.headers["retry-after"] and r.json()["error"]["type"] == "rate_limit_error"
+    for r in answered:
+        assert r.status_code == 200, r.text
+        assert [x["index"] for x in r.json()["results"]] == [0, 1]
+        assert all(x["completion_tokens"] == 3 or x["finish_reason"] == "stop" for x in r.json()["results"])
+
+
+def test_the_server_port_is_held_from_construction_to_stop():
+    """No bind-then-close: the port a BackgroundServer reports is bound by it before it starts, so nobody else
+    can take it in between."""
+    from serve.background import listening_socket
+
+    held = listening_socket()
+    port = held.getsockname()[1]
+    with socket.socket() as other, pytest.raises(OSError):
+        other.bind(("127.0.0.1", port))
+    held.close()
 
 
 def test_health_is_503_until_the_model_is_loaded(model_dir):
@@ -88,9 +186,8 @@ def test_timeouts_and_stalled_or_abandoned_bodies(model_dir):
         assert reply.startswith(b"HTTP/1.1 408") and b"body_timeout" in reply
         with socket.create_connection((server.host, server.port), timeout=10) as sock:  # leaves mid-body
             sock.sendall(head)
-        time.sleep(0.2)
-        metrics = httpx.get(server.url + "/metrics").text
-        assert 'status="500"' not in metrics and 'status="499"' in metrics
+        _wait_for(lambda: 'status="499"' in httpx.get(server.url + "/metrics").text, "the 499 to be counted")
+        assert 'status="500"' not in httpx.get(server.url + "/metrics").text
         assert httpx.get(server.url + "/health").status_code == 200
 
 

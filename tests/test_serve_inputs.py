@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import base64
-import io
 import struct
 import zlib
 
 import numpy as np
 import pytest
+from helpers import png_bytes
 from PIL import Image
 
 from osprey import masks as mask_codecs
@@ -20,12 +20,6 @@ from serve.schemas import ChatMessage
 
 LIMITS = inputs.Limits(max_image_pixels=512 * 512, max_image_side=1024)
 H, W = 12, 16
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def huge_png_header(width: int, height: int) -> bytes:

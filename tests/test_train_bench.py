@@ -54,16 +54,15 @@ def test_1b_preset_shape():
     assert 1.0e9 < counts["language_model"] < 1.2e9 and 1.9e8 < counts["vision_tower"] < 2.1e8
 
 
-def test_data_index_bench_builds_a_stage_config_both_ways(tmp_path, monkeypatch, capsys):
+def test_data_index_bench_builds_a_stage_config_both_ways(tiny_model_dir, tmp_path, monkeypatch, capsys):
     """bench/data_index.py on the fixture: the built-in final mix, lengths estimated in one process and in two."""
     from pathlib import Path
 
     import osprey.data.dataset
     from bench.data_index import main as data_index
-    from osprey.checkpoint import init_model_folder
 
     monkeypatch.setattr(osprey.data.dataset, "_LENGTH_CHUNK", 64)  # the fixture's mix is a few hundred samples
-    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+    init = tiny_model_dir  # read-only: shared
     fixture = Path(__file__).parent / "fixtures" / "synth"
     assert data_index(["--data", str(fixture), "--model", str(init), "--workers", "2"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

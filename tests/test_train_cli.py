@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from osprey.checkpoint import init_model_folder, load_pretrained
+from osprey.checkpoint import load_pretrained
 from osprey.cli import main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "synth"
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
-def test_train_stage1_then_stage2_from_its_output_and_plot(tmp_path, capsys):
-    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+def test_train_stage1_then_stage2_from_its_output_and_plot(tiny_model_dir, tmp_path, capsys):
+    init = tiny_model_dir  # read-only: shared
     common = ["--max-steps", "2", "--set", f"data.root={FIXTURE}", "--set", "data.num_workers=0",
               "--set", "micro_batch_size=2", "--set", "global_batch_size=4", "--set", "progress=false"]
     assert main(["train", "--stage", "1", "--config", "tiny_stage1", "--model", str(init),
@@ -52,14 +52,14 @@ def test_print_config_and_argument_errors(capsys):
         main(["train", "--config", "osprey7b_stage3", "--set", "optim.learning_rate=1", "--print-config"])
 
 
-def test_clip_pretraining_writes_weights_the_stage_configs_load(tmp_path):
+def test_clip_pretraining_writes_weights_the_stage_configs_load(tiny_model_dir, tmp_path):
     """`osprey train clip`: contrastive steps on the fixture's captions and region phrases, an open_clip file whose `visual.*` tensors
     fill the tower exactly (load_pretrained(clip_weights=)), a refusal to overwrite a run, and the metrics log."""
     from safetensors.torch import load_file
 
     from train.clip_pretrain import LEVEL_HEAD
 
-    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+    init = tiny_model_dir  # read-only: shared
     args = ["train", "clip", "--data", str(FIXTURE), "--tokenizer", str(init), "--out", str(tmp_path / "clip"),
             "--preset", "tiny", "--steps", "3", "--batch-size", "4", "--warmup-steps", "1", "--num-workers", "0",
             "--log-steps", "1", "--save-steps", "2", "--no-progress", "--device", "cpu"]
@@ -163,11 +163,11 @@ def test_region_embeddings_read_every_level_as_the_extractor_does():
     assert not torch.allclose(regions[0], regions[1])  # the two masks of image 0 pool different features
 
 
-def test_clip_pretraining_time_limit_stops_and_writes_the_weights(tmp_path):
+def test_clip_pretraining_time_limit_stops_and_writes_the_weights(tiny_model_dir, tmp_path):
     """--time-limit: the run stops after the step that crosses it and still writes a loadable weight file."""
     from safetensors.torch import load_file
 
-    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+    init = tiny_model_dir  # read-only: shared
     out = tmp_path / "clip"
     assert main(["train", "clip", "--data", str(FIXTURE), "--tokenizer", str(init), "--out", str(out),
                  "--preset", "tiny", "--steps", "50", "--batch-size", "4", "--warmup-steps", "1", "--num-workers", "0",
@@ -196,18 +196,18 @@ def test_clip_pretraining_time_limit_stops_and_writes_the_weights(tmp_path):
               "--init", str(out / "open_clip.safetensors"), *common, "--text-width", "32"])
 
 
-def test_clip_pretraining_refuses_a_dataset_smaller_than_a_batch(tmp_path):
-    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+def test_clip_pretraining_refuses_a_dataset_smaller_than_a_batch(tiny_model_dir, tmp_path):
+    init = tiny_model_dir  # read-only: shared
     with pytest.raises(SystemExit, match="no full batch"):
         main(["train", "clip", "--data", str(FIXTURE), "--tokenizer", str(init), "--out", str(tmp_path / "clip"),
               "--preset", "tiny", "--batch-size", "64", "--device", "cpu", "--no-progress"])
 
 
-def test_data_template_selects_the_system_prompt(tmp_path):
+def test_data_template_selects_the_system_prompt(tiny_model_dir, tmp_path):
     from train.config import load_config
     from train.recipe import dataset_from_config
 
-    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+    init = tiny_model_dir  # read-only: shared
     model, tokenizer, _ = load_pretrained(init)
     for template, words in (("train", "curious user"), ("infer", "curious human")):
         cfg = load_config(raw={"stage": 3, "model": str(init), "output_dir": str(tmp_path / "o"),
@@ -219,12 +219,12 @@ def test_data_template_selects_the_system_prompt(tmp_path):
         load_config(raw={"stage": 3, "model": "x", "output_dir": "o", "data": {"template": "chat"}})
 
 
-def test_data_files_repeat_puts_a_file_k_times_in_an_epoch(tmp_path):
+def test_data_files_repeat_puts_a_file_k_times_in_an_epoch(tiny_model_dir, tmp_path):
     """`repeat: k` in a data.files entry (with or without a kind) mixes that file in k times."""
     from train.config import load_config
     from train.recipe import dataset_from_config
 
-    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+    init = tiny_model_dir  # read-only: shared
     model, tokenizer, _ = load_pretrained(init)
 
     def size(files):
@@ -239,13 +239,13 @@ def test_data_files_repeat_puts_a_file_k_times_in_an_epoch(tmp_path):
     assert size([{"path": "train/stage3_detailed.json", "repeat": 2}]) == 2 * detailed  # kind from the manifest
 
 
-def test_builtin_stage3_configs_build_their_mixes_on_a_generated_dataset(tmp_path):
+def test_builtin_stage3_configs_build_their_mixes_on_a_generated_dataset(tiny_model_dir, tmp_path):
     """The built-in model's three stage-3 configs name files and kinds the generator writes, in the shares they
     document: the yes/no sub-set 1x, 20x (the pass that teaches the comparison), then 8x with the category prompt 2x."""
     from train.config import load_config, parse_override
     from train.recipe import dataset_from_config
 
-    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+    init = tiny_model_dir  # read-only: shared
     model, tokenizer, _ = load_pretrained(init)
     sizes = {}
     for name in ("builtin_stage3", "builtin_stage3_yesno", "builtin_stage3_final"):
@@ -257,17 +257,17 @@ def test_builtin_stage3_configs_build_their_mixes_on_a_generated_dataset(tmp_pat
     assert sizes["builtin_stage3_final"] == sizes["builtin_stage3"] + 7 * pos_neg + categories
 
 
+@pytest.mark.slow
 def test_two_ranks_agree_on_the_time_limit(tmp_path):
     """Two CPU ranks (torchrun, gloo, ZeRO-2) with a time limit: rank 0's clock decides, both ranks shorten the
     schedule to the same step and the run ends there with final/ written (a disagreement would hang a collective)."""
     import subprocess
     import sys
 
-    from train.deepspeed_utils import _free_port
-
     out = tmp_path / "run"
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(_free_port()), "-m", "osprey.cli", "train", "--stage", "3", "--config", "tiny_stage3",
+    # --standalone: the rendezvous store binds port 0 and keeps it (no free-port race with other runs)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "osprey.cli", "train", "--stage", "3", "--config", "tiny_stage3",
                "--model", "tiny", "--set", f"data.root={FIXTURE}", "--set", "progress=false", "--set", "bf16=false",
                "--set", "micro_batch_size=2", "--set", "global_batch_size=4", "--set", "save_steps=0",
                "--max-steps", "500", "--time-limit", "6", "--output", str(out)]
@@ -275,8 +275,9 @@ def test_two_ranks_agree_on_the_time_limit(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["step"] == summary["total_steps"] == summary["horizon"] < 500
-    shortened = [line for line in done.stderr.splitlines() if "the schedule now ends at step" in line]
-    assert len(shortened) == 2 and len({line.split("INFO", 1)[1] for line in shortened}) == 1  # one per rank, same
+    shortened = [line.split("INFO", 1)[1] for line in done.stderr.splitlines() if "the schedule now ends at step" in line]
+    # however often a slow machine makes rank 0 shorten the schedule, both ranks log each new end: the same lines
+    assert shortened and all(shortened.count(line) == 2 for line in shortened)
     assert (out / "final" / "model.safetensors").is_file()
 
 
@@ -284,7 +285,8 @@ def _clip_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_clip_pretraining_on_two_ranks_takes_the_same_steps_as_one_process(tmp_path):
+@pytest.mark.slow
+def test_clip_pretraining_on_two_ranks_takes_the_same_steps_as_one_process(tiny_model_dir, tmp_path):
     """torchrun, two CPU ranks (gloo) of 2 images each against one process of 4: the same images per step (each rank
     takes its share of one order), the image-caption loss over the gathered batch and averaged gradients give the
     same losses, gradient norms and weights. Then both ranks with the region losses on and a time limit: rank 0's
@@ -294,9 +296,7 @@ def test_clip_pretraining_on_two_ranks_takes_the_same_steps_as_one_process(tmp_p
 
     from safetensors.torch import load_file
 
-    from train.deepspeed_utils import _free_port
-
-    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+    init = tiny_model_dir  # read-only: shared
     common = ["train", "clip", "--data", str(FIXTURE), "--tokenizer", str(init), "--preset", "tiny",
               "--batch-size", "4", "--warmup-steps", "0", "--lr", "1e-3", "--num-workers", "0", "--log-steps", "1",
               "--save-steps", "0", "--no-progress", "--device", "cpu"]
@@ -304,8 +304,8 @@ def test_clip_pretraining_on_two_ranks_takes_the_same_steps_as_one_process(tmp_p
     assert main([*common, *without_regions, "--out", str(tmp_path / "one")]) == 0
 
     def torchrun(*args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                   str(_free_port()), "-m", "osprey.cli", *common, *args]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                   "osprey.cli", *common, *args]
         return subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
 
     done = torchrun(*without_regions, "--out", str(tmp_path / "two"))

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from osprey.checkpoint import init_model_folder, load_pretrained, read_config, to_official
+from osprey.checkpoint import load_pretrained, read_config, to_official
 from osprey.prompts import multi_region_prefix
 from osprey.tokenization import IGNORE_INDEX, build_example
 from train.config import load_config
@@ -50,12 +50,23 @@ class RegionDataset(torch.utils.data.Dataset):
                 "masks": torch.rand(regions, 48, 40, generator=gen) > 0.5, "truncated": example.truncated,
             })
         self.lengths = [len(item["input_ids"]) for item in self.items]
+        self.epoch = 0
+        self.epochs_set: list[int] = []  # what the recipe told this dataset, in order
 
     def __len__(self) -> int:
         return len(self.items)
 
+    def set_epoch(self, epoch: int) -> None:
+        """Like osprey.data's datasets: per-sample randomness (here the masks) is reseeded per epoch."""
+        self.epoch = epoch
+        self.epochs_set.append(epoch)
+
     def __getitem__(self, index: int) -> dict:
-        return self.items[index]
+        item = self.items[index]
+        if self.epoch == 0:
+            return item
+        gen = torch.Generator().manual_seed(1000 * self.epoch + index)
+        return item | {"masks": item["masks"] ^ (torch.rand(item["masks"].shape, generator=gen) > 0.5)}
 
 
 def collate(items: list[dict]) -> dict:
@@ -72,8 +83,8 @@ def collate(items: list[dict]) -> dict:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    folder = init_model_folder("tiny", tmp_path_factory.mktemp("model") / "tiny", seed=0)
+def tiny(tiny_model_dir):
+    folder = tiny_model_dir
     _, tokenizer, _ = load_pretrained(folder)
     return folder, tokenizer, read_config(folder)
 
@@ -169,22 +180,30 @@ def test_lora_stage3_merges_on_save(tiny, tmp_path):
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path):
+    """Killed in the second epoch and resumed from a checkpoint taken there: the resumed run reseeds the dataset
+    for that epoch (not epoch 0) and continues exactly as the uninterrupted run, which reseeded it per epoch."""
     folder, tokenizer, config = tiny
-    dataset = RegionDataset(tokenizer, config, n=11)
     # micro batch 1, global 2: gradient accumulation; 11 samples = 5 steps per epoch (the 11th micro-batch is a
-    # partial accumulation, dropped), so 6 steps cross an epoch boundary.
-    changes = {"max_steps": 6, "micro_batch_size": 1, "global_batch_size": 2, "save_steps": 3}
-    full = Recipe(make_config(folder, tmp_path / "full", 3, **changes), dataset=dataset, collate_fn=collate)
+    # partial accumulation, dropped), so step 6 is in epoch 1 and its checkpoint is taken there.
+    changes = {"max_steps": 8, "micro_batch_size": 1, "global_batch_size": 2, "save_steps": 3}
+    full_data = RegionDataset(tokenizer, config, n=11)
+    full = Recipe(make_config(folder, tmp_path / "full", 3, **changes), dataset=full_data, collate_fn=collate)
     full.run()
+    assert full_data.epochs_set == [0, 1]
 
+    dataset = RegionDataset(tokenizer, config, n=11)
     killed = Recipe(make_config(folder, tmp_path / "resumed", 3, **changes), dataset=dataset, collate_fn=collate)
     killed.setup()
-    killed.train(until_step=4)  # "killed" after step 4: the step-3 checkpoint is the newest
+    killed.train(until_step=7)  # "killed" after step 7: the step-6 checkpoint (epoch 1) is the newest
     killed.close()
-    resumed = Recipe(make_config(folder, tmp_path / "resumed", 3, **changes), dataset=dataset, collate_fn=collate)
+    resumed_data = RegionDataset(tokenizer, config, n=11)
+    resumed = Recipe(make_config(folder, tmp_path / "resumed", 3, **changes), dataset=resumed_data,
+                     collate_fn=collate)
     resumed.run(resume=True)
-    assert resumed.state.losses[:3] == full.state.losses[:3]
+    assert resumed_data.epochs_set == [1]
+    assert resumed.state.losses[:6] == full.state.losses[:6]  # restored with the checkpoint
     with pytest.raises(FileExistsError, match="pass --resume"):  # a fresh run must not mix with old checkpoints
         Recipe(make_config(folder, tmp_path / "resumed", 3, **changes), dataset=dataset, collate_fn=collate).setup()
 
@@ -192,7 +211,7 @@ def test_resume_reproduces_the_uninterrupted_run(tiny, tmp_path):
         return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
 
     full_log, resumed_log = log("full"), log("resumed")
-    assert [r["step"] for r in resumed_log] == list(range(1, 7))
+    assert [r["step"] for r in resumed_log] == list(range(1, 9))
     for a, b in zip(full_log, resumed_log):
         assert abs(a["loss"] - b["loss"]) < 1e-6 and a["lr"] == b["lr"], (a, b)
     a, b = weights(tmp_path / "full" / "final"), weights(tmp_path / "resumed" / "final")
@@ -331,7 +350,7 @@ def test_time_limit_ends_the_schedule_within_it_and_a_resume_keeps_it(tiny, tmp_
     assert [r["lr"] for r in again] == [r["lr"] for r in log[10:]]
 
 
-def test_clip_pretraining_fits_its_schedule_into_the_time_limit(tmp_path, monkeypatch):
+def test_clip_pretraining_fits_its_schedule_into_the_time_limit(tiny_model_dir, tmp_path, monkeypatch):
     """`osprey train clip --time-limit` uses the same time box: on a clock of one second a step, a 20 s limit ends
     the 50-step schedule at step 20 with the rate annealed to 0, and the weights are written."""
     import train.schedule
@@ -342,7 +361,7 @@ def test_clip_pretraining_fits_its_schedule_into_the_time_limit(tmp_path, monkey
             super().__init__(limit, start_step, SteppingClock(1.0))
 
     monkeypatch.setattr(train.schedule, "TimeBox", SteppedTimeBox)
-    init = init_model_folder("tiny", tmp_path / "init", seed=0)
+    init = tiny_model_dir  # read-only: shared
     fixture = Path(__file__).parent / "fixtures" / "synth"
     assert main(["train", "clip", "--data", str(fixture), "--tokenizer", str(init), "--out", str(tmp_path / "clip"),
                  "--preset", "tiny", "--steps", "50", "--batch-size", "4", "--warmup-steps", "1", "--num-workers", "0",

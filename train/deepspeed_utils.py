@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,6 @@ _FILLED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_
                 "gradient_clipping", "bf16", "fp16", "optimizer", "scheduler")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def ensure_distributed_env() -> None:
     """Make a plain `python` process a 1-rank world (as the `deepspeed`/`torchrun` launchers would), and select
     DeepSpeed's CPU accelerator when there is no GPU. Must run before `import deepspeed`."""
@@ -38,8 +31,10 @@ def ensure_distributed_env() -> None:
     defaults = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}
     for key, value in defaults.items():
         os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(_free_port())
+    # Port 0: rank 0's store binds a port the OS picks and keeps it. Picking a free port, closing it and binding it
+    # again later raced with any other process doing the same. A one-rank world has nobody who must know the port;
+    # launchers of larger worlds (torchrun, deepspeed) set MASTER_PORT themselves.
+    os.environ.setdefault("MASTER_PORT", "0")
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
