@@ -1,4 +1,5 @@
-"""`osprey serve` (the OpenAI-compatible region server) and `osprey describe` (one image, in-process)."""
+"""`osprey serve` (the OpenAI-compatible region server), `osprey describe` (one image, in-process) and
+`osprey annotate` (every region of a dataset, resumable)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     describe.add_argument("--json", action="store_true", help="print JSON instead of a table")
     describe.add_argument("--overlay", default=None, metavar="OUT.png", help="write the image with masks and captions")
     describe.set_defaults(func=_cmd_describe)
+    _register_annotate(subparsers)
+
+
+def _register_annotate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "annotate", help="caption or label every region of a dataset (COCO, SAM or PNG masks) into JSON lines",
+        description="Describe every region of INPUT and append one JSON line per region to OUT (resumable: a rerun "
+                    "skips regions already written). INPUT: a COCO instances or panoptic JSON (with --images DIR), "
+                    "a folder of images with NAME.json SAM mask lists, or a folder of images with NAME/*.png masks. "
+                    "See docs/annotate.md.")
+    p.add_argument("input", help="COCO instances/panoptic JSON, or a folder of images with SAM JSON files or "
+                                 "PNG mask folders")
+    p.add_argument("--out", required=True, help="JSON lines output (appended; existing regions are skipped)")
+    p.add_argument("--images", default=None, help="image folder of a COCO INPUT")
+    p.add_argument("--panoptic-masks", default=None, metavar="DIR",
+                   help="PNG folder of a COCO panoptic INPUT (default: the JSON's path without .json)")
+    p.add_argument("--layout", default="auto", choices=["auto", "coco", "sam", "png"],
+                   help="INPUT layout (auto: a file is COCO; a folder with *.json is SAM, else PNG masks)")
+    p.add_argument("--task", default="short",
+                   help="short, detailed, category, or a custom prompt containing <region>")
+    p.add_argument("--coco", default=None, metavar="OUT.json",
+                   help="also write the COCO INPUT back with each annotation's answer under 'osprey'")
+    p.add_argument("--model", default=None, help="model folder (in-process and --ray; default: the built-in model)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (in-process and --ray)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-batch-size", type=int, default=32, help="regions decoded together in-process")
+    p.add_argument("--endpoint", default=None, metavar="URL[,URL...]", help="running `osprey serve` servers")
+    p.add_argument("--api-key", default=None, help="bearer key of the servers")
+    p.add_argument("--workers", type=int, default=None, help="images in flight over HTTP (default: 2 per URL)")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run on Ray Data: a local Ray without ADDRESS, else the cluster at ADDRESS")
+    p.add_argument("--actors", type=int, default=1, help="model replicas under --ray (one GPU each on cuda)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-images", type=int, default=None, help="stop after this many images (a partial run)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_annotate)
+
+
+def _cmd_annotate(args: argparse.Namespace) -> int:
+    from .annotate import run
+
+    return run(args)
 
 
 def _cmd_describe(args: argparse.Namespace) -> int:

@@ -11,8 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from data_tools.converters.common import (
@@ -24,13 +22,7 @@ from data_tools.converters.common import (
 )
 from osprey.data.records import Record, parse_record
 from osprey.masks import encode_rle, mask_to_bbox
-
-
-def segment_ids(png_path: str | Path) -> np.ndarray:
-    """A panoptic PNG -> `(H, W) int64` segment ids (R + 256 G + 256^2 B)."""
-    with Image.open(png_path) as image:
-        rgb = np.asarray(image.convert("RGB"), dtype=np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
+from osprey.masks import panoptic_segment_ids as segment_ids
 
 
 def convert_panoptic(panoptic_json: str, *, png_dir: str | None = None, include_crowd: bool = True,

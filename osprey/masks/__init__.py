@@ -15,6 +15,7 @@ from .codecs import (
     encode_rle,
     encode_uncompressed_rle,
     image_to_mask,
+    panoptic_segment_ids,
     rle_area,
     rle_counts,
 )
@@ -49,5 +50,5 @@ __all__ = [
     "alpha_mask", "box_to_polygon", "decode_binary", "decode_box", "decode_mask", "decode_png", "decode_polygons",
     "decode_region", "decode_regions", "decode_rle", "decode_sam", "decode_sam_list", "detect_format",
     "encode_png", "encode_png_base64", "encode_rle", "encode_sam", "encode_uncompressed_rle", "fit_mask", "fit_region",
-    "image_to_mask", "mask_area", "mask_to_bbox", "polygon_self_intersects", "rle_area", "rle_counts", "to_rle",
+    "image_to_mask", "mask_area", "mask_to_bbox", "panoptic_segment_ids", "polygon_self_intersects", "rle_area", "rle_counts", "to_rle",
 ]

@@ -250,3 +250,15 @@ def encode_png(mask: np.ndarray) -> bytes:
 def encode_png_base64(mask: np.ndarray) -> str:
     """`mask: (H, W)` -> base64 text of `encode_png(mask)` (what JSON clients send)."""
     return base64.b64encode(encode_png(mask)).decode("ascii")
+
+
+def panoptic_segment_ids(png: str | bytes | Any) -> np.ndarray:
+    """A COCO-panoptic PNG (a path or its bytes) -> `(H, W) int64` segment ids, R + 256 G + 256^2 B (0 = none);
+    segment K's mask is `ids == K`."""
+    source = io.BytesIO(png) if isinstance(png, (bytes, bytearray)) else png
+    try:
+        with Image.open(source) as image:
+            rgb = np.asarray(image.convert("RGB"), dtype=np.int64)
+    except (UnidentifiedImageError, SyntaxError, ValueError) as exc:
+        raise MaskError(f"undecodable panoptic PNG: {exc}") from None
+    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]

@@ -1,0 +1,299 @@
+"""Where `osprey annotate` gets its answers: the pipeline in this process, running servers over HTTP, or a Ray pool.
+
+Every backend maps image items to `ImageResult`s (records and per-region failures) and yields them as images
+finish, so the runner can append each image's lines as one batch. Masks are decoded by `osprey.masks` in
+`decode_item`, the one place all backends share, so the same region gives the same pixels everywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from osprey import masks as mask_codecs
+from osprey.inference import OspreyPipeline, PreparedPrompt, SamplingParams
+from osprey.prompts import task_prompt
+
+from .annotate_io import Failure, ImageItem, ImageResult, RegionItem, RegionRecord
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AnnotateSettings:
+    task: str  # a task name or a custom prompt with <region>
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy, so every backend gives the same answers
+    seed: int | None = None
+
+
+@dataclass
+class DecodedRegion:
+    item: RegionItem
+    mask: np.ndarray  # (H, W) bool
+    rle: dict
+    box: list[float]
+    area: int
+
+
+@dataclass
+class DecodedImage:
+    image: Image.Image | None  # None when the image could not be read (then every region is a failure)
+    regions: list[DecodedRegion]
+    failures: list[Failure]
+
+
+def decode_item(item: ImageItem) -> DecodedImage:
+    """Read the image and decode every region; a bad image or mask becomes a failure with its reason."""
+    try:
+        with Image.open(item.path) as opened:
+            image = opened.convert("RGB")
+    except (OSError, ValueError) as exc:
+        reason = f"cannot read image {item.path}: {exc}"
+        return DecodedImage(None, [], [Failure(item.image, region.id, reason) for region in item.regions])
+    regions, failures = [], []
+    panoptic: dict[str, np.ndarray] = {}  # a panoptic PNG holds all regions of its image: decoded once
+    for region in item.regions:
+        try:
+            mask = _decode_region(region, image.height, image.width, panoptic)
+        except (mask_codecs.MaskError, OSError, TypeError, ValueError) as exc:
+            failures.append(Failure(item.image, region.id, f"undecodable mask: {exc}"))
+            continue
+        if not mask.any():  # the extractor pools over mask pixels: an empty mask has no features
+            failures.append(Failure(item.image, region.id, "empty mask"))
+            continue
+        regions.append(DecodedRegion(region, mask, mask_codecs.encode_rle(mask),
+                                     mask_codecs.mask_to_bbox(mask), mask_codecs.mask_area(mask)))
+    return DecodedImage(image, regions, failures)
+
+
+def _decode_region(region: RegionItem, height: int, width: int, panoptic: dict[str, np.ndarray]) -> np.ndarray:
+    if region.segment_id is not None:
+        if region.mask_file not in panoptic:
+            panoptic[region.mask_file] = mask_codecs.panoptic_segment_ids(region.mask_file)
+        ids = panoptic[region.mask_file]
+        if ids.shape != (height, width):
+            raise mask_codecs.MaskError(f"panoptic PNG {region.mask_file} is {ids.shape[1]}x{ids.shape[0]}, "
+                                        f"the image {width}x{height}")
+        return ids == region.segment_id
+    if region.mask_file is not None:
+        return mask_codecs.decode_png(Path(region.mask_file).read_bytes(), height, width)
+    return mask_codecs.decode_mask(region.segmentation, height, width)
+
+
+def _record(item: ImageItem, region: DecodedRegion, text: str, raw: str, reason: str, model: str,
+            prompt: str) -> RegionRecord:
+    return RegionRecord(item.image, item.image_id, region.item.id, region.rle, region.box, region.area, text, raw,
+                        reason, model, prompt)
+
+
+# ---------------------------------------------------------------------------------------------- in-process
+
+
+@dataclass
+class _Prepared:
+    item: ImageItem
+    decoded: DecodedImage
+    prompts: list[PreparedPrompt]  # one per decoded region
+
+
+class PipelineAnnotator:
+    """`OspreyPipeline` in this process: each image encoded once, all its regions prepared in one extractor pass,
+    and the regions of consecutive images decoded together (`generate` chunks them by the max batch size)."""
+
+    def __init__(self, pipe: OspreyPipeline, settings: AnnotateSettings, model: str) -> None:
+        self.pipe, self.model = pipe, model
+        self.prompt = task_prompt(settings.task)
+        self.params = SamplingParams(max_new_tokens=settings.max_tokens, temperature=settings.temperature,
+                                     seed=settings.seed)
+
+    def annotate(self, item: ImageItem) -> ImageResult:
+        return next(self._finish([self._prepare(item)]))
+
+    def _prepare(self, item: ImageItem) -> _Prepared:
+        decoded = decode_item(item)
+        if not decoded.regions:
+            return _Prepared(item, decoded, [])
+        encoded = self.pipe.encode_image(decoded.image)
+        masks = np.stack([r.mask for r in decoded.regions])
+        return _Prepared(item, decoded, self.pipe.prepare_each(encoded, [("human", self.prompt)], masks))
+
+    def _finish(self, batch: list[_Prepared]) -> Iterator[ImageResult]:
+        """Decode the regions of all images in `batch` together; one result per image, in order."""
+        gens = iter(self.pipe.generate([p for entry in batch for p in entry.prompts], self.params))
+        for entry in batch:
+            records = [_record(entry.item, r, g.text, g.raw_text, g.finish_reason, self.model, self.prompt)
+                       for r, g in zip(entry.decoded.regions, itertools.islice(gens, len(entry.prompts)), strict=True)]
+            yield ImageResult(records, entry.decoded.failures)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str, settings: AnnotateSettings, device: str = "cpu", dtype: str | None = None,
+                       max_batch_size: int = 32) -> PipelineAnnotator:
+        pipe = OspreyPipeline.from_pretrained(model_dir, device=device, dtype=dtype, max_batch_size=max_batch_size)
+        return cls(pipe, settings, Path(model_dir).name)
+
+    def map(self, items: Iterable[ImageItem]) -> Iterator[ImageResult]:
+        """Images are gathered until their regions fill a batch (the pipeline's `max_batch_size`), so images with
+        few regions each (COCO has ~7) still decode together; each image's result comes out on its own."""
+        batch: list[_Prepared] = []
+        for item in items:
+            batch.append(self._prepare(item))
+            if sum(len(entry.prompts) for entry in batch) >= self.pipe.max_batch_size:
+                yield from self._finish(batch)
+                batch = []
+        if batch:
+            yield from self._finish(batch)
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+
+
+class EndpointAnnotator:
+    """Running `osprey serve` servers, `POST /v1/regions/describe`, one image per request chunk.
+
+    A small thread pool keeps `workers` images in flight, spread round-robin over the URLs; each server's engine
+    batches the regions of concurrent requests together. Regions are sent as the RLE decoded here, so a mask
+    means the same pixels as in-process.
+    """
+
+    def __init__(self, urls: list[str], settings: AnnotateSettings, api_key: str | None = None,
+                 workers: int | None = None, max_regions: int = 64, timeout_s: float = 600.0) -> None:
+        try:
+            import httpx
+        except ImportError:
+            raise RuntimeError("--endpoint needs httpx: pip install 'osprey-regions[serve]'") from None
+
+        self.urls = [u.rstrip("/") + "/v1/regions/describe" for u in urls]
+        self.settings, self.prompt, self.max_regions = settings, task_prompt(settings.task), max_regions
+        self.workers = workers or 2 * len(urls)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.client = httpx.Client(timeout=timeout_s, headers=headers,
+                                   limits=httpx.Limits(max_connections=self.workers))
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def _url(self) -> str:
+        with self._lock:
+            self._next += 1
+            return self.urls[self._next % len(self.urls)]
+
+    def _post(self, url: str, body: dict, retries: int = 5) -> dict:
+        """One describe request; a full queue (429) or a loading server (503) is retried after its Retry-After."""
+        import httpx
+
+        for attempt in range(retries + 1):
+            try:
+                resp = self.client.post(url, json=body)
+            except httpx.TransportError as exc:
+                raise RuntimeError(f"cannot reach {url}: {type(exc).__name__}: {exc}") from None
+            if resp.status_code not in (429, 503) or attempt == retries:
+                break
+            try:
+                delay = min(float(resp.headers.get("Retry-After", 1)), 30.0)
+            except ValueError:
+                delay = 1.0
+            log.warning("%s answered %d; retrying in %.0f s", url, resp.status_code, delay)
+            time.sleep(delay)
+        if resp.status_code >= 400:
+            raise RuntimeError(f"{url} answered {resp.status_code}: {resp.text[:300]}")
+        return resp.json()
+
+    def annotate(self, item: ImageItem) -> ImageResult:
+        decoded = decode_item(item)
+        result = ImageResult(failures=decoded.failures)
+        if not decoded.regions:
+            return result
+        buffer = io.BytesIO()
+        decoded.image.save(buffer, format="PNG")  # lossless: the server sees the pixels we read
+        image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+        for start in range(0, len(decoded.regions), self.max_regions):
+            chunk = decoded.regions[start:start + self.max_regions]
+            body = {"image": image, "regions": [{"rle": r.rle} for r in chunk], "task": self.settings.task,
+                    "max_tokens": self.settings.max_tokens, "temperature": self.settings.temperature,
+                    "seed": self.settings.seed}
+            try:
+                answer = self._post(self._url(), body)
+            except RuntimeError as exc:
+                result.failures += [Failure(item.image, r.item.id, str(exc)) for r in chunk]
+                continue
+            rows = sorted(answer["results"], key=lambda row: row["index"])
+            result.records += [_record(item, r, row["text"], row["raw_text"], row["finish_reason"], answer["model"],
+                                       self.prompt) for r, row in zip(chunk, rows, strict=True)]
+        return result
+
+    def map(self, items: Iterable[ImageItem]) -> Iterator[ImageResult]:
+        """Results as images finish (not in input order), at most `workers` images in flight."""
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="annotate") as pool:
+            pending: set[Future] = set()
+            for item in items:
+                if len(pending) >= self.workers:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    yield from (f.result() for f in done)
+                pending.add(pool.submit(self.annotate, item))
+            for future in pending:
+                yield future.result()
+
+
+# ---------------------------------------------------------------------------------------------- Ray
+
+
+class _RayActor:
+    """A model replica in a Ray actor: items arrive as JSON text (nested lists do not survive Arrow batches)."""
+
+    def __init__(self, model_dir: str, settings: AnnotateSettings, device: str, dtype: str | None,
+                 threads: int) -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        self.annotator = PipelineAnnotator.from_model_dir(model_dir, settings, device=device, dtype=dtype)
+
+    def __call__(self, batch: dict) -> dict:
+        results = [self.annotator.annotate(ImageItem.from_json(text)) for text in batch["item"]]
+        return {"result": [json.dumps({"records": [asdict(r) for r in res.records],
+                                       "failures": [asdict(f) for f in res.failures]}) for res in results]}
+
+
+class RayAnnotator:
+    """Ray Data over images: `from_items` -> `map_batches` with `actors` model replicas (one GPU each on GPU,
+    a fraction of a CPU each on CPU so Ray's own read tasks still get a core)."""
+
+    def __init__(self, model_dir: str, settings: AnnotateSettings, address: str | None, actors: int,
+                 device: str = "cpu", dtype: str | None = None) -> None:
+        try:
+            import ray
+        except ImportError:
+            raise RuntimeError("--ray needs Ray Data: pip install 'osprey-regions[ray]'") from None
+        if not ray.is_initialized():
+            ray.init(address=address or None, num_cpus=None if address else os.cpu_count(), log_to_driver=False,
+                     include_dashboard=False)
+        self.ray, self.model_dir, self.settings = ray, str(Path(model_dir).resolve()), settings
+        self.actors, self.device, self.dtype = actors, device, dtype
+
+    def map(self, items: Iterable[ImageItem]) -> Iterator[ImageResult]:
+        rows = [{"item": item.to_json()} for item in items]
+        if not rows:
+            return
+        on_gpu = self.device.startswith("cuda")
+        threads = max(1, (os.cpu_count() or 1) // self.actors)
+        data = self.ray.data.from_items(rows, override_num_blocks=min(len(rows), 4 * self.actors))
+        data = data.map_batches(
+            _RayActor, batch_size=1, concurrency=self.actors,
+            fn_constructor_args=(self.model_dir, self.settings, self.device, self.dtype, threads),
+            num_gpus=1 if on_gpu else 0, num_cpus=1 if on_gpu else 0.5)
+        for batch in data.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
+            for text in batch["result"]:
+                raw = json.loads(text)
+                yield ImageResult([RegionRecord(**r) for r in raw["records"]], [Failure(**f) for f in raw["failures"]])
