@@ -28,11 +28,12 @@ def _sync(device: torch.device) -> None:
 def build_pipeline(args):
     from osprey.checkpoint import build_model
     from osprey.config import OspreyConfig
+    from osprey.devices import resolve_device, resolve_dtype
     from osprey.inference import OspreyPipeline
     from osprey.tokenization import train_tokenizer
 
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     if args.model:
         return OspreyPipeline.from_pretrained(args.model, device=device, dtype=dtype)
     config = OspreyConfig.from_preset(args.preset)

@@ -71,14 +71,9 @@ class InProcessBackend:
     """Runs `OspreyPipeline` in this process; the last image's encoding is cached (queries come per image)."""
 
     def __init__(self, model_dir: str, device: str = "auto", dtype: str | None = None) -> None:
-        import torch
-
         from osprey.inference import OspreyPipeline
 
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch_dtype = None if dtype in (None, "auto") else getattr(torch, dtype)
-        self.pipe = OspreyPipeline.from_pretrained(model_dir, device=device, dtype=torch_dtype)
+        self.pipe = OspreyPipeline.from_pretrained(model_dir, device=device, dtype=dtype)
         self.name = Path(model_dir).name
         self._cached: tuple[str, Any] | None = None
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from osprey.devices import resolve_device, resolve_dtype
 from osprey.engine.core import GroupRequest, RegionDecoder, RowRequest
 from osprey.engine.kv import PoolSize, plan_pool, token_bytes
 from osprey.engine.session import DecodeSession, StreamEvent
@@ -79,11 +80,8 @@ class OspreyPipeline:
     ) -> OspreyPipeline:
         from osprey.checkpoint import load_pretrained
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
-        if dtype is None:
-            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        device = resolve_device(device)
+        dtype = resolve_dtype(dtype, device)
         model, tokenizer, report = load_pretrained(path, clip_weights=clip_weights, dtype=dtype, device=device)
         for note in report.notes:
             logger.info("load: %s", note)

@@ -22,13 +22,14 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from osprey.generation import SamplingParams
 from osprey.masks import alpha_mask
 from osprey.prompts import REGION_PLACEHOLDER, clean_answer, task_prompt
 
 from . import inputs
 from .chat import ChatConversation, bind_regions, parse_messages
 from .config import ServeConfig
-from .engine import Backend, ClientGone, Engine, PipelineBackend, RowResult, RowSpec
+from .engine import Backend, ClientGone, Engine, Job, PipelineBackend, RowDone, RowResult, RowSpec, RowText
 from .errors import APIError, bad_request
 from .guard import GuardMiddleware, add_error_handlers
 from .metrics import Metrics
@@ -287,9 +288,8 @@ def _max_tokens(value: int, param: str, config: ServeConfig) -> int:
 _GREEDY_BELOW = 1e-4  # temperatures this small are greedy (dividing logits by ~0 overflows to inf/nan)
 
 
-def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int | None, stop: tuple[str, ...]) -> Any:
-    from osprey.inference import SamplingParams
-
+def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int | None, stop: tuple[str, ...]
+              ) -> SamplingParams:
     temperature = 0.0 if temperature < _GREEDY_BELOW else temperature
     try:
         return SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
@@ -341,7 +341,10 @@ async def _chat_image_and_masks(conv: ChatConversation, body: ChatCompletionRequ
                                            param=conv.images[0].param)[None]
 
 
-async def _start(engine: Engine, job: Any, request: Request) -> tuple[AsyncIterator[tuple], tuple]:
+RowEvents = AsyncIterator[RowText | RowDone]
+
+
+async def _start(engine: Engine, job: Job, request: Request) -> tuple[RowEvents, RowText | RowDone]:
     """Wait for the job's first event, so errors found by the worker (bad prompt, timeout) are still HTTP
     statuses, even for streams. Returns the event iterator and that first event."""
     events = engine.events(job, request.is_disconnected)
@@ -352,13 +355,13 @@ async def _start(engine: Engine, job: Any, request: Request) -> tuple[AsyncItera
     return events, first
 
 
-async def _collect(events: AsyncIterator[tuple], first: tuple) -> list[RowResult]:
+async def _collect(events: RowEvents, first: RowText | RowDone) -> list[RowResult]:
     results: list[RowResult] = []
     try:
         event = first
         while True:
-            if event[0] == "done":
-                results.append(event[2])
+            if isinstance(event, RowDone):
+                results.append(event.result)
             try:
                 event = await events.__anext__()
             except StopAsyncIteration:
@@ -370,7 +373,7 @@ async def _collect(events: AsyncIterator[tuple], first: tuple) -> list[RowResult
     return sorted(results, key=lambda r: r.index)
 
 
-async def _all_events(events: AsyncIterator[tuple], first: tuple) -> AsyncIterator[tuple]:
+async def _all_events(events: RowEvents, first: RowText | RowDone) -> RowEvents:
     yield first
     async for event in events:
         yield event
@@ -394,7 +397,7 @@ def _region_result(r: RowResult) -> RegionResult:
                         finish_reason=r.finish_reason)
 
 
-async def _chat_sse(events: AsyncIterator[tuple], first: tuple, rid: str, created: int, model: str, n: int,
+async def _chat_sse(events: RowEvents, first: RowText | RowDone, rid: str, created: int, model: str, n: int,
                     include_usage: bool) -> AsyncIterator[str]:
     """OpenAI chat.completion.chunk events; an error after the stream began is sent as an error event."""
 
@@ -406,11 +409,12 @@ async def _chat_sse(events: AsyncIterator[tuple], first: tuple, rid: str, create
     try:
         yield chunk([ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(n)])
         async for event in _all_events(events, first):
-            if event[0] == "delta":
-                yield chunk([ChunkChoice(index=event[1], delta=Delta(content=event[2]))])
-            elif event[0] == "done":
-                results.append(event[2])
-                yield chunk([ChunkChoice(index=event[1], delta=Delta(), finish_reason=event[2].finish_reason)])
+            if isinstance(event, RowText):
+                yield chunk([ChunkChoice(index=event.index, delta=Delta(content=event.text))])
+            else:
+                results.append(event.result)
+                yield chunk([ChunkChoice(index=event.result.index, delta=Delta(),
+                                         finish_reason=event.result.finish_reason)])
         if include_usage:
             yield chunk([], _usage(results, shared_prompt=True))
     except APIError as exc:
@@ -422,13 +426,13 @@ async def _chat_sse(events: AsyncIterator[tuple], first: tuple, rid: str, create
     yield "data: [DONE]\n\n"
 
 
-async def _describe_ndjson(events: AsyncIterator[tuple], first: tuple, notes: list[str]) -> AsyncIterator[str]:
+async def _describe_ndjson(events: RowEvents, first: RowText | RowDone, notes: list[str]) -> AsyncIterator[str]:
     results: list[RowResult] = []
     try:
         async for event in _all_events(events, first):
-            if event[0] == "done":
-                results.append(event[2])
-                yield _region_result(event[2]).model_dump_json() + "\n"
+            if isinstance(event, RowDone):
+                results.append(event.result)
+                yield _region_result(event.result).model_dump_json() + "\n"
         yield json.dumps({"usage": _usage(results).model_dump(), "notes": notes, "done": True}) + "\n"
     except APIError as exc:
         yield json.dumps(exc.body()) + "\n"

@@ -177,6 +177,31 @@ class RowResult:
     finish_reason: str
 
 
+@dataclass(frozen=True)
+class RowText:
+    """New text of row `index` of a job."""
+
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
+class RowDone:
+    """Row `result.index` of a job is finished."""
+
+    result: RowResult
+
+
+@dataclass(frozen=True)
+class JobFailed:
+    """The job failed (bad prompt, generation error, timeout): `Engine.events` raises `error`."""
+
+    error: APIError
+
+
+JobEvent = RowText | RowDone | JobFailed
+
+
 @dataclass(eq=False)  # identity semantics: jobs live in a set
 class Job:
     image: Image.Image
@@ -189,7 +214,7 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
 
-    def emit(self, event: tuple) -> None:
+    def emit(self, event: JobEvent) -> None:
         if not self.cancelled.is_set():
             try:
                 self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -197,7 +222,7 @@ class Job:
                 self.cancelled.set()
 
     def fail(self, error: APIError) -> None:
-        self.emit(("error", error))
+        self.emit(JobFailed(error))
 
 
 @dataclass
@@ -293,8 +318,8 @@ class Engine:
         return job
 
     async def events(self, job: Job, is_disconnected: Callable[[], Awaitable[bool]] | None = None
-                     ) -> AsyncIterator[tuple]:
-        """Yield the job's ("delta", row, text) and ("done", row, RowResult) events until every row is done.
+                     ) -> AsyncIterator[RowText | RowDone]:
+        """Yield the job's `RowText` and `RowDone` events until every row is done.
 
         Raises APIError (from the worker, or 504 on timeout) and ClientGone; the job is cancelled then.
         """
@@ -310,9 +335,9 @@ class Engine:
                     if is_disconnected is not None and await is_disconnected():
                         raise ClientGone() from None
                     continue
-                if event[0] == "error":
-                    raise event[1]
-                if event[0] == "done":
+                if isinstance(event, JobFailed):
+                    raise event.error
+                if isinstance(event, RowDone):
                     remaining -= 1
                 yield event
         finally:
@@ -461,9 +486,9 @@ class Engine:
             if live.job.first_token is None:
                 live.job.first_token = time.perf_counter()
                 self.metrics.observe("ttft", live.job.first_token - live.job.submitted)
-            live.job.emit(("delta", live.spec.index, event.text_delta))
+            live.job.emit(RowText(live.spec.index, event.text_delta))
         if event.finished:
             del self._live[live.row_id]
-            live.job.emit(("done", live.spec.index, RowResult(
+            live.job.emit(RowDone(RowResult(
                 index=live.spec.index, raw_text="".join(live.text), prompt_tokens=live.prompt_tokens,
                 completion_tokens=live.tokens, finish_reason=event.finish_reason or "stop")))

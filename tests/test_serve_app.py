@@ -20,7 +20,12 @@ from PIL import Image
 
 from osprey import BUILTIN_MODEL_DIR
 from osprey import masks as mask_codecs
-from osprey.prompts import IMAGE_PLACEHOLDER, REGION_PLACEHOLDER, clean_answer, multi_region_prefix
+from osprey.prompts import (
+    REGION_PLACEHOLDER,
+    clean_answer,
+    inline_region_question,
+    multi_region_question,
+)
 from serve.background import BackgroundServer
 from serve.config import ServeConfig
 
@@ -179,7 +184,7 @@ def test_rgba_conventions_answer_what_the_same_masks_answer_in_process(builtin):
     rgba[..., 3] = np.where(STAR, 255, 0)
     by_alpha = client.chat.completions.create(**greedy, messages=synth_messages(
         "Describe the masked region.", image=Image.fromarray(rgba, "RGBA"))).choices[0].message.content
-    one = [("human", multi_region_prefix(1) + "\nDescribe the masked region.")]
+    one = [("human", multi_region_question(1, "Describe the masked region."))]
     assert by_alpha == greedy_reference(pipe, one, STAR[None], 12)
     assert by_alpha != greedy_reference(pipe, one, ~STAR[None], 12)
 
@@ -189,7 +194,7 @@ def test_rgba_conventions_answer_what_the_same_masks_answer_in_process(builtin):
 
     by_images = client.chat.completions.create(**greedy, messages=synth_messages(
         "What is <region2>?", mask_image(STAR), mask_image(ROBOT))).choices[0].message.content
-    turns = [("human", f"{IMAGE_PLACEHOLDER}\nWhat is {REGION_PLACEHOLDER}?")]
+    turns = [("human", inline_region_question(f"What is {REGION_PLACEHOLDER}?"))]
     assert by_images == greedy_reference(pipe, turns, ROBOT[None], 12)
     assert by_images != greedy_reference(pipe, turns, ~ROBOT[None], 12)
     assert by_images != greedy_reference(pipe, turns, STAR[None], 12)  # the second image is <region2>
@@ -206,7 +211,7 @@ def test_multi_turn_keeps_regions_bound(builtin):
     history = first + [{"role": "assistant", "content": r1.choices[0].message.content},
                        {"role": "user", "content": "And what is <region2>?"}]
     r2 = client.chat.completions.create(messages=history, **greedy)
-    turns = [("human", f"{IMAGE_PLACEHOLDER}\nWhat is {REGION_PLACEHOLDER}?"), ("gpt", r1.choices[0].message.content),
+    turns = [("human", inline_region_question(f"What is {REGION_PLACEHOLDER}?")), ("gpt", r1.choices[0].message.content),
              ("human", f"And what is {REGION_PLACEHOLDER}?")]
     answer = r2.choices[0].message.content
     assert answer == greedy_reference(pipe, turns, np.stack([STAR, ROBOT]), 12)
