@@ -7,13 +7,14 @@ from __future__ import annotations
 import base64
 import logging
 import mimetypes
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from osprey.http import post_json
 
 logger = logging.getLogger(__name__)
 
@@ -151,32 +152,9 @@ class HttpBackend:
             self._cached = (path, image_data_url(path))
         return self._cached[1]
 
-    def _post(self, body: dict, retries: int = 5) -> list[dict]:
-        """One describe request; a full queue (429) or an unavailable server (503) is retried after its
-        Retry-After (at most 30 s, `retries` times)."""
-        import httpx
-
-        for attempt in range(retries + 1):
-            try:
-                resp = self.client.post(self.url, json=body)
-            except httpx.TransportError as exc:
-                raise RuntimeError(f"cannot reach {self.url}: {type(exc).__name__}: {exc}") from None
-            if resp.status_code not in (429, 503) or attempt == retries:
-                break
-            try:
-                wait = min(float(resp.headers.get("Retry-After", 1)), 30.0)
-            except ValueError:
-                wait = 1.0
-            logger.warning("%s answered %d; retrying in %.0f s", self.url, resp.status_code, wait)
-            time.sleep(wait)
-        if resp.status_code >= 400:
-            try:
-                message = resp.json()["error"]["message"]
-            except (ValueError, KeyError, TypeError):  # not the OpenAI error shape: show the raw body
-                message = resp.text[:500]
-            raise RuntimeError(f"{self.url} answered {resp.status_code}: {message}")
-        results = sorted(resp.json()["results"], key=lambda r: r["index"])
-        return results
+    def _post(self, body: dict) -> list[dict]:
+        """One describe request (back-pressure retried): its results in region order."""
+        return sorted(post_json(self.client, self.url, body)["results"], key=lambda r: r["index"])
 
     def answer(self, queries: Sequence[Query], sampling: Sampling) -> list[Answer]:
         if not queries:

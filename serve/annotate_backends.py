@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import threading
-import time
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass
@@ -24,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from osprey import masks as mask_codecs
+from osprey.http import post_json
 from osprey.inference import OspreyPipeline, PreparedPrompt, SamplingParams
 from osprey.prompts import task_prompt
 
@@ -190,27 +190,6 @@ class EndpointAnnotator:
             self._next += 1
             return self.urls[self._next % len(self.urls)]
 
-    def _post(self, url: str, body: dict, retries: int = 5) -> dict:
-        """One describe request; a full queue (429) or a loading server (503) is retried after its Retry-After."""
-        import httpx
-
-        for attempt in range(retries + 1):
-            try:
-                resp = self.client.post(url, json=body)
-            except httpx.TransportError as exc:
-                raise RuntimeError(f"cannot reach {url}: {type(exc).__name__}: {exc}") from None
-            if resp.status_code not in (429, 503) or attempt == retries:
-                break
-            try:
-                delay = min(float(resp.headers.get("Retry-After", 1)), 30.0)
-            except ValueError:
-                delay = 1.0
-            log.warning("%s answered %d; retrying in %.0f s", url, resp.status_code, delay)
-            time.sleep(delay)
-        if resp.status_code >= 400:
-            raise RuntimeError(f"{url} answered {resp.status_code}: {resp.text[:300]}")
-        return resp.json()
-
     def annotate(self, item: ImageItem) -> ImageResult:
         decoded = decode_item(item)
         result = ImageResult(failures=decoded.failures)
@@ -225,7 +204,7 @@ class EndpointAnnotator:
                     "max_tokens": self.settings.max_tokens, "temperature": self.settings.temperature,
                     "seed": self.settings.seed}
             try:
-                answer = self._post(self._url(), body)
+                answer = post_json(self.client, self._url(), body)
             except RuntimeError as exc:
                 result.failures += [Failure(item.image, r.item.id, str(exc)) for r in chunk]
                 continue
