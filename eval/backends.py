@@ -90,17 +90,20 @@ class InProcessBackend:
         if not queries:
             return []
         enc = self._encode(queries[0].image)
-        prepared = []
-        for q in queries:
+        prepared: list[Any] = [None] * len(queries)
+        by_task: dict[str, list[int]] = {}  # regions asked the same task: one extractor pass (prepare_each)
+        for index, q in enumerate(queries):
             if q.image != queries[0].image:
                 raise ValueError(f"one chunk must hold one image, got {queries[0].image!r} and {q.image!r}")
             if q.segmentation is None:
-                message = f"{IMAGE_PLACEHOLDER}\n{q.task}"
-                masks = np.zeros((0, enc.height, enc.width), dtype=bool)
+                no_region = np.zeros((0, enc.height, enc.width), dtype=bool)
+                prepared[index] = self.pipe.prepare(enc, [("human", f"{IMAGE_PLACEHOLDER}\n{q.task}")], no_region)
             else:
-                message = task_prompt(q.task)
-                masks = decode_region(q.segmentation, enc.height, enc.width)[None]
-            prepared.append(self.pipe.prepare(enc, [("human", message)], masks))
+                by_task.setdefault(q.task, []).append(index)
+        for task, indices in by_task.items():
+            masks = np.stack([decode_region(queries[i].segmentation, enc.height, enc.width) for i in indices])
+            for index, prompt in zip(indices, self.pipe.prepare_each(enc, [("human", task_prompt(task))], masks)):
+                prepared[index] = prompt
         params = SamplingParams(
             max_new_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature,
