@@ -178,3 +178,18 @@ def test_pool_plan_fits_the_budget():
     assert size.prefix_slots == (10 * 2**20) // (1024 * 300) and size.row_slots == 4 * size.prefix_slots
     with pytest.raises(ValueError, match="not even one image"):
         plan_pool(1000, per_token=1024, prefix_tokens=100, suffix_tokens=50)
+
+
+def test_text_stream_with_a_llama_sentencepiece_tokenizer(tmp_path):
+    """The legacy Llama (Metaspace) decoder drops a leading space at the start of a decode: the stream's windows
+    start on the same token on both sides, so the streamed text still equals one full decode."""
+    import shutil
+    from pathlib import Path
+
+    from osprey.tokenization import load_tokenizer
+
+    shutil.copy(Path(__file__).parent / "fixtures" / "tokenizer_golden" / "tokenizer.model", tmp_path)
+    tok = load_tokenizer(tmp_path)
+    ids = tok.encode("A red bottle, and two cups on the shelf. It is 3.5 cm wide: yes!", add_special_tokens=False)
+    stream = TextStream(tok)
+    assert "".join(stream.push(t) for t in ids) + stream.flush() == tok.decode(ids, skip_special_tokens=True)
