@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 
+import torch
 from PIL import Image
 
 from osprey.inference import SamplingParams
@@ -37,8 +38,14 @@ def our_greedy_tokens(pipe, prompts, max_new_tokens: int, share_prefix: bool) ->
 
 def transformers_greedy_tokens(pipe, prompts, max_new_tokens: int) -> list[list[int]]:
     """The independent reference: transformers' own greedy `generate` on the same prompt embeddings."""
-    embeds, attention, prefix = pipe._embed(prompts, share_prefix=False)
-    assert prefix is None
+    rows = [pipe.model.merge_embeddings(p.input_ids[None].to(pipe.device), p.image.tokens[None], p.mask_tokens,
+                                        p.pos_tokens)[0] for p in prompts]
+    length = max(r.shape[0] for r in rows)  # left-padded with zeros and masked, as transformers expects
+    embeds = rows[0].new_zeros((len(rows), length, rows[0].shape[1]))
+    attention = torch.zeros((len(rows), length), dtype=torch.long, device=pipe.device)
+    for index, row in enumerate(rows):
+        embeds[index, length - row.shape[0]:] = row
+        attention[index, length - row.shape[0]:] = 1
     out = pipe.model.language_model.generate(
         inputs_embeds=embeds, attention_mask=attention, max_new_tokens=max_new_tokens, do_sample=False,
         eos_token_id=pipe.eos_token_id, pad_token_id=pipe.eos_token_id)
