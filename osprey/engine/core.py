@@ -27,6 +27,9 @@ from osprey.generation import SamplingParams
 __all__ = ["GroupRequest", "RegionDecoder", "RowRequest", "TokenEvent"]
 
 
+_SEED_RANGE = 1 << 62  # any integer seed (the API takes the whole int64 range) maps into a device int64
+
+
 @dataclass(frozen=True)
 class RowRequest:
     row_id: Hashable  # the caller's name for the row, unique among rows in flight
@@ -180,7 +183,7 @@ class RegionDecoder:
             self.forward.prefill_prefix(group.prefix.to(self.device, self.dtype), self.pool, slot)
             self.groups.append(_Group(group.prefix.shape[0], len(group.rows)))
             for local, request in enumerate(group.rows):
-                seed = request.params.seed if request.params.seed is not None else random.getrandbits(62)
+                seed = random.getrandbits(62) if request.params.seed is None else request.params.seed % _SEED_RANGE
                 self.rows.append(_Row(request, slot, local, 0, seed))
         new_rows = self.rows[first_row:]
         embeds, lengths = self._pad([row.request.suffix for row in new_rows])
