@@ -162,7 +162,7 @@ class OspreyPipeline:
             split = self._prefix_length(first.input_ids)
             suffixes = self._embed_suffixes([prompts[i] for i in indices], split)
             rows = [RowRequest(row_ids[i], suffix, params[i]) for i, suffix in zip(indices, suffixes)]
-            groups.append(GroupRequest(self._embed_ids(first.input_ids[:split], first.image.tokens[None]), rows))
+            groups.append(GroupRequest(self._merge(first.input_ids[None, :split], first.image)[0], rows))
         return groups
 
     def _embed_suffixes(self, prompts: Sequence[PreparedPrompt], split: int) -> list[torch.Tensor]:
@@ -174,12 +174,10 @@ class OspreyPipeline:
         out: list[torch.Tensor | None] = [None] * len(prompts)
         for ids, indices in batches.items():
             rows = [prompts[i] for i in indices]
-            batch_ids = torch.tensor(ids, device=self.device)[None].expand(len(rows), -1)
+            batch_ids = torch.tensor(ids)[None].expand(len(rows), -1)
             mask_tokens = torch.cat([p.mask_tokens for p in rows]) if rows[0].mask_tokens.shape[0] else None
             pos_tokens = torch.cat([p.pos_tokens for p in rows]) if rows[0].pos_tokens.shape[0] else None
-            has_image = bool((batch_ids[0] == self.config.image_token_id).any())
-            embeds = self.model.merge_embeddings(batch_ids, rows[0].image.tokens[None].expand(len(rows), -1, -1)
-                                                 if has_image else None, mask_tokens, pos_tokens)
+            embeds = self._merge(batch_ids, rows[0].image, mask_tokens, pos_tokens)
             for index, row in zip(indices, embeds):
                 out[index] = row
         return out
@@ -190,11 +188,13 @@ class OspreyPipeline:
         masks = (ids == self.config.mask_token_id).nonzero()
         return int(masks[0, 0]) if len(masks) else int(ids.shape[0]) - 1
 
-    def _embed_ids(self, ids: torch.Tensor, image_tokens: torch.Tensor | None, mask_tokens: torch.Tensor | None = None,
-                   pos_tokens: torch.Tensor | None = None) -> torch.Tensor:
-        has_image = bool((ids == self.config.image_token_id).any())
-        return self.model.merge_embeddings(ids.to(self.device)[None], image_tokens if has_image else None,
-                                           mask_tokens, pos_tokens)[0]
+    def _merge(self, ids: torch.Tensor, image: EncodedImage, mask_tokens: torch.Tensor | None = None,
+               pos_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """ids (B, T), all rows alike in where the image goes -> (B, T, D). The image's tokens fill its slots only
+        where the ids hold them: a prefix does, a region's own tokens do not."""
+        has_image = bool((ids[0] == self.config.image_token_id).any())
+        image_tokens = image.tokens[None].expand(ids.shape[0], -1, -1) if has_image else None
+        return self.model.merge_embeddings(ids.to(self.device), image_tokens, mask_tokens, pos_tokens)
 
     def decoder(self, pool_size: PoolSize) -> RegionDecoder:
         """A continuous-batching decoder over this model with a preallocated KV pool of `pool_size`."""
