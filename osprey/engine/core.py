@@ -187,9 +187,9 @@ class RegionDecoder:
                 self.rows.append(_Row(request, slot, local, 0, seed))
         new_rows = self.rows[first_row:]
         embeds, lengths = self._pad([row.request.suffix for row in new_rows])
-        block = self._block(new_rows, first_row, first_group, tokens=embeds.shape[1],
-                            start=[0] * len(new_rows), lengths=lengths)
-        logits = self.forward.forward_rows(embeds, block, self.pool, self._prefix_lengths(first_group))
+        block = self._prefill_block(new_rows, first_row, first_group, embeds.shape[1], lengths)
+        prefix_lengths = torch.tensor([g.prefix_length for g in self.groups[first_group:]], device=self.device)
+        logits = self.forward.forward_rows(embeds, block, self.pool, prefix_lengths)
         for row, length in zip(new_rows, lengths):
             row.length = length
         return self._advance(new_rows, logits)
@@ -227,22 +227,20 @@ class RegionDecoder:
         return sample(logits, floats[0], floats[1], ints[0], ints[1], any(p.temperature > 0 for p in params))
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
-    def _block(self, rows: list[_Row], first_row: int, first_group: int, tokens: int, start: list[int],
-               lengths: list[int]) -> RowBlock:
+    def _prefill_block(self, rows: list[_Row], first_row: int, first_group: int, tokens: int, lengths: list[int]
+                       ) -> RowBlock:
+        """The new rows (pool slots from `first_row`, groups from `first_group`), their suffixes written from 0."""
         device = self.device
         return RowBlock(
             first=first_row, count=len(rows), tokens=tokens,
-            start=torch.tensor(start, device=device), lengths=torch.tensor(lengths, device=device),
+            start=torch.zeros(len(rows), dtype=torch.long, device=device), lengths=torch.tensor(lengths, device=device),
             group=torch.tensor([row.group - first_group for row in rows], device=device),
             local=torch.tensor([row.local for row in rows], device=device),
             group_first=first_group, groups=len(self.groups) - first_group,
             width=max(row.local for row in rows) + 1,
             prefix_keys=max(group.prefix_length for group in self.groups[first_group:]),
-            suffix_keys=max(start) + tokens,
+            suffix_keys=tokens,
         )
-
-    def _prefix_lengths(self, first_group: int) -> torch.Tensor:
-        return torch.tensor([g.prefix_length for g in self.groups[first_group:]], device=self.device)
 
     def _pad(self, suffixes: list[torch.Tensor]) -> tuple[torch.Tensor, list[int]]:
         """Row suffixes (t_i, D) -> (n, max t, D) zero-padded on the right, and the t_i."""
