@@ -1,12 +1,13 @@
-"""The engine's CUDA paths (the memory-efficient attention kernel with its log-sum-exp, bf16 decoding) against
-references; skipped without a GPU, run on the device machine with `python -m pytest -m gpu`."""
+"""The engine's CUDA paths (FlashAttention over packed sequences and the memory-efficient kernel, each with its
+log-sum-exp; bf16 decoding) against references; skipped without a GPU, run on the device machine with
+`python -m pytest -m gpu`."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from osprey.engine.attention import attend, length_bias
+from osprey.engine.attention import attend, attend_packed, length_bias
 from osprey.inference import OspreyPipeline, SamplingParams
 from osprey.prompts import task_prompt
 
@@ -26,15 +27,51 @@ def test_the_cuda_kernel_equals_the_reference_math(dtype):
     torch.testing.assert_close(lse.cpu(), ref_lse, atol=tol, rtol=tol)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_greedy_tokens_on_cuda_equal_transformers_generate(tiny_model_dir, dtype):
-    pipe = OspreyPipeline.from_pretrained(tiny_model_dir, device="cuda", dtype=dtype)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_the_packed_kernel_equals_attention_per_sequence(dtype, causal):
+    """Sequences of 3, 0, 5 and 1 queries over 7, 2, 9 and 4 used keys of slots 10 keys apart, 2 query heads per
+    key head: each sequence against plain fp32 attention over its own used keys."""
+    torch.manual_seed(0)
+    queries, used, slot = [3, 0, 5, 1], [7, 2, 9, 4], 10
+    q = torch.randn(sum(queries), 4, 64, device="cuda", dtype=dtype)
+    k, v = (torch.randn(slot * len(used), 2, 64, device="cuda", dtype=dtype) for _ in range(2))
+    starts = torch.tensor([0, 3, 3, 8, 9], dtype=torch.int32, device="cuda")
+    key_starts = torch.arange(5, dtype=torch.int32, device="cuda") * slot
+    out, lse = attend_packed(q, k, v, starts, key_starts, torch.tensor(used, dtype=torch.int32, device="cuda"),
+                             16, slot, causal, 0.125)
+    for index, (count, keys) in enumerate(zip(queries, used)):
+        if count == 0:
+            continue
+        rows = slice(int(starts[index]), int(starts[index]) + count)
+        kk = k[index * slot:index * slot + keys].float().repeat_interleave(2, dim=1)  # (keys, 4, 64)
+        vv = v[index * slot:index * slot + keys].float().repeat_interleave(2, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[rows].float(), kk) * 0.125
+        if causal:  # the last query sees every used key, each earlier one a key less
+            visible = torch.arange(keys, device="cuda")[None, :] <= torch.arange(count, device="cuda")[:, None] + keys - count
+            scores = scores.masked_fill(~visible[None], float("-inf"))
+        ref_lse = torch.logsumexp(scores, dim=-1)
+        ref = torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1), vv)
+        torch.testing.assert_close(out[rows].float(), ref, atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(lse[rows], ref_lse.transpose(0, 1), atol=2e-2, rtol=2e-2)
+
+
+def _two_image_prompts(pipe):
+    """Regions of two images, the second with a longer shared prefix (more text before its region)."""
     rng = np.random.default_rng(0)
-    image = Image.fromarray((rng.random((40, 56, 3)) * 255).astype(np.uint8))
+    images = [Image.fromarray((rng.random((40, 56, 3)) * 255).astype(np.uint8)) for _ in range(2)]
     masks = np.zeros((6, 40, 56), bool)
     for q in range(6):
         masks[q, 3 * q:3 * q + 12, 5 * q:5 * q + 20] = True
-    prompts = pipe.prepare_each(pipe.encode_image(image), [("human", task_prompt("short"))], masks)
+    prompts = pipe.prepare_each(pipe.encode_image(images[0]), [("human", task_prompt("short"))], masks)
+    longer = "<image>\nThis provides an overview of the picture. Look at all of it before you answer.\nWhat is <mask><pos>?"
+    return prompts + pipe.prepare_each(pipe.encode_image(images[1]), [("human", longer)], masks[:3])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_tokens_on_cuda_equal_transformers_generate(tiny_model_dir, dtype):
+    pipe = OspreyPipeline.from_pretrained(tiny_model_dir, device="cuda", dtype=dtype)
+    prompts = _two_image_prompts(pipe)
     ours = [[] for _ in prompts]
     for events in pipe.generate_stream(prompts, SamplingParams(max_new_tokens=16)):
         for e in events:

@@ -6,19 +6,23 @@ one query block. Each row's suffix (its region tokens, question and generated to
 the two partial softmaxes are combined exactly through their log-sum-exps, so the result equals attention over
 the concatenation.
 
-`attend` is the one kernel call: on CUDA the memory-efficient SDPA kernel (fp32 accumulation, an additive bias,
-and it returns the log-sum-exp); elsewhere the same math in fp32 with matmuls. Two cuBLAS batched matmuls with
-fp32 scores were tried in its place and were slower (a 16 images x 16 regions 7B step: 33.5 ms on an H200, against
-29.4 ms with this kernel on an H100, the slower card): the unfused softmax passes over the prefix part's fp32
-scores (38 MB a layer) cost more than they saved. A fused kernel reading the prefix once per image with a query
-block per image (flash decoding) is the next step (docs/engine.md).
+Two kernels, one contract (output + log-sum-exp per query):
+- `attend_packed`, on CUDA in fp16/bf16: FlashAttention-2's variable-length kernel over packed sequences. Each
+  image's rows are one query sequence against that image's prefix (no padding to a common row count, no bias
+  tensor), and each row is one query sequence against its own suffix; `seqused_k` says how many stored keys each
+  sequence has, so the pool's fixed-size slots are read in place.
+- `attend`, everywhere else (CPU, fp32): dense batches with an additive bias; on CUDA the memory-efficient SDPA
+  kernel, on CPU the same math in fp32 with matmuls. It is the reference the packed kernel is tested against.
+Two cuBLAS batched matmuls with fp32 scores were tried for the dense path and were slower (a 16 images x 16 regions
+7B step: 33.5 ms on an H200, against 29.4 ms with the memory-efficient kernel on an H100): the unfused softmax
+passes over the prefix part's fp32 scores cost more than they saved.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["attend", "length_bias", "merge"]
+__all__ = ["attend", "attend_packed", "length_bias", "merge", "packed_kernel_runs"]
 
 NEG_INF = float("-inf")
 
@@ -39,6 +43,31 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: to
     lse = torch.logsumexp(scores, dim=-1)
     out = torch.matmul(torch.exp(scores - lse[..., None]), value.float())
     return out, lse
+
+
+def packed_kernel_runs(tensor: torch.Tensor) -> bool:
+    """Whether `attend_packed` can take tensors like this one (FlashAttention: CUDA, fp16/bf16)."""
+    return tensor.is_cuda and tensor.dtype in (torch.float16, torch.bfloat16)
+
+
+def attend_packed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, query_starts: torch.Tensor,
+                  key_starts: torch.Tensor, keys_used: torch.Tensor, max_queries: int, max_keys: int, causal: bool,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed sequences: query (Q, H, d), key/value (K, Hkv, d) with Hkv dividing H; sequence i owns queries
+    `query_starts[i] .. query_starts[i+1]` and keys from `key_starts[i]`, of which the first `keys_used[i]` count
+    (int32, on the device). Causal masks align the last query with the last used key.
+    -> output (Q, H, d) in the query's dtype, log-sum-exp (Q, H) fp32.
+
+    `max_queries` / `max_keys` bound the longest sequence (they size the launch grid; larger is fine, smaller
+    is wrong), so a CUDA graph records them once for a padded shape.
+    """
+    out, lse, _, _, _ = torch.ops.aten._flash_attention_forward(
+        query, key, value, query_starts, key_starts, max_queries, max_keys, 0.0, causal, False, scale=scale,
+        seqused_k=keys_used)
+    if lse.dim() != 2:  # FlashAttention >= 2.5 returns the varlen log-sum-exp unpadded: (H, Q)
+        raise RuntimeError(f"this torch's FlashAttention returns a log-sum-exp of shape {tuple(lse.shape)}; the "
+                           "engine needs the unpadded (heads, queries) layout of FlashAttention >= 2.5")
+    return out, lse.transpose(0, 1)
 
 
 def _aligned_bias(bias: torch.Tensor, query: torch.Tensor, keys: int) -> torch.Tensor:

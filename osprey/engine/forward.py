@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from osprey.engine.attention import attend, length_bias, merge
+from osprey.engine.attention import attend, attend_packed, length_bias, merge, packed_kernel_runs
 from osprey.engine.kv import KVPool
 
 __all__ = ["LlamaForward", "RowBlock", "supports"]
@@ -53,6 +53,24 @@ class RowBlock:
     suffix_keys: int  # suffix positions to read (>= max start + tokens)
 
 
+@dataclass
+class _PackedLayout:
+    order: torch.Tensor  # (n,) rows sorted by image slot
+    inverse: torch.Tensor  # (n,) back to pool order
+    prefix_query_starts: torch.Tensor  # (groups + 1,) int32
+    prefix_key_starts: torch.Tensor  # (groups + 1,) int32
+    prefix_used: torch.Tensor  # (groups,) int32
+    suffix_query_starts: torch.Tensor  # (n + 1,) int32
+    suffix_key_starts: torch.Tensor  # (n + 1,) int32
+    suffix_used: torch.Tensor  # (n,) int32
+
+
+@dataclass
+class _DenseLayout:
+    suffix_bias: torch.Tensor  # (n, 1, T * g, suffix keys)
+    prefix_bias: torch.Tensor  # (groups, 1, 1, prefix keys)
+
+
 class LlamaForward:
     def __init__(self, language_model: PreTrainedModel) -> None:
         if not supports(language_model):
@@ -82,8 +100,8 @@ class LlamaForward:
         hidden = embeds
         for index, layer in enumerate(self.model.layers):
             query, key, value = self._qkv(layer, hidden, cos, sin)
-            pool.prefix_k[index][slot, :, :length] = key.transpose(0, 1)
-            pool.prefix_v[index][slot, :, :length] = value.transpose(0, 1)
+            pool.prefix_k[index][slot, :length] = key
+            pool.prefix_v[index][slot, :length] = value
             out = F.scaled_dot_product_attention(query.transpose(0, 1)[None], key.transpose(0, 1)[None],
                                                  value.transpose(0, 1)[None], is_causal=True, scale=self.scale,
                                                  enable_gqa=self.group_size > 1)
@@ -101,16 +119,16 @@ class LlamaForward:
         cos, sin = self._rope(embeds, positions.reshape(-1))
         rows = torch.arange(block.first, block.first + n, device=embeds.device)[:, None].expand(n, tokens)
         write_at = suffix_pos.clamp(max=pool.max_suffix - 1)
-        keys = block.suffix_keys
-        suffix_bias = self._suffix_bias(block, keys)
-        prefix_bias = length_bias(prefix_lengths, block.prefix_keys)
+        if packed_kernel_runs(embeds):
+            layout, attention = self._packed_layout(block, pool, prefix_lengths), self._packed_attention
+        else:
+            layout, attention = self._dense_layout(block, prefix_lengths), self._dense_attention
         hidden = embeds.reshape(n * tokens, -1)
         for index, layer in enumerate(self.model.layers):
             query, key, value = self._qkv(layer, hidden, cos, sin)
-            pool.suffix_k[index][rows, :, write_at] = key.view(n, tokens, self.num_kv_heads, self.head_dim)
-            pool.suffix_v[index][rows, :, write_at] = value.view(n, tokens, self.num_kv_heads, self.head_dim)
-            out = self._attention(index, query.view(n, tokens, self.num_heads, self.head_dim), block, pool,
-                                  keys, suffix_bias, prefix_bias)
+            pool.suffix_k[index][rows, write_at] = key.view(n, tokens, self.num_kv_heads, self.head_dim)
+            pool.suffix_v[index][rows, write_at] = value.view(n, tokens, self.num_kv_heads, self.head_dim)
+            out = attention(index, query.view(n, tokens, self.num_heads, self.head_dim), block, pool, layout)
             hidden = self._finish_layer(layer, hidden, out)
         last = hidden.view(n, tokens, -1)[torch.arange(n, device=embeds.device), block.lengths - 1]
         return self.head(self.model.norm(last)).float()
@@ -135,6 +153,54 @@ class LlamaForward:
         hidden = hidden + layer.self_attn.o_proj(attention)
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
+    # -- packed attention (CUDA, fp16/bf16) --------------------------------------------------------------------
+    def _packed_layout(self, block: RowBlock, pool: KVPool, prefix_lengths: torch.Tensor) -> _PackedLayout:
+        """The sequences of the two kernel calls: per image its rows' tokens (rows sorted by image) against the
+        image's prefix slot, per row its tokens against its own suffix slot. Computed once per pass; fixed shapes,
+        no host sync, so a CUDA graph records it."""
+        device, int32 = block.group.device, torch.int32
+        n, tokens = block.count, block.tokens
+        order = torch.argsort(block.group, stable=True)
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(n, device=device)
+        per_image = torch.zeros(block.groups, dtype=int32, device=device).scatter_add_(
+            0, block.group, torch.full((n,), tokens, dtype=int32, device=device))
+        return _PackedLayout(
+            order=order, inverse=inverse,
+            prefix_query_starts=F.pad(per_image.cumsum(0, dtype=int32), (1, 0)),
+            prefix_key_starts=torch.arange(block.groups + 1, dtype=int32, device=device) * pool.max_prefix,
+            prefix_used=prefix_lengths.to(int32),
+            suffix_query_starts=torch.arange(n + 1, dtype=int32, device=device) * tokens,
+            suffix_key_starts=torch.arange(n + 1, dtype=int32, device=device) * pool.max_suffix,
+            suffix_used=(block.start + tokens).clamp(max=pool.max_suffix).to(int32),
+        )
+
+    def _packed_attention(self, index: int, query: torch.Tensor, block: RowBlock, pool: KVPool,
+                          layout: _PackedLayout) -> torch.Tensor:
+        """query (n, T, H, d) -> (n * T, H * d): each image's prefix read once for all its rows, each row's suffix
+        read by that row, merged by log-sum-exp."""
+        n, tokens, heads, d = block.count, block.tokens, self.num_heads, self.head_dim
+        groups = slice(block.group_first, block.group_first + block.groups)
+        rows = slice(block.first, block.first + n)
+        by_image = query[layout.order].reshape(n * tokens, heads, d)
+        prefix_out, prefix_lse = attend_packed(
+            by_image, pool.prefix_k[index][groups].flatten(0, 1), pool.prefix_v[index][groups].flatten(0, 1),
+            layout.prefix_query_starts, layout.prefix_key_starts, layout.prefix_used, n * tokens, pool.max_prefix,
+            False, self.scale)
+        suffix_out, suffix_lse = attend_packed(
+            query.reshape(n * tokens, heads, d), pool.suffix_k[index][rows].flatten(0, 1),
+            pool.suffix_v[index][rows].flatten(0, 1), layout.suffix_query_starts, layout.suffix_key_starts,
+            layout.suffix_used, tokens, pool.max_suffix, True, self.scale)
+        out = merge(prefix_out.view(n, tokens, heads, d)[layout.inverse],
+                    prefix_lse.view(n, tokens, heads)[layout.inverse],
+                    suffix_out.view(n, tokens, heads, d), suffix_lse.view(n, tokens, heads))
+        return out.reshape(n * tokens, heads * d).to(query.dtype)
+
+    # -- dense attention (CPU, fp32: the reference) --------------------------------------------------------------
+    def _dense_layout(self, block: RowBlock, prefix_lengths: torch.Tensor) -> _DenseLayout:
+        return _DenseLayout(suffix_bias=self._suffix_bias(block, block.suffix_keys),
+                            prefix_bias=length_bias(prefix_lengths, block.prefix_keys))
+
     def _suffix_bias(self, block: RowBlock, keys: int) -> torch.Tensor:
         """(n, 1, T * g, keys): query token i of a row sees its suffix positions <= start + i (causal)."""
         device = block.start.device
@@ -145,18 +211,19 @@ class LlamaForward:
         bias.masked_fill_(key_pos[None, None, :] > query_pos[:, :, None], float("-inf"))
         return bias[:, None]
 
-    def _attention(self, index: int, query: torch.Tensor, block: RowBlock, pool: KVPool, keys: int,
-                   suffix_bias: torch.Tensor, prefix_bias: torch.Tensor) -> torch.Tensor:
+    def _dense_attention(self, index: int, query: torch.Tensor, block: RowBlock, pool: KVPool,
+                         layout: _DenseLayout) -> torch.Tensor:
         """query (n, T, H, d) -> (n * T, H * d): attention over the row's image prefix and its own suffix."""
-        n, tokens = block.count, block.tokens
+        n, tokens, keys = block.count, block.tokens, block.suffix_keys
         kv_heads, g, d = self.num_kv_heads, self.group_size, self.head_dim
         # prefix: every image's rows as one query block (G, Hkv, W * T * g, d) against that image's prefix
         grid = query.new_zeros((block.groups, block.width, tokens, kv_heads, g, d))
         grid[block.group, block.local] = query.view(n, tokens, kv_heads, g, d)
         grid = grid.permute(0, 3, 1, 2, 4, 5).reshape(block.groups, kv_heads, -1, d)
         groups = slice(block.group_first, block.group_first + block.groups)
-        prefix_out, prefix_lse = attend(grid, pool.prefix_k[index][groups, :, :block.prefix_keys],
-                                        pool.prefix_v[index][groups, :, :block.prefix_keys], prefix_bias, self.scale)
+        prefix_out, prefix_lse = attend(grid, pool.prefix_k[index][groups, :block.prefix_keys].transpose(1, 2),
+                                        pool.prefix_v[index][groups, :block.prefix_keys].transpose(1, 2),
+                                        layout.prefix_bias, self.scale)
         prefix_out = prefix_out.view(block.groups, kv_heads, block.width, tokens, g, d).permute(0, 2, 3, 1, 4, 5)
         prefix_lse = prefix_lse.view(block.groups, kv_heads, block.width, tokens, g).permute(0, 2, 3, 1, 4)
         prefix_out = prefix_out[block.group, block.local]  # (n, T, Hkv, g, d)
@@ -164,8 +231,9 @@ class LlamaForward:
         # suffix: each row against its own keys
         rows = slice(block.first, block.first + n)
         own = query.view(n, tokens, kv_heads, g, d).permute(0, 2, 1, 3, 4).reshape(n, kv_heads, tokens * g, d)
-        suffix_out, suffix_lse = attend(own, pool.suffix_k[index][rows, :, :keys],
-                                        pool.suffix_v[index][rows, :, :keys], suffix_bias, self.scale)
+        suffix_out, suffix_lse = attend(own, pool.suffix_k[index][rows, :keys].transpose(1, 2),
+                                        pool.suffix_v[index][rows, :keys].transpose(1, 2), layout.suffix_bias,
+                                        self.scale)
         suffix_out = suffix_out.view(n, kv_heads, tokens, g, d).permute(0, 2, 1, 3, 4)
         suffix_lse = suffix_lse.view(n, kv_heads, tokens, g).permute(0, 2, 1, 3)
         out = merge(prefix_out, prefix_lse, suffix_out, suffix_lse)  # (n, T, Hkv, g, d)

@@ -48,8 +48,10 @@ class KVPool:
     def __init__(self, size: PoolSize, num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         self.size = size
-        prefix_shape = (size.prefix_slots, num_kv_heads, size.prefix_tokens, head_dim)
-        suffix_shape = (size.row_slots, num_kv_heads, size.suffix_tokens, head_dim)
+        # token-major slots (slot, token, head, dim): a run of slots flattens to the packed (tokens, head, dim)
+        # layout FlashAttention's variable-length kernel reads in place
+        prefix_shape = (size.prefix_slots, size.prefix_tokens, num_kv_heads, head_dim)
+        suffix_shape = (size.row_slots, size.suffix_tokens, num_kv_heads, head_dim)
         self.prefix_k = [torch.zeros(prefix_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.prefix_v = [torch.zeros(prefix_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.suffix_k = [torch.zeros(suffix_shape, dtype=dtype, device=device) for _ in range(num_layers)]
