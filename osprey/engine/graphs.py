@@ -3,7 +3,8 @@
 A 7B decoding step launches about 50 kernels per layer; at small batches launching them takes longer than running
 them, so one region alone would wait on the host. The step's shape is padded up to a bucket (rows, image groups and
 query-block width to powers of two, prefix and suffix keys to multiples of 64), so a few recorded graphs serve every
-load; each is recorded the first time its shape comes up. The same padding runs eagerly on CPU (and is tested
+load; each is recorded the first time its shape comes up (with the packed CUDA kernel, which reads the slots in
+place, only the row and group counts make a shape). The same padding runs eagerly on CPU (and is tested
 there). Padding rows sit in free row slots, read a spare query-block column of group 0 and write their keys at the
 last suffix position, which no row ever fills (a row's last token is sampled, never fed), so they touch no live row.
 """
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from osprey.engine.attention import packed_kernel_runs
 from osprey.engine.forward import LlamaForward, RowBlock
 from osprey.engine.kv import KVPool
 
@@ -57,6 +59,9 @@ class DecodeStep:
 
     def shape(self, rows: int, groups: int, width: int, prefix_keys: int, suffix_keys: int) -> DecodeShape:
         size = self.pool.size
+        if packed_kernel_runs(self.pool.prefix_k[0]):  # the packed kernel reads slots in place: only counts matter
+            return DecodeShape(rows=_power_of_two(rows, size.row_slots), groups=_power_of_two(groups, size.prefix_slots),
+                               width=1, prefix_keys=size.prefix_tokens, suffix_keys=size.suffix_tokens)
         return DecodeShape(rows=_power_of_two(rows, size.row_slots), groups=_power_of_two(groups, size.prefix_slots),
                            width=_power_of_two(width + 1), prefix_keys=_multiple(prefix_keys, 64, size.prefix_tokens),
                            suffix_keys=_multiple(suffix_keys, 64, size.suffix_tokens))
