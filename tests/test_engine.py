@@ -203,3 +203,38 @@ def test_any_integer_seed_samples_reproducibly(tiny_pipeline, image, masks):
         params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=seed)
         first, again = (tiny_pipeline.generate([prompt], params)[0].raw_text for _ in range(2))
         assert first == again
+
+
+_TRITON_CHECK = """
+import torch
+from osprey.engine.decode_attention import decode_attention, decode_layout
+from osprey.engine.forward import _reference_decode
+torch.manual_seed(0)
+group = torch.tensor([2, 0, 0, 1, 2, 0] + [0] * 17)  # image 0 has 19 rows: two 16-row query blocks
+prefix_used, suffix_used = torch.tensor([40, 7, 1]), torch.randint(1, 25, (23,))
+q = torch.randn(23, 4, 16).half()
+pk, pv = (torch.randn(4, 40, 2, 16).half() for _ in range(2))  # slot 3 holds no image (a padded graph group)
+sk, sv = (torch.randn(23, 24, 2, 16).half() for _ in range(2))
+reference = _reference_decode(q.float(), pk[:3].float(), pv[:3].float(), sk.float(), sv.float(), group, prefix_used,
+                              suffix_used, 0.3)
+for splits in (1, 3):
+    layout = decode_layout(group, 4, torch.cat([prefix_used, torch.tensor([1])]), suffix_used, splits)
+    out = decode_attention(q, pk, pv, sk, sv, layout, 0.3)
+    print(splits, float((out - reference).abs().max()))
+"""
+
+
+def test_the_triton_decoding_kernels_equal_dense_attention_under_the_interpreter():
+    """The GPU decoding kernels, run by Triton's CPU interpreter: a 16-row query block per image with its prefix in
+    1 or 3 chunks, two blocks for a 19-row image, an image slot without rows, grouped query heads, each row's own
+    suffix; against dense fp32 attention over [prefix + suffix]."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    result = subprocess.run([sys.executable, "-c", _TRITON_CHECK], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    errors = {int(line.split()[0]): float(line.split()[1]) for line in result.stdout.split("\n") if line.strip()}
+    assert set(errors) == {1, 3} and max(errors.values()) < 2e-3, errors

@@ -88,3 +88,13 @@ def test_greedy_tokens_on_cuda_equal_transformers_generate(tiny_model_dir, dtype
         ref = ref[:ref.index(pipe.eos_token_id)] if pipe.eos_token_id in ref else ref
         agree += ours[row] == ref
     assert agree == len(prompts) if dtype == torch.float32 else agree >= len(prompts) - 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_the_triton_decoding_kernels_run_and_agree_on_the_gpu(tiny_model_dir, dtype):
+    """The engine's start-up check compiles the kernels and compares them with dense attention; on a GPU it must
+    pass (a silent fallback to FlashAttention would hide a broken kernel)."""
+    from osprey.engine.forward import LlamaForward
+
+    pipe = OspreyPipeline.from_pretrained(tiny_model_dir, device="cuda", dtype=dtype)
+    assert LlamaForward(pipe.model.language_model).decode_kernel

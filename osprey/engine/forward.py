@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
@@ -20,7 +22,14 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from osprey.engine.attention import attend, attend_packed, length_bias, merge, packed_kernel_runs
 from osprey.engine.kv import KVPool
 
+try:  # Triton ships with CUDA builds of torch; without it decoding uses FlashAttention (CUDA) or the dense path
+    from osprey.engine import decode_attention as triton_decode
+except ImportError:
+    triton_decode = None
+
 __all__ = ["LlamaForward", "RowBlock", "supports"]
+
+log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -53,6 +62,26 @@ class RowBlock:
     suffix_keys: int  # suffix positions to read (>= max start + tokens)
 
 
+def _reference_decode(query, prefix_k, prefix_v, suffix_k, suffix_v, group, prefix_used, suffix_used, scale
+                      ) -> torch.Tensor:
+    """Dense fp32 attention of each row's one query over [its image's used prefix + its used suffix]."""
+    keys, values, bias = [], [], []
+    for row in range(query.shape[0]):
+        image = int(group[row])
+        k = torch.cat([prefix_k[image, :int(prefix_used[image])], suffix_k[row, :int(suffix_used[row])]])
+        v = torch.cat([prefix_v[image, :int(prefix_used[image])], suffix_v[row, :int(suffix_used[row])]])
+        keys.append(k), values.append(v)
+    longest = max(k.shape[0] for k in keys)
+    lengths = torch.tensor([k.shape[0] for k in keys], device=query.device)
+    pad = [torch.nn.functional.pad(k, (0, 0, 0, 0, 0, longest - k.shape[0])) for k in keys]
+    pad_v = [torch.nn.functional.pad(v, (0, 0, 0, 0, 0, longest - v.shape[0])) for v in values]
+    group_size = query.shape[1] // prefix_k.shape[2]
+    k = torch.stack(pad).repeat_interleave(group_size, dim=2).transpose(1, 2)  # (n, H, K, d)
+    v = torch.stack(pad_v).repeat_interleave(group_size, dim=2).transpose(1, 2)
+    out, _ = attend(query[:, :, None], k, v, length_bias(lengths, longest), scale)
+    return out[:, :, 0]
+
+
 @dataclass
 class _PackedLayout:
     order: torch.Tensor  # (n,) rows sorted by image slot
@@ -83,6 +112,10 @@ class LlamaForward:
         self.head_dim = self.model.layers[0].self_attn.head_dim
         self.scale = float(self.model.layers[0].self_attn.scaling)
         self.group_size = self.num_heads // self.num_kv_heads
+        weight = self.head.weight
+        # the Triton decoding kernels where they run and agree with the reference on this device (else FlashAttention)
+        self.decode_kernel = (triton_decode is not None and triton_decode.decode_kernel_runs(weight, self.head_dim)
+                              and self._decode_kernel_agrees(weight.device, weight.dtype))
 
     @property
     def num_layers(self) -> int:
@@ -119,7 +152,9 @@ class LlamaForward:
         cos, sin = self._rope(embeds, positions.reshape(-1))
         rows = torch.arange(block.first, block.first + n, device=embeds.device)[:, None].expand(n, tokens)
         write_at = suffix_pos.clamp(max=pool.max_suffix - 1)
-        if packed_kernel_runs(embeds):
+        if tokens == 1 and self.decode_kernel:
+            layout, attention = self._decode_layout(block, pool, prefix_lengths), self._decode_attention
+        elif packed_kernel_runs(embeds):
             layout, attention = self._packed_layout(block, pool, prefix_lengths), self._packed_attention
         else:
             layout, attention = self._dense_layout(block, prefix_lengths), self._dense_attention
@@ -152,6 +187,52 @@ class LlamaForward:
     def _finish_layer(self, layer, hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
         hidden = hidden + layer.self_attn.o_proj(attention)
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    # -- decoding attention (CUDA, fp16/bf16, one token per row) ----------------------------------------------------
+    def _decode_layout(self, block: RowBlock, pool: KVPool, prefix_lengths: torch.Tensor
+                       ) -> triton_decode.DecodeLayout:
+        splits = triton_decode.choose_splits(block.groups, self.num_heads, pool.max_prefix, block.group.device)
+        return triton_decode.decode_layout(block.group, block.groups, prefix_lengths,
+                                           (block.start + 1).clamp(max=pool.max_suffix), splits)
+
+    def _decode_kernel_agrees(self, device: torch.device, dtype: torch.dtype) -> bool:
+        """Compile the decoding kernels for this model's head layout and check them once against the dense math
+        (3 images, 20 rows, split prefixes); a failure is logged and decoding uses FlashAttention instead."""
+        generator = torch.Generator(device=device).manual_seed(0)
+        rows, groups, heads, kv_heads, dim = 20, 3, self.num_heads, self.num_kv_heads, self.head_dim
+
+        def random(*shape: int) -> torch.Tensor:
+            return torch.randn(shape, generator=generator, device=device).to(dtype)
+
+        query = random(rows, heads, dim)
+        prefix_k, prefix_v = random(groups, 300, kv_heads, dim), random(groups, 300, kv_heads, dim)
+        suffix_k, suffix_v = random(rows, 9, kv_heads, dim), random(rows, 9, kv_heads, dim)
+        group = torch.arange(rows, device=device) % groups
+        prefix_used = torch.tensor([300, 17, 1], device=device)
+        suffix_used = torch.arange(rows, device=device) % 9 + 1
+        try:
+            layout = triton_decode.decode_layout(group, groups, prefix_used, suffix_used, splits=3)
+            ours = triton_decode.decode_attention(query, prefix_k, prefix_v, suffix_k, suffix_v, layout, self.scale)
+        except Exception as exc:  # noqa: BLE001 - any compile or launch failure means: use the other kernel
+            log.warning("the Triton decoding kernels do not run here (%s): decoding with FlashAttention", exc)
+            return False
+        reference = _reference_decode(query, prefix_k, prefix_v, suffix_k, suffix_v, group, prefix_used, suffix_used,
+                                      self.scale)
+        error = (ours - reference).abs().max().item()
+        if not error <= 2e-2:
+            log.warning("the Triton decoding kernels differ from the reference by %.3g: decoding with FlashAttention",
+                        error)
+            return False
+        return True
+
+    def _decode_attention(self, index: int, query: torch.Tensor, block: RowBlock, pool: KVPool,
+                          layout: triton_decode.DecodeLayout) -> torch.Tensor:
+        """query (n, 1, H, d) -> (n, H * d) with the Triton decoding kernels."""
+        groups = slice(block.group_first, block.group_first + block.groups)
+        rows = slice(block.first, block.first + block.count)
+        out = triton_decode.decode_attention(query[:, 0], pool.prefix_k[index][groups], pool.prefix_v[index][groups],
+                               pool.suffix_k[index][rows], pool.suffix_v[index][rows], layout, self.scale)
+        return out.reshape(block.count, -1).to(query.dtype)
 
     # -- packed attention (CUDA, fp16/bf16) --------------------------------------------------------------------
     def _packed_layout(self, block: RowBlock, pool: KVPool, prefix_lengths: torch.Tensor) -> _PackedLayout:
