@@ -238,3 +238,26 @@ def test_the_triton_decoding_kernels_equal_dense_attention_under_the_interpreter
     assert result.returncode == 0, result.stderr[-3000:]
     errors = {int(line.split()[0]): float(line.split()[1]) for line in result.stdout.split("\n") if line.strip()}
     assert set(errors) == {1, 3} and max(errors.values()) < 2e-3, errors
+
+
+def test_the_written_out_layer_math_equals_the_transformers_modules():
+    """The functions the GPU compiles (norm, projections, rotary, MLP, residuals as tensor functions) give exactly
+    what the modules give, run eagerly: the compiled path differs only by Inductor's fusion."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from osprey.engine.compiled import CompiledLayers, _finish, _qkv, plain_linears
+    from osprey.engine.forward import LlamaForward
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5))
+    forward = LlamaForward(model)
+    assert plain_linears(model.model) and forward.fused is None  # eager modules on CPU
+    written = CompiledLayers.__new__(CompiledLayers)
+    written.heads, written.kv_heads, written.dim, written._qkv, written._finish = 4, 2, 16, _qkv, _finish
+    hidden, attention = torch.randn(5, 64), torch.randn(5, 64)
+    cos, sin = forward._rope(hidden, torch.arange(3, 8))
+    for layer in model.model.layers:
+        for ours, theirs in zip(written.qkv(layer, hidden, cos, sin), forward._qkv(layer, hidden, cos, sin)):
+            assert torch.equal(ours, theirs)
+        assert torch.equal(written.finish(layer, hidden, attention), forward._finish_layer(layer, hidden, attention))

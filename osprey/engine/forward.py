@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from osprey.engine.attention import attend, attend_packed, length_bias, merge, packed_kernel_runs
+from osprey.engine.compiled import CompiledLayers, plain_linears
 from osprey.engine.kv import KVPool
 
 try:  # Triton ships with CUDA builds of torch; without it decoding uses FlashAttention (CUDA) or the dense path
@@ -101,7 +102,7 @@ class _DenseLayout:
 
 
 class LlamaForward:
-    def __init__(self, language_model: PreTrainedModel) -> None:
+    def __init__(self, language_model: PreTrainedModel, compile_layers: bool = False) -> None:
         if not supports(language_model):
             raise ValueError(f"the engine runs Llama models, not {language_model.config.model_type!r}")
         self.model = language_model.model
@@ -113,6 +114,8 @@ class LlamaForward:
         self.scale = float(self.model.layers[0].self_attn.scaling)
         self.group_size = self.num_heads // self.num_kv_heads
         weight = self.head.weight
+        # torch.compile'd layer pieces on CUDA: norms, rotary, activation and residuals fused around the GEMMs
+        self.fused = CompiledLayers(self) if compile_layers and weight.is_cuda and plain_linears(self.model) else None
         # the Triton decoding kernels where they run and agree with the reference on this device (else FlashAttention)
         self.decode_kernel = (triton_decode is not None and triton_decode.decode_kernel_runs(weight, self.head_dim)
                               and self._decode_kernel_agrees(weight.device, weight.dtype))
@@ -176,6 +179,8 @@ class LlamaForward:
     def _qkv(self, layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """hidden (M, D) -> query (M, H, d), key and value (M, Hkv, d), rotary applied."""
+        if self.fused is not None:
+            return self.fused.qkv(layer, hidden, cos, sin)
         attn = layer.self_attn
         normed = layer.input_layernorm(hidden)
         query = attn.q_proj(normed).view(-1, self.num_heads, self.head_dim)
@@ -185,6 +190,8 @@ class LlamaForward:
         return query, key, value
 
     def _finish_layer(self, layer, hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            return self.fused.finish(layer, hidden, attention)
         hidden = hidden + layer.self_attn.o_proj(attention)
         return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
