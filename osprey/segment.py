@@ -111,6 +111,7 @@ class PromptSegmenter:
         self._lock = threading.Lock()
         self._embeddings: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_size = cache_size
+        self._generator: object | None = None  # transformers' mask-generation pipeline, made on first use
 
     @classmethod
     def from_folder(cls, folder: str | Path, device: str = "cpu") -> PromptSegmenter:
@@ -172,10 +173,11 @@ class PromptSegmenter:
         dropped, overlaps removed by NMS), best `max_masks` first."""
         from transformers import pipeline
 
-        generator = pipeline("mask-generation", model=self.model, image_processor=self.processor.image_processor,
-                             device=self.device)
         with self._lock, torch.inference_mode():
-            out = generator(_rgb(image), points_per_batch=64, points_per_crop=points_per_side,
+            if self._generator is None:
+                self._generator = pipeline("mask-generation", model=self.model, device=self.device,
+                                           image_processor=self.processor.image_processor)
+            out = self._generator(_rgb(image), points_per_batch=64, points_per_crop=points_per_side,
                             pred_iou_thresh=min_score, stability_score_thresh=min_stability)
         segments = [Segment(np.asarray(m, dtype=bool), float(s)) for m, s in zip(out["masks"], out["scores"],
                                                                                   strict=True)]

@@ -25,7 +25,6 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from osprey.generation import SamplingParams
 from osprey.masks import alpha_mask
 from osprey.prompts import REGION_PLACEHOLDER, clean_answer, task_prompt
-
 from osprey.segment import Segmenters
 
 from . import inputs, playground, segment_routes

@@ -9,6 +9,8 @@ model is not, and no retry will change that.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -100,7 +102,7 @@ def _concept(request: Request) -> ConceptSegmenter:
     return segmenter
 
 
-def _run(method, *args, **kwargs) -> list[Segment]:  # noqa: ANN001 - a segmenter's bound method
+def _run(method: Callable[..., list[Segment]], *args: Any, **kwargs: Any) -> list[Segment]:
     """Call a segmenter, turning its prompt errors into 400s naming the field."""
     try:
         return method(*args, **kwargs)

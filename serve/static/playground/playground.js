@@ -297,6 +297,15 @@ function redraw() {
   }
 }
 
+function fitCanvas() { // the image as large as the stage allows (small images are enlarged)
+  if (!state.image) return;
+  const scale = Math.min(($("stage").clientWidth - 8) / state.width, 0.75 * window.innerHeight / state.height);
+  canvas.style.width = `${Math.floor(state.width * scale)}px`;
+  canvas.style.height = `${Math.floor(state.height * scale)}px`;
+}
+
+window.addEventListener("resize", fitCanvas);
+
 // ---------------------------------------------------------------------------------------------- regions list
 
 function renderRegions() {
@@ -458,6 +467,7 @@ async function openImage(file) {
   canvas.width = state.width; canvas.height = state.height;
   canvas.hidden = false;
   $("drop-hint").hidden = true;
+  fitCanvas();
   $("chat-log").replaceChildren();
   renderRegions();
   redraw();
