@@ -12,9 +12,11 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from osprey import BUILTIN_MODEL_DIR, EXAMPLE_DIR
+from osprey import masks as mask_codecs
 from osprey.segment import PromptSegmenter, Segmenters
 from serve.background import BackgroundServer
 from serve.config import ServeConfig
@@ -146,7 +148,7 @@ def test_sam_click_becomes_a_region(browser, server):
     assert page.foreign_requests() == []
 
 
-def test_without_sam_the_page_says_why_and_masks_upload(browser, bare_server):
+def test_without_sam_the_page_says_why_and_masks_upload(browser, bare_server, tmp_path):
     page = Page(browser, bare_server.url)
     notice = page.page.locator("#sam-status").inner_text()
     assert "--sam PATH" in notice and "Boxes as masks and uploaded masks work" in notice
@@ -156,6 +158,18 @@ def test_without_sam_the_page_says_why_and_masks_upload(browser, bare_server):
     page.page.set_input_files("#mask-files", str(EXAMPLE_DIR / "sam_masks.json"))
     answers = page.wait_answers(6)
     assert len(answers) == 6 and all(answers)
+    x, y, w, h = BOXES["house"]
+    house = np.zeros((256, 256), dtype=bool)
+    house[y:y + h, x:x + w] = True
+    (tmp_path / "house.png").write_bytes(mask_codecs.encode_png(house))
+    page.page.set_input_files("#mask-files", str(tmp_path / "house.png"))
+    answers = page.wait_answers(7)
+    assert "house" in answers[6], answers
+    with page.page.expect_download() as download:
+        page.page.click("#download-jsonl")
+    lines = [json.loads(line) for line in Path(download.value.path()).read_text().splitlines()]
+    assert [line["answer"] for line in lines] == answers
+    assert np.array_equal(mask_codecs.decode_rle(lines[6]["segmentation"], 256, 256), house)
     assert page.foreign_requests() == []
 
 
