@@ -25,8 +25,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from osprey.generation import SamplingParams
 from osprey.masks import alpha_mask
 from osprey.prompts import REGION_PLACEHOLDER, clean_answer, task_prompt
+from osprey.segment import Segmenters
 
-from . import inputs
+from . import inputs, playground, segment_routes
 from .chat import ChatConversation, bind_regions, parse_messages
 from .config import ServeConfig
 from .engine import Backend, ClientGone, Engine, Job, PipelineBackend, RowDone, RowResult, RowSpec, RowText
@@ -66,8 +67,9 @@ class ServerState:
     created: int  # the served model's creation time in /v1/models
 
 
-def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
-    """The server for `config`; `backend` defaults to the in-process pipeline on `config.model`."""
+def create_app(config: ServeConfig, backend: Backend | None = None, segmenters: Segmenters | None = None) -> FastAPI:
+    """The server for `config`; `backend` defaults to the in-process pipeline on `config.model`; `segmenters` are
+    the SAM models behind /v1/segment (none by default: those routes then say how to enable them)."""
     metrics = Metrics()
     backend = backend or PipelineBackend(config.model, config.device, config.dtype, config.cpu_threads,
                                          config.engine_size)
@@ -82,12 +84,16 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
         yield
         await engine.shutdown(timeout_s=config.request_timeout_s)
 
-    app = FastAPI(title="Osprey region server", version="0.1.0", lifespan=lifespan)
+    # /docs is served from local assets (serve.playground): FastAPI's own page loads Swagger UI from a CDN.
+    app = FastAPI(title="Osprey region server", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = ServerState(config, engine, metrics, limits, int(time.time()))
     app.state.engine, app.state.metrics, app.state.config = engine, metrics, config
+    app.state.segmenters = segmenters or Segmenters()
     app.add_middleware(GuardMiddleware, config=config, metrics=metrics)
     add_error_handlers(app)
     app.include_router(router)
+    app.include_router(segment_routes.router)
+    app.include_router(playground.router)
     app.openapi = lambda: _openapi(app)
     return app
 
@@ -299,17 +305,8 @@ def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int | Non
 
 async def _load_image(source: str, param: str, server: ServerState) -> inputs.DecodedImage:
     config = server.config
-    if not isinstance(source, str) or not source.strip():
-        raise bad_request("the image is empty", param, "invalid_image")
-    if inputs.is_remote_url(source):
-        if not config.allow_image_urls:
-            raise bad_request("image URLs are disabled on this server (start it with --allow-image-urls); "
-                              "send the image as a base64 data URL", param, "image_urls_disabled")
-        raw = await inputs.fetch_url(source, param, max_bytes=config.max_body_bytes,
-                                     timeout_s=config.url_fetch_timeout_s)
-    else:
-        raw = inputs.decode_base64(source, param)
-    return await asyncio.to_thread(inputs.open_image, raw, param, server.limits)
+    return await inputs.load_image(source, param, server.limits, allow_urls=config.allow_image_urls,
+                                   max_bytes=config.max_body_bytes, timeout_s=config.url_fetch_timeout_s)
 
 
 async def _chat_image_and_masks(conv: ChatConversation, body: ChatCompletionRequest,

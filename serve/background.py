@@ -8,6 +8,8 @@ import time
 
 import httpx
 
+from osprey.segment import Segmenters
+
 from .app import create_app
 from .config import ServeConfig
 from .engine import Backend, Engine
@@ -31,10 +33,11 @@ class BackgroundServer:
     """`with BackgroundServer(config) as server:` serves on `server.url` until the block ends (graceful stop)."""
 
     def __init__(self, config: ServeConfig, backend: Backend | None = None, host: str = "127.0.0.1",
-                 port: int | None = None, wait_ready: bool = True, startup_timeout_s: float = 60.0) -> None:
+                 port: int | None = None, wait_ready: bool = True, startup_timeout_s: float = 60.0,
+                 segmenters: Segmenters | None = None) -> None:
         import uvicorn
 
-        self.app = create_app(config, backend)
+        self.app = create_app(config, backend, segmenters)
         self.socket = listening_socket(host, port or 0)
         self.host, self.port = host, int(self.socket.getsockname()[1])
         self.url = f"http://{host}:{self.port}"

@@ -25,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "serve", help="run the OpenAI-compatible region server (chat completions + /v1/regions/describe)",
         description="Serve a model folder over HTTP: POST /v1/chat/completions (OpenAI schema, regions as "
                     "<region1>.. with a top-level 'regions' list or RGBA mask images), POST /v1/regions/describe, "
-                    "GET /v1/models, /health, /metrics. See docs/serve.md.",
+                    "POST /v1/segment (with --sam / --sam3), GET /v1/models, /health, /metrics; the playground "
+                    "page at / and the API docs at /docs. See docs/serve.md and docs/playground.md.",
         formatter_class=_DefaultsHelp)
     serve.add_argument("--model", default=None, help="model folder (default: $OSPREY_MODEL or the installed default)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
@@ -53,6 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-body-mb", type=float, default=32.0, help="largest request body (MiB)")
     serve.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="largest image (pixels)")
     serve.add_argument("--image-cache-size", type=int, default=16, help="encoded images kept (LRU)")
+    serve.add_argument("--sam", default=None, metavar="PATH",
+                       help="a local transformers SAM folder: enables clicks, boxes and segment everything "
+                            "(/v1/segment, the playground); nothing is downloaded")
+    serve.add_argument("--sam3", default=None, metavar="PATH",
+                       help="a local transformers SAM 3 folder: enables text concepts (/v1/segment with text)")
     serve.add_argument("--allow-image-urls", action="store_true", help="let clients send http(s) image URLs")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="uvicorn's log level")
@@ -159,9 +165,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"osprey serve: {exc}", file=sys.stderr)
         return 2
+    try:
+        from osprey.segment import SegmenterLoadError, Segmenters
+
+        segmenters = Segmenters.load(args.sam, args.sam3, args.device)
+    except SegmenterLoadError as exc:
+        print(f"osprey serve: {exc}", file=sys.stderr)
+        return 2
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
     log.info("serving %s as %r on http://%s:%d", model, config.model_name, args.host, args.port)
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level=args.log_level,
+    log.info("playground: http://%s:%d/ui/", args.host, args.port)
+    uvicorn.run(create_app(config, segmenters=segmenters), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=max(1, int(config.request_timeout_s)))
     return 0

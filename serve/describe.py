@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from osprey import masks as mask_codecs
+from osprey.overlay import draw_regions
 
 log = logging.getLogger(__name__)
-PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (170, 110, 40)]
 
 
 class MaskFileError(ValueError):
@@ -56,24 +55,6 @@ def _json_regions(path: str, data: bytes) -> list[Any]:
     if not isinstance(regions, list):
         raise MaskFileError(f"{path}: expected a JSON list of regions, got {type(regions).__name__}")
     return regions
-
-
-def draw_overlay(image: Image.Image, masks: np.ndarray, labels: list[str], alpha: float = 0.45) -> Image.Image:
-    """The image with each mask `(Q, H, W) bool` tinted in its own colour and labelled at its top-left corner."""
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    for q, mask in enumerate(masks):
-        colour = np.asarray(PALETTE[q % len(PALETTE)], dtype=np.float32)
-        base[mask] = (1 - alpha) * base[mask] + alpha * colour
-    out = Image.fromarray(base.round().astype(np.uint8))
-    draw = ImageDraw.Draw(out)
-    font = ImageFont.load_default(size=max(10, min(out.size) // 40))
-    for q, (mask, label) in enumerate(zip(masks, labels, strict=True)):
-        x, y, _, _ = mask_codecs.mask_to_bbox(mask)
-        text = f"{q + 1}: {label if len(label) <= 60 else label[:57] + '...'}"
-        left, top, right, bottom = draw.textbbox((x, y), text, font=font)
-        draw.rectangle((left - 2, top - 2, right + 2, bottom + 2), fill=PALETTE[q % len(PALETTE)])
-        draw.text((x, y), text, fill=(0, 0, 0), font=font)
-    return out
 
 
 def save_atomic(image: Image.Image, path: str) -> None:
@@ -130,6 +111,6 @@ def run(args: Any) -> int:
             for q, (g, m) in enumerate(zip(gens, masks, strict=True))]
     print(json.dumps(rows, indent=2) if args.json else format_table(rows))
     if args.overlay:
-        save_atomic(draw_overlay(image, masks, [r["text"] for r in rows]), args.overlay)
+        save_atomic(draw_regions(image, masks, [r["text"] for r in rows]).image, args.overlay)
         log.info("wrote %s", args.overlay)
     return 0

@@ -20,7 +20,8 @@ from .errors import APIError, error_body, loc_to_param
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
-ENDPOINTS = ("/v1/chat/completions", "/v1/regions/describe", "/v1/models", "/health", "/metrics")
+ENDPOINTS = ("/v1/chat/completions", "/v1/regions/describe", "/v1/models", "/v1/segment", "/v1/segment/everything",
+             "/health", "/metrics")
 
 
 # ---------------------------------------------------------------------------------------------- errors

@@ -6,6 +6,7 @@ answer every malformed input with a client error and keep serving.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -96,6 +97,21 @@ async def fetch_url(url: str, param: str, *, max_bytes: int, timeout_s: float) -
     except httpx.HTTPError as exc:
         raise bad_request(f"could not fetch the image URL: {type(exc).__name__}", param, "image_fetch_failed") from None
     return b"".join(chunks)
+
+
+async def load_image(source: str, param: str, limits: Limits, *, allow_urls: bool, max_bytes: int,
+                     timeout_s: float) -> DecodedImage:
+    """A request's image field (base64, a data URL, or an http(s) URL when `allow_urls`) -> a validated image."""
+    if not isinstance(source, str) or not source.strip():
+        raise bad_request("the image is empty", param, "invalid_image")
+    if is_remote_url(source):
+        if not allow_urls:
+            raise bad_request("image URLs are disabled on this server (start it with --allow-image-urls); "
+                              "send the image as a base64 data URL", param, "image_urls_disabled")
+        raw = await fetch_url(source, param, max_bytes=max_bytes, timeout_s=timeout_s)
+    else:
+        raw = decode_base64(source, param)
+    return await asyncio.to_thread(open_image, raw, param, limits)
 
 
 def open_image(raw: bytes, param: str, limits: Limits) -> DecodedImage:

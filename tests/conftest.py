@@ -37,6 +37,21 @@ def builtin_pipeline():
     return OspreyPipeline.from_pretrained(BUILTIN_MODEL_DIR, device="cpu", dtype=torch.float32)
 
 
+@pytest.fixture(scope="session")
+def tiny_sam_dir(tmp_path_factory):
+    """A tiny random SAM folder (tests/sam_folders.py), loaded back by osprey.segment's real loader."""
+    from sam_folders import tiny_sam
+
+    return tiny_sam(tmp_path_factory.mktemp("sam") / "tiny-sam")
+
+
+@pytest.fixture(scope="session")
+def tiny_sam3_dir(tmp_path_factory):
+    from sam_folders import tiny_sam3
+
+    return tiny_sam3(tmp_path_factory.mktemp("sam3") / "tiny-sam3")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -11,6 +11,7 @@ from PIL import Image
 
 from osprey import masks as mask_codecs
 from osprey.checkpoint import init_model_folder
+from osprey.overlay import colour
 from serve import cli
 from serve.describe import MaskFileError, load_masks
 
@@ -88,6 +89,12 @@ def test_serve_help_shows_defaults(capsys):
     assert "(default: 8000)" in out and "(default: 64)" in out
 
 
+def test_serve_refuses_a_sam_folder_of_another_kind(files, capsys):
+    args = parse(["serve", "--model", str(files["model"]), "--sam", str(files["model"])])
+    assert args.func(args) == 2
+    assert "--sam" in capsys.readouterr().err
+
+
 def test_describe_prints_json_and_writes_an_overlay(files, capsys):
     overlay = files["root"] / "out" / "overlay.png"
     args = parse(["describe", str(files["image"]), "--masks", str(files["sam"]), str(files["png"]),
@@ -97,8 +104,11 @@ def test_describe_prints_json_and_writes_an_overlay(files, capsys):
     assert [r["index"] for r in rows] == [0, 1, 2]
     assert rows[0]["area"] == int(files["a"].sum()) and rows[0]["box"] == [4.0, 3.0, 16.0, 9.0]
     assert all(r["completion_tokens"] <= 3 for r in rows)
-    with Image.open(overlay) as out:
-        assert out.size == (W, H) and out.mode == "RGB"
+    with Image.open(overlay) as out:  # the image with its regions drawn, the legend below (osprey.overlay)
+        assert out.width >= W and out.height > H and out.mode == "RGB"
+        drawn = np.asarray(out)[:H, :W]
+    ys, xs = np.nonzero(files["b"])
+    assert tuple(drawn[ys.max(), xs.max()]) == colour(1)  # region 2's outline at its bottom-right corner
 
 
 def test_describe_table_and_errors(files, capsys, monkeypatch):
