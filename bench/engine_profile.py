@@ -25,16 +25,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--masks", type=int, default=16)
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--compile-layers", action="store_true", help="torch.compile the layer pieces")
+    parser.add_argument("--eager-layers", action="store_true", help="the eager transformers modules, not compiled")
     args = parser.parse_args(argv)
     pipe = build_pipeline(args.preset, None, args.device, None)
     pipe.eos_token_id = -1
     session = pipe.session(pipe.engine_pool(args.masks * args.images, 64 + 256))
-    if args.compile_layers:
-        from osprey.engine.compiled import CompiledLayers
-
-        session.decoder.forward.fused = CompiledLayers(session.decoder.forward)
-    print(f"Triton decoding kernels: {session.decoder.forward.decode_kernel}; compiled layers: {args.compile_layers}")
+    if args.eager_layers:
+        session.decoder.forward.fused = None
+    forward = session.decoder.forward
+    print(f"Triton decoding kernels: {forward.decode_kernel}; compiled layers: {forward.fused is not None}")
     params = SamplingParams(max_new_tokens=64)
     for (request,) in make_workload(args.images, args.masks, 1, seed=3).clients:
         prompts = pipe.prepare_each(pipe.encode_image(request.image), [("human", task_prompt("short"))], request.masks)

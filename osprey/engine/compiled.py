@@ -10,12 +10,17 @@ modules themselves (osprey.engine.forward).
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-__all__ = ["CompiledLayers", "plain_linears"]
+__all__ = ["CompiledLayers", "compiled_layers_agree", "plain_linears"]
+
+log = logging.getLogger(__name__)
 
 
 def plain_linears(model: nn.Module) -> bool:
@@ -48,11 +53,16 @@ def _finish(hidden, attention, wo, bo, norm_weight, eps: float, w_gate, b_gate, 
     return hidden + F.linear(act(F.linear(normed, w_gate, b_gate)) * F.linear(normed, w_up, b_up), w_down, b_down)
 
 
+@functools.cache
+def _compiled() -> tuple:
+    """Compiled once per process (dynamic row counts); every layer and every engine reuses them."""
+    return torch.compile(_qkv, dynamic=True), torch.compile(_finish, dynamic=True)
+
+
 class CompiledLayers:
-    def __init__(self, forward) -> None:
+    def __init__(self, forward, compiled: bool = True) -> None:
         self.heads, self.kv_heads, self.dim = forward.num_heads, forward.num_kv_heads, forward.head_dim
-        self._qkv = torch.compile(_qkv, dynamic=True)
-        self._finish = torch.compile(_finish, dynamic=True)
+        self._qkv, self._finish = _compiled() if compiled else (_qkv, _finish)
 
     def qkv(self, layer, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         attn, norm = layer.self_attn, layer.input_layernorm
@@ -65,3 +75,26 @@ class CompiledLayers:
         return self._finish(hidden, attention, attn.o_proj.weight, attn.o_proj.bias, norm.weight,
                             norm.variance_epsilon, mlp.gate_proj.weight, mlp.gate_proj.bias, mlp.up_proj.weight,
                             mlp.up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias, mlp.act_fn)
+
+
+def compiled_layers_agree(forward, layer, cos_sin) -> CompiledLayers | None:
+    """Compile the pieces (rows 1 and 3) and compare them with the eager modules on `layer`; None (logged) if
+    compiling fails or the results differ by more than bf16 rounding, so decoding keeps the eager modules."""
+    compiled, eager = CompiledLayers(forward), CompiledLayers(forward, compiled=False)
+    weight = layer.self_attn.q_proj.weight
+    try:
+        for rows in (1, 3):
+            hidden = torch.randn(rows, weight.shape[1], device=weight.device).to(weight.dtype)
+            attention = torch.randn(rows, weight.shape[0], device=weight.device).to(weight.dtype)
+            cos, sin = cos_sin(hidden, torch.arange(rows, device=weight.device))
+            pairs = list(zip(compiled.qkv(layer, hidden, cos, sin), eager.qkv(layer, hidden, cos, sin)))
+            pairs.append((compiled.finish(layer, hidden, attention), eager.finish(layer, hidden, attention)))
+            for ours, reference in pairs:
+                scale = reference.float().abs().max().item() + 1e-6
+                if not (ours.float() - reference.float()).abs().max().item() <= 0.02 * scale:
+                    log.warning("compiled layer pieces differ from the modules: decoding with the eager modules")
+                    return None
+    except Exception as exc:  # noqa: BLE001 - no compiler, no Triton, an unsupported op: stay eager
+        log.warning("torch.compile of the layer pieces failed (%s): decoding with the eager modules", exc)
+        return None
+    return compiled

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from osprey.engine.attention import attend, attend_packed, length_bias, merge, packed_kernel_runs
-from osprey.engine.compiled import CompiledLayers, plain_linears
+from osprey.engine.compiled import compiled_layers_agree, plain_linears
 from osprey.engine.kv import KVPool
 
 try:  # Triton ships with CUDA builds of torch; without it decoding uses FlashAttention (CUDA) or the dense path
@@ -102,7 +102,7 @@ class _DenseLayout:
 
 
 class LlamaForward:
-    def __init__(self, language_model: PreTrainedModel, compile_layers: bool = False) -> None:
+    def __init__(self, language_model: PreTrainedModel, compile_layers: bool = True) -> None:
         if not supports(language_model):
             raise ValueError(f"the engine runs Llama models, not {language_model.config.model_type!r}")
         self.model = language_model.model
@@ -115,7 +115,8 @@ class LlamaForward:
         self.group_size = self.num_heads // self.num_kv_heads
         weight = self.head.weight
         # torch.compile'd layer pieces on CUDA: norms, rotary, activation and residuals fused around the GEMMs
-        self.fused = CompiledLayers(self) if compile_layers and weight.is_cuda and plain_linears(self.model) else None
+        self.fused = (compiled_layers_agree(self, self.model.layers[0], self._rope)
+                      if compile_layers and weight.is_cuda and plain_linears(self.model) else None)
         # the Triton decoding kernels where they run and agree with the reference on this device (else FlashAttention)
         self.decode_kernel = (triton_decode is not None and triton_decode.decode_kernel_runs(weight, self.head_dim)
                               and self._decode_kernel_agrees(weight.device, weight.dtype))
