@@ -18,17 +18,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import importlib
-import io
 import json
-import os
-import sys
 import time
 from pathlib import Path
-
-PLUGIN_NAME = "osprey"
-PLUGIN_TARGET = "serve.vllm_osprey:register"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,31 +60,6 @@ class Report:
         tmp = self.path.with_suffix(".json.partial")
         tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
         tmp.replace(self.path)
-
-
-def ensure_plugin_entry_point(work: Path) -> str:
-    """vLLM finds plugins through the `vllm.general_plugins` entry points of installed distributions, in every
-    process it starts. From a source tree that is not pip-installed (the GPU machine runs the carried tree with
-    PYTHONPATH), write a minimal dist-info declaring ours and put its folder on sys.path and PYTHONPATH (inherited by
-    vLLM's processes). Returns where the entry point comes from."""
-    from importlib.metadata import entry_points
-
-    if any(ep.name == PLUGIN_NAME for ep in entry_points(group="vllm.general_plugins")):
-        return "installed"
-    site = work / "plugin_site"
-    info = site / "osprey_regions_vllm_plugin-0.0.0.dist-info"
-    info.mkdir(parents=True, exist_ok=True)
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: osprey-regions-vllm-plugin\nVersion: 0.0.0\n")
-    (info / "entry_points.txt").write_text(f"[vllm.general_plugins]\n{PLUGIN_NAME} = {PLUGIN_TARGET}\n")
-    repo = str(Path(__file__).resolve().parents[1])
-    for path in (str(site), repo):
-        if path not in sys.path:
-            sys.path.insert(0, path)
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(site), repo, *filter(None, [os.environ.get("PYTHONPATH")])])
-    importlib.invalidate_caches()
-    if not any(ep.name == PLUGIN_NAME for ep in entry_points(group="vllm.general_plugins")):
-        raise RuntimeError(f"the plugin entry point written to {info} is not visible")
-    return str(info)
 
 
 def build_folder(args: argparse.Namespace, report: Report):
@@ -238,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
     pipe, folder = build_folder(args, report)
     if args.build_only:
         return report.data
+    from bench.serve_vllm import ensure_plugin_entry_point
+
     report.step("plugin", entry_point=ensure_plugin_entry_point(Path(args.work)))
     import vllm
 

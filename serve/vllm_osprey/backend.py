@@ -183,15 +183,13 @@ class VllmBackend:
                 self._generate(row.row_id, row.prepared, row.params), self._loop)
 
     def tokens_prompt(self, prompt: VllmPrompt):
-        """A prepared prompt as vLLM's TokensPrompt: the ids, the image, its regions; the image named by its content
-        key (vLLM then skips hashing its pixels; the key is content-derived, so caching stays content-keyed)."""
+        """A prepared prompt as vLLM's TokensPrompt: the ids, the image and its regions (each bound to the image)."""
         from vllm import TokensPrompt
 
         return TokensPrompt(
             prompt_token_ids=prompt.token_ids,
             multi_modal_data={IMAGE_MODALITY: prompt.image.image,
-                              REGION_MODALITY: region_items(prompt.image.image, prompt.masks)},
-            multi_modal_uuids={IMAGE_MODALITY: [prompt.image.key.hex()]})
+                              REGION_MODALITY: region_items(prompt.image.image, prompt.masks)})
 
     @property
     def engine(self):

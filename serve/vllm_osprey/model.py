@@ -34,7 +34,14 @@ from osprey.modeling import Projector, project_image_level
 from osprey.vision import VisionTower
 
 from .processor import OspreyDummyInputsBuilder, OspreyMultiModalProcessor, OspreyProcessingInfo
-from .prompts import IMAGE_MODALITY, LANGUAGE_MODEL, REGION_MODALITY, image_placeholder_id, placeholder_text, weight_target
+from .prompts import (
+    IMAGE_MODALITY,
+    LANGUAGE_MODEL,
+    REGION_MODALITY,
+    image_placeholder_id,
+    placeholder_text,
+    weight_target,
+)
 
 LEVEL_CACHE_IMAGES = 64  # feature maps kept (Osprey-7B: ~20 MB per image in bf16)
 

@@ -11,6 +11,7 @@ hash never depends on them (see `prompts` for the prefix-caching argument).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Mapping, Sequence
 from functools import cached_property
@@ -48,7 +49,7 @@ from .prompts import (
     REGION_SLOTS,
     RegionItem,
     check_region_count,
-    image_content_key,
+    content_key,
     image_placeholder_id,
     key_to_ints,
     placeholder_text,
@@ -58,35 +59,43 @@ from .prompts import (
 
 REGIONS_KWARG = "regions"  # mm_processor_kwargs key for regions sent through vLLM's OpenAI server
 MAX_REGIONS = 64
+RECENT_IMAGES = 16  # preprocessed images kept by the processor
 
 
 class RegionProcessorItems(ProcessorBatchItems[object]):
-    """Region items: masks as given (bound to the image by the processor's `apply`) or RegionItems, which hash as
-    their mask and their image."""
+    """Region items: bound ones are `RegionItem.as_data()` dicts (hashed as their mask and their image); bare masks
+    wait for the processor's `apply` to bind them to the request's image."""
 
     def __init__(self, data: Sequence[object]) -> None:
         super().__init__(list(data), REGION_MODALITY)
 
-    def get_item_for_hash(self, index: int) -> object:
-        item = self.data[index]
-        return item.for_hash() if isinstance(item, RegionItem) else item
+
+def _is_bound(item: object) -> bool:
+    return isinstance(item, dict)
 
 
 class OspreyDataParser(MultiModalDataParser):
-    """vLLM's parser plus the `region` modality: a RegionItem, a mask (H, W), a (Q, H, W) stack or a list of them."""
+    """vLLM's parser plus the `region` modality: a RegionItem (or its data), a mask (H, W), a (Q, H, W) stack, or a
+    list of them."""
 
     def _parse_region_data(self, data: object) -> ModalityDataItems[Any, Any] | None:
         if data is None:
             return None
-        if isinstance(data, RegionItem) or (isinstance(data, (np.ndarray, torch.Tensor)) and data.ndim == 2):
+        if isinstance(data, (RegionItem, dict)) or (isinstance(data, (np.ndarray, torch.Tensor)) and data.ndim == 2):
             items = [data]
-        elif isinstance(data, (np.ndarray, torch.Tensor)) and data.ndim == 3:
-            items = list(data)
-        elif isinstance(data, (list, tuple)):
+        elif isinstance(data, (np.ndarray, torch.Tensor)) and data.ndim == 3 or isinstance(data, (list, tuple)):
             items = list(data)
         else:
             raise ValueError(f"region data must be masks (H, W), a (Q, H, W) stack or a list, got {type(data).__name__}")
-        return RegionProcessorItems([item if isinstance(item, RegionItem) else np.asarray(item) for item in items])
+        return RegionProcessorItems([self._region(item) for item in items])
+
+    @staticmethod
+    def _region(item: object) -> object:
+        if isinstance(item, RegionItem):
+            return item.as_data()
+        if isinstance(item, dict):
+            return RegionItem.from_data(item).as_data()  # checked
+        return np.asarray(item)
 
     def _get_subparsers(self):
         return {**super()._get_subparsers(), REGION_MODALITY: self._parse_region_data}
@@ -137,6 +146,10 @@ class OspreyDummyInputsBuilder(BaseDummyInputsBuilder[OspreyProcessingInfo]):
 
 
 class OspreyMultiModalProcessor(BaseMultiModalProcessor[OspreyProcessingInfo]):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._recent: collections.OrderedDict[bytes, torch.Tensor] = collections.OrderedDict()
+
     # -- the request's regions, bound to its image, before anything is hashed ------------------------------------
     def apply(self, inputs, timing_ctx):
         return super().apply(self._bind_regions(inputs), timing_ctx)
@@ -147,21 +160,21 @@ class OspreyMultiModalProcessor(BaseMultiModalProcessor[OspreyProcessingInfo]):
         from_kwargs = kwargs.pop(REGIONS_KWARG, None)
         items = inputs.mm_data_items
         raw = list(items[REGION_MODALITY].get_all()) if REGION_MODALITY in items else []
-        if from_kwargs is None and all(isinstance(r, RegionItem) for r in raw):
+        if from_kwargs is None and all(_is_bound(r) for r in raw):
             return inputs
         images = items[IMAGE_MODALITY].get_all() if IMAGE_MODALITY in items else []
         if len(images) != 1 or not isinstance(images[0], Image.Image):
             raise ValueError("regions need exactly one image (as a picture, not embeddings) in the same request")
         image = images[0]
-        bound: list[RegionItem] = []
+        bound: list[dict[str, object]] = []
         for item in raw:  # in request order
-            bound += [item] if isinstance(item, RegionItem) else region_items(image, np.asarray(item))
+            bound += [item] if _is_bound(item) else [r.as_data() for r in region_items(image, item)]
         if from_kwargs is not None:
             try:
                 decoded = decode_regions(from_kwargs, image.height, image.width, max_regions=MAX_REGIONS)
             except MaskError as exc:
                 raise ValueError(f"mm_processor_kwargs.regions: {exc}") from None
-            bound += region_items(image, decoded.masks)
+            bound += [r.as_data() for r in region_items(image, decoded.masks)]
         self.info.validate_num_items(REGION_MODALITY, len(bound))
         new_items = MultiModalDataItems({**items, REGION_MODALITY: RegionProcessorItems(bound)})  # image items as parsed
         uuids = {k: v for k, v in (inputs.mm_uuid_items or {}).items() if k != REGION_MODALITY} or None
@@ -173,22 +186,29 @@ class OspreyMultiModalProcessor(BaseMultiModalProcessor[OspreyProcessingInfo]):
         """Our tokenization of the text (one image placeholder id) and our preprocessing of the items."""
         config = self.info.osprey_config
         out: dict[str, object] = {"input_ids": [text_prompt_ids(self.info.osprey_tokenizer, config, prompt)]}
-        dtype = self.info.ctx.model_config.dtype
         images = mm_data.get(f"{IMAGE_MODALITY}s") or []
         if images:
-            out["pixel_values"] = torch.stack([preprocess_image(im, config.vision) for im in images]).to(dtype)
-            out["image_key"] = torch.tensor([key_to_ints(image_content_key(im)) for im in images])
-        regions: list[RegionItem] = mm_data.get(f"{REGION_MODALITY}s") or []
+            pixels, keys = zip(*(self._pixels(im) for im in images))
+            out["pixel_values"], out["image_key"] = torch.stack(pixels), torch.tensor(keys)
+        regions = [RegionItem.from_data(r) for r in mm_data.get(f"{REGION_MODALITY}s") or []]
         if regions:
-            pixels, keys = {}, {}
-            for region in regions:  # each distinct image preprocessed and keyed once
-                if id(region.image) not in pixels:
-                    pixels[id(region.image)] = preprocess_image(region.image, config.vision).to(dtype)
-                    keys[id(region.image)] = key_to_ints(image_content_key(region.image))
+            pixels, keys = zip(*(self._pixels(r.image) for r in regions))
             out["region_masks"] = [torch.from_numpy(np.ascontiguousarray(r.mask)) for r in regions]
-            out["region_pixel_values"] = torch.stack([pixels[id(r.image)] for r in regions])
-            out["region_image_key"] = torch.tensor([keys[id(r.image)] for r in regions])
+            out["region_pixel_values"], out["region_image_key"] = torch.stack(pixels), torch.tensor(keys)
         return BatchFeature(out)
+
+    def _pixels(self, image: Image.Image) -> tuple[torch.Tensor, list[int]]:
+        """(3, S, S) pixels in the model's dtype (our preprocessing; the tower casts to it first anyway) and the
+        image's key; the last few images' pixels are kept, since every region item of an image needs them."""
+        key = content_key(image)
+        cached = self._recent.get(key)
+        if cached is None:
+            cached = preprocess_image(image, self.info.osprey_config.vision).to(self.info.ctx.model_config.dtype)
+            self._recent[key] = cached
+            while len(self._recent) > RECENT_IMAGES:
+                self._recent.popitem(last=False)
+        self._recent.move_to_end(key)
+        return cached, key_to_ints(key)
 
     def _apply_hf_processor_tokens_only(self, prompt_tokens: list[int]) -> list[int]:
         """Token prompts from our backend already hold our ids. Token prompts from vLLM's own renderer (its chat
@@ -207,13 +227,13 @@ class OspreyMultiModalProcessor(BaseMultiModalProcessor[OspreyProcessingInfo]):
 
     def _get_mm_fields_config(self, hf_inputs: BatchFeature, hf_processor_mm_kwargs: Mapping[str, object]
                               ) -> Mapping[str, MultiModalFieldConfig]:
-        return dict(
-            pixel_values=MultiModalFieldConfig.batched(IMAGE_MODALITY),
-            image_key=MultiModalFieldConfig.batched(IMAGE_MODALITY),
-            region_masks=MultiModalFieldConfig.batched(REGION_MODALITY),
-            region_pixel_values=MultiModalFieldConfig.batched(REGION_MODALITY),
-            region_image_key=MultiModalFieldConfig.batched(REGION_MODALITY),
-        )
+        return {
+            "pixel_values": MultiModalFieldConfig.batched(IMAGE_MODALITY),
+            "image_key": MultiModalFieldConfig.batched(IMAGE_MODALITY),
+            "region_masks": MultiModalFieldConfig.batched(REGION_MODALITY),
+            "region_pixel_values": MultiModalFieldConfig.batched(REGION_MODALITY),
+            "region_image_key": MultiModalFieldConfig.batched(REGION_MODALITY),
+        }
 
     def _get_prompt_updates(self, mm_items: MultiModalDataItems, hf_processor_mm_kwargs: Mapping[str, object],
                             out_mm_kwargs: MultiModalKwargsItems) -> Sequence[PromptUpdate]:

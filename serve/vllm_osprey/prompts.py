@@ -18,6 +18,7 @@ other embeddings.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,7 +81,7 @@ def check_region_count(ids: Sequence[int], config: OspreyConfig, num_masks: int)
     found = sum(1 for t in ids if t == config.mask_token_id)
     if found != num_masks:
         raise ValueError(f"the prompt references {found} regions (<mask><pos>) but {num_masks} masks were given")
-    pairs = sum(1 for a, b in zip(ids, ids[1:]) if a == config.mask_token_id and b == config.pos_token_id)
+    pairs = sum(1 for a, b in itertools.pairwise(ids) if a == config.mask_token_id and b == config.pos_token_id)
     if pairs != found or sum(1 for t in ids if t == config.pos_token_id) != found:
         raise ValueError("every <mask> token must be followed by exactly one <pos> token (and <pos> only there)")
 
@@ -113,6 +114,12 @@ def image_content_key(image: Image.Image) -> bytes:
     return digest.digest()
 
 
+def content_key(image: Image.Image) -> bytes:
+    """The image's content key: its stamp (`stamp_content_id`) when it has one, else computed."""
+    stamp = image.getexif().get(Image.ExifTags.Base.ImageID)
+    return stamp.bytes if isinstance(stamp, uuid.UUID) else image_content_key(image)
+
+
 def stamp_content_id(image: Image.Image, key: bytes) -> None:
     """Name `image` by its content key in its EXIF ImageID, which vLLM's hasher reads instead of hashing every pixel
     again (once for the image item and once per region item). The key is the content's, so the hashes stay
@@ -132,9 +139,15 @@ class RegionItem:
     mask: np.ndarray  # (H, W) uint8 0/1
     image: Image.Image
 
-    def for_hash(self) -> dict[str, object]:
-        """What vLLM hashes for this item: the mask and its image (see the module docstring)."""
+    def as_data(self) -> dict[str, object]:
+        """The item as vLLM holds and hashes it: its mask and its image (see the module docstring)."""
         return {"mask": self.mask, "image": self.image}
+
+    @classmethod
+    def from_data(cls, data: dict[str, object]) -> RegionItem:
+        if not isinstance(data, dict) or set(data) != {"mask", "image"}:
+            raise ValueError("a bound region item is {'mask': (H, W) array, 'image': PIL image}")
+        return cls(np.asarray(data["mask"]), data["image"])
 
 
 def region_items(image: Image.Image, masks: np.ndarray) -> list[RegionItem]:
