@@ -1,5 +1,5 @@
-"""Serving benchmark: regions/s and latency of the official flow, our engine in-process, `osprey serve` over HTTP
-and vLLM on the LLM half of the same workload, on one device in one run.
+"""Serving benchmark: regions/s and latency of the official flow, our engine in-process, `osprey serve` over HTTP,
+vLLM on the LLM half of the same workload, and the whole model on vLLM (our plugin), on one device in one run.
 
 The workload: clients that each send one image with M region masks ("describe", short prompt) and send their next
 image when every region of the last one is answered; I clients at once = I images in flight. Every region decodes
@@ -8,6 +8,10 @@ p50/p99 latency per region and per request (from the request's start), time to f
 
     python -m bench.serve_bench --preset osprey-7b --out bench/results/serve_bench_h100.json
     python -m bench.serve_bench --preset tiny --device cpu --masks 1 4 --images 1 2 --new-tokens 8    # smoke
+    python -m bench.serve_bench --systems engine vllm vllm-osprey --masks 1 16 --images 1 16 --out X.json  # vLLM
+
+"vllm-osprey" needs a model folder for vLLM to load: the random weights are written to --vllm-folder once (14 GB
+at 7B; a rerun with the same preset reuses it).
 """
 
 from __future__ import annotations
@@ -47,8 +51,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--waves", type=int, default=2, help="images each client sends in turn")
     parser.add_argument("--max-regions-per-config", type=int, default=2048,
                         help="fewer waves for large M x I so one configuration stays short")
-    parser.add_argument("--systems", nargs="+", default=["official", "engine", "server", "vllm"],
-                        choices=["official", "engine", "server", "vllm"])
+    parser.add_argument("--systems", nargs="+", default=["official", "engine", "server", "vllm", "vllm-osprey"],
+                        choices=["official", "engine", "server", "vllm", "vllm-osprey"])
+    parser.add_argument("--vllm-folder", default="/tmp/osprey-bench/model",
+                        help="where vllm-osprey's model folder is written (the --model folder itself if given)")
+    parser.add_argument("--vllm-memory", type=float, default=0.6, help="vllm-osprey: vLLM's share of the GPU")
     parser.add_argument("--official-regions", type=int, default=3, help="regions timed for the official flow")
     parser.add_argument("--max-rows", type=int, default=512, help="engine rows in flight (server --max-batch-size)")
     parser.add_argument("--kv-cache-gb", type=float, default=None)
@@ -61,15 +68,22 @@ def main(argv: list[str] | None = None) -> dict:
     pipe = build_pipeline(args.preset, args.model, args.device, args.dtype)
     pipe.eos_token_id = -1  # never stop early: every region decodes exactly --new-tokens tokens
     results: list[Measurement] = []
-    if "vllm" in args.systems and not vllm_available():
-        print("vLLM is not installed: its column is left out (bench/gpu_install.sh installs it on the GPU machine)")
-        args.systems = [s for s in args.systems if s != "vllm"]
+    if {"vllm", "vllm-osprey"} & set(args.systems) and not vllm_available():
+        print("vLLM is not installed: its columns are left out (bench/gpu_install.sh installs it on the GPU machine)")
+        args.systems = [s for s in args.systems if s not in ("vllm", "vllm-osprey")]
     if "official" in args.systems:
         results.append(run_official(pipe, make_workload(1, args.official_regions, 1, seed=0), args.new_tokens))
         print(json.dumps(summarize(results[-1])), flush=True)
     workloads = [_workload(args, masks, images) for masks in args.masks for images in args.images]
-    for system in ("engine", "server", "vllm"):  # vLLM last: its engine keeps most of the GPU memory once started
+    # vLLM last: its engine keeps most of the GPU memory once started (the LLM half's stops before the full model's)
+    for system in ("engine", "server", "vllm", "vllm-osprey"):
         if system in args.systems:
+            if system == "vllm-osprey":
+                from bench.serve_vllm import shutdown_llm_half
+
+                shutdown_llm_half()
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()  # blocks our engine's pools left cached count as used for vLLM
             for workload in workloads:
                 results.append(_run(system, args, pipe, workload))
                 _write(args, _report(args, pipe, results))  # a run cut short keeps what it measured
@@ -99,10 +113,15 @@ def _run(system: str, args: argparse.Namespace, pipe, workload: Workload) -> Mea
         m = run_engine(pipe, workload, args.new_tokens, args.max_rows, args.kv_cache_gb)
     elif system == "server":
         m = run_server(pipe, workload, args.new_tokens, args.max_rows, args.kv_cache_gb)
-    else:
+    elif system == "vllm":
         from bench.serve_vllm import run_vllm
 
         m = run_vllm(pipe, workload, args.new_tokens)
+    else:
+        from bench.serve_vllm import model_folder, run_vllm_osprey
+
+        folder = Path(args.model) if args.model else model_folder(pipe, Path(args.vllm_folder), args.preset)
+        m = run_vllm_osprey(folder, workload, args.new_tokens, args.vllm_memory)
     print(json.dumps(summarize(m)), flush=True)
     return m
 
@@ -130,7 +149,7 @@ def _speedups(results: list[Measurement]) -> list[dict]:
         if system != "engine":
             continue
         row = {"masks_per_image": masks, "images_in_flight": images, "engine_regions_per_s": m.regions_per_s}
-        for other in ("server", "vllm"):
+        for other in ("server", "vllm", "vllm-osprey"):
             o = by_key.get((other, masks, images))
             if o is not None:
                 row[f"engine_over_{other}"] = m.regions_per_s / o.regions_per_s

@@ -1,6 +1,7 @@
-"""The serving benchmark's vLLM baseline: the LLM half of the same workload on vLLM's async engine.
+"""The serving benchmark's vLLM systems: "vllm", the LLM half of the workload on vLLM's async engine, and
+"vllm-osprey", the whole model (tower, extractor, LLM) on vLLM through our plugin (serve/vllm_osprey, docs/vllm.md).
 
-Each region becomes a token-id prompt of exactly our prompt's length: the image tokens are ids drawn per image
+vllm: each region becomes a token-id prompt of exactly our prompt's length: the image tokens are ids drawn per image
 (so all regions of one image share that prefix and vLLM's prefix cache serves it), the `<mask><pos>` pair ids drawn
 per region, the text ids as they are. Weights are random (`load_format="dummy"`) with the LLM's own config, EOS
 ignored, greedy, prefix caching on. Installing vLLM on the GPU machine: bench/gpu_install.sh.
@@ -9,8 +10,11 @@ ignored, greedy, prefix caching on. Installing vLLM on the GPU machine: bench/gp
 from __future__ import annotations
 
 import asyncio
+import importlib
 import importlib.util
 import json
+import os
+import sys
 import tempfile
 import time
 import uuid
@@ -18,12 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.serve_workload import Measurement, Workload
+from bench.serve_workload import Measurement, Workload, make_workload
 from osprey.inference import OspreyPipeline
 from osprey.prompts import task_prompt
 
 _ENGINE = None
 _LOOP: asyncio.AbstractEventLoop | None = None  # vLLM's async engine stays bound to the loop it first ran in
+_OSPREY = None  # the vllm-osprey backend (serve.vllm_osprey.backend.VllmBackend), started once
+PLUGIN_NAME, PLUGIN_TARGET = "osprey", "serve.vllm_osprey:register"
 
 
 def vllm_available() -> bool:
@@ -103,6 +109,108 @@ async def _region(engine, ids: list[int], new_tokens: int, started: float, first
     params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, temperature=0.0,
                             detokenize=False)
     async for output in engine.generate(TokensPrompt(prompt_token_ids=ids), params, request_id=uuid.uuid4().hex):
+        if not first:
+            first.append(time.perf_counter())
+        if output.finished:
+            m.region_latencies.append(time.perf_counter() - started)
+
+
+def shutdown_llm_half() -> None:
+    """Stop the LLM-half engine (its process frees the GPU memory) before the full model's engine starts."""
+    global _ENGINE
+    if _ENGINE is not None:
+        _ENGINE.shutdown()
+        _ENGINE = None
+
+
+# ---------------------------------------------------------------------------------------------- vllm-osprey
+
+
+def ensure_plugin_entry_point(work: Path) -> str:
+    """vLLM finds plugins through the `vllm.general_plugins` entry points of installed distributions, in every
+    process it starts. From a source tree that is not pip-installed (the GPU machine runs the carried tree on
+    PYTHONPATH), write a minimal dist-info declaring ours and put its folder on sys.path and PYTHONPATH (inherited by
+    vLLM's processes). Returns where the entry point comes from."""
+    from importlib.metadata import entry_points
+
+    if any(ep.name == PLUGIN_NAME for ep in entry_points(group="vllm.general_plugins")):
+        return "installed"
+    site = work / "plugin_site"
+    info = site / "osprey_regions_vllm_plugin-0.0.0.dist-info"
+    info.mkdir(parents=True, exist_ok=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: osprey-regions-vllm-plugin\nVersion: 0.0.0\n")
+    (info / "entry_points.txt").write_text(f"[vllm.general_plugins]\n{PLUGIN_NAME} = {PLUGIN_TARGET}\n")
+    repo = str(Path(__file__).resolve().parents[1])
+    for path in (str(site), repo):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(site), repo, *filter(None, [os.environ.get("PYTHONPATH")])])
+    importlib.invalidate_caches()
+    if not any(ep.name == PLUGIN_NAME for ep in entry_points(group="vllm.general_plugins")):
+        raise RuntimeError(f"the plugin entry point written to {info} is not visible")
+    return str(info)
+
+
+def model_folder(pipe: OspreyPipeline, folder: Path, preset: str) -> Path:
+    """A model folder holding `pipe`'s weights for vLLM to load (written once; a folder stamped with the same preset
+    and written from the same seeded random weights is reused)."""
+    from osprey.checkpoint import save_pretrained
+
+    stamp = folder / "bench_stamp.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("preset") == preset:
+        return folder
+    save_pretrained(pipe.model, pipe.tokenizer, folder)
+    stamp.write_text(json.dumps({"preset": preset}))
+    return folder
+
+
+def run_vllm_osprey(folder: Path, workload: Workload, new_tokens: int,
+                    gpu_memory_utilization: float = 0.6) -> Measurement:
+    """The closed loop on the whole model on vLLM: each region a request (image + its one region), greedy, EOS
+    ignored; all regions of an image sent together, the image's prefix shared through vLLM's prefix cache."""
+    backend = _osprey_backend(folder, gpu_memory_utilization)
+    m = Measurement("vllm-osprey", workload.masks_per_image, workload.images_in_flight, new_tokens)
+    run = lambda coro: asyncio.run_coroutine_threadsafe(coro, backend.loop).result()
+    run(_osprey_clients(backend, make_workload(1, 2, 1, seed=99), new_tokens, Measurement("warm-up", 1, 1, new_tokens)))
+    run(_osprey_clients(backend, workload, new_tokens, m))
+    return m
+
+
+def _osprey_backend(folder: Path, gpu_memory_utilization: float):
+    global _OSPREY
+    if _OSPREY is None:
+        from serve.vllm_osprey.backend import VllmBackend, VllmSize
+
+        ensure_plugin_entry_point(folder.parent)
+        _OSPREY = VllmBackend(str(folder), VllmSize(gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=512,
+                                                    max_model_len=2048, max_regions=64))
+        _OSPREY.load()
+    return _OSPREY
+
+
+async def _osprey_clients(backend, workload: Workload, new_tokens: int, m: Measurement) -> None:
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, temperature=0.0,
+                            detokenize=False)
+    start = time.perf_counter()
+    await asyncio.gather(*(_osprey_client(backend, requests, params, m) for requests in workload.clients))
+    m.seconds = time.perf_counter() - start
+
+
+async def _osprey_client(backend, requests, params, m: Measurement) -> None:
+    for request in requests:
+        started = time.perf_counter()
+        first: list[float] = []
+        prompts = backend.prepare_each(backend.encode_image(request.image), [("human", task_prompt("short"))],
+                                       request.masks)
+        await asyncio.gather(*(_osprey_region(backend, p, params, started, first, m) for p in prompts))
+        m.request_latencies.append(time.perf_counter() - started)
+        m.ttfts.append(min(first) - started)
+
+
+async def _osprey_region(backend, prompt, params, started: float, first: list[float], m: Measurement) -> None:
+    async for output in backend.engine.generate(backend.tokens_prompt(prompt), params, request_id=uuid.uuid4().hex):
         if not first:
             first.append(time.perf_counter())
         if output.finished:

@@ -28,6 +28,13 @@ class Projector(nn.Sequential):
         super().__init__(nn.Linear(in_dim, out_dim), nn.GELU(), nn.Linear(out_dim, out_dim))
 
 
+def project_image_level(projector: Projector, grid: torch.Tensor) -> torch.Tensor:
+    """The image-token level (B, C, h, w) -> (B, h*w, D) image tokens: row-major over the grid, projected in the
+    projector's dtype (shared with the vLLM model, serve/vllm_osprey)."""
+    flat = grid.flatten(2).transpose(1, 2)
+    return projector(flat.to(projector[0].weight.dtype))
+
+
 @dataclass
 class ImageFeatures:
     levels: list[torch.Tensor]  # res2..res5, each (B, C_l, h_l, w_l)
@@ -75,9 +82,7 @@ class OspreyForCausalLM(nn.Module):
     def get_image_features(self, pixel_values: torch.Tensor) -> ImageFeatures:
         """pixel_values (B, 3, S, S) preprocessed -> all levels and the (B, N, D) image tokens."""
         levels = self.vision_tower(pixel_values)
-        grid = levels[self.config.vision.image_token_level]
-        flat = grid.flatten(2).transpose(1, 2)  # (B, N, C) row-major over the grid
-        tokens = self.mm_projector(flat.to(self.mm_projector[0].weight.dtype))
+        tokens = project_image_level(self.mm_projector, levels[self.config.vision.image_token_level])
         return ImageFeatures(levels=levels, tokens=tokens.to(self.dtype))
 
     def get_region_features(self, levels: list[torch.Tensor], masks: list[torch.Tensor]) -> RegionFeatures:

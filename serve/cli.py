@@ -39,8 +39,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--cpu-threads", type=int, default=None,
                        help="torch threads when decoding on CPU (default: all cores but one)")
     serve.add_argument("--served-model-name", default="", help="model id in /v1/models (default: folder name)")
-    serve.add_argument("--max-batch-size", type=int, default=8,
-                       help="region rows decoded together across requests (continuous batching; on a GPU try 256)")
+    serve.add_argument("--backend", default="engine", choices=["engine", "vllm"],
+                       help="engine: our continuous-batching engine in this process; vllm: the whole model on vLLM's "
+                            "async engine (GPU; the vllm extra; docs/vllm.md)")
+    serve.add_argument("--max-batch-size", type=int, default=None,
+                       help="region rows decoded together across requests (continuous batching; default 8 for the "
+                            "engine, on a GPU try 256; vllm: its max_num_seqs, default 256)")
+    serve.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                       help="--backend vllm: share of the GPU vLLM takes (weights, KV cache, activations)")
+    serve.add_argument("--tensor-parallel-size", type=int, default=1, help="--backend vllm: GPUs per model")
+    serve.add_argument("--enforce-eager", action="store_true",
+                       help="--backend vllm: no CUDA graphs or compilation (starts faster, decodes slower)")
     serve.add_argument("--kv-cache-gb", type=float, default=None,
                        help="KV memory of the engine (default: 90%% of the GPU memory left after loading; 1 GiB on CPU)")
     serve.add_argument("--max-row-tokens", type=int, default=None,
@@ -157,7 +166,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             model=model, served_model_name=args.served_model_name, device=args.device, dtype=args.dtype,
             cpu_threads=args.cpu_threads,
             api_key=args.api_key or None, allow_image_urls=args.allow_image_urls,
-            max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+            max_batch_size=args.max_batch_size or 8, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
             image_cache_size=args.image_cache_size, request_timeout_s=args.request_timeout,
             max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
             max_regions=args.max_regions, max_tokens_limit=args.max_tokens_limit, kv_cache_gb=args.kv_cache_gb,
@@ -176,6 +185,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
     log.info("serving %s as %r on http://%s:%d", model, config.model_name, args.host, args.port)
     log.info("playground: http://%s:%d/ui/", args.host, args.port)
-    uvicorn.run(create_app(config, segmenters=segmenters), host=args.host, port=args.port, log_level=args.log_level,
+    backend = _vllm_backend(args, config) if args.backend == "vllm" else None
+    if args.backend == "vllm" and backend is None:
+        return 2
+    uvicorn.run(create_app(config, backend, segmenters=segmenters), host=args.host, port=args.port,
+                log_level=args.log_level,
                 timeout_graceful_shutdown=max(1, int(config.request_timeout_s)))
     return 0
+
+
+def _vllm_backend(args: argparse.Namespace, config):
+    """The vLLM backend for `osprey serve --backend vllm`, or None (with the reason printed) when vLLM is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        print("osprey serve: --backend vllm needs vLLM (a CUDA GPU machine): pip install 'osprey-regions[vllm]' "
+              "(offline GPU machines: bench/gpu_install.sh; docs/vllm.md)", file=sys.stderr)
+        return None
+    from .vllm_osprey.backend import VllmBackend, VllmSize
+
+    size = VllmSize(gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_batch_size or 256,
+                    max_regions=config.max_regions, dtype=args.dtype or "bfloat16", enforce_eager=args.enforce_eager,
+                    tensor_parallel_size=args.tensor_parallel_size)
+    return VllmBackend(config.model, size)

@@ -38,27 +38,37 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------- backends
 
 
+class Prepared(Protocol):
+    """A backend's prepared prompt, as the engine sees it (the backend alone reads the rest)."""
+
+    @property
+    def num_tokens(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class EngineRow:
     """One prompt handed to a backend: `row_id` names it in the backend's events."""
 
     row_id: int
-    prepared: PreparedPrompt
+    prepared: Prepared  # what the same backend's prepare / prepare_each returned
     params: SamplingParams
 
 
 class Backend(Protocol):
-    """What the engine needs from a model runtime (the in-process pipeline; a vLLM one later)."""
+    """What the engine needs from a model runtime: the in-process pipeline (`PipelineBackend`) or vLLM
+    (`serve.vllm_osprey.backend.VllmBackend`). The encoded image and the prepared prompt are the backend's own types:
+    the engine caches the one and hands the other back to `add`. A row finishing with reason "error" fails its
+    request (500); the others go on."""
 
     def load(self) -> None: ...
 
-    def encode_image(self, image: Image.Image) -> EncodedImage: ...
+    def encode_image(self, image: Image.Image) -> object: ...
 
-    def prepare(self, encoded: EncodedImage, turns: list[tuple[str, str | None]], masks: np.ndarray) -> PreparedPrompt:
+    def prepare(self, encoded: object, turns: list[tuple[str, str | None]], masks: np.ndarray) -> Prepared:
         """-> a prepared prompt; raises ValueError naming the problem (count mismatch, mask size, length)."""
 
-    def prepare_each(self, encoded: EncodedImage, turns: list[tuple[str, str | None]], masks: np.ndarray
-                     ) -> list[PreparedPrompt]:
+    def prepare_each(self, encoded: object, turns: list[tuple[str, str | None]], masks: np.ndarray
+                     ) -> list[Prepared]:
         """One single-region prompt per mask (the same `turns`), prepared together."""
 
     def max_context_tokens(self) -> int | None:
@@ -232,7 +242,7 @@ class _Live:
     job: Job
     spec: RowSpec
     row_id: int
-    prepared: PreparedPrompt
+    prepared: Prepared
     text: list[str] = field(default_factory=list)
     tokens: int = 0
 
@@ -260,7 +270,7 @@ class Engine:
         self._row_ids = itertools.count()
         self.batch_wait_s = batch_wait_ms / 1000.0
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
-        self._cache: collections.OrderedDict[str, EncodedImage] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[str, object] = collections.OrderedDict()  # backend-encoded images
         self._cache_size = image_cache_size
         self._thread = threading.Thread(target=self._main, name="osprey-engine", daemon=True)
         self._inflight: set[Job] = set()
@@ -424,7 +434,7 @@ class Engine:
                                 "max_tokens or shorten the conversation", param="max_tokens",
                            code="context_length_exceeded") from None
 
-    def _prepare(self, encoded: EncodedImage, rows: list[RowSpec]) -> list[PreparedPrompt]:
+    def _prepare(self, encoded: object, rows: list[RowSpec]) -> list[Prepared]:
         """Rows that differ only by their one mask (describe) are prepared in one call."""
         if len(rows) > 1 and all(r.turns == rows[0].turns and r.masks.shape[0] == 1 for r in rows):
             return self.backend.prepare_each(encoded, rows[0].turns, np.concatenate([r.masks for r in rows]))
@@ -438,7 +448,7 @@ class Engine:
                                 f"more were asked for, but the model's context is {limit} tokens; shorten the "
                                 "conversation or lower max_tokens", param="messages", code="context_length_exceeded")
 
-    def _encode(self, job: Job) -> EncodedImage:
+    def _encode(self, job: Job) -> object:
         encoded = self._cache.get(job.image_key)
         if encoded is not None:
             self._cache.move_to_end(job.image_key)
@@ -479,6 +489,10 @@ class Engine:
         self.metrics.batch_done(len(events), tokens, time.perf_counter() - started)
 
     def _on_event(self, live: _Live, event: StreamEvent) -> None:
+        if event.finish_reason == "error":  # the backend failed this row alone (vLLM: its request failed)
+            del self._live[live.row_id]
+            live.job.fail(APIError(500, "generation failed for a region of this request", code="internal_error"))
+            return
         if event.token_id is not None:
             live.tokens += 1
         if event.text_delta:

@@ -1,0 +1,249 @@
+"""The vLLM backend checked on a GPU: `osprey serve --backend vllm` answers describe and chat requests with regions,
+and its greedy tokens equal our engine's (random weights of the preset's shapes, one run, <= 6 minutes at 7B).
+
+    python -m bench.vllm_osprey_check OUT_DIR                        # osprey-7b shapes, bf16, 4 images x 16 regions
+    python -m bench.vllm_osprey_check OUT_DIR --preset tiny --build-only --device cpu   # the folder step alone (CPU)
+
+Steps, each timed and written to OUT_DIR/vllm_osprey_check.json as it completes (a run cut short keeps what it
+did): (1) random weights -> a model folder (reused by a rerun on a warm machine); (2) our engine's greedy tokens
+for every region (EOS ignored); (3) `osprey serve`'s app with the vLLM backend, in-process: /health, a describe
+request, a chat request with two regions (plain and streamed) and a bad request that must get a 400; (4) the same
+regions through the same vLLM engine (greedy, EOS ignored, top-2 logprobs): the prompt ids must equal our engine's,
+then the share of equal tokens and, per diverging row, the first divergent step with vLLM's top-2 logit gap there
+(a divergence at a gap of a few bf16 ulps is rounding between two correct implementations, as bench/engine_parity
+reports for our engine against transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("out", help="folder for vllm_osprey_check.json")
+    p.add_argument("--preset", default="osprey-7b", help="random weights of this preset's shapes")
+    p.add_argument("--model", default=None, help="an existing model folder instead of random weights")
+    p.add_argument("--work", default="/tmp/osprey-vllm-check", help="where the random model folder is written")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--images", type=int, default=4)
+    p.add_argument("--masks", type=int, default=16, help="regions per image")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.45,
+                   help="vLLM's share of the GPU (our engine's model stays loaded beside it)")
+    p.add_argument("--graphs", action="store_true", help="let vLLM compile and capture CUDA graphs (slower start)")
+    p.add_argument("--build-only", action="store_true", help="stop after writing the model folder")
+    return p.parse_args(argv)
+
+
+class Report:
+    """The JSON report, rewritten atomically after every step."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.path = Path(out_dir) / "vllm_osprey_check.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.data: dict = {"steps": {}}
+        self.started = time.perf_counter()
+
+    def step(self, name: str, **fields) -> None:
+        fields["at_s"] = round(time.perf_counter() - self.started, 1)
+        self.data["steps"][name] = fields
+        print(f"[{fields['at_s']:7.1f}s] {name}: {json.dumps(fields, default=str)[:600]}", flush=True)
+        self.write()
+
+    def write(self) -> None:
+        tmp = self.path.with_suffix(".json.partial")
+        tmp.write_text(json.dumps(self.data, indent=2, default=str) + "\n")
+        tmp.replace(self.path)
+
+
+def build_folder(args: argparse.Namespace, report: Report):
+    """(pipeline, folder): our pipeline on the device and the model folder vLLM reads, with the same weights."""
+    from bench.serve_workload import build_pipeline
+    from osprey.checkpoint import save_pretrained
+    from osprey.inference import OspreyPipeline
+
+    if args.model:
+        pipe = OspreyPipeline.from_pretrained(args.model, device=args.device, dtype="bfloat16")
+        report.step("model", folder=args.model, reused=True)
+        return pipe, Path(args.model)
+    folder = Path(args.work) / f"model-{args.preset}"
+    stamp = folder / "check_stamp.json"
+    if stamp.is_file() and json.loads(stamp.read_text()).get("preset") == args.preset:
+        pipe = OspreyPipeline.from_pretrained(folder, device=args.device, dtype="bfloat16")
+        report.step("model", folder=str(folder), reused=True)
+        return pipe, folder
+    pipe = build_pipeline(args.preset, None, args.device, "bfloat16")
+    save_pretrained(pipe.model, pipe.tokenizer, folder)
+    stamp.write_text(json.dumps({"preset": args.preset}))
+    size_gb = sum(f.stat().st_size for f in folder.iterdir()) / 2**30
+    report.step("model", folder=str(folder), reused=False, size_gb=round(size_gb, 2))
+    return pipe, folder
+
+
+def reference_tokens(pipe, workload, new_tokens: int) -> tuple[list, list[list[int]]]:
+    """Our engine's greedy tokens for every region of the workload (EOS ignored): (prompts, tokens per row)."""
+    import torch
+
+    from osprey.generation import SamplingParams
+    from osprey.prompts import task_prompt
+
+    eos, pipe.eos_token_id = pipe.eos_token_id, -1
+    prompts = []
+    for (request,) in workload.clients:
+        encoded = pipe.encode_image(request.image)
+        prompts += pipe.prepare_each(encoded, [("human", task_prompt("short"))], request.masks)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    for events in pipe.generate_stream(prompts, SamplingParams(max_new_tokens=new_tokens)):
+        for e in events:
+            if e.token_id is not None:
+                tokens[e.row].append(e.token_id)
+    pipe.eos_token_id = eos
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return prompts, tokens
+
+
+def api_checks(client, request, report: Report) -> None:
+    """Describe, chat (plain and streamed) and a bad request through `osprey serve`'s routes on the vLLM backend."""
+    image_b64 = request.png_b64()
+    boxes = request.boxes[:3]
+    describe = client.post("/v1/regions/describe", json={
+        "image": image_b64, "regions": [{"box": b} for b in boxes], "task": "short", "max_tokens": 16})
+    report.step("describe", status=describe.status_code, body=_body(describe))
+    chat_body = {
+        "model": "osprey", "max_tokens": 16, "temperature": 0,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image_b64}"}},
+            {"type": "text", "text": "What is <region1> next to <region2>?"}]}],
+        "regions": [{"box": boxes[0]}, {"box": boxes[1]}]}
+    chat = client.post("/v1/chat/completions", json=chat_body)
+    report.step("chat", status=chat.status_code, body=_body(chat))
+    with client.stream("POST", "/v1/chat/completions", json={**chat_body, "stream": True}) as stream:
+        lines = [line for line in stream.iter_lines() if line]
+    report.step("chat_stream", status=stream.status_code, chunks=len(lines), first=lines[:2], last=lines[-2:])
+    bad = client.post("/v1/chat/completions", json={**chat_body, "regions": [{"box": boxes[0]}]})
+    report.step("bad_request", status=bad.status_code, expected=400, body=_body(bad))
+
+
+def _body(response) -> object:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text[:500]
+
+
+def vllm_tokens(backend, pipe, workload, new_tokens: int, report: Report) -> tuple[list[list[int]], list[list[float]]]:
+    """The same regions on the backend's vLLM engine: greedy, EOS ignored, with each step's top-2 logprob gap."""
+    from vllm import SamplingParams as VllmSamplingParams
+
+    from osprey.prompts import task_prompt
+    from serve.vllm_osprey.prompts import expand_prompt, image_placeholder_id
+
+    prompts = []
+    for (request,) in workload.clients:
+        prompts += backend.prepare_each(backend.encode_image(request.image), [("human", task_prompt("short"))],
+                                        request.masks)
+    config = pipe.config
+    ours = pipe._prompt_ids([("human", task_prompt("short"))]).tolist()
+    theirs = [config.image_token_id if t == image_placeholder_id(config) else t
+              for t in expand_prompt(prompts[0].token_ids, config)]
+    report.step("prompt_ids", equal=ours == theirs, ours=len(ours), vllm=len(theirs))
+    params = VllmSamplingParams(max_tokens=new_tokens, min_tokens=new_tokens, ignore_eos=True, temperature=0.0,
+                                logprobs=2, detokenize=False)
+
+    async def one(index: int, prompt) -> tuple[list[int], list[float]]:
+        final = None
+        async for output in backend.engine.generate(backend.tokens_prompt(prompt), params,
+                                                    request_id=f"check-{index}"):
+            final = output
+        completion = final.outputs[0]
+        gaps = []
+        for step in completion.logprobs or []:
+            top = sorted((lp.logprob for lp in step.values()), reverse=True)
+            gaps.append(top[0] - top[1] if len(top) > 1 else float("inf"))
+        return list(completion.token_ids), gaps
+
+    async def everything():
+        return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+    started = time.perf_counter()
+    results = asyncio.run_coroutine_threadsafe(everything(), backend.loop).result(timeout=600)
+    report.step("vllm_generate", rows=len(results), seconds=round(time.perf_counter() - started, 2))
+    return [r[0] for r in results], [r[1] for r in results]
+
+
+def compare(ours: list[list[int]], theirs: list[list[int]], gaps: list[list[float]]) -> dict:
+    equal = total = 0
+    divergences = []
+    for row, (a, b, g) in enumerate(zip(ours, theirs, gaps)):
+        equal += sum(x == y for x, y in zip(a, b))
+        total += max(len(a), len(b))
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if first is None and len(a) != len(b):
+            first = min(len(a), len(b))
+        if first is not None:
+            finite = sorted(x for x in g if x != float("inf"))
+            divergences.append({"row": row, "step": first, "vllm_top2_gap": g[first] if first < len(g) else None,
+                                "median_gap": finite[len(finite) // 2] if finite else None})
+    return {"rows": len(ours), "equal_token_share": equal / max(1, total), "rows_identical": len(ours) - len(divergences),
+            "divergences": divergences, "passed": equal / max(1, total) >= 0.99}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    report = Report(args.out)
+    import torch
+
+    report.data["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    report.data["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
+    pipe, folder = build_folder(args, report)
+    if args.build_only:
+        return report.data
+    from bench.serve_vllm import ensure_plugin_entry_point
+
+    report.step("plugin", entry_point=ensure_plugin_entry_point(Path(args.work)))
+    import vllm
+
+    report.data["vllm"] = vllm.__version__
+    from bench.serve_workload import make_workload
+
+    workload = make_workload(args.images, args.masks, 1, seed=7)
+    started = time.perf_counter()
+    _, ours = reference_tokens(pipe, workload, args.new_tokens)
+    report.step("engine_reference", rows=len(ours), seconds=round(time.perf_counter() - started, 2))
+
+    from fastapi.testclient import TestClient
+
+    from serve.app import create_app
+    from serve.config import ServeConfig
+    from serve.vllm_osprey.backend import VllmBackend, VllmSize
+
+    backend = VllmBackend(str(folder), VllmSize(gpu_memory_utilization=args.gpu_memory_utilization,
+                                                enforce_eager=not args.graphs, max_regions=64))
+    app = create_app(ServeConfig(model=str(folder), max_regions=64, request_timeout_s=300), backend)
+    started = time.perf_counter()
+    with TestClient(app) as client:
+        while client.get("/health").status_code != 200:
+            if app.state.engine.load_error or time.perf_counter() - started > 420:
+                report.step("vllm_start", ok=False, health=_body(client.get("/health")))
+                return report.data
+            time.sleep(1)
+        report.step("vllm_start", ok=True, seconds=round(time.perf_counter() - started, 1))
+        api_checks(client, workload.clients[0][0], report)
+        theirs, gaps = vllm_tokens(backend, pipe, workload, args.new_tokens, report)
+        report.data["parity"] = compare(ours, theirs, gaps)
+        report.step("parity", equal_token_share=report.data["parity"]["equal_token_share"],
+                    rows_identical=report.data["parity"]["rows_identical"], passed=report.data["parity"]["passed"])
+    backend.shutdown()
+    return report.data
+
+
+if __name__ == "__main__":
+    data = main()
+    print(json.dumps({k: v for k, v in data.items() if k != "steps"}, indent=2, default=str))
