@@ -113,6 +113,62 @@ def test_pq_rejects_unknown_segment_ids():
         pq.add(np.ones((2, 2), int), {}, np.zeros((2, 2), int), {})
 
 
+def test_pq_averages_iou_over_true_positives_across_images():
+    # A matched twice (IoU 1 in image 1, 2/3 in image 2): SQ(A) = (1 + 2/3) / 2, an IoU sum over TP (not times
+    # TP); B's only prediction has IoU 1/2 (not > 1/2) with B's GT: one FP and one FN
+    pq = PanopticQuality({10: True, 20: False})
+    gt1 = np.array([[1, 1, 0, 0]])
+    pq.add(gt1, {1: {"category_id": 10}}, gt1.copy(), {1: {"category_id": 10}})
+    gt2, pred2 = np.array([[1, 1, 2, 2]]), np.array([[1, 1, 1, 3]])
+    pq.add(
+        gt2,
+        {1: {"category_id": 10}, 2: {"category_id": 20}},
+        pred2,
+        {1: {"category_id": 10}, 3: {"category_id": 20}},
+    )
+    s = pq.summary()
+    five_sixths = pytest.approx(5 / 6)
+    assert s["per_class"][10] == {"pq": five_sixths, "sq": five_sixths, "rq": 1.0, "tp": 2, "fp": 0, "fn": 0}
+    assert s["per_class"][20] == {"pq": 0.0, "sq": 0.0, "rq": 0.0, "tp": 0, "fp": 1, "fn": 1}
+    assert s["Things"] == {"pq": five_sixths, "sq": five_sixths, "rq": 1.0, "n": 1}
+    assert s["Stuff"] == {"pq": 0.0, "sq": 0.0, "rq": 0.0, "n": 1}
+    assert s["All"] == {"pq": pytest.approx(5 / 12), "sq": pytest.approx(5 / 12), "rq": 0.5, "n": 2}
+
+
+def test_pq_unmatched_prediction_is_ignored_only_when_more_than_half_is_void_or_its_own_crowd():
+    # GT ids: 1 = crowd of A, 2 = crowd of B, 3 = A, 4 = B, 0 = VOID. Predictions, all of A, 4 px each:
+    #  5: 2 px on A's crowd              -> exactly half ignored -> FP
+    #  6: 3 px on A's crowd              -> ignored
+    #  7: 4 px on B's crowd              -> another category's crowd is not ignored -> FP
+    #  8: 3 px on VOID                   -> ignored
+    #  9: 1 px on VOID + 2 on A's crowd  -> 3/4 ignored only when both count -> ignored
+    gt = np.array([[1, 1, 4, 4, 1, 1, 1, 4, 2, 2, 2, 2, 0, 0, 0, 2, 0, 1, 1, 4, 3, 3]])
+    pred = np.array([[5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7, 8, 8, 8, 8, 9, 9, 9, 9, 0, 0]])
+    gt_segments = {
+        1: {"category_id": 10, "iscrowd": 1},
+        2: {"category_id": 20, "iscrowd": 1},
+        3: {"category_id": 10, "iscrowd": 0},
+        4: {"category_id": 20},
+    }
+    pq = PanopticQuality({10: True, 20: True})
+    pq.add(gt, gt_segments, pred, {k: {"category_id": 10} for k in (5, 6, 7, 8, 9)})
+    per_class = pq.summary()["per_class"]
+    # the missed non-crowd GT segments (3 and 4) are FN; crowd segments never are
+    assert {c: (v["tp"], v["fp"], v["fn"]) for c, v in per_class.items()} == {10: (0, 2, 1), 20: (0, 0, 1)}
+
+
+def test_pq_rejects_inputs_that_do_not_fit():
+    pq = PanopticQuality({10: True})
+    one = np.ones((2, 2), int)
+    with pytest.raises(ValueError, match=r"\(2, 2\) and prediction map \(2, 3\) differ"):
+        pq.add(one, {1: {"category_id": 10}}, np.ones((2, 3), int), {1: {"category_id": 10}})
+    with pytest.raises(ValueError, match="predicted segment 1 has unknown category 99"):
+        pq.add(one, {1: {"category_id": 10}}, one, {1: {"category_id": 99}})
+    with pytest.raises(ValueError, match=r"prediction map holds segment ids \[1\]"):
+        pq.add(one, {1: {"category_id": 10}}, one, {})
+    assert pq.summary()["per_class"] == {}  # nothing was counted by the rejected calls
+
+
 # ------------------------------------------------------------------------------------------- semantic
 
 
@@ -126,6 +182,62 @@ def test_miou_toy():
     assert s["miou"] == pytest.approx((0.5 + 2 / 3 + 1) / 3)
     assert math.isnan(s["iou"][3])
     assert s["pacc"] == pytest.approx(4 / 5)  # the pixel under the void GT is ignored
+
+
+def test_semantic_summary_over_several_images_by_hand():
+    # two 1x4 images accumulated; K = 3, 255 void. Confusion [pred, gt] over both:
+    #  image 1: gt 0 0 1 255 / pred 0 1 1 2 (the void pixel is ignored whatever is predicted)
+    #  image 2: gt 0 1 1 1   / pred 0 1 0 2 (class 2 is predicted but never in the GT: left out)
+    conf = SemanticConfusion(3)  # ignore_index defaults to 255
+    conf.add(np.array([[0, 1, 1, 2]]), np.array([[0, 0, 1, 255]]))
+    conf.add(np.array([[0, 1, 0, 2]]), np.array([[0, 1, 1, 1]]))
+    # class 0: tp 2, gt 3, pred 3 -> IoU 2/4, acc 2/3; class 1: tp 2, gt 4, pred 3 -> IoU 2/5, acc 2/4
+    s = conf.summary()
+    assert s["iou"][:2] == pytest.approx([0.5, 0.4]) and math.isnan(s["iou"][2])
+    assert s["miou"] == pytest.approx(0.45)
+    assert s["macc"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert s["fwiou"] == pytest.approx(3 / 7 * 0.5 + 4 / 7 * 0.4)
+    assert s["pacc"] == pytest.approx(4 / 7)
+
+
+def test_semantic_frequency_weighting_uses_gt_pixel_counts():
+    conf = SemanticConfusion(2)
+    conf.add(np.array([[0, 0, 0, 1]]), np.array([[0, 0, 1, 1]]))
+    # class 0: tp 2, gt 2, pred 3 -> IoU 2/3, weight 1/2; class 1: tp 1, gt 2, pred 1 -> IoU 1/2, weight 1/2
+    s = conf.summary()
+    assert s["fwiou"] == pytest.approx(0.5 * 2 / 3 + 0.5 * 0.5)
+    assert s["macc"] == pytest.approx(0.75)
+
+
+def test_semantic_with_only_void_gt_scores_zero():
+    conf = SemanticConfusion(2, ignore_index=9)
+    conf.add(np.array([[0, 1]]), np.array([[9, 9]]))
+    s = conf.summary()
+    assert (s["miou"], s["fwiou"], s["macc"], s["pacc"]) == (0.0, 0.0, 0.0, 0.0)
+    assert all(math.isnan(v) for v in s["iou"])
+
+
+@pytest.mark.parametrize(
+    "pred, gt, message",
+    [
+        (np.zeros((1, 2), int), np.zeros((1, 3), int), r"prediction \(1, 2\) and GT \(1, 3\) differ"),
+        (np.zeros((1, 2), int), np.array([[0, 3]]), r"GT class indices must be in \[0, 3\) or 255"),
+        (np.zeros((1, 2), int), np.array([[0, -1]]), r"GT class indices must be in \[0, 3\) or 255"),
+        (np.array([[0, 3]]), np.zeros((1, 2), int), r"predicted class indices must be in \[0, 3\)"),
+        (np.array([[0, -1]]), np.zeros((1, 2), int), r"predicted class indices must be in \[0, 3\)"),
+    ],
+)
+def test_semantic_rejects_out_of_range_inputs(pred, gt, message):
+    conf = SemanticConfusion(3)
+    with pytest.raises(ValueError, match=message):
+        conf.add(pred, gt)
+    assert not conf.matrix.any()
+
+
+def test_semantic_needs_a_class():
+    with pytest.raises(ValueError, match="num_classes must be >= 1, got 0"):
+        SemanticConfusion(0)
+    assert SemanticConfusion(1).matrix.shape == (2, 2)
 
 
 # ------------------------------------------------------------------------------------------- mask AP
@@ -179,9 +291,36 @@ def test_mask_ap_one_tp_one_fp_hand_computed():
     assert ap["AP50"] == pytest.approx(51 / 101)
 
 
+def test_mask_ap_by_iou_threshold_and_object_size_hand_computed():
+    # one 256x256 image, one category; GT: small 20x20 (400 px), medium 40x40 (1600), large 100x100 (10000).
+    # Detections: the small square exactly (score .9); the medium one shifted 8 px: IoU 32/48 = 2/3, a TP at
+    # IoU thresholds .50-.65 (4 of 10) and a FP above. The large one is missed.
+    #  all sizes, threshold <= .65: TP TP of 3 GT -> recall 2/3 at precision 1 -> 67/101 (recall points 0...66)
+    #  all sizes, threshold >= .70: TP FP -> recall 1/3 at precision 1 -> 34/101
+    #  AP = (4 * 67 + 6 * 34) / 10 / 101;  small: 1;  medium: 1 at 4 thresholds, 0 at 6 -> .4;  large: 0
+    def square(x, y, size):
+        m = np.zeros((256, 256), dtype=bool)
+        m[y : y + size, x : x + size] = True
+        return m
+
+    small, medium, large = square(0, 0, 20), square(0, 40, 40), square(120, 120, 100)
+    _, anns, cats = _gt([small, medium, large])
+    dets = [
+        {"image_id": 1, "category_id": 1, "segmentation": encode_rle(m), "score": s}
+        for m, s in ((small, 0.9), (square(8, 40, 40), 0.8))
+    ]
+    ap = mask_ap([{"id": 1, "height": 256, "width": 256}], anns, cats, dets)
+    expected = {"AP": (4 * 67 + 6 * 34) / 1010, "AP50": 67 / 101, "AP75": 34 / 101, "APs": 1.0, "APm": 0.4, "APl": 0.0}
+    assert ap == pytest.approx(expected)
+
+
 def test_mask_ap_without_detections_is_zero():
     images, anns, cats = _gt([_square(0, 0)])
-    assert mask_ap(images, anns, cats, [])["AP"] == 0.0
+    names = ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    assert mask_ap(images, anns, cats, []) == dict.fromkeys(names, 0.0)
+    # no GT at all: every figure is undefined (-1, COCOeval's convention), with or without detections
+    det = {"image_id": 1, "category_id": 1, "segmentation": encode_rle(_square(0, 0)), "score": 0.9}
+    assert mask_ap(images, [], cats, [det]) == dict.fromkeys(names, -1.0)
 
 
 # ------------------------------------------------------------------------------------------- POPE
