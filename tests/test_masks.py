@@ -347,3 +347,72 @@ def test_image_to_mask_is_one_rule_for_pngs_and_images():
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     assert (M.decode_png(buf.getvalue()) == _square()).all()
+
+
+def test_decode_regions_stacks_in_request_order_and_keeps_every_note():
+    square, other = _square(), np.zeros((12, 16), bool)
+    other[8:12, 0:4] = True
+    bowtie = {"polygon": [[0, 0, 10, 10, 10, 0, 0, 10]]}
+    decoded = M.decode_regions([{"box": [10, 5, 20, 20]}, M.encode_rle(other), bowtie, {"rle": M.encode_rle(square)}],
+                               12, 16, max_regions=4, where="messages[0].regions")
+    assert decoded.masks.shape == (4, 12, 16) and decoded.masks.dtype == bool
+    assert (decoded.masks[1] == other).all() and (decoded.masks[3] == square).all()
+    assert decoded.masks[0].sum() == 6 * 7 and (decoded.masks[2] == M.decode_region(bowtie, 12, 16).mask).all()
+    assert [note.split(":")[0] for note in decoded.notes] == ["messages[0].regions[0].box", "messages[0].regions[2].polygon"]
+
+
+@pytest.mark.parametrize(("regions", "code", "message"), [
+    ({"box": [1, 1, 2, 2]}, "invalid_type", "regions: must be a list of regions, got dict"),
+    ([], "invalid_value", "regions: is empty: give at least one region"),
+    ([{"box": [1, 1, 2, 2]}] * 3, "too_many_regions", "regions: too many regions: 3 > 2"),
+])
+def test_decode_regions_checks_the_list_first(regions, code, message):
+    with pytest.raises(MaskError) as info:
+        M.decode_regions(regions, 12, 16, max_regions=2)
+    assert (str(info.value), info.value.code, info.value.where) == (message, code, "regions")
+
+
+def test_decode_regions_names_the_bad_region_and_passes_the_fit_on():
+    with pytest.raises(MaskError) as info:
+        M.decode_regions([{"box": [1, 1, 2, 2]}, {"box": [20, 0, 5, 5]}], 12, 16, max_regions=2)
+    assert info.value.where == "regions[1].box"
+    small = {"rle": M.encode_rle(_square()[::2, ::2])}
+    with pytest.raises(MaskError, match="or pass --resize-masks"):
+        M.decode_regions([small], 12, 16, max_regions=1, fit=M.RegionFit(resize_option="pass --resize-masks"))
+    resized = M.decode_regions([small], 12, 16, max_regions=2, fit=M.RegionFit(resize=True)).masks
+    assert resized.shape == (1, 12, 16) and resized[0, 2:6, 4:10].all()
+
+
+def test_fit_region_holds_decoded_masks_to_the_region_rules():
+    square = _square()
+    assert M.fit_region(square, 12, 16) is square
+    resized = M.fit_region(square[::2, ::2], 12, 16, fit=M.RegionFit(resize=True))
+    assert resized.shape == (12, 16) and resized[2:6, 4:10].all()
+    with pytest.raises(MaskError) as info:
+        M.fit_region(square[::2, ::2], 12, 16, fit=M.RegionFit(resize_option="set resize"), where="mask_images[1]")
+    assert (str(info.value), info.value.code) == (
+        "mask_images[1]: mask size 8x6 (WxH) differs from the image 16x12; send masks at the image size or set resize",
+        "mask_size_mismatch")
+    with pytest.raises(MaskError) as info:
+        M.fit_region(np.zeros((12, 16), bool), 12, 16)
+    assert (info.value.where, info.value.code) == ("region", "empty_mask")
+
+
+def test_panoptic_segment_ids_read_rgb_as_r_plus_256g_plus_65536b(tmp_path):
+    rgb = np.zeros((2, 3, 3), np.uint8)
+    rgb[0, 0] = (1, 0, 0)
+    rgb[0, 1] = (0, 1, 0)
+    rgb[0, 2] = (0, 0, 1)
+    rgb[1, 0] = (255, 255, 255)
+    rgb[1, 1] = (7, 2, 3)
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, format="PNG")
+    expected = np.array([[1, 256, 65536], [256**3 - 1, 7 + 2 * 256 + 3 * 65536, 0]])
+    ids = M.panoptic_segment_ids(buf.getvalue())
+    assert ids.dtype == np.int64 and (ids == expected).all()
+    path = tmp_path / "pan.png"
+    path.write_bytes(buf.getvalue())
+    assert (M.panoptic_segment_ids(str(path)) == expected).all()  # a path reads the same
+    assert (M.panoptic_segment_ids(bytearray(buf.getvalue())) == expected).all()
+    with pytest.raises(MaskError, match="undecodable panoptic PNG"):
+        M.panoptic_segment_ids(b"not a png")
