@@ -50,6 +50,9 @@ def test_official_normalisation():
     # raw "Region: a dog: sitting" -> clean_answer "a dog: sitting" -> official split(':')[1] = " a dog"
     assert official_answer("a dog: sitting") == "a dog"
     assert official_answer("a dog") == "a dog"
+    assert official_answer("a dog: sitting: on grass") == "a dog"  # cut at the first ':' left
+    assert normalize_prediction("X-ray.") == "X-ray "  # only '.', ':' and ',' become spaces
+    assert exact_match("Sports  car", "sports car")  # whitespace collapsed to one space on both sides
     assert exact_match(normalize_prediction("Car."), normalize_label("car"))
     assert not exact_match("sports car", "car")
 
@@ -403,6 +406,7 @@ def test_pope_parsing_and_metrics():
         ("it is not. yes", "no"),
         ("  no  ", "no"),  # stripped first
         ("", "yes"),
+        ("There is\nno cat", "yes"),  # the official script splits on single spaces only: "is\nno" is one word
     ],
 )
 def test_pope_parses_like_the_official_script(answer, expected):
@@ -417,6 +421,9 @@ def test_pope_metrics_where_the_official_script_would_divide_by_zero():
     assert (m["precision"], m["recall"], m["f1"], m["fp"], m["yes_ratio"]) == (0.0, 0.0, 0.0, 1, 0.5)
     m = pope_metrics(["yes", "no", "yes"], ["yes", "no", "yes"])
     assert (m["accuracy"], m["precision"], m["recall"], m["f1"]) == (1.0, 1.0, 1.0, 1.0)
+    m = pope_metrics(["yes", "no", "yes", "no"], ["yes", "yes", "no", "no"])  # one of each outcome
+    assert m == {"accuracy": 0.5, "precision": 0.5, "recall": 0.5, "f1": 0.5, "yes_ratio": 0.5,
+                 "tp": 1, "fp": 1, "tn": 1, "fn": 1}
 
 
 def test_pope_metrics_reject_bad_input():
@@ -449,6 +456,13 @@ def test_pope_metrics_reject_bad_input():
         ("", None),
         ("12 15", None),
         ("The scores are 8 and", None),
+        ("   \n ", None),  # blank, not just empty
+        ("0 5", (0, 5)),  # 0 is a score
+        ("10.5 9", None),  # above 10
+        # the official first-line rule alone reads these (the patterns refuse a number followed by "."):
+        ("8 7.", (8, 7)),
+        ("8,7.", (8, 7)),
+        ("8/10 7/10", (8, 7)),  # two words that are not numbers: the patterns take over
     ],
 )
 def test_parse_scores(review, expected):
@@ -457,7 +471,8 @@ def test_parse_scores(review, expected):
 
 def test_relative_score():
     assert relative_score([(8, 6), (10, 9)]) == pytest.approx(100 * 15 / 18)
-    with pytest.raises(ValueError):
+    assert relative_score([(1, 1)]) == 100.0
+    with pytest.raises(ValueError, match="undefined: the reference answers received no score"):
         relative_score([(0, 3)])
 
 
