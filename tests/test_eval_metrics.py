@@ -145,8 +145,18 @@ def test_pq_crowd_and_void_are_not_false_positives():
     pq = PanopticQuality({10: True})
     pq.add(gt, {1: {"category_id": 10, "iscrowd": 1}}, pred, {5: {"category_id": 10}, 6: {"category_id": 10}})
     s = pq.summary()
-    assert s["All"]["n"] == 0  # nothing counted: no TP, FP or FN anywhere
+    assert s["All"] == {"pq": 0.0, "sq": 0.0, "rq": 0.0, "n": 0}  # nothing counted: no TP, FP or FN anywhere
     assert s["per_class"] == {}
+
+
+def test_pq_reads_panoptic_png_sized_segment_ids_exactly():
+    # COCO panoptic ids are R + 256 G + 256^2 B, up to 2^24 - 1: the (GT, prediction) pair key needs all 56 bits
+    big, bigger = 2**24 - 2, 2**24 - 1
+    gt = np.array([[bigger, bigger, 0]])
+    pred = np.array([[big, big, big]])
+    pq = PanopticQuality({10: True})
+    pq.add(gt, {bigger: {"category_id": 10}}, pred, {big: {"category_id": 10}})
+    assert pq.summary()["per_class"][10] == {"pq": 1.0, "sq": 1.0, "rq": 1.0, "tp": 1, "fp": 0, "fn": 0}
 
 
 def test_pq_rejects_unknown_segment_ids():
@@ -184,8 +194,9 @@ def test_pq_unmatched_prediction_is_ignored_only_when_more_than_half_is_void_or_
     #  7: 4 px on B's crowd              -> another category's crowd is not ignored -> FP
     #  8: 3 px on VOID                   -> ignored
     #  9: 1 px on VOID + 2 on A's crowd  -> 3/4 ignored only when both count -> ignored
+    # 10 matches GT 3 (a TP found after the crowd pairs, which come first in id order)
     gt = np.array([[1, 1, 4, 4, 1, 1, 1, 4, 2, 2, 2, 2, 0, 0, 0, 2, 0, 1, 1, 4, 3, 3]])
-    pred = np.array([[5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7, 8, 8, 8, 8, 9, 9, 9, 9, 0, 0]])
+    pred = np.array([[5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7, 8, 8, 8, 8, 9, 9, 9, 9, 10, 10]])
     gt_segments = {
         1: {"category_id": 10, "iscrowd": 1},
         2: {"category_id": 20, "iscrowd": 1},
@@ -193,10 +204,10 @@ def test_pq_unmatched_prediction_is_ignored_only_when_more_than_half_is_void_or_
         4: {"category_id": 20},
     }
     pq = PanopticQuality({10: True, 20: True})
-    pq.add(gt, gt_segments, pred, {k: {"category_id": 10} for k in (5, 6, 7, 8, 9)})
+    pq.add(gt, gt_segments, pred, {k: {"category_id": 10} for k in (5, 6, 7, 8, 9, 10)})
     per_class = pq.summary()["per_class"]
-    # the missed non-crowd GT segments (3 and 4) are FN; crowd segments never are
-    assert {c: (v["tp"], v["fp"], v["fn"]) for c, v in per_class.items()} == {10: (0, 2, 1), 20: (0, 0, 1)}
+    # the missed non-crowd GT segment 4 is a FN; crowd segments never are
+    assert {c: (v["tp"], v["fp"], v["fn"]) for c, v in per_class.items()} == {10: (1, 2, 0), 20: (0, 0, 1)}
 
 
 def test_pq_rejects_inputs_that_do_not_fit():
