@@ -169,6 +169,7 @@ def test_bbox_and_area():
         ([[0, 0], [4, 0], [2, 1], [4, 4], [0, 4]], False),  # concave
         ([[0, 0], [4, 0], [4, 4], [2, 0], [0, 4]], True),  # a vertex touching another edge
         ([[0, 0], [3, 0], [1, 2]], False),  # triangle
+        ([[5, 0], [9, 0], [9, 4], [0, 4], [2, 0]], False),  # a vertex on a horizontal edge's line, outside the edge
     ],
 )
 def test_self_intersection(xy, expected):
@@ -416,3 +417,57 @@ def test_panoptic_segment_ids_read_rgb_as_r_plus_256g_plus_65536b(tmp_path):
     assert (M.panoptic_segment_ids(bytearray(buf.getvalue())) == expected).all()
     with pytest.raises(MaskError, match="undecodable panoptic PNG"):
         M.panoptic_segment_ids(b"not a png")
+
+
+def _wide() -> np.ndarray:
+    mask = np.zeros((12, 16), bool)
+    mask[2:7, 3:15] = True
+    return mask
+
+
+def test_to_rle_keeps_height_and_width_apart_and_checks_both():
+    wide = _wide()
+    for obj in (wide, wide.astype(int).tolist(), M.encode_png(wide), {"box": [3, 2, 12, 5]}):
+        rle = M.to_rle(obj, 12, 16)
+        assert rle["size"] == [12, 16] and (M.decode_rle(rle) == wide).all()
+    for obj in (wide[:, :15], M.encode_png(wide[:, :15])):  # one column short
+        with pytest.raises(MaskError) as info:
+            M.to_rle(obj, 12, 16)
+        assert info.value.code == "mask_size_mismatch"
+    bowtie = [[0, 0, 10, 10, 10, 0, 0, 10]]
+    with pytest.warns(MaskWarning, match="self-intersecting"):  # accepted unless strict
+        assert M.to_rle(bowtie, 12, 16) == M.encode_rle(M.decode_mask(bowtie, 12, 16))
+
+
+def test_rle_area_reads_str_and_bytes_counts():
+    rle = M.encode_rle(_wide())
+    assert M.rle_area(rle) == M.rle_area(dict(rle, counts=rle["counts"].encode())) == 5 * 12
+
+
+def test_decode_box_is_boolean():
+    box = M.decode_box([3, 2, 12, 5], 12, 16)
+    assert box.dtype == bool and (box == _wide()).all()
+
+
+def test_decode_sam_checks_sizes_and_areas():
+    wide = _wide()
+    entry = M.encode_sam(wide)
+    with pytest.raises(MaskError, match="SAM entry must be a dict with a 'segmentation' key"):
+        M.decode_sam({"bbox": [0, 0, 1, 1]})
+    with pytest.raises(MaskError) as info:  # RLE of another height
+        M.decode_sam(entry, 10, 16)
+    assert info.value.code == "mask_size_mismatch"
+    bitmap = dict(entry, segmentation=wide.astype(int).tolist())
+    assert (M.decode_sam(bitmap) == wide).all()  # no image size: read as it is
+    with pytest.raises(MaskError):  # a bitmap one column short is refused (read as a polygon, it has bools)
+        M.decode_sam_list([dict(bitmap, segmentation=wide[:, :15].astype(int).tolist())], 12, 16)
+    wrong_area = dict(entry, area=3)
+    assert (M.decode_sam(wrong_area) == wide).all()  # tolerated unless strict
+    with pytest.raises(MaskError, match="SAM entry area 3 does not match the mask's 60 pixels"):
+        M.decode_sam(wrong_area, strict=True)
+
+
+def test_a_sam_segmentation_dict_is_read_as_rle():
+    with pytest.raises(MaskError, match="RLE needs 'size' and 'counts'") as info:
+        M.decode_region({"segmentation": {"polygon": [[0, 0, 4, 0, 4, 4]]}}, 12, 16)
+    assert info.value.where == "region"
