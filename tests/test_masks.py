@@ -170,6 +170,10 @@ def test_bbox_and_area():
         ([[0, 0], [4, 0], [4, 4], [2, 0], [0, 4]], True),  # a vertex touching another edge
         ([[0, 0], [3, 0], [1, 2]], False),  # triangle
         ([[5, 0], [9, 0], [9, 4], [0, 4], [2, 0]], False),  # a vertex on a horizontal edge's line, outside the edge
+        # a vertex touching a later edge, found only from the earlier edge's start (o3) or end (o4)
+        ([[2, 0], [3, 4], [0, 4], [0, 0], [4, 0]], True),
+        ([[0, 4], [2, 0], [0, 0], [4, 0], [3, 4]], True),
+        ([[0, 10], [4, 14], [4, 10], [0, 14]], True),  # a bow-tie away from y = 0
     ],
 )
 def test_self_intersection(xy, expected):
@@ -287,6 +291,7 @@ def test_decode_region_reads_every_form_alike():
         M.encode_rle(mask), {"rle": M.encode_rle(mask)}, {"rle": M.encode_uncompressed_rle(mask)},
         {"box": [3, 2, 8, 5]}, {"bbox": [3, 2, 8, 5]}, [3, 2, 8, 5], {"polygon": [[3, 2, 11, 2, 11, 7, 3, 7]]},
         {"png": M.encode_png_base64(mask)}, {"bitmap": mask.astype(int).tolist()}, mask, M.encode_sam(mask),
+        mask.astype(int).tolist(),  # a bare bitmap: told from polygons by the image size
     ]
     for form in forms:
         decoded = M.decode_region(form, 12, 16)
@@ -332,12 +337,27 @@ def test_decode_region_notes_what_it_tolerates():
 @pytest.mark.parametrize(("region", "where", "code"), [
     ("box", "r", "invalid_type"), ({"circle": 1}, "r", "invalid_region"), ({"box": [1, 1, 2, 2], "png": "x"}, "r",
     "invalid_region"), ({"box": "abc"}, "r.box", "invalid_type"), ({"png": "%%"}, "r.png", "invalid_base64"),
-    ({"size": [12, 16], "counts": [1]}, "r", "invalid_mask"),
+    ({"size": [12, 16], "counts": [1]}, "r", "invalid_mask"), ({"polygon": "abc"}, "r.polygon", "invalid_type"),
 ])
 def test_decode_region_errors_name_the_region(region, where, code):
     with pytest.raises(MaskError) as info:
         M.decode_region(region, 12, 16, where="r")
     assert (info.value.where, info.value.code) == (where, code)
+
+
+@pytest.mark.parametrize(("region", "message"), [
+    (7, "r: a region must be an object with one of ['rle', 'polygon', 'box', 'png', 'bitmap'], a COCO RLE or a "
+        "SAM entry, got int"),
+    ({"circle": 1}, "r: a region needs exactly one of ['rle', 'polygon', 'box', 'png', 'bitmap'], or is a COCO RLE "
+                    "{size, counts} or a SAM entry with 'segmentation'; got keys ['circle']"),
+    ({"png": 5}, "r.png: png must be base64 text, got int"),
+    ({"polygon": 5}, "r.polygon: polygon must be a list of [x1, y1, x2, y2, ...] lists"),
+    ([], "r: empty mask list: expected polygons, a box, a bitmap or RLE parts"),
+])
+def test_decode_region_error_messages(region, message):
+    with pytest.raises(MaskError) as info:
+        M.decode_region(region, 12, 16, where="r")
+    assert str(info.value) == message
 
 
 def test_image_to_mask_is_one_rule_for_pngs_and_images():
@@ -471,3 +491,46 @@ def test_a_sam_segmentation_dict_is_read_as_rle():
     with pytest.raises(MaskError, match="RLE needs 'size' and 'counts'") as info:
         M.decode_region({"segmentation": {"polygon": [[0, 0, 4, 0, 4, 4]]}}, 12, 16)
     assert info.value.where == "region"
+
+
+def test_polygon_coordinates_may_reach_four_image_sizes_plus_16_outside():
+    # 12x16 image: bound 4 * 16 + 16 = 80
+    assert M.decode_polygons([0, 0, 80, 0, 0, 5], 12, 16).any()
+    with pytest.raises(MaskError, match=r"polygon 0 has a coordinate far outside the 16x12 \(WxH\) image \(81 > 80\)"):
+        M.decode_polygons([0, 0, 81, 0, 0, 5], 12, 16)
+    with pytest.raises(MaskError, match="^polygon list is empty$"):
+        M.decode_polygons([], 12, 16)
+    with pytest.raises(MaskError, match="polygon 0 has non-numeric coordinates"):
+        M.decode_polygons([[0, 0, [1, 2], 3, 4, 5]], 12, 16)  # ragged nesting
+    with pytest.warns(MaskWarning, match=r"\(accepted: rasterised as pycocotools does; strict=True rejects\)"):
+        M.decode_polygons([[0, 0, 10, 10, 10, 0, 0, 10]], 12, 16)
+
+
+def test_self_intersection_of_polygons_with_more_than_512_points():
+    angles = np.linspace(0, 2 * np.pi, 600, endpoint=False)
+    circle = np.stack([50 + 40 * np.cos(angles), 50 + 40 * np.sin(angles)], axis=1)
+    assert not M.polygon_self_intersects(circle)
+    crossed = circle.copy()
+    crossed[[100, 400]] = crossed[[400, 100]]  # two far vertices swapped: their edges cross the circle
+    assert M.polygon_self_intersects(crossed)
+
+
+def test_boxes_reaching_out_on_one_side_only_are_refused_or_clipped():
+    for box in ([10, 2, 8, 5], [1, -1, 4, 4], [-1, 1, 4, 4], [1, 10, 4, 4]):  # right, top, left, bottom
+        with pytest.raises(MaskError, match="reaches outside the image 16x12"):
+            M.decode_box(box, 12, 16)
+        assert M.decode_region({"box": box}, 12, 16).notes  # clipped, with a note
+
+
+def test_bitmaps_with_a_channel_axis_and_bare_bitmaps():
+    mask = _wide()
+    assert (M.decode_binary(mask[..., None].astype(np.uint8)) == mask).all()
+    with pytest.raises(MaskError, match="bitmap rows have different lengths"):
+        M.decode_binary([[0, 1], [1]])
+    assert M.detect_format([[0, 1, 1], [1, 0, 0]]) == "binary"  # no image size known: 0/1 rows are a bitmap
+
+
+def test_encode_sam_keeps_the_given_points_and_crop_box():
+    entry = M.encode_sam(_wide(), point_coords=[[3, 4]], crop_box=[0, 0, 8, 6])
+    assert entry["point_coords"] == [[3.0, 4.0]] and entry["crop_box"] == [0.0, 0.0, 8.0, 6.0]
+    assert M.encode_sam(_wide())["point_coords"] == []
