@@ -7,6 +7,8 @@
 # `mutmut show NAME` to read one.
 # MUTATION_SAMPLE=N tests only N of the module's mutants, drawn with random.Random(MUTATION_SEED, default 28)
 # from their sorted names (reproducible: same code, same sample); the others are reported "not checked".
+# MUTATION_NAMES=FILE tests only the mutants named in FILE, one a line (e.g. an earlier run's survivors, after adding
+# tests: names stay the same while the module's code does).
 set -euo pipefail
 module=$1; shift
 root=$(git rev-parse --show-toplevel)
@@ -35,7 +37,10 @@ PY
 export OMP_NUM_THREADS=1
 mkdir -p "$work/mutants"  # exists before Python starts: a missing PYTHONPATH entry would be cached as absent
 export PYTHONPATH="$work/mutants"  # the mutated copy, not an installed checkout
-if [[ -n "${MUTATION_SAMPLE:-}" ]]; then
+if [[ -n "${MUTATION_NAMES:-}" ]]; then
+  mapfile -t names < "$MUTATION_NAMES"
+  mutmut run --max-children "${MUTMUT_CHILDREN:-2}" "${names[@]}" > mutmut.log 2>&1 || true
+elif [[ -n "${MUTATION_SAMPLE:-}" ]]; then
   # generate the mutants only (mutmut's own first steps), then draw the sample from their names
   python - "$MUTATION_SAMPLE" "${MUTATION_SEED:-28}" > sample.log 2>&1 <<'PY'
 import json, random, sys

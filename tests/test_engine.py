@@ -231,3 +231,21 @@ def test_pool_sizes_are_checked_and_token_bytes_count_keys_and_values():
     assert (exact.prefix_slots, exact.prefix_tokens, exact.row_slots, exact.suffix_tokens) == (1, 100, 4, 50)
     with pytest.raises(ValueError, match=r"holds not even one image \(0.00 GiB for 100 prefix and 4 x 50 row tokens\)"):
         plan_pool(1024 * 300 - 1, per_token=1024, prefix_tokens=100, suffix_tokens=50, rows_per_image=4)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"max_new_tokens": 0}, "max_new_tokens must be >= 1, got 0"),
+    ({"temperature": -0.1}, "temperature must be >= 0, got -0.1"),
+    ({"temperature": float("nan")}, "temperature must be >= 0, got nan"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
+])
+def test_sampling_params_refuse_values_outside_their_range(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**settings)
+
+
+def test_sampling_params_accept_their_bounds_and_keep_stops_as_a_tuple():
+    params = SamplingParams(max_new_tokens=1, temperature=0.0, top_p=1.0, stop=["a", "b"])
+    assert params.stop == ("a", "b") and hash(params)  # frozen and hashable with a list given
+    assert SamplingParams() == SamplingParams(max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, stop=())
