@@ -51,6 +51,13 @@ class FailingStepBackend(PipelineBackend):
         return super().step()
 
 
+class BrokenPrepareBackend(PipelineBackend):
+    """The pipeline backend whose prompt preparation fails with an unexpected (non-ValueError) error."""
+
+    def prepare_each(self, encoded, turns, masks):
+        raise RuntimeError("tokenizer broke")
+
+
 def _backend(pipe, cls=PipelineBackend, **size) -> PipelineBackend:
     # the test process keeps its torch threads (the backend would otherwise set all cores but one)
     return cls("unused", cpu_threads=torch.get_num_threads(), size=EngineSize(**size), pipeline=pipe)
@@ -197,6 +204,19 @@ def test_a_generation_error_fails_every_running_job_with_500(tiny_pipeline):
     assert [(e.status, e.code, e.message) for e in errors] == [
         (500, "internal_error", "generation failed (RuntimeError)")] * 2
     assert len(done) == 1 and not engine._live
+
+
+def test_an_unexpected_error_while_preparing_is_a_500_naming_its_type(tiny_pipeline):
+    engine = Engine(_backend(tiny_pipeline, BrokenPrepareBackend), Metrics())
+
+    async def scenario(engine):
+        with pytest.raises(APIError) as err:
+            await _collect(engine, engine.submit(_image(), "img", _describe_rows(_masks()[:2]), 30))
+        return err.value
+
+    error = _run(engine, scenario)
+    assert (error.status, error.code, error.message) == (
+        500, "internal_error", "internal error while preparing the prompt (RuntimeError)")
 
 
 def test_a_job_past_its_deadline_in_the_queue_is_not_started(tiny_pipeline):
