@@ -8,7 +8,7 @@ from PIL import Image
 
 from osprey.engine.attention import attend, length_bias, merge
 from osprey.engine.core import GroupRequest, RowRequest
-from osprey.engine.kv import PoolSize, plan_pool
+from osprey.engine.kv import PoolSize, plan_pool, token_bytes
 from osprey.engine.sampling import sample
 from osprey.engine.text import TextStream
 from osprey.inference import SamplingParams
@@ -261,3 +261,49 @@ def test_the_written_out_layer_math_equals_the_transformers_modules():
         for ours, theirs in zip(written.qkv(layer, hidden, cos, sin), forward._qkv(layer, hidden, cos, sin)):
             assert torch.equal(ours, theirs)
         assert torch.equal(written.finish(layer, hidden, attention), forward._finish_layer(layer, hidden, attention))
+
+
+def test_text_stream_holds_back_what_could_start_a_stop_string(tiny_pipeline):
+    """The earliest of several stop strings wins, even one that arrives over several tokens; nothing of it is ever
+    emitted, `text` is what was emitted, and after the stop the stream is silent."""
+    tok = tiny_pipeline.tokenizer
+    ids = tok.encode("a red bottle, and two cups on the shelf", add_special_tokens=False)
+    full = tok.decode(ids, skip_special_tokens=True)
+    stream = TextStream(tok, stop=("", "shelf", "two cups", "bottle"))
+    pieces = [stream.push(t) for t in ids]
+    assert stream.stopped and "".join(pieces) == stream.text == full.split("bottle")[0]
+    assert all("bott" not in piece for piece in pieces)
+    assert stream.push(ids[0]) == "" and stream.flush() == "" and stream.text == full.split("bottle")[0]
+    # a stop string that never comes: the held-back tail is released by flush, and the whole text arrives
+    stream = TextStream(tok, stop=("cups on the shelf!",))
+    pieces = [stream.push(t) for t in ids]
+    assert not stream.stopped and len(full) - len("".join(pieces)) == len("cups on the shelf!") - 1
+    assert "".join(pieces) + stream.flush() == stream.text == full
+
+
+def test_pool_sizes_are_checked_and_token_bytes_count_keys_and_values():
+    with pytest.raises(ValueError, match="row_slots must be >= 1, got 0"):
+        PoolSize(prefix_slots=1, prefix_tokens=1, row_slots=0, suffix_tokens=1)
+    assert token_bytes(num_layers=3, num_kv_heads=4, head_dim=8, dtype=torch.float16) == 2 * 3 * 4 * 8 * 2
+    exact = plan_pool(1024 * 300, per_token=1024, prefix_tokens=100, suffix_tokens=50, rows_per_image=4)
+    assert (exact.prefix_slots, exact.prefix_tokens, exact.row_slots, exact.suffix_tokens) == (1, 100, 4, 50)
+    with pytest.raises(ValueError, match=r"holds not even one image \(0.00 GiB for 100 prefix and 4 x 50 row tokens\)"):
+        plan_pool(1024 * 300 - 1, per_token=1024, prefix_tokens=100, suffix_tokens=50, rows_per_image=4)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"max_new_tokens": 0}, "max_new_tokens must be >= 1, got 0"),
+    ({"temperature": -0.1}, "temperature must be >= 0, got -0.1"),
+    ({"temperature": float("nan")}, "temperature must be >= 0, got nan"),
+    ({"top_p": 0.0}, r"top_p must be in \(0, 1\], got 0.0"),
+    ({"top_p": 1.5}, r"top_p must be in \(0, 1\], got 1.5"),
+])
+def test_sampling_params_refuse_values_outside_their_range(settings, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**settings)
+
+
+def test_sampling_params_accept_their_bounds_and_keep_stops_as_a_tuple():
+    params = SamplingParams(max_new_tokens=1, temperature=0.0, top_p=1.0, stop=["a", "b"])
+    assert params.stop == ("a", "b") and hash(params)  # frozen and hashable with a list given
+    assert SamplingParams() == SamplingParams(max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, stop=())

@@ -169,6 +169,11 @@ def test_bbox_and_area():
         ([[0, 0], [4, 0], [2, 1], [4, 4], [0, 4]], False),  # concave
         ([[0, 0], [4, 0], [4, 4], [2, 0], [0, 4]], True),  # a vertex touching another edge
         ([[0, 0], [3, 0], [1, 2]], False),  # triangle
+        ([[5, 0], [9, 0], [9, 4], [0, 4], [2, 0]], False),  # a vertex on a horizontal edge's line, outside the edge
+        # a vertex touching a later edge, found only from the earlier edge's start (o3) or end (o4)
+        ([[2, 0], [3, 4], [0, 4], [0, 0], [4, 0]], True),
+        ([[0, 4], [2, 0], [0, 0], [4, 0], [3, 4]], True),
+        ([[0, 10], [4, 14], [4, 10], [0, 14]], True),  # a bow-tie away from y = 0
     ],
 )
 def test_self_intersection(xy, expected):
@@ -286,6 +291,7 @@ def test_decode_region_reads_every_form_alike():
         M.encode_rle(mask), {"rle": M.encode_rle(mask)}, {"rle": M.encode_uncompressed_rle(mask)},
         {"box": [3, 2, 8, 5]}, {"bbox": [3, 2, 8, 5]}, [3, 2, 8, 5], {"polygon": [[3, 2, 11, 2, 11, 7, 3, 7]]},
         {"png": M.encode_png_base64(mask)}, {"bitmap": mask.astype(int).tolist()}, mask, M.encode_sam(mask),
+        mask.astype(int).tolist(),  # a bare bitmap: told from polygons by the image size
     ]
     for form in forms:
         decoded = M.decode_region(form, 12, 16)
@@ -331,12 +337,27 @@ def test_decode_region_notes_what_it_tolerates():
 @pytest.mark.parametrize(("region", "where", "code"), [
     ("box", "r", "invalid_type"), ({"circle": 1}, "r", "invalid_region"), ({"box": [1, 1, 2, 2], "png": "x"}, "r",
     "invalid_region"), ({"box": "abc"}, "r.box", "invalid_type"), ({"png": "%%"}, "r.png", "invalid_base64"),
-    ({"size": [12, 16], "counts": [1]}, "r", "invalid_mask"),
+    ({"size": [12, 16], "counts": [1]}, "r", "invalid_mask"), ({"polygon": "abc"}, "r.polygon", "invalid_type"),
 ])
 def test_decode_region_errors_name_the_region(region, where, code):
     with pytest.raises(MaskError) as info:
         M.decode_region(region, 12, 16, where="r")
     assert (info.value.where, info.value.code) == (where, code)
+
+
+@pytest.mark.parametrize(("region", "message"), [
+    (7, "r: a region must be an object with one of ['rle', 'polygon', 'box', 'png', 'bitmap'], a COCO RLE or a "
+        "SAM entry, got int"),
+    ({"circle": 1}, "r: a region needs exactly one of ['rle', 'polygon', 'box', 'png', 'bitmap'], or is a COCO RLE "
+                    "{size, counts} or a SAM entry with 'segmentation'; got keys ['circle']"),
+    ({"png": 5}, "r.png: png must be base64 text, got int"),
+    ({"polygon": 5}, "r.polygon: polygon must be a list of [x1, y1, x2, y2, ...] lists"),
+    ([], "r: empty mask list: expected polygons, a box, a bitmap or RLE parts"),
+])
+def test_decode_region_error_messages(region, message):
+    with pytest.raises(MaskError) as info:
+        M.decode_region(region, 12, 16, where="r")
+    assert str(info.value) == message
 
 
 def test_image_to_mask_is_one_rule_for_pngs_and_images():
@@ -347,3 +368,169 @@ def test_image_to_mask_is_one_rule_for_pngs_and_images():
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     assert (M.decode_png(buf.getvalue()) == _square()).all()
+
+
+def test_decode_regions_stacks_in_request_order_and_keeps_every_note():
+    square, other = _square(), np.zeros((12, 16), bool)
+    other[8:12, 0:4] = True
+    bowtie = {"polygon": [[0, 0, 10, 10, 10, 0, 0, 10]]}
+    decoded = M.decode_regions([{"box": [10, 5, 20, 20]}, M.encode_rle(other), bowtie, {"rle": M.encode_rle(square)}],
+                               12, 16, max_regions=4, where="messages[0].regions")
+    assert decoded.masks.shape == (4, 12, 16) and decoded.masks.dtype == bool
+    assert (decoded.masks[1] == other).all() and (decoded.masks[3] == square).all()
+    assert decoded.masks[0].sum() == 6 * 7 and (decoded.masks[2] == M.decode_region(bowtie, 12, 16).mask).all()
+    assert [note.split(":")[0] for note in decoded.notes] == ["messages[0].regions[0].box", "messages[0].regions[2].polygon"]
+
+
+@pytest.mark.parametrize(("regions", "code", "message"), [
+    ({"box": [1, 1, 2, 2]}, "invalid_type", "regions: must be a list of regions, got dict"),
+    ([], "invalid_value", "regions: is empty: give at least one region"),
+    ([{"box": [1, 1, 2, 2]}] * 3, "too_many_regions", "regions: too many regions: 3 > 2"),
+])
+def test_decode_regions_checks_the_list_first(regions, code, message):
+    with pytest.raises(MaskError) as info:
+        M.decode_regions(regions, 12, 16, max_regions=2)
+    assert (str(info.value), info.value.code, info.value.where) == (message, code, "regions")
+
+
+def test_decode_regions_names_the_bad_region_and_passes_the_fit_on():
+    with pytest.raises(MaskError) as info:
+        M.decode_regions([{"box": [1, 1, 2, 2]}, {"box": [20, 0, 5, 5]}], 12, 16, max_regions=2)
+    assert info.value.where == "regions[1].box"
+    small = {"rle": M.encode_rle(_square()[::2, ::2])}
+    with pytest.raises(MaskError, match="or pass --resize-masks"):
+        M.decode_regions([small], 12, 16, max_regions=1, fit=M.RegionFit(resize_option="pass --resize-masks"))
+    resized = M.decode_regions([small], 12, 16, max_regions=2, fit=M.RegionFit(resize=True)).masks
+    assert resized.shape == (1, 12, 16) and resized[0, 2:6, 4:10].all()
+
+
+def test_fit_region_holds_decoded_masks_to_the_region_rules():
+    square = _square()
+    assert M.fit_region(square, 12, 16) is square
+    resized = M.fit_region(square[::2, ::2], 12, 16, fit=M.RegionFit(resize=True))
+    assert resized.shape == (12, 16) and resized[2:6, 4:10].all()
+    with pytest.raises(MaskError) as info:
+        M.fit_region(square[::2, ::2], 12, 16, fit=M.RegionFit(resize_option="set resize"), where="mask_images[1]")
+    assert (str(info.value), info.value.code) == (
+        "mask_images[1]: mask size 8x6 (WxH) differs from the image 16x12; send masks at the image size or set resize",
+        "mask_size_mismatch")
+    with pytest.raises(MaskError) as info:
+        M.fit_region(np.zeros((12, 16), bool), 12, 16)
+    assert (info.value.where, info.value.code) == ("region", "empty_mask")
+
+
+def test_panoptic_segment_ids_read_rgb_as_r_plus_256g_plus_65536b(tmp_path):
+    rgb = np.zeros((2, 3, 3), np.uint8)
+    rgb[0, 0] = (1, 0, 0)
+    rgb[0, 1] = (0, 1, 0)
+    rgb[0, 2] = (0, 0, 1)
+    rgb[1, 0] = (255, 255, 255)
+    rgb[1, 1] = (7, 2, 3)
+    buf = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buf, format="PNG")
+    expected = np.array([[1, 256, 65536], [256**3 - 1, 7 + 2 * 256 + 3 * 65536, 0]])
+    ids = M.panoptic_segment_ids(buf.getvalue())
+    assert ids.dtype == np.int64 and (ids == expected).all()
+    path = tmp_path / "pan.png"
+    path.write_bytes(buf.getvalue())
+    assert (M.panoptic_segment_ids(str(path)) == expected).all()  # a path reads the same
+    assert (M.panoptic_segment_ids(bytearray(buf.getvalue())) == expected).all()
+    with pytest.raises(MaskError, match="undecodable panoptic PNG"):
+        M.panoptic_segment_ids(b"not a png")
+
+
+def _wide() -> np.ndarray:
+    mask = np.zeros((12, 16), bool)
+    mask[2:7, 3:15] = True
+    return mask
+
+
+def test_to_rle_keeps_height_and_width_apart_and_checks_both():
+    wide = _wide()
+    for obj in (wide, wide.astype(int).tolist(), M.encode_png(wide), {"box": [3, 2, 12, 5]}):
+        rle = M.to_rle(obj, 12, 16)
+        assert rle["size"] == [12, 16] and (M.decode_rle(rle) == wide).all()
+    for obj in (wide[:, :15], M.encode_png(wide[:, :15])):  # one column short
+        with pytest.raises(MaskError) as info:
+            M.to_rle(obj, 12, 16)
+        assert info.value.code == "mask_size_mismatch"
+    bowtie = [[0, 0, 10, 10, 10, 0, 0, 10]]
+    with pytest.warns(MaskWarning, match="self-intersecting"):  # accepted unless strict
+        assert M.to_rle(bowtie, 12, 16) == M.encode_rle(M.decode_mask(bowtie, 12, 16))
+
+
+def test_rle_area_reads_str_and_bytes_counts():
+    rle = M.encode_rle(_wide())
+    assert M.rle_area(rle) == M.rle_area(dict(rle, counts=rle["counts"].encode())) == 5 * 12
+
+
+def test_decode_box_is_boolean():
+    box = M.decode_box([3, 2, 12, 5], 12, 16)
+    assert box.dtype == bool and (box == _wide()).all()
+
+
+def test_decode_sam_checks_sizes_and_areas():
+    wide = _wide()
+    entry = M.encode_sam(wide)
+    with pytest.raises(MaskError, match="SAM entry must be a dict with a 'segmentation' key"):
+        M.decode_sam({"bbox": [0, 0, 1, 1]})
+    with pytest.raises(MaskError) as info:  # RLE of another height
+        M.decode_sam(entry, 10, 16)
+    assert info.value.code == "mask_size_mismatch"
+    bitmap = dict(entry, segmentation=wide.astype(int).tolist())
+    assert (M.decode_sam(bitmap) == wide).all()  # no image size: read as it is
+    with pytest.raises(MaskError):  # a bitmap one column short is refused (read as a polygon, it has bools)
+        M.decode_sam_list([dict(bitmap, segmentation=wide[:, :15].astype(int).tolist())], 12, 16)
+    wrong_area = dict(entry, area=3)
+    assert (M.decode_sam(wrong_area) == wide).all()  # tolerated unless strict
+    with pytest.raises(MaskError, match="SAM entry area 3 does not match the mask's 60 pixels"):
+        M.decode_sam(wrong_area, strict=True)
+
+
+def test_a_sam_segmentation_dict_is_read_as_rle():
+    with pytest.raises(MaskError, match="RLE needs 'size' and 'counts'") as info:
+        M.decode_region({"segmentation": {"polygon": [[0, 0, 4, 0, 4, 4]]}}, 12, 16)
+    assert info.value.where == "region"
+
+
+def test_polygon_coordinates_may_reach_four_image_sizes_plus_16_outside():
+    # 12x16 image: bound 4 * 16 + 16 = 80
+    assert M.decode_polygons([0, 0, 80, 0, 0, 5], 12, 16).any()
+    with pytest.raises(MaskError, match=r"polygon 0 has a coordinate far outside the 16x12 \(WxH\) image \(81 > 80\)"):
+        M.decode_polygons([0, 0, 81, 0, 0, 5], 12, 16)
+    with pytest.raises(MaskError, match="^polygon list is empty$"):
+        M.decode_polygons([], 12, 16)
+    with pytest.raises(MaskError, match="polygon 0 has non-numeric coordinates"):
+        M.decode_polygons([[0, 0, [1, 2], 3, 4, 5]], 12, 16)  # ragged nesting
+    with pytest.warns(MaskWarning, match=r"\(accepted: rasterised as pycocotools does; strict=True rejects\)"):
+        M.decode_polygons([[0, 0, 10, 10, 10, 0, 0, 10]], 12, 16)
+
+
+def test_self_intersection_of_polygons_with_more_than_512_points():
+    angles = np.linspace(0, 2 * np.pi, 600, endpoint=False)
+    circle = np.stack([50 + 40 * np.cos(angles), 50 + 40 * np.sin(angles)], axis=1)
+    assert not M.polygon_self_intersects(circle)
+    crossed = circle.copy()
+    crossed[[100, 400]] = crossed[[400, 100]]  # two far vertices swapped: their edges cross the circle
+    assert M.polygon_self_intersects(crossed)
+
+
+def test_boxes_reaching_out_on_one_side_only_are_refused_or_clipped():
+    for box in ([10, 2, 8, 5], [1, -1, 4, 4], [-1, 1, 4, 4], [1, 10, 4, 4]):  # right, top, left, bottom
+        with pytest.raises(MaskError, match="reaches outside the image 16x12"):
+            M.decode_box(box, 12, 16)
+        assert M.decode_region({"box": box}, 12, 16).notes  # clipped, with a note
+
+
+def test_bitmaps_with_a_channel_axis_and_bare_bitmaps():
+    mask = _wide()
+    assert (M.decode_binary(mask[..., None].astype(np.uint8)) == mask).all()
+    with pytest.raises(MaskError, match="bitmap rows have different lengths"):
+        M.decode_binary([[0, 1], [1]])
+    assert M.detect_format([[0, 1, 1], [1, 0, 0]]) == "binary"  # no image size known: 0/1 rows are a bitmap
+
+
+def test_encode_sam_keeps_the_given_points_and_crop_box():
+    entry = M.encode_sam(_wide(), point_coords=[[3, 4]], crop_box=[0, 0, 8, 6])
+    assert entry["point_coords"] == [[3.0, 4.0]] and entry["crop_box"] == [0.0, 0.0, 8.0, 6.0]
+    assert M.encode_sam(_wide())["point_coords"] == []

@@ -150,9 +150,10 @@ class SemanticConfusion:
             raise ValueError(f"prediction {pred.shape} and GT {gt.shape} differ in size")
         k = self.num_classes
         gt = gt.astype(np.int64).copy()
-        gt[gt == self.ignore_index] = k
-        if gt.min() < 0 or gt.max() > k:
+        void = gt == self.ignore_index
+        if ((gt[~void] < 0) | (gt[~void] >= k)).any():  # checked before void maps to k: k itself is no class
             raise ValueError(f"GT class indices must be in [0, {k}) or {self.ignore_index}")
+        gt[void] = k
         pred = pred.astype(np.int64)
         if pred.min() < 0 or pred.max() >= k:
             raise ValueError(f"predicted class indices must be in [0, {k})")

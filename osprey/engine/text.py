@@ -63,7 +63,7 @@ class TextStream:
             out, self._held, self.stopped = self._held[:min(found)], "", True
         else:
             keep = max((len(s) for s in stops), default=1) - 1
-            cut = len(self._held) - keep
+            cut = max(0, len(self._held) - keep)  # (held shorter than keep: a negative cut would emit its start)
             out, self._held = self._held[:cut], self._held[cut:]
         self.text += out
         return out

@@ -1,0 +1,282 @@
+"""`serve.engine.Engine` without HTTP: the real pipeline backend on the tiny model, driven from an event loop.
+
+What a request gets back (text, token counts, finish reasons) is compared with `OspreyPipeline`'s own answers on
+the same masks; admission errors, the image cache and the per-job failure paths are checked by their codes and
+the metrics they leave. The server-level behaviours (streaming, disconnects, shutdown) are in
+`test_serve_engine.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from osprey.generation import SamplingParams
+from osprey.prompts import multi_region_question, task_prompt
+from serve.engine import Engine, EngineSize, JobFailed, PipelineBackend, RowDone, RowSpec, RowText
+from serve.errors import APIError
+from serve.metrics import Metrics
+
+GREEDY = SamplingParams(max_new_tokens=4)
+
+
+def _image() -> Image.Image:
+    return Image.fromarray((np.random.default_rng(1).random((24, 32, 3)) * 255).astype(np.uint8))
+
+
+def _masks() -> np.ndarray:
+    masks = np.zeros((3, 24, 32), dtype=bool)
+    masks[0, 2:10, 2:12] = True
+    masks[1, 12:20, 4:30] = True
+    masks[2, :, 16:] = True
+    return masks
+
+
+def _describe_rows(masks: np.ndarray, params: SamplingParams = GREEDY) -> list[RowSpec]:
+    return [RowSpec(i, [("human", task_prompt("short"))], masks[i:i + 1], params) for i in range(len(masks))]
+
+
+class FailingStepBackend(PipelineBackend):
+    """The pipeline backend whose decoding step raises once `fail` is set (a generation error mid-request)."""
+
+    fail = False
+
+    def step(self):
+        if self.fail:
+            raise RuntimeError("decoding broke")
+        return super().step()
+
+
+class BrokenPrepareBackend(PipelineBackend):
+    """The pipeline backend whose prompt preparation fails with an unexpected (non-ValueError) error."""
+
+    def prepare_each(self, encoded, turns, masks):
+        raise RuntimeError("tokenizer broke")
+
+
+def _backend(pipe, cls=PipelineBackend, **size) -> PipelineBackend:
+    # the test process keeps its torch threads (the backend would otherwise set all cores but one)
+    return cls("unused", cpu_threads=torch.get_num_threads(), size=EngineSize(**size), pipeline=pipe)
+
+
+def _run(engine: Engine, coro_fn):
+    """Start the engine, run `coro_fn(engine)` in a fresh event loop, then shut the engine down."""
+
+    async def main():
+        engine.start()
+        while not engine.ready.is_set():
+            assert engine.load_error is None, engine.load_error
+            await asyncio.sleep(0.01)
+        try:
+            return await coro_fn(engine)
+        finally:
+            await engine.shutdown(timeout_s=5)
+
+    return asyncio.run(main())
+
+
+async def _collect(engine: Engine, job) -> tuple[list[RowText], list[RowDone]]:
+    texts, done = [], []
+    async for event in engine.events(job):
+        (texts if isinstance(event, RowText) else done).append(event)
+    return texts, done
+
+
+def _sample(metrics: Metrics, name: str, **labels) -> float:
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def test_rows_get_the_pipelines_answers_and_counts(tiny_pipeline):
+    """Three describe rows and one two-region row in one job: each result is the pipeline's own answer for the same
+    masks, its streamed text adds up to it, and the metrics count the prompt tokens and one first token."""
+    image, masks = _image(), _masks()
+    multi = RowSpec(3, [("human", multi_region_question(2, "What is region2 next to?"))], masks[[2, 0]], GREEDY)
+    metrics = Metrics()
+    engine = Engine(_backend(tiny_pipeline), metrics)
+
+    async def scenario(engine):
+        return await _collect(engine, engine.submit(image, "img", _describe_rows(masks) + [multi], 30))
+
+    texts, done = _run(engine, scenario)
+    encoded = tiny_pipeline.encode_image(image)
+    expected = tiny_pipeline.describe(encoded, masks, "short", GREEDY)
+    expected += tiny_pipeline.generate([tiny_pipeline.prepare(encoded, multi.turns, multi.masks)], GREEDY)
+    results = sorted((event.result for event in done), key=lambda r: r.index)
+    assert [r.index for r in results] == [0, 1, 2, 3]
+    for result, gen in zip(results, expected):
+        assert (result.raw_text, result.prompt_tokens, result.completion_tokens, result.finish_reason) == (
+            gen.raw_text, gen.prompt_tokens, gen.completion_tokens, gen.finish_reason)
+        assert "".join(t.text for t in texts if t.index == result.index) == result.raw_text
+    assert results[0].completion_tokens == GREEDY.max_new_tokens or results[0].finish_reason == "stop"
+    assert _sample(metrics, "osprey_prompt_tokens_total") == sum(g.prompt_tokens for g in expected)
+    assert _sample(metrics, "osprey_time_to_first_token_seconds_count") == 1  # once per job, not per row
+    assert _sample(metrics, "osprey_image_cache_total", result="miss") == 1
+    assert _sample(metrics, "osprey_model_loaded") == 1
+    assert not engine._live and engine.backend.live_rows == 0
+
+
+def test_the_image_cache_keeps_the_most_recently_used(tiny_pipeline):
+    """A cache of two images: a, b, a (hit), c (evicts b, the least recently used), a (hit), b (miss)."""
+    metrics = Metrics()
+    engine = Engine(_backend(tiny_pipeline), metrics, image_cache_size=2)
+    images = {key: Image.fromarray(np.full((24, 32, 3), value, np.uint8)) for key, value in zip("abc", (0, 90, 180))}
+    one_row = [RowSpec(0, [("human", task_prompt("short"))], _masks()[:1], SamplingParams(max_new_tokens=1))]
+
+    async def scenario(engine):
+        hits = []
+        for key in "abacab":
+            before = _sample(metrics, "osprey_image_cache_total", result="hit")
+            await _collect(engine, engine.submit(images[key], key, one_row, 30))
+            hits.append(_sample(metrics, "osprey_image_cache_total", result="hit") > before)
+        return hits
+
+    assert _run(engine, scenario) == [False, False, True, False, True, False]
+    assert list(engine._cache) == ["a", "b"]
+
+
+def test_an_rgba_image_is_encoded_as_rgb(tiny_pipeline):
+    """A non-RGB image is converted before encoding: its answer is the RGB image's."""
+    rgb = _image()
+    rgba = rgb.convert("RGBA")
+    engine = Engine(_backend(tiny_pipeline), Metrics())
+
+    async def scenario(engine):
+        _, done = await _collect(engine, engine.submit(rgba, "rgba", _describe_rows(_masks()[:1]), 30))
+        return done[0].result.raw_text
+
+    assert _run(engine, scenario) == tiny_pipeline.describe(rgb, _masks()[:1], "short", GREEDY)[0].raw_text
+
+
+@pytest.mark.parametrize(
+    "rows, size, status, code, param, message",
+    [
+        # two regions named, one mask given
+        ([RowSpec(0, [("human", multi_region_question(2, "Compare them."))], _masks()[:1], GREEDY)], {},
+         400, "invalid_prompt", "messages", "invalid prompt: "),
+        # prompt + max_new_tokens beyond the tiny model's 1024 positions
+        (_describe_rows(_masks()[:1], SamplingParams(max_new_tokens=4096)), {"max_row_tokens": 5000},
+         400, "context_length_exceeded", "messages",
+         "the prompt has 176 tokens and 4096 more were asked for, but the model's context is 1024 tokens"),
+        # a row longer than the engine's row slots
+        (_describe_rows(_masks()[:1], SamplingParams(max_new_tokens=64)), {"max_row_tokens": 32},
+         400, "context_length_exceeded", "max_tokens", "do not fit this server's engine"),
+    ],
+)
+def test_a_job_that_cannot_run_fails_alone(tiny_pipeline, rows, size, status, code, param, message):
+    """The failing job gets its error; the next job on the same engine is answered."""
+    metrics = Metrics()
+    engine = Engine(_backend(tiny_pipeline, **size), metrics)
+
+    async def scenario(engine):
+        with pytest.raises(APIError) as err:
+            await _collect(engine, engine.submit(_image(), "img", rows, 30))
+        _, done = await _collect(engine, engine.submit(_image(), "img", _describe_rows(_masks()[:1]), 30))
+        return err.value, done
+
+    error, done = _run(engine, scenario)
+    assert (error.status, error.code, error.param) == (status, code, param)
+    assert message in error.message
+    assert len(done) == 1 and done[0].result.completion_tokens >= 1
+    assert _sample(metrics, "osprey_prompt_tokens_total") == done[0].result.prompt_tokens  # the failed job's: none
+
+
+def test_a_generation_error_fails_every_running_job_with_500(tiny_pipeline):
+    backend = _backend(tiny_pipeline, FailingStepBackend)
+    engine = Engine(backend, Metrics())
+
+    async def scenario(engine):
+        backend.fail = True
+        jobs = [engine.submit(_image(), "img", _describe_rows(_masks()[:2]), 30) for _ in range(2)]
+        errors = []
+        for job in jobs:
+            with pytest.raises(APIError) as err:
+                await _collect(engine, job)
+            errors.append(err.value)
+        backend.fail = False
+        _, done = await _collect(engine, engine.submit(_image(), "img", _describe_rows(_masks()[:1]), 30))
+        return errors, done
+
+    errors, done = _run(engine, scenario)
+    assert [(e.status, e.code, e.message) for e in errors] == [
+        (500, "internal_error", "generation failed (RuntimeError)")] * 2
+    assert len(done) == 1 and not engine._live
+
+
+def test_an_unexpected_error_while_preparing_is_a_500_naming_its_type(tiny_pipeline):
+    engine = Engine(_backend(tiny_pipeline, BrokenPrepareBackend), Metrics())
+
+    async def scenario(engine):
+        with pytest.raises(APIError) as err:
+            await _collect(engine, engine.submit(_image(), "img", _describe_rows(_masks()[:2]), 30))
+        return err.value
+
+    error = _run(engine, scenario)
+    assert (error.status, error.code, error.message) == (
+        500, "internal_error", "internal error while preparing the prompt (RuntimeError)")
+
+
+def test_a_job_past_its_deadline_in_the_queue_is_not_started(tiny_pipeline):
+    metrics = Metrics()
+    engine = Engine(_backend(tiny_pipeline), metrics)
+
+    async def scenario(engine):
+        job = engine.submit(_image(), "img", _describe_rows(_masks()), 0.0)  # expired before the worker sees it
+        event = await asyncio.wait_for(job.events.get(), 30)
+        with pytest.raises(APIError) as err:  # events() itself: the deadline has passed
+            await _collect(engine, job)
+        return event, err.value
+
+    event, error = _run(engine, scenario)
+    assert isinstance(event, JobFailed)
+    assert (event.error.status, event.error.code, event.error.message) == (
+        504, "timeout", "the request timed out in the queue")
+    assert (error.status, error.message) == (504, "the request timed out before generation finished")
+    assert _sample(metrics, "osprey_prompt_tokens_total") == 0
+    assert _sample(metrics, "osprey_image_cache_total", result="miss") == 0  # not even encoded
+
+
+def test_admission_is_refused_while_loading_when_full_and_when_closing(tiny_pipeline):
+    metrics = Metrics()
+    engine = Engine(_backend(tiny_pipeline), metrics, max_queue=1)
+    rows = _describe_rows(_masks()[:1])
+
+    async def scenario():
+        with pytest.raises(APIError) as loading:
+            engine.submit(_image(), "img", rows, 30)  # the worker is not started: the model is not loaded
+        engine.ready.set()  # as the worker does after loading; no worker takes jobs off the queue here
+        engine.submit(_image(), "img", rows, 30)
+        depth = _sample(metrics, "osprey_queue_depth")
+        with pytest.raises(APIError) as full:
+            engine.submit(_image(), "img", rows, 30)
+        engine.closing = True
+        with pytest.raises(APIError) as closing:
+            engine.submit(_image(), "img", rows, 30)
+        return loading.value, depth, full.value, closing.value
+
+    loading, depth, full, closing = asyncio.run(scenario())
+    assert (loading.status, loading.code, loading.headers) == (503, "model_loading", {"Retry-After": "5"})
+    assert depth == 1
+    assert (full.status, full.code, full.headers) == (429, "queue_full", {"Retry-After": "1"})
+    assert (closing.status, closing.code) == (503, "shutting_down")
+
+
+def test_a_model_that_fails_to_load_is_named_to_every_request(tmp_path):
+    metrics = Metrics()
+    engine = Engine(PipelineBackend(str(tmp_path / "absent"), cpu_threads=torch.get_num_threads()), metrics)
+    engine.start()
+    engine._thread.join(60)
+    assert not engine._thread.is_alive() and not engine.ready.is_set()
+
+    async def scenario():
+        with pytest.raises(APIError) as err:
+            engine.submit(_image(), "img", _describe_rows(_masks()[:1]), 30)
+        return err.value
+
+    error = asyncio.run(scenario())
+    assert (error.status, error.code) == (503, "model_load_failed")
+    assert error.message.startswith("the model failed to load: ") and "absent" in error.message
+    assert _sample(metrics, "osprey_model_loaded") == 0
