@@ -9,7 +9,9 @@ Every (region, answer) pair is one row of one batched pass through the engine's 
 the image's shared prefix (system prompt, image tokens, text before the region) is prefilled once; each region's
 own prompt tokens (`<mask><pos>? ... ASSISTANT:`) run once as a row; then every answer of every region is a row
 whose suffix starts with a copy of its region's keys and values, so an answer costs only its own tokens. The
-logits at the region's last token give each answer's first token; the answer rows give the rest.
+logits at the region row's last token give each answer's first token; the answer rows give the rest. Several
+questions about the same regions (queries for several texts) share the pass the same way: their common start is
+the prefix, and each (question, region) is a prompt row.
 
 An answer's score is the mean log-probability per token of the tokens that training gave such an answer turn
 (`osprey.tokenization.encode_answers`: the answer and its `</s>`, so "red" is not rewarded for being the start of
@@ -29,14 +31,15 @@ from torch.nn.utils.rnn import pad_sequence
 
 from osprey.engine.forward import LlamaForward, RowBlock
 from osprey.engine.kv import KVPool, PoolSize, token_bytes
-from osprey.generation import SamplingParams
 from osprey.inference import EncodedImage, OspreyPipeline
 from osprey.prompts import YES_NO_ANSWERS, query_question, task_prompt
 from osprey.tokenization import encode_answers
 
-__all__ = ["AnswerScorer", "LabelScores", "QueryScores"]
+__all__ = ["DEFAULT_QUERY_THRESHOLD", "AnswerScorer", "LabelScores", "QueryScores"]
 
-_ONE_TOKEN = SamplingParams(max_new_tokens=1)  # group_requests wants sampling settings; scoring never samples
+# A region matches a query when P(yes) >= this. Chosen on the val split of the generated dataset with the built-in
+# model (bench/query_eval.py, docs/classify.md); other models may want their own (the request's `threshold`).
+DEFAULT_QUERY_THRESHOLD = 0.5
 
 
 @dataclass(frozen=True)
@@ -57,12 +60,17 @@ class QueryScores:
     text: str
     scores: np.ndarray  # (Q,) P(yes): the probability that each region is `text`
 
+    def matches(self, threshold: float = DEFAULT_QUERY_THRESHOLD) -> np.ndarray:
+        """(Q,) bool: the regions whose score reaches `threshold`; their sum is the count."""
+        return self.scores >= threshold
+
 
 @dataclass(frozen=True)
 class _AnswerRows:
-    """The answer rows of one pass, sorted by length: region and answer index, tokens to score (>= 1)."""
+    """The answer rows of one pass, sorted by length: the prompt row each extends (a question about a region), the
+    answer's index, and its tokens to score (>= 1)."""
 
-    region: list[int]
+    prompt: list[int]
     answer: list[int]
     tokens: list[list[int]]
 
@@ -88,50 +96,68 @@ class AnswerScorer:
 
     def query(self, image: EncodedImage, masks: np.ndarray | torch.Tensor, text: str) -> QueryScores:
         """P(yes) per region for "Is there a `text` in <region>?": the softmax of the two answers' scores."""
-        mean, _ = self.score_answers(image, masks, [("human", query_question(text))], YES_NO_ANSWERS)
-        return QueryScores(text, _softmax(mean)[:, 0])
+        return self.query_texts(image, masks, [text])[0]
 
-    @torch.inference_mode()
+    def query_texts(self, image: EncodedImage, masks: np.ndarray | torch.Tensor, texts: Sequence[str]
+                    ) -> list[QueryScores]:
+        """`query` for several texts in one pass (the image prefix is prefilled once for all of them)."""
+        questions = [[("human", query_question(text))] for text in texts]
+        mean, _ = self.score_questions(image, masks, questions, YES_NO_ANSWERS)
+        return [QueryScores(" ".join(text.split()), _softmax(scores)[:, 0]) for text, scores in zip(texts, mean)]
+
     def score_answers(self, image: EncodedImage, masks: np.ndarray | torch.Tensor,
                       messages: Sequence[tuple[str, str]], answers: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """messages: one human turn (or a conversation ending with one) naming one region once -> (Q, A) mean
         log-probability per answer token, and (A,) token counts."""
+        mean, counts = self.score_questions(image, masks, [messages], answers)
+        return mean[0], counts
+
+    @torch.inference_mode()
+    def score_questions(self, image: EncodedImage, masks: np.ndarray | torch.Tensor,
+                        questions: Sequence[Sequence[tuple[str, str]]], answers: Sequence[str]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        """`score_answers` for several single-region questions at once -> (T, Q, A) and (A,) token counts; the
+        ids the questions share (system prompt, image, their common start) are prefilled once."""
         for index, answer in enumerate(answers):
             if not answer.strip():
                 raise ValueError(f"answer {index} is empty")
         pipe = self.pipe
-        tokens = encode_answers(pipe.tokenizer, messages, answers, image_token_id=pipe.config.image_token_id)
-        prompts = pipe.prepare_each(image, list(messages), masks)
+        tokens = [encode_answers(pipe.tokenizer, messages, answers, image_token_id=pipe.config.image_token_id)
+                  for messages in questions]
+        if any(t != tokens[0] for t in tokens[1:]):
+            raise ValueError("the answers tokenize differently after these questions; score them one at a time")
+        counts = np.array([len(t) for t in tokens[0]])
+        prompts = [prompt for messages in questions for prompt in pipe.prepare_each(image, list(messages), masks)]
         if not prompts:
-            return np.zeros((0, len(answers))), np.array([len(t) for t in tokens])
-        (group,) = pipe.group_requests(prompts, [_ONE_TOKEN] * len(prompts))
-        suffixes = [row.suffix for row in group.rows]
-        totals = self._run(group.prefix, suffixes, tokens)
-        counts = np.array([len(t) for t in tokens])
-        return totals / counts[None, :], counts
+            return np.zeros((len(questions), 0, len(answers))), counts
+        prefix, suffixes = pipe.split_shared_prefix(prompts)
+        totals = self._run(prefix, suffixes, tokens[0])
+        return (totals / counts[None, :]).reshape(len(questions), -1, len(answers)), counts
 
     # -- the pass ----------------------------------------------------------------------------------------------
-    def _run(self, prefix: torch.Tensor, region_suffixes: list[torch.Tensor], answers: list[list[int]]) -> np.ndarray:
-        """-> (Q, A) summed log-probabilities of every answer's tokens after every region's prompt."""
-        regions = len(region_suffixes)
-        region_lengths = [s.shape[0] for s in region_suffixes]
-        rows = _answer_rows(regions, answers)
-        longest = max(len(t) for t in answers) - 1  # the first answer token is read from the region row
-        chunk = self._chunk_rows(max(region_lengths) + longest, max(longest, 1), len(rows.region))
-        pool = self._pool(prefix.shape[0], regions + chunk, max(region_lengths) + max(longest, 1))
+    def _run(self, prefix: torch.Tensor, prompt_suffixes: list[torch.Tensor], answers: list[list[int]]) -> np.ndarray:
+        """prefix (P, D), each prompt's rest (t_i, D) -> (prompts, A) summed log-probabilities of every answer's
+        tokens after every prompt."""
+        prompts = len(prompt_suffixes)
+        prompt_lengths = [s.shape[0] for s in prompt_suffixes]
+        rows = _answer_rows(prompts, answers)
+        longest = max(len(t) for t in answers) - 1  # the first answer token is read from the prompt row
+        chunk = self._chunk_rows(max(prompt_lengths) + longest, max(longest, 1), len(rows.prompt))
+        pool = self._pool(prefix.shape[0], prompts + chunk, max(prompt_lengths) + max(longest, 1))
         prefix_length = torch.tensor([prefix.shape[0]], device=self.pipe.device)
         self.forward.prefill_prefix(prefix.to(pool.prefix_k[0]), pool, 0)
-        first = self._region_rows(region_suffixes, pool, prefix_length)  # (Q, V) log-probs of the first token
-        totals = torch.zeros((regions, len(answers)), dtype=torch.float64)
-        for start in range(0, len(rows.region), chunk):
-            part = _AnswerRows(rows.region[start:start + chunk], rows.answer[start:start + chunk],
+        first = self._prompt_rows(prompt_suffixes, pool, prefix_length)  # (prompts, V): first answer token
+        totals = torch.zeros((prompts, len(answers)), dtype=torch.float64)
+        for start in range(0, len(rows.prompt), chunk):
+            part = _AnswerRows(rows.prompt[start:start + chunk], rows.answer[start:start + chunk],
                                rows.tokens[start:start + chunk])
-            sums = self._answer_pass(part, first, region_lengths, regions, pool, prefix_length)
-            totals[part.region, part.answer] = sums.double().cpu()
+            sums = self._answer_pass(part, first, prompt_lengths, prompts, pool, prefix_length)
+            totals[part.prompt, part.answer] = sums.double().cpu()
         return totals.numpy()
 
-    def _region_rows(self, suffixes: list[torch.Tensor], pool: KVPool, prefix_length: torch.Tensor) -> torch.Tensor:
-        """Each region's own prompt tokens as rows 0..Q-1 of the pool -> log-probs (Q, V) after its last token."""
+    def _prompt_rows(self, suffixes: list[torch.Tensor], pool: KVPool, prefix_length: torch.Tensor) -> torch.Tensor:
+        """Each prompt's own tokens (its region's, question's) as rows 0.. of the pool -> log-probs (rows, V) of the
+        token after its last."""
         device = self.pipe.device
         embeds = pad_sequence([s.to(pool.prefix_k[0]) for s in suffixes], batch_first=True)
         lengths = torch.tensor([s.shape[0] for s in suffixes], device=device)
@@ -141,22 +167,22 @@ class AnswerScorer:
         last = hidden[torch.arange(len(suffixes), device=device), lengths - 1]
         return torch.log_softmax(self.forward.logits(last), dim=-1)
 
-    def _answer_pass(self, rows: _AnswerRows, first: torch.Tensor, region_lengths: list[int], regions: int,
+    def _answer_pass(self, rows: _AnswerRows, first: torch.Tensor, prompt_lengths: list[int], prompts: int,
                      pool: KVPool, prefix_length: torch.Tensor) -> torch.Tensor:
-        """Rows `regions ..` of the pool: each starts as a copy of its region row, then runs its answer's tokens
+        """Rows `prompts ..` of the pool: each starts as a copy of its prompt row, then runs its answer's tokens
         but the last (the answer's tokens from the second on are read from them) -> (n,) summed log-probs."""
         device = self.pipe.device
-        n = len(rows.region)
+        n = len(rows.prompt)
         targets = [torch.tensor(t, device=device) for t in rows.tokens]
-        total = first[rows.region, torch.stack([t[0] for t in targets])]
+        total = first[rows.prompt, torch.stack([t[0] for t in targets])]
         inputs = [t[:-1] for t in targets]
         lengths = torch.tensor([len(t) for t in inputs], device=device)
         if int(lengths.max()) == 0:
             return total
-        pool.move_rows(list(rows.region), list(range(regions, regions + n)))
+        pool.move_rows(list(rows.prompt), list(range(prompts, prompts + n)))
         ids = pad_sequence([t if len(t) else t.new_zeros(1) for t in inputs], batch_first=True)
-        start = torch.tensor([region_lengths[q] for q in rows.region], device=device)
-        block = _block(first=regions, start=start, lengths=lengths.clamp(min=1), tokens=ids.shape[1],
+        start = torch.tensor([prompt_lengths[q] for q in rows.prompt], device=device)
+        block = _block(first=prompts, start=start, lengths=lengths.clamp(min=1), tokens=ids.shape[1],
                        prefix_keys=int(prefix_length[0]))
         hidden = self.forward.row_hidden(self.forward.embed(ids), block, pool, prefix_length)
         logprobs = torch.log_softmax(self.forward.logits(hidden), dim=-1)  # (n, T, V)
@@ -193,10 +219,10 @@ class AnswerScorer:
         return 2**30
 
 
-def _answer_rows(regions: int, answers: list[list[int]]) -> _AnswerRows:
-    """Every (region, answer) pair, longest answers last, so a chunk pads its rows to similar lengths."""
+def _answer_rows(prompts: int, answers: list[list[int]]) -> _AnswerRows:
+    """Every (prompt row, answer) pair, longest answers last, so a chunk pads its rows to similar lengths."""
     order = sorted(range(len(answers)), key=lambda a: len(answers[a]))
-    pairs = [(q, a) for a in order for q in range(regions)]
+    pairs = [(q, a) for a in order for q in range(prompts)]
     return _AnswerRows([q for q, _ in pairs], [a for _, a in pairs], [answers[a] for _, a in pairs])
 
 

@@ -26,7 +26,7 @@ from osprey.generation import SamplingParams
 from osprey.masks import alpha_mask
 from osprey.prompts import REGION_PLACEHOLDER, clean_answer, task_prompt
 
-from . import inputs
+from . import inputs, regions_score
 from .chat import ChatConversation, bind_regions, parse_messages
 from .config import ServeConfig
 from .engine import Backend, ClientGone, Engine, Job, PipelineBackend, RowDone, RowResult, RowSpec, RowText
@@ -43,7 +43,7 @@ from .schemas import (
     Delta,
     DescribeRequest,
     DescribeResponse,
-    ErrorResponse,
+    ERROR_RESPONSES,
     Health,
     ModelCard,
     ModelList,
@@ -88,6 +88,7 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
     app.add_middleware(GuardMiddleware, config=config, metrics=metrics)
     add_error_handlers(app)
     app.include_router(router)
+    app.include_router(regions_score.router)  # /v1/regions/classify, /v1/regions/query
     app.openapi = lambda: _openapi(app)
     return app
 
@@ -97,15 +98,7 @@ def _server(request: Request) -> ServerState:
 
 
 Server = Annotated[ServerState, Depends(_server)]
-# Every request error is a 400 in OpenAI's shape (serve.guard turns FastAPI's 422 into it), so the schema
-# lists that instead of FastAPI's default 422.
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "invalid request; error.param names the field"},
-    404: {"model": ErrorResponse, "description": "unknown model"},
-    413: {"model": ErrorResponse, "description": "body or image too large"},
-    429: {"model": ErrorResponse, "description": "queue full; retry after Retry-After seconds"},
-    504: {"model": ErrorResponse, "description": "request timed out"},
-}
+_ERRORS = ERROR_RESPONSES  # 400 in place of FastAPI's 422 (serve.schemas)
 router = APIRouter()
 DESCRIBE_MAX_TOKENS = 64  # a describe request's default: a short answer per region
 
@@ -274,9 +267,7 @@ def _declare_limits(models: dict[str, Any], config: ServeConfig) -> None:
 
 
 def _check_model(model: str | None, config: ServeConfig) -> None:
-    if model and model != config.model_name:
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {config.model_name!r}",
-                       param="model", code="model_not_found")
+    inputs.check_model(model, config)
 
 
 def _max_tokens(value: int, param: str, config: ServeConfig) -> int:
@@ -298,18 +289,7 @@ def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int | Non
 
 
 async def _load_image(source: str, param: str, server: ServerState) -> inputs.DecodedImage:
-    config = server.config
-    if not isinstance(source, str) or not source.strip():
-        raise bad_request("the image is empty", param, "invalid_image")
-    if inputs.is_remote_url(source):
-        if not config.allow_image_urls:
-            raise bad_request("image URLs are disabled on this server (start it with --allow-image-urls); "
-                              "send the image as a base64 data URL", param, "image_urls_disabled")
-        raw = await inputs.fetch_url(source, param, max_bytes=config.max_body_bytes,
-                                     timeout_s=config.url_fetch_timeout_s)
-    else:
-        raw = inputs.decode_base64(source, param)
-    return await asyncio.to_thread(inputs.open_image, raw, param, server.limits)
+    return await inputs.load_image(source, param, server.config, server.limits)
 
 
 async def _chat_image_and_masks(conv: ChatConversation, body: ChatCompletionRequest,

@@ -6,6 +6,7 @@ answer every malformed input with a client error and keep serving.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -20,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from osprey import masks as mask_codecs
 
+from .config import ServeConfig
 from .errors import APIError, bad_request
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+/-]*)(?:;[\w=.-]+)*;base64,", re.IGNORECASE)
@@ -68,6 +70,27 @@ def decode_base64(text: str, param: str) -> bytes:
     if not raw:
         raise bad_request("empty image data", param, "invalid_image")
     return raw
+
+
+def check_model(model: str | None, config: ServeConfig) -> None:
+    """A request naming another model than the served one is a 404."""
+    if model and model != config.model_name:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {config.model_name!r}",
+                       param="model", code="model_not_found")
+
+
+async def load_image(source: str, param: str, config: ServeConfig, limits: Limits) -> DecodedImage:
+    """A request's image (base64, a data URL, or http(s) where the server allows it), validated and decoded."""
+    if not isinstance(source, str) or not source.strip():
+        raise bad_request("the image is empty", param, "invalid_image")
+    if is_remote_url(source):
+        if not config.allow_image_urls:
+            raise bad_request("image URLs are disabled on this server (start it with --allow-image-urls); "
+                              "send the image as a base64 data URL", param, "image_urls_disabled")
+        raw = await fetch_url(source, param, max_bytes=config.max_body_bytes, timeout_s=config.url_fetch_timeout_s)
+    else:
+        raw = decode_base64(source, param)
+    return await asyncio.to_thread(open_image, raw, param, limits)
 
 
 def is_remote_url(text: str) -> bool:

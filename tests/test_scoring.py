@@ -98,6 +98,9 @@ def test_yes_no_query_is_the_softmax_of_the_two_answers(tiny_pipeline):
     mean, _ = scorer.score_answers(encoded, masks, messages, YES_NO_ANSWERS)
     expected = np.exp(mean[:, 0]) / np.exp(mean).sum(axis=1)
     np.testing.assert_allclose(query.scores, expected, atol=1e-9)
+    several = scorer.query_texts(encoded, masks, ["square", "circle", "red star"])  # one pass, prefix shared
+    np.testing.assert_allclose(several[1].scores, query.scores, atol=1e-6)
+    np.testing.assert_allclose(several[2].scores, scorer.query(encoded, masks, "red star").scores, atol=1e-6)
     assert query_question("x").endswith("Is there an x in <mask><pos>?")
     assert "Is there an ellipse in" in query_question("  ellipse ")
 
