@@ -1,5 +1,5 @@
 """Scoring given answers by the model's own likelihood, no generation: label lists per region (classification with
-probabilities) and yes/no questions (a calibrated match score for text queries).
+probabilities) and text queries (the query's probability in a label list against a background vocabulary).
 
     scorer = AnswerScorer(pipe)
     scores = scorer.classify(pipe.encode_image(image), masks, ["circle", "square", "x"])   # masks: (Q, H, W) bool
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -35,11 +36,22 @@ from osprey.inference import EncodedImage, OspreyPipeline
 from osprey.prompts import YES_NO_ANSWERS, query_question, task_prompt
 from osprey.tokenization import encode_answers
 
-__all__ = ["DEFAULT_QUERY_THRESHOLD", "AnswerScorer", "LabelScores", "QueryScores"]
+__all__ = ["DEFAULT_QUERY_THRESHOLD", "VOCABULARY_FILE", "AnswerScorer", "LabelScores", "QueryScores",
+           "default_vocabulary"]
 
-# A region matches a query when P(yes) >= this. Chosen on the val split of the generated dataset with the built-in
-# model (bench/query_eval.py, docs/classify.md); other models may want their own (the request's `threshold`).
-DEFAULT_QUERY_THRESHOLD = 0.5
+# A region matches a query when its score reaches this: the threshold with the most exactly right counts on the val
+# split of the generated dataset with the built-in model (40 images, 560 image-category pairs; bench/query_eval.py,
+# docs/classify.md). Other models may want their own (the request's `threshold`).
+DEFAULT_QUERY_THRESHOLD = 0.29
+VOCABULARY_FILE = "vocabulary.txt"  # a model folder's default background labels for queries, one per line
+
+
+def default_vocabulary(model_dir: str | Path) -> list[str] | None:
+    """The background labels a model folder ships for queries (`vocabulary.txt`), or None."""
+    path = Path(model_dir) / VOCABULARY_FILE
+    if not path.is_file():
+        return None
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 @dataclass(frozen=True)
@@ -58,7 +70,7 @@ class LabelScores:
 @dataclass(frozen=True)
 class QueryScores:
     text: str
-    scores: np.ndarray  # (Q,) P(yes): the probability that each region is `text`
+    scores: np.ndarray  # (Q,) the probability that each region is `text`
 
     def matches(self, threshold: float = DEFAULT_QUERY_THRESHOLD) -> np.ndarray:
         """(Q,) bool: the regions whose score reaches `threshold`; their sum is the count."""
@@ -94,13 +106,22 @@ class AnswerScorer:
         mean, counts = self.score_answers(image, masks, [("human", task_prompt(prompt))], labels)
         return LabelScores(labels, mean, _softmax(mean), counts)
 
-    def query(self, image: EncodedImage, masks: np.ndarray | torch.Tensor, text: str) -> QueryScores:
-        """P(yes) per region for "Is there a `text` in <region>?": the softmax of the two answers' scores."""
-        return self.query_texts(image, masks, [text])[0]
+    def query(self, image: EncodedImage, masks: np.ndarray | torch.Tensor, text: str, vocabulary: Sequence[str]
+              ) -> QueryScores:
+        """P(region is `text`) per region: the probability of `text` in the label list `text` + `vocabulary` (the
+        background: what else a region may be; `text` is left out of it where it is there too)."""
+        text = " ".join(text.split())
+        if not text:
+            raise ValueError("the query text is empty")
+        background = list(dict.fromkeys(v.strip() for v in vocabulary if v.strip() and v.strip() != text))
+        if not background:
+            raise ValueError("the background vocabulary is empty: give the labels a region may be besides the text")
+        return QueryScores(text, self.classify(image, masks, [text, *background]).probabilities[:, 0])
 
-    def query_texts(self, image: EncodedImage, masks: np.ndarray | torch.Tensor, texts: Sequence[str]
-                    ) -> list[QueryScores]:
-        """`query` for several texts in one pass (the image prefix is prefilled once for all of them)."""
+    def yes_probabilities(self, image: EncodedImage, masks: np.ndarray | torch.Tensor, texts: Sequence[str]
+                          ) -> list[QueryScores]:
+        """Per text, P(yes) per region to "Is there a `text` in <region>?" (the softmax of the two answers' scores),
+        all texts in one pass. The other query score, measured against `query` in bench/query_eval.py."""
         questions = [[("human", query_question(text))] for text in texts]
         mean, _ = self.score_questions(image, masks, questions, YES_NO_ANSWERS)
         return [QueryScores(" ".join(text.split()), _softmax(scores)[:, 0]) for text, scores in zip(texts, mean)]

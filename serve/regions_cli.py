@@ -29,10 +29,15 @@ def register(subparsers: argparse._SubParsersAction, formatter: type[argparse.He
 
     query = subparsers.add_parser(
         "query", help="which regions are a text, with a score each, and how many",
-        description="Score each region of IMAGE with P(yes) to \"Is there a TEXT in <region>?\" and count those "
-                    "at or above the threshold. See docs/classify.md.", formatter_class=formatter)
+        description="Score each region of IMAGE with the probability of TEXT in a label list with a background "
+                    "vocabulary (what else a region may be), and count those at or above the threshold. See "
+                    "docs/classify.md.", formatter_class=formatter)
     _image_arguments(query)
     query.add_argument("--text", required=True, help="what to look for, e.g. circle")
+    background = query.add_mutually_exclusive_group()
+    background.add_argument("--vocabulary", help="comma-separated background labels: what else a region may be "
+                                                 "(default: the model folder's vocabulary.txt)")
+    background.add_argument("--vocabulary-file", help="background labels, one per line")
     query.add_argument("--threshold", type=float, default=None,
                        help="a region matches when its score reaches this (default: the threshold chosen on "
                             "validation data, osprey.scoring.DEFAULT_QUERY_THRESHOLD)")
@@ -52,7 +57,7 @@ def _image_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def read_labels(labels: str | None, labels_file: str | None) -> list[str]:
-    """The label list of --labels or --labels-file: stripped, none empty, none twice, at most MAX_LABELS."""
+    """The label list of --labels or --labels-file (or --vocabulary / --vocabulary-file): stripped, none empty, none twice, at most MAX_LABELS."""
     from .schemas import MAX_LABELS
 
     text = Path(labels_file).read_text(encoding="utf-8").splitlines() if labels_file else labels.split(",")
@@ -78,7 +83,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
     loaded = _load("classify", args)
     if loaded is None:
         return 2
-    scorer, encoded, masks = loaded
+    scorer, encoded, masks, _ = loaded
     scores = scorer.classify(encoded, masks, labels, args.prompt)
     rows = [{"index": q, "labels": [{"label": label, "probability": round(p, 6)}
                                     for label, p in scores.top(q, args.top_k)]} for q in range(len(masks))]
@@ -92,7 +97,7 @@ def _cmd_classify(args: argparse.Namespace) -> int:
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    from osprey.scoring import DEFAULT_QUERY_THRESHOLD
+    from osprey.scoring import DEFAULT_QUERY_THRESHOLD, VOCABULARY_FILE, default_vocabulary
 
     if args.threshold is None:
         args.threshold = DEFAULT_QUERY_THRESHOLD
@@ -102,8 +107,18 @@ def _cmd_query(args: argparse.Namespace) -> int:
     loaded = _load("query", args)
     if loaded is None:
         return 2
-    scorer, encoded, masks = loaded
-    scores = scorer.query(encoded, masks, args.text)
+    scorer, encoded, masks, model = loaded
+    try:
+        if args.vocabulary or args.vocabulary_file:
+            vocabulary = read_labels(args.vocabulary, args.vocabulary_file)
+        else:
+            vocabulary = default_vocabulary(model)
+            if vocabulary is None:
+                raise ValueError(f"{model} has no {VOCABULARY_FILE}: give --vocabulary or --vocabulary-file")
+        scores = scorer.query(encoded, masks, args.text, vocabulary)
+    except (OSError, ValueError) as exc:
+        print(f"osprey query: {exc}", file=sys.stderr)
+        return 2
     matches = scores.matches(args.threshold)
     result = {"text": scores.text, "threshold": args.threshold, "count": int(matches.sum()),
               "results": [{"index": q, "match": bool(m), "score": round(float(s), 6)}
@@ -118,7 +133,7 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
 
 def _load(command: str, args: argparse.Namespace):
-    """-> (scorer, encoded image, masks (Q, H, W)) or None after printing why not."""
+    """-> (scorer, encoded image, masks (Q, H, W), model folder) or None after printing why not."""
     from osprey.inference import OspreyPipeline
     from osprey.scoring import AnswerScorer
 
@@ -143,4 +158,4 @@ def _load(command: str, args: argparse.Namespace):
         print(f"osprey {command}: note: {note}", file=sys.stderr)
     pipe = OspreyPipeline.from_pretrained(model, device=args.device, dtype=args.dtype)
     masks: np.ndarray = regions.masks
-    return AnswerScorer(pipe), pipe.encode_image(image), masks
+    return AnswerScorer(pipe), pipe.encode_image(image), masks, model

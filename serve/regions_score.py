@@ -4,7 +4,7 @@ worker thread (docs/classify.md).
 
 The routes read the server's state from `app.state.server` (serve.app.ServerState); the query takes its masks
 from `regions` today, and is written so that masks found another way (a text-prompted segmenter) go through the
-same scoring.
+same scoring (`work` reads only `regions.masks`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from fastapi import APIRouter, Request
 
 from osprey.inference import EncodedImage
 from osprey.masks import DecodedRegions
-from osprey.scoring import DEFAULT_QUERY_THRESHOLD, LabelScores, QueryScores
+from osprey.scoring import DEFAULT_QUERY_THRESHOLD, VOCABULARY_FILE, LabelScores, QueryScores, default_vocabulary
 
 from . import inputs
+from .errors import bad_request
 from .engine import Backend
 from .schemas import (
     ClassifyRequest,
@@ -67,25 +68,40 @@ async def classify(body: ClassifyRequest, request: Request) -> ClassifyResponse:
 
 @router.post("/v1/regions/query", response_model=QueryResponse, responses=ERROR_RESPONSES)
 async def query(body: QueryRequest, request: Request) -> QueryResponse:
-    """Which regions are `text`: a calibrated score per region (P(yes) to "Is there a `text` in the region?"), a
-    match where it reaches `threshold`, and the count of matches."""
+    """Which regions are `text`: a calibrated score per region (the probability of `text` in a label list with the
+    background `vocabulary`), a match where it reaches `threshold`, and the count of matches."""
     server: ServerState = request.app.state.server
     inputs.check_model(body.model, server.config)
     image = await inputs.load_image(body.image, "image", server.config, server.limits)
     regions = await _decode_regions(body.regions, body.resize_masks, image, server)
     text = " ".join(body.text.split())
+    vocabulary = _vocabulary(body.vocabulary, text, server)
 
     def work(backend: Backend, encoded: EncodedImage) -> QueryScores:
-        return backend.scorer().query(encoded, regions.masks, text)
+        return backend.scorer().query(encoded, regions.masks, text, vocabulary)
 
     scores = await server.engine.run(image.image, image.key, work, server.config.request_timeout_s)
     threshold = DEFAULT_QUERY_THRESHOLD if body.threshold is None else body.threshold
     matches = scores.matches(threshold)
     return QueryResponse(
         id=f"qry-{uuid.uuid4().hex}", created=int(time.time()), model=server.config.model_name, text=text,
-        threshold=threshold, count=int(matches.sum()), notes=regions.notes,
+        threshold=threshold, vocabulary=len(vocabulary), count=int(matches.sum()), notes=regions.notes,
         results=[RegionMatch(index=q, match=bool(matches[q]), score=float(scores.scores[q]))
                  for q in range(len(matches))])
+
+
+def _vocabulary(given: list[str] | None, text: str, server: ServerState) -> list[str]:
+    """The request's background labels, else the model folder's; without `text` itself."""
+    vocabulary = given if given is not None else default_vocabulary(server.config.model)
+    if vocabulary is None:
+        raise bad_request(f"this model has no default vocabulary ({VOCABULARY_FILE} in its folder): give "
+                          "'vocabulary', the labels a region may be besides the text", "vocabulary",
+                          "vocabulary_required")
+    background = list(dict.fromkeys(v.strip() for v in vocabulary if v.strip() != text))
+    if not background:
+        raise bad_request("the vocabulary holds only the text itself: give other labels a region may be",
+                          "vocabulary")
+    return background
 
 
 async def _decode_regions(regions: list[Region], resize: bool, image: inputs.DecodedImage,

@@ -335,6 +335,9 @@ class QueryRequest(BaseModel):
                        description="base64 image or data URL (http(s) URL if the server allows)")
     regions: list[Region] = Field(min_length=1)
     text: Label = Field(description="what to look for, e.g. 'circle' or 'red mug'")
+    vocabulary: list[Label] | None = Field(
+        default=None, min_length=1, max_length=MAX_LABELS - 1,
+        description="the background: what else a region may be (default: the model folder's vocabulary.txt)")
     threshold: float | None = Field(default=None, ge=0.0, le=1.0,
                                     description="a region matches when its score is at least this (default: the "
                                                 "threshold chosen on validation data, docs/classify.md)")
@@ -344,7 +347,8 @@ class QueryRequest(BaseModel):
 class RegionMatch(BaseModel):
     index: int
     match: bool
-    score: float = Field(description="P(yes) that the region is `text` (docs/classify.md)")
+    score: float = Field(description="the probability that the region is `text` rather than a label of the "
+                                     "vocabulary (docs/classify.md)")
 
 
 class QueryResponse(BaseModel):
@@ -354,6 +358,7 @@ class QueryResponse(BaseModel):
     model: str
     text: str
     threshold: float
+    vocabulary: int = Field(description="background labels the text was scored against")
     count: int = Field(description="regions that match")
     results: list[RegionMatch]
     notes: list[str] = Field(default_factory=list, description="what was changed in the regions, e.g. a clipped box")

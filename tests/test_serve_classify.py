@@ -26,6 +26,7 @@ MASKS[0, 5:20, 8:30] = True
 MASKS[1, 22:38, 30:50] = True
 REGIONS = [{"rle": mask_codecs.encode_rle(m)} for m in MASKS]
 LABELS = ["circle", "red square", "x"]
+VOCABULARY = ["square", "x", "star"]  # the tiny model folder has no vocabulary.txt
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def scored(tiny_model_dir):
     pipe = OspreyPipeline.from_pretrained(tiny_model_dir, device="cpu")
     scorer = AnswerScorer(pipe)
     encoded = pipe.encode_image(IMAGE)
-    return scorer.classify(encoded, MASKS, LABELS), scorer.query(encoded, MASKS, "circle")
+    return scorer.classify(encoded, MASKS, LABELS), scorer.query(encoded, MASKS, "circle", VOCABULARY)
 
 
 def _post(server, path: str, **body) -> httpx.Response:
@@ -69,14 +70,14 @@ def test_classify_returns_the_in_process_probabilities(server, scored):
 
 def test_query_scores_and_counts(server, scored):
     _, query = scored
-    response = _post(server, "/v1/regions/query", text="  circle ")
+    response = _post(server, "/v1/regions/query", text="  circle ", vocabulary=VOCABULARY + ["circle"])
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["text"] == "circle" and body["threshold"] == DEFAULT_QUERY_THRESHOLD
+    assert body["text"] == "circle" and body["threshold"] == DEFAULT_QUERY_THRESHOLD and body["vocabulary"] == 3
     np.testing.assert_allclose([r["score"] for r in body["results"]], query.scores, atol=1e-5)
     assert body["count"] == sum(r["match"] for r in body["results"])
-    everything = _post(server, "/v1/regions/query", text="circle", threshold=0.0).json()
-    nothing = _post(server, "/v1/regions/query", text="circle", threshold=1.0).json()
+    everything = _post(server, "/v1/regions/query", text="circle", vocabulary=VOCABULARY, threshold=0.0).json()
+    nothing = _post(server, "/v1/regions/query", text="circle", vocabulary=VOCABULARY, threshold=1.0).json()
     assert everything["count"] == 2 and all(r["match"] for r in everything["results"])
     assert nothing["count"] == sum(r["score"] >= 1.0 for r in body["results"])
 
@@ -91,7 +92,7 @@ def test_query_scores_and_counts(server, scored):
     ({"labels": ["a" * 201]}, "labels[0]", "at most 200"),
     ({"labels": LABELS, "top_k": 0}, "top_k", "greater than or equal to 1"),
     ({"labels": LABELS, "top_k": 4}, None, "top_k = 4 is more than the 3 labels"),
-    ({"labels": LABELS, "prompt": "nonsense"}, "prompt", "<region>"),
+    ({"labels": LABELS, "prompt": "nonsense"}, "prompt", "'category'"),
     ({"labels": LABELS, "regions": []}, "regions", "at least 1"),
     ({"labels": LABELS, "model": "other"}, "model", "does not exist"),
     ({"labels": LABELS, "extra": 1}, "extra", "Extra inputs"),
@@ -108,6 +109,9 @@ def test_classify_bad_input_is_a_clear_4xx(server, body, param, words):
 @pytest.mark.parametrize("body, param, words", [
     ({"text": ""}, "text", "at least 1 character"),
     ({"text": "  "}, "text", "pattern"),
+    ({"text": "circle"}, "vocabulary", "no default vocabulary (vocabulary.txt"),
+    ({"text": "circle", "vocabulary": ["circle"]}, "vocabulary", "only the text itself"),
+    ({"text": "circle", "vocabulary": []}, "vocabulary", "at least 1"),
     ({"text": "circle", "threshold": 1.5}, "threshold", "less than or equal to 1"),
     ({"text": "circle", "threshold": -0.1}, "threshold", "greater than or equal to 0"),
     ({}, "text", "Field required"),
@@ -133,13 +137,15 @@ def test_classify_and_query_commands(tmp_path, tiny_model_dir, scored):
     rows = json.loads(out)
     np.testing.assert_allclose([item["probability"] for item in rows[0]["labels"]],
                                [p for _, p in labels.top(0, 3)], atol=1e-5)
-    out = subprocess.run(base + ["query", *common, "--text", "circle", "--threshold", "0"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(base + ["query", *common, "--text", "circle", "--threshold", "0", "--vocabulary",
+                                 ",".join(VOCABULARY)], capture_output=True, text=True, check=True).stdout
     result = json.loads(out)
     assert result["count"] == 2
     np.testing.assert_allclose([r["score"] for r in result["results"]], query.scores, atol=1e-5)
     bad = subprocess.run(base + ["classify", *common, "--labels", "a,b,a"], capture_output=True, text=True)
     assert bad.returncode == 2 and "more than once: a" in bad.stderr
+    bad = subprocess.run(base + ["query", *common, "--text", "circle"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "has no vocabulary.txt" in bad.stderr
     table = subprocess.run(base + ["classify", *common[:-1], "--labels", "circle,x"], capture_output=True, text=True,
                            check=True).stdout
     assert table.splitlines()[0].split()[0] == "1" and "circle" in table
