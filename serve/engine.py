@@ -5,7 +5,8 @@ job's image once (LRU cache by content hash, so requests for the same image shar
 them to the backend's decoder, which runs rows of many jobs together: a job's rows join between two decoding steps
 and leave as each finishes, so a long answer never holds a short one back. Events (text deltas, finished rows,
 errors) flow back to the event loop thread-safely. A cancelled job (client gone, timeout) frees its rows' slots at
-the next step.
+the next step. One-shot work that generates nothing (likelihood scoring: classify, query) comes as a `Task`,
+run by the same thread between two steps with the image from the same cache (`Engine.run`).
 """
 
 from __future__ import annotations
