@@ -67,7 +67,7 @@ def classification(scores: dict) -> dict:
     correct = top == truth
     return {"top1": float(correct.mean()), "ece": expected_calibration_error(probabilities.max(axis=1), correct),
             "mean_true_probability": float(probabilities[np.arange(len(truth)), truth].mean()),
-            "regions": int(len(truth))}
+            "regions": len(truth)}
 
 
 def counting(scores: dict, method: str, threshold: float) -> dict:

@@ -34,6 +34,7 @@ from .errors import APIError, bad_request
 from .guard import GuardMiddleware, add_error_handlers
 from .metrics import Metrics
 from .schemas import (
+    ERROR_RESPONSES,
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
@@ -43,7 +44,6 @@ from .schemas import (
     Delta,
     DescribeRequest,
     DescribeResponse,
-    ERROR_RESPONSES,
     Health,
     ModelCard,
     ModelList,
@@ -240,6 +240,8 @@ def _declare_limits(models: dict[str, Any], config: ServeConfig) -> None:
         "ChatCompletionRequest": {"max_tokens": {"maximum": config.max_tokens_limit},
                                   "max_completion_tokens": {"maximum": config.max_tokens_limit},
                                   "n": {"maximum": config.max_n}, "regions": {"maxItems": config.max_regions}},
+        "ClassifyRequest": {"regions": {"maxItems": config.max_regions}},
+        "QueryRequest": {"regions": {"maxItems": config.max_regions}},
     }
     for model, fields in limits.items():
         properties = models.get(model, {}).get("properties", {})

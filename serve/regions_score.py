@@ -19,15 +19,21 @@ from fastapi import APIRouter, Request
 
 from osprey.inference import EncodedImage
 from osprey.masks import DecodedRegions
-from osprey.scoring import DEFAULT_QUERY_THRESHOLD, VOCABULARY_FILE, LabelScores, QueryScores, default_vocabulary
+from osprey.scoring import (
+    DEFAULT_QUERY_THRESHOLD,
+    VOCABULARY_FILE,
+    LabelScores,
+    QueryScores,
+    default_vocabulary,
+)
 
 from . import inputs
-from .errors import bad_request
 from .engine import Backend
+from .errors import bad_request
 from .schemas import (
+    ERROR_RESPONSES,
     ClassifyRequest,
     ClassifyResponse,
-    ERROR_RESPONSES,
     LabelProbability,
     QueryRequest,
     QueryResponse,
