@@ -18,6 +18,11 @@ An answer's score is the mean log-probability per token of the tokens that train
 "red circle"). The mean, not the sum, so a label of four tokens does not lose to one of one token just for its
 length (the length-normalised score of the issue; the sum would be the proper sequence probability). The
 probabilities are the softmax of those means over the given list.
+
+A text query's score is the text's probability in the label list [text] + background vocabulary (by default the
+model folder's `vocabulary.txt`). On the generated val split it is calibrated (ECE 0.009) and counts 97.5 % of
+(image, category) pairs exactly, where P(yes) to the positive/negative question form counts 78 % (the built-in
+model says yes to single-turn questions about almost anything; ECE 0.25). bench/query_eval.py measures both.
 """
 
 from __future__ import annotations
