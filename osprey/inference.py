@@ -165,6 +165,19 @@ class OspreyPipeline:
             groups.append(GroupRequest(self._merge(first.input_ids[None, :split], first.image)[0], rows))
         return groups
 
+    def split_shared_prefix(self, prompts: Sequence[PreparedPrompt]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Prompts of one image -> the embeddings (P, D) of the ids they all start with, up to the first region
+        of any (at least one token left to each), and each prompt's own rest (t_i, D) with its region tokens: the
+        group and rows of one scoring pass (osprey.scoring), where prompts differ before their region too."""
+        if len({id(prompt.image) for prompt in prompts}) != 1:
+            raise ValueError("the prompts are about more than one image")
+        split = min(self._prefix_length(prompt.input_ids) for prompt in prompts)
+        first = prompts[0].input_ids
+        for prompt in prompts[1:]:
+            differ = (prompt.input_ids[:split] != first[:split]).nonzero()
+            split = int(differ[0, 0]) if len(differ) else split
+        return self._merge(first[None, :split], prompts[0].image)[0], self._embed_suffixes(prompts, split)
+
     def _embed_suffixes(self, prompts: Sequence[PreparedPrompt], split: int) -> list[torch.Tensor]:
         """Each prompt's ids from `split` on, embedded with its region tokens; prompts whose suffix ids are the same
         (the regions of one describe call) in one batched lookup."""

@@ -118,6 +118,23 @@ def inline_region_question(question: str) -> str:
     return OVERVIEW_PREFIX + question
 
 
+# A yes/no question about one region, in the inline form of the positive/negative samples (spec section 6, the
+# official `OspreyLVISPosNeg` loader; our generated dataset's `stage3_pos_neg` asks "Is there a circle in <region1>?").
+QUERY_QUESTION = "Is there {article} {text} in {region}?"
+YES_NO_ANSWERS = ("Yes", "No")
+
+
+def query_question(text: str) -> str:
+    """The single-region yes/no question asking whether the region is `text`, overview line first."""
+    text = " ".join(text.split())
+    if not text:
+        raise ValueError("the query text is empty")
+    first_word = text.split()[0].lower()
+    # "an" before a vowel, and before a letter said with one ("an x", as the generated data writes it)
+    article = "an" if first_word[0] in "aeiou" or (len(first_word) == 1 and first_word in "fhlmnrsx") else "a"
+    return inline_region_question(QUERY_QUESTION.format(article=article, text=text, region=REGION_PLACEHOLDER))
+
+
 def clean_answer(text: str) -> str:
     """Official eval clean-up: strip, drop a trailing `</s>`, keep what follows the first ':' if any."""
     text = text.strip()

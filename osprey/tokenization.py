@@ -294,3 +294,41 @@ def encode_generation_prompt(
     text = conv.render([*messages, ("gpt", None)])
     ids, _ = tokenize_prompt(tokenizer, text, image_token_id)
     return expand_image_placeholder(ids, image_token_id, num_image_tokens)
+
+
+def encode_answers(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[tuple[str, str]],
+    answers: Sequence[str],
+    *,
+    image_token_id: int = -200,
+    template: str = "infer",
+) -> list[list[int]]:
+    """Per answer, the ids that follow the generation prompt of `messages` (`encode_generation_prompt`) when the
+    conversation goes on with that answer and its `</s>`: the tokens training saw for such a turn, which are what
+    a likelihood score must read (osprey.scoring).
+
+    Only the text after the last `<image>` differs between the prompt and a conversation with an answer, so only
+    that chunk is tokenized, once for all answers. Raises ValueError naming an answer that would change the
+    prompt's own tokens (its first characters merging with `ASSISTANT:`).
+    """
+    conv = TEMPLATES[template]
+    if len(messages) % 2 != 1:
+        raise ValueError("answers follow messages that end with a human turn")
+    prompt_text = conv.render([*messages, ("gpt", None)])
+    texts = [conv.render([*messages, ("gpt", answer)]) for answer in answers]
+    has_image = IMAGE_PLACEHOLDER in prompt_text
+
+    def tail(text: str) -> str:  # the last chunk tokenize_prompt would tokenize
+        return text.rsplit(IMAGE_PLACEHOLDER, 1)[-1]
+
+    encoded = tokenizer([tail(prompt_text)] + [tail(text) for text in texts])["input_ids"]
+    if has_image:  # chunks after an <image> lose their BOS, as in tokenize_prompt
+        encoded = [ids[1:] if ids and ids[0] == tokenizer.bos_token_id else ids for ids in encoded]
+    prompt_ids, out = list(encoded[0]), []
+    for answer, ids in zip(answers, encoded[1:]):
+        if list(ids[:len(prompt_ids)]) != prompt_ids:
+            raise ValueError(f"the answer {answer!r} changes how the prompt before it is tokenized; it cannot be "
+                             "scored as a continuation of that prompt")
+        out.append(list(ids[len(prompt_ids):]))
+    return out

@@ -27,7 +27,7 @@ from osprey.masks import alpha_mask
 from osprey.prompts import REGION_PLACEHOLDER, clean_answer, task_prompt
 from osprey.segment import Segmenters
 
-from . import inputs, playground, segment_routes
+from . import inputs, playground, regions_score, segment_routes
 from .chat import ChatConversation, bind_regions, parse_messages
 from .config import ServeConfig
 from .engine import Backend, ClientGone, Engine, Job, PipelineBackend, RowDone, RowResult, RowSpec, RowText
@@ -35,6 +35,7 @@ from .errors import APIError, bad_request
 from .guard import GuardMiddleware, add_error_handlers
 from .metrics import Metrics
 from .schemas import (
+    ERROR_RESPONSES,
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
@@ -44,7 +45,6 @@ from .schemas import (
     Delta,
     DescribeRequest,
     DescribeResponse,
-    ErrorResponse,
     Health,
     ModelCard,
     ModelList,
@@ -92,6 +92,7 @@ def create_app(config: ServeConfig, backend: Backend | None = None, segmenters: 
     app.add_middleware(GuardMiddleware, config=config, metrics=metrics)
     add_error_handlers(app)
     app.include_router(router)
+    app.include_router(regions_score.router)  # /v1/regions/classify, /v1/regions/query
     app.include_router(segment_routes.router)
     app.include_router(playground.router)
     app.openapi = lambda: _openapi(app)
@@ -103,15 +104,7 @@ def _server(request: Request) -> ServerState:
 
 
 Server = Annotated[ServerState, Depends(_server)]
-# Every request error is a 400 in OpenAI's shape (serve.guard turns FastAPI's 422 into it), so the schema
-# lists that instead of FastAPI's default 422.
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorResponse, "description": "invalid request; error.param names the field"},
-    404: {"model": ErrorResponse, "description": "unknown model"},
-    413: {"model": ErrorResponse, "description": "body or image too large"},
-    429: {"model": ErrorResponse, "description": "queue full; retry after Retry-After seconds"},
-    504: {"model": ErrorResponse, "description": "request timed out"},
-}
+_ERRORS = ERROR_RESPONSES  # 400 in place of FastAPI's 422 (serve.schemas)
 router = APIRouter()
 DESCRIBE_MAX_TOKENS = 64  # a describe request's default: a short answer per region
 
@@ -253,6 +246,8 @@ def _declare_limits(models: dict[str, Any], config: ServeConfig) -> None:
         "ChatCompletionRequest": {"max_tokens": {"maximum": config.max_tokens_limit},
                                   "max_completion_tokens": {"maximum": config.max_tokens_limit},
                                   "n": {"maximum": config.max_n}, "regions": {"maxItems": config.max_regions}},
+        "ClassifyRequest": {"regions": {"maxItems": config.max_regions}},
+        "QueryRequest": {"regions": {"maxItems": config.max_regions}},
     }
     for model, fields in limits.items():
         properties = models.get(model, {}).get("properties", {})
@@ -280,9 +275,7 @@ def _declare_limits(models: dict[str, Any], config: ServeConfig) -> None:
 
 
 def _check_model(model: str | None, config: ServeConfig) -> None:
-    if model and model != config.model_name:
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {config.model_name!r}",
-                       param="model", code="model_not_found")
+    inputs.check_model(model, config)
 
 
 def _max_tokens(value: int, param: str, config: ServeConfig) -> int:
@@ -304,9 +297,7 @@ def _sampling(max_tokens: int, temperature: float, top_p: float, seed: int | Non
 
 
 async def _load_image(source: str, param: str, server: ServerState) -> inputs.DecodedImage:
-    config = server.config
-    return await inputs.load_image(source, param, server.limits, allow_urls=config.allow_image_urls,
-                                   max_bytes=config.max_body_bytes, timeout_s=config.url_fetch_timeout_s)
+    return await inputs.load_image(source, param, server.config, server.limits)
 
 
 async def _chat_image_and_masks(conv: ChatConversation, body: ChatCompletionRequest,

@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 
+from . import regions_cli
+
 log = logging.getLogger(__name__)
 
 
@@ -96,6 +98,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     describe.add_argument("--overlay", default=None, metavar="OUT.png", help="write the image with masks and captions")
     describe.set_defaults(func=_cmd_describe)
     _register_annotate(subparsers)
+    regions_cli.register(subparsers, _DefaultsHelp)  # osprey classify, osprey query
 
 
 def _register_annotate(subparsers: argparse._SubParsersAction) -> None:

@@ -5,7 +5,8 @@ job's image once (LRU cache by content hash, so requests for the same image shar
 them to the backend's decoder, which runs rows of many jobs together: a job's rows join between two decoding steps
 and leave as each finishes, so a long answer never holds a short one back. Events (text deltas, finished rows,
 errors) flow back to the event loop thread-safely. A cancelled job (client gone, timeout) frees its rows' slots at
-the next step.
+the next step. One-shot work that generates nothing (likelihood scoring: classify, query) comes as a `Task`,
+run by the same thread between two steps with the image from the same cache (`Engine.run`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
@@ -28,6 +29,7 @@ from PIL import Image
 from osprey.engine.session import DecodeSession, StreamEvent
 from osprey.generation import SamplingParams
 from osprey.inference import EncodedImage, OspreyPipeline, PreparedPrompt
+from osprey.scoring import AnswerScorer
 
 from .errors import APIError
 from .metrics import Metrics
@@ -83,6 +85,9 @@ class Backend(Protocol):
     def step(self) -> list[StreamEvent]:
         """One round of work (admitting rows or one token for every live row): the rows' events."""
 
+    def scorer(self) -> AnswerScorer:
+        """Likelihood scoring of given answers (classification, queries) on this backend's model."""
+
     @property
     def has_work(self) -> bool: ...
 
@@ -114,6 +119,7 @@ class PipelineBackend:
         self.model, self.device, self.dtype, self.cpu_threads, self.size = model, device, dtype, cpu_threads, size
         self.pipe: OspreyPipeline | None = pipeline
         self.session: DecodeSession | None = None
+        self._scorer: AnswerScorer | None = None
 
     def load(self) -> None:
         import torch
@@ -154,6 +160,11 @@ class PipelineBackend:
 
     def step(self) -> list[StreamEvent]:
         return self.session.step()
+
+    def scorer(self) -> AnswerScorer:
+        if self._scorer is None:
+            self._scorer = AnswerScorer(self.pipe)
+        return self._scorer
 
     @property
     def has_work(self) -> bool:
@@ -235,6 +246,34 @@ class Job:
         self.emit(JobFailed(error))
 
 
+@dataclass(eq=False)
+class Task:
+    """One-shot work on the model (likelihood scoring), run by the worker between two decoding steps: `work`
+    gets the backend and the image, encoded (or taken from the image cache); its result or APIError resolves
+    `future`."""
+
+    image: Image.Image
+    image_key: str
+    work: Callable[[Backend, EncodedImage], Any]
+    loop: asyncio.AbstractEventLoop
+    deadline: float
+    future: asyncio.Future
+
+    def resolve(self, result: Any = None, error: APIError | None = None) -> None:
+        def settle() -> None:
+            if self.future.done():  # the awaiting request gave up (timeout, client gone)
+                return
+            if error is None:
+                self.future.set_result(result)
+            else:
+                self.future.set_exception(error)
+
+        try:
+            self.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the event loop is closed (server shutting down): nobody is listening
+            pass
+
+
 @dataclass
 class _Live:
     """A row in the worker: its job, prepared prompt and what it has generated so far."""
@@ -309,6 +348,25 @@ class Engine:
 
     def submit(self, image: Image.Image, image_key: str, rows: list[RowSpec], timeout_s: float) -> Job:
         """Admit a job or raise APIError: 503 while loading / shutting down, 429 when the queue is full."""
+        job = Job(image=image, image_key=image_key, rows=rows, loop=asyncio.get_running_loop(),
+                  deadline=time.monotonic() + timeout_s)
+        self._enqueue(job)
+        self._inflight.add(job)
+        return job
+
+    async def run(self, image: Image.Image, image_key: str, work: Callable[[Backend, EncodedImage], Any],
+                  timeout_s: float) -> Any:
+        """Run `work(backend, encoded image)` on the worker thread (between decoding steps) and return its result;
+        raises what `submit` raises, the APIError `work` raises, 400 for its ValueError, 504 on timeout."""
+        loop = asyncio.get_running_loop()
+        task = Task(image, image_key, work, loop, time.monotonic() + timeout_s, loop.create_future())
+        self._enqueue(task)
+        try:
+            return await asyncio.wait_for(task.future, timeout=timeout_s)
+        except asyncio.TimeoutError:
+            raise APIError(504, "the request timed out before scoring finished", code="timeout") from None
+
+    def _enqueue(self, item: Job | Task) -> None:
         if self.load_error is not None:
             raise APIError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
         if not self.ready.is_set():
@@ -316,16 +374,12 @@ class Engine:
                            headers={"Retry-After": "5"})
         if self.closing:
             raise APIError(503, "the server is shutting down", code="shutting_down")
-        job = Job(image=image, image_key=image_key, rows=rows, loop=asyncio.get_running_loop(),
-                  deadline=time.monotonic() + timeout_s)
         try:
-            self._queue.put_nowait(job)
+            self._queue.put_nowait(item)
         except queue.Full:
             raise APIError(429, "the server is busy: too many queued requests; retry later", code="queue_full",
                            headers={"Retry-After": "1"}) from None
-        self._inflight.add(job)
         self.metrics.set("queue_depth", self._queue.qsize())
-        return job
 
     async def events(self, job: Job, is_disconnected: Callable[[], Awaitable[bool]] | None = None
                      ) -> AsyncIterator[RowText | RowDone]:
@@ -398,8 +452,11 @@ class Engine:
         self.metrics.set("queue_depth", self._queue.qsize())
         return False
 
-    def _admit(self, job: Job) -> None:
+    def _admit(self, job: Job | Task) -> None:
         """Encode the image (cached), prepare the job's rows and start them; errors go to that job only."""
+        if isinstance(job, Task):
+            self._run_task(job)
+            return
         if job.cancelled.is_set():
             return
         if time.monotonic() > job.deadline:
@@ -426,6 +483,20 @@ class Engine:
         self.metrics.inc("prompt_tokens", sum(live.prompt_tokens for live in rows))
         self._live.update((live.row_id, live) for live in rows)
 
+    def _run_task(self, task: Task) -> None:
+        if time.monotonic() > task.deadline or task.future.done():
+            return  # the request has answered 504 already
+        try:
+            task.resolve(task.work(self.backend, self._encode(task)))
+        except APIError as exc:
+            task.resolve(error=exc)
+        except ValueError as exc:
+            task.resolve(error=APIError(400, str(exc), code="invalid_value"))
+        except Exception as exc:
+            log.exception("scoring failed")
+            task.resolve(error=APIError(500, f"internal error while scoring ({type(exc).__name__})",
+                                        code="internal_error"))
+
     def _start(self, rows: list[_Live]) -> None:
         try:
             self.backend.add([EngineRow(live.row_id, live.prepared, live.spec.params) for live in rows])
@@ -448,7 +519,7 @@ class Engine:
                                 f"more were asked for, but the model's context is {limit} tokens; shorten the "
                                 "conversation or lower max_tokens", param="messages", code="context_length_exceeded")
 
-    def _encode(self, job: Job) -> object:
+    def _encode(self, job: Job | Task) -> object:
         encoded = self._cache.get(job.image_key)
         if encoded is not None:
             self._cache.move_to_end(job.image_key)

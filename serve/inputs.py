@@ -21,6 +21,7 @@ from PIL import Image, UnidentifiedImageError
 
 from osprey import masks as mask_codecs
 
+from .config import ServeConfig
 from .errors import APIError, bad_request
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+/-]*)(?:;[\w=.-]+)*;base64,", re.IGNORECASE)
@@ -71,6 +72,27 @@ def decode_base64(text: str, param: str) -> bytes:
     return raw
 
 
+def check_model(model: str | None, config: ServeConfig) -> None:
+    """A request naming another model than the served one is a 404."""
+    if model and model != config.model_name:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {config.model_name!r}",
+                       param="model", code="model_not_found")
+
+
+async def load_image(source: str, param: str, config: ServeConfig, limits: Limits) -> DecodedImage:
+    """A request's image (base64, a data URL, or http(s) where the server allows it), validated and decoded."""
+    if not isinstance(source, str) or not source.strip():
+        raise bad_request("the image is empty", param, "invalid_image")
+    if is_remote_url(source):
+        if not config.allow_image_urls:
+            raise bad_request("image URLs are disabled on this server (start it with --allow-image-urls); "
+                              "send the image as a base64 data URL", param, "image_urls_disabled")
+        raw = await fetch_url(source, param, max_bytes=config.max_body_bytes, timeout_s=config.url_fetch_timeout_s)
+    else:
+        raw = decode_base64(source, param)
+    return await asyncio.to_thread(open_image, raw, param, limits)
+
+
 def is_remote_url(text: str) -> bool:
     return text.strip().lower().startswith(("http://", "https://"))
 
@@ -97,21 +119,6 @@ async def fetch_url(url: str, param: str, *, max_bytes: int, timeout_s: float) -
     except httpx.HTTPError as exc:
         raise bad_request(f"could not fetch the image URL: {type(exc).__name__}", param, "image_fetch_failed") from None
     return b"".join(chunks)
-
-
-async def load_image(source: str, param: str, limits: Limits, *, allow_urls: bool, max_bytes: int,
-                     timeout_s: float) -> DecodedImage:
-    """A request's image field (base64, a data URL, or an http(s) URL when `allow_urls`) -> a validated image."""
-    if not isinstance(source, str) or not source.strip():
-        raise bad_request("the image is empty", param, "invalid_image")
-    if is_remote_url(source):
-        if not allow_urls:
-            raise bad_request("image URLs are disabled on this server (start it with --allow-image-urls); "
-                              "send the image as a base64 data URL", param, "image_urls_disabled")
-        raw = await fetch_url(source, param, max_bytes=max_bytes, timeout_s=timeout_s)
-    else:
-        raw = decode_base64(source, param)
-    return await asyncio.to_thread(open_image, raw, param, limits)
 
 
 def open_image(raw: bytes, param: str, limits: Limits) -> DecodedImage:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
 
 from osprey.prompts import CUSTOM_REGION_TAG, TASK_PROMPTS, task_prompt
 
@@ -259,6 +259,111 @@ class DescribeResponse(BaseModel):
     notes: list[str] = Field(default_factory=list, description="what was changed in the regions, e.g. a clipped box")
 
 
+# ---------------------------------------------------------------------------------------------- classify / query
+MAX_LABELS = 10_000  # labels per classify request: 16 regions x 10,000 labels is 160,000 scored rows
+MAX_LABEL_CHARS = 200
+Label = Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS, pattern=r"\S")]
+
+
+class ClassifyRequest(BaseModel):
+    """`POST /v1/regions/classify` (docs/classify.md): each region's probability over `labels`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    image: str = Field(min_length=1, json_schema_extra={"format": "image-url"},
+                       description="base64 image or data URL (http(s) URL if the server allows)")
+    regions: list[Region] = Field(min_length=1)
+    labels: list[Label] = Field(min_length=1, max_length=MAX_LABELS,
+                                description=f"candidate labels, distinct, at most {MAX_LABELS}")
+    top_k: int | None = Field(default=None, ge=1, le=MAX_LABELS,
+                              description="labels returned per region, most probable first (default: all)")
+    prompt: Task = Field(default="category", description="the single-region prompt the labels answer (default: "
+                                                         "Osprey's category prompt)")
+    resize_masks: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _known_prompt(cls, prompt: str) -> str:
+        task_prompt(prompt)  # raises ValueError naming the known tasks
+        return prompt
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct(cls, labels: list[str]) -> list[str]:
+        seen: dict[str, int] = {}
+        for index, label in enumerate(labels):
+            first = seen.setdefault(label.strip(), index)
+            if first != index:
+                raise ValueError(f"labels {first} and {index} are both {label.strip()!r}; give each label once")
+        return labels
+
+    @model_validator(mode="after")
+    def _top_k_within_labels(self) -> ClassifyRequest:
+        if self.top_k is not None and self.top_k > len(self.labels):
+            raise ValueError(f"top_k = {self.top_k} is more than the {len(self.labels)} labels given")
+        return self
+
+
+class LabelProbability(BaseModel):
+    label: str
+    probability: float = Field(description="softmax over the request's labels of `score`")
+    score: float = Field(description="mean log-probability per token of the label and its </s>")
+
+
+class RegionLabels(BaseModel):
+    index: int
+    labels: list[LabelProbability]
+
+
+class ClassifyResponse(BaseModel):
+    id: str
+    object: Literal["region.classification"] = "region.classification"
+    created: int
+    model: str
+    results: list[RegionLabels]
+    notes: list[str] = Field(default_factory=list, description="what was changed in the regions, e.g. a clipped box")
+
+
+class QueryRequest(BaseModel):
+    """`POST /v1/regions/query` (docs/classify.md): which regions are `text`, and how many."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    image: str = Field(min_length=1, json_schema_extra={"format": "image-url"},
+                       description="base64 image or data URL (http(s) URL if the server allows)")
+    regions: list[Region] = Field(min_length=1)
+    text: Label = Field(description="what to look for, e.g. 'circle' or 'red mug'")
+    vocabulary: list[Label] | None = Field(
+        default=None, min_length=1, max_length=MAX_LABELS - 1,
+        description="the background: what else a region may be (default: the model folder's vocabulary.txt)")
+    threshold: float | None = Field(default=None, ge=0.0, le=1.0,
+                                    description="a region matches when its score is at least this (default: the "
+                                                "threshold chosen on validation data, docs/classify.md)")
+    resize_masks: bool = False
+
+
+class RegionMatch(BaseModel):
+    index: int
+    match: bool
+    score: float = Field(description="the probability that the region is `text` rather than a label of the "
+                                     "vocabulary (docs/classify.md)")
+
+
+class QueryResponse(BaseModel):
+    id: str
+    object: Literal["region.query"] = "region.query"
+    created: int
+    model: str
+    text: str
+    threshold: float
+    vocabulary: int = Field(description="background labels the text was scored against")
+    count: int = Field(description="regions that match")
+    results: list[RegionMatch]
+    notes: list[str] = Field(default_factory=list, description="what was changed in the regions, e.g. a clipped box")
+
+
 class ErrorDetail(BaseModel):
     message: str
     type: str
@@ -270,6 +375,17 @@ class ErrorResponse(BaseModel):
     """Every error, OpenAI's shape; `param` names the offending field (`regions[2].box`)."""
 
     error: ErrorDetail
+
+
+# Every request error is a 400 in OpenAI's shape (serve.guard turns FastAPI's 422 into it), so the routes list
+# these instead of FastAPI's default 422.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "invalid request; error.param names the field"},
+    404: {"model": ErrorResponse, "description": "unknown model"},
+    413: {"model": ErrorResponse, "description": "body or image too large"},
+    429: {"model": ErrorResponse, "description": "queue full; retry after Retry-After seconds"},
+    504: {"model": ErrorResponse, "description": "request timed out"},
+}
 
 
 # ---------------------------------------------------------------------------------------------- models

@@ -82,9 +82,7 @@ async def everything(body: EverythingRequest, request: Request) -> SegmentRespon
 
 async def _image(source: str, request: Request) -> inputs.DecodedImage:
     server = request.app.state.server
-    config = server.config
-    return await inputs.load_image(source, "image", server.limits, allow_urls=config.allow_image_urls,
-                                   max_bytes=config.max_body_bytes, timeout_s=config.url_fetch_timeout_s)
+    return await inputs.load_image(source, "image", server.config, server.limits)
 
 
 def _prompt(request: Request) -> PromptSegmenter:

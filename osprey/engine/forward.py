@@ -150,6 +150,19 @@ class LlamaForward:
 
         `prefix_lengths` (groups,): prefix length of each image slot taking part.
         """
+        hidden = self.row_hidden(embeds, block, pool, prefix_lengths)
+        last = hidden[torch.arange(block.count, device=embeds.device), block.lengths - 1]
+        return self.logits(last)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(..., D) final-normed hidden states -> (..., V) fp32 logits."""
+        return self.head(hidden).float()
+
+    def row_hidden(self, embeds: torch.Tensor, block: RowBlock, pool: KVPool, prefix_lengths: torch.Tensor
+                   ) -> torch.Tensor:
+        """embeds (n, T, D) -> final-normed hidden states (n, T, D) at every position (padding included); the
+        rows' keys and values are written to their pool slots from `block.start` on. Scoring reads every
+        position (osprey.scoring); decoding only each row's last (`forward_rows`)."""
         n, tokens = block.count, block.tokens
         suffix_pos = block.start[:, None] + torch.arange(tokens, device=embeds.device)[None, :]  # (n, T)
         positions = prefix_lengths[block.group][:, None] + suffix_pos
@@ -169,8 +182,7 @@ class LlamaForward:
             pool.suffix_v[index][rows, write_at] = value.view(n, tokens, self.num_kv_heads, self.head_dim)
             out = attention(index, query.view(n, tokens, self.num_heads, self.head_dim), block, pool, layout)
             hidden = self._finish_layer(layer, hidden, out)
-        last = hidden.view(n, tokens, -1)[torch.arange(n, device=embeds.device), block.lengths - 1]
-        return self.head(self.model.norm(last)).float()
+        return self.model.norm(hidden.view(n, tokens, -1))
 
     # -- pieces ------------------------------------------------------------------------------------------------
     def _rope(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

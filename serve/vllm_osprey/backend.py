@@ -29,6 +29,7 @@ from osprey.generation import SamplingParams
 from osprey.preprocess import masks_to_tensor
 from osprey.tokenization import load_tokenizer
 
+from ..errors import APIError
 from .prompts import (
     IMAGE_MODALITY,
     REGION_MODALITY,
@@ -142,6 +143,12 @@ class VllmBackend:
             self._loop.call_soon_threadsafe(self._loop.stop)
 
     # -- prompts (no vLLM needed) ----------------------------------------------------------------------------------
+    def scorer(self):
+        """Likelihood scoring (/v1/regions/classify, /query) reads the model's logits over whole answers, which vLLM's
+        engine does not expose per position here: those routes need the in-process engine."""
+        raise APIError(404, "likelihood scoring (/v1/regions/classify, /v1/regions/query) runs on the in-process "
+                            "engine; start the server without --backend vllm", param=None, code="scoring_not_available")
+
     def encode_image(self, image: Image.Image) -> VllmImage:
         """The image itself: vLLM encodes it (once per content, through its encoder and prefix caches)."""
         rgb = image if image.mode == "RGB" else image.convert("RGB")
