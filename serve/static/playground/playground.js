@@ -411,8 +411,8 @@ async function classify(regions) {
     labels, top_k: Math.min(3, labels.length)});
   out.results.forEach((result, i) => {
     const region = regions[result.index === undefined ? i : result.index];
-    const ranked = (result.labels || result.top || []).map((e) => Array.isArray(e) ? {label: e[0], score: e[1]}
-      : {label: e.label, score: e.score !== undefined ? e.score : e.probability});
+    // each label's probability over the list (its `score` is the mean log-probability behind it)
+    const ranked = result.labels.map((e) => ({label: e.label, score: e.probability}));
     region.scores = ranked;
     region.answer = ranked.length ? ranked[0].label : "(no label)";
   });
