@@ -4,7 +4,8 @@ worker thread (docs/classify.md).
 
 The routes read the server's state from `app.state.server` (serve.app.ServerState); the query takes its masks
 from `regions` today, and is written so that masks found another way (a text-prompted segmenter) go through the
-same scoring (`work` reads only `regions.masks`).
+same scoring (`work` reads only `regions.masks`): without `regions`, the server's SAM 3 (`--sam3`) proposes the
+text's instances and the model verifies and counts them.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from fastapi import APIRouter, Request
 
 from osprey.inference import EncodedImage
 from osprey.masks import DecodedRegions
+from osprey.masks.codecs import encode_rle
+from osprey.segment import Segment
 from osprey.scoring import (
     DEFAULT_QUERY_THRESHOLD,
     VOCABULARY_FILE,
@@ -79,21 +82,42 @@ async def query(body: QueryRequest, request: Request) -> QueryResponse:
     server: ServerState = request.app.state.server
     inputs.check_model(body.model, server.config)
     image = await inputs.load_image(body.image, "image", server.config, server.limits)
-    regions = await _decode_regions(body.regions, body.resize_masks, image, server)
     text = " ".join(body.text.split())
     vocabulary = _vocabulary(body.vocabulary, text, server)
+    segments: list[Segment] = []
+    if body.regions is None:  # "count the bottles" from the image alone: SAM 3 proposes, the model verifies
+        segments = await _segment_text(request, image, text, body.segment_threshold)
+        regions = DecodedRegions(np.stack([s.mask for s in segments]) if segments else
+                                 np.zeros((0, image.image.height, image.image.width), bool))
+    else:
+        regions = await _decode_regions(body.regions, body.resize_masks, image, server)
 
     def work(backend: Backend, encoded: EncodedImage) -> QueryScores:
         return backend.scorer().query(encoded, regions.masks, text, vocabulary)
 
-    scores = await server.engine.run(image.image, image.key, work, server.config.request_timeout_s)
     threshold = DEFAULT_QUERY_THRESHOLD if body.threshold is None else body.threshold
+    if not len(regions.masks):  # SAM 3 found no instance: nothing to verify
+        return QueryResponse(id=f"qry-{uuid.uuid4().hex}", created=int(time.time()), model=server.config.model_name,
+                             text=text, threshold=threshold, vocabulary=len(vocabulary), count=0, results=[],
+                             notes=[f"SAM 3 found no instance of {text!r}"])
+    scores = await server.engine.run(image.image, image.key, work, server.config.request_timeout_s)
     matches = scores.matches(threshold)
+    found = {q: {"segmentation": encode_rle(s.mask), "segment_score": round(s.score, 6)} for q, s in enumerate(segments)}
+    results = [RegionMatch(index=q, match=bool(matches[q]), score=float(scores.scores[q]), **found.get(q, {}))
+               for q in range(len(matches))]
     return QueryResponse(
         id=f"qry-{uuid.uuid4().hex}", created=int(time.time()), model=server.config.model_name, text=text,
         threshold=threshold, vocabulary=len(vocabulary), count=int(matches.sum()), notes=regions.notes,
-        results=[RegionMatch(index=q, match=bool(matches[q]), score=float(scores.scores[q]))
-                 for q in range(len(matches))])
+        results=results)
+
+
+async def _segment_text(request: Request, image: inputs.DecodedImage, text: str, threshold: float) -> list[Segment]:
+    """The text's instances by the server's SAM 3; without one, the request must give regions."""
+    concept = request.app.state.segmenters.concept
+    if concept is None:
+        raise bad_request("give 'regions' (this server has no SAM 3 to find the text's instances: start it with "
+                          "--sam3 PATH)", "regions", "regions_required")
+    return await asyncio.to_thread(concept.segment_text, image.image, text, threshold=threshold)
 
 
 def _vocabulary(given: list[str] | None, text: str, server: ServerState) -> list[str]:

@@ -333,7 +333,9 @@ class QueryRequest(BaseModel):
     model: str | None = None
     image: str = Field(min_length=1, json_schema_extra={"format": "image-url"},
                        description="base64 image or data URL (http(s) URL if the server allows)")
-    regions: list[Region] = Field(min_length=1)
+    regions: list[Region] | None = Field(
+        default=None, min_length=1,
+        description="the regions to check; omitted: the server's SAM 3 (--sam3) finds the text's instances first")
     text: Label = Field(description="what to look for, e.g. 'circle' or 'red mug'")
     vocabulary: list[Label] | None = Field(
         default=None, min_length=1, max_length=MAX_LABELS - 1,
@@ -341,12 +343,16 @@ class QueryRequest(BaseModel):
     threshold: float | None = Field(default=None, ge=0.0, le=1.0,
                                     description="a region matches when its score is at least this (default: the "
                                                 "threshold chosen on validation data, docs/classify.md)")
+    segment_threshold: float = Field(default=0.5, ge=0.0, le=1.0,
+                                     description="without regions: SAM 3's confidence an instance needs")
     resize_masks: bool = False
 
 
 class RegionMatch(BaseModel):
     index: int
     match: bool
+    segmentation: CocoRLE | None = Field(default=None, description="the region's mask (COCO RLE) when SAM 3 found it")
+    segment_score: float | None = Field(default=None, description="SAM 3's instance confidence, when it found it")
     score: float = Field(description="the probability that the region is `text` rather than a label of the "
                                      "vocabulary (docs/classify.md)")
 

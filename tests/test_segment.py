@@ -219,3 +219,23 @@ def test_docs_and_page_are_served_from_this_server(bare_server):
     assert {"/v1/segment", "/v1/segment/everything"} <= set(schema["paths"])
     assert "/docs" not in schema["paths"] and "/ui/" not in schema["paths"]
     json.dumps(schema)
+
+
+def test_query_without_regions_counts_what_sam3_finds(server, sam3, bare_server):
+    """"Count the bottles" from the image alone: SAM 3's instances are the regions the model verifies; each result
+    carries its instance's mask and confidence. A server without SAM 3 asks for regions."""
+    body = {"image": data_url(IMAGE), "text": "bottle", "vocabulary": ["cup", "box"], "segment_threshold": 0.0}
+    response = _post(server, "/v1/regions/query", body)
+    assert response.status_code == 200, response.text
+    found = sam3.segment_text(IMAGE, "bottle", threshold=0.0)
+    results = response.json()["results"]
+    assert found and len(results) == len(found)
+    for result, segment in zip(results, found):
+        assert np.array_equal(mask_codecs.decode_rle(result["segmentation"], H, W), segment.mask)
+        assert result["segment_score"] == pytest.approx(segment.score, abs=1e-5)
+    assert response.json()["count"] == sum(r["match"] for r in results)
+    none = _post(server, "/v1/regions/query", {**body, "segment_threshold": 1.0})
+    assert none.status_code == 200 and none.json()["count"] == 0 and none.json()["results"] == []
+    refused = _post(bare_server, "/v1/regions/query", body)
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "regions"
+    assert "--sam3" in refused.json()["error"]["message"]
