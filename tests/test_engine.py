@@ -249,3 +249,27 @@ def test_sampling_params_accept_their_bounds_and_keep_stops_as_a_tuple():
     params = SamplingParams(max_new_tokens=1, temperature=0.0, top_p=1.0, stop=["a", "b"])
     assert params.stop == ("a", "b") and hash(params)  # frozen and hashable with a list given
     assert SamplingParams() == SamplingParams(max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, stop=())
+
+
+def test_text_stream_cuts_at_the_first_occurrence_and_waits_for_whole_characters(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from osprey.tokenization import load_tokenizer
+
+    shutil.copy(Path(__file__).parent / "fixtures" / "tokenizer_golden" / "tokenizer.model", tmp_path)
+    tok = load_tokenizer(tmp_path)
+    ids = tok.encode("a red bottle, and two cups", add_special_tokens=False)
+    stream = TextStream(tok, stop=("e", "zzzzzzzzzz"))  # the long stop keeps a 9-character window held
+    assert "".join(stream.push(t) for t in ids) == "a r" and stream.stopped
+    # byte-fallback tokens: nothing is emitted while a character is incomplete, and flush returns what a full
+    # decode of the tokens gives, even for a stream cut inside a character
+    ids = tok.encode("naïve café ☕ ok ☕", add_special_tokens=False)
+    full = tok.decode(ids, skip_special_tokens=True)
+    stream = TextStream(tok)
+    pieces = [stream.push(t) for t in ids]
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) + stream.flush() == full
+    cut = ids[:-1]  # the last character's bytes, one short
+    stream = TextStream(tok)
+    assert "".join(stream.push(t) for t in cut) + stream.flush() == tok.decode(cut, skip_special_tokens=True)
