@@ -273,3 +273,12 @@ def test_text_stream_cuts_at_the_first_occurrence_and_waits_for_whole_characters
     cut = ids[:-1]  # the last character's bytes, one short
     stream = TextStream(tok)
     assert "".join(stream.push(t) for t in cut) + stream.flush() == tok.decode(cut, skip_special_tokens=True)
+
+
+def test_text_stream_without_stops_holds_nothing_and_skips_special_tokens(tiny_pipeline):
+    tok = tiny_pipeline.tokenizer
+    ids = tok.encode("a red bottle", add_special_tokens=False)
+    stream = TextStream(tok)
+    assert "".join(stream.push(t) for t in ids + [tok.eos_token_id]) == tok.decode(ids)  # no flush needed
+    stream = TextStream(tok, stop=("a red",))  # a stop string at the very start: nothing of it is sent
+    assert [stream.push(t) for t in ids][:2] == ["", ""] and stream.stopped and stream.text == ""
