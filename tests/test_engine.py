@@ -262,6 +262,8 @@ def test_text_stream_cuts_at_the_first_occurrence_and_waits_for_whole_characters
     ids = tok.encode("a red bottle, and two cups", add_special_tokens=False)
     stream = TextStream(tok, stop=("e", "zzzzzzzzzz"))  # the long stop keeps a 9-character window held
     assert "".join(stream.push(t) for t in ids) == "a r" and stream.stopped
+    stream = TextStream(tok, stop=("o",))  # the token "oo" holds the stop string twice: cut at the first
+    assert "".join(stream.push(t) for t in tok.encode("a good book", add_special_tokens=False)) == "a g"
     # byte-fallback tokens: nothing is emitted while a character is incomplete, and flush returns what a full
     # decode of the tokens gives, even for a stream cut inside a character
     ids = tok.encode("naïve café 🦜 ok 龘", add_special_tokens=False)  # 🦜 and 龘 are byte tokens
