@@ -554,3 +554,37 @@ def test_a_bare_row_list_of_another_width_is_not_a_bitmap():
     rows = _wide()[:, :15].astype(int).tolist()  # 12 rows of 15: read as polygons (odd coordinate counts)
     with pytest.raises(MaskError, match="odd number of coordinates"):
         M.decode_region(rows, 12, 16, fit=M.RegionFit(resize=True))
+
+
+def test_rle_parts_merge_and_must_share_a_size():
+    top, bottom = np.zeros((12, 16), bool), np.zeros((12, 16), bool)
+    top[:3], bottom[9:] = True, True
+    assert (M.decode_rle([M.encode_rle(top), M.encode_rle(bottom)]) == (top | bottom)).all()
+    assert M.detect_format([M.encode_rle(top), M.encode_rle(bottom)]) == "rle"
+    with pytest.raises(MaskError, match=r"RLE parts have different sizes \[\(10, 16\), \(12, 16\)\]"):
+        M.decode_rle([M.encode_rle(top), M.encode_rle(bottom[:10])])
+
+
+def test_rle_and_mask_checks_name_the_value():
+    with pytest.raises(MaskError, match="^RLE must be a dict, got str$"):
+        M.decode_rle("abc")
+    with pytest.raises(MaskError, match=r"RLE size must be \[height, width\] integers, got \[True, 16\]"):
+        M.decode_rle({"size": [True, 16], "counts": [192]})
+    with pytest.raises(MaskError, match=r"^mask must be 2-D \(H, W\), got shape \(2, 2, 2\)$"):
+        M.encode_rle(np.zeros((2, 2, 2), bool))
+    with pytest.raises(MaskError, match=r"^PNG size 16x12 \(WxH\) does not match the image 16x10$"):
+        M.decode_png(M.encode_png(_wide()), 10, 16)
+    assert M.detect_format({"counts": "x"}) == "rle"  # RLE by either key; its checks then name what is missing
+    assert M.detect_format([1, 2, 3, 4, 5, 6]) == "polygons"
+
+
+def test_to_rle_reads_sam_entries_of_every_segmentation_form():
+    wide = _wide()
+    expected = M.encode_rle(wide)
+    for seg in (wide.astype(int).tolist(), M.encode_png_base64(wide), [[3, 2, 15, 2, 15, 7, 3, 7]]):
+        assert M.to_rle({"segmentation": seg, "area": 60}, 12, 16, strict=True) == expected
+    with pytest.raises(MaskError) as info:  # a PNG segmentation of another width
+        M.to_rle({"segmentation": M.encode_png_base64(wide[:, :15])}, 12, 16)
+    assert info.value.code == "mask_size_mismatch"
+    with pytest.raises(MaskError, match="self-intersecting"):
+        M.to_rle({"segmentation": [[0, 0, 10, 10, 10, 0, 0, 10]]}, 12, 16, strict=True)
