@@ -307,3 +307,38 @@ def test_sampling_params_accept_their_bounds_and_keep_stops_as_a_tuple():
     params = SamplingParams(max_new_tokens=1, temperature=0.0, top_p=1.0, stop=["a", "b"])
     assert params.stop == ("a", "b") and hash(params)  # frozen and hashable with a list given
     assert SamplingParams() == SamplingParams(max_new_tokens=256, temperature=0.0, top_p=1.0, seed=None, stop=())
+
+
+def test_text_stream_cuts_at_the_first_occurrence_and_waits_for_whole_characters(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    from osprey.tokenization import load_tokenizer
+
+    shutil.copy(Path(__file__).parent / "fixtures" / "tokenizer_golden" / "tokenizer.model", tmp_path)
+    tok = load_tokenizer(tmp_path)
+    ids = tok.encode("a red bottle, and two cups", add_special_tokens=False)
+    stream = TextStream(tok, stop=("e", "zzzzzzzzzz"))  # the long stop keeps a 9-character window held
+    assert "".join(stream.push(t) for t in ids) == "a r" and stream.stopped
+    stream = TextStream(tok, stop=("o",))  # the token "oo" holds the stop string twice: cut at the first
+    assert "".join(stream.push(t) for t in tok.encode("a good book", add_special_tokens=False)) == "a g"
+    # byte-fallback tokens: nothing is emitted while a character is incomplete, and flush returns what a full
+    # decode of the tokens gives, even for a stream cut inside a character
+    ids = tok.encode("naïve café 🦜 ok 龘", add_special_tokens=False)  # 🦜 and 龘 are byte tokens
+    full = tok.decode(ids, skip_special_tokens=True)
+    stream = TextStream(tok)
+    pieces = [stream.push(t) for t in ids]
+    assert all("\ufffd" not in piece for piece in pieces)
+    assert "".join(pieces) + stream.flush() == full
+    cut = ids[:-1]  # the last character's bytes, one short
+    stream = TextStream(tok)
+    assert "".join(stream.push(t) for t in cut) + stream.flush() == tok.decode(cut, skip_special_tokens=True)
+
+
+def test_text_stream_without_stops_holds_nothing_and_skips_special_tokens(tiny_pipeline):
+    tok = tiny_pipeline.tokenizer
+    ids = tok.encode("a red bottle", add_special_tokens=False)
+    stream = TextStream(tok)
+    assert "".join(stream.push(t) for t in ids + [tok.eos_token_id]) == tok.decode(ids)  # no flush needed
+    stream = TextStream(tok, stop=("a red",))  # a stop string at the very start: nothing of it is sent
+    assert [stream.push(t) for t in ids][:2] == ["", ""] and stream.stopped and stream.text == ""

@@ -457,6 +457,8 @@ def test_to_rle_keeps_height_and_width_apart_and_checks_both():
     bowtie = [[0, 0, 10, 10, 10, 0, 0, 10]]
     with pytest.warns(MaskWarning, match="self-intersecting"):  # accepted unless strict
         assert M.to_rle(bowtie, 12, 16) == M.encode_rle(M.decode_mask(bowtie, 12, 16))
+    with pytest.raises(MaskError, match="polygon 0 is self-intersecting"):
+        M.to_rle(bowtie, 12, 16, strict=True)
 
 
 def test_rle_area_reads_str_and_bytes_counts():
@@ -472,7 +474,7 @@ def test_decode_box_is_boolean():
 def test_decode_sam_checks_sizes_and_areas():
     wide = _wide()
     entry = M.encode_sam(wide)
-    with pytest.raises(MaskError, match="SAM entry must be a dict with a 'segmentation' key"):
+    with pytest.raises(MaskError, match="^SAM entry must be a dict with a 'segmentation' key$"):
         M.decode_sam({"bbox": [0, 0, 1, 1]})
     with pytest.raises(MaskError) as info:  # RLE of another height
         M.decode_sam(entry, 10, 16)
@@ -502,7 +504,8 @@ def test_polygon_coordinates_may_reach_four_image_sizes_plus_16_outside():
         M.decode_polygons([], 12, 16)
     with pytest.raises(MaskError, match="polygon 0 has non-numeric coordinates"):
         M.decode_polygons([[0, 0, [1, 2], 3, 4, 5]], 12, 16)  # ragged nesting
-    with pytest.warns(MaskWarning, match=r"\(accepted: rasterised as pycocotools does; strict=True rejects\)"):
+    with pytest.warns(MaskWarning, match=r"^polygon 0 is self-intersecting \(accepted: rasterised as pycocotools does; "
+                                         r"strict=True rejects\)$"):
         M.decode_polygons([[0, 0, 10, 10, 10, 0, 0, 10]], 12, 16)
 
 
@@ -534,3 +537,54 @@ def test_encode_sam_keeps_the_given_points_and_crop_box():
     entry = M.encode_sam(_wide(), point_coords=[[3, 4]], crop_box=[0, 0, 8, 6])
     assert entry["point_coords"] == [[3.0, 4.0]] and entry["crop_box"] == [0.0, 0.0, 8.0, 6.0]
     assert M.encode_sam(_wide())["point_coords"] == []
+
+
+def test_png_size_limits_are_image_too_large(monkeypatch):
+    png = M.encode_png(_wide())
+    with pytest.raises(MaskError) as info:
+        M.decode_png(png, max_pixels=100)
+    assert (str(info.value), info.value.code) == ("PNG mask is 16x12 (WxH): more than 100 pixels", "image_too_large")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # PIL's decompression-bomb limit, lowered to this PNG
+    with pytest.raises(MaskError) as info:
+        M.decode_png(png)
+    assert (str(info.value), info.value.code) == ("PNG mask is too large (decompression bomb limit)", "image_too_large")
+
+
+def test_a_bare_row_list_of_another_width_is_not_a_bitmap():
+    rows = _wide()[:, :15].astype(int).tolist()  # 12 rows of 15: read as polygons (odd coordinate counts)
+    with pytest.raises(MaskError, match="odd number of coordinates"):
+        M.decode_region(rows, 12, 16, fit=M.RegionFit(resize=True))
+
+
+def test_rle_parts_merge_and_must_share_a_size():
+    top, bottom = np.zeros((12, 16), bool), np.zeros((12, 16), bool)
+    top[:3], bottom[9:] = True, True
+    assert (M.decode_rle([M.encode_rle(top), M.encode_rle(bottom)]) == (top | bottom)).all()
+    assert M.detect_format([M.encode_rle(top), M.encode_rle(bottom)]) == "rle"
+    with pytest.raises(MaskError, match=r"RLE parts have different sizes \[\(10, 16\), \(12, 16\)\]"):
+        M.decode_rle([M.encode_rle(top), M.encode_rle(bottom[:10])])
+
+
+def test_rle_and_mask_checks_name_the_value():
+    with pytest.raises(MaskError, match="^RLE must be a dict, got str$"):
+        M.decode_rle("abc")
+    with pytest.raises(MaskError, match=r"RLE size must be \[height, width\] integers, got \[True, 16\]"):
+        M.decode_rle({"size": [True, 16], "counts": [192]})
+    with pytest.raises(MaskError, match=r"^mask must be 2-D \(H, W\), got shape \(2, 2, 2\)$"):
+        M.encode_rle(np.zeros((2, 2, 2), bool))
+    with pytest.raises(MaskError, match=r"^PNG size 16x12 \(WxH\) does not match the image 16x10$"):
+        M.decode_png(M.encode_png(_wide()), 10, 16)
+    assert M.detect_format({"counts": "x"}) == "rle"  # RLE by either key; its checks then name what is missing
+    assert M.detect_format([1, 2, 3, 4, 5, 6]) == "polygons"
+
+
+def test_to_rle_reads_sam_entries_of_every_segmentation_form():
+    wide = _wide()
+    expected = M.encode_rle(wide)
+    for seg in (wide.astype(int).tolist(), M.encode_png_base64(wide), [[3, 2, 15, 2, 15, 7, 3, 7]]):
+        assert M.to_rle({"segmentation": seg, "area": 60}, 12, 16, strict=True) == expected
+    with pytest.raises(MaskError) as info:  # a PNG segmentation of another width
+        M.to_rle({"segmentation": M.encode_png_base64(wide[:, :15])}, 12, 16)
+    assert info.value.code == "mask_size_mismatch"
+    with pytest.raises(MaskError, match="self-intersecting"):
+        M.to_rle({"segmentation": [[0, 0, 10, 10, 10, 0, 0, 10]]}, 12, 16, strict=True)

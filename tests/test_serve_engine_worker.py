@@ -280,3 +280,13 @@ def test_a_model_that_fails_to_load_is_named_to_every_request(tmp_path):
     assert (error.status, error.code) == (503, "model_load_failed")
     assert error.message.startswith("the model failed to load: ") and "absent" in error.message
     assert _sample(metrics, "osprey_model_loaded") == 0
+
+
+def test_the_engine_pool_is_sized_from_the_engine_settings(tiny_pipeline):
+    size = {"max_rows": 64, "max_row_tokens": 64, "kv_cache_gb": 0.01, "rows_per_image": 2}
+    backend = _backend(tiny_pipeline, **size)
+    backend.load()
+    expected = tiny_pipeline.engine_pool(64, 64, 0.01, 2)
+    assert backend.session.decoder.pool.size == expected
+    assert expected != tiny_pipeline.engine_pool(64, 64, None, 2)  # the KV budget is what binds here
+    assert Engine(backend, Metrics())._thread.daemon  # a stuck worker never keeps the process alive
