@@ -25,13 +25,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--masks", type=int, default=16)
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--eager-layers", action="store_true", help="the eager transformers modules, not compiled")
+    parser.add_argument("--fast-kernels", action="store_true",
+                        help="the Triton decoding kernels and compiled layer pieces (docs/engine.md)")
     args = parser.parse_args(argv)
     pipe = build_pipeline(args.preset, None, args.device, None)
     pipe.eos_token_id = -1
-    session = pipe.session(pipe.engine_pool(args.masks * args.images, 64 + 256))
-    if args.eager_layers:
-        session.decoder.forward.fused = None
+    session = pipe.session(pipe.engine_pool(args.masks * args.images, 64 + 256), fast_kernels=args.fast_kernels)
     forward = session.decoder.forward
     print(f"Triton decoding kernels: {forward.decode_kernel}; compiled layers: {forward.fused is not None}")
     params = SamplingParams(max_new_tokens=64)

@@ -77,24 +77,46 @@ def test_greedy_tokens_on_cuda_equal_transformers_generate(tiny_model_dir, dtype
         for e in events:
             if e.token_id is not None:
                 ours[e.row].append(e.token_id)
-    agree = 0
-    for row, prompt in enumerate(prompts):
-        embeds = pipe.model.merge_embeddings(prompt.input_ids[None].cuda(), prompt.image.tokens[None],
-                                             prompt.mask_tokens, prompt.pos_tokens)
-        with torch.inference_mode():
-            ref = pipe.model.language_model.generate(
-                inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device="cuda"),
-                max_new_tokens=16, do_sample=False, eos_token_id=pipe.eos_token_id, pad_token_id=0)[0].tolist()
-        ref = ref[:ref.index(pipe.eos_token_id)] if pipe.eos_token_id in ref else ref
-        agree += ours[row] == ref
+    agree = sum(ours[row] == _generate(pipe, prompt) for row, prompt in enumerate(prompts))
     assert agree == len(prompts) if dtype == torch.float32 else agree >= len(prompts) - 1
 
 
+def _generate(pipe, prompt) -> list[int]:
+    """transformers' greedy `generate` on the full spliced prompt, 16 tokens, up to EOS."""
+    embeds = pipe.model.merge_embeddings(prompt.input_ids[None].cuda(), prompt.image.tokens[None],
+                                         prompt.mask_tokens, prompt.pos_tokens)
+    with torch.inference_mode():
+        ref = pipe.model.language_model.generate(
+            inputs_embeds=embeds, attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long, device="cuda"),
+            max_new_tokens=16, do_sample=False, eos_token_id=pipe.eos_token_id, pad_token_id=0)[0].tolist()
+    return ref[:ref.index(pipe.eos_token_id)] if pipe.eos_token_id in ref else ref
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_the_triton_decoding_kernels_run_and_agree_on_the_gpu(tiny_model_dir, dtype):
-    """The engine's start-up check compiles the kernels and compares them with dense attention; on a GPU it must
-    pass (a silent fallback to FlashAttention would hide a broken kernel)."""
+def test_the_fast_kernels_run_and_agree_on_the_gpu(tiny_model_dir, dtype):
+    """The engine's start-up checks compile the Triton decoding kernels and the layer pieces and compare them with
+    the references; on a GPU both must pass (a silent fallback would hide a broken kernel)."""
     from osprey.engine.forward import LlamaForward
 
     pipe = OspreyPipeline.from_pretrained(tiny_model_dir, device="cuda", dtype=dtype)
-    assert LlamaForward(pipe.model.language_model).decode_kernel
+    forward = LlamaForward(pipe.model.language_model, fast_kernels=True)
+    assert forward.decode_kernel and forward.fused is not None
+
+
+def test_greedy_tokens_with_the_fast_kernels_equal_transformers_generate(tiny_model_dir):
+    """The Triton decoding kernels and compiled layers end to end (bf16): regions of two images against
+    `generate`, as the default kernels are held to."""
+    from osprey.engine.kv import PoolSize
+
+    pipe = OspreyPipeline.from_pretrained(tiny_model_dir, device="cuda", dtype=torch.bfloat16)
+    prompts = _two_image_prompts(pipe)
+    session = pipe.session(PoolSize(4, 400, 16, 64), fast_kernels=True)
+    assert session.decoder.forward.decode_kernel and session.decoder.forward.fused is not None
+    session.add(pipe.group_requests(prompts, [SamplingParams(max_new_tokens=16)] * len(prompts)))
+    ours = [[] for _ in prompts]
+    while session.has_work:
+        for event in session.step():
+            if event.token_id is not None:
+                ours[event.row].append(event.token_id)
+    agree = sum(ours[row] == _generate(pipe, prompt) for row, prompt in enumerate(prompts))
+    assert agree >= len(prompts) - 1

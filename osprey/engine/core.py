@@ -77,8 +77,8 @@ class _Waiting:
 
 class RegionDecoder:
     def __init__(self, language_model: PreTrainedModel, eos_token_id: int, pool_size: PoolSize,
-                 max_prefill_tokens: int = 16384, cuda_graphs: bool = True) -> None:
-        self.forward = LlamaForward(language_model)
+                 max_prefill_tokens: int = 16384, cuda_graphs: bool = True, fast_kernels: bool = False) -> None:
+        self.forward = LlamaForward(language_model, fast_kernels)
         self.eos_token_id = eos_token_id
         weight = language_model.get_input_embeddings().weight
         self.device, self.dtype = weight.device, weight.dtype

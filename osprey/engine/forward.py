@@ -102,7 +102,9 @@ class _DenseLayout:
 
 
 class LlamaForward:
-    def __init__(self, language_model: PreTrainedModel, compile_layers: bool = True) -> None:
+    def __init__(self, language_model: PreTrainedModel, fast_kernels: bool = False) -> None:
+        """`fast_kernels`: on CUDA, the Triton decoding kernels and the compiled layer pieces (each checked at
+        start-up, falling back on failure). Off by default until measured on a GPU (docs/engine.md)."""
         if not supports(language_model):
             raise ValueError(f"the engine runs Llama models, not {language_model.config.model_type!r}")
         self.model = language_model.model
@@ -116,9 +118,10 @@ class LlamaForward:
         weight = self.head.weight
         # torch.compile'd layer pieces on CUDA: norms, rotary, activation and residuals fused around the GEMMs
         self.fused = (compiled_layers_agree(self, self.model.layers[0], self._rope)
-                      if compile_layers and weight.is_cuda and plain_linears(self.model) else None)
+                      if fast_kernels and weight.is_cuda and plain_linears(self.model) else None)
         # the Triton decoding kernels where they run and agree with the reference on this device (else FlashAttention)
-        self.decode_kernel = (triton_decode is not None and triton_decode.decode_kernel_runs(weight, self.head_dim)
+        self.decode_kernel = (fast_kernels and triton_decode is not None
+                              and triton_decode.decode_kernel_runs(weight, self.head_dim)
                               and self._decode_kernel_agrees(weight.device, weight.dtype))
 
     @property
