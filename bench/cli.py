@@ -18,6 +18,7 @@ BENCHMARKS = {
     "step-profile": ("bench.step_profile", "a real training config's step: data loading vs compute, top ops"),
     "region-eval": ("bench.region_eval", "region-level accuracy and the mask/box/position/levels ablation"),
     "api-fuzz": ("bench.api_fuzz", "schemathesis against the real server's /openapi.json: server errors, answers"),
+    "search-eval": ("bench.search_eval", "text -> region search in PostgreSQL (pgvector): precision@10, mAP"),
 }
 
 

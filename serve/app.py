@@ -26,7 +26,7 @@ from osprey.generation import SamplingParams
 from osprey.masks import alpha_mask
 from osprey.prompts import REGION_PLACEHOLDER, clean_answer, task_prompt
 
-from . import inputs
+from . import embeddings, inputs
 from .chat import ChatConversation, bind_regions, parse_messages
 from .config import ServeConfig
 from .engine import Backend, ClientGone, Engine, Job, PipelineBackend, RowDone, RowResult, RowSpec, RowText
@@ -88,6 +88,9 @@ def create_app(config: ServeConfig, backend: Backend | None = None) -> FastAPI:
     app.add_middleware(GuardMiddleware, config=config, metrics=metrics)
     add_error_handlers(app)
     app.include_router(router)
+    app.state.embeddings = embeddings.EmbeddingService(config.model, config.model_name, config.device,
+                                                       config.clip_weights, config.index)
+    app.include_router(embeddings.router)  # /v1/embeddings, /v1/regions/search
     app.openapi = lambda: _openapi(app)
     return app
 
