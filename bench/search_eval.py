@@ -47,8 +47,9 @@ def _colour(phrase: str | None) -> str | None:
     return words[1] if len(words) >= 3 and words[1] in COLORS else None
 
 
-def build_index(index, embedder, data: Path, split: str, limit: int) -> dict[tuple[str, int], Truth]:
-    """Store the split's object regions; returns each stored region's truth by (image path, region number)."""
+def build_index(index, embedder, data: Path, split: str, limit: int) -> tuple[dict[tuple[str, int], Truth], np.ndarray]:
+    """Store the split's object regions; returns each stored region's truth by (image path, region number) and
+    their vectors, in the same order."""
     from osprey import region_index
     from osprey.data.dataset import manifest_subsets
     from osprey.data.records import iter_records, record_masks
@@ -58,6 +59,7 @@ def build_index(index, embedder, data: Path, split: str, limit: int) -> dict[tup
     phrases = {r.file_name: (r.annotation, dict(region_descriptions(r)))
                for _, r in iter_records(specs["referring"].path)}
     truth: dict[tuple[str, int], Truth] = {}
+    vectors = []
     records = [r for _, (_, r) in zip(range(limit), iter_records(specs["categories"].path))]
     for record in tqdm(records, desc=f"indexing {split}", unit="image"):
         path = specs["categories"].image_root / record.file_name
@@ -65,10 +67,27 @@ def build_index(index, embedder, data: Path, split: str, limit: int) -> dict[tup
         texts = [described.get(k) if annotation == record.annotation else None
                  for k in range(1, len(record.annotation) + 1)]
         labels = [a.category_name for a in record.annotation]
-        region_index.add_regions(index, embedder, path, record_masks(record), labels, texts)
+        vectors.append(region_index.add_regions(index, embedder, path, record_masks(record), labels, texts))
         for q, (label, text) in enumerate(zip(labels, texts, strict=True)):
             truth[(str(path.resolve()), q)] = Truth(label, _colour(text))
-    return truth
+    return truth, np.concatenate(vectors)
+
+
+def cosine_figures(truth: dict[tuple[str, int], Truth], vectors: np.ndarray) -> dict[str, float]:
+    """Mean cosine between region vectors: two crosses, a cross and a diamond (the issue's sanity pair), and any
+    two regions of one category against two of different categories."""
+    categories = np.array([t.category for t in truth.values()])
+    similarity = vectors @ vectors.T
+    off_diagonal = ~np.eye(len(vectors), dtype=bool)
+    same = (categories[:, None] == categories[None]) & off_diagonal
+
+    def mean(a: str, b: str) -> float:
+        pairs = (categories[:, None] == a) & (categories[None] == b) & off_diagonal
+        return float(similarity[pairs].mean())
+
+    return {"cross_cross": mean("cross", "cross"), "cross_diamond": mean("cross", "diamond"),
+            "same_category": float(similarity[same].mean()),
+            "different_category": float(similarity[~same & off_diagonal].mean())}
 
 
 def average_precision(relevant: list[bool], total_relevant: int) -> float:
@@ -125,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         name = f"eval_{args.split}_{int(time.time())}"
         index = region_index.RegionIndex.create(conn, embedder.space, embedder.dim, name)
         start = time.perf_counter()
-        truth = build_index(index, embedder, Path(args.data), args.split, args.limit)
+        truth, vectors = build_index(index, embedder, Path(args.data), args.split, args.limit)
         index_seconds = time.perf_counter() - start
         categories = sorted({t.category for t in truth.values()})
         pairs = defaultdict(int)
@@ -138,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
         report = {
             "model": model, "space": embedder.space, "dim": embedder.dim, "data": str(args.data), "split": args.split,
             "images": args.limit, "regions": len(truth), "template": args.template, "index_hnsw": index.uses_hnsw(),
-            "index_seconds": round(index_seconds, 1),
+            "index_seconds": round(index_seconds, 1), "cosine": cosine_figures(truth, vectors),
             "category": score_queries(index, embedder, truth, category_queries, args.template),
             "attribute": score_queries(index, embedder, truth, attribute_queries, args.template),
         }
@@ -151,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{kind}: {r['queries']} queries, precision@10 {r['mean_precision_at_k']:.3f}, "
               f"mAP {r['mean_average_precision']:.3f}, first right {r['mean_first_right']:.3f}, "
               f"HNSW recall@10 {r['mean_hnsw_recall_at_k']:.3f}", file=sys.stderr)
+    print("mean cosine: " + ", ".join(f"{k} {v:.3f}" for k, v in report["cosine"].items()), file=sys.stderr)
     if args.out:
         write_atomic(Path(args.out), json.dumps(report, indent=2) + "\n")
     return report

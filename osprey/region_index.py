@@ -224,9 +224,9 @@ class RegionIndex:
 
 
 def add_regions(index: RegionIndex, embedder, image: str | Path, masks: np.ndarray,
-                labels: Sequence[str | None] | None = None, captions: Sequence[str | None] | None = None) -> int:
+                labels: Sequence[str | None] | None = None, captions: Sequence[str | None] | None = None) -> np.ndarray:
     """Embed the regions `masks (Q, H, W) bool` of one image file and store them under its resolved path
-    (replacing what that path had); returns the number stored."""
+    (replacing what that path had); returns their vectors (Q, dim)."""
     from osprey.masks import encode_rle, mask_to_bbox
 
     index.check_vectors(embedder.dim, embedder.space)
@@ -235,4 +235,5 @@ def add_regions(index: RegionIndex, embedder, image: str | Path, masks: np.ndarr
     captions = list(captions) if captions is not None else [None] * len(masks)
     rows = [RegionRow(q, encode_rle(mask), mask_to_bbox(mask), label, caption)
             for q, (mask, label, caption) in enumerate(zip(masks, labels, captions, strict=True))]
-    return index.add_image(str(Path(image).resolve()), rows, vectors)
+    index.add_image(str(Path(image).resolve()), rows, vectors)
+    return vectors

@@ -92,7 +92,7 @@ def _cmd_add(args: argparse.Namespace) -> int:
         for image_path, masks_file in tqdm(list(zip(args.images, files, strict=True)), unit="image"):
             image = load_image(image_path)
             masks = load_masks([str(masks_file)], image.height, image.width).masks
-            stored += region_index.add_regions(index, embedder, image_path, masks)
+            stored += len(region_index.add_regions(index, embedder, image_path, masks))
         info = index.stats()
     except (ValueError, FileNotFoundError, ImportError, NoDefaultModel) as exc:
         print(f"osprey index add: {exc}", file=sys.stderr)

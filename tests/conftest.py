@@ -44,3 +44,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def postgres_url(tmp_path_factory):
+    """A real PostgreSQL with pgvector for the session: the embedded server of the `pgserver` package in a temporary
+    folder, stopped at the end. Skipped, with the reason, only where it cannot start (as root, pgserver runs the
+    server as its own `pgserver` user, which it creates)."""
+    try:
+        import pgserver
+    except ImportError as exc:
+        pytest.skip(f"pgserver is not installed ({exc}): pip install -e '.[index]'")
+    try:
+        server = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="stop")
+    except Exception as exc:  # noqa: BLE001 - whatever stops it from starting is the reason to report
+        pytest.skip(f"pgserver could not start PostgreSQL here: {type(exc).__name__}: {exc}")
+    yield server.get_uri()
+    server.cleanup()
