@@ -14,7 +14,8 @@ a fresh embedded PostgreSQL in a temporary folder). Then two kinds of text queri
 
 A region is relevant to a category query when its category is the query's, to an attribute query when its colour
 and category both are (colour as the dataset's referring phrase names it). The HNSW top 10 is also compared with
-the exact top 10 (recall of the approximate search). Choose `--template` on val, report test.
+the exact top 10 (recall of the approximate search). Several `--template`s are scored on one index: choose on val,
+report test.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default=None, help="model folder (default: the built-in model)")
     parser.add_argument("--clip-weights", default=None, help="open_clip file with a text tower (official models)")
     parser.add_argument("--db", default=None, help="postgresql:// URL or folder (default: a temporary embedded one)")
-    parser.add_argument("--template", default="{}", help="query wording, e.g. '{}' or 'a {}'")
+    parser.add_argument("--template", nargs="+", default=["{}"],
+                        help="query wordings, e.g. '{}' 'a {}' (each scored on the same index; choose on val)")
     parser.add_argument("--min-relevant", type=int, default=1, help="attribute queries with at least this many regions")
     parser.add_argument("--out", default=None, help="JSON report")
     args = parser.parse_args(argv)
@@ -156,20 +158,22 @@ def main(argv: list[str] | None = None) -> dict:
                              for (colour, category), n in sorted(pairs.items()) if n >= args.min_relevant}
         report = {
             "model": model, "space": embedder.space, "dim": embedder.dim, "data": str(args.data), "split": args.split,
-            "images": args.limit, "regions": len(truth), "template": args.template, "index_hnsw": index.uses_hnsw(),
+            "images": args.limit, "regions": len(truth), "index_hnsw": index.uses_hnsw(),
             "index_seconds": round(index_seconds, 1), "cosine": cosine_figures(truth, vectors),
-            "category": score_queries(index, embedder, truth, category_queries, args.template),
-            "attribute": score_queries(index, embedder, truth, attribute_queries, args.template),
+            "templates": {template: {
+                "category": score_queries(index, embedder, truth, category_queries, template),
+                "attribute": score_queries(index, embedder, truth, attribute_queries, template)}
+                for template in args.template},
         }
         conn.execute(f"DROP TABLE {index.table}")
         conn.execute("DELETE FROM osprey_indexes WHERE name = %s", (name,))
         conn.commit()
         conn.close()
-    for kind in ("category", "attribute"):
-        r = report[kind]
-        print(f"{kind}: {r['queries']} queries, precision@10 {r['mean_precision_at_k']:.3f}, "
-              f"mAP {r['mean_average_precision']:.3f}, first right {r['mean_first_right']:.3f}, "
-              f"HNSW recall@10 {r['mean_hnsw_recall_at_k']:.3f}", file=sys.stderr)
+    for template, scores in report["templates"].items():
+        for kind, r in scores.items():
+            print(f"{template!r} {kind}: {r['queries']} queries, precision@10 {r['mean_precision_at_k']:.3f}, "
+                  f"mAP {r['mean_average_precision']:.3f}, first right {r['mean_first_right']:.3f}, "
+                  f"HNSW recall@10 {r['mean_hnsw_recall_at_k']:.3f}", file=sys.stderr)
     print("mean cosine: " + ", ".join(f"{k} {v:.3f}" for k, v in report["cosine"].items()), file=sys.stderr)
     if args.out:
         write_atomic(Path(args.out), json.dumps(report, indent=2) + "\n")

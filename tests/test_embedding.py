@@ -151,3 +151,28 @@ def test_region_text_files_round_trip(tmp_path, tiny_model_dir):
     assert all(torch.equal(a, b) for a, b in zip(embedder.level_head.state_dict().values(),
                                                  head_bf16.state_dict().values(), strict=True))
     assert embedder.space.endswith(":t") and json.loads((model / "region_text.json").read_text())["note"] == "x"
+
+
+def test_train_text_tower_writes_files_the_embedder_loads(tmp_path, tiny_model_dir):
+    """`osprey train text-tower` end to end on the fixture dataset: the vision tower stays as it was, the loss is
+    finite, and the two files it writes give the model folder a text space."""
+    from pathlib import Path
+
+    from osprey.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    before = (model / "model.safetensors").read_bytes()
+    data = Path(__file__).parent / "fixtures" / "synth"
+    out = tmp_path / "lit"
+    assert main(["train", "text-tower", "--data", str(data), "--model", str(model), "--out", str(out),
+                 "--max-images", "4", "--val-images", "0", "--steps", "6", "--batch-size", "8",
+                 "--warmup-steps", "2", "--threads", "1"]) == 0
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged and all(np.isfinite(r["loss"]) for r in logged)
+    for name in ("region_text.json", "region_text.safetensors"):
+        shutil.copy(out / name, model / name)
+    embedder = RegionTextEmbedder.from_pretrained(model)
+    assert (model / "model.safetensors").read_bytes() == before
+    assert embedder.embed_texts(["circle"]).shape == (1, embedder.dim) and embedder.space.endswith(":lit-v1")
+    assert json.loads((model / "region_text.json").read_text())["training_data"]["split"] == "train"

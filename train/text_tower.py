@@ -50,16 +50,16 @@ class TextTowerTrainConfig:
     model: str  # the model folder: its vision tower (frozen) and tokenizer
     out: str  # output folder: region_text.json + region_text.safetensors, metrics.jsonl
     split: str = "train"
-    max_images: int = 2000  # the first images of the split (their regions' levels are pooled once, up front)
-    val_images: int = 200  # of the val split, for the accuracies logged at the end
-    steps: int = 1200
-    batch_size: int = 256  # regions per step
+    max_images: int = 1200  # the first images of the split (their regions' levels are pooled once, up front)
+    val_images: int = 150  # of the val split, for the accuracies logged at the end
+    steps: int = 800
+    batch_size: int = 128  # regions per step
     lr: float = 1e-3
     weight_decay: float = 0.1
     warmup_steps: int = 100
     context_length: int = 12  # names are at most 5 words, one token each in the built-in tokenizer
-    text_width: int = 128
-    text_heads: int = 4
+    text_width: int = 64
+    text_heads: int = 2
     text_layers: int = 2
     name: str = "lit-v1"  # the space's name next to the model's
     seed: int = 0
@@ -202,8 +202,8 @@ class TextTowerRecipe:
             with torch.no_grad():
                 self.logit_scale.clamp_(0, math.log(100))
             if step % 50 == 0 or step == cfg.steps:
-                metrics.write({"step": step, "kind": kind, "loss": float(loss), "lr": self.scheduler.get_last_lr()[0],
-                               "logit_scale": float(self.logit_scale.exp()), "seconds": time.perf_counter() - start})
+                metrics.write({"step": step, "kind": kind, "loss": float(loss.detach()), "lr": self.scheduler.get_last_lr()[0],
+                               "logit_scale": float(self.logit_scale.detach().exp()), "seconds": time.perf_counter() - start})
         metrics.close()
         self.text.eval()
         self.head.eval()
