@@ -141,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     model = args.model or str(default_model_path())
     embedder = RegionTextEmbedder.from_pretrained(model, args.clip_weights)
-    with tempfile.TemporaryDirectory(prefix="osprey-search-eval-") as scratch:
+    # the embedded server still runs while the folder goes (it stops when this process exits): ignore what it holds
+    with tempfile.TemporaryDirectory(prefix="osprey-search-eval-", ignore_cleanup_errors=True) as scratch:
         conn = region_index.connect(args.db or str(Path(scratch) / "db"))
         name = f"eval_{args.split}_{int(time.time())}"
         index = region_index.RegionIndex.create(conn, embedder.space, embedder.dim, name)
@@ -169,15 +170,19 @@ def main(argv: list[str] | None = None) -> dict:
         conn.execute("DELETE FROM osprey_indexes WHERE name = %s", (name,))
         conn.commit()
         conn.close()
+        report_and_write(report, args.out)
+    return report
+
+
+def report_and_write(report: dict, out: str | None) -> None:
     for template, scores in report["templates"].items():
         for kind, r in scores.items():
             print(f"{template!r} {kind}: {r['queries']} queries, precision@10 {r['mean_precision_at_k']:.3f}, "
                   f"mAP {r['mean_average_precision']:.3f}, first right {r['mean_first_right']:.3f}, "
                   f"HNSW recall@10 {r['mean_hnsw_recall_at_k']:.3f}", file=sys.stderr)
     print("mean cosine: " + ", ".join(f"{k} {v:.3f}" for k, v in report["cosine"].items()), file=sys.stderr)
-    if args.out:
-        write_atomic(Path(args.out), json.dumps(report, indent=2) + "\n")
-    return report
+    if out:
+        write_atomic(Path(out), json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -50,20 +50,20 @@ class TextTowerTrainConfig:
     model: str  # the model folder: its vision tower (frozen) and tokenizer
     out: str  # output folder: region_text.json + region_text.safetensors, metrics.jsonl
     split: str = "train"
-    max_images: int = 1200  # the first images of the split (their regions' levels are pooled once, up front)
-    val_images: int = 150  # of the val split, for the accuracies logged at the end
-    steps: int = 800
+    max_images: int = 500  # the first images of the split (their regions' levels are pooled once, up front)
+    val_images: int = 100  # of the val split, for the accuracies logged at the end
+    steps: int = 300
     batch_size: int = 128  # regions per step
     lr: float = 1e-3
     weight_decay: float = 0.1
-    warmup_steps: int = 100
+    warmup_steps: int = 30
     context_length: int = 12  # names are at most 5 words, one token each in the built-in tokenizer
     text_width: int = 64
     text_heads: int = 2
     text_layers: int = 2
     name: str = "lit-v1"  # the space's name next to the model's
     seed: int = 0
-    threads: int = 2
+    threads: int = 1  # torch threads (on the loaded 2-core dev machine 2 threads made steps slower, not faster)
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 2 or self.lr <= 0 or self.max_images < 1 or self.context_length < 4:
@@ -202,8 +202,9 @@ class TextTowerRecipe:
             with torch.no_grad():
                 self.logit_scale.clamp_(0, math.log(100))
             if step % 50 == 0 or step == cfg.steps:
-                metrics.write({"step": step, "kind": kind, "loss": float(loss.detach()), "lr": self.scheduler.get_last_lr()[0],
-                               "logit_scale": float(self.logit_scale.detach().exp()), "seconds": time.perf_counter() - start})
+                metrics.write({"step": step, "kind": kind, "loss": float(loss.detach()),
+                               "lr": self.scheduler.get_last_lr()[0], "logit_scale": float(self.logit_scale.detach().exp()),
+                               "seconds": time.perf_counter() - start})
         metrics.close()
         self.text.eval()
         self.head.eval()
