@@ -133,8 +133,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--template", nargs="+", default=["{}"],
                         help="query wordings, e.g. '{}' 'a {}' (each scored on the same index; choose on val)")
     parser.add_argument("--min-relevant", type=int, default=1, help="attribute queries with at least this many regions")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: on a loaded machine, 2 were slower)")
     parser.add_argument("--out", default=None, help="JSON report")
     args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
 
     from osprey import default_model_path, region_index
     from osprey.embedding import RegionTextEmbedder
