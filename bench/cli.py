@@ -21,6 +21,7 @@ BENCHMARKS = {
     "api-fuzz": ("bench.api_fuzz", "schemathesis against the real server's /openapi.json: server errors, answers"),
     "classify-speed": ("bench.classify_speed", "label-list classification by likelihood: R regions x L labels, seconds"),
     "query-eval": ("bench.query_eval", "label-list top-1 and ECE, query counts (yes/no and label-list scores) on a split"),
+    "search-eval": ("bench.search_eval", "text -> region search in PostgreSQL (pgvector): precision@10, mAP"),
 }
 
 

@@ -27,7 +27,7 @@ from osprey.masks import alpha_mask
 from osprey.prompts import REGION_PLACEHOLDER, clean_answer, task_prompt
 from osprey.segment import Segmenters
 
-from . import inputs, playground, regions_score, segment_routes
+from . import embeddings, inputs, playground, regions_score, segment_routes
 from .chat import ChatConversation, bind_regions, parse_messages
 from .config import ServeConfig
 from .engine import Backend, ClientGone, Engine, Job, PipelineBackend, RowDone, RowResult, RowSpec, RowText
@@ -92,6 +92,9 @@ def create_app(config: ServeConfig, backend: Backend | None = None, segmenters: 
     app.add_middleware(GuardMiddleware, config=config, metrics=metrics)
     add_error_handlers(app)
     app.include_router(router)
+    app.state.embeddings = embeddings.EmbeddingService(config.model, config.model_name, config.device,
+                                                       config.clip_weights, config.index)
+    app.include_router(embeddings.router)  # /v1/embeddings, /v1/regions/search
     app.include_router(regions_score.router)  # /v1/regions/classify, /v1/regions/query
     app.include_router(segment_routes.router)
     app.include_router(playground.router)

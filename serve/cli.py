@@ -1,5 +1,5 @@
-"""`osprey serve` (the OpenAI-compatible region server), `osprey describe` (one image, in-process) and
-`osprey annotate` (every region of a dataset, resumable)."""
+"""`osprey serve` (the OpenAI-compatible region server), `osprey describe` (one image, in-process),
+`osprey annotate` (every region of a dataset, resumable) and `osprey index` (region search, serve.index_cli)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from . import regions_cli
+from . import index_cli, regions_cli
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--sam3", default=None, metavar="PATH",
                        help="a local transformers SAM 3 folder: enables text concepts (/v1/segment with text)")
     serve.add_argument("--allow-image-urls", action="store_true", help="let clients send http(s) image URLs")
+    serve.add_argument("--clip-weights", default=None, metavar="FILE",
+                       help="open_clip file whose text tower serves /v1/embeddings for a model folder without its own "
+                            "(the official convnext_large_d_320 file)")
+    serve.add_argument("--index", default=None, metavar="URL|DIR",
+                       help="region index database for POST /v1/regions/search (postgresql:// URL or an embedded "
+                            "PostgreSQL folder; see docs/search.md)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                        help="uvicorn's log level")
     serve.set_defaults(func=_cmd_serve)
@@ -99,6 +105,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     describe.set_defaults(func=_cmd_describe)
     _register_annotate(subparsers)
     regions_cli.register(subparsers, _DefaultsHelp)  # osprey classify, osprey query
+    index_cli.register(subparsers)
 
 
 def _register_annotate(subparsers: argparse._SubParsersAction) -> None:
@@ -173,7 +180,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             image_cache_size=args.image_cache_size, request_timeout_s=args.request_timeout,
             max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
             max_regions=args.max_regions, max_tokens_limit=args.max_tokens_limit, kv_cache_gb=args.kv_cache_gb,
-            max_row_tokens=args.max_row_tokens)
+            max_row_tokens=args.max_row_tokens, clip_weights=args.clip_weights, index=args.index)
     except ValueError as exc:
         print(f"osprey serve: {exc}", file=sys.stderr)
         return 2

@@ -24,6 +24,10 @@ class ServeConfig:
     cpu_threads: int | None = None  # torch threads on CPU; None = all cores but one (one is the event loop's)
     api_key: str | None = None  # when set, /v1/* need `Authorization: Bearer KEY`
     allow_image_urls: bool = False  # fetching http(s) URLs makes the server a proxy: off unless asked
+    # embeddings and search (serve.embeddings): an open_clip file whose text tower serves a model folder without
+    # its own (the official CLIP file), and the region index's database (a postgresql:// URL or a folder)
+    clip_weights: str | None = None
+    index: str | None = None
     # engine
     max_batch_size: int = 8  # region rows decoded together, across requests (continuous batching)
     kv_cache_gb: float | None = None  # engine KV memory; None: 90% of the GPU memory left after loading (1 GiB on CPU)

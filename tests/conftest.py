@@ -59,3 +59,34 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """A real PostgreSQL with pgvector for the session: the embedded server of the `pgserver` package in a temporary
+    folder, stopped and removed at the end. Skipped, with the reason, only where it cannot start.
+
+    As root, pgserver runs the server as its own `pgserver` user (which it creates) and opens the folder's parents
+    to it; pytest's own temporary root is kept 0700 by every pytest run, so the folder is a plain mkdtemp instead.
+    """
+    import shutil
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    try:
+        import pgserver
+    except ImportError as exc:
+        pytest.skip(f"pgserver is not installed ({exc}): pip install -e '.[index]'")
+    folder = tempfile.mkdtemp(prefix="osprey-test-postgres-")
+    try:
+        server = pgserver.get_server(Path(folder) / "data", cleanup_mode="stop")
+    except subprocess.CalledProcessError as exc:
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"pgserver could not start PostgreSQL here: {exc} {exc.stderr or ''}")
+    except Exception as exc:  # noqa: BLE001 - whatever stops it from starting is the reason to report
+        shutil.rmtree(folder, ignore_errors=True)
+        pytest.skip(f"pgserver could not start PostgreSQL here: {type(exc).__name__}: {exc}")
+    yield server.get_uri()
+    server.cleanup()
+    shutil.rmtree(folder, ignore_errors=True)

@@ -39,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.set_defaults(func=_cmd_train)
 
-    sub = parser.add_subparsers(dest="train_command", metavar="{plot,clip}")
+    sub = parser.add_subparsers(dest="train_command", metavar="{plot,clip,text-tower}")
     plot = sub.add_parser("plot", help="plot loss / lr / throughput of a metrics.jsonl log to a PNG")
     plot.add_argument("log", help="metrics.jsonl written by a run")
     plot.add_argument("--out", required=True, help="output PNG")
@@ -83,6 +83,43 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     clip.add_argument("--no-progress", dest="progress", action="store_false")
     clip.add_argument("--resume", action="store_true", help="continue from the latest checkpoint under OUT/checkpoints")
     clip.set_defaults(func=_cmd_clip)
+    _register_text_tower(sub)
+
+
+def _register_text_tower(sub: argparse._SubParsersAction) -> None:
+    from train.text_tower import TextTowerTrainConfig
+
+    defaults = TextTowerTrainConfig(data="", model="", out="")
+    parser = sub.add_parser(
+        "text-tower", help="train a text tower and region head for a model's frozen vision tower (LiT-style)",
+        description="Locked-image tuning for region-text search (docs/search.md): the model's vision tower stays "
+        "frozen; a small open_clip text tower and a region head over the mask-pooled levels are trained "
+        "contrastively on the dataset's regions and their category, colour and referring texts. Writes "
+        "OUT/region_text.json + OUT/region_text.safetensors; copy both into the model folder to give it a text space.",
+        epilog="example:\n  osprey train text-tower --data data/synth --model osprey/assets/builtin --out runs/lit",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="a generated dataset folder (osprey data synth)")
+    parser.add_argument("--model", required=True, help="the model folder: its vision tower (frozen) and tokenizer")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--split", default=defaults.split)
+    for name in ("max_images", "val_images", "steps", "batch_size", "warmup_steps", "context_length", "text_width",
+                 "text_heads", "text_layers", "seed", "threads"):
+        parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument("--name", default=defaults.name, help="the space's name (with the model's)")
+    parser.set_defaults(func=_cmd_text_tower)
+
+
+def _cmd_text_tower(args: argparse.Namespace) -> int:
+    from train.text_tower import config_from_args, train_text_tower
+
+    try:
+        weights = train_text_tower(config_from_args(args))
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"osprey train text-tower: {exc}") from exc
+    print(f"wrote {weights}")
+    return 0
 
 
 def resolve_config(args: argparse.Namespace):

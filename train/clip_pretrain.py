@@ -42,8 +42,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import Dataset
+
+# The region heads live with the embeddings they define (osprey.embedding); imported here for the CLIP step.
+from osprey.embedding import LevelRegionHead, region_embeddings_from_pooled
 
 logger = logging.getLogger(__name__)
 
@@ -196,23 +198,6 @@ def distinct_text_loss(region_features: torch.Tensor, text_ids: torch.Tensor, en
     return F.cross_entropy(logits.float(), target)
 
 
-class LevelRegionHead(nn.Module):
-    """Region embedding from every level: sum over levels of a linear map of the level's mask-pooled features.
-
-    The mask extractor reads each level through a linear layer and sums them, so a category that this head finds
-    in the pooled levels is one the extractor can read too; through the CLIP's (MLP) projection of the last map
-    alone, the tower learned it in the head, which Osprey discards (docs/builtin_model.md). Trained here, not saved
-    in the weight file (as Osprey never uses the CLIP head).
-    """
-
-    def __init__(self, level_channels: tuple[int, ...], embed_dim: int) -> None:
-        super().__init__()
-        self.levels = nn.ModuleList(nn.Linear(c, embed_dim, bias=i == 0) for i, c in enumerate(level_channels))
-
-    def forward(self, pooled_levels: list[torch.Tensor]) -> torch.Tensor:
-        return sum(layer(p) for layer, p in zip(self.levels, pooled_levels, strict=True))
-
-
 def image_and_region_embeddings(visual, images: torch.Tensor, masks,
                                 level_head: LevelRegionHead | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """open_clip TimmModel -> (B, E) image embeddings (its own global pooling) and (sum Q, E) region embeddings:
@@ -230,12 +215,6 @@ def image_and_region_embeddings(visual, images: torch.Tensor, masks,
         return image_embeddings, level_head(pooled)
     pooled = masked_mean_pool_batch(features, list(masks)).to(features.dtype)
     return image_embeddings, region_embeddings_from_pooled(visual, pooled)
-
-
-def region_embeddings_from_pooled(visual, pooled: torch.Tensor) -> torch.Tensor:
-    """(N, C) mask-pooled final-map features -> (N, E) region embeddings: the trunk's head norm, then the CLIP
-    projection, as the global image path does with its own pooling."""
-    return visual.head(visual.trunk.forward_head(pooled[:, :, None, None]))
 
 
 def build_clip(vision_config, vocab_size: int, pad_id: int, eos_id: int, cfg: ClipPretrainConfig):
