@@ -83,6 +83,19 @@ def check_prompt(prompt: Prompt, height: int, width: int) -> None:
                           "several boxes without points, or one box with its points", "boxes")
 
 
+def _load(folder: str | Path, device: str, model_class, processor_class, model_types: tuple[str, ...], flag: str
+          ) -> tuple[torch.nn.Module, object, str]:
+    """A transformers SAM-family model and processor from a local folder (never downloaded), checked to be of
+    `model_types`; errors name the flag."""
+    _model_type(folder, model_types, flag)
+    try:
+        model = model_class.from_pretrained(folder, local_files_only=True).to(device)
+        processor = processor_class.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise SegmenterLoadError(f"{flag} {folder}: {exc}") from None
+    return model, processor, Path(folder).resolve().name
+
+
 def _model_type(folder: str | Path, expected: Sequence[str], flag: str) -> str:
     """The folder's `config.json` model_type, or SegmenterLoadError saying what was expected."""
     config = Path(folder) / "config.json"
@@ -117,13 +130,7 @@ class PromptSegmenter:
     def from_folder(cls, folder: str | Path, device: str = "cpu") -> PromptSegmenter:
         from transformers import SamModel, SamProcessor
 
-        _model_type(folder, PROMPT_MODEL_TYPES, "--sam")
-        try:
-            model = SamModel.from_pretrained(folder, local_files_only=True).to(device)
-            processor = SamProcessor.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise SegmenterLoadError(f"--sam {folder}: {exc}") from None
-        return cls(model, processor, Path(folder).resolve().name)
+        return cls(*_load(folder, device, SamModel, SamProcessor, PROMPT_MODEL_TYPES, "--sam"))
 
     @property
     def device(self) -> torch.device:
@@ -196,13 +203,7 @@ class ConceptSegmenter:
     def from_folder(cls, folder: str | Path, device: str = "cpu") -> ConceptSegmenter:
         from transformers import Sam3Model, Sam3Processor
 
-        _model_type(folder, CONCEPT_MODEL_TYPES, "--sam3")
-        try:
-            model = Sam3Model.from_pretrained(folder, local_files_only=True).to(device)
-            processor = Sam3Processor.from_pretrained(folder, local_files_only=True)
-        except (OSError, ValueError) as exc:
-            raise SegmenterLoadError(f"--sam3 {folder}: {exc}") from None
-        return cls(model, processor, Path(folder).resolve().name)
+        return cls(*_load(folder, device, Sam3Model, Sam3Processor, CONCEPT_MODEL_TYPES, "--sam3"))
 
     def segment_text(self, image: Image.Image, text: str, *, threshold: float = 0.5,
                      max_masks: int = 64) -> list[Segment]:
