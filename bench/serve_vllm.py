@@ -183,7 +183,7 @@ def _osprey_backend(folder: Path, gpu_memory_utilization: float):
 
         ensure_plugin_entry_point(folder.parent)
         _OSPREY = VllmBackend(str(folder), VllmSize(gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=512,
-                                                    max_model_len=2048, max_regions=64))
+                                                    max_regions=64))
         _OSPREY.load()
     return _OSPREY
 

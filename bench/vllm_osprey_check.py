@@ -240,7 +240,10 @@ def main(argv: list[str] | None = None) -> dict:
         report.data["parity"] = compare(ours, theirs, gaps)
         report.step("parity", equal_token_share=report.data["parity"]["equal_token_share"],
                     rows_identical=report.data["parity"]["rows_identical"], passed=report.data["parity"]["passed"])
-    backend.shutdown()
+    try:
+        backend.shutdown()
+    except Exception as exc:  # the report is written; a failing shutdown must not hide it
+        report.step("shutdown", error=f"{type(exc).__name__}: {exc}")
     return report.data
 
 

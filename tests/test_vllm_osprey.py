@@ -310,3 +310,23 @@ def test_vllm_model_embeddings_equal_our_pipelines(vllm_processor, tiny_model_di
     torch.testing.assert_close(image_embeds[0].cpu(), encoded.tokens)
     torch.testing.assert_close(torch.stack(region_embeds)[:, 0].cpu(), mask_tokens)
     torch.testing.assert_close(torch.stack(region_embeds)[:, 1].cpu(), pos_tokens)
+
+
+# -- vLLM's own server --------------------------------------------------------------------------------------------
+def test_chat_template_renders_our_inference_conversation():
+    """`vllm serve --chat-template serve/vllm_osprey/chat_template.jinja` renders what osprey.prompts renders."""
+    from pathlib import Path
+
+    import jinja2
+
+    from osprey.prompts import TEMPLATES
+
+    template = jinja2.Environment().from_string(
+        (Path(__file__).parents[1] / "serve" / "vllm_osprey" / "chat_template.jinja").read_text())
+    turns = [("human", "<image>\nWhat is <mask><pos>?"), ("gpt", "a dog"), ("human", "And <mask><pos>?")]
+    messages = [{"role": "user" if role == "human" else "assistant", "content": text} for role, text in turns]
+    assert template.render(messages=messages, add_generation_prompt=True) == TEMPLATES["infer"].render(
+        [*turns, ("gpt", None)])
+    parts = [{"role": "user", "content": [{"type": "text", "text": "<image>\nWhat is <mask><pos>?"}]}]
+    assert template.render(messages=parts, add_generation_prompt=True) == TEMPLATES["infer"].render(
+        [turns[0], ("gpt", None)])
