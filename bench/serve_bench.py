@@ -20,6 +20,7 @@ import argparse
 import json
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -82,8 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
                 from bench.serve_vllm import shutdown_llm_half
 
                 shutdown_llm_half()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()  # blocks our engine's pools left cached count as used for vLLM
+                _wait_for_free_memory(args.vllm_memory)
             for workload in workloads:
                 results.append(_run(system, args, pipe, workload))
                 _write(args, _report(args, pipe, results))  # a run cut short keeps what it measured
@@ -91,6 +91,21 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         _plot(report, Path(args.out).with_suffix(".png"))
     return report
+
+
+def _wait_for_free_memory(share: float, timeout_s: float = 60.0) -> None:
+    """vLLM refuses to start unless `share` of the GPU is free: give the stopped engine's process time to exit, and
+    hand back the blocks our engine's pools left in torch's cache."""
+    if not torch.cuda.is_available():
+        return
+    torch.cuda.empty_cache()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        free, total = torch.cuda.mem_get_info()
+        if free >= share * total:
+            return
+        time.sleep(0.5)
+    print(f"warning: only {free / 2**30:.1f} GiB of the GPU are free; vLLM asks for {share * total / 2**30:.1f}")
 
 
 def _write(args: argparse.Namespace, report: dict) -> None:

@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
                     rows_identical=report.data["parity"]["rows_identical"], passed=report.data["parity"]["passed"])
     try:
         backend.shutdown()
-    except Exception as exc:  # the report is written; a failing shutdown must not hide it
+    except Exception as exc:  # noqa: BLE001 (the report is written; a failing shutdown must not hide it)
         report.step("shutdown", error=f"{type(exc).__name__}: {exc}")
     return report.data
 

@@ -209,9 +209,10 @@ def vllm_processor(tiny_model_dir):
     import serve.vllm_osprey as plugin
 
     plugin.register()
-    import serve.vllm_osprey.model  # noqa: F401  (registers the processor with vLLM's multimodal registry)
     from vllm.config import ModelConfig
     from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    import serve.vllm_osprey.model  # noqa: F401  (registers the processor with vLLM's multimodal registry)
 
     config = ModelConfig(model=str(tiny_model_dir), skip_tokenizer_init=True, dtype="float32")
     return MULTIMODAL_REGISTRY.create_processor(config)
@@ -294,8 +295,8 @@ def test_vllm_model_embeddings_equal_our_pipelines(vllm_processor, tiny_model_di
     assert {n for n, _ in model.named_parameters()} == loaded
 
     config, image, masks = tiny_pipeline.config, _image(7), _masks(3)
-    ids = generation_prompt_ids(tiny_pipeline.tokenizer, config, [("human", "<image>\nA <mask><pos> B <mask><pos> "
-                                                                             "C <mask><pos>")])
+    three = "<image>\nA <mask><pos> B <mask><pos> C <mask><pos>"
+    ids = generation_prompt_ids(tiny_pipeline.tokenizer, config, [("human", three)])
     out = _process(vllm_processor, ids, image, masks)
 
     def field(modality):
@@ -330,3 +331,25 @@ def test_chat_template_renders_our_inference_conversation():
     parts = [{"role": "user", "content": [{"type": "text", "text": "<image>\nWhat is <mask><pos>?"}]}]
     assert template.render(messages=parts, add_generation_prompt=True) == TEMPLATES["infer"].render(
         [turns[0], ("gpt", None)])
+
+
+def test_serve_backend_vllm_says_what_is_missing(tiny_model_dir, capsys):
+    """Without vLLM, `osprey serve --backend vllm` names the extra and exits 2 before binding a port; bad vLLM
+    settings are refused by name."""
+    import argparse
+    import importlib.util
+
+    from serve import cli
+    from serve.vllm_osprey.backend import VllmSize
+
+    parser = argparse.ArgumentParser(prog="osprey")
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    if importlib.util.find_spec("vllm") is None:
+        args = parser.parse_args(["serve", "--model", str(tiny_model_dir), "--backend", "vllm"])
+        assert args.func(args) == 2
+        err = capsys.readouterr().err
+        assert "osprey-regions[vllm]" in err and "docs/vllm.md" in err
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        VllmSize(gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        VllmSize(max_num_seqs=0)
