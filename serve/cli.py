@@ -176,6 +176,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     log.info("serving %s as %r on http://%s:%d (%s)", model, config.model_name, args.host, args.port, args.backend)
     uvicorn.run(create_app(config, backend), host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=max(1, int(config.request_timeout_s)))
+    if backend is not None:
+        backend.shutdown()  # vLLM's engine processes
     return 0
 
 
