@@ -113,11 +113,12 @@ def api_checks(client, request, report: Report) -> None:
     """Describe, chat (plain and streamed) and a bad request through `osprey serve`'s routes on the vLLM backend."""
     image_b64 = request.png_b64()
     boxes = request.boxes[:3]
+    model = client.get("/v1/models").json()["data"][0]["id"]
     describe = client.post("/v1/regions/describe", json={
         "image": image_b64, "regions": [{"box": b} for b in boxes], "task": "short", "max_tokens": 16})
     report.step("describe", status=describe.status_code, body=_body(describe))
     chat_body = {
-        "model": "osprey", "max_tokens": 16, "temperature": 0,
+        "model": model, "max_tokens": 16, "temperature": 0,
         "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image_b64}"}},
             {"type": "text", "text": "What is <region1> next to <region2>?"}]}],

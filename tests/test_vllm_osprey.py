@@ -353,3 +353,27 @@ def test_serve_backend_vllm_says_what_is_missing(tiny_model_dir, capsys):
         VllmSize(gpu_memory_utilization=1.5)
     with pytest.raises(ValueError, match="max_num_seqs"):
         VllmSize(max_num_seqs=0)
+
+
+def test_gpu_check_requests_are_valid_on_our_engine(tiny_model_dir, tmp_path):
+    """bench/vllm_osprey_check.py's API requests, sent to the same server on our engine (CPU, tiny model): describe,
+    chat and the streamed chat answer 200, the bad request gets its 400. On the GPU the same requests go to vLLM."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from bench.serve_workload import make_workload
+    from bench.vllm_osprey_check import Report, api_checks
+    from serve.app import create_app
+    from serve.config import ServeConfig
+
+    report = Report(str(tmp_path))
+    app = create_app(ServeConfig(model=str(tiny_model_dir), max_regions=64))
+    with TestClient(app) as client:
+        while client.get("/health").status_code != 200:
+            assert app.state.engine.load_error is None
+        api_checks(client, make_workload(1, 3, 1, seed=7).clients[0][0], report)
+    steps = json.loads(report.path.read_text())["steps"]
+    assert [steps[s]["status"] for s in ("describe", "chat", "chat_stream", "bad_request")] == [200, 200, 200, 400]
+    assert len(steps["describe"]["body"]["results"]) == 3
+    assert steps["chat_stream"]["last"][-1] == "data: [DONE]"
