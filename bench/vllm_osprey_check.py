@@ -251,3 +251,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     data = main()
     print(json.dumps({k: v for k, v in data.items() if k != "steps"}, indent=2, default=str))
+    if not data["settings"]["build_only"] and not data.get("parity", {}).get("passed"):
+        raise SystemExit(1)  # vLLM did not start, or fewer than 99% of the tokens agree (the JSON says which)
