@@ -54,8 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="fewer waves for large M x I so one configuration stays short")
     parser.add_argument("--systems", nargs="+", default=["official", "engine", "server", "vllm", "vllm-osprey"],
                         choices=["official", "engine", "server", "vllm", "vllm-osprey"])
-    parser.add_argument("--vllm-folder", default="/tmp/osprey-bench/model",
-                        help="where vllm-osprey's model folder is written (the --model folder itself if given)")
+    parser.add_argument("--vllm-folder", default=None,
+                        help="where vllm-osprey's model folder is written (default: the one bench.vllm_osprey_check "
+                             "writes, /tmp/osprey-vllm-check/model-PRESET; the --model folder itself if given)")
     parser.add_argument("--vllm-memory", type=float, default=0.6, help="vllm-osprey: vLLM's share of the GPU")
     parser.add_argument("--official-regions", type=int, default=3, help="regions timed for the official flow")
     parser.add_argument("--max-rows", type=int, default=512, help="engine rows in flight (server --max-batch-size)")
@@ -135,7 +136,8 @@ def _run(system: str, args: argparse.Namespace, pipe, workload: Workload) -> Mea
     else:
         from bench.serve_vllm import model_folder, run_vllm_osprey
 
-        folder = Path(args.model) if args.model else model_folder(pipe, Path(args.vllm_folder), args.preset)
+        folder = Path(args.model) if args.model else model_folder(
+            pipe, Path(args.vllm_folder or f"/tmp/osprey-vllm-check/model-{args.preset}"), args.preset)
         m = run_vllm_osprey(folder, workload, args.new_tokens, args.vllm_memory)
     print(json.dumps(summarize(m)), flush=True)
     return m

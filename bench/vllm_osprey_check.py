@@ -64,23 +64,17 @@ class Report:
 
 def build_folder(args: argparse.Namespace, report: Report):
     """(pipeline, folder): our pipeline on the device and the model folder vLLM reads, with the same weights."""
+    from bench.serve_vllm import STAMP, model_folder
     from bench.serve_workload import build_pipeline
-    from osprey.checkpoint import save_pretrained
     from osprey.inference import OspreyPipeline
 
-    if args.model:
-        pipe = OspreyPipeline.from_pretrained(args.model, device=args.device, dtype="bfloat16")
-        report.step("model", folder=args.model, reused=True)
-        return pipe, Path(args.model)
-    folder = Path(args.work) / f"model-{args.preset}"
-    stamp = folder / "check_stamp.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("preset") == args.preset:
+    folder = Path(args.model) if args.model else Path(args.work) / f"model-{args.preset}"
+    if args.model or (folder / STAMP).is_file() and json.loads((folder / STAMP).read_text()).get("preset") == args.preset:
         pipe = OspreyPipeline.from_pretrained(folder, device=args.device, dtype="bfloat16")
         report.step("model", folder=str(folder), reused=True)
         return pipe, folder
     pipe = build_pipeline(args.preset, None, args.device, "bfloat16")
-    save_pretrained(pipe.model, pipe.tokenizer, folder)
-    stamp.write_text(json.dumps({"preset": args.preset}))
+    model_folder(pipe, folder, args.preset)
     size_gb = sum(f.stat().st_size for f in folder.iterdir()) / 2**30
     report.step("model", folder=str(folder), reused=False, size_gb=round(size_gb, 2))
     return pipe, folder
