@@ -103,7 +103,7 @@ def reference_tokens(pipe, workload, new_tokens: int) -> tuple[list, list[list[i
     return prompts, tokens
 
 
-def api_checks(client, request, report: Report) -> None:
+def api_checks(client, request, report: Report, cancel_tokens: int = 1024) -> None:
     """Describe, chat (plain and streamed) and a bad request through `osprey serve`'s routes on the vLLM backend."""
     image_b64 = request.png_b64()
     boxes = request.boxes[:3]
@@ -124,6 +124,25 @@ def api_checks(client, request, report: Report) -> None:
     report.step("chat_stream", status=stream.status_code, chunks=len(lines), first=lines[:2], last=lines[-2:])
     bad = client.post("/v1/chat/completions", json={**chat_body, "regions": [{"box": boxes[0]}]})
     report.step("bad_request", status=bad.status_code, expected=400, body=_body(bad))
+    _cancel_check(client, chat_body, report, cancel_tokens)
+
+
+def _cancel_check(client, chat_body: dict, report: Report, max_tokens: int) -> None:
+    """A streamed chat closed after its first chunk: its row must leave the backend long before `max_tokens` tokens
+    (at 7B, 1,024 tokens take over 10 s; a cancelled row goes within about a second: the disconnect poll)."""
+    backend = client.app.state.engine.backend
+    started = time.perf_counter()
+    body = {**chat_body, "stream": True, "max_tokens": max_tokens}
+    with client.stream("POST", "/v1/chat/completions", json=body) as stream:
+        status = stream.status_code
+        next(stream.iter_lines())
+        live_at_close = backend.live_rows
+    closed = time.perf_counter()
+    while backend.live_rows and time.perf_counter() - closed < 30:
+        time.sleep(0.05)
+    report.step("cancel", status=status, max_tokens=max_tokens, live_rows_at_close=live_at_close,
+                live_rows_after=backend.live_rows,
+                freed_after_s=round(time.perf_counter() - closed, 2), first_chunk_s=round(closed - started, 2))
 
 
 def _body(response) -> object:
