@@ -20,6 +20,7 @@ import argparse
 import json
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -53,8 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="fewer waves for large M x I so one configuration stays short")
     parser.add_argument("--systems", nargs="+", default=["official", "engine", "server", "vllm", "vllm-osprey"],
                         choices=["official", "engine", "server", "vllm", "vllm-osprey"])
-    parser.add_argument("--vllm-folder", default="/tmp/osprey-bench/model",
-                        help="where vllm-osprey's model folder is written (the --model folder itself if given)")
+    parser.add_argument("--vllm-folder", default=None,
+                        help="where vllm-osprey's model folder is written (default: the one bench.vllm_osprey_check "
+                             "writes, /tmp/osprey-vllm-check/model-PRESET; the --model folder itself if given)")
     parser.add_argument("--vllm-memory", type=float, default=0.6, help="vllm-osprey: vLLM's share of the GPU")
     parser.add_argument("--official-regions", type=int, default=3, help="regions timed for the official flow")
     parser.add_argument("--max-rows", type=int, default=512, help="engine rows in flight (server --max-batch-size)")
@@ -82,8 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
                 from bench.serve_vllm import shutdown_llm_half
 
                 shutdown_llm_half()
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()  # blocks our engine's pools left cached count as used for vLLM
+                _wait_for_free_memory(args.vllm_memory)
             for workload in workloads:
                 results.append(_run(system, args, pipe, workload))
                 _write(args, _report(args, pipe, results))  # a run cut short keeps what it measured
@@ -91,6 +92,21 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         _plot(report, Path(args.out).with_suffix(".png"))
     return report
+
+
+def _wait_for_free_memory(share: float, timeout_s: float = 60.0) -> None:
+    """vLLM refuses to start unless `share` of the GPU is free: give the stopped engine's process time to exit, and
+    hand back the blocks our engine's pools left in torch's cache."""
+    if not torch.cuda.is_available():
+        return
+    torch.cuda.empty_cache()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        free, total = torch.cuda.mem_get_info()
+        if free >= share * total:
+            return
+        time.sleep(0.5)
+    print(f"warning: only {free / 2**30:.1f} GiB of the GPU are free; vLLM asks for {share * total / 2**30:.1f}")
 
 
 def _write(args: argparse.Namespace, report: dict) -> None:
@@ -120,7 +136,8 @@ def _run(system: str, args: argparse.Namespace, pipe, workload: Workload) -> Mea
     else:
         from bench.serve_vllm import model_folder, run_vllm_osprey
 
-        folder = Path(args.model) if args.model else model_folder(pipe, Path(args.vllm_folder), args.preset)
+        folder = Path(args.model) if args.model else model_folder(
+            pipe, Path(args.vllm_folder or f"/tmp/osprey-vllm-check/model-{args.preset}"), args.preset)
         m = run_vllm_osprey(folder, workload, args.new_tokens, args.vllm_memory)
     print(json.dumps(summarize(m)), flush=True)
     return m

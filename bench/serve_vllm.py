@@ -30,6 +30,7 @@ _ENGINE = None
 _LOOP: asyncio.AbstractEventLoop | None = None  # vLLM's async engine stays bound to the loop it first ran in
 _OSPREY = None  # the vllm-osprey backend (serve.vllm_osprey.backend.VllmBackend), started once
 PLUGIN_NAME, PLUGIN_TARGET = "osprey", "serve.vllm_osprey:register"
+STAMP = "random_weights.json"  # in a model folder written here: the preset whose seeded random weights it holds
 
 
 def vllm_available() -> bool:
@@ -156,7 +157,7 @@ def model_folder(pipe: OspreyPipeline, folder: Path, preset: str) -> Path:
     and written from the same seeded random weights is reused)."""
     from osprey.checkpoint import save_pretrained
 
-    stamp = folder / "bench_stamp.json"
+    stamp = folder / STAMP
     if stamp.is_file() and json.loads(stamp.read_text()).get("preset") == preset:
         return folder
     save_pretrained(pipe.model, pipe.tokenizer, folder)
@@ -183,7 +184,7 @@ def _osprey_backend(folder: Path, gpu_memory_utilization: float):
 
         ensure_plugin_entry_point(folder.parent)
         _OSPREY = VllmBackend(str(folder), VllmSize(gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=512,
-                                                    max_model_len=2048, max_regions=64))
+                                                    max_regions=64))
         _OSPREY.load()
     return _OSPREY
 

@@ -64,23 +64,17 @@ class Report:
 
 def build_folder(args: argparse.Namespace, report: Report):
     """(pipeline, folder): our pipeline on the device and the model folder vLLM reads, with the same weights."""
+    from bench.serve_vllm import STAMP, model_folder
     from bench.serve_workload import build_pipeline
-    from osprey.checkpoint import save_pretrained
     from osprey.inference import OspreyPipeline
 
-    if args.model:
-        pipe = OspreyPipeline.from_pretrained(args.model, device=args.device, dtype="bfloat16")
-        report.step("model", folder=args.model, reused=True)
-        return pipe, Path(args.model)
-    folder = Path(args.work) / f"model-{args.preset}"
-    stamp = folder / "check_stamp.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("preset") == args.preset:
+    folder = Path(args.model) if args.model else Path(args.work) / f"model-{args.preset}"
+    if args.model or (folder / STAMP).is_file() and json.loads((folder / STAMP).read_text()).get("preset") == args.preset:
         pipe = OspreyPipeline.from_pretrained(folder, device=args.device, dtype="bfloat16")
         report.step("model", folder=str(folder), reused=True)
         return pipe, folder
     pipe = build_pipeline(args.preset, None, args.device, "bfloat16")
-    save_pretrained(pipe.model, pipe.tokenizer, folder)
-    stamp.write_text(json.dumps({"preset": args.preset}))
+    model_folder(pipe, folder, args.preset)
     size_gb = sum(f.stat().st_size for f in folder.iterdir()) / 2**30
     report.step("model", folder=str(folder), reused=False, size_gb=round(size_gb, 2))
     return pipe, folder
@@ -109,15 +103,16 @@ def reference_tokens(pipe, workload, new_tokens: int) -> tuple[list, list[list[i
     return prompts, tokens
 
 
-def api_checks(client, request, report: Report) -> None:
+def api_checks(client, request, report: Report, cancel_tokens: int = 1024) -> None:
     """Describe, chat (plain and streamed) and a bad request through `osprey serve`'s routes on the vLLM backend."""
     image_b64 = request.png_b64()
     boxes = request.boxes[:3]
+    model = client.get("/v1/models").json()["data"][0]["id"]
     describe = client.post("/v1/regions/describe", json={
         "image": image_b64, "regions": [{"box": b} for b in boxes], "task": "short", "max_tokens": 16})
     report.step("describe", status=describe.status_code, body=_body(describe))
     chat_body = {
-        "model": "osprey", "max_tokens": 16, "temperature": 0,
+        "model": model, "max_tokens": 16, "temperature": 0,
         "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image_b64}"}},
             {"type": "text", "text": "What is <region1> next to <region2>?"}]}],
@@ -129,6 +124,25 @@ def api_checks(client, request, report: Report) -> None:
     report.step("chat_stream", status=stream.status_code, chunks=len(lines), first=lines[:2], last=lines[-2:])
     bad = client.post("/v1/chat/completions", json={**chat_body, "regions": [{"box": boxes[0]}]})
     report.step("bad_request", status=bad.status_code, expected=400, body=_body(bad))
+    _cancel_check(client, chat_body, report, cancel_tokens)
+
+
+def _cancel_check(client, chat_body: dict, report: Report, max_tokens: int) -> None:
+    """A streamed chat closed after its first chunk: its row must leave the backend long before `max_tokens` tokens
+    (at 7B, 1,024 tokens take over 10 s; a cancelled row goes within about a second: the disconnect poll)."""
+    backend = client.app.state.engine.backend
+    started = time.perf_counter()
+    body = {**chat_body, "stream": True, "max_tokens": max_tokens}
+    with client.stream("POST", "/v1/chat/completions", json=body) as stream:
+        status = stream.status_code
+        next(stream.iter_lines())
+        live_at_close = backend.live_rows
+    closed = time.perf_counter()
+    while backend.live_rows and time.perf_counter() - closed < 30:
+        time.sleep(0.05)
+    report.step("cancel", status=status, max_tokens=max_tokens, live_rows_at_close=live_at_close,
+                live_rows_after=backend.live_rows,
+                freed_after_s=round(time.perf_counter() - closed, 2), first_chunk_s=round(closed - started, 2))
 
 
 def _body(response) -> object:
@@ -240,10 +254,15 @@ def main(argv: list[str] | None = None) -> dict:
         report.data["parity"] = compare(ours, theirs, gaps)
         report.step("parity", equal_token_share=report.data["parity"]["equal_token_share"],
                     rows_identical=report.data["parity"]["rows_identical"], passed=report.data["parity"]["passed"])
-    backend.shutdown()
+    try:
+        backend.shutdown()
+    except Exception as exc:  # noqa: BLE001 (the report is written; a failing shutdown must not hide it)
+        report.step("shutdown", error=f"{type(exc).__name__}: {exc}")
     return report.data
 
 
 if __name__ == "__main__":
     data = main()
     print(json.dumps({k: v for k, v in data.items() if k != "steps"}, indent=2, default=str))
+    if not data["settings"]["build_only"] and not data.get("parity", {}).get("passed"):
+        raise SystemExit(1)  # vLLM did not start, or fewer than 99% of the tokens agree (the JSON says which)

@@ -176,7 +176,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             model=model, served_model_name=args.served_model_name, device=args.device, dtype=args.dtype,
             cpu_threads=args.cpu_threads,
             api_key=args.api_key or None, allow_image_urls=args.allow_image_urls,
-            max_batch_size=args.max_batch_size or 8, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
+            max_batch_size=8 if args.max_batch_size is None else args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
             image_cache_size=args.image_cache_size, request_timeout_s=args.request_timeout,
             max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
             max_regions=args.max_regions, max_tokens_limit=args.max_tokens_limit, kv_cache_gb=args.kv_cache_gb,
@@ -193,14 +193,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if args.host not in ("127.0.0.1", "localhost", "::1") and not config.api_key:
         log.warning("serving on %s without --api-key: anyone who can reach this port can use the model", args.host)
-    log.info("serving %s as %r on http://%s:%d", model, config.model_name, args.host, args.port)
-    log.info("playground: http://%s:%d/ui/", args.host, args.port)
     backend = _vllm_backend(args, config) if args.backend == "vllm" else None
     if args.backend == "vllm" and backend is None:
         return 2
+    log.info("serving %s as %r on http://%s:%d (%s)", model, config.model_name, args.host, args.port, args.backend)
+    log.info("playground: http://%s:%d/ui/", args.host, args.port)
     uvicorn.run(create_app(config, backend, segmenters=segmenters), host=args.host, port=args.port,
                 log_level=args.log_level,
                 timeout_graceful_shutdown=max(1, int(config.request_timeout_s)))
+    if backend is not None:
+        backend.shutdown()  # vLLM's engine processes
     return 0
 
 
@@ -214,7 +216,12 @@ def _vllm_backend(args: argparse.Namespace, config):
         return None
     from .vllm_osprey.backend import VllmBackend, VllmSize
 
-    size = VllmSize(gpu_memory_utilization=args.gpu_memory_utilization, max_num_seqs=args.max_batch_size or 256,
-                    max_regions=config.max_regions, dtype=args.dtype or "bfloat16", enforce_eager=args.enforce_eager,
-                    tensor_parallel_size=args.tensor_parallel_size)
+    try:
+        size = VllmSize(gpu_memory_utilization=args.gpu_memory_utilization,
+                        max_num_seqs=256 if args.max_batch_size is None else args.max_batch_size,
+                        max_regions=config.max_regions, dtype=args.dtype or "bfloat16",
+                        enforce_eager=args.enforce_eager, tensor_parallel_size=args.tensor_parallel_size)
+    except ValueError as exc:
+        print(f"osprey serve: {exc}", file=sys.stderr)
+        return None
     return VllmBackend(config.model, size)

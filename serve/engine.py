@@ -557,7 +557,8 @@ class Engine:
                 tokens += event.token_id is not None
                 self._on_event(live, event)
         self.metrics.set("running", self.backend.live_rows)
-        self.metrics.batch_done(len(events), tokens, time.perf_counter() - started)
+        if events:  # an asynchronous backend (vLLM) may have had nothing new within its wait
+            self.metrics.batch_done(len(events), tokens, time.perf_counter() - started)
 
     def _on_event(self, live: _Live, event: StreamEvent) -> None:
         if event.finish_reason == "error":  # the backend failed this row alone (vLLM: its request failed)

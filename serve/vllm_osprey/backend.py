@@ -56,6 +56,13 @@ class VllmSize:
     enforce_eager: bool = False  # True: no CUDA graphs / compilation (faster start, slower decoding)
     tensor_parallel_size: int = 1
 
+    def __post_init__(self) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        for name in ("max_num_seqs", "max_regions", "tensor_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
 
 @dataclass(frozen=True)
 class VllmImage:

@@ -43,7 +43,7 @@ from .prompts import (
     weight_target,
 )
 
-LEVEL_CACHE_IMAGES = 64  # feature maps kept (Osprey-7B: ~20 MB per image in bf16)
+LEVEL_CACHE_IMAGES = 64  # feature maps kept (Osprey-7B at 512 px: ~12 MB per image in bf16, outside vLLM's memory plan)
 
 
 def _items(value: torch.Tensor | list[torch.Tensor]) -> list[torch.Tensor]:

@@ -211,15 +211,16 @@ class OspreyMultiModalProcessor(BaseMultiModalProcessor[OspreyProcessingInfo]):
         return cached, key_to_ints(key)
 
     def _apply_hf_processor_tokens_only(self, prompt_tokens: list[int]) -> list[int]:
-        """Token prompts from our backend already hold our ids. Token prompts from vLLM's own renderer (its chat
-        template and tokenizer) hold no image placeholder id: their text is tokenized again the official way."""
-        config = self.info.osprey_config
-        if image_placeholder_id(config) in prompt_tokens or self.info.ctx.tokenizer is None:
-            return prompt_tokens
+        """Without a vLLM tokenizer (our backend runs vLLM with skip_tokenizer_init) the ids are ours already. With
+        one (vLLM's own server: its chat template and tokenizer made them), their text is tokenized again the
+        official way, so the LLM sees the ids our engine would."""
         tokenizer = self.info.ctx.tokenizer
+        if tokenizer is None:
+            return prompt_tokens
         bos = getattr(tokenizer, "bos_token_id", None)
         body = prompt_tokens[1:] if prompt_tokens and prompt_tokens[0] == bos else prompt_tokens
-        return text_prompt_ids(self.info.osprey_tokenizer, config, tokenizer.decode(body, skip_special_tokens=False))
+        text = tokenizer.decode(body, skip_special_tokens=False)
+        return text_prompt_ids(self.info.osprey_tokenizer, self.info.osprey_config, text)
 
     def _hf_processor_applies_updates(self, prompt_text, mm_items, hf_processor_mm_kwargs,
                                       tokenization_kwargs) -> bool:

@@ -1,0 +1,380 @@
+"""The vLLM model of Osprey (serve/vllm_osprey): what runs without vLLM (prompt ids and placeholder expansion, region
+binding and prefix keying, the weight-name routing through osprey.checkpoint's one map, the backend's prompt checks
+and its token->event translation), then vLLM's own processing and prefix-block hashing (skipped without vLLM) and
+the model's embeddings against our pipeline's (a GPU with vLLM)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from osprey.checkpoint import from_official, to_official
+from osprey.engine.session import StreamEvent
+from osprey.prompts import REGION_PLACEHOLDER, task_prompt
+from serve.vllm_osprey.backend import VllmBackend, _Delta
+from serve.vllm_osprey.prompts import (
+    REGION_MODALITY,
+    RegionItem,
+    check_region_count,
+    expand_prompt,
+    expanded_length,
+    generation_prompt_ids,
+    image_content_key,
+    image_placeholder_id,
+    prefix_length,
+    region_items,
+    weight_target,
+)
+
+SHORT = [("human", task_prompt("short"))]
+TWO_REGIONS = [("human", f"<image>\nWhat is {REGION_PLACEHOLDER} next to {REGION_PLACEHOLDER}?")]
+
+
+def _image(seed: int, height: int = 48, width: int = 64) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+def _masks(count: int, height: int = 48, width: int = 64) -> np.ndarray:
+    masks = np.zeros((count, height, width), bool)
+    for q in range(count):
+        masks[q, 4 * q:4 * q + 10, 3 * q:3 * q + 20] = True
+    return masks
+
+
+@pytest.fixture(scope="module")
+def backend(tiny_model_dir):
+    """The backend before `load` (vLLM is only started by load): its prompt preparation runs on its own."""
+    return VllmBackend(str(tiny_model_dir))
+
+
+# -- prompts ------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("turns", [SHORT, TWO_REGIONS])
+def test_expanded_prompt_equals_our_engines_ids(tiny_pipeline, turns):
+    """One image placeholder, expanded as vLLM's processor does, gives exactly our engine's ids (-200 = placeholder)."""
+    config = tiny_pipeline.config
+    ids = generation_prompt_ids(tiny_pipeline.tokenizer, config, turns)
+    assert ids.count(image_placeholder_id(config)) == 1
+    expanded = expand_prompt(ids, config)
+    ours = tiny_pipeline._prompt_ids(turns).tolist()
+    assert [config.image_token_id if t == image_placeholder_id(config) else t for t in expanded] == ours
+    assert expanded_length(ids, config) == len(ours)
+    assert expanded.count(config.mask_token_id) == expanded.count(config.pos_token_id) == turns[0][1].count("<mask>")
+
+
+def test_image_placeholder_is_outside_the_table_and_distinct(tiny_pipeline):
+    config = tiny_pipeline.config
+    placeholder = image_placeholder_id(config)
+    assert placeholder >= config.vocab_size
+    assert placeholder not in (config.mask_token_id, config.pos_token_id)
+
+
+def test_prompt_checks_name_the_problem(tiny_pipeline):
+    config, tokenizer = tiny_pipeline.config, tiny_pipeline.tokenizer
+    with pytest.raises(ValueError, match="no <image> placeholder"):
+        generation_prompt_ids(tokenizer, config, [("human", "What is <mask><pos>?")])
+    with pytest.raises(ValueError, match="more than one <image>"):
+        generation_prompt_ids(tokenizer, config, [("human", "<image>\n<image>\nWhat is <mask><pos>?")])
+    ids = generation_prompt_ids(tokenizer, config, TWO_REGIONS)
+    check_region_count(ids, config, 2)
+    with pytest.raises(ValueError, match="references 2 regions .* but 3 masks"):
+        check_region_count(ids, config, 3)
+    lone_mask = generation_prompt_ids(tokenizer, config, [("human", "<image>\nWhat is <mask> here?")])
+    with pytest.raises(ValueError, match="followed by exactly one <pos>"):
+        check_region_count(lone_mask, config, 1)
+
+
+# -- prefix keying ----------------------------------------------------------------------------------------------
+def test_region_slots_follow_every_image_slot_and_the_shared_prefix(tiny_pipeline):
+    """vLLM keys a KV block by its ids and the items whose slots it holds: every block before the first region slot
+    holds only the image's slots and text, the same for every region of one image."""
+    config = tiny_pipeline.config
+    expanded = expand_prompt(generation_prompt_ids(tiny_pipeline.tokenizer, config, SHORT), config)
+    split = prefix_length(expanded, config)
+    image_slots = [i for i, t in enumerate(expanded) if t == image_placeholder_id(config)]
+    assert len(image_slots) == config.vision.num_image_tokens
+    assert max(image_slots) < split and expanded[split] == config.mask_token_id
+    assert split == tiny_pipeline._prefix_length(tiny_pipeline._prompt_ids(SHORT))
+
+
+def test_image_key_ignores_masks_and_region_items_name_their_image():
+    """The image item is the image alone (its hash cannot depend on the masks); a region item is its mask AND its
+    image (vLLM's encoder cache is keyed by item hash, and one mask on two images has two embeddings)."""
+    image, other = _image(0), _image(1)
+    masks = _masks(2)
+    first, second = region_items(image, masks)
+    assert image_content_key(image) == image_content_key(_image(0)) != image_content_key(other)
+    assert first.image is second.image is image
+    assert not np.array_equal(first.mask, second.mask)
+    on_other = region_items(other, masks[:1])[0]
+    assert np.array_equal(on_other.mask, first.mask) and on_other.image is not first.image
+    assert set(first.as_data()) == {"mask", "image"}
+    assert RegionItem.from_data(first.as_data()) == first
+    with pytest.raises(ValueError, match="match the image"):
+        region_items(image, _masks(1, 20, 20))
+
+
+# -- weights ------------------------------------------------------------------------------------------------------
+def test_every_folder_key_has_a_place_through_the_shared_map(tiny_model_dir, tiny_pipeline):
+    state = load_file(str(tiny_model_dir / "model.safetensors"))
+    ours = dict(tiny_pipeline.model.state_dict())
+    parts = set()
+    for name in state:
+        target = weight_target(name)
+        mapped = "language_model." + target.name if target.in_language_model else target.name
+        assert mapped == from_official(name) and mapped in ours, name
+        assert to_official(mapped) == name
+        parts.add(mapped.split(".")[0])
+    assert parts == {"vision_tower", "mm_projector", "mask_extractor", "language_model"}
+    assert len(state) == len(ours)
+
+
+def test_legacy_layer_scale_names_reach_gamma():
+    legacy = "model.vision_tower.vision_tower.visual.trunk.stages.1.blocks.2.weight"
+    assert weight_target(legacy).name == "vision_tower.vision_tower.visual.trunk.stages.1.blocks.2.gamma"
+    assert weight_target("model.layers.0.self_attn.q_proj.weight").in_language_model
+    assert weight_target("lm_head.weight").name == "lm_head.weight"
+
+
+# -- the backend without vLLM -------------------------------------------------------------------------------------
+def test_backend_prepares_our_pipelines_prompts(backend, tiny_pipeline):
+    image = _image(2)
+    masks = _masks(3)
+    encoded = backend.encode_image(image)
+    rows = backend.prepare_each(encoded, SHORT, masks)
+    reference = tiny_pipeline.prepare_each(tiny_pipeline.encode_image(image), SHORT, masks)
+    assert [r.num_tokens for r in rows] == [p.num_tokens for p in reference]
+    assert all(np.array_equal(r.masks[0], m) for r, m in zip(rows, masks))
+    chat = backend.prepare(encoded, TWO_REGIONS, masks[:2])
+    assert chat.num_tokens == tiny_pipeline.prepare(tiny_pipeline.encode_image(image), TWO_REGIONS, masks[:2]).num_tokens
+
+
+def test_backend_refuses_what_the_pipeline_refuses(backend):
+    encoded = backend.encode_image(_image(3))
+    with pytest.raises(ValueError, match="references 2 regions .* but 1 masks"):
+        backend.prepare(encoded, TWO_REGIONS, _masks(1))
+    with pytest.raises(ValueError, match="to match the image"):
+        backend.prepare(encoded, TWO_REGIONS, _masks(2, 10, 10))
+    with pytest.raises(ValueError, match="references 2 regions .* but 1 masks"):
+        backend.prepare_each(encoded, TWO_REGIONS, _masks(3))
+
+
+def test_backend_turns_vllm_tokens_into_our_events(tiny_model_dir):
+    """Token deltas -> text events: EOS ends a row without a token, a stop string ends it early, vLLM's reasons map
+    to ours, a failed request is an "error" row (the server answers that request 500)."""
+    from osprey.engine.text import TextStream
+
+    backend = VllmBackend(str(tiny_model_dir))
+    tokenizer, eos = backend.tokenizer, backend.eos_token_id
+    words = tokenizer("a red car", add_special_tokens=False)["input_ids"]
+
+    def start(row_id: int, stop: tuple[str, ...] = ()) -> None:
+        from serve.vllm_osprey.backend import _Row
+
+        backend._rows[row_id] = _Row(TextStream(tokenizer, stop))
+
+    start(0)
+    events = backend._to_events(_Delta(0, words[:1]))
+    events += backend._to_events(_Delta(0, [*words[1:], eos], "stop"))
+    assert "".join(e.text_delta for e in events).strip() == "a red car"
+    assert [e.token_id for e in events] == words and events[-1] == StreamEvent(0, events[-1].text_delta, words[-1],
+                                                                                True, "stop")
+    assert not backend.has_work
+
+    start(1, stop=("red",))
+    events = backend._to_events(_Delta(1, words))
+    assert events[-1].finished and events[-1].finish_reason == "stop"
+    assert "red" not in "".join(e.text_delta for e in events)
+    assert 1 not in backend._rows
+
+    start(2)
+    assert backend._to_events(_Delta(2, words, "length"))[-1].finish_reason == "length"
+    start(3)
+    assert backend._to_events(_Delta(3, [], "abort"))[-1].finish_reason == "cancelled"
+    start(4)
+    failed = backend._to_events(_Delta(4, [], "error", error="RuntimeError: boom"))
+    assert failed == [StreamEvent(4, "", None, True, "error")]
+    start(5)
+    backend.cancel(5)
+    assert backend._to_events(_Delta(5, words)) == []  # a cancelled row's late tokens are dropped
+
+
+# -- vLLM's own processing (needs vLLM) ---------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def vllm_processor(tiny_model_dir):
+    pytest.importorskip("vllm")
+    import serve.vllm_osprey as plugin
+
+    plugin.register()
+    from vllm.config import ModelConfig
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    import serve.vllm_osprey.model  # noqa: F401  (registers the processor with vLLM's multimodal registry)
+
+    config = ModelConfig(model=str(tiny_model_dir), skip_tokenizer_init=True, dtype="float32")
+    return MULTIMODAL_REGISTRY.create_processor(config)
+
+
+def _process(processor, ids, image, masks=None, **kwargs):
+    from vllm.multimodal.processing import ProcessorInputs, TimingContext
+
+    data = {"image": image} if masks is None else {"image": image, REGION_MODALITY: masks}
+    inputs = ProcessorInputs(ids, processor.info.parse_mm_data(data), hf_processor_mm_kwargs=kwargs)
+    return processor.apply(inputs, TimingContext(enabled=False))
+
+
+def test_vllm_processor_expands_and_keys_items(vllm_processor, tiny_pipeline):
+    config = tiny_pipeline.config
+    ids = generation_prompt_ids(tiny_pipeline.tokenizer, config, SHORT)
+    image, masks = _image(4), _masks(2)
+    first = _process(vllm_processor, ids, image, masks[:1])
+    second = _process(vllm_processor, ids, image, masks[1:])
+    assert first["prompt_token_ids"] == expand_prompt(ids, config) == second["prompt_token_ids"]
+    (image_range,) = first["mm_placeholders"]["image"]
+    (region_range,) = first["mm_placeholders"][REGION_MODALITY]
+    assert (image_range.length, region_range.length) == (config.vision.num_image_tokens, 2)
+    assert region_range.offset == prefix_length(first["prompt_token_ids"], config)
+    assert first["mm_hashes"]["image"] == second["mm_hashes"]["image"]  # masks never reach the image's hash
+    assert first["mm_hashes"][REGION_MODALITY] != second["mm_hashes"][REGION_MODALITY]
+    on_other = _process(vllm_processor, ids, _image(5), masks[:1])
+    assert on_other["mm_hashes"][REGION_MODALITY] != first["mm_hashes"][REGION_MODALITY]
+    from_kwargs = _process(vllm_processor, ids, image, regions=[{"box": [3, 0, 20, 10]}])
+    assert from_kwargs["mm_hashes"]["image"] == first["mm_hashes"]["image"]
+    with pytest.raises(ValueError, match="references 1 regions .* but 2 masks"):
+        _process(vllm_processor, ids, image, masks)
+
+
+def test_vllm_prefix_blocks_are_shared_by_the_regions_of_one_image(vllm_processor, tiny_pipeline):
+    """vLLM's own block hasher over two requests with the same image and different masks: every full block before
+    the first region slot hashes the same, the block holding the region slot differs."""
+    from vllm import SamplingParams
+    from vllm.multimodal.inputs import MultiModalFeatureSpec
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+
+    config = tiny_pipeline.config
+    ids = generation_prompt_ids(tiny_pipeline.tokenizer, config, SHORT)
+    init_none_hash(sha256)
+    block = 16
+    hashes = []
+    for index, masks in enumerate((_masks(2)[:1], _masks(2)[1:])):
+        out = _process(vllm_processor, ids, _image(6), masks)
+        features = [MultiModalFeatureSpec(data=None, modality=m, identifier=h, mm_position=r, mm_hash=h)
+                    for m in ("image", REGION_MODALITY)
+                    for h, r in zip(out["mm_hashes"][m], out["mm_placeholders"][m])]
+        request = Request(f"r{index}", out["prompt_token_ids"], SamplingParams(max_tokens=1), None,
+                          mm_features=features, block_hasher=get_request_block_hasher(block, sha256))
+        hashes.append(list(request.block_hashes))
+    split = prefix_length(expand_prompt(ids, config), config)
+    shared = split // block
+    assert shared >= 1 and hashes[0][:shared] == hashes[1][:shared]
+    assert hashes[0][shared] != hashes[1][shared]
+
+
+# -- the model on a GPU (needs vLLM) ------------------------------------------------------------------------------
+@pytest.mark.gpu
+def test_vllm_model_embeddings_equal_our_pipelines(vllm_processor, tiny_model_dir, tiny_pipeline):
+    """The vLLM model built by vLLM's config, loaded through load_weights: 0 missing weights; image and region
+    embeddings and the merged input embeddings equal our pipeline's (fp32)."""
+    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+    from vllm.distributed import init_distributed_environment, initialize_model_parallel
+
+    from serve.vllm_osprey.model import OspreyVllmForCausalLM
+
+    vllm_config = VllmConfig(model_config=ModelConfig(model=str(tiny_model_dir), skip_tokenizer_init=True,
+                                                      dtype="float32"))
+    with set_current_vllm_config(vllm_config):
+        init_distributed_environment(1, 0, "tcp://127.0.0.1:29573", 0, backend="gloo")
+        initialize_model_parallel(1, 1)
+        model = OspreyVllmForCausalLM(vllm_config=vllm_config).to("cuda")
+    loaded = model.load_weights(load_file(str(tiny_model_dir / "model.safetensors")).items())
+    assert {n for n, _ in model.named_parameters()} == loaded
+
+    config, image, masks = tiny_pipeline.config, _image(7), _masks(3)
+    three = "<image>\nA <mask><pos> B <mask><pos> C <mask><pos>"
+    ids = generation_prompt_ids(tiny_pipeline.tokenizer, config, [("human", three)])
+    out = _process(vllm_processor, ids, image, masks)
+
+    def field(modality):
+        items = out["mm_kwargs"][modality]
+        return {k: [item[k].data.to("cuda") for item in items] for k in items[0]}
+
+    with torch.inference_mode():
+        image_embeds = model.embed_multimodal(**field("image"))
+        region_embeds = model.embed_multimodal(**field(REGION_MODALITY))
+    encoded = tiny_pipeline.encode_image(image)
+    mask_tokens, pos_tokens = tiny_pipeline.region_tokens(encoded, masks)
+    torch.testing.assert_close(image_embeds[0].cpu(), encoded.tokens)
+    torch.testing.assert_close(torch.stack(region_embeds)[:, 0].cpu(), mask_tokens)
+    torch.testing.assert_close(torch.stack(region_embeds)[:, 1].cpu(), pos_tokens)
+
+
+# -- vLLM's own server --------------------------------------------------------------------------------------------
+def test_chat_template_renders_our_inference_conversation():
+    """`vllm serve --chat-template serve/vllm_osprey/chat_template.jinja` renders what osprey.prompts renders."""
+    from pathlib import Path
+
+    import jinja2
+
+    from osprey.prompts import TEMPLATES
+
+    template = jinja2.Environment().from_string(
+        (Path(__file__).parents[1] / "serve" / "vllm_osprey" / "chat_template.jinja").read_text())
+    turns = [("human", "<image>\nWhat is <mask><pos>?"), ("gpt", "a dog"), ("human", "And <mask><pos>?")]
+    messages = [{"role": "user" if role == "human" else "assistant", "content": text} for role, text in turns]
+    assert template.render(messages=messages, add_generation_prompt=True) == TEMPLATES["infer"].render(
+        [*turns, ("gpt", None)])
+    parts = [{"role": "user", "content": [{"type": "text", "text": "<image>\nWhat is <mask><pos>?"}]}]
+    assert template.render(messages=parts, add_generation_prompt=True) == TEMPLATES["infer"].render(
+        [turns[0], ("gpt", None)])
+
+
+def test_serve_backend_vllm_says_what_is_missing(tiny_model_dir, capsys):
+    """Without vLLM, `osprey serve --backend vllm` names the extra and exits 2 before binding a port; bad vLLM
+    settings are refused by name."""
+    import argparse
+    import importlib.util
+
+    from serve import cli
+    from serve.vllm_osprey.backend import VllmSize
+
+    parser = argparse.ArgumentParser(prog="osprey")
+    cli.register(parser.add_subparsers(dest="command", required=True))
+    if importlib.util.find_spec("vllm") is None:
+        args = parser.parse_args(["serve", "--model", str(tiny_model_dir), "--backend", "vllm"])
+        assert args.func(args) == 2
+        err = capsys.readouterr().err
+        assert "osprey-regions[vllm]" in err and "docs/vllm.md" in err
+    with pytest.raises(ValueError, match="gpu_memory_utilization"):
+        VllmSize(gpu_memory_utilization=1.5)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        VllmSize(max_num_seqs=0)
+
+
+def test_gpu_check_requests_are_valid_on_our_engine(tiny_model_dir, tmp_path):
+    """bench/vllm_osprey_check.py's API requests, sent to the same server on our engine (CPU, tiny model): describe,
+    chat and the streamed chat answer 200, the bad request gets its 400. On the GPU the same requests go to vLLM."""
+    import json
+
+    from fastapi.testclient import TestClient
+
+    from bench.serve_workload import make_workload
+    from bench.vllm_osprey_check import Report, api_checks
+    from serve.app import create_app
+    from serve.config import ServeConfig
+
+    report = Report(str(tmp_path))
+    app = create_app(ServeConfig(model=str(tiny_model_dir), max_regions=64))
+    with TestClient(app) as client:
+        while client.get("/health").status_code != 200:
+            assert app.state.engine.load_error is None
+        api_checks(client, make_workload(1, 3, 1, seed=7).clients[0][0], report, cancel_tokens=256)
+    steps = json.loads(report.path.read_text())["steps"]
+    assert [steps[s]["status"] for s in ("describe", "chat", "chat_stream", "bad_request")] == [200, 200, 200, 400]
+    assert len(steps["describe"]["body"]["results"]) == 3
+    assert steps["chat_stream"]["last"][-1] == "data: [DONE]"
+    assert steps["cancel"]["status"] == 200 and steps["cancel"]["live_rows_after"] == 0
