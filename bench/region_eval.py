@@ -11,6 +11,9 @@ Per model, greedy decoding, every question teacher-forced on the ground-truth hi
 - positive/negative: the yes/no questions of `stage3_pos_neg`, overall and by what they ask about
   (`pos_neg:colour`, `pos_neg:position`, `pos_neg:object`, ...), with the share answered "yes"
   (`pos_neg:answered_yes`) beside the share whose truth is yes (`pos_neg:truth_yes`).
+- wordings (`--wordings FILE`): the category asked in each of the file's wordings (one per line, `<region>` for the
+  region; sent as `osprey serve` sends a custom question), `wording:<i>` per line of the file and `wording:all`;
+  an answer counts when it is the category after normalisation, a leading article dropped.
 Each accuracy is also given for regions whose box overlaps another region's box (IoU > 0) and for regions that
 share their box with another region (IoU >= 0.9): there the box cannot tell the regions apart, the mask can.
 """
@@ -121,7 +124,41 @@ def category_scores(record, answers: list[str]) -> list[tuple[bool, tuple[bool, 
     return [(normalise(answers[k - 1]) == normalise(label), flags[k - 1]) for k, label in region_descriptions(record)]
 
 
-def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: int) -> dict:
+def read_wordings(path: Path) -> list[str]:
+    """The questions of a wordings file (blank lines and `#` comments skipped); each must name `<region>`."""
+    from osprey.prompts import CUSTOM_REGION_TAG
+
+    wordings = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and not line.lstrip().startswith("#")]
+    bad = [w for w in wordings if CUSTOM_REGION_TAG not in w]
+    if not wordings or bad:
+        raise ValueError(f"{path}: every wording must contain {CUSTOM_REGION_TAG} (and there must be one): {bad[:1]}")
+    return wordings
+
+
+def without_article(text: str) -> str:
+    return re.sub(r"^(a|an|the) ", "", normalise(text))
+
+
+def wording_scores(pipe, data: Path, records: list, wordings: list[str], params, tally: Tally) -> None:
+    """The category of every region of `records` asked in each wording (`wording:<i>`, `wording:all`)."""
+    from osprey.data.records import record_masks
+    from osprey.data.samples import region_descriptions
+
+    for record in tqdm(records, desc="wordings", leave=False):
+        masks = record_masks(record)
+        encoded = pipe.encode_image(data / record.file_name)
+        labels = dict(region_descriptions(record))
+        for index, wording in enumerate(wordings):
+            answers = pipe.describe(encoded, masks, task=wording, params=params)
+            for k, answer in enumerate(answers, start=1):
+                correct = without_article(answer.text) == normalise(labels[k])
+                tally.add(f"wording:{index}", correct)
+                tally.add("wording:all", correct)
+
+
+def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: int,
+             wordings: list[str] | None = None, only_wordings: bool = False, wordings_limit: int | None = None) -> dict:
     from osprey.data.records import record_masks
     from osprey.data.samples import build_sample, region_descriptions
     from osprey.inference import SamplingParams
@@ -129,6 +166,11 @@ def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: in
     params = SamplingParams(max_new_tokens=max_new_tokens)
     tally = Tally()
     rng = np.random.default_rng(0)
+    if wordings:
+        records = list(split_records(data, split, "stage2_categories", wordings_limit or limit))
+        wording_scores(pipe, data, records, wordings, params, tally)
+        if only_wordings:
+            return tally.result()
     for record in tqdm(list(split_records(data, split, "stage2_categories", limit)), desc="category", leave=False):
         masks = record_masks(record)
         answers = pipe.describe(data / record.file_name, masks, task="category", params=params)
@@ -195,7 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="records per sub-set")
     parser.add_argument("--device", default=None)
     parser.add_argument("--max-new-tokens", type=int, default=12)
+    parser.add_argument("--wordings", type=Path, default=None,
+                        help="also ask the category in each wording of this file (e.g. bench/category_wordings.txt)")
+    parser.add_argument("--only-wordings", action="store_true", help="with --wordings: skip the other sub-sets")
+    parser.add_argument("--wordings-limit", type=int, default=None, help="records asked in every wording "
+                                                                          "(default: --limit)")
     args = parser.parse_args(argv)
+    try:
+        wordings = read_wordings(args.wordings) if args.wordings else None
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
 
     from osprey.data.provenance import training_overlap
     from osprey.inference import OspreyPipeline
@@ -211,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
         if contamination:
             print(f"warning: {name}: {contamination}", file=sys.stderr, flush=True)
             warnings[name] = contamination
-        results[name] = evaluate(pipe, args.data, args.split, args.limit, args.max_new_tokens)
+        results[name] = evaluate(pipe, args.data, args.split, args.limit, args.max_new_tokens, wordings,
+                                 args.only_wordings, args.wordings_limit)
         print(name, json.dumps({k: round(v["accuracy"], 4) for k, v in results[name].items()}), flush=True)
     write_atomic(args.out / "region_eval.json", json.dumps(results, indent=2) + "\n")
     write_atomic(args.out / "region_eval.md", markdown(results, warnings))

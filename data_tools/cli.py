@@ -90,7 +90,12 @@ def _register_convert(data_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output records file (.json list or .jsonl)")
     p.add_argument("--seed", type=int, default=None, help="region shuffle seed (default 0)")
     p.add_argument("--max-regions", type=int, default=None,
-                   help="regions per record (default: coco 20, others 15, panoptic all; 0 = all)")
+                   help="regions per record (default: coco 20 (attribute tasks 15), others 15, panoptic all; 0 = all)")
+    p.add_argument("--task", default=None, choices=["categories", "short_answer", "label_list", "yes_no"],
+                   help="coco: what the records ask (default categories; the others ask about each annotation's "
+                        "`attributes` and the --labels CSV: stage-3 data, docs/finetune.md)")
+    p.add_argument("--labels", default=None, metavar="CSV",
+                   help="coco attribute tasks: a CSV with columns id (annotation id) and labels (';'-separated)")
     p.add_argument("--split", default=None, help="refcoco: split to convert (default train)")
     p.add_argument("--source", default=None, help="refcoco: dataset name stored in records (default: folder name)")
     p.add_argument("--kind", default=None, choices=["all", "part", "object"], help="paco: which annotations")
@@ -106,7 +111,7 @@ def _register_convert(data_subparsers: argparse._SubParsersAction) -> None:
 def _cmd_convert(args: argparse.Namespace) -> int:
     from data_tools.converters import convert_to_file
 
-    options = {k: getattr(args, k) for k in ("seed", "max_regions", "split", "source", "kind", "style",
+    options = {k: getattr(args, k) for k in ("task", "labels", "seed", "max_regions", "split", "source", "kind", "style",
                                              "png_dir", "include_crowd")}
     try:
         stats = convert_to_file(args.format, args.inputs, args.out, progress=not args.no_progress, **options)

@@ -35,8 +35,11 @@ class Format:
 
 
 FORMATS: dict[str, Format] = {
-    "coco": Format("data_tools.converters.instances:convert_coco", ("instances_*.json",), ("seed", "max_regions"),
-                   "COCO instances: category answers, regions shuffled and capped at 20"),
+    "coco": Format("data_tools.converters.instances:convert_coco", ("instances_*.json",),
+                   ("task", "labels", "seed", "max_regions"),
+                   "COCO instances: category answers, regions shuffled and capped at 20; --task short_answer, "
+                   "label_list or yes_no: questions about each annotation's `attributes` and --labels CSV "
+                   "(stage 3, capped at 15)"),
     "refcoco": Format("data_tools.converters.refcoco:convert_refcoco", ("refs(unc|umd|google).p", "instances.json"),
                       ("split", "seed", "max_regions", "source"),
                       "RefCOCO / RefCOCO+ / RefCOCOg: referring-expression answers, one split, capped at 15"),

@@ -28,14 +28,27 @@ from data_tools.converters.common import (
 from osprey.data.records import Record, parse_record
 
 
-def convert_coco(instances: str, *, seed: int = 0, max_regions: int | None = 20,
-                 stats: ConvertStats | None = None, progress: bool = True) -> Iterator[Record]:
-    """`instances_*.json` -> records answering each region's COCO category name."""
+def convert_coco(instances: str, *, task: str = "categories", labels: str | None = None, seed: int = 0,
+                 max_regions: int | None = None, stats: ConvertStats | None = None,
+                 progress: bool = True) -> Iterator[Record]:
+    """`instances_*.json` -> records answering each region's COCO category name (`task` "categories", capped at
+    20 regions), or, for the other tasks, stage-3 questions about the annotations' `attributes` and the `labels`
+    CSV (`data_tools.converters.attributes`, capped at 15: stage 3 skips records with more)."""
+    if task != "categories":
+        from data_tools.converters.attributes import convert_coco_attributes
+
+        yield from convert_coco_attributes(instances, task, labels=labels, seed=seed,  # type: ignore[arg-type]
+                                           max_regions=15 if max_regions is None else max_regions, stats=stats,
+                                           progress=progress)
+        return
+    if labels is not None:
+        raise ValueError("--labels is for the attribute tasks (short_answer, label_list, yes_no), not categories")
     data = load_json(instances)
     categories = {c["id"]: c for c in data["categories"]}
     yield from _instance_records(
         data, "coco", lambda ann: categories[ann["category_id"]]["name"], CATEGORY_INSTRUCTION,
-        categories=categories, seed=seed, max_regions=max_regions, stats=stats or ConvertStats(), progress=progress,
+        categories=categories, seed=seed, max_regions=20 if max_regions is None else max_regions,
+        stats=stats or ConvertStats(), progress=progress,
     )
 
 
@@ -86,11 +99,9 @@ def _image_file_name(image: Mapping[str, Any]) -> str:
     raise KeyError(f"image {image.get('id')} has neither 'file_name' nor 'coco_url'")
 
 
-def _instance_records(
+def chosen_regions(
     data: Mapping[str, Any],
     source: str,
-    answer: Callable[[Mapping[str, Any]], str],
-    instruction: str,
     *,
     categories: Mapping[int, Mapping[str, Any]],
     seed: int,
@@ -98,7 +109,9 @@ def _instance_records(
     stats: ConvertStats,
     progress: bool,
     keep: Callable[[Mapping[str, Any]], bool] = lambda ann: True,
-) -> Iterator[Record]:
+) -> Iterator[tuple[Mapping[str, Any], list[Mapping[str, Any]]]]:
+    """(image, its usable annotations shuffled with a per-image seed and capped) per image with any; crowd,
+    unknown-category and undecodable annotations are skipped and counted."""
     anns_by_image = group_by(data["annotations"], "image_id")
     for image in tqdm(data["images"], desc=f"convert {source}", unit="img", disable=not progress):
         stats.images += 1
@@ -120,28 +133,52 @@ def _instance_records(
         if not usable:
             stats.skip("no usable regions", f"image {image['id']}")
             continue
-        chosen = shuffled_capped(usable, max_regions, random.Random(f"{seed}:{image['id']}"))
-        regions = [
-            {
-                "segmentation": ann["segmentation"],
-                "bbox": ann["bbox"],
-                "category_id": ann["category_id"],
-                "category_name": categories[ann["category_id"]]["name"],
-                "ann_id": ann.get("id"),
-                **({"synonyms": categories[ann["category_id"]]["synonyms"]}
-                   if "synonyms" in categories[ann["category_id"]] else {}),
-            }
-            for ann in chosen
-        ]
-        record = parse_record({
-            "id": image["id"],
-            "file_name": _image_file_name(image),
-            "height": height,
-            "width": width,
-            "annotation": regions,
-            "conversations": one_turn_per_region(instruction, [answer(ann) for ann in chosen]),
-            "source": source,
-        })
+        yield image, shuffled_capped(usable, max_regions, random.Random(f"{seed}:{image['id']}"))
+
+
+def region_entry(ann: Mapping[str, Any], categories: Mapping[int, Mapping[str, Any]]) -> dict[str, Any]:
+    """The record's region for a COCO annotation: its segmentation and box as they are, category, source id."""
+    category = categories[ann["category_id"]]
+    return {
+        "segmentation": ann["segmentation"],
+        "bbox": ann["bbox"],
+        "category_id": ann["category_id"],
+        "category_name": category["name"],
+        "ann_id": ann.get("id"),
+        **({"synonyms": category["synonyms"]} if "synonyms" in category else {}),
+    }
+
+
+def image_record(image: Mapping[str, Any], regions: list[dict[str, Any]], conversations: list[dict[str, str]],
+                 source: str) -> Record:
+    return parse_record({
+        "id": image["id"],
+        "file_name": _image_file_name(image),
+        "height": int(image["height"]),
+        "width": int(image["width"]),
+        "annotation": regions,
+        "conversations": conversations,
+        "source": source,
+    })
+
+
+def _instance_records(
+    data: Mapping[str, Any],
+    source: str,
+    answer: Callable[[Mapping[str, Any]], str],
+    instruction: str,
+    *,
+    categories: Mapping[int, Mapping[str, Any]],
+    seed: int,
+    max_regions: int | None,
+    stats: ConvertStats,
+    progress: bool,
+    keep: Callable[[Mapping[str, Any]], bool] = lambda ann: True,
+) -> Iterator[Record]:
+    for image, chosen in chosen_regions(data, source, categories=categories, seed=seed, max_regions=max_regions,
+                                        stats=stats, progress=progress, keep=keep):
+        record = image_record(image, [region_entry(ann, categories) for ann in chosen],
+                              one_turn_per_region(instruction, [answer(ann) for ann in chosen]), source)
         stats.records += 1
-        stats.regions += len(regions)
+        stats.regions += len(chosen)
         yield record

@@ -35,6 +35,16 @@ def register(data_subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_cmd_synth)
 
+    export = data_subparsers.add_parser(
+        "synth-coco", help="write a generated dataset's split as a COCO instances JSON with per-region attributes",
+        description="One split of `osprey data synth` output as a COCO instances file whose annotations carry "
+        "`attributes` (color, size, position, texture): the input docs/finetune.md starts from. file_name is "
+        "relative to the dataset folder.")
+    export.add_argument("data", help="an `osprey data synth` folder")
+    export.add_argument("--split", default="train", choices=["train", "val", "test"], help="split (default train)")
+    export.add_argument("--out", required=True, help="output COCO JSON")
+    export.set_defaults(func=_cmd_synth_coco)
+
 
 def _cmd_synth(args: argparse.Namespace) -> int:
     from data_tools.synth.generate import SynthConfig, generate
@@ -48,4 +58,25 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     for subset, info in manifest["subsets"].items():
         print(f"{subset}\t" + "\t".join(f"{split}={count}" for split, count in info["records"].items()))
     print(f"wrote {args.out}/manifest.json")
+    return 0
+
+
+def _cmd_synth_coco(args: argparse.Namespace) -> int:
+    import json
+    import sys
+    from pathlib import Path
+
+    from data_tools.synth.coco_export import export_coco
+
+    try:
+        coco = export_coco(args.data, args.split)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"osprey data synth-coco: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(coco), encoding="utf-8")
+    os.replace(tmp, out)  # whole or not at all
+    print(f"wrote {args.out}: {len(coco['images'])} images, {len(coco['annotations'])} annotations")
     return 0

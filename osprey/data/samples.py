@@ -12,7 +12,8 @@ A `Sample` is what the tokenizer and the model need and nothing more: the messag
   (`<regionK>` written `regionK`); short-form and part questions end with " Answer the question using a single
   word or phrase.".
 - stage 3 positive/negative and detailed descriptions: as in the official loaders, each question carries its
-  region as `<mask><pos>` in place of `<regionK>`, and the first question is opened by the overview line.
+  region as `<mask><pos>` in place of `<regionK>`, and the first question is opened by the overview line;
+  `region_qa` reads any conversation so (the form of a custom question to `osprey serve`).
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ __all__ = [
     "build_stage2",
     "build_stage3",
     "image_first",
+    "region_descriptions",
+    "region_labels",
     "rewrite_region_refs",
 ]
 
@@ -67,6 +70,9 @@ STAGE_KINDS: dict[int, tuple[str, ...]] = {
     1: ("captions",),
     2: ("categories", "referring", "parts"),
     3: ("conversations", "short_form", "parts", "pos_neg", "detailed",
+        # Any single-region question with the region inline, the form `osprey serve` gives a custom question
+        # (the pos_neg builder): converted attribute records read this way teach questions as users ask them.
+        "region_qa",
         # Single-region samples in the exact form of the inference prompts (osprey.prompts.TASK_PROMPTS), from
         # records whose `description` holds each region's answer: they teach a model trained from scratch the
         # prompts the server and eval use.
@@ -196,6 +202,25 @@ def region_descriptions(record: Record) -> list[tuple[int, str]]:
     return out
 
 
+def region_labels(record: Record) -> list[tuple[int, str]]:
+    """(region number, label) per region of a one-label-per-region record, in either of its two forms: the
+    generated data's `"<regionK>: label"` description entries, or the converters' stage-2 conversation (each
+    human turn names exactly one region, after an optional instruction; the gpt turn is its label), so that a
+    converted COCO file serves every stage-2 kind, the task kinds and detailed samples alike."""
+    if record.description is not None:
+        return region_descriptions(record)
+    out = []
+    for turn in range(0, len(_turns(record)), 2):
+        question, answer = record.conversations[turn].value, record.conversations[turn + 1].value
+        refs = REGION_REF.findall(question)
+        if len(refs) != 1:
+            raise ValueError(f"record {record.id}: a one-label-per-region conversation names one region per "
+                             f"question; turn {turn} names {len(refs)}: {question[-80:]!r}")
+        _check_refs(record, question)
+        out.append((int(refs[0]), answer.strip()))
+    return out
+
+
 def _sample(record: Record, image_root: Path, messages: list[tuple[str, str]], regions: Sequence[Region]) -> Sample:
     sample = Sample(tuple(messages), tuple(regions), Path(image_root) / record.file_name, record.height, record.width)
     assert sample.num_mask_tokens == len(sample.regions), "builder bound a different number of masks than <mask>s"
@@ -205,6 +230,11 @@ def _sample(record: Record, image_root: Path, messages: list[tuple[str, str]], r
 def build_stage1(record: Record, image_root: Path) -> Sample:
     """Image-caption pair(s): the record's conversation with `<image>` moved to the front; no regions."""
     turns = _turns(record)
+    named = REGION_REF.findall(" ".join(text for _, text in turns))
+    if named:
+        raise ValueError(f"record {record.id}: stage 1 trains on image captions, but this conversation names "
+                         f"regions (<region{named[0]}>); region records (e.g. converted COCO) are stage-2 or "
+                         f"stage-3 data")
     turns[0] = ("human", image_first(turns[0][1]))
     for role, text in turns[1:]:
         if IMAGE_PLACEHOLDER in text:
@@ -216,7 +246,7 @@ def build_stage2(record: Record, kind: str, image_root: Path, rng: np.random.Gen
     """One turn per region (`<mask><pos>` -> label), regions shuffled by `rng` and capped per kind."""
     if kind not in STAGE2_OPENINGS:
         raise ValueError(f"unknown stage-2 kind {kind!r}; known: {sorted(STAGE2_OPENINGS)}")
-    labels = region_descriptions(record)
+    labels = region_labels(record)
     cap = STAGE2_REGION_CAPS.get(kind, DEFAULT_REGION_CAP)
     order = rng.permutation(len(labels))[:cap]
     messages: list[tuple[str, str]] = []
@@ -235,7 +265,7 @@ def build_stage3(record: Record, kind: str, image_root: Path, rng: np.random.Gen
     """Stage-3 instruction sample of one kind (see the module docstring for the exact strings)."""
     if kind in ("conversations", "short_form", "parts"):
         return _multi_region(record, image_root, suffix="" if kind == "conversations" else SHORT_ANSWER_SUFFIX)
-    if kind == "pos_neg":
+    if kind in ("pos_neg", "region_qa"):
         return _inline_regions(record, image_root)
     if kind == "detailed":
         return _detailed(record, image_root, rng)
@@ -281,7 +311,7 @@ def _detailed(record: Record, image_root: Path, rng: np.random.Generator) -> Sam
     """One turn per description entry: a detailed-description question about that region, then its text."""
     messages: list[tuple[str, str]] = []
     regions: list[Region] = []
-    for turn, (k, text) in enumerate(region_descriptions(record)):
+    for turn, (k, text) in enumerate(region_labels(record)):
         question = DETAILED_QUESTIONS[int(rng.integers(len(DETAILED_QUESTIONS)))].replace("<region>", REGION_PLACEHOLDER)
         if turn == 0:
             question = inline_region_question(question)
@@ -292,7 +322,7 @@ def _detailed(record: Record, image_root: Path, rng: np.random.Generator) -> Sam
 
 def _task_prompt(record: Record, task: str, image_root: Path, rng: np.random.Generator) -> Sample:
     """One region (drawn by `rng`) asked with the task's inference prompt; the answer is its description."""
-    entries = region_descriptions(record)
+    entries = region_labels(record)
     if not entries:
         raise ValueError(f"record {record.id}: task samples need `description` entries")
     k, text = entries[int(rng.integers(len(entries)))]

