@@ -12,7 +12,7 @@
 #      was measured on; reused when DATA/manifest.json says it is that dataset);
 #   2. its train split as COCO with attributes (`osprey data synth-coco`), converted into categories, short answers,
 #      label lists and yes/no questions (`osprey data convert coco --task ...`, into DATA/coco/);
-#   3. `osprey train --stage 3 --config finetune_builtin` from BASE (LoRA, train/configs/finetune_builtin.yaml);
+#   3. `osprey train --stage 3 --config finetune_builtin_stage3` from BASE (LoRA, train/configs/finetune_builtin_stage3.yaml);
 #   4. evaluation on the test split: bench.region_eval (category, colour and the other short answers, yes/no, and the
 #      category in the wordings of bench/category_wordings.txt, which are not among the training wordings) on the
 #      first EVAL_LIMIT records per sub-set (the wordings on the first WORDINGS_LIMIT), for the fine-tuned model and
@@ -71,7 +71,7 @@ fi
 if [ ! -d "$MODEL/final" ]; then
   log "fine-tune: at most $STEPS steps, time limit ${TIME}s, batch $MICRO/$GLOBAL, $WORKERS data workers"
   fit=(); [ "$TIME" != 0 ] && fit=(--time-limit "$TIME")
-  osprey train --stage 3 --config finetune_builtin --model "$BASE" --output "$MODEL" --max-steps "$STEPS" "${fit[@]}" \
+  osprey train --stage 3 --config finetune_builtin_stage3 --model "$BASE" --output "$MODEL" --max-steps "$STEPS" "${fit[@]}" \
     --set "data.root=$DATA" --set "data.num_workers=$WORKERS" --set "micro_batch_size=$MICRO" \
     --set "global_batch_size=$GLOBAL" --set progress=false "${extra[@]}" > "$WORK/train.log" 2>&1
   rm -rf "$MODEL/checkpoints"  # final/ is the result; the resumable states (optimizer, fp32 masters) are not kept

@@ -82,15 +82,15 @@ async def query(body: QueryRequest, request: Request) -> QueryResponse:
     server: ServerState = request.app.state.server
     inputs.check_model(body.model, server.config)
     image = await inputs.load_image(body.image, "image", server.config, server.limits)
+    given = None if body.regions is None else await _decode_regions(body.regions, body.resize_masks, image, server)
     text = " ".join(body.text.split())
     vocabulary = _vocabulary(body.vocabulary, text, server)
     segments: list[Segment] = []
-    if body.regions is None:  # "count the bottles" from the image alone: SAM 3 proposes, the model verifies
+    if given is None:  # "count the bottles" from the image alone: SAM 3 proposes, the model verifies
         segments = await _segment_text(request, image, text, body.segment_threshold)
-        regions = DecodedRegions(np.stack([s.mask for s in segments]) if segments else
-                                 np.zeros((0, image.image.height, image.image.width), bool))
-    else:
-        regions = await _decode_regions(body.regions, body.resize_masks, image, server)
+        given = DecodedRegions(np.stack([s.mask for s in segments]) if segments else
+                               np.zeros((0, image.image.height, image.image.width), bool))
+    regions = given
 
     def work(backend: Backend, encoded: EncodedImage) -> QueryScores:
         return backend.scorer().query(encoded, regions.masks, text, vocabulary)
