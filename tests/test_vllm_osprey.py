@@ -372,9 +372,8 @@ def test_gpu_check_requests_are_valid_on_our_engine(tiny_model_dir, tmp_path):
     with TestClient(app) as client:
         while client.get("/health").status_code != 200:
             assert app.state.engine.load_error is None
-        api_checks(client, make_workload(1, 3, 1, seed=7).clients[0][0], report, cancel_tokens=256)
+        api_checks(client, make_workload(1, 3, 1, seed=7).clients[0][0], report)
     steps = json.loads(report.path.read_text())["steps"]
     assert [steps[s]["status"] for s in ("describe", "chat", "chat_stream", "bad_request")] == [200, 200, 200, 400]
     assert len(steps["describe"]["body"]["results"]) == 3
     assert steps["chat_stream"]["last"][-1] == "data: [DONE]"
-    assert steps["cancel"]["status"] == 200 and steps["cancel"]["live_rows_after"] == 0
