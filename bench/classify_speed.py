@@ -22,17 +22,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.describe_speed import build_pipeline
+from bench.describe_speed import add_model_arguments, build_pipeline
 from bench.eval_all import write_atomic
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", default="osprey-7b", help="random weights of this preset's shapes")
-    parser.add_argument("--model", default=None, help="a model folder instead of a random preset")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    add_model_arguments(parser)
     parser.add_argument("--regions", type=int, default=16)
     parser.add_argument("--labels", type=int, default=100, help="labels (ADE20K-150 class names, then numbered)")
     parser.add_argument("--repeats", type=int, default=5)

@@ -25,6 +25,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def add_model_arguments(parser: argparse.ArgumentParser, preset: str = "osprey-7b") -> None:
+    """The options `build_pipeline` reads: random weights of a preset's shapes, or a model folder; device; dtype."""
+    parser.add_argument("--preset", default=preset, help="random weights of this preset's shapes")
+    parser.add_argument("--model", default=None, help="a model folder instead of a random preset")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+
+
 def build_pipeline(args):
     from osprey.checkpoint import build_model
     from osprey.config import OspreyConfig
@@ -77,10 +85,7 @@ def our_flow(pipe, image, masks, new_tokens: int) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="tiny")
-    parser.add_argument("--model", default=None, help="a model folder instead of a random preset")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None)
+    add_model_arguments(parser, preset="tiny")
     parser.add_argument("--regions", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)

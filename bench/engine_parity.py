@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from bench.describe_speed import add_model_arguments
 from bench.serve_workload import build_pipeline, make_workload
 from osprey.generation import SamplingParams
 from osprey.prompts import task_prompt
@@ -23,10 +24,7 @@ from osprey.prompts import task_prompt
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="osprey-7b")
-    parser.add_argument("--model", default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None)
+    add_model_arguments(parser)
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--masks", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.describe_speed import add_model_arguments
 from bench.serve_vllm import vllm_available
 from bench.serve_workload import (
     Measurement,
@@ -42,10 +43,7 @@ from bench.serve_workload import (
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--preset", default="osprey-7b", help="random weights of this preset's shapes")
-    parser.add_argument("--model", default=None, help="a model folder instead of a random preset")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    add_model_arguments(parser)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--masks", type=int, nargs="+", default=[1, 16, 64], help="masks per image (M)")
     parser.add_argument("--images", type=int, nargs="+", default=[1, 16, 64], help="images in flight (I)")

@@ -21,7 +21,6 @@ from fastapi import APIRouter, Request
 from osprey.inference import EncodedImage
 from osprey.masks import DecodedRegions
 from osprey.masks.codecs import encode_rle
-from osprey.segment import Segment
 from osprey.scoring import (
     DEFAULT_QUERY_THRESHOLD,
     VOCABULARY_FILE,
@@ -29,6 +28,7 @@ from osprey.scoring import (
     QueryScores,
     default_vocabulary,
 )
+from osprey.segment import Segment
 
 from . import inputs
 from .engine import Backend
@@ -82,15 +82,14 @@ async def query(body: QueryRequest, request: Request) -> QueryResponse:
     server: ServerState = request.app.state.server
     inputs.check_model(body.model, server.config)
     image = await inputs.load_image(body.image, "image", server.config, server.limits)
-    given = None if body.regions is None else await _decode_regions(body.regions, body.resize_masks, image, server)
+    regions = None if body.regions is None else await _decode_regions(body.regions, body.resize_masks, image, server)
     text = " ".join(body.text.split())
     vocabulary = _vocabulary(body.vocabulary, text, server)
     segments: list[Segment] = []
-    if given is None:  # "count the bottles" from the image alone: SAM 3 proposes, the model verifies
+    if regions is None:  # "count the bottles" from the image alone: SAM 3 proposes, the model verifies
         segments = await _segment_text(request, image, text, body.segment_threshold)
-        given = DecodedRegions(np.stack([s.mask for s in segments]) if segments else
-                               np.zeros((0, image.image.height, image.image.width), bool))
-    regions = given
+        regions = DecodedRegions(np.stack([s.mask for s in segments]) if segments else
+                                 np.zeros((0, image.image.height, image.image.width), bool))
 
     def work(backend: Backend, encoded: EncodedImage) -> QueryScores:
         return backend.scorer().query(encoded, regions.masks, text, vocabulary)

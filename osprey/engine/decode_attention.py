@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from osprey.engine.attention import packed_kernel_runs
+
 __all__ = ["DecodeLayout", "choose_splits", "decode_attention", "decode_kernel_runs", "decode_layout"]
 
 BLOCK_M = 16  # query rows of one image per program: the smallest tensor-core tile
@@ -27,8 +29,7 @@ BLOCK_N = 64  # keys per loop step
 
 def decode_kernel_runs(like: torch.Tensor, head_dim: int) -> bool:
     """CUDA fp16/bf16 tensors and a power-of-two head size of at least 16 (tensor-core tiles)."""
-    return (like.is_cuda and like.dtype in (torch.float16, torch.bfloat16) and head_dim >= 16
-            and head_dim & (head_dim - 1) == 0)
+    return packed_kernel_runs(like) and head_dim >= 16 and head_dim & (head_dim - 1) == 0
 
 
 def choose_splits(blocks: int, heads: int, prefix_tokens: int, device: torch.device) -> int:
