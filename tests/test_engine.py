@@ -234,7 +234,7 @@ def test_the_triton_decoding_kernels_equal_dense_attention_under_the_interpreter
 
     pytest.importorskip("triton")
     result = subprocess.run([sys.executable, "-c", _TRITON_CHECK], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "TRITON_INTERPRET": "1"})
+                            env={**os.environ, "TRITON_INTERPRET": "1"}, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     errors = {int(line.split()[0]): float(line.split()[1]) for line in result.stdout.split("\n") if line.strip()}
     assert set(errors) == {1, 3} and max(errors.values()) < 2e-3, errors

@@ -62,7 +62,8 @@ def test_every_guide_command_runs(tmp_path, tiny_model_dir):
                          "--set bf16=false --set progress=false",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     script = "set -euo pipefail\ncd " + str(ROOT) + "\n" + "\n".join(blocks)
-    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=3600)
+    result = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=3600,
+                            check=False)
     assert result.returncode == 0, f"guide failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
 
     for split in ("train", "test"):  # the records: every task, every region of the split

@@ -346,10 +346,10 @@ def test_decode_region_errors_name_the_region(region, where, code):
 
 
 @pytest.mark.parametrize(("region", "message"), [
-    (7, "r: a region must be an object with one of ['rle', 'polygon', 'box', 'png', 'bitmap'], a COCO RLE or a "
-        "SAM entry, got int"),
-    ({"circle": 1}, "r: a region needs exactly one of ['rle', 'polygon', 'box', 'png', 'bitmap'], or is a COCO RLE "
-                    "{size, counts} or a SAM entry with 'segmentation'; got keys ['circle']"),
+    (7, ("r: a region must be an object with one of ['rle', 'polygon', 'box', 'png', 'bitmap'], a COCO RLE or a "
+         "SAM entry, got int")),
+    ({"circle": 1}, ("r: a region needs exactly one of ['rle', 'polygon', 'box', 'png', 'bitmap'], or is a COCO RLE "
+                     "{size, counts} or a SAM entry with 'segmentation'; got keys ['circle']")),
     ({"png": 5}, "r.png: png must be base64 text, got int"),
     ({"polygon": 5}, "r.polygon: polygon must be a list of [x1, y1, x2, y2, ...] lists"),
     ([], "r: empty mask list: expected polygons, a box, a bitmap or RLE parts"),

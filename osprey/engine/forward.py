@@ -10,9 +10,8 @@ numerics are the reference model's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -66,12 +65,13 @@ class RowBlock:
 def _reference_decode(query, prefix_k, prefix_v, suffix_k, suffix_v, group, prefix_used, suffix_used, scale
                       ) -> torch.Tensor:
     """Dense fp32 attention of each row's one query over [its image's used prefix + its used suffix]."""
-    keys, values, bias = [], [], []
+    keys, values = [], []
     for row in range(query.shape[0]):
         image = int(group[row])
         k = torch.cat([prefix_k[image, :int(prefix_used[image])], suffix_k[row, :int(suffix_used[row])]])
         v = torch.cat([prefix_v[image, :int(prefix_used[image])], suffix_v[row, :int(suffix_used[row])]])
-        keys.append(k), values.append(v)
+        keys.append(k)
+        values.append(v)
     longest = max(k.shape[0] for k in keys)
     lengths = torch.tensor([k.shape[0] for k in keys], device=query.device)
     pad = [torch.nn.functional.pad(k, (0, 0, 0, 0, 0, longest - k.shape[0])) for k in keys]
