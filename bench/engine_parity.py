@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--images", type=int, default=4)
     parser.add_argument("--masks", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--fast-kernels", action="store_true",
+                        help="decode with the Triton decoding kernels and compiled layers (docs/engine.md)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
 
@@ -38,10 +40,7 @@ def main(argv: list[str] | None = None) -> dict:
     for (request,) in workload.clients:
         encoded = pipe.encode_image(request.image)
         prompts += pipe.prepare_each(encoded, [("human", task_prompt("short"))], request.masks)
-    ours = [[] for _ in prompts]
-    for events in pipe.generate_stream(prompts, SamplingParams(max_new_tokens=args.new_tokens)):
-        for e in events:
-            ours[e.row].append(e.token_id)
+    ours = _engine_tokens(pipe, prompts, args.new_tokens, args.fast_kernels)
     rows = []
     for start in range(0, len(prompts), args.masks):
         rows += _reference(pipe, prompts[start:start + args.masks], args.new_tokens)
@@ -50,6 +49,21 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return report
+
+
+def _engine_tokens(pipe, prompts, new_tokens: int, fast_kernels: bool) -> list[list[int]]:
+    """All regions decoded together by one engine session."""
+    session = pipe.session(pipe.engine_pool(len(prompts), new_tokens + 256), fast_kernels=fast_kernels)
+    if fast_kernels:
+        forward = session.decoder.forward
+        print(f"Triton decoding kernels: {forward.decode_kernel}; compiled layers: {forward.fused is not None}")
+    session.add(pipe.group_requests(prompts, [SamplingParams(max_new_tokens=new_tokens)] * len(prompts)))
+    ours: list[list[int]] = [[] for _ in prompts]
+    while session.has_work:
+        for event in session.step():
+            if event.token_id is not None:
+                ours[event.row].append(event.token_id)
+    return ours
 
 
 @torch.inference_mode()
@@ -77,7 +91,7 @@ def _compare(ours, reference, args) -> dict:
             divergences.append({"row": row, "step": first, "reference_top2_gap": float(gaps[first]),
                                 "median_gap": float(gaps.median())})
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"device": device, "preset": args.model or args.preset, "rows": len(ours), "new_tokens": args.new_tokens,
+    return {"device": device, "preset": args.model or args.preset, "fast_kernels": args.fast_kernels, "rows": len(ours), "new_tokens": args.new_tokens,
             "equal_token_share": equal / total, "rows_identical": len(ours) - len(divergences),
             "divergences": divergences}
 

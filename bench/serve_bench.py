@@ -40,6 +40,9 @@ from bench.serve_workload import (
 )
 
 
+SYSTEMS = ["official", "engine", "engine-fast", "server", "server-fast", "vllm", "vllm-osprey"]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -51,7 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-regions-per-config", type=int, default=2048,
                         help="fewer waves for large M x I so one configuration stays short")
     parser.add_argument("--systems", nargs="+", default=["official", "engine", "server", "vllm", "vllm-osprey"],
-                        choices=["official", "engine", "server", "vllm", "vllm-osprey"])
+                        choices=SYSTEMS, help="engine-fast / server-fast: the same with the Triton decoding kernels "
+                                              "and compiled layers (`osprey serve --fast-kernels`)")
     parser.add_argument("--vllm-folder", default=None,
                         help="where vllm-osprey's model folder is written (default: the one bench.vllm_osprey_check "
                              "writes, /tmp/osprey-vllm-check/model-PRESET; the --model folder itself if given)")
@@ -76,7 +80,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(summarize(results[-1])), flush=True)
     workloads = [_workload(args, masks, images) for masks in args.masks for images in args.images]
     # vLLM last: its engine keeps most of the GPU memory once started (the LLM half's stops before the full model's)
-    for system in ("engine", "server", "vllm", "vllm-osprey"):
+    for system in SYSTEMS[1:]:
         if system in args.systems:
             if system == "vllm-osprey":
                 from bench.serve_vllm import shutdown_llm_half
@@ -123,10 +127,10 @@ def _workload(args: argparse.Namespace, masks: int, images: int) -> Workload:
 
 
 def _run(system: str, args: argparse.Namespace, pipe, workload: Workload) -> Measurement:
-    if system == "engine":
-        m = run_engine(pipe, workload, args.new_tokens, args.max_rows, args.kv_cache_gb)
-    elif system == "server":
-        m = run_server(pipe, workload, args.new_tokens, args.max_rows, args.kv_cache_gb)
+    if system in ("engine", "engine-fast"):
+        m = run_engine(pipe, workload, args.new_tokens, args.max_rows, args.kv_cache_gb, system == "engine-fast")
+    elif system in ("server", "server-fast"):
+        m = run_server(pipe, workload, args.new_tokens, args.max_rows, args.kv_cache_gb, system == "server-fast")
     elif system == "vllm":
         from bench.serve_vllm import run_vllm
 
@@ -156,20 +160,21 @@ def _report(args: argparse.Namespace, pipe, results: list[Measurement]) -> dict:
 
 
 def _speedups(results: list[Measurement]) -> list[dict]:
-    """Engine and server against vLLM (and the official flow) per configuration."""
+    """Each engine (default and fast kernels) against the other systems per configuration."""
     by_key = {(m.system, m.masks_per_image, m.images_in_flight): m for m in results}
     official = next((m for m in results if m.system == "official"), None)
     rows = []
     for (system, masks, images), m in by_key.items():
-        if system != "engine":
+        if system not in ("engine", "engine-fast"):
             continue
-        row = {"masks_per_image": masks, "images_in_flight": images, "engine_regions_per_s": m.regions_per_s}
-        for other in ("server", "vllm", "vllm-osprey"):
+        row = {"system": system, "masks_per_image": masks, "images_in_flight": images,
+               "regions_per_s": m.regions_per_s}
+        for other in SYSTEMS[1:]:
             o = by_key.get((other, masks, images))
-            if o is not None:
-                row[f"engine_over_{other}"] = m.regions_per_s / o.regions_per_s
+            if other != system and o is not None:
+                row[f"over_{other}"] = m.regions_per_s / o.regions_per_s
         if official is not None:
-            row["engine_over_official"] = m.regions_per_s / official.regions_per_s
+            row["over_official"] = m.regions_per_s / official.regions_per_s
         rows.append(row)
     return rows
 

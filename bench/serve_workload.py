@@ -72,6 +72,9 @@ class Measurement:
     request_latencies: list[float] = field(default_factory=list)
     ttfts: list[float] = field(default_factory=list)
     peak_mem_gb: float | None = None
+    # in-process engine: wall seconds in sending (image encoding + region prompts), in steps that prefilled, and in
+    # pure decoding steps; where a configuration's time goes before a profile is taken
+    phases_s: dict[str, float] = field(default_factory=dict)
 
     @property
     def regions_per_s(self) -> float:
@@ -114,7 +117,7 @@ def summarize(m: Measurement) -> dict:
             "output_tokens_per_s": m.regions_per_s * m.new_tokens,
             "p50_region_s": pct(m.region_latencies, 50), "p99_region_s": pct(m.region_latencies, 99),
             "p50_request_s": pct(m.request_latencies, 50), "p99_request_s": pct(m.request_latencies, 99),
-            "ttft_s": pct(m.ttfts, 50), "peak_mem_gb": m.peak_mem_gb}
+            "ttft_s": pct(m.ttfts, 50), "peak_mem_gb": m.peak_mem_gb, **({"phases_s": m.phases_s} if m.phases_s else {})}
 
 
 def _reset_memory(device: torch.device) -> None:
@@ -155,11 +158,13 @@ class _Client:
 
 
 def run_engine(pipe: OspreyPipeline, workload: Workload, new_tokens: int, max_rows: int,
-               kv_cache_gb: float | None) -> Measurement:
-    """The closed loop on `OspreyPipeline`'s decode session (what the server's worker thread runs)."""
-    session = pipe.session(pipe.engine_pool(max_rows, new_tokens + 256, kv_cache_gb))
+               kv_cache_gb: float | None, fast_kernels: bool = False) -> Measurement:
+    """The closed loop on `OspreyPipeline`'s decode session (what the server's worker thread runs); with
+    `fast_kernels`, the system is named `engine-fast`."""
+    session = pipe.session(pipe.engine_pool(max_rows, new_tokens + 256, kv_cache_gb), fast_kernels=fast_kernels)
     _drive(pipe, session, make_workload(1, 2, 1, seed=99), new_tokens, Measurement("warm-up", 1, 1, new_tokens))
-    m = Measurement("engine", workload.masks_per_image, workload.images_in_flight, new_tokens)
+    m = Measurement("engine-fast" if fast_kernels else "engine", workload.masks_per_image, workload.images_in_flight,
+                    new_tokens)
     _reset_memory(pipe.device)
     _drive(pipe, session, workload, new_tokens, m)
     m.peak_mem_gb = _peak_memory(pipe.device)
@@ -171,7 +176,10 @@ def _drive(pipe: OspreyPipeline, session, workload: Workload, new_tokens: int, m
     clients = [_Client(list(reqs)) for reqs in workload.clients]
     start = time.perf_counter()
 
+    phases = m.phases_s = {"send": 0.0, "prefill_steps": 0.0, "decode_steps": 0.0}
+
     def send(index: int) -> None:
+        sent = time.perf_counter()
         client = clients[index]
         request = client.requests.pop(0)
         client.started, client.remaining, client.first_token = time.perf_counter(), len(request.boxes), False
@@ -179,12 +187,15 @@ def _drive(pipe: OspreyPipeline, session, workload: Workload, new_tokens: int, m
         prompts = pipe.prepare_each(encoded, [("human", task_prompt("short"))], request.masks)
         ids: list[Hashable] = [(index, q) for q in range(len(prompts))]
         session.add(pipe.group_requests(prompts, [params] * len(prompts), row_ids=ids))
+        phases["send"] += time.perf_counter() - sent
 
     for index in range(len(clients)):
         send(index)
     while session.has_work:
+        prefills, stepped = bool(session.decoder.waiting), time.perf_counter()
         events = session.step()
         now = time.perf_counter()
+        phases["prefill_steps" if prefills else "decode_steps"] += now - stepped
         for event in events:
             client = clients[event.row[0]]
             if not client.first_token:
@@ -210,17 +221,19 @@ def _sync(device: torch.device) -> None:
 
 
 def run_server(pipe: OspreyPipeline, workload: Workload, new_tokens: int, max_rows: int,
-               kv_cache_gb: float | None) -> Measurement:
-    """`osprey serve`'s app (real uvicorn on loopback, in this process) with concurrent HTTP clients."""
+               kv_cache_gb: float | None, fast_kernels: bool = False) -> Measurement:
+    """`osprey serve`'s app (real uvicorn on loopback, in this process) with concurrent HTTP clients; with
+    `fast_kernels` (`osprey serve --fast-kernels`), the system is named `server-fast`."""
     from serve.background import BackgroundServer
     from serve.config import ServeConfig
     from serve.engine import PipelineBackend
 
     config = ServeConfig(model="bench", device=str(pipe.device), max_batch_size=max_rows, kv_cache_gb=kv_cache_gb,
                          max_tokens_limit=new_tokens, max_row_tokens=new_tokens + 256, max_queue=4096,
-                         max_regions=max(64, workload.masks_per_image), request_timeout_s=3600.0, batch_wait_ms=2.0)
+                         max_regions=max(64, workload.masks_per_image), request_timeout_s=3600.0, batch_wait_ms=2.0,
+                         fast_kernels=fast_kernels)
     backend = PipelineBackend("bench", str(pipe.device), size=config.engine_size, pipeline=pipe)
-    m = Measurement("server", workload.masks_per_image, workload.images_in_flight, new_tokens)
+    m = Measurement("server-fast" if fast_kernels else "server", workload.masks_per_image, workload.images_in_flight, new_tokens)
     with BackgroundServer(config, backend) as server:
         asyncio.run(_http_clients(server.url, make_workload(1, 2, 1, seed=99), new_tokens,
                                   Measurement("warm-up", 1, 1, new_tokens)))

@@ -58,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="tokens held per region row: its prompt after the image + its answer "
                             "(default: --max-tokens-limit + 256); smaller fits more rows in the KV memory")
     serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait this long to fill a batch")
+    serve.add_argument("--fast-kernels", action="store_true",
+                       help="engine on CUDA: the Triton decoding kernels and compiled layer pieces, each checked "
+                            "against the reference at start-up (docs/engine.md)")
     serve.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 429")
     serve.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request before 504")
     serve.add_argument("--max-regions", type=int, default=64, help="regions per request")
@@ -180,7 +183,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             image_cache_size=args.image_cache_size, request_timeout_s=args.request_timeout,
             max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_image_pixels=args.max_image_pixels,
             max_regions=args.max_regions, max_tokens_limit=args.max_tokens_limit, kv_cache_gb=args.kv_cache_gb,
-            max_row_tokens=args.max_row_tokens, clip_weights=args.clip_weights, index=args.index)
+            max_row_tokens=args.max_row_tokens, fast_kernels=args.fast_kernels, clip_weights=args.clip_weights, index=args.index)
     except ValueError as exc:
         print(f"osprey serve: {exc}", file=sys.stderr)
         return 2

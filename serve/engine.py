@@ -103,6 +103,7 @@ class EngineSize:
     kv_cache_gb: float | None = None  # KV memory; None: 90% of the GPU memory left after loading, 1 GiB on CPU
     max_row_tokens: int = 1280  # per row: its own prompt tokens (after the image prefix) + generated tokens
     rows_per_image: int = 16  # how the KV memory is split between image prefixes and rows
+    fast_kernels: bool = False  # CUDA: the Triton decoding kernels and compiled layers (docs/engine.md)
 
 
 class PipelineBackend:
@@ -132,7 +133,7 @@ class PipelineBackend:
             self.pipe = OspreyPipeline.from_pretrained(self.model, device=self.device, dtype=self.dtype)
         pool = self.pipe.engine_pool(self.size.max_rows, self.size.max_row_tokens, self.size.kv_cache_gb,
                                      self.size.rows_per_image)
-        self.session = self.pipe.session(pool)
+        self.session = self.pipe.session(pool, fast_kernels=self.size.fast_kernels)
         log.info("engine pool: %d images x %d prefix tokens, %d rows x %d tokens", pool.prefix_slots,
                  pool.prefix_tokens, pool.row_slots, pool.suffix_tokens)
 

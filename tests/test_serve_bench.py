@@ -1,0 +1,31 @@
+"""The serving benchmark end to end on the tiny model (CPU): every in-process and HTTP system it times answers
+every region of the workload, and the report compares them per configuration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import serve_bench
+
+
+def test_serve_bench_times_every_system_on_every_region(tmp_path):
+    out = tmp_path / "serve_bench.json"
+    report = serve_bench.main(["--preset", "tiny", "--device", "cpu", "--systems", "engine", "engine-fast", "server",
+                               "--masks", "2", "--images", "2", "--waves", "2", "--new-tokens", "3",
+                               "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    assert out.with_suffix(".png").stat().st_size > 0
+    by_system = {r["system"]: r for r in report["results"]}
+    assert set(by_system) == {"engine", "engine-fast", "server"}
+    for result in by_system.values():
+        assert result["regions"] == 2 * 2 * 2  # masks x images x waves, each answered once
+        assert result["p50_region_s"] <= result["p99_region_s"] <= result["seconds"]
+    phases = by_system["engine"]["phases_s"]
+    assert set(phases) == {"send", "prefill_steps", "decode_steps"} and all(v > 0 for v in phases.values())
+    assert sum(phases.values()) <= by_system["engine"]["seconds"]
+    summary = {row["system"]: row for row in report["summary"]}
+    engine = summary["engine"]
+    assert engine["over_server"] == by_system["engine"]["regions_per_s"] / by_system["server"]["regions_per_s"]
+    assert summary["engine-fast"]["over_engine"] * engine["over_engine-fast"] == pytest.approx(1.0)
