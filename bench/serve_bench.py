@@ -39,7 +39,6 @@ from bench.serve_workload import (
     summarize,
 )
 
-
 SYSTEMS = ["official", "engine", "engine-fast", "server", "server-fast", "vllm", "vllm-osprey"]
 
 
