@@ -9,7 +9,7 @@ from PIL import Image
 from osprey.engine.attention import attend, length_bias, merge
 from osprey.engine.core import GroupRequest, RowRequest
 from osprey.engine.kv import PoolSize, plan_pool, token_bytes
-from osprey.engine.sampling import sample
+from osprey.engine.sampling import _uniform, sample
 from osprey.engine.text import TextStream
 from osprey.inference import SamplingParams
 from osprey.prompts import task_prompt
@@ -160,6 +160,41 @@ def test_sampling_follows_the_distribution():
     drawn = sample(logits, torch.ones(4000), torch.ones(4000), torch.arange(4000), torch.zeros(4000, dtype=torch.long), True)
     freq = torch.bincount(drawn, minlength=3).float() / 4000
     torch.testing.assert_close(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.03, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_sampling_follows_the_tempered_distribution(temperature):
+    """Temperature T draws from softmax(logits / T): sharper below 1, flatter above."""
+    base = torch.tensor([0.6, 0.3, 0.1])
+    logits = torch.log(base)[None].repeat(6000, 1)
+    drawn = sample(logits, torch.full((6000,), temperature), torch.ones(6000), torch.arange(6000),
+                   torch.zeros(6000, dtype=torch.long), True)
+    freq = torch.bincount(drawn, minlength=3).float() / 6000
+    torch.testing.assert_close(freq, torch.softmax(torch.log(base) / temperature, dim=0), atol=0.025, rtol=0)
+
+
+def test_top_p_keeps_the_smallest_prefix_that_reaches_p():
+    """Two equally likely tokens (0.5 each, exact in float32): top_p = 0.5 is reached by the first alone, so every
+    seed draws the same one; just above 0.5 both are kept and both are drawn."""
+    logits = torch.zeros(400, 2)
+    args = (torch.ones(400), torch.arange(400), torch.zeros(400, dtype=torch.long), True)
+    at_half = sample(logits, args[0], torch.full((400,), 0.5), *args[1:])
+    assert len(set(at_half.tolist())) == 1
+    above = sample(logits, args[0], torch.full((400,), 0.51), *args[1:])
+    assert set(above.tolist()) == {0, 1}
+
+
+def test_the_sampling_noise_is_pinned_per_seed_step_and_token():
+    """The noise behind a seeded answer is part of the API: the same seed must give the same answer after an
+    upgrade. The 32-bit draws are pinned (exact: (bits + 0.5) / 2**32 in float64), and seeds that differ only
+    above bit 32 draw differently."""
+    noise = _uniform(torch.tensor([0, 5, 5 + 2**32, -7]), torch.tensor([0, 0, 0, 3]), 4)
+    bits = noise * 2**32 - 0.5
+    assert torch.equal(bits, bits.round()) and bool((noise > 0).all() and (noise < 1).all())
+    assert bits.long().tolist() == [[0, 1051910520, 3951468376, 3373494168],
+                                    [3251267254, 1468349218, 2063989488, 89441181],
+                                    [2546808843, 1998320992, 260883449, 2046636969],
+                                    [413986443, 3783742581, 32319777, 252327082]]
 
 
 def test_text_stream_equals_full_decoding_and_cuts_stop_strings(tiny_pipeline):
