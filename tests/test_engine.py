@@ -8,7 +8,7 @@ from PIL import Image
 
 from osprey.engine.attention import attend, length_bias, merge
 from osprey.engine.core import GroupRequest, RowRequest
-from osprey.engine.kv import PoolSize, plan_pool, token_bytes
+from osprey.engine.kv import KVPool, PoolSize, plan_pool, token_bytes
 from osprey.engine.sampling import _uniform, sample
 from osprey.engine.text import TextStream
 from osprey.inference import SamplingParams
@@ -324,6 +324,30 @@ def test_pool_sizes_are_checked_and_token_bytes_count_keys_and_values():
     assert (exact.prefix_slots, exact.prefix_tokens, exact.row_slots, exact.suffix_tokens) == (1, 100, 4, 50)
     with pytest.raises(ValueError, match=r"holds not even one image \(0.00 GiB for 100 prefix and 4 x 50 row tokens\)"):
         plan_pool(1024 * 300 - 1, per_token=1024, prefix_tokens=100, suffix_tokens=50, rows_per_image=4)
+    partial = plan_pool(1024 * 300 * 5 // 2, per_token=1024, prefix_tokens=100, suffix_tokens=50, rows_per_image=4)
+    assert (partial.prefix_slots, partial.row_slots) == (2, 8)  # whole images only: 2.5 fit, 2 are planned
+    with pytest.raises(ValueError, match=r"a KV budget of 0.25 GiB holds not even one image \(0.29 GiB for"):
+        plan_pool(2**28, per_token=2**20, prefix_tokens=100, suffix_tokens=50, rows_per_image=4)
+
+
+def test_the_kv_pool_moves_slots_in_every_layer_keys_and_values():
+    """Freed slots are refilled by moving the last live one (kv.py): each move must copy that slot's keys and values
+    of every layer onto the target and leave the other slots alone."""
+    pool = KVPool(PoolSize(3, 4, 5, 2), num_layers=2, num_kv_heads=1, head_dim=2, dtype=torch.float16,
+                  device=torch.device("cpu"))
+    tensors = pool.prefix_k + pool.prefix_v + pool.suffix_k + pool.suffix_v
+    assert all(t.dtype == torch.float16 and t.device.type == "cpu" for t in tensors)
+    for n, tensor in enumerate(tensors):
+        tensor.copy_(torch.arange(tensor.numel()).reshape(tensor.shape) + 100 * n)  # exact in float16
+    before = [t.clone() for t in tensors]
+    pool.move_rows([4, 3], [0, 2])
+    pool.move_prefix(2, 1)
+    for n, (tensor, old) in enumerate(zip(tensors, before)):
+        moves = {1: 2} if n < 4 else {0: 4, 2: 3}
+        expected = old.clone()
+        for target, source in moves.items():
+            expected[target] = old[source]
+        assert torch.equal(tensor, expected), n
 
 
 @pytest.mark.parametrize(("settings", "message"), [
