@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--api-key", default=os.environ.get("OSPREY_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $OSPREY_API_KEY; none = open)")
     where = serve.add_mutually_exclusive_group()
-    where.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (one engine)")
+    where.add_argument("--device", default=None, help="cpu, cuda or cuda:N: one engine (default: cpu)")
     where.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
                        help="one engine replica per device (e.g. --devices cuda:0 cuda:1), each request to the least "
                             "loaded; embeddings and SAM run on the first (docs/serve.md, Several GPUs)")
@@ -180,7 +180,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         config = ServeConfig(
-            model=model, served_model_name=args.served_model_name, devices=tuple(args.devices or [args.device]),
+            model=model, served_model_name=args.served_model_name, devices=tuple(args.devices or [args.device or "cpu"]),
             dtype=args.dtype,
             cpu_threads=args.cpu_threads,
             api_key=args.api_key or None, allow_image_urls=args.allow_image_urls,
