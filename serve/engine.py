@@ -6,8 +6,8 @@ them to the backend's decoder, which runs rows of many jobs together: a job's ro
 and leave as each finishes, so a long answer never holds a short one back. Events (text deltas, finished rows,
 errors) flow back to the event loop thread-safely. A cancelled job (client gone, timeout) frees its rows' slots at
 the next step. One-shot work that generates nothing (likelihood scoring: classify, query) comes as a `Task`,
-run by the same thread between two steps with the image from the same cache (`Engine.run`). A server on several
-devices runs one `Engine` per device (serve.replicas dispatches between them); `replica` labels its metrics.
+run by the same thread between two steps with the image from the same cache (`Engine.submit_task`). A server on
+several devices runs one `Engine` per device (serve.replicas dispatches between them); `replica` labels its metrics.
 """
 
 from __future__ import annotations
@@ -140,8 +140,8 @@ class PipelineBackend:
         pool = self.pipe.engine_pool(self.size.max_rows, self.size.max_row_tokens, self.size.kv_cache_gb,
                                      self.size.rows_per_image)
         self.session = self.pipe.session(pool, fast_kernels=self.size.fast_kernels)
-        log.info("engine pool: %d images x %d prefix tokens, %d rows x %d tokens", pool.prefix_slots,
-                 pool.prefix_tokens, pool.row_slots, pool.suffix_tokens)
+        log.info("engine pool on %s: %d images x %d prefix tokens, %d rows x %d tokens", self.device,
+                 pool.prefix_slots, pool.prefix_tokens, pool.row_slots, pool.suffix_tokens)
 
     def encode_image(self, image: Image.Image) -> EncodedImage:
         return self.pipe.encode_image(image)
@@ -462,7 +462,7 @@ class Engine:
             return
         self.ready.set()
         self.metrics.set("model_loaded", 1, replica=self._label)
-        log.info("model loaded; engine ready")
+        log.info("engine %d: model loaded, ready", self.replica)
         stopping = False
         while not stopping or self.backend.has_work:
             if not stopping:
@@ -470,7 +470,7 @@ class Engine:
             self._drop_cancelled()
             if self.backend.has_work:
                 self._step()
-        log.info("engine stopped")
+        log.info("engine %d stopped", self.replica)
 
     def _take(self, wait: bool) -> bool:
         """Admit queued jobs (when idle, block for one and give others `batch_wait` to arrive); True on stop."""

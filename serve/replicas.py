@@ -27,8 +27,8 @@ from .engine import Backend, Engine, Job, RowDone, RowSpec, RowText, Task, admis
 from .errors import APIError
 from .metrics import Metrics
 
-# Encoding an image (the vision tower, then ~600 image-prefix tokens prefilled) costs about as much as prefilling
-# a dozen region rows: a replica that already holds the image is worth waiting behind a few more rows.
+# Encoding an image (the vision tower, then ~600 image-prefix tokens prefilled) costs more than prefilling a dozen
+# region rows (~20-40 tokens each): a replica that already holds the image is worth a few more rows ahead.
 IMAGE_AFFINITY_ROWS = 8
 _REMEMBERED_IMAGES = 4096  # image -> replica entries kept (LRU); a stale one only costs an encoding
 
