@@ -13,6 +13,7 @@ from dataclasses import replace
 import httpx
 import numpy as np
 import pytest
+import torch
 from helpers import png_b64
 from PIL import Image
 
@@ -248,6 +249,24 @@ def test_shutdown_drains_both_replicas(tiny_model_dir):
     assert [responses[seed].status_code for seed in range(4)] == [200] * 4
     assert all(len(responses[seed].json()["results"]) == 4 for seed in range(4))
     assert not server.thread.is_alive() and not any(engine._thread.is_alive() for engine in engines)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+def test_two_gpu_replicas_answer_as_one_gpu(tiny_model_dir):
+    """cuda:0 and cuda:1 (the second replica's worker thread makes cuda:1 its current device: CUDA graphs are
+    captured there) answer what one replica on cuda:0 answers."""
+    one = ServeConfig(model=str(tiny_model_dir), devices=("cuda:0",), dtype="float32", max_tokens_limit=32)
+    bodies = [_describe(seed, max_tokens=16) for seed in range(8)]
+    answers = []
+    for config in (one, replace(one, devices=("cuda:0", "cuda:1"))):
+        with BackgroundServer(config) as server:
+            responses = asyncio.run(_post_all(server.url, "/v1/regions/describe", bodies))
+            assert all(r.status_code == 200 for r in responses), [r.text for r in responses]
+            answers.append([[x["raw_text"] for x in r.json()["results"]] for r in responses])
+            spread = _dispatched(server)
+    assert answers[1] == answers[0]
+    assert min(spread) >= 1, spread
 
 
 # ---------------------------------------------------------------------------------------------- osprey serve
