@@ -82,8 +82,8 @@ def _rows(count: int) -> list[RowSpec]:
     return [RowSpec(i, [("human", task_prompt("short"))], masks, SamplingParams(max_new_tokens=2)) for i in range(count)]
 
 
-def test_a_full_queue_passes_the_request_on_and_429_comes_when_every_queue_is_full(tiny_pipeline):
-    replicas, metrics = _replicas(tiny_pipeline, max_queue=1)
+def test_an_image_returns_to_its_replica_a_full_queue_passes_it_on_and_429_comes_when_all_are_full(tiny_pipeline):
+    replicas, metrics = _replicas(tiny_pipeline, max_queue=2)
 
     async def scenario():
         with pytest.raises(APIError) as loading:
@@ -92,19 +92,21 @@ def test_a_full_queue_passes_the_request_on_and_429_comes_when_every_queue_is_fu
         with pytest.raises(APIError) as half_loaded:
             replicas.submit(_image(0), "a", _rows(1), 30)
         replicas.engines[1].ready.set()
-        first = replicas.submit(_image(0), "a", _rows(1), 30)
-        second = replicas.submit(_image(0), "a", _rows(1), 30)  # image a's home is full: the other replica
+        jobs = [replicas.submit(_image(0), "a", _rows(1), 30),  # both idle: the first replica
+                replicas.submit(_image(0), "a", _rows(1), 30),  # image a again: its replica, one row ahead
+                replicas.submit(_image(1), "b", _rows(1), 30),  # a new image: the least loaded
+                replicas.submit(_image(0), "a", _rows(1), 30)]  # image a's replica is full: passed on
         with pytest.raises(APIError) as full:
-            replicas.submit(_image(1), "b", _rows(1), 30)
-        return loading.value, half_loaded.value, first, second, full.value
+            replicas.submit(_image(2), "c", _rows(1), 30)
+        return loading.value, half_loaded.value, jobs, full.value
 
-    loading, half_loaded, first, second, full = asyncio.run(scenario())
+    loading, half_loaded, jobs, full = asyncio.run(scenario())
     assert loading.code == half_loaded.code == "model_loading" and loading.status == 503
-    assert (first.replica, second.replica) == (0, 1)
-    assert [e.open_rows for e in replicas.engines] == [1, 1] and replicas.open_rows == 2
+    assert [job.replica for job in jobs] == [0, 0, 1, 1]
+    assert [e.open_rows for e in replicas.engines] == [2, 2] and replicas.open_rows == 4
     assert (full.status, full.code) == (429, "queue_full")
     assert [metrics.registry.get_sample_value("osprey_replica_requests_total", {"replica": str(i)})
-            for i in range(2)] == [1, 1]
+            for i in range(2)] == [2, 2]
 
 
 def test_a_replica_that_fails_to_load_fails_the_server_naming_its_device(tiny_pipeline, tmp_path):
@@ -168,6 +170,7 @@ def test_concurrent_requests_spread_over_both_replicas_with_one_replicas_answers
         [[x["raw_text"] for x in r.json()["results"]] for r in expected]
     for replica in ("0", "1"):
         assert _metric(double, f'osprey_generated_tokens_total{{replica="{replica}"}}') > 0
+    assert [r["open_rows"] for r in httpx.get(double.url + "/health").json()["replicas"]] == [0, 0]  # all answered
 
 
 def test_chat_and_scoring_answer_as_on_one_replica(servers):
