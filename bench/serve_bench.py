@@ -9,7 +9,7 @@ p50/p99 latency per region and per request (from the request's start), time to f
     python -m bench.serve_bench --preset osprey-7b --out bench/results/serve_bench_h100.json
     python -m bench.serve_bench --preset tiny --device cpu --masks 1 4 --images 1 2 --new-tokens 8    # smoke
     python -m bench.serve_bench --systems engine vllm vllm-osprey --masks 1 16 --images 1 16 --out X.json  # vLLM
-    python -m bench.serve_bench --systems server --devices cuda:0 cuda:1 --masks 16 --images 16 64 --out X.json
+    python -m bench.serve_bench --systems server --devices cuda:0 cuda:1 --masks 16 64 --images 16 64 --out X.json
 
 With --devices, the server systems run one engine replica per device (`osprey serve --devices`) and are measured on
 the first device alone and on all of them: `replica_scaling` in the report is regions/s on N devices over one.
