@@ -9,6 +9,10 @@ p50/p99 latency per region and per request (from the request's start), time to f
     python -m bench.serve_bench --preset osprey-7b --out bench/results/serve_bench_h100.json
     python -m bench.serve_bench --preset tiny --device cpu --masks 1 4 --images 1 2 --new-tokens 8    # smoke
     python -m bench.serve_bench --systems engine vllm vllm-osprey --masks 1 16 --images 1 16 --out X.json  # vLLM
+    python -m bench.serve_bench --systems server --devices cuda:0 cuda:1 --masks 16 64 --images 16 64 --out X.json
+
+With --devices, the server systems run one engine replica per device (`osprey serve --devices`) and are measured on
+the first device alone and on all of them: `replica_scaling` in the report is regions/s on N devices over one.
 
 "vllm-osprey" needs a model folder for vLLM to load: the random weights are written to --vllm-folder once (14 GB
 at 7B; a rerun with the same preset reuses it).
@@ -62,14 +66,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--official-regions", type=int, default=3, help="regions timed for the official flow")
     parser.add_argument("--max-rows", type=int, default=512, help="engine rows in flight (server --max-batch-size)")
     parser.add_argument("--kv-cache-gb", type=float, default=None)
+    parser.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
+                        help="server systems: one engine replica per device (a random-weights model built on each), "
+                             "measured on the first alone and on all; the other systems run on the first")
     parser.add_argument("--out", default=None, help="JSON results file (a PNG plot is written beside it)")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.devices:
+        args.device = args.devices[0]
     pipe = build_pipeline(args.preset, args.model, args.device, args.dtype)
-    pipe.eos_token_id = -1  # never stop early: every region decodes exactly --new-tokens tokens
+    replica_pipes = [pipe]  # the server systems' replicas: one model per device
+    if args.devices and {"server", "server-fast"} & set(args.systems):
+        replica_pipes += [build_pipeline(args.preset, args.model, device, args.dtype) for device in args.devices[1:]]
+    for each in replica_pipes:
+        each.eos_token_id = -1  # never stop early: every region decodes exactly --new-tokens tokens
     results: list[Measurement] = []
     if {"vllm", "vllm-osprey"} & set(args.systems) and not vllm_available():
         print("vLLM is not installed: its columns are left out (bench/gpu_install.sh installs it on the GPU machine)")
@@ -86,9 +99,11 @@ def main(argv: list[str] | None = None) -> dict:
 
                 shutdown_llm_half()
                 _wait_for_free_memory(args.vllm_memory)
+            replica_counts = sorted({1, len(replica_pipes)}) if system.startswith("server") else [1]
             for workload in workloads:
-                results.append(_run(system, args, pipe, workload))
-                _write(args, _report(args, pipe, results))  # a run cut short keeps what it measured
+                for replicas in replica_counts:
+                    results.append(_run(system, args, replica_pipes[:replicas], workload))
+                    _write(args, _report(args, pipe, results))  # a run cut short keeps what it measured
     report = _report(args, pipe, results)
     if args.out:
         _plot(report, Path(args.out).with_suffix(".png"))
@@ -125,11 +140,13 @@ def _workload(args: argparse.Namespace, masks: int, images: int) -> Workload:
     return make_workload(images, masks, waves, seed=masks * 1000 + images)
 
 
-def _run(system: str, args: argparse.Namespace, pipe, workload: Workload) -> Measurement:
+def _run(system: str, args: argparse.Namespace, pipes: list, workload: Workload) -> Measurement:
+    """`system` on `workload`: the server systems with one engine replica per pipeline, the others on the first."""
+    pipe = pipes[0]
     if system in ("engine", "engine-fast"):
         m = run_engine(pipe, workload, args.new_tokens, args.max_rows, args.kv_cache_gb, system == "engine-fast")
     elif system in ("server", "server-fast"):
-        m = run_server(pipe, workload, args.new_tokens, args.max_rows, args.kv_cache_gb, system == "server-fast")
+        m = run_server(pipes, workload, args.new_tokens, args.max_rows, args.kv_cache_gb, system == "server-fast")
     elif system == "vllm":
         from bench.serve_vllm import run_vllm
 
@@ -153,14 +170,14 @@ def _report(args: argparse.Namespace, pipe, results: list[Measurement]) -> dict:
         commit = None
     settings = {"model": args.model or args.preset, "dtype": str(pipe.model.dtype), "new_tokens": args.new_tokens,
                 "task": "short", "greedy": True, "eos": "ignored", "waves": args.waves, "max_rows": args.max_rows,
-                "torch": torch.__version__}
+                "devices": args.devices or [args.device], "torch": torch.__version__}
     return {"device": device, "commit": commit, "settings": settings, "results": [summarize(m) for m in results],
-            "summary": _speedups(results)}
+            "summary": _speedups(results), "replica_scaling": _replica_scaling(results)}
 
 
 def _speedups(results: list[Measurement]) -> list[dict]:
-    """Each engine (default and fast kernels) against the other systems per configuration."""
-    by_key = {(m.system, m.masks_per_image, m.images_in_flight): m for m in results}
+    """Each engine (default and fast kernels) against the other systems per configuration (one replica each)."""
+    by_key = {(m.system, m.masks_per_image, m.images_in_flight): m for m in results if m.replicas == 1}
     official = next((m for m in results if m.system == "official"), None)
     rows = []
     for (system, masks, images), m in by_key.items():
@@ -178,18 +195,37 @@ def _speedups(results: list[Measurement]) -> list[dict]:
     return rows
 
 
+def _replica_scaling(results: list[Measurement]) -> list[dict]:
+    """A server system on N replicas against the same on one: regions/s ratio, and that ratio per device."""
+    single = {(m.system, m.masks_per_image, m.images_in_flight): m for m in results if m.replicas == 1}
+    rows = []
+    for m in results:
+        one = single.get((m.system, m.masks_per_image, m.images_in_flight))
+        if m.replicas > 1 and one is not None:
+            speedup = m.regions_per_s / one.regions_per_s
+            rows.append({"system": m.system, "masks_per_image": m.masks_per_image,
+                         "images_in_flight": m.images_in_flight, "replicas": m.replicas,
+                         "regions_per_s": m.regions_per_s, "over_1_replica": speedup,
+                         "per_device_efficiency": speedup / m.replicas})
+    return rows
+
+
+def _label(result: dict) -> str:
+    return result["system"] + (f" x{result['replicas']}" if result["replicas"] > 1 else "")
+
+
 def _plot(report: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    systems = sorted({r["system"] for r in report["results"] if r["system"] != "official"})
+    systems = sorted({_label(r) for r in report["results"] if r["system"] != "official"})
     configs = sorted({(r["masks_per_image"], r["images_in_flight"]) for r in report["results"] if r["system"] != "official"})
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(configs)), 4))
     width = 0.8 / max(1, len(systems))
     for i, system in enumerate(systems):
-        values = [next((r["regions_per_s"] for r in report["results"] if r["system"] == system
+        values = [next((r["regions_per_s"] for r in report["results"] if _label(r) == system
                         and (r["masks_per_image"], r["images_in_flight"]) == c), 0.0) for c in configs]
         ax.bar(np.arange(len(configs)) + i * width, values, width, label=system)
     ax.set_xticks(np.arange(len(configs)) + width * (len(systems) - 1) / 2,

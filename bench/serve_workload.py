@@ -67,6 +67,7 @@ class Measurement:
     masks_per_image: int
     images_in_flight: int
     new_tokens: int
+    replicas: int = 1  # the server systems: engine replicas, one per device (`osprey serve --devices`)
     seconds: float = 0.0
     region_latencies: list[float] = field(default_factory=list)
     request_latencies: list[float] = field(default_factory=list)
@@ -113,7 +114,7 @@ def summarize(m: Measurement) -> dict:
         return float(np.percentile(values, q)) if values else None
 
     return {"system": m.system, "masks_per_image": m.masks_per_image, "images_in_flight": m.images_in_flight,
-            "regions": len(m.region_latencies), "seconds": m.seconds, "regions_per_s": m.regions_per_s,
+            "replicas": m.replicas, "regions": len(m.region_latencies), "seconds": m.seconds, "regions_per_s": m.regions_per_s,
             "output_tokens_per_s": m.regions_per_s * m.new_tokens,
             "p50_region_s": pct(m.region_latencies, 50), "p99_region_s": pct(m.region_latencies, 99),
             "p50_request_s": pct(m.request_latencies, 50), "p99_request_s": pct(m.request_latencies, 99),
@@ -220,27 +221,39 @@ def _sync(device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------- the HTTP server
 
 
-def run_server(pipe: OspreyPipeline, workload: Workload, new_tokens: int, max_rows: int,
+def run_server(pipes: list[OspreyPipeline], workload: Workload, new_tokens: int, max_rows: int,
                kv_cache_gb: float | None, fast_kernels: bool = False) -> Measurement:
-    """`osprey serve`'s app (real uvicorn on loopback, in this process) with concurrent HTTP clients; with
-    `fast_kernels` (`osprey serve --fast-kernels`), the system is named `server-fast`."""
+    """`osprey serve`'s app (real uvicorn on loopback, in this process) with concurrent HTTP clients, one engine
+    replica per pipeline (`osprey serve --devices`); with `fast_kernels` (`osprey serve --fast-kernels`), the system
+    is named `server-fast`. Peak memory: the largest of the devices'."""
     from serve.background import BackgroundServer
     from serve.config import ServeConfig
     from serve.engine import PipelineBackend
 
-    config = ServeConfig(model="bench", device=str(pipe.device), max_batch_size=max_rows, kv_cache_gb=kv_cache_gb,
+    devices = tuple(str(pipe.device) for pipe in pipes)
+    config = ServeConfig(model="bench", devices=devices, max_batch_size=max_rows, kv_cache_gb=kv_cache_gb,
                          max_tokens_limit=new_tokens, max_row_tokens=new_tokens + 256, max_queue=4096,
                          max_regions=max(64, workload.masks_per_image), request_timeout_s=3600.0, batch_wait_ms=2.0,
                          fast_kernels=fast_kernels)
-    backend = PipelineBackend("bench", str(pipe.device), size=config.engine_size, pipeline=pipe)
-    m = Measurement("server-fast" if fast_kernels else "server", workload.masks_per_image, workload.images_in_flight, new_tokens)
-    with BackgroundServer(config, backend) as server:
-        asyncio.run(_http_clients(server.url, make_workload(1, 2, 1, seed=99), new_tokens,
+    backends = [PipelineBackend("bench", device, size=config.engine_size, pipeline=pipe)
+                for device, pipe in zip(devices, pipes)]
+    m = Measurement("server-fast" if fast_kernels else "server", workload.masks_per_image, workload.images_in_flight,
+                    new_tokens, replicas=len(pipes))
+    with BackgroundServer(config, backends) as server:
+        # two images per replica at once: the least-loaded dispatch gives every replica work (graphs, compilation)
+        asyncio.run(_http_clients(server.url, make_workload(2 * len(pipes), 2, 1, seed=99), new_tokens,
                                   Measurement("warm-up", 1, 1, new_tokens)))
-        _reset_memory(pipe.device)
+        cold = [engine.replica for engine in server.engine.engines if not engine.metrics.registry.get_sample_value(
+            "osprey_replica_requests_total", {"replica": str(engine.replica)})]
+        if cold:
+            print(f"warning: replicas {cold} got no warm-up request; their first batches are timed cold")
+        for pipe in pipes:
+            _reset_memory(pipe.device)
         asyncio.run(_http_clients(server.url, workload, new_tokens, m))
-        m.peak_mem_gb = _peak_memory(pipe.device)
-    del backend.session  # free the server's KV pool before the next configuration
+        peaks = [_peak_memory(pipe.device) for pipe in pipes]
+        m.peak_mem_gb = None if None in peaks else max(peaks)
+    for backend in backends:
+        del backend.session  # free the server's KV pools before the next configuration
     return m
 
 

@@ -131,7 +131,7 @@ def api_checks(client, request, report: Report, cancel_tokens: int = 0) -> None:
 def _cancel_check(client, chat_body: dict, report: Report, max_tokens: int) -> None:
     """A streamed chat closed after its first chunk: its row must leave the backend long before `max_tokens` tokens
     (at 7B, 1,024 tokens take over 10 s; a cancelled row goes within about a second: the disconnect poll)."""
-    backend = client.app.state.engine.backend
+    backend = client.app.state.engine.engines[0].backend
     started = time.perf_counter()
     body = {**chat_body, "stream": True, "max_tokens": max_tokens}
     with client.stream("POST", "/v1/chat/completions", json=body) as stream:
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     backend = VllmBackend(str(folder), VllmSize(gpu_memory_utilization=args.gpu_memory_utilization,
                                                 enforce_eager=not args.graphs, max_regions=64))
-    app = create_app(ServeConfig(model=str(folder), max_regions=64, request_timeout_s=300), backend)
+    app = create_app(ServeConfig(model=str(folder), max_regions=64, request_timeout_s=300), [backend])
     started = time.perf_counter()
     with TestClient(app) as client:
         while client.get("/health").status_code != 200:

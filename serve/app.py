@@ -1,7 +1,7 @@
 """The FastAPI application: OpenAI chat completions, native region descriptions, models, health, metrics.
 
-Built by `create_app(config, backend)`; the routes live on `router` and read the server's state (config, engine,
-limits) from `app.state.server`; the engine starts in the lifespan and drains on shutdown. Fixed request rules
+Built by `create_app(config, backends)`; the routes live on `router` and read the server's state (config, engine
+replicas, limits) from `app.state.server`; the engines start in the lifespan and drain on shutdown. Fixed request rules
 are in the pydantic schemas (serve.schemas); the rules that depend on the server's settings are checked here.
 """
 
@@ -34,6 +34,7 @@ from .engine import Backend, ClientGone, Engine, Job, PipelineBackend, RowDone, 
 from .errors import APIError, bad_request
 from .guard import GuardMiddleware, add_error_handlers
 from .metrics import Metrics
+from .replicas import EngineReplicas
 from .schemas import (
     ERROR_RESPONSES,
     AssistantMessage,
@@ -49,6 +50,7 @@ from .schemas import (
     ModelCard,
     ModelList,
     RegionResult,
+    ReplicaHealth,
     Usage,
     regions_payload,
 )
@@ -61,20 +63,23 @@ class ServerState:
     """What every route reads: set on `app.state.server` by `create_app`."""
 
     config: ServeConfig
-    engine: Engine
+    engine: EngineReplicas  # one engine per device in config.devices
     metrics: Metrics
     limits: inputs.Limits
     created: int  # the served model's creation time in /v1/models
 
 
-def create_app(config: ServeConfig, backend: Backend | None = None, segmenters: Segmenters | None = None) -> FastAPI:
-    """The server for `config`; `backend` defaults to the in-process pipeline on `config.model`; `segmenters` are
-    the SAM models behind /v1/segment (none by default: those routes then say how to enable them)."""
+def create_app(config: ServeConfig, backends: list[Backend] | None = None,
+               segmenters: Segmenters | None = None) -> FastAPI:
+    """The server for `config`; `backends` (one per device in `config.devices`) default to the in-process pipeline
+    on `config.model`, loaded on each device; `segmenters` are the SAM models behind /v1/segment (none by default:
+    those routes then say how to enable them)."""
     metrics = Metrics()
-    backend = backend or PipelineBackend(config.model, config.device, config.dtype, config.cpu_threads,
-                                         config.engine_size)
-    engine = Engine(backend, metrics, batch_wait_ms=config.batch_wait_ms, max_queue=config.max_queue,
-                    image_cache_size=config.image_cache_size)
+    backends = backends or [PipelineBackend(config.model, device, config.dtype, config.cpu_threads, config.engine_size)
+                            for device in config.devices]
+    engine = EngineReplicas([Engine(backend, metrics, replica=i, batch_wait_ms=config.batch_wait_ms,
+                                    max_queue=config.max_queue, image_cache_size=config.image_cache_size)
+                             for i, backend in enumerate(backends)], config.devices, metrics)
     limits = inputs.Limits(config.max_image_pixels, config.max_image_side)
     inputs.set_pil_limits(limits)
 
@@ -117,11 +122,12 @@ DESCRIBE_MAX_TOKENS = 64  # a describe request's default: a short answer per reg
 
 @router.get("/health", response_model=Health, responses={503: {"model": Health, "description": "loading, or failed"}})
 async def health(server: Server) -> Response:
-    if server.engine.load_error is not None:
-        return JSONResponse({"status": "error", "error": server.engine.load_error}, status_code=503)
-    if not server.engine.ready.is_set():
-        return JSONResponse({"status": "loading"}, status_code=503)
-    return JSONResponse({"status": "ok"})
+    """ok (200) once every engine replica is loaded; loading or error (503) before; each replica's state."""
+    engine = server.engine
+    replicas = [ReplicaHealth(replica=e.replica, device=device, status=e.status, open_rows=e.open_rows)
+                for e, device in zip(engine.engines, engine.devices)]
+    body = Health(status=engine.status, error=engine.load_error, replicas=replicas)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if body.status == "ok" else 503)
 
 
 @router.get("/v1/models")
@@ -335,7 +341,7 @@ async def _chat_image_and_masks(conv: ChatConversation, body: ChatCompletionRequ
 RowEvents = AsyncIterator[RowText | RowDone]
 
 
-async def _start(engine: Engine, job: Job, request: Request) -> tuple[RowEvents, RowText | RowDone]:
+async def _start(engine: EngineReplicas, job: Job, request: Request) -> tuple[RowEvents, RowText | RowDone]:
     """Wait for the job's first event, so errors found by the worker (bad prompt, timeout) are still HTTP
     statuses, even for streams. Returns the event iterator and that first event."""
     events = engine.events(job, request.is_disconnected)

@@ -12,7 +12,8 @@ from osprey.segment import Segmenters
 
 from .app import create_app
 from .config import ServeConfig
-from .engine import Backend, Engine
+from .engine import Backend
+from .replicas import EngineReplicas
 
 
 def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
@@ -32,12 +33,12 @@ def listening_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
 class BackgroundServer:
     """`with BackgroundServer(config) as server:` serves on `server.url` until the block ends (graceful stop)."""
 
-    def __init__(self, config: ServeConfig, backend: Backend | None = None, host: str = "127.0.0.1",
+    def __init__(self, config: ServeConfig, backends: list[Backend] | None = None, host: str = "127.0.0.1",
                  port: int | None = None, wait_ready: bool = True, startup_timeout_s: float = 60.0,
                  segmenters: Segmenters | None = None) -> None:
         import uvicorn
 
-        self.app = create_app(config, backend, segmenters)
+        self.app = create_app(config, backends, segmenters)
         self.socket = listening_socket(host, port or 0)
         self.host, self.port = host, int(self.socket.getsockname()[1])
         self.url = f"http://{host}:{self.port}"
@@ -49,7 +50,7 @@ class BackgroundServer:
                                        name="osprey-server", daemon=True)
 
     @property
-    def engine(self) -> Engine:
+    def engine(self) -> EngineReplicas:
         return self.app.state.engine
 
     def start(self) -> BackgroundServer:

@@ -35,7 +35,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--port", type=int, default=8000, help="TCP port")
     serve.add_argument("--api-key", default=os.environ.get("OSPREY_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $OSPREY_API_KEY; none = open)")
-    serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    where = serve.add_mutually_exclusive_group()
+    where.add_argument("--device", default=None, help="cpu, cuda or cuda:N: one engine (default: cpu)")
+    where.add_argument("--devices", nargs="+", default=None, metavar="DEVICE",
+                       help="one engine replica per device (e.g. --devices cuda:0 cuda:1), each request to the least "
+                            "loaded; embeddings and SAM run on the first (docs/serve.md, Several GPUs)")
     serve.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="weights dtype (default: the folder's)")
     serve.add_argument("--cpu-threads", type=int, default=None,
@@ -176,7 +180,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         return 2
     try:
         config = ServeConfig(
-            model=model, served_model_name=args.served_model_name, device=args.device, dtype=args.dtype,
+            model=model, served_model_name=args.served_model_name, devices=tuple(args.devices or [args.device or "cpu"]),
+            dtype=args.dtype,
             cpu_threads=args.cpu_threads,
             api_key=args.api_key or None, allow_image_urls=args.allow_image_urls,
             max_batch_size=8 if args.max_batch_size is None else args.max_batch_size, batch_wait_ms=args.batch_wait_ms, max_queue=args.max_queue,
@@ -190,7 +195,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         from osprey.segment import SegmenterLoadError, Segmenters
 
-        segmenters = Segmenters.load(args.sam, args.sam3, args.device)
+        segmenters = Segmenters.load(args.sam, args.sam3, config.device)
     except SegmenterLoadError as exc:
         print(f"osprey serve: {exc}", file=sys.stderr)
         return 2
@@ -199,9 +204,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     backend = _vllm_backend(args, config) if args.backend == "vllm" else None
     if args.backend == "vllm" and backend is None:
         return 2
-    log.info("serving %s as %r on http://%s:%d (%s)", model, config.model_name, args.host, args.port, args.backend)
+    log.info("serving %s as %r on http://%s:%d (%s on %s)", model, config.model_name, args.host, args.port,
+             args.backend, ", ".join(config.devices))
     log.info("playground: http://%s:%d/ui/", args.host, args.port)
-    uvicorn.run(create_app(config, backend, segmenters=segmenters), host=args.host, port=args.port,
+    uvicorn.run(create_app(config, None if backend is None else [backend], segmenters=segmenters),
+                host=args.host, port=args.port,
                 log_level=args.log_level,
                 timeout_graceful_shutdown=max(1, int(config.request_timeout_s)))
     if backend is not None:
@@ -213,6 +220,10 @@ def _vllm_backend(args: argparse.Namespace, config):
     """The vLLM backend for `osprey serve --backend vllm`, or None (with the reason printed) when vLLM is missing."""
     import importlib.util
 
+    if len(config.devices) > 1:
+        print("osprey serve: --devices runs engine replicas; --backend vllm spreads one model over GPUs with "
+              "--tensor-parallel-size instead", file=sys.stderr)
+        return None
     if importlib.util.find_spec("vllm") is None:
         print("osprey serve: --backend vllm needs vLLM (a CUDA GPU machine): pip install 'osprey-regions[vllm]' "
               "(offline GPU machines: bench/gpu_install.sh; docs/vllm.md)", file=sys.stderr)

@@ -7,6 +7,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from osprey import default_model_path
 
 from .engine import EngineSize
@@ -19,7 +21,9 @@ _RUN_OUTPUT_NAMES = ("final", "latest", "best", "last")  # folder names a traini
 class ServeConfig:
     model: str  # model folder (osprey model init / convert output)
     served_model_name: str = ""  # name in /v1/models and responses; "" = the folder's name
-    device: str = "cpu"
+    # one engine replica (model, KV pool, worker thread) per entry, requests to the least loaded (serve.replicas);
+    # a device may repeat (several replicas on one device); embeddings and SAM run on the first
+    devices: tuple[str, ...] = ("cpu",)
     dtype: str | None = None  # None = the folder's dtype (pipeline default)
     cpu_threads: int | None = None  # torch threads on CPU; None = all cores but one (one is the event loop's)
     api_key: str | None = None  # when set, /v1/* need `Authorization: Bearer KEY`
@@ -62,8 +66,23 @@ class ServeConfig:
                              f"({self.max_tokens_limit}): a row holds its prompt and its answer")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be >= 1, got {self.cpu_threads}")
+        self._check_devices()
         if self.request_timeout_s <= 0 or self.body_timeout_s <= 0 or self.batch_wait_ms < 0:
             raise ValueError("request_timeout_s and body_timeout_s must be > 0, batch_wait_ms >= 0")
+
+    def _check_devices(self) -> None:
+        if not isinstance(self.devices, tuple) or not self.devices:
+            raise ValueError(f"devices must be a non-empty tuple of device names, got {self.devices!r}")
+        for device in self.devices:
+            try:
+                torch.device(device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"invalid device {device!r}: use cpu, cuda or cuda:N") from None
+
+    @property
+    def device(self) -> str:
+        """The first device: where the side models run (the embeddings' text tower, SAM)."""
+        return self.devices[0]
 
     @property
     def engine_size(self) -> EngineSize:

@@ -6,7 +6,8 @@ them to the backend's decoder, which runs rows of many jobs together: a job's ro
 and leave as each finishes, so a long answer never holds a short one back. Events (text deltas, finished rows,
 errors) flow back to the event loop thread-safely. A cancelled job (client gone, timeout) frees its rows' slots at
 the next step. One-shot work that generates nothing (likelihood scoring: classify, query) comes as a `Task`,
-run by the same thread between two steps with the image from the same cache (`Engine.run`).
+run by the same thread between two steps with the image from the same cache (`Engine.submit_task`). A server on
+several devices runs one `Engine` per device (serve.replicas dispatches between them); `replica` labels its metrics.
 """
 
 from __future__ import annotations
@@ -123,9 +124,14 @@ class PipelineBackend:
         self._scorer: AnswerScorer | None = None
 
     def load(self) -> None:
+        """Runs on the engine's worker thread, which then owns this device: CUDA's current device is per thread,
+        and CUDA graphs and Triton kernels launch on it, so a replica on cuda:1 makes it the thread's own."""
         import torch
 
-        if self.device.startswith("cpu"):
+        device = torch.device(self.device)
+        if device.type == "cuda" and device.index is not None:
+            torch.cuda.set_device(device)
+        if device.type == "cpu":
             threads = self.cpu_threads or max(1, len(os.sched_getaffinity(0)) - 1)
             torch.set_num_threads(threads)
             log.info("CPU decoding with %d torch threads", threads)
@@ -134,8 +140,8 @@ class PipelineBackend:
         pool = self.pipe.engine_pool(self.size.max_rows, self.size.max_row_tokens, self.size.kv_cache_gb,
                                      self.size.rows_per_image)
         self.session = self.pipe.session(pool, fast_kernels=self.size.fast_kernels)
-        log.info("engine pool: %d images x %d prefix tokens, %d rows x %d tokens", pool.prefix_slots,
-                 pool.prefix_tokens, pool.row_slots, pool.suffix_tokens)
+        log.info("engine pool on %s: %d images x %d prefix tokens, %d rows x %d tokens", self.device,
+                 pool.prefix_slots, pool.prefix_tokens, pool.row_slots, pool.suffix_tokens)
 
     def encode_image(self, image: Image.Image) -> EncodedImage:
         return self.pipe.encode_image(image)
@@ -235,6 +241,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
+    replica: int = 0  # the engine replica that runs it (serve.replicas: its events come from that engine)
 
     def emit(self, event: JobEvent) -> None:
         if not self.cancelled.is_set():
@@ -259,6 +266,7 @@ class Task:
     loop: asyncio.AbstractEventLoop
     deadline: float
     future: asyncio.Future
+    replica: int = 0  # the engine replica that runs it
 
     def resolve(self, result: Any = None, error: APIError | None = None) -> None:
         def settle() -> None:
@@ -294,6 +302,19 @@ class _Live:
 _STOP = object()
 
 
+def admission_error(load_error: str | None, ready: bool, closing: bool) -> APIError | None:
+    """Why no request can be admitted now (503: the model failed to load, is loading, or the server is stopping),
+    or None; for one engine and for the replicas together (serve.replicas)."""
+    if load_error is not None:
+        return APIError(503, f"the model failed to load: {load_error}", code="model_load_failed")
+    if not ready:
+        return APIError(503, "the model is still loading; retry shortly", code="model_loading",
+                        headers={"Retry-After": "5"})
+    if closing:
+        return APIError(503, "the server is shutting down", code="shutting_down")
+    return None
+
+
 class ClientGone(Exception):
     """The client disconnected; its job has been cancelled."""
 
@@ -302,21 +323,26 @@ class ClientGone(Exception):
 
 
 class Engine:
-    def __init__(self, backend: Backend, metrics: Metrics, *, batch_wait_ms: float = 5.0, max_queue: int = 64,
-                 image_cache_size: int = 16) -> None:
+    def __init__(self, backend: Backend, metrics: Metrics, *, replica: int = 0, batch_wait_ms: float = 5.0,
+                 max_queue: int = 64, image_cache_size: int = 16) -> None:
         self.backend = backend
         self.metrics = metrics
+        self.replica = replica
+        self._label = str(replica)  # the `replica` label of its metrics
         self._live: dict[int, _Live] = {}
         self._row_ids = itertools.count()
         self.batch_wait_s = batch_wait_ms / 1000.0
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
         self._cache: collections.OrderedDict[str, object] = collections.OrderedDict()  # backend-encoded images
         self._cache_size = image_cache_size
-        self._thread = threading.Thread(target=self._main, name="osprey-engine", daemon=True)
+        self._thread = threading.Thread(target=self._main, name=f"osprey-engine-{replica}", daemon=True)
         self._inflight: set[Job] = set()
+        self.open_rows = 0  # rows of admitted jobs not yet done + scoring tasks not yet answered (event-loop side)
         self.ready = threading.Event()
         self.load_error: str | None = None
         self.closing = False
+        for gauge in ("model_loaded", "queue_depth", "running", "open_rows"):  # each replica listed from the start
+            metrics.set(gauge, 0, replica=self._label)
 
     # ------------------------------------------------------------------ lifecycle (event-loop side)
 
@@ -350,37 +376,50 @@ class Engine:
     def submit(self, image: Image.Image, image_key: str, rows: list[RowSpec], timeout_s: float) -> Job:
         """Admit a job or raise APIError: 503 while loading / shutting down, 429 when the queue is full."""
         job = Job(image=image, image_key=image_key, rows=rows, loop=asyncio.get_running_loop(),
-                  deadline=time.monotonic() + timeout_s)
+                  deadline=time.monotonic() + timeout_s, replica=self.replica)
         self._enqueue(job)
         self._inflight.add(job)
+        self._open(len(rows))
         return job
 
-    async def run(self, image: Image.Image, image_key: str, work: Callable[[Backend, EncodedImage], Any],
-                  timeout_s: float) -> Any:
-        """Run `work(backend, encoded image)` on the worker thread (between decoding steps) and return its result;
-        raises what `submit` raises, the APIError `work` raises, 400 for its ValueError, 504 on timeout."""
+    def submit_task(self, image: Image.Image, image_key: str, work: Callable[[Backend, EncodedImage], Any],
+                    timeout_s: float) -> Task:
+        """Admit `work(backend, encoded image)`, to run on the worker thread between decoding steps, or raise what
+        `submit` raises; `result` awaits it."""
         loop = asyncio.get_running_loop()
-        task = Task(image, image_key, work, loop, time.monotonic() + timeout_s, loop.create_future())
+        task = Task(image, image_key, work, loop, time.monotonic() + timeout_s, loop.create_future(), self.replica)
         self._enqueue(task)
+        self._open(1)
+        return task
+
+    async def result(self, task: Task) -> Any:
+        """The admitted task's result; raises the APIError its work raises, 400 for its ValueError, 504 on timeout."""
         try:
-            return await asyncio.wait_for(task.future, timeout=timeout_s)
+            return await asyncio.wait_for(task.future, timeout=max(0.0, task.deadline - time.monotonic()))
         except asyncio.TimeoutError:
             raise APIError(504, "the request timed out before scoring finished", code="timeout") from None
+        finally:
+            self._open(-1)
+
+    def _open(self, rows: int) -> None:
+        self.open_rows += rows
+        self.metrics.set("open_rows", self.open_rows, replica=self._label)
+
+    @property
+    def status(self) -> str:
+        """/health's word for this engine: loading, ok, or error (the model failed to load)."""
+        return "error" if self.load_error is not None else "ok" if self.ready.is_set() else "loading"
 
     def _enqueue(self, item: Job | Task) -> None:
-        if self.load_error is not None:
-            raise APIError(503, f"the model failed to load: {self.load_error}", code="model_load_failed")
-        if not self.ready.is_set():
-            raise APIError(503, "the model is still loading; retry shortly", code="model_loading",
-                           headers={"Retry-After": "5"})
-        if self.closing:
-            raise APIError(503, "the server is shutting down", code="shutting_down")
+        refused = admission_error(self.load_error, self.ready.is_set(), self.closing)
+        if refused is not None:
+            raise refused
         try:
             self._queue.put_nowait(item)
         except queue.Full:
             raise APIError(429, "the server is busy: too many queued requests; retry later", code="queue_full",
                            headers={"Retry-After": "1"}) from None
-        self.metrics.set("queue_depth", self._queue.qsize())
+        self.metrics.set("queue_depth", self._queue.qsize(), replica=self._label)
 
     async def events(self, job: Job, is_disconnected: Callable[[], Awaitable[bool]] | None = None
                      ) -> AsyncIterator[RowText | RowDone]:
@@ -404,10 +443,12 @@ class Engine:
                     raise event.error
                 if isinstance(event, RowDone):
                     remaining -= 1
+                    self._open(-1)
                 yield event
         finally:
             if remaining:
                 job.cancelled.set()
+                self._open(-remaining)
             self._inflight.discard(job)
 
     # ------------------------------------------------------------------ worker thread
@@ -420,8 +461,8 @@ class Engine:
             self.load_error = f"{type(exc).__name__}: {exc}"
             return
         self.ready.set()
-        self.metrics.set("model_loaded", 1)
-        log.info("model loaded; engine ready")
+        self.metrics.set("model_loaded", 1, replica=self._label)
+        log.info("engine %d: model loaded, ready", self.replica)
         stopping = False
         while not stopping or self.backend.has_work:
             if not stopping:
@@ -429,7 +470,7 @@ class Engine:
             self._drop_cancelled()
             if self.backend.has_work:
                 self._step()
-        log.info("engine stopped")
+        log.info("engine %d stopped", self.replica)
 
     def _take(self, wait: bool) -> bool:
         """Admit queued jobs (when idle, block for one and give others `batch_wait` to arrive); True on stop."""
@@ -450,7 +491,7 @@ class Engine:
             if item is _STOP:
                 return True
             self._admit(item)
-        self.metrics.set("queue_depth", self._queue.qsize())
+        self.metrics.set("queue_depth", self._queue.qsize(), replica=self._label)
         return False
 
     def _admit(self, job: Job | Task) -> None:
@@ -557,9 +598,9 @@ class Engine:
             if live is not None:
                 tokens += event.token_id is not None
                 self._on_event(live, event)
-        self.metrics.set("running", self.backend.live_rows)
+        self.metrics.set("running", self.backend.live_rows, replica=self._label)
         if events:  # an asynchronous backend (vLLM) may have had nothing new within its wait
-            self.metrics.batch_done(len(events), tokens, time.perf_counter() - started)
+            self.metrics.batch_done(self._label, len(events), tokens, time.perf_counter() - started)
 
     def _on_event(self, live: _Live, event: StreamEvent) -> None:
         if event.finish_reason == "error":  # the backend failed this row alone (vLLM: its request failed)

@@ -397,9 +397,19 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 # ---------------------------------------------------------------------------------------------- models
 
 
-class Health(BaseModel):
+class ReplicaHealth(BaseModel):
+    """One engine replica (serve.replicas): its index and device in --devices, state and open rows."""
+
+    replica: int
+    device: str
     status: Literal["ok", "loading", "error"]
+    open_rows: int  # region rows queued or decoding (a scoring request counts one): what dispatch balances
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "error"]  # ok once every replica is loaded; error when one failed
     error: str | None = None
+    replicas: list[ReplicaHealth] = []
 
 
 class ModelCard(BaseModel):

@@ -40,7 +40,7 @@ def test_engine_on_cuda_answers_what_the_cuda_pipeline_answers(tiny_model_dir, c
     from serve.background import BackgroundServer
     from serve.config import ServeConfig
 
-    config = ServeConfig(model=str(tiny_model_dir), device="cuda", dtype="float32")
+    config = ServeConfig(model=str(tiny_model_dir), devices=("cuda",), dtype="float32")
     boxes = [{"box": [10, 5, 30, 15]}, {"box": [0, 0, 72, 48]}]
     with BackgroundServer(config) as server:
         r = httpx.post(server.url + "/v1/regions/describe", timeout=120, json={

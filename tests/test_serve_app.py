@@ -114,7 +114,8 @@ def describe(server, **body) -> httpx.Response:
 
 
 def test_health_models_metrics(server, client):
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/health").json() == {
+        "status": "ok", "replicas": [{"replica": 0, "device": "cpu", "status": "ok", "open_rows": 0}]}
     assert [m.id for m in client.models.list().data] == [NAME]
     describe(server)
     text = httpx.get(server.url + "/metrics").text

@@ -29,3 +29,20 @@ def test_serve_bench_times_every_system_on_every_region(tmp_path):
     engine = summary["engine"]
     assert engine["over_server"] == by_system["engine"]["regions_per_s"] / by_system["server"]["regions_per_s"]
     assert summary["engine-fast"]["over_engine"] * engine["over_engine-fast"] == pytest.approx(1.0)
+
+
+def test_serve_bench_measures_the_server_on_one_replica_and_on_all(tmp_path):
+    """--devices cpu cpu: the server system on one replica and on two (two models in the process), and the scaling
+    row compares them; the engine system runs once, on the first device."""
+    report = serve_bench.main(["--preset", "tiny", "--devices", "cpu", "cpu", "--systems", "engine", "server",
+                               "--masks", "2", "--images", "4", "--waves", "1", "--new-tokens", "3",
+                               "--out", str(tmp_path / "replicas.json")])
+    runs = {(r["system"], r["replicas"]): r for r in report["results"]}
+    assert set(runs) == {("engine", 1), ("server", 1), ("server", 2)}
+    assert all(r["regions"] == 2 * 4 for r in runs.values())
+    assert report["settings"]["devices"] == ["cpu", "cpu"]
+    [scaling] = report["replica_scaling"]
+    assert scaling["replicas"] == 2
+    assert scaling["over_1_replica"] == runs[("server", 2)]["regions_per_s"] / runs[("server", 1)]["regions_per_s"]
+    assert scaling["per_device_efficiency"] == pytest.approx(scaling["over_1_replica"] / 2)
+    assert report["summary"][0]["over_server"] == runs[("engine", 1)]["regions_per_s"] / runs[("server", 1)]["regions_per_s"]

@@ -89,12 +89,12 @@ def test_client_disconnect_stops_decoding_and_drops_queued_rows(model_dir):
             "regions": [{"box": [2, 2, 10, 8]}], "messages": [{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": "data:image/png;base64," + payload()["image"]}},
                 {"type": "text", "text": "Describe <region1> in detail."}]}]}
-    with BackgroundServer(config, backend) as server:
+    with BackgroundServer(config, [backend]) as server:
         chat["model"] = httpx.get(server.url + "/v1/models").json()["data"][0]["id"]
         with httpx.stream("POST", server.url + "/v1/chat/completions", json=chat, timeout=60) as r:
             assert r.status_code == 200
             next(r.iter_lines())  # the first rows have begun; now hang up
-        _wait_for(lambda: not server.engine._inflight, "the server to notice the client is gone")
+        _wait_for(lambda: not server.engine.open_rows, "the server to notice the client is gone")
         backend.go.set()
         follow_up = httpx.post(server.url + "/v1/regions/describe", json=payload())
         assert follow_up.status_code == 200
@@ -111,7 +111,7 @@ def test_a_full_queue_answers_429_and_every_admitted_request_completes(model_dir
 
     backend = SteppedBackend(str(model_dir))
     config = ServeConfig(model=str(model_dir), max_batch_size=2, max_queue=2)
-    with BackgroundServer(config, backend) as server:
+    with BackgroundServer(config, [backend]) as server:
         async def scenario() -> tuple[list[httpx.Response], list[httpx.Response]]:
             async with httpx.AsyncClient(timeout=60) as http:
                 def post():
@@ -121,7 +121,7 @@ def test_a_full_queue_answers_429_and_every_admitted_request_completes(model_dir
                 running = post()
                 await asyncio.to_thread(_wait_for, backend.busy.is_set, "the first batch")
                 queued = [post() for _ in range(2)]
-                await asyncio.to_thread(_wait_for, lambda: _metric(server, "osprey_queue_depth") == 2, "a full queue")
+                await asyncio.to_thread(_wait_for, lambda: _metric(server, 'osprey_queue_depth{replica="0"}') == 2, "a full queue")
                 refused = [await post() for _ in range(2)]
                 backend.go.set()
                 return [await running, *[await q for q in queued]], refused
@@ -149,7 +149,7 @@ def test_the_server_port_is_held_from_construction_to_stop():
 
 def test_health_is_503_until_the_model_is_loaded(model_dir):
     backend = GatedBackend(str(model_dir))
-    with BackgroundServer(ServeConfig(model=str(model_dir)), backend, wait_ready=False) as server:
+    with BackgroundServer(ServeConfig(model=str(model_dir)), [backend], wait_ready=False) as server:
         health = httpx.get(server.url + "/health")
         assert health.status_code == 503 and health.json()["status"] == "loading"
         r = httpx.post(server.url + "/v1/regions/describe", json=payload())
@@ -206,7 +206,7 @@ def test_graceful_shutdown_finishes_requests_in_flight(model_dir):
     caller = threading.Thread(target=call)
     caller.start()
     deadline = time.monotonic() + 10
-    while not server.engine._inflight:  # the request is admitted: now ask the server to stop
+    while not server.engine.open_rows:  # the request is admitted: now ask the server to stop
         assert time.monotonic() < deadline
         time.sleep(0.005)
     server.stop()

@@ -115,7 +115,7 @@ def test_rows_get_the_pipelines_answers_and_counts(tiny_pipeline):
     assert _sample(metrics, "osprey_prompt_tokens_total") == sum(g.prompt_tokens for g in expected)
     assert _sample(metrics, "osprey_time_to_first_token_seconds_count") == 1  # once per job, not per row
     assert _sample(metrics, "osprey_image_cache_total", result="miss") == 1
-    assert _sample(metrics, "osprey_model_loaded") == 1
+    assert _sample(metrics, "osprey_model_loaded", replica="0") == 1
     assert not engine._live and engine.backend.live_rows == 0
 
 
@@ -249,7 +249,7 @@ def test_admission_is_refused_while_loading_when_full_and_when_closing(tiny_pipe
             engine.submit(_image(), "img", rows, 30)  # the worker is not started: the model is not loaded
         engine.ready.set()  # as the worker does after loading; no worker takes jobs off the queue here
         engine.submit(_image(), "img", rows, 30)
-        depth = _sample(metrics, "osprey_queue_depth")
+        depth = _sample(metrics, "osprey_queue_depth", replica="0")
         with pytest.raises(APIError) as full:
             engine.submit(_image(), "img", rows, 30)
         engine.closing = True
@@ -279,7 +279,7 @@ def test_a_model_that_fails_to_load_is_named_to_every_request(tmp_path):
     error = asyncio.run(scenario())
     assert (error.status, error.code) == (503, "model_load_failed")
     assert error.message.startswith("the model failed to load: ") and "absent" in error.message
-    assert _sample(metrics, "osprey_model_loaded") == 0
+    assert _sample(metrics, "osprey_model_loaded", replica="0") == 0
 
 
 def test_the_engine_pool_is_sized_from_the_engine_settings(tiny_pipeline):
