@@ -16,8 +16,8 @@ from PIL import Image
 
 from osprey import masks as mask_codecs
 from osprey.cli import main
-from serve.annotate import run_annotation
 from osprey.inference import SamplingParams
+from serve.annotate import run_annotation
 from serve.annotate_backends import AnnotateSettings, PipelineAnnotator, decode_item
 from serve.annotate_io import ImageItem, JsonlOutput, RegionItem, read_input, write_coco
 
@@ -290,10 +290,13 @@ def test_a_prompt_too_long_for_the_engine_fails_its_regions_with_the_reason(coco
     assert "undecodable mask" in reasons[99] and "cannot read image" in reasons[41]
 
 
-def test_a_consumer_that_stops_early_leaves_the_engine_ready_for_the_next_run(annotator, coco, full_run):
+def test_a_consumer_that_stops_early_leaves_the_engine_ready_for_the_next_run(tiny_pipeline, coco, full_run):
+    annotator = PipelineAnnotator(tiny_pipeline, AnnotateSettings("short", max_tokens=6), "tiny", max_rows=3)
     items = read_input(str(coco[0]), str(coco[1]))
     stream = annotator.map(items)
     next(stream)
     stream.close()  # rows of later images are still decoding: they are cancelled
+    annotator.session.step()  # the step that drops cancelled rows
+    assert not annotator.session.has_work
     texts = {r.id: r.text for res in annotator.map(items) for r in res.records}
     assert texts == {json.loads(line)["id"]: json.loads(line)["text"] for line in _lines(full_run)}
