@@ -153,7 +153,9 @@ class PipelineAnnotator:
         return cls(pipe, settings, Path(model_dir).name, fast_kernels=fast_kernels)
 
     def annotate(self, item: ImageItem) -> ImageResult:
-        return next(self.map([item]))
+        """One image through `map` (the Ray actors' call): the same session, the same path."""
+        [result] = self.map([item])
+        return result
 
     def map(self, items: Iterable[ImageItem]) -> Iterator[ImageResult]:
         """Admit images while fewer than `max_rows` rows are open, step the engine, and yield each image's result
