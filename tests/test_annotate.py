@@ -204,34 +204,6 @@ def test_bad_input_exits_2_with_a_message(argv, message, coco, tmp_path, capsys)
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.slow
-def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(coco, full_run, tiny_model_dir, tmp_path):
-    out = tmp_path / "out.jsonl"
-    path, images = coco
-    cmd = [sys.executable, "-m", "osprey.cli", "annotate", str(path), "--images", str(images), "--out", str(out),
-           "--model", str(tiny_model_dir), "--max-tokens", "6", "--no-progress", "--max-batch-size", "1"]
-    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-    deadline = time.monotonic() + 120
-    while not (out.exists() and out.stat().st_size) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert len(_lines(out)) < len(_lines(full_run))  # killed before the end
-    assert main(cmd[3:]) == 1
-    assert sorted(_lines(out)) == sorted(_lines(full_run))
-
-
-@pytest.mark.slow
-def test_ray_two_cpu_actors_give_the_in_process_answers(coco, full_run, tiny_model_dir, tmp_path):
-    ray = pytest.importorskip("ray")
-    out = tmp_path / "ray.jsonl"
-    try:
-        assert _annotate(coco, out, tiny_model_dir, "--ray", "--actors", "2") == 1
-    finally:
-        ray.shutdown()
-    assert sorted(_lines(out)) == sorted(_lines(full_run))
-
-
 # ---------------------------------------------------------------------------------------------- in-process engine
 
 
@@ -300,3 +272,31 @@ def test_a_consumer_that_stops_early_leaves_the_engine_ready_for_the_next_run(ti
     assert not annotator.session.has_work
     texts = {r.id: r.text for res in annotator.map(items) for r in res.records}
     assert texts == {json.loads(line)["id"]: json.loads(line)["text"] for line in _lines(full_run)}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_loses_and_duplicates_nothing(coco, full_run, tiny_model_dir, tmp_path):
+    out = tmp_path / "out.jsonl"
+    path, images = coco
+    cmd = [sys.executable, "-m", "osprey.cli", "annotate", str(path), "--images", str(images), "--out", str(out),
+           "--model", str(tiny_model_dir), "--max-tokens", "6", "--no-progress", "--max-batch-size", "1"]
+    proc = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    deadline = time.monotonic() + 120
+    while not (out.exists() and out.stat().st_size) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert len(_lines(out)) < len(_lines(full_run))  # killed before the end
+    assert main(cmd[3:]) == 1
+    assert sorted(_lines(out)) == sorted(_lines(full_run))
+
+
+@pytest.mark.slow
+def test_ray_two_cpu_actors_give_the_in_process_answers(coco, full_run, tiny_model_dir, tmp_path):
+    ray = pytest.importorskip("ray")
+    out = tmp_path / "ray.jsonl"
+    try:
+        assert _annotate(coco, out, tiny_model_dir, "--ray", "--actors", "2") == 1
+    finally:
+        ray.shutdown()
+    assert sorted(_lines(out)) == sorted(_lines(full_run))
