@@ -19,6 +19,7 @@ import gc
 import json
 import platform
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _run_annotate(pipe, requests: list[Request], args: argparse.Namespace) -> dict:
-    """`run_annotation` over the requests written as a COCO dataset; a warm-up image first, on the same session."""
+    """`run_annotation` over the requests written as a COCO dataset, after a warm-up on the same session."""
     gc.collect()  # the engine run's KV pool goes before the annotator sizes its own
     settings = AnnotateSettings("short", max_tokens=args.new_tokens)
     annotator = PipelineAnnotator(pipe, settings, "bench", max_rows=args.max_rows, fast_kernels=args.fast_kernels)
@@ -85,7 +86,9 @@ def _run_annotate(pipe, requests: list[Request], args: argparse.Namespace) -> di
         root = Path(folder)
         coco = write_coco_dataset(requests, root / "images", root / "instances.json")
         items = read_input(str(coco), str(root / "images"))
-        run_annotation(items[:1], annotator, root / "warm-up.jsonl", progress=False)
+        # the engine's warm-up: one image with two regions
+        run_annotation([replace(items[0], regions=items[0].regions[:2])], annotator, root / "warm-up.jsonl",
+                       progress=False)
         summary = run_annotation(items, annotator, root / "out.jsonl", progress=False)
     expected = sum(len(r.boxes) for r in requests)
     if summary.failures or summary.regions != expected:
