@@ -9,6 +9,7 @@ BENCHMARKS = {
     "describe-speed": ("bench.describe_speed", "region-description throughput vs the official one-region-per-call flow"),
     "extractor-speed": ("bench.extractor_speed", "mask extractor fwd+bwd: one batched pass vs one pass per image"),
     "serve": ("bench.serve_bench", "regions/s and latency: official flow, engine, `osprey serve` over HTTP, vLLM (LLM half), vLLM-osprey"),
+    "annotate-speed": ("bench.annotate_speed", "`osprey annotate` in-process against the engine: regions/s and their ratio"),
     "vllm-check": ("bench.vllm_osprey_check", "the vLLM backend on a GPU: describe/chat through `osprey serve --backend vllm`, token parity"),
     "engine-parity": ("bench.engine_parity", "the engine's greedy tokens against transformers' generate at real shapes"),
     "engine-profile": ("bench.engine_profile", "a torch profile of the engine's decoding step at a given load"),

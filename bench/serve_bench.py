@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import subprocess
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from bench.serve_workload import (
     Measurement,
     Workload,
     build_pipeline,
+    git_commit,
     make_workload,
     run_engine,
     run_official,
@@ -163,11 +163,7 @@ def _run(system: str, args: argparse.Namespace, pipes: list, workload: Workload)
 
 def _report(args: argparse.Namespace, pipe, results: list[Measurement]) -> dict:
     device = torch.cuda.get_device_name() if pipe.device.type == "cuda" else platform.processor() or "cpu"
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip() or None
-    except OSError:
-        commit = None
+    commit = git_commit()
     settings = {"model": args.model or args.preset, "dtype": str(pipe.model.dtype), "new_tokens": args.new_tokens,
                 "task": "short", "greedy": True, "eos": "ignored", "waves": args.waves, "max_rows": args.max_rows,
                 "devices": args.devices or [args.device], "torch": torch.__version__}

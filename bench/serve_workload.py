@@ -11,6 +11,7 @@ import asyncio
 import base64
 import io
 import json
+import subprocess
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -107,6 +108,15 @@ def build_pipeline(preset: str, model: str | None, device: str, dtype: str | Non
 
     args = argparse.Namespace(preset=preset, model=model, device=device, dtype=dtype, regions=512)
     return build(args)
+
+
+def git_commit() -> str | None:
+    """The short commit of the tree the benchmark runs from (None outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=False).stdout.strip() or None
+    except OSError:
+        return None
 
 
 def summarize(m: Measurement) -> dict:

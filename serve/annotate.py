@@ -107,7 +107,7 @@ def make_backend(args: argparse.Namespace, settings: AnnotateSettings):
     if args.ray is not None:
         return RayAnnotator(model, settings, args.ray, args.actors, device=args.device, dtype=args.dtype)
     return PipelineAnnotator.from_model_dir(model, settings, device=args.device, dtype=args.dtype,
-                                            max_batch_size=args.max_batch_size)
+                                            max_batch_size=args.max_batch_size, fast_kernels=args.fast_kernels)
 
 
 def run(args: argparse.Namespace) -> int:

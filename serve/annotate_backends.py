@@ -8,6 +8,7 @@ finish, so the runner can append each image's lines as one batch. Masks are deco
 from __future__ import annotations
 
 import base64
+import collections
 import io
 import itertools
 import json
@@ -16,7 +17,7 @@ import os
 import threading
 from collections.abc import Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,8 @@ from PIL import Image
 
 from osprey import masks as mask_codecs
 from osprey.http import post_json
-from osprey.inference import OspreyPipeline, PreparedPrompt, SamplingParams
-from osprey.prompts import task_prompt
+from osprey.inference import OspreyPipeline, SamplingParams, StreamEvent
+from osprey.prompts import clean_answer, task_prompt
 
 from .annotate_io import Failure, ImageItem, ImageResult, RegionItem, RegionRecord
 
@@ -104,58 +105,131 @@ def _record(item: ImageItem, region: DecodedRegion, text: str, raw: str, reason:
 
 
 @dataclass
-class _Prepared:
+class _OpenImage:
+    """An image whose regions are rows in the engine: answers gather per region index until no row is open."""
+
     item: ImageItem
-    decoded: DecodedImage
-    prompts: list[PreparedPrompt]  # one per decoded region
+    regions: list[DecodedRegion]  # the regions given to the engine (none when they could not be added)
+    failures: list[Failure]
+    texts: list[str] = field(default_factory=list)
+    reasons: list[str | None] = field(default_factory=list)  # None while the region's row decodes
+
+    def __post_init__(self) -> None:
+        self.texts = [""] * len(self.regions)
+        self.reasons = [None] * len(self.regions)
+
+    @property
+    def open_rows(self) -> int:
+        return self.reasons.count(None)
+
+    def result(self, model: str, prompt: str) -> ImageResult:
+        records = [_record(self.item, region, clean_answer(text), text, reason, model, prompt)
+                   for region, text, reason in zip(self.regions, self.texts, self.reasons, strict=True)]
+        return ImageResult(records, self.failures)
 
 
 class PipelineAnnotator:
-    """`OspreyPipeline` in this process: each image encoded once, all its regions prepared in one extractor pass,
-    and the regions of consecutive images decoded together (`generate` chunks them by the max batch size)."""
+    """`OspreyPipeline` in this process on one long-lived continuous-batching session (the engine `osprey serve`
+    drives): each image is read and its masks decoded a few images ahead in a thread, encoded once, all its regions
+    prepared in one extractor pass, and its rows added while earlier images' rows decode, up to `max_rows` rows
+    open; results come out in input order as soon as an image and every image before it are answered."""
 
-    def __init__(self, pipe: OspreyPipeline, settings: AnnotateSettings, model: str) -> None:
+    def __init__(self, pipe: OspreyPipeline, settings: AnnotateSettings, model: str, max_rows: int | None = None,
+                 fast_kernels: bool = False) -> None:
         self.pipe, self.model = pipe, model
         self.prompt = task_prompt(settings.task)
         self.params = SamplingParams(max_new_tokens=settings.max_tokens, temperature=settings.temperature,
                                      seed=settings.seed)
-
-    def annotate(self, item: ImageItem) -> ImageResult:
-        return next(self._finish([self._prepare(item)]))
-
-    def _prepare(self, item: ImageItem) -> _Prepared:
-        decoded = decode_item(item)
-        if not decoded.regions:
-            return _Prepared(item, decoded, [])
-        encoded = self.pipe.encode_image(decoded.image)
-        masks = np.stack([r.mask for r in decoded.regions])
-        return _Prepared(item, decoded, self.pipe.prepare_each(encoded, [("human", self.prompt)], masks))
-
-    def _finish(self, batch: list[_Prepared]) -> Iterator[ImageResult]:
-        """Decode the regions of all images in `batch` together; one result per image, in order."""
-        gens = iter(self.pipe.generate([p for entry in batch for p in entry.prompts], self.params))
-        for entry in batch:
-            records = [_record(entry.item, r, g.text, g.raw_text, g.finish_reason, self.model, self.prompt)
-                       for r, g in zip(entry.decoded.regions, itertools.islice(gens, len(entry.prompts)), strict=True)]
-            yield ImageResult(records, entry.decoded.failures)
+        pool = pipe.engine_pool(max_rows or pipe.max_batch_size, settings.max_tokens + 256)
+        self.session = pipe.session(pool, fast_kernels=fast_kernels)
+        self.max_rows = pool.row_slots  # the KV memory may hold fewer rows than asked for
+        self._image_seq = itertools.count()  # row ids (image seq, region index) stay unique across calls
 
     @classmethod
     def from_model_dir(cls, model_dir: str, settings: AnnotateSettings, device: str = "cpu", dtype: str | None = None,
-                       max_batch_size: int = 32) -> PipelineAnnotator:
+                       max_batch_size: int = 32, fast_kernels: bool = False) -> PipelineAnnotator:
+        """`max_batch_size`: region rows in flight (256 on a GPU)."""
         pipe = OspreyPipeline.from_pretrained(model_dir, device=device, dtype=dtype, max_batch_size=max_batch_size)
-        return cls(pipe, settings, Path(model_dir).name)
+        return cls(pipe, settings, Path(model_dir).name, fast_kernels=fast_kernels)
+
+    def annotate(self, item: ImageItem) -> ImageResult:
+        """One image through `map` (the Ray actors' call): the same session, the same path."""
+        [result] = self.map([item])
+        return result
 
     def map(self, items: Iterable[ImageItem]) -> Iterator[ImageResult]:
-        """Images are gathered until their regions fill a batch (the pipeline's `max_batch_size`), so images with
-        few regions each (COCO has ~7) still decode together; each image's result comes out on its own."""
-        batch: list[_Prepared] = []
-        for item in items:
-            batch.append(self._prepare(item))
-            if sum(len(entry.prompts) for entry in batch) >= self.pipe.max_batch_size:
-                yield from self._finish(batch)
-                batch = []
-        if batch:
-            yield from self._finish(batch)
+        """Admit images while fewer than `max_rows` rows are open, step the engine, and yield each image's result
+        in input order once it and all earlier images are complete (the runner appends image by image, so a
+        resumed run gives the file of an uninterrupted one)."""
+        opened: dict[int, _OpenImage] = {}  # by image seq, in input order
+        with ThreadPoolExecutor(1, thread_name_prefix="annotate-read") as reader:
+            decoded = _decoded_ahead(reader, items, lookahead=4)
+            more = True
+            try:
+                while more or opened:
+                    while more and sum(entry.open_rows for entry in opened.values()) < self.max_rows:
+                        more = self._admit_next(decoded, opened)
+                    while opened and not opened[first := next(iter(opened))].open_rows:
+                        yield opened.pop(first).result(self.model, self.prompt)
+                    if opened:
+                        assert self.session.has_work, "open rows but nothing in the engine"
+                        self._route(opened, self.session.step())
+            finally:  # the consumer stopped early: free the rows still decoding
+                for seq, entry in opened.items():
+                    for index, reason in enumerate(entry.reasons):
+                        if reason is None:
+                            self.session.cancel((seq, index))
+
+    def _admit_next(self, decoded: Iterator[tuple[ImageItem, DecodedImage]], opened: dict[int, _OpenImage]) -> bool:
+        """Open the next image; False when there is none left."""
+        entry = next(decoded, None)
+        if entry is None:
+            return False
+        seq = next(self._image_seq)
+        opened[seq] = self._open(seq, *entry)
+        return True
+
+    def _open(self, seq: int, item: ImageItem, decoded: DecodedImage) -> _OpenImage:
+        """Encode the image, prepare its regions and add them as rows (seq, region index); a prompt that cannot be
+        prepared or rows that cannot fit the engine fail every region of the image with the reason."""
+        if not decoded.regions:
+            return _OpenImage(item, [], decoded.failures)
+        try:
+            encoded = self.pipe.encode_image(decoded.image)
+            masks = np.stack([region.mask for region in decoded.regions])
+            prompts = self.pipe.prepare_each(encoded, [("human", self.prompt)], masks)
+            ids = [(seq, index) for index in range(len(prompts))]
+            self.session.add(self.pipe.group_requests(prompts, [self.params] * len(prompts), row_ids=ids))
+        except ValueError as exc:
+            failed = [Failure(item.image, region.item.id, str(exc)) for region in decoded.regions]
+            return _OpenImage(item, [], decoded.failures + failed)
+        return _OpenImage(item, decoded.regions, decoded.failures)
+
+    @staticmethod
+    def _route(opened: dict[int, _OpenImage], events: list[StreamEvent]) -> None:
+        for event in events:
+            seq, index = event.row
+            entry = opened.get(seq)
+            if entry is None:  # a row of an earlier call that stopped early, finishing its last step
+                continue
+            entry.texts[index] += event.text_delta
+            if event.finished:
+                entry.reasons[index] = event.finish_reason or "length"
+
+
+def _decoded_ahead(reader: ThreadPoolExecutor, items: Iterable[ImageItem], lookahead: int
+                   ) -> Iterator[tuple[ImageItem, DecodedImage]]:
+    """`decode_item` of each item in `reader`, `lookahead` items ahead of the caller, in input order: reading
+    the image and decoding its masks on the CPU overlaps the engine's steps."""
+    queue: collections.deque[tuple[ImageItem, Future]] = collections.deque()
+    for item in items:
+        queue.append((item, reader.submit(decode_item, item)))
+        if len(queue) > lookahead:
+            done, future = queue.popleft()
+            yield done, future.result()
+    while queue:
+        done, future = queue.popleft()
+        yield done, future.result()
 
 
 # ---------------------------------------------------------------------------------------------- HTTP

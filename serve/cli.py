@@ -137,7 +137,11 @@ def _register_annotate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="model folder (in-process and --ray; default: the built-in model)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (in-process and --ray)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--max-batch-size", type=int, default=32, help="regions decoded together in-process")
+    p.add_argument("--max-batch-size", type=int, default=32,
+                   help="region rows decoding at once in-process (continuous batching); on a GPU use 256")
+    p.add_argument("--fast-kernels", action="store_true",
+                   help="in-process on CUDA: the engine's Triton decoding kernels and compiled layer pieces, each "
+                        "checked against the reference at start-up (docs/engine.md)")
     p.add_argument("--endpoint", default=None, metavar="URL[,URL...]", help="running `osprey serve` servers")
     p.add_argument("--api-key", default=None, help="bearer key of the servers")
     p.add_argument("--workers", type=int, default=None, help="images in flight over HTTP (default: 2 per URL)")

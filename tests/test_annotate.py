@@ -16,9 +16,10 @@ from PIL import Image
 
 from osprey import masks as mask_codecs
 from osprey.cli import main
+from osprey.inference import SamplingParams
 from serve.annotate import run_annotation
-from serve.annotate_backends import AnnotateSettings, PipelineAnnotator
-from serve.annotate_io import JsonlOutput, read_input, write_coco
+from serve.annotate_backends import AnnotateSettings, PipelineAnnotator, decode_item
+from serve.annotate_io import ImageItem, JsonlOutput, RegionItem, read_input, write_coco
 
 SIZE = 48
 
@@ -201,6 +202,76 @@ def test_bad_input_exits_2_with_a_message(argv, message, coco, tmp_path, capsys)
     argv = [a.format(coco=coco[0], bad=bad) for a in argv]
     assert main(["annotate", *argv, "--out", str(tmp_path / "o.jsonl")]) == 2
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- in-process engine
+
+
+def _box_items(folder: Path, regions_per_image: list[int]) -> list[ImageItem]:
+    """Images with box regions given as RLE, ids 0..n-1 per image."""
+    rng = np.random.default_rng(5)
+    items = []
+    for i, count in enumerate(regions_per_image):
+        _image(folder / f"b{i}.png", 100 + i)
+        regions = []
+        for q in range(count):
+            x, y = (int(v) for v in rng.integers(0, SIZE - 12, 2))
+            w, h = (int(v) for v in rng.integers(4, 12, 2))
+            regions.append(RegionItem(q, segmentation=mask_codecs.encode_rle(_mask(x, y, x + w, y + h))))
+        items.append(ImageItem(f"b{i}.png", str(folder / f"b{i}.png"), i, tuple(regions)))
+    return items
+
+
+def test_rows_join_the_batch_in_progress_and_images_come_out_in_input_order(builtin_pipeline, monkeypatch, tmp_path):
+    """More regions than rows: one engine session for the whole run, new images' rows added while earlier rows
+    decode (the built-in model stops its answers at different lengths), answers equal to describing each image
+    alone, results in input order."""
+    items = _box_items(tmp_path, [2, 2, 1, 3, 2, 2, 1])
+    params = SamplingParams(max_new_tokens=12)
+    expected = [[g.text for g in builtin_pipeline.describe(
+        Image.open(item.path).convert("RGB"), np.stack([decode_item(item).regions[q].mask for q in range(len(item.regions))]),
+        "short", params)] for item in items]
+    sessions, live_rows_at_add = [], []
+    make_session = builtin_pipeline.session
+
+    def spied_session(pool, fast_kernels=False):
+        session = make_session(pool, fast_kernels)
+        add = session.add
+        monkeypatch.setattr(session, "add", lambda groups: (live_rows_at_add.append(session.live_rows), add(groups)))
+        sessions.append(session)
+        return session
+
+    monkeypatch.setattr(builtin_pipeline, "session", spied_session)
+    annotator = PipelineAnnotator(builtin_pipeline, AnnotateSettings("short", max_tokens=12), "builtin", max_rows=4)
+    results = list(annotator.map(items))
+    assert [[r.image for r in res.records] for res in results] == [[i.image] * len(i.regions) for i in items]
+    assert [[r.id for r in res.records] for res in results] == [list(range(len(i.regions))) for i in items]
+    assert [[r.text for r in res.records] for res in results] == expected
+    assert len(sessions) == 1 and len(live_rows_at_add) == len(items)
+    assert max(live_rows_at_add) > 0  # continuous batching: rows joined while others were decoding
+
+
+def test_a_prompt_too_long_for_the_engine_fails_its_regions_with_the_reason(coco, tiny_pipeline):
+    long_prompt = "Describe <region>" + " in great detail, naming every part and colour" * 60
+    annotator = PipelineAnnotator(tiny_pipeline, AnnotateSettings(long_prompt, max_tokens=6), "tiny")
+    results = list(annotator.map(read_input(str(coco[0]), str(coco[1]))))
+    assert not any(res.records for res in results)
+    reasons = {f.id: f.reason for res in results for f in res.failures}
+    assert sorted(reasons) == [1, 2, 3, 11, 12, 13, 21, 22, 23, 41, 99]
+    assert all("tokens of its own" in reasons[i] for i in (1, 2, 3, 11, 12, 13, 21, 22, 23))
+    assert "undecodable mask" in reasons[99] and "cannot read image" in reasons[41]
+
+
+def test_a_consumer_that_stops_early_leaves_the_engine_ready_for_the_next_run(tiny_pipeline, coco, full_run):
+    annotator = PipelineAnnotator(tiny_pipeline, AnnotateSettings("short", max_tokens=6), "tiny", max_rows=3)
+    items = read_input(str(coco[0]), str(coco[1]))
+    stream = annotator.map(items)
+    next(stream)
+    stream.close()  # rows of later images are still decoding: they are cancelled
+    annotator.session.step()  # the step that drops cancelled rows
+    assert not annotator.session.has_work
+    texts = {r.id: r.text for res in annotator.map(items) for r in res.records}
+    assert texts == {json.loads(line)["id"]: json.loads(line)["text"] for line in _lines(full_run)}
 
 
 @pytest.mark.slow

@@ -1,0 +1,120 @@
+"""`osprey annotate` in-process against the engine it drives: regions/s of both on the same images and boxes.
+
+The serving benchmark's workload (bench.serve_workload: images of rectangles, M random boxes each) is written as a
+COCO instances file with RLE masks and PNG images in a temporary folder, then annotated by the real runner
+(`serve.annotate.run_annotation` with `PipelineAnnotator`: reading, mask decoding, RLE and box of every region,
+fsynced JSON lines). In the same run, on the same pipeline, the engine's closed loop (`bench.serve_workload.run_engine`)
+answers the same images with I = max rows / M images in flight, the load the annotator keeps. Every region decodes
+exactly --new-tokens tokens (EOS ignored), greedy. The ratio annotate / engine is the issue's target (>= 0.9).
+
+    python -m bench.annotate_speed --preset osprey-7b --masks 16 --images 64 --max-rows 256 \\
+        --out bench/results/annotate_speed_h100.json                    # add --fast-kernels for the Triton kernels
+    python -m bench.annotate_speed --preset tiny --device cpu --masks 2 --images 4 --max-rows 4 --new-tokens 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from bench.describe_speed import add_model_arguments
+from bench.eval_all import write_atomic
+from bench.serve_workload import Request, build_pipeline, git_commit, make_workload, run_engine, summarize
+from osprey import masks as mask_codecs
+from serve.annotate import run_annotation
+from serve.annotate_backends import AnnotateSettings, PipelineAnnotator
+from serve.annotate_io import read_input
+
+TARGET = 0.9  # annotate regions/s over the engine's, docs/annotate.md
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_model_arguments(parser)
+    parser.add_argument("--masks", type=int, default=16, help="regions per image (M)")
+    parser.add_argument("--images", type=int, default=64, help="images in all (a multiple of max rows / M)")
+    parser.add_argument("--max-rows", type=int, default=256, help="region rows in flight (osprey annotate "
+                                                                  "--max-batch-size)")
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--kv-cache-gb", type=float, default=None, help="KV memory (default: as osprey serve)")
+    parser.add_argument("--fast-kernels", action="store_true", help="CUDA: Triton decoding kernels, compiled layers")
+    parser.add_argument("--out", type=Path, default=None, help="JSON report (written atomically)")
+    args = parser.parse_args(argv)
+    in_flight = max(1, args.max_rows // args.masks)
+    if args.images % in_flight:
+        parser.error(f"--images {args.images} is not a multiple of the {in_flight} images in flight "
+                     f"(--max-rows {args.max_rows} // --masks {args.masks})")
+
+    pipe = build_pipeline(args.preset, args.model, args.device, args.dtype)
+    pipe.eos_token_id = -1  # every region decodes exactly --new-tokens tokens, in both systems
+    workload = make_workload(in_flight, args.masks, args.images // in_flight, seed=0)
+    engine = run_engine(pipe, workload, args.new_tokens, args.max_rows, args.kv_cache_gb, args.fast_kernels)
+    print(json.dumps(summarize(engine)), flush=True)
+    annotate = _run_annotate(pipe, [r for client in workload.clients for r in client], args)
+    print(json.dumps(annotate), flush=True)
+
+    report = {"device": torch.cuda.get_device_name() if pipe.device.type == "cuda" else platform.processor() or "cpu",
+              "commit": git_commit(),
+              "settings": {"model": args.model or args.preset, "dtype": str(pipe.model.dtype), "masks": args.masks,
+                           "images": args.images, "images_in_flight": in_flight, "max_rows": args.max_rows,
+                           "new_tokens": args.new_tokens, "fast_kernels": args.fast_kernels, "task": "short",
+                           "greedy": True, "eos": "ignored", "torch": torch.__version__},
+              "engine": summarize(engine), "annotate": annotate,
+              "ratio": annotate["regions_per_s"] / engine.regions_per_s, "target": TARGET}
+    report["meets_target"] = report["ratio"] >= TARGET
+    print(f"annotate {annotate['regions_per_s']:.2f} regions/s, engine {engine.regions_per_s:.2f} regions/s: "
+          f"ratio {report['ratio']:.3f} (target {TARGET})", flush=True)
+    if args.out:
+        write_atomic(args.out, json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _run_annotate(pipe, requests: list[Request], args: argparse.Namespace) -> dict:
+    """`run_annotation` over the requests written as a COCO dataset, after a warm-up on the same session."""
+    gc.collect()  # the engine run's KV pool goes before the annotator sizes its own
+    settings = AnnotateSettings("short", max_tokens=args.new_tokens)
+    annotator = PipelineAnnotator(pipe, settings, "bench", max_rows=args.max_rows, fast_kernels=args.fast_kernels)
+    with tempfile.TemporaryDirectory(prefix="annotate_speed_") as folder:
+        root = Path(folder)
+        coco = write_coco_dataset(requests, root / "images", root / "instances.json")
+        items = read_input(str(coco), str(root / "images"))
+        # the engine's warm-up: one image with two regions
+        run_annotation([replace(items[0], regions=items[0].regions[:2])], annotator, root / "warm-up.jsonl",
+                       progress=False)
+        summary = run_annotation(items, annotator, root / "out.jsonl", progress=False)
+    expected = sum(len(r.boxes) for r in requests)
+    if summary.failures or summary.regions != expected:
+        raise RuntimeError(f"annotate wrote {summary.regions} of {expected} regions; failures: "
+                           f"{summary.failures[:3]}")
+    return {"regions": summary.regions, "seconds": summary.seconds,
+            "regions_per_s": summary.regions / summary.seconds,
+            "output_tokens_per_s": summary.regions * args.new_tokens / summary.seconds}
+
+
+def write_coco_dataset(requests: list[Request], images: Path, path: Path) -> Path:
+    """The requests as PNG files and a COCO instances JSON whose annotations hold each box's mask as RLE."""
+    images.mkdir(parents=True)
+    coco: dict = {"images": [], "annotations": [], "categories": [{"id": 1, "name": "region"}]}
+    for index, request in enumerate(requests):
+        name = f"{index:06d}.png"
+        request.image.save(images / name)
+        coco["images"].append({"id": index, "file_name": name, "height": request.image.height,
+                               "width": request.image.width})
+        for mask, box in zip(request.masks, request.boxes, strict=True):
+            coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": index, "category_id": 1,
+                                        "segmentation": mask_codecs.encode_rle(mask), "bbox": box,
+                                        "area": int(mask.sum()), "iscrowd": 0})
+    write_atomic(path, json.dumps(coco))
+    return path
+
+
+if __name__ == "__main__":
+    main()
