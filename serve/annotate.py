@@ -18,7 +18,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .annotate_backends import AnnotateSettings, EndpointAnnotator, PipelineAnnotator, RayAnnotator
+from .annotate_backends import (
+    AnnotateSettings,
+    EndpointAnnotator,
+    PipelineAnnotator,
+    RayAnnotator,
+    RayPlacement,
+)
 from .annotate_io import (
     Failure,
     ImageItem,
@@ -105,7 +111,9 @@ def make_backend(args: argparse.Namespace, settings: AnnotateSettings):
 
     model = resolve_model_path(args.model)
     if args.ray is not None:
-        return RayAnnotator(model, settings, args.ray, args.actors, device=args.device, dtype=args.dtype)
+        placement = RayPlacement(args.actors, args.actors_per_gpu, args.images_per_call, args.max_batch_size,
+                                 args.fast_kernels)
+        return RayAnnotator(model, settings, args.ray, placement, device=args.device, dtype=args.dtype)
     return PipelineAnnotator.from_model_dir(model, settings, device=args.device, dtype=args.dtype,
                                             max_batch_size=args.max_batch_size, fast_kernels=args.fast_kernels)
 

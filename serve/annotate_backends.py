@@ -303,28 +303,47 @@ class EndpointAnnotator:
 # ---------------------------------------------------------------------------------------------- Ray
 
 
+@dataclass(frozen=True)
+class RayPlacement:
+    """How `--ray` lays out its model replicas and feeds them."""
+
+    actors: int = 1
+    actors_per_gpu: int = 1  # on CUDA: replicas sharing one GPU (each gets 1/N of it in Ray's accounting)
+    images_per_call: int = 8  # images each actor call gets: their rows decode together (continuous batching)
+    max_rows: int = 32  # region rows in flight per replica (the in-process --max-batch-size)
+    fast_kernels: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("actors", "actors_per_gpu", "images_per_call", "max_rows"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
 class _RayActor:
-    """A model replica in a Ray actor: items arrive as JSON text (nested lists do not survive Arrow batches)."""
+    """A model replica in a Ray actor: items arrive as JSON text (nested lists do not survive Arrow batches). Each
+    call's images go through one `PipelineAnnotator.map`, so their regions share the replica's engine."""
 
     def __init__(self, model_dir: str, settings: AnnotateSettings, device: str, dtype: str | None,
-                 threads: int) -> None:
+                 threads: int, placement: RayPlacement) -> None:
         import torch
 
         torch.set_num_threads(threads)
-        self.annotator = PipelineAnnotator.from_model_dir(model_dir, settings, device=device, dtype=dtype)
+        self.annotator = PipelineAnnotator.from_model_dir(model_dir, settings, device=device, dtype=dtype,
+                                                          max_batch_size=placement.max_rows,
+                                                          fast_kernels=placement.fast_kernels)
 
     def __call__(self, batch: dict) -> dict:
-        results = [self.annotator.annotate(ImageItem.from_json(text)) for text in batch["item"]]
+        results = self.annotator.map([ImageItem.from_json(text) for text in batch["item"]])
         return {"result": [json.dumps({"records": [asdict(r) for r in res.records],
                                        "failures": [asdict(f) for f in res.failures]}) for res in results]}
 
 
 class RayAnnotator:
-    """Ray Data over images: `from_items` -> `map_batches` with `actors` model replicas (one GPU each on GPU,
-    a fraction of a CPU each on CPU so Ray's own read tasks still get a core)."""
+    """Ray Data over images: `from_items` -> `map_batches` with `placement.actors` model replicas (1/actors_per_gpu
+    of a GPU each on CUDA, a fraction of a CPU each on CPU so Ray's own read tasks still get a core)."""
 
-    def __init__(self, model_dir: str, settings: AnnotateSettings, address: str | None, actors: int,
-                 device: str = "cpu", dtype: str | None = None) -> None:
+    def __init__(self, model_dir: str, settings: AnnotateSettings, address: str | None,
+                 placement: RayPlacement = RayPlacement(), device: str = "cpu", dtype: str | None = None) -> None:
         try:
             import ray
         except ImportError:
@@ -333,19 +352,20 @@ class RayAnnotator:
             ray.init(address=address or None, num_cpus=None if address else os.cpu_count(), log_to_driver=False,
                      include_dashboard=False)
         self.ray, self.model_dir, self.settings = ray, str(Path(model_dir).resolve()), settings
-        self.actors, self.device, self.dtype = actors, device, dtype
+        self.placement, self.device, self.dtype = placement, device, dtype
 
     def map(self, items: Iterable[ImageItem]) -> Iterator[ImageResult]:
         rows = [{"item": item.to_json()} for item in items]
         if not rows:
             return
+        place = self.placement
         on_gpu = self.device.startswith("cuda")
-        threads = max(1, (os.cpu_count() or 1) // self.actors)
-        data = self.ray.data.from_items(rows, override_num_blocks=min(len(rows), 4 * self.actors))
+        threads = max(1, (os.cpu_count() or 1) // place.actors)
+        data = self.ray.data.from_items(rows, override_num_blocks=min(len(rows), 4 * place.actors))
         data = data.map_batches(
-            _RayActor, batch_size=1, concurrency=self.actors,
-            fn_constructor_args=(self.model_dir, self.settings, self.device, self.dtype, threads),
-            num_gpus=1 if on_gpu else 0, num_cpus=1 if on_gpu else 0.5)
+            _RayActor, batch_size=place.images_per_call, concurrency=place.actors,
+            fn_constructor_args=(self.model_dir, self.settings, self.device, self.dtype, threads, place),
+            num_gpus=1 / place.actors_per_gpu if on_gpu else 0, num_cpus=1 if on_gpu else 0.5)
         for batch in data.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=0):
             for text in batch["result"]:
                 raw = json.loads(text)

@@ -147,7 +147,12 @@ def _register_annotate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, help="images in flight over HTTP (default: 2 per URL)")
     p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run on Ray Data: a local Ray without ADDRESS, else the cluster at ADDRESS")
-    p.add_argument("--actors", type=int, default=1, help="model replicas under --ray (one GPU each on cuda)")
+    p.add_argument("--actors", type=int, default=1,
+                   help="model replicas under --ray (one GPU each on cuda, or see --actors-per-gpu)")
+    p.add_argument("--actors-per-gpu", type=int, default=1,
+                   help="--ray on cuda: replicas sharing one GPU (2: two replicas, each half a GPU in Ray's count)")
+    p.add_argument("--images-per-call", type=int, default=8,
+                   help="--ray: images per actor call; their regions decode together on that replica's engine")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=None)

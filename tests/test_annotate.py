@@ -195,11 +195,12 @@ def test_coco_panoptic_regions_are_its_segments(annotator, tmp_path):
     (["{coco}"], "needs --images"),
     (["{bad}", "--images", "."], "not a COCO file"),
     (["{coco}", "--images", ".", "--task", "hello"], "unknown task"),
+    (["{coco}", "--images", "{images}", "--ray", "--actors-per-gpu", "0"], "actors_per_gpu must be >= 1, got 0"),
 ])
 def test_bad_input_exits_2_with_a_message(argv, message, coco, tmp_path, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text("[1, 2]")
-    argv = [a.format(coco=coco[0], bad=bad) for a in argv]
+    argv = [a.format(coco=coco[0], images=coco[1], bad=bad) for a in argv]
     assert main(["annotate", *argv, "--out", str(tmp_path / "o.jsonl")]) == 2
     assert message in capsys.readouterr().err
 
@@ -296,7 +297,7 @@ def test_ray_two_cpu_actors_give_the_in_process_answers(coco, full_run, tiny_mod
     ray = pytest.importorskip("ray")
     out = tmp_path / "ray.jsonl"
     try:
-        assert _annotate(coco, out, tiny_model_dir, "--ray", "--actors", "2") == 1
+        assert _annotate(coco, out, tiny_model_dir, "--ray", "--actors", "2", "--images-per-call", "2") == 1
     finally:
         ray.shutdown()
     assert sorted(_lines(out)) == sorted(_lines(full_run))
