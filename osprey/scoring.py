@@ -27,7 +27,7 @@ model says yes to single-turn questions about almost anything; ECE 0.25). bench/
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,9 +174,7 @@ class AnswerScorer:
         self.forward.prefill_prefix(prefix.to(pool.prefix_k[0]), pool, 0)
         first = self._prompt_rows(prompt_suffixes, pool, prefix_length)  # (prompts, V): first answer token
         totals = torch.zeros((prompts, len(answers)), dtype=torch.float64)
-        for start in range(0, len(rows.prompt), chunk):
-            part = _AnswerRows(rows.prompt[start:start + chunk], rows.answer[start:start + chunk],
-                               rows.tokens[start:start + chunk])
+        for part in _same_length_chunks(rows, chunk):
             sums = self._answer_pass(part, first, prompt_lengths, prompts, pool, prefix_length)
             totals[part.prompt, part.answer] = sums.double().cpu()
         return totals.numpy()
@@ -246,10 +244,23 @@ class AnswerScorer:
 
 
 def _answer_rows(prompts: int, answers: list[list[int]]) -> _AnswerRows:
-    """Every (prompt row, answer) pair, longest answers last, so a chunk pads its rows to similar lengths."""
+    """Every (prompt row, answer) pair, shortest answers first, so answers of one length are contiguous."""
     order = sorted(range(len(answers)), key=lambda a: len(answers[a]))
     pairs = [(q, a) for a in order for q in range(prompts)]
     return _AnswerRows([q for q, _ in pairs], [a for _, a in pairs], [answers[a] for _, a in pairs])
+
+
+def _same_length_chunks(rows: _AnswerRows, most: int) -> Iterator[_AnswerRows]:
+    """Runs of (length-sorted) rows whose answers have the same number of tokens, at most `most` rows each: no
+    pass pads a row. Padding to a chunk's longest answer made an ADE20K-150 label list (1 to 13 tokens, 5.7 on
+    average) run about 2.5x the tokens it scores, and the answer passes are most of a classification's time."""
+    start = 0
+    while start < len(rows.prompt):
+        length, end = len(rows.tokens[start]), start
+        while end < len(rows.prompt) and end - start < most and len(rows.tokens[end]) == length:
+            end += 1
+        yield _AnswerRows(rows.prompt[start:end], rows.answer[start:end], rows.tokens[start:end])
+        start = end
 
 
 def _block(first: int, start: torch.Tensor, lengths: torch.Tensor, tokens: int, prefix_keys: int) -> RowBlock:
