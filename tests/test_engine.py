@@ -10,6 +10,7 @@ from osprey.engine.attention import attend, length_bias, merge
 from osprey.engine.core import GroupRequest, RowRequest
 from osprey.engine.kv import KVPool, PoolSize, plan_pool, token_bytes
 from osprey.engine.sampling import _uniform, sample
+from osprey.engine.session import StreamEvent
 from osprey.engine.text import TextStream
 from osprey.inference import SamplingParams
 from osprey.prompts import task_prompt
@@ -116,6 +117,53 @@ def test_released_rows_stop_and_free_their_slots(tiny_pipeline, image, masks):
     tokens = _run(decoder)
     assert 1 not in tokens and decoder.live_rows == 0
     assert [[first[i].token] + tokens[i] for i in (0, 2)] == [reference[0], reference[2]]
+
+
+def _session_events(pipe, prompts, params, cancel_after: int | None = None):
+    """All events of one session, by row; with `cancel_after`, row 0 is cancelled after that many steps."""
+    session = pipe.session(PoolSize(prefix_slots=1, prefix_tokens=2048, row_slots=len(prompts), suffix_tokens=64))
+    session.add(pipe.group_requests(prompts, params))
+    events: dict[int, list] = {row: [] for row in range(len(prompts))}
+    steps = 0
+    while session.has_work:
+        if steps == cancel_after:
+            events[0].append(session.cancel(0))
+        for event in session.step():
+            events[event.row].append(event)
+        steps += 1
+    return session, events
+
+
+def test_a_session_cuts_stop_strings_frees_the_row_and_streams_the_whole_answer(tiny_pipeline, image, masks):
+    """The session's text layer: the streamed deltas of a finished row add up to the full decoded answer (the held-back
+    tail included); a stop string inside the greedy answer ends that row at it with reason "stop" and frees its slot
+    while the other row runs on."""
+    enc = tiny_pipeline.encode_image(image)
+    prompts = tiny_pipeline.prepare_each(enc, [("human", task_prompt("short"))], masks[:2])
+    plain = SamplingParams(max_new_tokens=10)
+    _, free = _session_events(tiny_pipeline, prompts, [plain, plain])
+    answer = "".join(e.text_delta for e in free[0])
+    tokens = [e.token_id for e in free[0] if e.token_id is not None]
+    assert answer == tiny_pipeline.tokenizer.decode(tokens, skip_special_tokens=True) and len(answer) >= 4
+    assert free[0][-1].finished and free[0][-1].finish_reason == "length"
+    stop = answer[len(answer) // 2:len(answer) // 2 + 2]
+    cut = SamplingParams(max_new_tokens=10, stop=(stop,))
+    session, stopped = _session_events(tiny_pipeline, prompts, [cut, plain])
+    assert "".join(e.text_delta for e in stopped[0]) == answer[:answer.index(stop)]
+    assert stopped[0][-1].finish_reason == "stop" and sum(e.finished for e in stopped[0]) == 1
+    assert len([e for e in stopped[1] if e.token_id is not None]) == 10  # the other row ran to its length
+    assert session.live_rows == 0 and not session.streams
+
+
+def test_a_cancelled_row_gets_one_final_event_and_no_more(tiny_pipeline, image, masks):
+    enc = tiny_pipeline.encode_image(image)
+    prompts = tiny_pipeline.prepare_each(enc, [("human", task_prompt("short"))], masks[:2])
+    params = [SamplingParams(max_new_tokens=8)] * 2
+    session, events = _session_events(tiny_pipeline, prompts, params, cancel_after=2)
+    assert events[0][-1] == StreamEvent(0, "", None, True, "cancelled")
+    assert sum(e.finished for e in events[0]) == 1 and len(events[0]) == 3  # two steps' tokens, then the cancel
+    assert len(events[1]) == 8 and events[1][-1].finish_reason == "length"
+    assert session.live_rows == 0
 
 
 def test_a_row_that_cannot_fit_is_refused_naming_it(tiny_pipeline, image, masks):
