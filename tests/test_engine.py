@@ -124,12 +124,16 @@ def _session_events(pipe, prompts, params, cancel_after: int | None = None):
     session = pipe.session(PoolSize(prefix_slots=1, prefix_tokens=2048, row_slots=len(prompts), suffix_tokens=64))
     session.add(pipe.group_requests(prompts, params))
     events: dict[int, list] = {row: [] for row in range(len(prompts))}
+    session.finished_at, session.live_per_step = {}, []  # the step that finished each row; live rows after each step
     steps = 0
     while session.has_work:
         if steps == cancel_after:
             events[0].append(session.cancel(0))
         for event in session.step():
             events[event.row].append(event)
+            if event.finished:
+                session.finished_at[event.row] = steps
+        session.live_per_step.append(session.live_rows)
         steps += 1
     return session, events
 
@@ -152,6 +156,8 @@ def test_a_session_cuts_stop_strings_frees_the_row_and_streams_the_whole_answer(
     assert "".join(e.text_delta for e in stopped[0]) == answer[:answer.index(stop)]
     assert stopped[0][-1].finish_reason == "stop" and sum(e.finished for e in stopped[0]) == 1
     assert len([e for e in stopped[1] if e.token_id is not None]) == 10  # the other row ran to its length
+    # the stopped row's slot is freed by the next step, not held until its length
+    assert session.live_per_step[session.finished_at[0] + 1] == 1
     assert session.live_rows == 0 and not session.streams
 
 
