@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from helpers import png_b64
 from PIL import Image
+from serve_helpers import GatedBackend
 
 from serve.background import BackgroundServer
 from serve.config import ServeConfig
@@ -27,18 +28,6 @@ def payload(regions: int = 1, max_tokens: int = 2, **extra) -> dict:
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_dir):
     return tiny_model_dir
-
-
-class GatedBackend(PipelineBackend):
-    """The real pipeline backend whose load waits for the test to open the gate (to observe 'loading')."""
-
-    def __init__(self, model: str) -> None:
-        super().__init__(model)
-        self.gate = threading.Event()
-
-    def load(self) -> None:
-        self.gate.wait(30)
-        super().load()
 
 
 class SteppedBackend(PipelineBackend):

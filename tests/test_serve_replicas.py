@@ -16,6 +16,7 @@ import pytest
 import torch
 from helpers import png_b64
 from PIL import Image
+from serve_helpers import GatedBackend
 
 from osprey.generation import SamplingParams
 from osprey.prompts import task_prompt
@@ -200,18 +201,6 @@ def test_bad_requests_are_still_4xx_and_reach_no_replica(servers):
     assert httpx.post(double.url + "/v1/regions/describe", json=_describe(1, max_tokens=33)).status_code == 400
     assert httpx.post(double.url + "/v1/regions/describe", json=_describe(1) | {"model": "other"}).status_code == 404
     assert _dispatched(double) == before
-
-
-class GatedBackend(PipelineBackend):
-    """The real pipeline backend whose load waits for the test to open the gate."""
-
-    def __init__(self, model: str) -> None:
-        super().__init__(model)
-        self.gate = threading.Event()
-
-    def load(self) -> None:
-        self.gate.wait(30)
-        super().load()
 
 
 def test_503_until_every_replica_has_loaded(tiny_model_dir):
