@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from osprey.engine.attention import attend, length_bias, merge
-from osprey.engine.core import GroupRequest, RowRequest
+from osprey.engine.core import GroupRequest, RegionDecoder, RowRequest, TokenEvent
 from osprey.engine.kv import KVPool, PoolSize, plan_pool, token_bytes
 from osprey.engine.sampling import _uniform, sample
 from osprey.engine.session import StreamEvent
@@ -95,6 +95,74 @@ def test_rows_joining_a_running_batch_and_a_small_pool_keep_the_reference_tokens
         tokens.setdefault(row_id, []).extend(more)
     assert [tokens[i] for i in range(5)] == reference
     assert decoder.live_rows == 0 and not decoder.groups
+
+
+def _run_checking_slots(decoder, size: PoolSize) -> dict:
+    """`_run`, asserting after every step that no more rows or image groups are live than the pool has slots."""
+    tokens = {}
+    while decoder.has_work:
+        for e in decoder.step():
+            tokens.setdefault(e.row_id, []).extend([] if e.token is None else [e.token])
+        assert decoder.live_rows <= size.row_slots and len(decoder.groups) <= size.prefix_slots
+    return tokens
+
+
+def test_admission_never_exceeds_the_prefix_or_the_row_slots(tiny_pipeline, image, masks):
+    """Groups arriving together are admitted only while both their image slot and their rows fit, counting the
+    rows already live; the rest wait, and every row still gets the reference tokens."""
+    enc = tiny_pipeline.encode_image(image)
+    (group,), reference = _decoder_rows(tiny_pipeline, enc, masks[:4], 6)
+    rows = group.rows
+    # three one-row images at once, two image slots
+    images = PoolSize(prefix_slots=2, prefix_tokens=2048, row_slots=5, suffix_tokens=64)
+    decoder = tiny_pipeline.decoder(images)
+    for row in rows[:3]:
+        decoder.add(GroupRequest(group.prefix, [row]))
+    tokens = _run_checking_slots(decoder, images)
+    assert [tokens[i] for i in range(3)] == reference[:3]
+    # one row live, then a two-row and a one-row image at once, three row slots: the second waits
+    slots = PoolSize(prefix_slots=3, prefix_tokens=2048, row_slots=3, suffix_tokens=64)
+    decoder = tiny_pipeline.decoder(slots)
+    decoder.add(GroupRequest(group.prefix, rows[:1]))
+    tokens = {e.row_id: [e.token] for e in decoder.step()}
+    decoder.add(GroupRequest(group.prefix, rows[1:3]))
+    decoder.add(GroupRequest(group.prefix, rows[3:4]))
+    for row_id, more in _run_checking_slots(decoder, slots).items():
+        tokens.setdefault(row_id, []).extend(more)
+    assert [tokens[i] for i in range(4)] == reference
+
+
+def test_a_row_released_while_its_group_waits_leaves_its_group_mates_to_run(tiny_pipeline, image, masks):
+    enc = tiny_pipeline.encode_image(image)
+    (group,), reference = _decoder_rows(tiny_pipeline, enc, masks[:3], 6)
+    decoder = tiny_pipeline.decoder(PoolSize(prefix_slots=1, prefix_tokens=2048, row_slots=3, suffix_tokens=64))
+    decoder.add(group)
+    decoder.release(1)  # before any step: the group is still waiting
+    tokens = _run(decoder)
+    assert set(tokens) == {0, 2} and [tokens[0], tokens[2]] == [reference[0], reference[2]]
+
+
+def test_eos_ends_a_row_with_a_stop_event_that_carries_no_token(tiny_pipeline, image, masks):
+    enc = tiny_pipeline.encode_image(image)
+    (group,), reference = _decoder_rows(tiny_pipeline, enc, masks[:1], 6)
+    eos = reference[0][3]  # the reference's fourth token plays EOS: the row ends there, before emitting it
+    decoder = RegionDecoder(tiny_pipeline.model.language_model, eos,
+                            PoolSize(prefix_slots=1, prefix_tokens=2048, row_slots=1, suffix_tokens=64))
+    decoder.add(group)
+    events = []
+    while decoder.has_work:
+        events += decoder.step()
+    first = reference[0].index(eos)
+    assert [e.token for e in events[:-1]] == reference[0][:first]
+    assert events[-1] == TokenEvent(0, None, True, "stop")
+
+
+def test_a_group_without_prefix_tokens_is_refused(tiny_pipeline, image, masks):
+    enc = tiny_pipeline.encode_image(image)
+    (group,), _ = _decoder_rows(tiny_pipeline, enc, masks[:1], 4)
+    decoder = tiny_pipeline.decoder(PoolSize(prefix_slots=1, prefix_tokens=2048, row_slots=1, suffix_tokens=64))
+    with pytest.raises(ValueError, match="^a group needs at least one prefix token$"):
+        decoder.check(GroupRequest(group.prefix[:0], group.rows))
 
 
 def test_a_prefix_longer_than_the_slots_moves_into_the_rows(tiny_pipeline, image, masks):
