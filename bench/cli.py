@@ -19,6 +19,7 @@ BENCHMARKS = {
     "token-norms": ("bench.token_norms", "norms of word, image, mask and position tokens: can the LLM tell regions apart?"),
     "step-profile": ("bench.step_profile", "a real training config's step: data loading vs compute, top ops"),
     "region-eval": ("bench.region_eval", "region-level accuracy and the mask/box/position/levels ablation"),
+    "slot-attention": ("bench.slot_attention", "short-form answers: attention on the asked region's slot, per layer"),
     "api-fuzz": ("bench.api_fuzz", "schemathesis against the real server's /openapi.json: server errors, answers"),
     "classify-speed": ("bench.classify_speed", "label-list classification by likelihood: R regions x L labels, seconds"),
     "query-eval": ("bench.query_eval", "label-list top-1 and ECE, query counts (yes/no and label-list scores) on a split"),

@@ -7,7 +7,9 @@ for a box: the paper's kind of ablation (mask vs box, with/without position toke
 Per model, greedy decoding, every question teacher-forced on the ground-truth history:
 - category: the official category prompt per region of `stage2_categories` (exact match after normalisation),
   overall, per category (`category:<name>`) and by the region's visible area (`category:area<500`, ...);
-- attributes: the short-form questions of `stage3_short_form` by type (object, colour, size, texture, ...);
+- attributes: the short-form questions of `stage3_short_form` by type (object, colour, size, texture, ...), and
+  by the listed region they ask about (`short_form:colour:region1`, `short_form:colour:region2+`): the form lists
+  every region up front and names one, so a model may read the named region's shape yet another one's colour;
 - positive/negative: the yes/no questions of `stage3_pos_neg`, overall and by what they ask about
   (`pos_neg:colour`, `pos_neg:position`, `pos_neg:object`, ...), with the share answered "yes"
   (`pos_neg:answered_yes`) beside the share whose truth is yes (`pos_neg:truth_yes`).
@@ -186,7 +188,7 @@ def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: in
             masks = sample.masks()
             encoded = pipe.encode_image(data / record.file_name)
             flags = overlap_flags(record)
-            prompts, truths, types, overlaps = [], [], [], []
+            prompts, truths, types, overlaps, slots = [], [], [], [], []
             original_questions = [t.value for t in record.conversations if t.speaker == "human"]
             for turn in range(0, len(sample.messages), 2):
                 history = sample.messages[: turn + 1]
@@ -197,7 +199,9 @@ def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: in
                 types.append(question_type(question))
                 refs = [int(k) for k in re.findall(r"<region(\d+)>", question)]
                 overlaps.append(flags[refs[-1] - 1] if refs else None)
-            for answer, truth, qtype, overlap in zip(pipe.generate(prompts, params), truths, types, overlaps):
+                slots.append(("region1" if refs[-1] == 1 else "region2+") if refs else None)
+            for answer, truth, qtype, overlap, slot in zip(pipe.generate(prompts, params), truths, types, overlaps,
+                                                           slots):
                 if kind == "pos_neg":
                     said, expected = yes_no(answer.raw_text), yes_no(truth)
                     tally.add("pos_neg", said == expected, overlap)
@@ -208,6 +212,8 @@ def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: in
                     tally.add("pos_neg:truth_yes", expected == "yes")
                 else:
                     tally.add(f"short_form:{qtype}", normalise(answer.raw_text) == normalise(truth), overlap)
+                    if slot is not None:  # which listed region it asks about: region 1 or a later one
+                        tally.add(f"short_form:{qtype}:{slot}", normalise(answer.raw_text) == normalise(truth))
                     if qtype in ("colour", "size", "texture"):
                         tally.add("attribute", normalise(answer.raw_text) == normalise(truth), overlap)
     return tally.result()

@@ -10,8 +10,9 @@ images shuffled; the largest attention weight from the answer position to a `<ma
 gradient norm of each part. A model that reads its regions loses clearly more with shuffled masks.
 
 `--probe N` also fits a linear classifier (multinomial logistic regression, torch L-BFGS) from the region tokens
-of N train images to their category names and reports its accuracy on the split: if even a linear probe cannot
-read the category from the mask and position tokens, no amount of LLM training will.
+of N train images to their category names (`--probe-label color`, `texture`, ...: an attribute instead) and reports
+its accuracy on the split: if even a linear probe cannot read the label from the mask and position tokens, no
+amount of LLM training will.
 """
 
 from __future__ import annotations
@@ -53,12 +54,31 @@ def token_statistics(pipe, data: Path, split: str, images: int) -> dict[str, flo
     return result
 
 
-def region_tokens_and_labels(pipe, data: Path, split: str, images: int):
+PROBE_LABELS = ("category", "color", "texture", "size", "position")  # texture: "none" for composite objects
+
+
+def region_label_names(record, referring, label: str) -> list[str]:
+    """Per region of a `stage2_categories` record, in annotation order: its category, or one attribute read from
+    the same region's generated referring expression (`referring`: the image's `stage2_referring` record)."""
+    from data_tools.synth.coco_export import referring_attributes
+    from osprey.data.samples import region_descriptions
+
+    if label == "category":
+        return [a.category_name for a in record.annotation]
+    phrases, categories = dict(region_descriptions(referring)), dict(region_descriptions(record))
+    return [referring_attributes(phrases[k], categories[k]).get(label, "none")
+            for k in range(1, len(record.annotation) + 1)]
+
+
+def region_tokens_and_labels(pipe, data: Path, split: str, images: int, label: str = "category"):
     """Per region: mask token, position token, the tower's features mask-pooled on every level (concatenated),
-    and the category name."""
+    and its label (`PROBE_LABELS`: the category name or an attribute of the generated data)."""
+    from osprey.data.records import iter_records
     from osprey.mask_extractor import masked_mean_pool_batch
     from osprey.preprocess import masks_to_tensor
 
+    referring = ({} if label == "category" else
+                 {r.id: r for _, r in iter_records(data / split / "stage2_referring.json")})
     mask_rows, pos_rows, pooled_rows, labels = [], [], [], []
     for record, encoded, masks, mask_tokens, pos_tokens in encoded_regions(pipe, data, split, images):
         stack = masks_to_tensor(masks, encoded.height, encoded.width).to(pipe.device)
@@ -66,7 +86,7 @@ def region_tokens_and_labels(pipe, data: Path, split: str, images: int):
         mask_rows.append(mask_tokens.cpu())
         pos_rows.append(pos_tokens.cpu())
         pooled_rows.append(torch.cat(pooled, dim=1).cpu())
-        labels += [a.category_name for a in record.annotation]
+        labels += region_label_names(record, referring.get(record.id), label)
     return torch.cat(mask_rows), torch.cat(pos_rows), torch.cat(pooled_rows), labels
 
 
@@ -94,15 +114,17 @@ def linear_probe_accuracy(train_x: torch.Tensor, train_y: list[str], test_x: tor
     return float(np.mean([classes[p] == t for p, t in zip(predicted, test_y)]))
 
 
-def probe(pipe, data: Path, split: str, train_images: int, test_images: int) -> dict[str, float]:
-    """Category accuracy of linear probes on mask tokens, position tokens, both, the tower's mask-pooled features
-    before the extractor (all levels, and each level), those of the last level through the CLIP's projection head,
-    and the majority baseline."""
-    train_mask, train_pos, train_pooled, train_y = region_tokens_and_labels(pipe, data, "train", train_images)
-    test_mask, test_pos, test_pooled, test_y = region_tokens_and_labels(pipe, data, split, test_images)
+def probe(pipe, data: Path, split: str, train_images: int, test_images: int,
+          label: str = "category") -> dict[str, float | str]:
+    """Accuracy of linear probes for a region label (the category, or an attribute: `PROBE_LABELS`) on mask tokens,
+    position tokens, both, the tower's mask-pooled features before the extractor (all levels, and each level),
+    those of the last level through the CLIP's projection head, and the majority baseline."""
+    train_mask, train_pos, train_pooled, train_y = region_tokens_and_labels(pipe, data, "train", train_images, label)
+    test_mask, test_pos, test_pooled, test_y = region_tokens_and_labels(pipe, data, split, test_images, label)
     majority = max(test_y.count(c) for c in set(test_y)) / len(test_y)
     return {
-        "probe_regions_train": len(train_y), "probe_regions_test": len(test_y), "probe_majority": majority,
+        "probe_label": label, "probe_regions_train": len(train_y), "probe_regions_test": len(test_y),
+        "probe_majority": majority,
         "probe_mask": linear_probe_accuracy(train_mask, train_y, test_mask, test_y),
         "probe_pos": linear_probe_accuracy(train_pos, train_y, test_pos, test_y),
         "probe_both": linear_probe_accuracy(torch.cat([train_mask, train_pos], 1), train_y,
@@ -195,7 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=20)
     parser.add_argument("--device", default=None)
     parser.add_argument("--probe", type=int, default=0, metavar="N",
-                        help="also fit linear category probes on the region tokens of N train images (0: no probe)")
+                        help="also fit linear probes on the region tokens of N train images (0: no probe)")
+    parser.add_argument("--probe-label", choices=PROBE_LABELS, default="category",
+                        help="what the probes read: the category (default) or an attribute of the generated data")
     parser.add_argument("--reliance", type=int, default=0, metavar="N",
                         help="also measure how much the loss depends on masks and images over N samples (0: no)")
     parser.add_argument("--reliance-kind", choices=sorted(RELIANCE_SAMPLES), default="category",
@@ -211,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = OspreyPipeline.from_pretrained(args.model, device=args.device, clip_weights=args.clip_weights)
     result = token_statistics(pipe, args.data, args.split, args.images)
     if args.probe:
-        result.update(probe(pipe, args.data, args.split, args.probe, max(args.images, 100)))
+        result.update(probe(pipe, args.data, args.split, args.probe, max(args.images, 100), args.probe_label))
     if args.reliance:
         result.update(reliance(args.model, args.data, args.reliance, args.clip_weights, args.reliance_kind,
                                args.template))

@@ -31,6 +31,59 @@ def test_token_norms_on_the_tiny_model(tiny_pipeline):
     assert all(math.isfinite(v) and v >= -1 for v in stats.values())  # finite, cosines within range
 
 
+def test_slot_attention_on_the_tiny_model(tiny_pipeline):
+    """bench.slot_attention: one entry per (question type, region 1 or later, layer), each counting every question
+    of its kind that names a region; shares and totals are fractions of one attention row."""
+    import re
+    from collections import Counter
+    from pathlib import Path
+
+    from bench.region_eval import question_type, split_records
+    from bench.slot_attention import slot_attention
+
+    data = Path(__file__).parent / "fixtures" / "synth"
+    config = tiny_pipeline.model.language_model.config
+    before = config._attn_implementation
+    result = slot_attention(tiny_pipeline, data, "test", records=2)
+    assert config._attn_implementation == before  # the shared pipeline's attention kernel is given back
+    expected = Counter()
+    for record in split_records(data, "test", "stage3_short_form", 2):
+        for turn in record.conversations[::2]:
+            named = re.findall(r"<region(\d+)>", turn.value)
+            if named:
+                expected[f"{question_type(turn.value)}:{'region1' if named[-1] == '1' else 'region2+'}"] += 1
+    layers = config.num_hidden_layers
+    assert {k: v["n"] for k, v in result.items()} == {f"{k}:layer{i}": n for k, n in expected.items()
+                                                      for i in range(layers)}
+    assert all(0 <= v["share"] <= 1 + 1e-6 and 0 <= v["total"] <= 1 + 1e-6 for v in result.values())
+
+
+def test_probe_labels_read_the_referring_expressions(tiny_pipeline):
+    """--probe-label: each region's attribute comes from its own referring expression (same region number), a
+    composite object has no texture; the probe's rows get those labels in region order."""
+    from pathlib import Path
+
+    from bench.token_norms import region_label_names, region_tokens_and_labels
+    from data_tools.synth.vocab import COLORS, COMPOSITES, TEXTURES
+    from osprey.data.records import iter_records
+    from osprey.data.samples import region_descriptions
+
+    data = Path(__file__).parent / "fixtures" / "synth"
+    referring = {r.id: r for _, r in iter_records(data / "train" / "stage2_referring.json")}
+    for _, record in iter_records(data / "train" / "stage2_categories.json"):
+        phrases = dict(region_descriptions(referring[record.id]))
+        colours = region_label_names(record, referring[record.id], "color")
+        textures = region_label_names(record, referring[record.id], "texture")
+        assert len(colours) == len(textures) == len(record.annotation)
+        for k, (colour, texture, region) in enumerate(zip(colours, textures, record.annotation), start=1):
+            assert colour in COLORS and f" {colour} " in f" {phrases[k]} "
+            assert texture == "none" if region.category_name in COMPOSITES else texture in TEXTURES
+    mask_tokens, _, _, labels = region_tokens_and_labels(tiny_pipeline, data, "train", images=2, label="color")
+    first_two = [r for _, r in iter_records(data / "train" / "stage2_categories.json")][:2]
+    assert labels == [c for r in first_two for c in region_label_names(r, referring[r.id], "color")]
+    assert len(labels) == len(mask_tokens)
+
+
 def test_probe_and_reliance_on_the_tiny_model(tiny_pipeline, tiny_model_dir):
     """The diagnostics behind docs/builtin_model.md run on the tiny model: probes are accuracies, the reliance
     test gives three finite losses (shuffling changes the inputs, so at least one loss moves), an attention

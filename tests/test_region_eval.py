@@ -99,3 +99,8 @@ def test_evaluate_runs_the_tiny_model_on_every_sub_set(tiny_pipeline):
     by_type = {k: v["n"] for k, v in result.items() if k.startswith("pos_neg:") and "_yes" not in k}
     assert sum(by_type.values()) == len(truths) and "pos_neg:other" not in by_type  # every question has a type
     assert result["category"]["n"] > 0 and any(k.startswith("short_form:") for k in result)
+    # every short-form question that names a region is counted once more, under region 1 or a later region
+    types = {k.split(":")[1] for k in result if k.startswith("short_form:") and "@" not in k}
+    for qtype in types - {"count"}:  # "How many of the regions are red?" names none
+        slots = [result.get(f"short_form:{qtype}:{slot}", {"n": 0})["n"] for slot in ("region1", "region2+")]
+        assert sum(slots) == result[f"short_form:{qtype}"]["n"], qtype

@@ -61,6 +61,20 @@ CATEGORY_QUESTIONS: tuple[str, ...] = (
     "What does {region} contain?",
     "{region}: what is it?",
     "Describe {region} in one word.",
+    # Requests phrased as questions ("Can you ...?"), and the region followed by more words: the yes/no data
+    # ("Is <region> red?") owns both shapes, so without these a model answers such a category question "Yes"/"No".
+    "Can you tell me what {region} is?",
+    "Could you name {region}?",
+    "Would you say what is in {region}?",
+    "Can you say which object {region} shows?",
+    "Please say what {region} is.",
+    "Tell me the category of {region}.",
+    "What name does {region} have?",
+    "What is {region} known as?",
+    "What would you name {region}?",
+    "Which object do you find in {region} here?",
+    "What object does {region} show in this image?",
+    "{region} shows which object?",
 )
 # Wordings of a named attribute's question ({name}: the attribute's name as the file spells it).
 ATTRIBUTE_QUESTIONS: tuple[str, ...] = (
