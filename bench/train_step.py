@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -48,19 +47,15 @@ def build_config(preset: str):
 
 
 def init_process_group(device: str) -> None:
-    """A 1-rank world when not launched by `deepspeed`/`torchrun` (env vars absent)."""
+    """A 1-rank world when not launched by `deepspeed`/`torchrun`, as `osprey train` makes it
+    (train.deepspeed_utils: MASTER_PORT 0, so the store keeps the port the OS gives it: picking a free port here,
+    closing it and binding it later raced with other processes, and the port it left in the environment made a
+    later training subprocess of the same test run fail with EADDRINUSE)."""
+    from train.deepspeed_utils import init_distributed
+
     if device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(sock.getsockname()[1])
-    import deepspeed
-
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if device == "cuda" else "gloo", verbose=False)
+    init_distributed()
 
 
 def synthetic_batch(config, batch_size: int, regions: int, text_tokens: int, device: torch.device, seed: int):

@@ -5,6 +5,7 @@ on the GPU machine for a trivial reason."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -31,6 +32,8 @@ def test_bench_full_finetune_zero2_fp32(tmp_path):
     assert json.loads(out.read_text()) == result
     assert result["tokens_per_s"] > 0 and result["mfu"] is None and result["flop_formula"] == "train.metrics.LMFlops"
     assert result["losses"][-1] < result["losses"][0]  # the same batch: one step already lowers the loss
+    # the 1-rank world binds port 0 and leaves no concrete port behind for a later training subprocess to collide with
+    assert os.environ.get("MASTER_PORT") == "0"
     # a result of the earlier formula is recounted from its recorded setting to the same FLOPs
     old = {k: v for k, v in result.items() if not k.startswith(("flops_per", "mfu"))}
     old["flop_formula"] = "6 * N_lm * tokens"
