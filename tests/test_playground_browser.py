@@ -64,7 +64,9 @@ class Page:
         self.requests: list[str] = []
         self.page.on("request", lambda request: self.requests.append(request.url))
         self.page.goto(url + "/")
-        self.page.wait_for_function("document.getElementById('model-name').textContent.length > 0")
+        # the start-up probe sets the model name, then the SAM capabilities and the tools they enable: wait for its
+        # end (a full random-order run under load read the SAM notice before the second request had answered)
+        self.page.wait_for_function("document.body.dataset.ready === 'true'")
 
     def open_image(self, path: Path) -> None:
         self.page.set_input_files("#image-file", str(path))

@@ -71,6 +71,7 @@ async function probe() {
       hint: error.status === 401 ? "enter the server's API key above, then reload" : error.message};
   }
   applyCaps();
+  document.body.dataset.ready = "true"; // the model and the SAM capabilities are known: the tools are set
 }
 
 function applyCaps() {
