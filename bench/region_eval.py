@@ -27,12 +27,17 @@ import json
 import re
 import sys
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from tqdm import tqdm
 
 from bench.eval_all import write_atomic
+
+if TYPE_CHECKING:
+    from osprey.inference import PreparedPrompt
 
 QUESTION_TYPES = (
     ("colour", re.compile(r"\bcolou?r\b|\bis .* (red|green|blue|yellow|orange|purple|pink|brown|black|white|gray|cyan)\b")),
@@ -159,6 +164,36 @@ def wording_scores(pipe, data: Path, records: list, wordings: list[str], params,
                 tally.add("wording:all", correct)
 
 
+@dataclass(frozen=True)
+class Turn:
+    """One question of a record, teacher-forced on the ground-truth conversation before it."""
+
+    prompt: PreparedPrompt
+    truth: str  # the ground-truth answer
+    question: str  # the record's own wording, regions named <regionK>
+    named: list[int]  # the region numbers K the question names, in order
+
+    @property
+    def slot(self) -> str | None:
+        """Which listed region it asks about: "region1" or "region2+" (None when it names none: "How many ...")."""
+        return None if not self.named else "region1" if self.named[-1] == 1 else "region2+"
+
+
+def teacher_forced_turns(pipe, encoded, record, sample) -> list[Turn]:
+    """Every question of `sample` (built from `record`) with the conversation before it and the masks it has named
+    so far, prepared on the encoded image."""
+    masks = sample.masks()
+    questions = [t.value for t in record.conversations if t.speaker == "human"]
+    turns = []
+    for turn in range(0, len(sample.messages), 2):
+        history = sample.messages[: turn + 1]
+        used = sum(text.count("<mask>") for _, text in history)
+        question = questions[turn // 2]
+        turns.append(Turn(pipe.prepare(encoded, history, masks[:used]), sample.messages[turn + 1][1], question,
+                          [int(k) for k in re.findall(r"<region(\d+)>", question)]))
+    return turns
+
+
 def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: int,
              wordings: list[str] | None = None, only_wordings: bool = False, wordings_limit: int | None = None) -> dict:
     from osprey.data.records import record_masks
@@ -185,23 +220,11 @@ def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: in
     for name, kind in (("stage3_short_form", "short_form"), ("stage3_pos_neg", "pos_neg")):
         for record in tqdm(list(split_records(data, split, name, limit)), desc=kind, leave=False):
             sample = build_sample(record, 3, kind, data, rng)
-            masks = sample.masks()
-            encoded = pipe.encode_image(data / record.file_name)
+            turns = teacher_forced_turns(pipe, pipe.encode_image(data / record.file_name), record, sample)
             flags = overlap_flags(record)
-            prompts, truths, types, overlaps, slots = [], [], [], [], []
-            original_questions = [t.value for t in record.conversations if t.speaker == "human"]
-            for turn in range(0, len(sample.messages), 2):
-                history = sample.messages[: turn + 1]
-                used = sum(text.count("<mask>") for _, text in history)
-                prompts.append(pipe.prepare(encoded, history, masks[:used]))
-                truths.append(sample.messages[turn + 1][1])
-                question = original_questions[turn // 2]
-                types.append(question_type(question))
-                refs = [int(k) for k in re.findall(r"<region(\d+)>", question)]
-                overlaps.append(flags[refs[-1] - 1] if refs else None)
-                slots.append(("region1" if refs[-1] == 1 else "region2+") if refs else None)
-            for answer, truth, qtype, overlap, slot in zip(pipe.generate(prompts, params), truths, types, overlaps,
-                                                           slots):
+            for turn, answer in zip(turns, pipe.generate([t.prompt for t in turns], params), strict=True):
+                qtype, truth, slot = question_type(turn.question), turn.truth, turn.slot
+                overlap = flags[turn.named[-1] - 1] if turn.named else None
                 if kind == "pos_neg":
                     said, expected = yes_no(answer.raw_text), yes_no(truth)
                     tally.add("pos_neg", said == expected, overlap)

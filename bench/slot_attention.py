@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.region_eval import question_type, split_records
+from bench.region_eval import question_type, split_records, teacher_forced_turns
 
 
 def slot_attention(pipe, data: Path, split: str, records: int) -> dict[str, dict[str, float]]:
@@ -46,27 +45,21 @@ def _slot_attention(pipe, language_model, data: Path, split: str, records: int) 
     found: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"share": [], "total": []})
     for record in split_records(data, split, "stage3_short_form", records):
         sample = build_sample(record, 3, "short_form", data, rng)
-        masks = sample.masks()
         encoded = pipe.encode_image(data / record.file_name)
-        questions = [t.value for t in record.conversations if t.speaker == "human"]
-        for turn in range(0, len(sample.messages), 2):
-            named = [int(k) for k in re.findall(r"<region(\d+)>", questions[turn // 2])]
-            if not named:  # "How many of the regions are red?" asks about all of them
+        for turn in teacher_forced_turns(pipe, encoded, record, sample):
+            if turn.slot is None:  # "How many of the regions are red?" asks about all of them
                 continue
-            history = sample.messages[: turn + 1]
-            used = sum(text.count("<mask>") for _, text in history)
-            prompt = pipe.prepare(encoded, history, masks[:used])
-            ids = prompt.input_ids.to(pipe.device)
-            embeds = pipe.model.merge_embeddings(ids[None], prompt.image.tokens[None], prompt.mask_tokens,
-                                                 prompt.pos_tokens)
+            ids = turn.prompt.input_ids.to(pipe.device)
+            embeds = pipe.model.merge_embeddings(ids[None], turn.prompt.image.tokens[None], turn.prompt.mask_tokens,
+                                                 turn.prompt.pos_tokens)
             attentions = language_model(inputs_embeds=embeds, output_attentions=True).attentions
             slots = torch.nonzero(ids == mask_id).flatten()  # each <mask> is followed by its <pos>
-            key = f"{question_type(questions[turn // 2])}:{'region1' if named[-1] == 1 else 'region2+'}"
+            key = f"{question_type(turn.question)}:{turn.slot}"
             for layer, weights in enumerate(attentions):
                 last = weights[0, :, -1].float().mean(0)  # heads averaged, the answer-predicting position
                 per_slot = last[slots] + last[slots + 1]
                 total = float(per_slot.sum())
-                found[f"{key}:layer{layer}"]["share"].append(float(per_slot[named[-1] - 1]) / max(total, 1e-12))
+                found[f"{key}:layer{layer}"]["share"].append(float(per_slot[turn.named[-1] - 1]) / max(total, 1e-12))
                 found[f"{key}:layer{layer}"]["total"].append(total)
     return {key: {"share": float(np.mean(v["share"])), "total": float(np.mean(v["total"])), "n": len(v["share"])}
             for key, v in sorted(found.items())}
