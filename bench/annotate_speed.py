@@ -26,7 +26,15 @@ import torch
 
 from bench.describe_speed import add_model_arguments
 from bench.eval_all import write_atomic
-from bench.serve_workload import Request, build_pipeline, git_commit, make_workload, run_engine, summarize
+from bench.serve_workload import (
+    WARM_UP_REGIONS,
+    Request,
+    build_pipeline,
+    git_commit,
+    make_workload,
+    run_engine,
+    summarize,
+)
 from osprey import masks as mask_codecs
 from serve.annotate import run_annotation
 from serve.annotate_backends import AnnotateSettings, PipelineAnnotator
@@ -86,9 +94,9 @@ def _run_annotate(pipe, requests: list[Request], args: argparse.Namespace) -> di
         root = Path(folder)
         coco = write_coco_dataset(requests, root / "images", root / "instances.json")
         items = read_input(str(coco), str(root / "images"))
-        # the engine's warm-up: one image with two regions
-        run_annotation([replace(items[0], regions=items[0].regions[:2])], annotator, root / "warm-up.jsonl",
-                       progress=False)
+        for regions in WARM_UP_REGIONS:  # the engine's warm-up: one region alone, then two
+            run_annotation([replace(items[0], regions=items[0].regions[:regions])], annotator,
+                           root / f"warm-up-{regions}.jsonl", progress=False)
         summary = run_annotation(items, annotator, root / "out.jsonl", progress=False)
     expected = sum(len(r.boxes) for r in requests)
     if summary.failures or summary.regions != expected:

@@ -103,6 +103,16 @@ def _request(rng: np.random.Generator, masks: int) -> Request:
     return Request(image, boxes)
 
 
+# Region counts of the warm-up images, one alone then two: each new decoding step shape records its CUDA graph (and,
+# with the fast kernels, may compile) the first time it comes up, which is start-up work, not a measurement's.
+WARM_UP_REGIONS = (1, 2)
+
+
+def warm_up_workload(regions: int, images: int = 1) -> Workload:
+    """`images` clients each sending one image of `regions` regions (the same images whoever warms up)."""
+    return make_workload(images, regions, 1, seed=97 + regions)
+
+
 def build_pipeline(preset: str, model: str | None, device: str, dtype: str | None) -> OspreyPipeline:
     from bench.describe_speed import build_pipeline as build
 
@@ -173,10 +183,8 @@ def run_engine(pipe: OspreyPipeline, workload: Workload, new_tokens: int, max_ro
     """The closed loop on `OspreyPipeline`'s decode session (what the server's worker thread runs); with
     `fast_kernels`, the system is named `engine-fast`."""
     session = pipe.session(pipe.engine_pool(max_rows, new_tokens + 256, kv_cache_gb), fast_kernels=fast_kernels)
-    # warm-up at one row and at two: each new step shape records its CUDA graph (and, with the fast kernels, may
-    # compile) the first time it comes up, which is start-up work, not the configuration's
-    for masks, seed in ((1, 98), (2, 99)):
-        _drive(pipe, session, make_workload(1, masks, 1, seed=seed), new_tokens, Measurement("warm-up", 1, 1, new_tokens))
+    for regions in WARM_UP_REGIONS:
+        _drive(pipe, session, warm_up_workload(regions), new_tokens, Measurement("warm-up", 1, 1, new_tokens))
     m = Measurement("engine-fast" if fast_kernels else "engine", workload.masks_per_image, workload.images_in_flight,
                     new_tokens)
     _reset_memory(pipe.device)
@@ -253,10 +261,10 @@ def run_server(pipes: list[OspreyPipeline], workload: Workload, new_tokens: int,
     m = Measurement("server-fast" if fast_kernels else "server", workload.masks_per_image, workload.images_in_flight,
                     new_tokens, replicas=len(pipes))
     with BackgroundServer(config, backends) as server:
-        # two images per replica at once: the least-loaded dispatch gives every replica work (graphs, compilation)
-        # (and one region alone first: the one-row step shape, as the in-process engine's warm-up)
-        for images, masks, seed in ((len(pipes), 1, 98), (2 * len(pipes), 2, 99)):
-            asyncio.run(_http_clients(server.url, make_workload(images, masks, 1, seed=seed), new_tokens,
+        # the engine's warm-up on every replica: one image per replica with one region, then two per replica with two
+        # (sent at once, the least-loaded dispatch gives each replica its share)
+        for regions in WARM_UP_REGIONS:
+            asyncio.run(_http_clients(server.url, warm_up_workload(regions, images=regions * len(pipes)), new_tokens,
                                       Measurement("warm-up", 1, 1, new_tokens)))
         cold = [engine.replica for engine in server.engine.engines if not engine.metrics.registry.get_sample_value(
             "osprey_replica_requests_total", {"replica": str(engine.replica)})]
