@@ -70,6 +70,14 @@ def _decoder_rows(pipe, enc, masks, new_tokens):
     return pipe.group_requests(prompts, params), [_reference_tokens(pipe, p, new_tokens) for p in prompts]
 
 
+def _one_image_added(pipe, image, masks, new_tokens: int, size: PoolSize):
+    """A decoder with a pool of `size` holding one image's regions as one waiting group, and their reference tokens."""
+    (group,), reference = _decoder_rows(pipe, pipe.encode_image(image), masks, new_tokens)
+    decoder = pipe.decoder(size)
+    decoder.add(group)
+    return decoder, reference
+
+
 def _run(decoder, until_empty=True):
     tokens = {}
     while decoder.has_work:
@@ -133,10 +141,8 @@ def test_admission_never_exceeds_the_prefix_or_the_row_slots(tiny_pipeline, imag
 
 
 def test_a_row_released_while_its_group_waits_leaves_its_group_mates_to_run(tiny_pipeline, image, masks):
-    enc = tiny_pipeline.encode_image(image)
-    (group,), reference = _decoder_rows(tiny_pipeline, enc, masks[:3], 6)
-    decoder = tiny_pipeline.decoder(PoolSize(prefix_slots=1, prefix_tokens=2048, row_slots=3, suffix_tokens=64))
-    decoder.add(group)
+    decoder, reference = _one_image_added(tiny_pipeline, image, masks[:3], 6,
+                                          PoolSize(prefix_slots=1, prefix_tokens=2048, row_slots=3, suffix_tokens=64))
     decoder.release(1)  # before any step: the group is still waiting
     tokens = _run(decoder)
     assert set(tokens) == {0, 2} and [tokens[0], tokens[2]] == [reference[0], reference[2]]
@@ -166,19 +172,15 @@ def test_a_group_without_prefix_tokens_is_refused(tiny_pipeline, image, masks):
 
 
 def test_a_prefix_longer_than_the_slots_moves_into_the_rows(tiny_pipeline, image, masks):
-    enc = tiny_pipeline.encode_image(image)
-    (group,), reference = _decoder_rows(tiny_pipeline, enc, masks[:3], 8)
-    decoder = tiny_pipeline.decoder(PoolSize(prefix_slots=1, prefix_tokens=10, row_slots=3, suffix_tokens=512))
-    decoder.add(group)
+    decoder, reference = _one_image_added(tiny_pipeline, image, masks[:3], 8,
+                                          PoolSize(prefix_slots=1, prefix_tokens=10, row_slots=3, suffix_tokens=512))
     tokens = _run(decoder)
     assert [tokens[i] for i in range(3)] == reference
 
 
 def test_released_rows_stop_and_free_their_slots(tiny_pipeline, image, masks):
-    enc = tiny_pipeline.encode_image(image)
-    (group,), reference = _decoder_rows(tiny_pipeline, enc, masks[:3], 8)
-    decoder = tiny_pipeline.decoder(PoolSize(prefix_slots=1, prefix_tokens=2048, row_slots=3, suffix_tokens=64))
-    decoder.add(group)
+    decoder, reference = _one_image_added(tiny_pipeline, image, masks[:3], 8,
+                                          PoolSize(prefix_slots=1, prefix_tokens=2048, row_slots=3, suffix_tokens=64))
     first = decoder.step()
     assert {e.row_id for e in first} == {0, 1, 2} and decoder.live_rows == 3
     decoder.release(1)
