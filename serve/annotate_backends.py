@@ -111,8 +111,8 @@ class _OpenImage:
     item: ImageItem
     regions: list[DecodedRegion]  # the regions given to the engine (none when they could not be added)
     failures: list[Failure]
-    texts: list[str] = field(default_factory=list)
-    reasons: list[str | None] = field(default_factory=list)  # None while the region's row decodes
+    texts: list[str] = field(init=False)  # per region, the text streamed so far
+    reasons: list[str | None] = field(init=False)  # per region, its finish reason; None while its row decodes
 
     def __post_init__(self) -> None:
         self.texts = [""] * len(self.regions)
