@@ -4,9 +4,11 @@
 #
 #   bash bench/gpu_install.sh base                # carry .whl/base: the project's runtime deps -> /tmp/site
 #   bash bench/gpu_install.sh stash .whl/vllmN    # carry .whl/vllmN: copy that piece to /tmp/vllm_pieces/
+#                                                 #   (.whl/rayN likewise, to /tmp/ray_pieces/)
 #   bash bench/gpu_install.sh vllm                # after all pieces are stashed: check, unpack, install vLLM
 #                                                 #   -> /tmp/vllm_site (needs /tmp/site: runs `base` first if
 #                                                 #   .whl/base was carried in the same call and /tmp/site is absent)
+#   bash bench/gpu_install.sh ray                 # after the Ray pieces are stashed: Ray -> /tmp/site
 #
 # The pieces arrive one device run each (a piece per `carry`, 45 MiB by default, under the 64 MiB a call) while the
 # machine stays warm; /tmp survives between runs on a warm machine, not on a fresh one. Then:
@@ -21,6 +23,7 @@ CHECK_IMPORTS=${CHECK_IMPORTS:-1}   # 0: skip the import checks (for a dry run o
 export PIP_ROOT_USER_ACTION=ignore
 VSITE=/tmp/vllm_site
 PIECES=/tmp/vllm_pieces
+RAY_PIECES=/tmp/ray_pieces
 PIP=(python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --disable-pip-version-check
      --upgrade --target)
 say() { echo "gpu_install: $*"; }
@@ -61,6 +64,23 @@ manifest_check() {  # manifest_check MANIFEST DIR: every piece in DIR with its s
   echo "$n"
 }
 
+unpack_pieces() {  # unpack_pieces DIR DEST: check DIR's pieces against their MANIFEST, untar the archive into DEST
+  local dir=$1 dest=$2 total want have got missing
+  [ -f "$dir/MANIFEST" ] || die "no pieces in $dir (run 'stash' with each piece's folder first, on this warm machine)"
+  total=$(awk '$1 == "pieces" {print $2}' "$dir/MANIFEST")
+  want=$(awk '$1 == "archive" {print $3}' "$dir/MANIFEST")
+  have=$(manifest_check "$dir/MANIFEST" "$dir")
+  if [ "$have" != "$total" ]; then
+    missing=$(awk '$1 == "piece" {print $2}' "$dir/MANIFEST" | while read -r n; do [ -f "$dir/$n" ] || echo "$n"; done)
+    die "$have of $total pieces stashed; missing: $(echo $missing)"
+  fi
+  got=$(awk '$1 == "piece" {print $2}' "$dir/MANIFEST" | sed "s|^|$dir/|" | xargs cat | sha256sum | cut -d' ' -f1)
+  [ "$got" = "$want" ] || die "reassembled archive sha256 $got != MANIFEST $want"
+  say "archive complete ($total pieces, sha256 OK); unpacking"
+  rm -rf "$dest"; mkdir -p "$dest"
+  awk '$1 == "piece" {print $2}' "$dir/MANIFEST" | sed "s|^|$dir/|" | xargs cat | xz -d | tar -C "$dest" -xf -
+}
+
 case "${1:-}" in
   base)
     install_base; print_base_env
@@ -69,12 +89,13 @@ case "${1:-}" in
   stash)
     src=${2:-}; [ -n "$src" ] || die "usage: bash bench/gpu_install.sh stash .whl/vllmN"
     [ -f "$src/MANIFEST" ] || die "$src/MANIFEST missing (was $src carried?)"
+    PIECES=/tmp/$(awk 'NR == 1 {print $1}' "$src/MANIFEST")_pieces
     mkdir -p "$PIECES"
     if [ -f "$PIECES/MANIFEST" ] && ! cmp -s "$src/MANIFEST" "$PIECES/MANIFEST"; then
       say "pieces of another build were in $PIECES: removing them"; rm -f "$PIECES"/*
     fi
     cp -f "$src/MANIFEST" "$PIECES/"
-    for p in "$src"/vllm.tar.xz.part*; do
+    for p in "$src"/*.tar.xz.part*; do
       [ -e "$p" ] || die "no piece in $src"
       if [ -f "$PIECES/$(basename "$p")" ] && cmp -s "$p" "$PIECES/$(basename "$p")"; then
         say "$(basename "$p") already stashed"
@@ -88,13 +109,7 @@ case "${1:-}" in
 
   vllm)
     [ -f "$PIECES/MANIFEST" ] || die "no pieces in $PIECES (run 'stash .whl/vllmN' for each piece first, on this warm machine)"
-    total=$(awk '$1 == "pieces" {print $2}' "$PIECES/MANIFEST")
     want=$(awk '$1 == "archive" {print $3}' "$PIECES/MANIFEST")
-    have=$(manifest_check "$PIECES/MANIFEST" "$PIECES")
-    if [ "$have" != "$total" ]; then
-      missing=$(awk '$1 == "piece" {print $2}' "$PIECES/MANIFEST" | while read -r n; do [ -f "$PIECES/$n" ] || echo "$n"; done)
-      die "$have of $total pieces stashed; missing: $(echo $missing)"
-    fi
     if [ ! -d "$SITE" ] || ! ls "$SITE"/.gpu_install_base_* >/dev/null 2>&1; then
       if ls .whl/base/*.whl >/dev/null 2>&1; then install_base >/dev/null; say "installed base first"
       else say "warning: $SITE has no base install (fastapi, pydantic, openai, ... come from it): carry .whl/base and run 'base'"; fi
@@ -103,11 +118,7 @@ case "${1:-}" in
     if [ -f "$stamp" ]; then
       say "vLLM already installed in $VSITE (archive ${want:0:16})"
     else
-      got=$(awk '$1 == "piece" {print $2}' "$PIECES/MANIFEST" | sed "s|^|$PIECES/|" | xargs cat | sha256sum | cut -d' ' -f1)
-      [ "$got" = "$want" ] || die "reassembled archive sha256 $got != MANIFEST $want"
-      say "archive complete ($total pieces, sha256 OK); unpacking"
-      rm -rf /tmp/vllm_wheels; mkdir -p /tmp/vllm_wheels
-      awk '$1 == "piece" {print $2}' "$PIECES/MANIFEST" | sed "s|^|$PIECES/|" | xargs cat | xz -d | tar -C /tmp/vllm_wheels -xf -
+      unpack_pieces "$PIECES" /tmp/vllm_wheels
       say "installing $(ls /tmp/vllm_wheels/*.whl | wc -l) wheels into $VSITE"
       rm -rf "$VSITE"; mkdir -p "$VSITE"
       "${PIP[@]}" "$VSITE" /tmp/vllm_wheels/*.whl
@@ -147,7 +158,24 @@ EOF
       || die "import vllm failed (PYTHONPATH=$PYTHONPATH)"
     ;;
 
+  ray)
+    ls "$SITE"/.gpu_install_base_* >/dev/null 2>&1 || die "run 'base' first (Ray goes into $SITE beside it)"
+    want=$(awk '$1 == "archive" {print $3}' "$RAY_PIECES/MANIFEST" 2>/dev/null || true)
+    if [ -n "$want" ] && [ -f "$SITE/.gpu_install_ray_${want:0:16}" ]; then
+      say "Ray already installed in $SITE"
+    else
+      unpack_pieces "$RAY_PIECES" /tmp/ray_wheels
+      say "installing $(ls /tmp/ray_wheels/*.whl | wc -l) wheels into $SITE"
+      "${PIP[@]}" "$SITE" /tmp/ray_wheels/*.whl 2> >(grep -v "^WARNING: Target directory .* already exists" >&2)
+      rm -rf /tmp/ray_wheels
+      touch "$SITE/.gpu_install_ray_${want:0:16}"
+    fi
+    [ "$CHECK_IMPORTS" = 1 ] || { say "import check skipped (CHECK_IMPORTS=0)"; exit 0; }
+    PYTHONPATH=$SITE python3 -c "import ray, ray.data; print('gpu_install: import ray OK, version', ray.__version__)" \
+      || die "import ray failed"
+    ;;
+
   *)
-    sed -n '2,17p' "$0"; exit 2
+    sed -n '2,19p' "$0"; exit 2
     ;;
 esac

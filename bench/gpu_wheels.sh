@@ -5,6 +5,7 @@
 #   bash bench/gpu_wheels.sh                  # both sets
 #   PIECE_MB=20 bash bench/gpu_wheels.sh      # vLLM pieces of 20 MiB (default: what fits beside the working tree)
 #   ONLY=base bash bench/gpu_wheels.sh        # only .whl/base (ONLY=vllm: only the vLLM pieces)
+#   ONLY=ray bash bench/gpu_wheels.sh         # only the Ray pieces (.whl/ray1, .whl/ray2: `osprey annotate --ray`)
 #   VLLM_STRIP=0 bash bench/gpu_wheels.sh     # carry vLLM's wheel whole (see "left out" below)
 #
 # Output (git-ignored, under .whl/):
@@ -16,6 +17,9 @@
 #                   every piece), so each folder can be carried in its own device run. A device call carries the
 #                   working tree too (tracked + untracked-not-ignored files, ~38 MiB in December 2026) and at most
 #                   64 MiB in all: by default PIECE_MB = 62 - (working tree MiB), rounded down (23 then).
+#   .whl/ray1/ ... .whl/rayN/     the same for ray[data] 2.60.0 and the few small deps the GPU machine lacks
+#                   (jsonschema & co.; it has pandas, pyarrow, msgpack, ...): Ray's 79 MB wheel does not fit one call
+#                   beside the tree. gpu_install.sh `stash` takes either kind of piece, `ray` installs them.
 #   .whl/_cache/    downloads and resolver reports (reused by reruns; never carry it).
 #
 # How: pip resolves for CPython 3.12 / manylinux x86_64 (`pip install --dry-run --ignore-installed --report`) with
@@ -185,6 +189,50 @@ download() {  # download REQ_FILE DEST: exactly these pins, no dependencies
   pip_ download -q --no-deps "${PLAT[@]}" --find-links "$W/built" -d "$2" -r "$1"
 }
 
+make_pieces() {  # make_pieces NAME SRC_DIR HEADER: SRC_DIR's files -> NAME.tar.xz in PIECE_MB pieces, .whl/NAME1..N
+  local name=$1 src=$2 header=$3 n i=0 p
+  rm -rf .whl/"$name"[0-9]* "$W/pieces"; mkdir -p "$W/pieces"
+  echo "gpu_wheels: compressing $name (xz -6, a few minutes)"
+  tar -C "$src" -cf - . | xz -6 -T0 > "$W/$name.tar.xz"
+  split -b "${PIECE_MB}m" -d -a 2 "$W/$name.tar.xz" "$W/pieces/$name.tar.xz.part"
+  n=$(ls "$W/pieces" | wc -l)
+  {
+    echo "$header"
+    echo "archive $name.tar.xz $(sha256sum "$W/$name.tar.xz" | cut -d' ' -f1) $(stat -c %s "$W/$name.tar.xz")"
+    echo "pieces $n"
+    for p in "$W"/pieces/*; do echo "piece $(basename "$p") $(sha256sum "$p" | cut -d' ' -f1) $(stat -c %s "$p")"; done
+  } > "$W/MANIFEST"
+  for p in "$W"/pieces/*; do
+    i=$((i + 1)); mkdir -p ".whl/$name$i"; mv "$p" ".whl/$name$i/"; cp "$W/MANIFEST" ".whl/$name$i/"
+  done
+  rm -f "$W/$name.tar.xz"
+}
+
+rezip_stored() {  # rezip_stored WHEEL: the same wheel uncompressed, so that xz compresses its binaries
+"$PY" - "$1" <<'EOF'
+import os, sys, zipfile
+src = sys.argv[1]; tmp = src + ".tmp"
+with zipfile.ZipFile(src) as zi, zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zo:
+    for info in zi.infolist():
+        data = zi.read(info); info.compress_type = zipfile.ZIP_STORED; zo.writestr(info, data)
+os.replace(tmp, src)
+EOF
+}
+
+# ---- Ray (ONLY=ray): ray[data] and what the GPU machine lacks of its deps, in pieces ----
+if [ "$ONLY" = ray ]; then
+  RAY_VERSION=${RAY_VERSION:-2.60.0}
+  echo "gpu_wheels: resolving ray[data]==$RAY_VERSION"
+  resolve "$W/ray_report.json" "ray[data]==$RAY_VERSION" -c "$W/gpu_known.txt"
+  keep "$W/ray_report.json" "$W/gpu_present.txt" > "$W/ray_keep.txt"
+  rm -rf "$W/dl_ray"; download "$W/ray_keep.txt" "$W/dl_ray"
+  echo "gpu_wheels: Ray set: $(ls "$W/dl_ray" | tr '\n' ' ')"
+  rezip_stored "$(ls "$W"/dl_ray/ray-*.whl)"
+  make_pieces ray "$W/dl_ray" "ray $RAY_VERSION"
+  du -sh .whl/ray[0-9]* | sort -V -k2
+  exit 0
+fi
+
 # ---- 1. vLLM resolve first (its picks constrain base) ----
 echo "gpu_wheels: resolving vllm==$VLLM_VERSION"
 resolve "$W/vllm_report.json" "vllm==$VLLM_VERSION" -c "$W/gpu_known.txt"
@@ -259,22 +307,7 @@ print("gpu_wheels: left out of the vLLM wheel:", ", ".join(dropped) or "nothing"
 EOF
 
 # ---- 4. tar.xz, split into pieces, one folder each, MANIFEST in each ----
-rm -rf .whl/vllm[0-9]* "$W/pieces"; mkdir -p "$W/pieces"
-echo "gpu_wheels: compressing (xz -6, a few minutes)"
-tar -C "$W/dl_vllm" -cf - . | xz -6 -T0 > "$W/vllm.tar.xz"
-split -b "${PIECE_MB}m" -d -a 2 "$W/vllm.tar.xz" "$W/pieces/vllm.tar.xz.part"
-n=$(ls "$W/pieces" | wc -l)
-{
-  echo "vllm $VLLM_VERSION strip=$VLLM_STRIP"
-  echo "archive vllm.tar.xz $(sha256sum "$W/vllm.tar.xz" | cut -d' ' -f1) $(stat -c %s "$W/vllm.tar.xz")"
-  echo "pieces $n"
-  for p in "$W"/pieces/*; do echo "piece $(basename "$p") $(sha256sum "$p" | cut -d' ' -f1) $(stat -c %s "$p")"; done
-} > "$W/MANIFEST"
-i=0
-for p in "$W"/pieces/*; do
-  i=$((i + 1)); mkdir -p ".whl/vllm$i"; mv "$p" ".whl/vllm$i/"; cp "$W/MANIFEST" ".whl/vllm$i/"
-done
-rm -f "$W/vllm.tar.xz"
+make_pieces vllm "$W/dl_vllm" "vllm $VLLM_VERSION strip=$VLLM_STRIP"
 
 # ---- 5. check: reassemble the pieces as gpu_install.sh does, then resolve vLLM + the project's deps offline from
 # them + .whl/base, with "+dummy" stand-ins for what the GPU machine has (at the versions resolved above) ----

@@ -20,7 +20,6 @@ import ipaddress
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,8 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 from PIL import Image
+
+from serve.background import listening_socket
 
 MAX_CONCURRENCY, MAX_DURATION_S, MAX_REQUESTS = 64, 600.0, 100_000
 MODES = ("describe", "describe-stream", "chat", "chat-stream")
@@ -280,12 +281,6 @@ def require_loopback(url: str) -> None:
         raise SystemExit(f"bench.load only targets loopback servers, not {host!r}")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @contextmanager
 def started_server(args: argparse.Namespace) -> Iterator[str]:
     """`osprey serve` in a subprocess on 127.0.0.1 (a fresh tiny model when --model is not given)."""
@@ -295,15 +290,19 @@ def started_server(args: argparse.Namespace) -> Iterator[str]:
             from osprey.checkpoint import init_model_folder
 
             model = str(init_model_folder("tiny", Path(tmp) / "tiny", seed=0))
-        port = free_port()
+        listener = listening_socket()  # bound here and inherited: the port is ours before the server starts
+        port = listener.getsockname()[1]
         cmd = [sys.executable, "-m", "osprey.cli", "serve", "--model", model, "--host", "127.0.0.1",
-               "--port", str(port), "--served-model-name", args.model_name, "--device", args.device,
+               "--port", str(port), "--fd", str(listener.fileno()), "--served-model-name", args.model_name,
+               "--device", args.device,
                "--max-batch-size", str(args.max_batch_size), "--max-queue", str(args.max_queue),
                "--log-level", "warning"]
         env = dict(os.environ, **({"OSPREY_API_KEY": args.api_key} if args.api_key else {}))
         url = f"http://127.0.0.1:{port}"
         with open(Path(tmp) / "server.log", "w+") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            with listener:
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        pass_fds=(listener.fileno(),))
             try:
                 wait_healthy(url, proc, log)
                 yield url

@@ -33,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--model", default=None, help="model folder (default: $OSPREY_MODEL or the installed default)")
     serve.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="TCP port")
+    serve.add_argument("--fd", type=int, default=None, metavar="N",
+                       help="serve on an inherited socket, already bound and listening, from file descriptor N (a "
+                            "supervisor's or a test's: it knows the port without racing for it); --host/--port then "
+                            "only name it in the logs")
     serve.add_argument("--api-key", default=os.environ.get("OSPREY_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1/* (default: $OSPREY_API_KEY; none = open)")
     where = serve.add_mutually_exclusive_group()
@@ -217,7 +221,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
              args.backend, ", ".join(config.devices))
     log.info("playground: http://%s:%d/ui/", args.host, args.port)
     uvicorn.run(create_app(config, None if backend is None else [backend], segmenters=segmenters),
-                host=args.host, port=args.port,
+                host=args.host, port=args.port, fd=args.fd,
                 log_level=args.log_level,
                 timeout_graceful_shutdown=max(1, int(config.request_timeout_s)))
     if backend is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -25,10 +26,21 @@ def guide_blocks() -> list[str]:
     return BLOCK.findall(GUIDE.read_text(encoding="utf-8"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def unclaimed_port() -> int:
+    """A free port below the kernel's ephemeral range, for the guide's `osprey serve --port "$PORT"`. A port the
+    kernel hands out (bind to 0, outgoing connections) comes from that range, so nothing takes this one between
+    this check and the server's bind unless a process names this very port; a port from `bind(0)` could be."""
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    rng = random.Random()  # not the suite's seed: two runs side by side should not pick the same port
+    for _ in range(200):
+        port = rng.randrange(10000, max(ephemeral_low, 10001))
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def test_guide_blocks_are_found_and_name_their_needs():
@@ -57,7 +69,7 @@ def test_every_guide_command_runs(tmp_path, tiny_model_dir):
     blocks = guide_blocks()
     env = {**os.environ, "COCO_TRAIN": str(data / "train.json"), "COCO_TEST": str(data / "test.json"),
            "IMAGES": str(FIXTURE), "LABELS": str(data / "labels.csv"), "BASE": str(tiny_model_dir),
-           "WORK": str(work), "PORT": str(free_port()), "PYTHONPATH": str(ROOT),
+           "WORK": str(work), "PORT": str(unclaimed_port()), "PYTHONPATH": str(ROOT),
            "TRAIN_OPTS": "--max-steps 2 --set micro_batch_size=2 --set global_batch_size=2 --set data.num_workers=0 "
                          "--set bf16=false --set progress=false",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}

@@ -164,3 +164,29 @@ def test_describe_needs_no_server_extras():
             "print(serve.describe.load_masks.__name__)")
     out = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.slow
+def test_serve_on_an_inherited_socket_answers_on_its_port(files):
+    """`osprey serve --fd N` serves on a socket its parent bound and passed down: the parent knows the port before
+    the server starts, with no window in which another process could take it (bench.load starts servers so)."""
+    import subprocess
+    import sys
+
+    import httpx
+
+    from serve.background import listening_socket
+
+    with listening_socket() as listener:
+        listener.listen()  # connections made before the server starts wait in the backlog
+        port = listener.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "osprey.cli", "serve", "--model", str(files["model"]),
+                                 "--port", str(port), "--fd", str(listener.fileno()), "--log-level", "warning"],
+                                pass_fds=(listener.fileno(),), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=120).json()
+    finally:
+        proc.terminate()  # uvicorn shuts down, then re-raises SIGTERM: the exit status is -15 by design
+        output = proc.communicate(timeout=60)[0].decode()
+    assert [m["id"] for m in models["data"]] == ["model"], output
+    assert f"http://127.0.0.1:{port}" in output  # the log names the inherited socket's port
