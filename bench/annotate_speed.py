@@ -10,6 +10,11 @@ exactly --new-tokens tokens (EOS ignored), greedy. The ratio annotate / engine i
     python -m bench.annotate_speed --preset osprey-7b --masks 16 --images 64 --max-rows 256 \\
         --out bench/results/annotate_speed_h100.json                    # add --fast-kernels for the Triton kernels
     python -m bench.annotate_speed --preset tiny --device cpu --masks 2 --images 4 --max-rows 4 --new-tokens 4
+
+With --ray-actors N [N ...], the same COCO file also goes through `osprey annotate --ray` (Ray Data, a local Ray)
+with N model replicas sharing this one GPU (--actors-per-gpu N, each sized to 1/N of it), for each N. Ray's actors
+load a model folder, so without --model the preset's random weights are first written to one (osprey-7b: 14 GB)
+and all systems run from it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import gc
 import json
 import platform
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -54,6 +60,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--kv-cache-gb", type=float, default=None, help="KV memory (default: as osprey serve)")
     parser.add_argument("--fast-kernels", action="store_true", help="CUDA: Triton decoding kernels, compiled layers")
+    parser.add_argument("--ray-actors", type=int, nargs="*", default=[], metavar="N",
+                        help="also annotate through Ray with N replicas on this device, for each N")
+    parser.add_argument("--images-per-call", type=int, default=None,
+                        help="--ray: images per actor call (default: all of an actor's images in one call)")
     parser.add_argument("--out", type=Path, default=None, help="JSON report (written atomically)")
     args = parser.parse_args(argv)
     in_flight = max(1, args.max_rows // args.masks)
@@ -61,24 +71,39 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--images {args.images} is not a multiple of the {in_flight} images in flight "
                      f"(--max-rows {args.max_rows} // --masks {args.masks})")
 
-    pipe = build_pipeline(args.preset, args.model, args.device, args.dtype)
-    pipe.eos_token_id = -1  # every region decodes exactly --new-tokens tokens, in both systems
-    workload = make_workload(in_flight, args.masks, args.images // in_flight, seed=0)
-    engine = run_engine(pipe, workload, args.new_tokens, args.max_rows, args.kv_cache_gb, args.fast_kernels)
-    print(json.dumps(summarize(engine)), flush=True)
-    annotate = _run_annotate(pipe, [r for client in workload.clients for r in client], args)
-    print(json.dumps(annotate), flush=True)
+    model_name = args.model or args.preset
+    with tempfile.TemporaryDirectory(prefix="annotate_speed_model_") as folder:
+        if args.ray_actors and args.model is None:  # Ray's replicas load a folder: every system runs from it
+            args.model = str(_random_model_folder(args.preset, args.device, Path(folder)))
+            model_name = f"{args.preset} (random weights in a folder)"
+        pipe = build_pipeline(args.preset, args.model, args.device, args.dtype)
+        pipe.eos_token_id = -1  # every region decodes exactly --new-tokens tokens, in all systems
+        dtype, device = str(pipe.model.dtype), pipe.device
+        workload = make_workload(in_flight, args.masks, args.images // in_flight, seed=0)
+        engine = run_engine(pipe, workload, args.new_tokens, args.max_rows, args.kv_cache_gb, args.fast_kernels)
+        engine_summary = summarize(engine)
+        print(json.dumps(engine_summary), flush=True)
+        requests = [r for client in workload.clients for r in client]
+        annotate = _run_annotate(pipe, requests, args)
+        print(json.dumps(annotate), flush=True)
+        ray_runs = []
+        if args.ray_actors:
+            del pipe, engine  # the replicas load their own copies
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            ray_runs = [_run_ray(requests, actors, args) for actors in args.ray_actors]
 
-    report = {"device": torch.cuda.get_device_name() if pipe.device.type == "cuda" else platform.processor() or "cpu",
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
               "commit": git_commit(),
-              "settings": {"model": args.model or args.preset, "dtype": str(pipe.model.dtype), "masks": args.masks,
+              "settings": {"model": model_name, "dtype": dtype, "masks": args.masks,
                            "images": args.images, "images_in_flight": in_flight, "max_rows": args.max_rows,
                            "new_tokens": args.new_tokens, "fast_kernels": args.fast_kernels, "task": "short",
                            "greedy": True, "eos": "ignored", "torch": torch.__version__},
-              "engine": summarize(engine), "annotate": annotate,
-              "ratio": annotate["regions_per_s"] / engine.regions_per_s, "target": TARGET}
+              "engine": engine_summary, "annotate": annotate, **({"ray": ray_runs} if ray_runs else {}),
+              "ratio": annotate["regions_per_s"] / engine_summary["regions_per_s"], "target": TARGET}
     report["meets_target"] = report["ratio"] >= TARGET
-    print(f"annotate {annotate['regions_per_s']:.2f} regions/s, engine {engine.regions_per_s:.2f} regions/s: "
+    print(f"annotate {annotate['regions_per_s']:.2f} regions/s, engine {engine_summary['regions_per_s']:.2f} regions/s: "
           f"ratio {report['ratio']:.3f} (target {TARGET})", flush=True)
     if args.out:
         write_atomic(args.out, json.dumps(report, indent=2) + "\n")
@@ -105,6 +130,50 @@ def _run_annotate(pipe, requests: list[Request], args: argparse.Namespace) -> di
     return {"regions": summary.regions, "seconds": summary.seconds,
             "regions_per_s": summary.regions / summary.seconds,
             "output_tokens_per_s": summary.regions * args.new_tokens / summary.seconds}
+
+
+def _random_model_folder(preset: str, device: str, folder: Path) -> Path:
+    """The preset's random weights as a model folder (bfloat16 for a GPU, as the in-process build uses)."""
+    from osprey.checkpoint import init_model_folder
+
+    dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    print(f"writing random {preset} weights ({dtype}) to {folder} for Ray's replicas", flush=True)
+    return init_model_folder(preset, folder / preset, dtype=dtype)
+
+
+def _run_ray(requests: list[Request], actors: int, args: argparse.Namespace) -> dict:
+    """The same COCO file through `RayAnnotator` with `actors` replicas on this one device. Ray Data starts its
+    actors per run, so the replicas' load is inside the run: the report gives the whole run and the rate after
+    the first call's results arrived (each call fills a replica's rows once: images in flight / actors)."""
+    from serve.annotate_backends import RayAnnotator, RayPlacement
+
+    on_gpu = args.device.startswith("cuda")
+    in_flight = max(1, args.max_rows // args.masks)
+    per_call = args.images_per_call or max(1, in_flight // actors)
+    placement = RayPlacement(actors=actors, actors_per_gpu=actors if on_gpu else 1, images_per_call=per_call,
+                             max_rows=max(1, args.max_rows // actors), fast_kernels=args.fast_kernels)
+    annotator = RayAnnotator(args.model, AnnotateSettings("short", max_tokens=args.new_tokens), None, placement,
+                             device=args.device, dtype=args.dtype)
+    with tempfile.TemporaryDirectory(prefix="annotate_speed_ray_") as folder:
+        root = Path(folder)
+        items = read_input(str(write_coco_dataset(requests, root / "images", root / "instances.json")),
+                           str(root / "images"))
+        started, arrivals = time.monotonic(), []
+        for result in annotator.map(items):
+            if result.failures:
+                raise RuntimeError(f"Ray failed regions: {result.failures[:3]}")
+            arrivals.append((time.monotonic() - started, len(result.records)))
+    first_s = arrivals[0][0]
+    later = [(t, n) for t, n in arrivals if t > first_s + 0.5]  # a call's results arrive together
+    run = {"actors": actors, "actors_per_gpu": placement.actors_per_gpu, "images_per_call": per_call,
+           "max_rows_per_actor": placement.max_rows, "regions": sum(n for _, n in arrivals),
+           "seconds": arrivals[-1][0], "regions_per_s": sum(n for _, n in arrivals) / arrivals[-1][0],
+           "first_results_s": first_s,
+           "after_first_regions_per_s": (sum(n for _, n in later) / (later[-1][0] - first_s)) if later else None}
+    if run["regions"] != sum(len(r.boxes) for r in requests):
+        raise RuntimeError(f"Ray answered {run['regions']} regions of {sum(len(r.boxes) for r in requests)}")
+    print(json.dumps(run), flush=True)
+    return run
 
 
 def write_coco_dataset(requests: list[Request], images: Path, path: Path) -> Path:

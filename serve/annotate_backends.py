@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from osprey import masks as mask_codecs
@@ -135,22 +136,26 @@ class PipelineAnnotator:
     open; results come out in input order as soon as an image and every image before it are answered."""
 
     def __init__(self, pipe: OspreyPipeline, settings: AnnotateSettings, model: str, max_rows: int | None = None,
-                 fast_kernels: bool = False) -> None:
+                 fast_kernels: bool = False, kv_cache_gb: float | None = None) -> None:
         self.pipe, self.model = pipe, model
         self.prompt = task_prompt(settings.task)
         self.params = SamplingParams(max_new_tokens=settings.max_tokens, temperature=settings.temperature,
                                      seed=settings.seed)
-        pool = pipe.engine_pool(max_rows or pipe.max_batch_size, settings.max_tokens + 256)
+        pool = pipe.engine_pool(max_rows or pipe.max_batch_size, settings.max_tokens + 256, kv_cache_gb)
         self.session = pipe.session(pool, fast_kernels=fast_kernels)
         self.max_rows = pool.row_slots  # the KV memory may hold fewer rows than asked for
         self._image_seq = itertools.count()  # row ids (image seq, region index) stay unique across calls
 
     @classmethod
     def from_model_dir(cls, model_dir: str, settings: AnnotateSettings, device: str = "cpu", dtype: str | None = None,
-                       max_batch_size: int = 32, fast_kernels: bool = False) -> PipelineAnnotator:
-        """`max_batch_size`: region rows in flight (256 on a GPU)."""
+                       max_batch_size: int = 32, fast_kernels: bool = False,
+                       gpu_share: float = 1.0) -> PipelineAnnotator:
+        """`max_batch_size`: region rows in flight (256 on a GPU). `gpu_share`: the part of the GPU this replica
+        may fill when others share it (Ray's --actors-per-gpu): its KV memory is sized to that share, not to what
+        the GPU has free when it happens to start."""
         pipe = OspreyPipeline.from_pretrained(model_dir, device=device, dtype=dtype, max_batch_size=max_batch_size)
-        return cls(pipe, settings, Path(model_dir).name, fast_kernels=fast_kernels)
+        return cls(pipe, settings, Path(model_dir).name, fast_kernels=fast_kernels,
+                   kv_cache_gb=_shared_kv_gb(pipe.device, gpu_share))
 
     def annotate(self, item: ImageItem) -> ImageResult:
         """One image through `map` (the Ray actors' call): the same session, the same path."""
@@ -215,6 +220,19 @@ class PipelineAnnotator:
             entry.texts[index] += event.text_delta
             if event.finished:
                 entry.reasons[index] = event.finish_reason or "length"
+
+
+def _shared_kv_gb(device: torch.device, gpu_share: float) -> float | None:
+    """KV memory of a replica holding `gpu_share` of a GPU: its share of the 90% `engine_pool` plans with, less its
+    own weights and the 4 GiB it keeps for a prefill; None (the pool's default) for a whole GPU or the CPU."""
+    if gpu_share >= 1 or device.type != "cuda":
+        return None
+    total = torch.cuda.get_device_properties(device).total_memory
+    budget = 0.9 * total * gpu_share - torch.cuda.memory_allocated(device) - 4 * 2**30
+    if budget <= 0:
+        raise RuntimeError(f"{gpu_share:.2f} of this GPU ({total / 2**30:.0f} GiB) leaves no KV memory beside the "
+                           f"weights: fewer replicas per GPU")
+    return budget / 2**30
 
 
 def _decoded_ahead(reader: ThreadPoolExecutor, items: Iterable[ImageItem], lookahead: int
@@ -330,7 +348,8 @@ class _RayActor:
         torch.set_num_threads(threads)
         self.annotator = PipelineAnnotator.from_model_dir(model_dir, settings, device=device, dtype=dtype,
                                                           max_batch_size=placement.max_rows,
-                                                          fast_kernels=placement.fast_kernels)
+                                                          fast_kernels=placement.fast_kernels,
+                                                          gpu_share=1 / placement.actors_per_gpu)
 
     def __call__(self, batch: dict) -> dict:
         results = self.annotator.map([ImageItem.from_json(text) for text in batch["item"]])
