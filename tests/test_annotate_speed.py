@@ -27,3 +27,15 @@ def test_images_must_fill_whole_waves(capsys):
                              "--max-rows", "4"])
     assert exit_info.value.code == 2
     assert "not a multiple of the 2 images in flight" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_ray_replicas_answer_the_same_workload(tmp_path):
+    """--ray-actors: the preset's random weights go to a folder, every system runs from it, and Ray's run with one
+    and with two replicas answers every region (a local Ray on the CPU)."""
+    pytest.importorskip("ray.data")
+    report = annotate_speed.main(["--preset", "tiny", "--device", "cpu", "--masks", "2", "--images", "4",
+                                  "--max-rows", "4", "--new-tokens", "3", "--ray-actors", "1", "2"])
+    assert report["settings"]["model"] == "tiny (random weights in a folder)"
+    assert [(run["actors"], run["regions"], run["images_per_call"]) for run in report["ray"]] == [(1, 8, 2), (2, 8, 1)]
+    assert all(run["regions_per_s"] == run["regions"] / run["seconds"] for run in report["ray"])
