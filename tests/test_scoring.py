@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import random
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import torch
 from PIL import Image
 
 from osprey.prompts import YES_NO_ANSWERS, query_question, task_prompt
-from osprey.scoring import AnswerScorer
+from osprey.scoring import AnswerScorer, _AnswerRows, _fewest_padded_cuts, _passes
 from osprey.tokenization import encode_answers, encode_generation_prompt
 
 FIXTURE_SYNTH = Path(__file__).parent / "fixtures" / "synth"
@@ -71,6 +73,31 @@ def test_chunked_pass_equals_one_pass(tiny_pipeline):
     assert scorer._chunk_rows(20, 4, 100) == 1
     chunked, _ = scorer.score_answers(encoded, masks, messages, LABELS)
     np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-5)
+
+
+def _padded_total(lengths: list[int], cuts: list[int]) -> int:
+    return sum((end - start) * lengths[end - 1] for start, end in itertools.pairwise(cuts))
+
+
+def test_answer_passes_are_fewest_and_pad_least():
+    """The cuts match an exhaustive search over every layout with the fewest passes; no pass exceeds its rows."""
+    rng = random.Random(0)
+    for _ in range(500):
+        n, most = rng.randint(1, 10), rng.randint(1, 12)
+        lengths = sorted(rng.randint(1, 6) for _ in range(n))
+        passes = -(-n // most)
+        cuts = _fewest_padded_cuts(lengths, most)
+        assert cuts[0] == 0 and cuts[-1] == n and len(cuts) == passes + 1
+        assert all(1 <= end - start <= most for start, end in itertools.pairwise(cuts))
+        layouts = ([0, *inner, n] for inner in itertools.combinations(range(1, n), passes - 1))
+        best = min(_padded_total(lengths, c) for c in layouts if all(b - a <= most for a, b in itertools.pairwise(c)))
+        assert _padded_total(lengths, cuts) == best
+
+
+def test_one_token_answers_run_no_pass():
+    rows = _AnswerRows(prompt=[0, 1, 0, 1, 0], answer=[0, 0, 1, 1, 2], tokens=[[5], [5], [6, 2], [6, 2], [7, 8, 2]])
+    parts = list(_passes(rows, most=4))
+    assert [p.tokens for p in parts] == [[[5], [5]], [[6, 2], [6, 2], [7, 8, 2]]]
 
 
 def test_probabilities_sum_to_one_and_follow_the_labels(tiny_pipeline):
