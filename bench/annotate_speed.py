@@ -72,42 +72,71 @@ def main(argv: list[str] | None = None) -> dict:
                      f"(--max-rows {args.max_rows} // --masks {args.masks})")
 
     model_name = args.model or args.preset
+    progress = _Progress(args.out)
     with tempfile.TemporaryDirectory(prefix="annotate_speed_model_") as folder:
         if args.ray_actors and args.model is None:  # Ray's replicas load a folder: every system runs from it
             args.model = str(_random_model_folder(args.preset, args.device, Path(folder)))
             model_name = f"{args.preset} (random weights in a folder)"
+            progress.log(f"random weights written to {args.model}")
         pipe = build_pipeline(args.preset, args.model, args.device, args.dtype)
         pipe.eos_token_id = -1  # every region decodes exactly --new-tokens tokens, in all systems
-        dtype, device = str(pipe.model.dtype), pipe.device
+        device = pipe.device
+        progress.report.update({
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "commit": git_commit(),
+            "settings": {"model": model_name, "dtype": str(pipe.model.dtype), "masks": args.masks,
+                         "images": args.images, "images_in_flight": in_flight, "max_rows": args.max_rows,
+                         "new_tokens": args.new_tokens, "fast_kernels": args.fast_kernels, "task": "short",
+                         "greedy": True, "eos": "ignored", "torch": torch.__version__}})
+        progress.log("pipeline loaded; engine run")
         workload = make_workload(in_flight, args.masks, args.images // in_flight, seed=0)
         engine = run_engine(pipe, workload, args.new_tokens, args.max_rows, args.kv_cache_gb, args.fast_kernels)
-        engine_summary = summarize(engine)
-        print(json.dumps(engine_summary), flush=True)
+        progress.add("engine", summarize(engine))
         requests = [r for client in workload.clients for r in client]
-        annotate = _run_annotate(pipe, requests, args)
-        print(json.dumps(annotate), flush=True)
-        ray_runs = []
+        annotate = progress.add("annotate", _run_annotate(pipe, requests, args))
+        ratio = annotate["regions_per_s"] / progress.report["engine"]["regions_per_s"]
+        progress.report.update({"ratio": ratio, "target": TARGET, "meets_target": ratio >= TARGET})
+        progress.log(f"annotate {annotate['regions_per_s']:.2f} regions/s, engine "
+                     f"{progress.report['engine']['regions_per_s']:.2f} regions/s: ratio {ratio:.3f} (target {TARGET})")
         if args.ray_actors:
             del pipe, engine  # the replicas load their own copies
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            ray_runs = [_run_ray(requests, actors, args) for actors in args.ray_actors]
+            for actors in args.ray_actors:
+                progress.log(f"Ray with {actors} replica(s)")
+                progress.add("ray", _run_ray(requests, actors, args), many=True)
+    return progress.finish()
 
-    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-              "commit": git_commit(),
-              "settings": {"model": model_name, "dtype": dtype, "masks": args.masks,
-                           "images": args.images, "images_in_flight": in_flight, "max_rows": args.max_rows,
-                           "new_tokens": args.new_tokens, "fast_kernels": args.fast_kernels, "task": "short",
-                           "greedy": True, "eos": "ignored", "torch": torch.__version__},
-              "engine": engine_summary, "annotate": annotate, **({"ray": ray_runs} if ray_runs else {}),
-              "ratio": annotate["regions_per_s"] / engine_summary["regions_per_s"], "target": TARGET}
-    report["meets_target"] = report["ratio"] >= TARGET
-    print(f"annotate {annotate['regions_per_s']:.2f} regions/s, engine {engine_summary['regions_per_s']:.2f} regions/s: "
-          f"ratio {report['ratio']:.3f} (target {TARGET})", flush=True)
-    if args.out:
-        write_atomic(args.out, json.dumps(report, indent=2) + "\n")
-    return report
+
+class _Progress:
+    """The report as it grows: each phase's figures are printed and written (atomically, `complete: false`) as
+    soon as they exist, so a run cut off by a time limit still leaves what it measured."""
+
+    def __init__(self, out: Path | None) -> None:
+        self.out, self.started = out, time.monotonic()
+        self.report: dict = {"complete": False}
+
+    def log(self, message: str) -> None:
+        print(f"[annotate_speed +{time.monotonic() - self.started:.0f} s] {message}", flush=True)
+
+    def add(self, key: str, figures: dict, many: bool = False) -> dict:
+        if many:
+            self.report.setdefault(key, []).append(figures)
+        else:
+            self.report[key] = figures
+        self.log(f"{key}: {json.dumps(figures)}")
+        self._write()
+        return figures
+
+    def finish(self) -> dict:
+        self.report["complete"] = True
+        self._write()
+        return self.report
+
+    def _write(self) -> None:
+        if self.out:
+            write_atomic(self.out, json.dumps(self.report, indent=2) + "\n")
 
 
 def _run_annotate(pipe, requests: list[Request], args: argparse.Namespace) -> dict:
@@ -172,7 +201,6 @@ def _run_ray(requests: list[Request], actors: int, args: argparse.Namespace) -> 
            "after_first_regions_per_s": (sum(n for _, n in later) / (later[-1][0] - first_s)) if later else None}
     if run["regions"] != sum(len(r.boxes) for r in requests):
         raise RuntimeError(f"Ray answered {run['regions']} regions of {sum(len(r.boxes) for r in requests)}")
-    print(json.dumps(run), flush=True)
     return run
 
 

@@ -19,6 +19,24 @@ def test_annotate_speed_times_the_runner_and_the_engine_on_the_same_regions(tmp_
     assert report["annotate"]["regions"] == report["engine"]["regions"] == 2 * 4  # masks x images
     assert report["ratio"] == report["annotate"]["regions_per_s"] / report["engine"]["regions_per_s"]
     assert report["meets_target"] == (report["ratio"] >= 0.9)
+    assert report["complete"] is True
+
+
+def test_a_run_cut_off_keeps_the_phases_it_measured(tmp_path, monkeypatch):
+    """Each phase's figures are written as they come (`complete: false`): a run stopped in its Ray phase (a device
+    call's time limit) still leaves the engine's and the annotator's."""
+    def cut_off(*_args):
+        raise TimeoutError("the device call's time limit")
+
+    monkeypatch.setattr(annotate_speed, "_run_ray", cut_off)
+    out = tmp_path / "annotate_speed.json"
+    with pytest.raises(TimeoutError):
+        annotate_speed.main(["--preset", "tiny", "--device", "cpu", "--masks", "2", "--images", "4", "--max-rows",
+                             "4", "--new-tokens", "3", "--ray-actors", "1", "--out", str(out)])
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False and "ray" not in partial
+    assert partial["annotate"]["regions"] == partial["engine"]["regions"] == 8
+    assert partial["settings"]["model"] == "tiny (random weights in a folder)"
 
 
 def test_images_must_fill_whole_waves(capsys):
