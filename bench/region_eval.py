@@ -10,6 +10,10 @@ Per model, greedy decoding, every question teacher-forced on the ground-truth hi
 - attributes: the short-form questions of `stage3_short_form` by type (object, colour, size, texture, ...), and
   by the listed region they ask about (`short_form:colour:region1`, `short_form:colour:region2+`): the form lists
   every region up front and names one, so a model may read the named region's shape yet another one's colour;
+  and the same questions with the regions renumbered (`short_form_renumbered:...`: the record's regions listed in
+  a seeded random order, every `<regionK>` renamed to match). The generator asks about regions in ascending
+  number, so in its own records the t-th question is mostly about region t; a model that reads the slot by the
+  question's turn rather than by the name it is given scores well there and falls on the renumbered copy;
 - positive/negative: the yes/no questions of `stage3_pos_neg`, overall and by what they ask about
   (`pos_neg:colour`, `pos_neg:position`, `pos_neg:object`, ...), with the share answered "yes"
   (`pos_neg:answered_yes`) beside the share whose truth is yes (`pos_neg:truth_yes`).
@@ -106,6 +110,9 @@ class Tally:
 
     def result(self) -> dict[str, dict[str, float]]:
         return {k: {"accuracy": h / n, "n": n} for k, (h, n) in sorted(self.hits.items())}
+
+
+RENUMBER_SEED = 20261207  # the order of the renumbered copies (`short_form_renumbered`)
 
 
 def split_records(data: Path, split: str, name: str, limit: int | None):
@@ -217,29 +224,56 @@ def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: in
             tally.add("category", correct, flags)
             tally.add(f"category:{normalise(label)}", correct)  # which categories are missed
             tally.add(f"category:{area_bucket(int(areas[k - 1]))}", correct)  # and how small they are
+    order_rng = np.random.default_rng(RENUMBER_SEED)
     for name, kind in (("stage3_short_form", "short_form"), ("stage3_pos_neg", "pos_neg")):
         for record in tqdm(list(split_records(data, split, name, limit)), desc=kind, leave=False):
-            sample = build_sample(record, 3, kind, data, rng)
-            turns = teacher_forced_turns(pipe, pipe.encode_image(data / record.file_name), record, sample)
-            flags = overlap_flags(record)
-            for turn, answer in zip(turns, pipe.generate([t.prompt for t in turns], params), strict=True):
-                qtype, truth, slot = question_type(turn.question), turn.truth, turn.slot
-                overlap = flags[turn.named[-1] - 1] if turn.named else None
-                if kind == "pos_neg":
-                    said, expected = yes_no(answer.raw_text), yes_no(truth)
-                    tally.add("pos_neg", said == expected, overlap)
-                    tally.add(f"pos_neg:{qtype}", said == expected)  # colour, position, object, ...
-                    # the share of questions answered "yes" (and of those whose truth is yes): a model that
-                    # guesses shows up here even when its accuracy looks like a half-learned skill
-                    tally.add("pos_neg:answered_yes", said == "yes")
-                    tally.add("pos_neg:truth_yes", expected == "yes")
-                else:
-                    tally.add(f"short_form:{qtype}", normalise(answer.raw_text) == normalise(truth), overlap)
-                    if slot is not None:  # which listed region it asks about: region 1 or a later one
-                        tally.add(f"short_form:{qtype}:{slot}", normalise(answer.raw_text) == normalise(truth))
-                    if qtype in ("colour", "size", "texture"):
-                        tally.add("attribute", normalise(answer.raw_text) == normalise(truth), overlap)
+            encoded = pipe.encode_image(data / record.file_name)
+            variants = [(kind, record)]
+            if kind == "short_form":
+                variants.append(("short_form_renumbered", renumbered(record, order_rng)))
+            for prefix, variant in variants:
+                sample = build_sample(variant, 3, kind, data, rng)
+                turns = teacher_forced_turns(pipe, encoded, variant, sample)
+                answers = [answer.raw_text for answer in pipe.generate([t.prompt for t in turns], params)]
+                _tally_turns(tally, prefix, turns, answers, overlap_flags(variant))
     return tally.result()
+
+
+def _tally_turns(tally: Tally, prefix: str, turns: list[Turn], answers: list[str],
+                 flags: list[tuple[bool, bool]]) -> None:
+    for turn, answer in zip(turns, answers, strict=True):
+        qtype, truth, slot = question_type(turn.question), turn.truth, turn.slot
+        overlap = flags[turn.named[-1] - 1] if turn.named else None
+        if prefix == "pos_neg":
+            said, expected = yes_no(answer), yes_no(truth)
+            tally.add("pos_neg", said == expected, overlap)
+            tally.add(f"pos_neg:{qtype}", said == expected)  # colour, position, object, ...
+            # the share of questions answered "yes" (and of those whose truth is yes): a model that guesses
+            # shows up here even when its accuracy looks like a half-learned skill
+            tally.add("pos_neg:answered_yes", said == "yes")
+            tally.add("pos_neg:truth_yes", expected == "yes")
+            continue
+        correct = normalise(answer) == normalise(truth)
+        tally.add(f"{prefix}:{qtype}", correct, overlap)
+        if slot is not None:  # which listed region it asks about: region 1 or a later one
+            tally.add(f"{prefix}:{qtype}:{slot}", correct)
+        if qtype in ("colour", "size", "texture") and prefix == "short_form":
+            tally.add("attribute", correct, overlap)
+
+
+def renumbered(record, rng: np.random.Generator):
+    """`record` with its regions listed in a random order: `<regionK>` (questions) and `regionK` (answers) renamed
+    so that every question still asks about the same region, now under another number."""
+    from osprey.data.records import parse_record
+
+    order = [int(i) for i in rng.permutation(len(record.annotation))]  # new position -> old index
+    new_number = {old + 1: new + 1 for new, old in enumerate(order)}
+    obj = record.to_json()
+    obj["annotation"] = [obj["annotation"][old] for old in order]
+    for turn in obj.get("conversations") or []:
+        turn["value"] = re.sub(r"(<?region)(\d+)\b", lambda m: f"{m.group(1)}{new_number[int(m.group(2))]}",
+                               turn["value"])
+    return parse_record(obj)
 
 
 def markdown(results: dict[str, dict], warnings: dict[str, str] | None = None) -> str:

@@ -1,6 +1,7 @@
 """`bench.region_eval`: category labels bind to their region by `<regionK>`, not by list position."""
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -8,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from bench.region_eval import area_bucket, category_scores, evaluate, yes_no
+from bench.region_eval import area_bucket, category_scores, evaluate, renumbered, split_records, yes_no
 from osprey.data.records import parse_record, record_masks
 
 
@@ -86,8 +87,6 @@ def test_area_buckets():
 def test_evaluate_runs_the_tiny_model_on_every_sub_set(tiny_pipeline):
     """The real pipeline through all three parts on the fixture's test split: every question is scored, and the
     yes/no part reports the share answered yes beside the share whose truth is yes."""
-    from bench.region_eval import split_records
-
     fixture = Path(__file__).parent / "fixtures" / "synth"
     result = evaluate(tiny_pipeline, fixture, "test", limit=2, max_new_tokens=3)
     truths = [yes_no(t.value) for r in split_records(fixture, "test", "stage3_pos_neg", 2)
@@ -104,3 +103,22 @@ def test_evaluate_runs_the_tiny_model_on_every_sub_set(tiny_pipeline):
     for qtype in types - {"count"}:  # "How many of the regions are red?" names none
         slots = [result.get(f"short_form:{qtype}:{slot}", {"n": 0})["n"] for slot in ("region1", "region2+")]
         assert sum(slots) == result[f"short_form:{qtype}"]["n"], qtype
+        # the same questions again with the regions renumbered
+        assert result[f"short_form_renumbered:{qtype}"]["n"] == result[f"short_form:{qtype}"]["n"], qtype
+
+
+def test_renumbered_records_ask_about_the_same_regions_under_other_numbers():
+    """Every question of the renumbered copy names the region it named before (same mask, same answer), and the
+    copies do list the regions in other orders."""
+    fixture = Path(__file__).parent / "fixtures" / "synth"
+    rng = np.random.default_rng(0)
+    moved = 0
+    for record in split_records(fixture, "train", "stage3_short_form", None):
+        copy = renumbered(record, rng)
+        assert sorted(a.bbox for a in copy.annotation) == sorted(a.bbox for a in record.annotation)
+        for before, after in zip(record.conversations, copy.conversations, strict=True):
+            assert re.sub(r"region\d+", "R", before.value) == re.sub(r"region\d+", "R", after.value)
+            for old, new in zip(re.findall(r"region(\d+)", before.value), re.findall(r"region(\d+)", after.value)):
+                assert record.annotation[int(old) - 1] == copy.annotation[int(new) - 1]
+        moved += [a.bbox for a in copy.annotation] != [a.bbox for a in record.annotation]
+    assert moved > 0
