@@ -8,8 +8,9 @@ probabilities) and text queries (the query's probability in a label list against
 Every (region, answer) pair is one row of one batched pass through the engine's forward (osprey.engine.forward):
 the image's shared prefix (system prompt, image tokens, text before the region) is prefilled once; each region's
 own prompt tokens (`<mask><pos>? ... ASSISTANT:`) run once as a row; then every answer of every region is a row
-whose suffix starts with a copy of its region's keys and values, so an answer costs only its own tokens. The
-logits at the region row's last token give each answer's first token; the answer rows give the rest. Several
+that reads its region row's stored keys in place (`osprey.engine.forward.ParentRows`), so an answer costs only
+its own tokens, in compute and in memory; only real tokens run (no padding to the longest answer). The logits at
+the region row's last token give each answer's first token; the answer rows give the rest. Several
 questions about the same regions (queries for several texts) share the pass the same way: their common start is
 the prefix, and each (question, region) is a prompt row.
 
@@ -27,7 +28,6 @@ model says yes to single-turn questions about almost anything; ECE 0.25). bench/
 
 from __future__ import annotations
 
-import collections
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from osprey.engine.forward import LlamaForward, RowBlock
+from osprey.engine.forward import LlamaForward, ParentRows, RowBlock
 from osprey.engine.kv import KVPool, PoolSize, token_bytes
 from osprey.inference import EncodedImage, OspreyPipeline
 from osprey.prompts import YES_NO_ANSWERS, query_question, task_prompt
@@ -169,15 +169,17 @@ class AnswerScorer:
         prompts = len(prompt_suffixes)
         prompt_lengths = [s.shape[0] for s in prompt_suffixes]
         rows = _answer_rows(prompts, answers)
-        longest = max(len(t) for t in answers) - 1  # the first answer token is read from the prompt row
-        chunk = self._chunk_rows(max(prompt_lengths) + longest, max(longest, 1), len(rows.prompt))
-        pool = self._pool(prefix.shape[0], prompts + chunk, max(prompt_lengths) + max(longest, 1))
+        pool = self._pool(prefix.shape[0], prompts, max(prompt_lengths))
         prefix_length = torch.tensor([prefix.shape[0]], device=self.pipe.device)
         self.forward.prefill_prefix(prefix.to(pool.prefix_k[0]), pool, 0)
         first = self._prompt_rows(prompt_suffixes, pool, prefix_length)  # (prompts, V): first answer token
         totals = torch.zeros((prompts, len(answers)), dtype=torch.float64)
+        longest = max(len(t) for t in answers) - 1  # tokens an answer row runs: the first is read from its prompt
+        chunk = self._chunk_rows(max(longest, 1), len(rows.prompt))
+        answer_pool = pool.with_rows(chunk, max(longest, 1))
+        used = torch.tensor(prompt_lengths, device=self.pipe.device)
         for part in _passes(rows, chunk):
-            sums = self._answer_pass(part, first, prompt_lengths, prompts, pool, prefix_length)
+            sums = self._answer_pass(part, first, (pool, used), answer_pool, prefix_length)
             totals[part.prompt, part.answer] = sums.double().cpu()
         return totals.numpy()
 
@@ -187,35 +189,31 @@ class AnswerScorer:
         device = self.pipe.device
         embeds = pad_sequence([s.to(pool.prefix_k[0]) for s in suffixes], batch_first=True)
         lengths = torch.tensor([s.shape[0] for s in suffixes], device=device)
-        block = _block(first=0, start=torch.zeros_like(lengths), lengths=lengths, tokens=embeds.shape[1],
+        block = _block(start=torch.zeros_like(lengths), lengths=lengths, tokens=embeds.shape[1],
                        prefix_keys=int(prefix_length[0]))
-        hidden = self.forward.row_hidden(embeds, block, pool, prefix_length)
-        last = hidden[torch.arange(len(suffixes), device=device), lengths - 1]
-        return torch.log_softmax(self.forward.logits(last), dim=-1)
+        return torch.log_softmax(self.forward.forward_rows(embeds, block, pool, prefix_length), dim=-1)
 
-    def _answer_pass(self, rows: _AnswerRows, first: torch.Tensor, prompt_lengths: list[int], prompts: int,
+    def _answer_pass(self, rows: _AnswerRows, first: torch.Tensor, prompts: tuple[KVPool, torch.Tensor],
                      pool: KVPool, prefix_length: torch.Tensor) -> torch.Tensor:
-        """Rows `prompts ..` of the pool: each starts as a copy of its prompt row, then runs its answer's tokens
-        but the last (the answer's tokens from the second on are read from them) -> (n,) summed log-probs."""
+        """Rows 0.. of `pool`, each reading its prompt row (`prompts`: their pool and lengths) then running its
+        answer's tokens but the last (the answer's tokens from the second on are read from them) -> (n,) summed
+        log-probs."""
         device = self.pipe.device
-        n = len(rows.prompt)
-        targets = [torch.tensor(t, device=device) for t in rows.tokens]
-        total = first[rows.prompt, torch.stack([t[0] for t in targets])]
-        inputs = [t[:-1] for t in targets]
-        lengths = torch.tensor([len(t) for t in inputs], device=device)
-        if int(lengths.max()) == 0:
+        prompt = torch.tensor(rows.prompt, device=device)
+        total = first[prompt, torch.tensor([t[0] for t in rows.tokens], device=device)]
+        inputs = [t[:-1] for t in rows.tokens]
+        if not any(inputs):  # one-token answers: the prompt rows gave them
             return total
-        pool.move_rows(list(rows.prompt), list(range(prompts, prompts + n)))
-        ids = pad_sequence([t if len(t) else t.new_zeros(1) for t in inputs], batch_first=True)
-        start = torch.tensor([prompt_lengths[q] for q in rows.prompt], device=device)
-        block = _block(first=prompts, start=start, lengths=lengths.clamp(min=1), tokens=ids.shape[1],
-                       prefix_keys=int(prefix_length[0]))
-        hidden = self.forward.row_hidden(self.forward.embed(ids), block, pool, prefix_length)
-        logprobs = torch.log_softmax(self.forward.logits(hidden), dim=-1)  # (n, T, V)
-        later = pad_sequence([t[1:] for t in targets], batch_first=True, padding_value=0)
-        picked = logprobs[:, :later.shape[1]].gather(-1, later[..., None])[..., 0]
-        real = torch.arange(later.shape[1], device=device)[None, :] < lengths[:, None]
-        return total + (picked * real).sum(dim=1)
+        lengths = torch.tensor([len(t) for t in inputs], device=device)
+        ids = pad_sequence([torch.tensor(t) for t in inputs], batch_first=True).to(device)
+        block = _block(start=torch.zeros_like(lengths), lengths=lengths, tokens=ids.shape[1],
+                       prefix_keys=int(prefix_length[0]), parent=_parents(*prompts, prompt))
+        hidden = self.forward.row_hidden(self.forward.embed(ids), block, pool, prefix_length)  # (N, D)
+        logprobs = torch.log_softmax(self.forward.logits(hidden), dim=-1)  # (N, V)
+        later = torch.tensor([token for t in rows.tokens for token in t[1:]], device=device)
+        picked = logprobs.gather(-1, later[:, None])[:, 0]
+        row_of = torch.arange(len(inputs), device=device).repeat_interleave(lengths)
+        return total.index_add(0, row_of, picked)
 
     # -- memory ------------------------------------------------------------------------------------------------
     def _pool(self, prefix_tokens: int, rows: int, row_tokens: int) -> KVPool:
@@ -224,16 +222,15 @@ class AnswerScorer:
         return KVPool(PoolSize(1, prefix_tokens, rows, row_tokens), lm.num_layers, lm.num_kv_heads, lm.head_dim,
                       weight.dtype, weight.device)
 
-    def _chunk_rows(self, row_tokens: int, answer_tokens: int, wanted: int) -> int:
-        """Answer rows per pass within the memory budget: each holds its KV copy (`row_tokens`) and, for its
-        `answer_tokens` positions, fp32 logits and log-probs and the layer activations."""
+    def _chunk_rows(self, answer_tokens: int, wanted: int) -> int:
+        """Answer rows per pass within the memory budget: each holds its own tokens' keys and values and, for
+        each of them, fp32 logits and log-probs and the layer activations (bounded by the longest answer)."""
         lm = self.pipe.model.language_model
         config = lm.config
         element = lm.get_input_embeddings().weight.element_size()
         kv = token_bytes(self.forward.num_layers, self.forward.num_kv_heads, self.forward.head_dim, lm.dtype)
         per_position = 2 * 4 * config.vocab_size + element * (4 * config.hidden_size + 3 * config.intermediate_size)
-        per_row = kv * row_tokens + answer_tokens * per_position
-        return max(1, min(wanted, self._budget() // per_row))
+        return max(1, min(wanted, self._budget() // (answer_tokens * (kv + per_position))))
 
     def _budget(self) -> int:
         if self.memory_budget_bytes is not None:
@@ -246,68 +243,40 @@ class AnswerScorer:
 
 
 def _answer_rows(prompts: int, answers: list[list[int]]) -> _AnswerRows:
-    """Every (prompt row, answer) pair, shortest answers first, so answers of one length are contiguous."""
+    """Every (prompt row, answer) pair, shortest answers first, so one-token answers come first."""
     order = sorted(range(len(answers)), key=lambda a: len(answers[a]))
     pairs = [(q, a) for a in order for q in range(prompts)]
     return _AnswerRows([q for q, _ in pairs], [a for _, a in pairs], [answers[a] for _, a in pairs])
 
 
 def _passes(rows: _AnswerRows, most: int) -> Iterator[_AnswerRows]:
-    """The (length-sorted) rows in the fewest passes of at most `most` rows, cut where they pad the fewest tokens.
-    A pass runs each row to its longest; rows of one-token answers run no pass (their token is read from the
-    prompt row). On one H100 (16 regions x 100 ADE20K labels, 1 to 13 tokens) the old layout (2 passes, cut every
-    `most` rows) took 0.636 s and one pass per answer length (12 passes, no padding) 1.03 s (another H100): a pass
-    costs more than the padding it saves, so the pass count comes first."""
-    inputs = [len(tokens) - 1 for tokens in rows.tokens]  # tokens a row runs: its answer's but the last
-    free = sum(1 for length in inputs if length == 0)
-    cuts = [0, free] if free else [0]
-    cuts += [free + cut for cut in _fewest_padded_cuts(inputs[free:], most)[1:]]
+    """The (length-sorted) rows in the fewest passes of at most `most` rows, of equal size; rows of one-token
+    answers run no pass (their token is read from the prompt row), they come as a pass of their own. Padding costs
+    nothing (only real tokens run), so where the passes are cut does not matter; their number does (each reads
+    the weights once: on one H100, 16 regions x 100 labels took 1.03 s in 12 passes, 0.64 s in 2)."""
+    free = sum(1 for tokens in rows.tokens if len(tokens) == 1)
+    rest = len(rows.tokens) - free
+    passes = -(-rest // most)
+    cuts = [0, free, *(free + rest * k // passes for k in range(1, passes + 1))]
     for start, end in itertools.pairwise(cuts):
-        yield _AnswerRows(rows.prompt[start:end], rows.answer[start:end], rows.tokens[start:end])
+        if end > start:
+            yield _AnswerRows(rows.prompt[start:end], rows.answer[start:end], rows.tokens[start:end])
 
 
-def _fewest_padded_cuts(lengths: list[int], most: int) -> list[int]:
-    """Ascending `lengths` cut into ceil(n / most) runs of at most `most` -> the cut positions (0, ..., n) that
-    make the padded total (each run's size x its last length) smallest. Dynamic programming over the run ends:
-    for one last length L the best start minimises cost[start] - start x L over the window of `most` starts."""
-    n = len(lengths)
-    if n == 0:
-        return [0]
-    cost = [0.0] + [float("inf")] * n  # cost[i]: the rows before i in the passes so far
-    back: list[list[int]] = []
-    for _ in range(-(-n // most)):
-        new, choice = [float("inf")] * (n + 1), [0] * (n + 1)
-        window: collections.deque[int] = collections.deque()  # starts, by increasing cost[start] - start x L
-        length, added = -1, 0
-        for end in range(1, n + 1):
-            if lengths[end - 1] != length:  # a new last length: the window's order changes, rebuild it
-                length, window, added = lengths[end - 1], collections.deque(), max(0, end - most)
-            while added < end:  # starts up to end - 1 enter the window
-                key = cost[added] - added * length
-                while window and cost[window[-1]] - window[-1] * length >= key:
-                    window.pop()
-                window.append(added)
-                added += 1
-            while window[0] < end - most:
-                window.popleft()
-            best = window[0]
-            new[end], choice[end] = cost[best] + (end - best) * length, best
-        cost = new
-        back.append(choice)
-    cuts = [n]
-    for choice in reversed(back):
-        cuts.append(choice[cuts[-1]])
-    return cuts[::-1]
-
-
-def _block(first: int, start: torch.Tensor, lengths: torch.Tensor, tokens: int, prefix_keys: int) -> RowBlock:
-    """Rows `first ..` of one image (prefix slot 0), each with its own suffix from `start`."""
+def _block(start: torch.Tensor, lengths: torch.Tensor, tokens: int, prefix_keys: int,
+           parent: ParentRows | None = None) -> RowBlock:
+    """Rows 0.. of one image (prefix slot 0), each with its own suffix from `start`."""
     n = lengths.shape[0]
     device = lengths.device
-    return RowBlock(first=first, count=n, tokens=tokens, start=start, lengths=lengths,
+    return RowBlock(first=0, count=n, tokens=tokens, start=start, lengths=lengths,
                     group=torch.zeros(n, dtype=torch.long, device=device), local=torch.arange(n, device=device),
                     group_first=0, groups=1, width=n, prefix_keys=prefix_keys,
-                    suffix_keys=int(start.max()) + tokens)
+                    suffix_keys=int(start.max()) + tokens, parent=parent)
+
+
+def _parents(prompts: KVPool, lengths: torch.Tensor, slot: torch.Tensor) -> ParentRows:
+    """The prompt rows of `prompts` (rows 0.., `lengths` tokens each) as the parents of answer rows (`slot`)."""
+    return ParentRows(prompts.suffix_k, prompts.suffix_v, slot=slot, used=lengths, longest=prompts.max_suffix)
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:

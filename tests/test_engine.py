@@ -257,7 +257,7 @@ def test_cascade_attention_equals_attention_over_the_concatenation():
     bias_a, bias_b = length_bias(torch.tensor([7, 3, 1]), 7), length_bias(torch.tensor([5, 5, 2]), 5)
     out_a, lse_a = attend(q, k_a, v_a, bias_a, 0.3)
     out_b, lse_b = attend(q, k_b, v_b, bias_b, 0.3)
-    merged = merge(out_a.transpose(1, 2), lse_a.transpose(1, 2), out_b.transpose(1, 2), lse_b.transpose(1, 2))
+    merged = merge([(out_a.transpose(1, 2), lse_a.transpose(1, 2)), (out_b.transpose(1, 2), lse_b.transpose(1, 2))])
     full = torch.nn.functional.scaled_dot_product_attention(
         q, torch.cat([k_a, k_b], 2), torch.cat([v_a, v_b], 2), attn_mask=torch.cat([bias_a, bias_b], -1), scale=0.3)
     torch.testing.assert_close(merged.transpose(1, 2), full, atol=1e-5, rtol=1e-5)

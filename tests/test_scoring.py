@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import random
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import torch
 from PIL import Image
 
 from osprey.prompts import YES_NO_ANSWERS, query_question, task_prompt
-from osprey.scoring import AnswerScorer, _AnswerRows, _fewest_padded_cuts, _passes
+from osprey.scoring import AnswerScorer, _AnswerRows, _passes
 from osprey.tokenization import encode_answers, encode_generation_prompt
 
 FIXTURE_SYNTH = Path(__file__).parent / "fixtures" / "synth"
@@ -70,28 +69,30 @@ def test_chunked_pass_equals_one_pass(tiny_pipeline):
     messages = [("human", task_prompt("category"))]
     whole, _ = AnswerScorer(pipe).score_answers(encoded, masks, messages, LABELS)
     scorer = AnswerScorer(pipe, memory_budget_bytes=1)
-    assert scorer._chunk_rows(20, 4, 100) == 1
+    assert scorer._chunk_rows(4, 100) == 1
     chunked, _ = scorer.score_answers(encoded, masks, messages, LABELS)
     np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-5)
 
 
-def _padded_total(lengths: list[int], cuts: list[int]) -> int:
-    return sum((end - start) * lengths[end - 1] for start, end in itertools.pairwise(cuts))
-
-
-def test_answer_passes_are_fewest_and_pad_least():
-    """The cuts match an exhaustive search over every layout with the fewest passes; no pass exceeds its rows."""
+def test_answer_passes_are_fewest_and_even():
+    """No pass exceeds `most` rows, there are no more than the fewest, one-token answers come as a pass of their
+    own, and every row is in exactly one pass, in order."""
     rng = random.Random(0)
-    for _ in range(500):
-        n, most = rng.randint(1, 10), rng.randint(1, 12)
-        lengths = sorted(rng.randint(1, 6) for _ in range(n))
-        passes = -(-n // most)
-        cuts = _fewest_padded_cuts(lengths, most)
-        assert cuts[0] == 0 and cuts[-1] == n and len(cuts) == passes + 1
-        assert all(1 <= end - start <= most for start, end in itertools.pairwise(cuts))
-        layouts = ([0, *inner, n] for inner in itertools.combinations(range(1, n), passes - 1))
-        best = min(_padded_total(lengths, c) for c in layouts if all(b - a <= most for a, b in itertools.pairwise(c)))
-        assert _padded_total(lengths, cuts) == best
+    for _ in range(300):
+        lengths = sorted(rng.randint(1, 6) for _ in range(rng.randint(1, 30)))
+        most = rng.randint(1, 12)
+        rows = _AnswerRows(prompt=list(range(len(lengths))), answer=[0] * len(lengths),
+                           tokens=[[7] * length for length in lengths])
+        parts = list(_passes(rows, most))
+        assert [q for part in parts for q in part.prompt] == rows.prompt
+        sizes = [len(part.prompt) for part in parts]
+        free = lengths.count(1)
+        assert all(0 < size <= most for size in sizes[1 if free else 0:])
+        assert len(parts) == (1 if free else 0) + -(-(len(lengths) - free) // most)
+        if free:
+            assert all(len(t) == 1 for t in parts[0].tokens) and sizes[0] == free
+        rest = sizes[1:] if free else sizes
+        assert not rest or max(rest) - min(rest) <= 1
 
 
 def test_one_token_answers_run_no_pass():
@@ -185,7 +186,30 @@ def test_classify_speed_benchmark_runs_on_cpu(tmp_path, tiny_model_dir):
 
     out = tmp_path / "speed.json"
     report = main(["--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32", "--regions", "2", "--labels", "5", "--repeats", "1",
-                   "--image-size", "64", "--out", str(out)])
+                   "--image-size", "64", "--profile", "--out", str(out)])
     assert json.loads(out.read_text()) == report
+    assert "aten::" in report["profile"]
     assert report["rows"] == 10 and report["probabilities_sum_to_one"] and report["seconds"] > 0
     assert report["seconds_scoring_only"] <= report["seconds"] * 5
+
+
+@pytest.mark.gpu
+def test_scores_on_cuda_in_bf16_equal_the_dense_path_and_the_fp32_reference(tiny_model_dir, monkeypatch):
+    """The packed kernels (FlashAttention over only the real tokens, answer rows reading their question row in
+    place) against the dense path on the same GPU and dtype, and against fp32 on the CPU."""
+    from osprey.engine import forward as engine_forward
+    from osprey.inference import OspreyPipeline
+
+    image, masks = _image_and_masks()
+    labels = [*LABELS, "a", "square with a circle in it"]
+
+    def scores(device: str, dtype: torch.dtype) -> np.ndarray:
+        pipe = OspreyPipeline.from_pretrained(tiny_model_dir, device=device, dtype=dtype)
+        return AnswerScorer(pipe).classify(pipe.encode_image(image), masks, labels).mean_logprob
+
+    reference = scores("cpu", torch.float32)
+    packed = scores("cuda", torch.bfloat16)
+    monkeypatch.setattr(engine_forward, "packed_kernel_runs", lambda tensor: False)
+    dense = scores("cuda", torch.bfloat16)
+    np.testing.assert_allclose(packed, dense, rtol=0, atol=3e-2)
+    np.testing.assert_allclose(packed, reference, rtol=0, atol=6e-2)

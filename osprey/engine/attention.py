@@ -3,8 +3,9 @@
 Every region row of one image attends over the same prefix (system prompt, 1024 image tokens, text before the
 region): its keys and values are stored once and read once per decoding step for all of that image's rows, as
 one query block. Each row's suffix (its region tokens, question and generated tokens) is attended separately;
-the two partial softmaxes are combined exactly through their log-sum-exps, so the result equals attention over
-the concatenation.
+the partial softmaxes are combined exactly through their log-sum-exps, so the result equals attention over
+the concatenation. Scoring adds a third part between the two: an answer row reads its question row's stored
+suffix in place (`osprey.engine.forward.ParentRows`), one query block per question, instead of a copy.
 
 Two kernels, one contract (output + log-sum-exp per query):
 - `attend_packed`, on CUDA in fp16/bf16: FlashAttention-2's variable-length kernel over packed sequences. Each
@@ -19,6 +20,8 @@ passes over the prefix part's fp32 scores cost more than they saved.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -80,13 +83,14 @@ def _aligned_bias(bias: torch.Tensor, query: torch.Tensor, keys: int) -> torch.T
     return store[..., :keys].expand(batch, heads, rows, keys)
 
 
-def merge(out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor) -> torch.Tensor:
-    """Two partial attentions over disjoint key sets -> attention over their union (fp32, the shape of `out_a`).
+def merge(parts: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """Partial attentions over disjoint key sets -> attention over their union (fp32, the shape of each output).
 
-    out_* (..., d), lse_* (...): the weights are each part's share of the total softmax mass.
+    parts: (out (..., d), lse (...)) each; every part's weight is its share of the total softmax mass.
     """
-    weight_a = torch.sigmoid(lse_a - lse_b)[..., None]  # = exp(lse_a) / (exp(lse_a) + exp(lse_b))
-    return out_a.float() * weight_a + out_b.float() * (1.0 - weight_a)
+    lse = torch.stack([part_lse for _, part_lse in parts])
+    weights = torch.softmax(lse, dim=0)[..., None]  # exp(lse_i) / sum_j exp(lse_j)
+    return sum(out.float() * weight for (out, _), weight in zip(parts, weights))
 
 
 def length_bias(lengths: torch.Tensor, keys: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:

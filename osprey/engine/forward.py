@@ -1,10 +1,11 @@
 """The Llama forward passes of the engine, over the weights of a transformers `LlamaForCausalLM`.
 
 Three passes share one layer walk: a prefix prefill (one image's shared prefix, causal, its keys and values
-stored in a prefix slot), a suffix prefill (the new rows' own tokens, padded to one length) and a decoding step
-(one token per live row). The last two attend over [prefix of the row's image] + [the row's own suffix] with
-`osprey.engine.attention`: the prefix as one query block per image, so its keys are read once for all of that
-image's rows. Norms, projections, rotary embedding and MLP are the transformers modules themselves, so the
+stored in a prefix slot), a suffix prefill (the new rows' own tokens, handed over padded to one length; only the
+real tokens run through the layers) and a decoding step (one token per live row). The last two attend over
+[prefix of the row's image] + [the row's own suffix] with `osprey.engine.attention`: the prefix as one query block
+per image, so its keys are read once for all of that image's rows (scoring puts its question row's stored suffix
+between the two: `ParentRows`). Norms, projections, rotary embedding and MLP are the transformers modules themselves, so the
 numerics are the reference model's.
 """
 
@@ -27,7 +28,7 @@ try:  # Triton ships with CUDA builds of torch; without it decoding uses FlashAt
 except ImportError:
     triton_decode = None
 
-__all__ = ["LlamaForward", "RowBlock", "supports"]
+__all__ = ["LlamaForward", "ParentRows", "RowBlock", "supports"]
 
 log = logging.getLogger(__name__)
 
@@ -40,19 +41,37 @@ def supports(language_model: PreTrainedModel) -> bool:
 
 
 @dataclass
+class ParentRows:
+    """Stored rows whose suffix keys each row of a block reads in place, between its prefix and its own suffix: an
+    answer row of `osprey.scoring` reads its question row's tokens this way, one query block per question, so a
+    hundred answers to one question neither copy its keys nor hold slots for them."""
+
+    keys: list[torch.Tensor]  # per layer (slots, tokens, Hkv, d): the parents' stored keys (another pool's rows)
+    values: list[torch.Tensor]
+    slot: torch.Tensor  # (n,) long: each row's parent slot
+    used: torch.Tensor  # (slots,) long: keys stored per parent slot
+    longest: int  # >= max(used)
+
+    @property
+    def slots(self) -> int:
+        return self.keys[0].shape[0]
+
+
+@dataclass
 class RowBlock:
     """Query rows of one pass, all in the pool: rows `first .. first + n - 1`, each with `tokens` new tokens
-    (padded to the same count) written from suffix position `start` (n,).
+    (padded to the same count; `lengths` real, >= 1) written from suffix position `start` (n,).
 
     `group` (n,) is each row's image slot relative to `group_first`, `local` (n,) its index within that image;
-    `groups` image slots from `group_first` take part, `width` = max local + 1.
+    `groups` image slots from `group_first` take part, `width` = max local + 1. `parent`: rows read between the
+    prefix and their own suffix (their positions count in the rows' positions).
     """
 
     first: int
     count: int
     tokens: int
     start: torch.Tensor  # (n,) long: suffix position of the first new token
-    lengths: torch.Tensor  # (n,) long: real new tokens per row (<= tokens)
+    lengths: torch.Tensor  # (n,) long: real new tokens per row (1 .. tokens)
     group: torch.Tensor  # (n,) long
     local: torch.Tensor  # (n,) long
     group_first: int
@@ -60,6 +79,7 @@ class RowBlock:
     width: int
     prefix_keys: int  # prefix positions to read (>= the longest prefix of the groups)
     suffix_keys: int  # suffix positions to read (>= max start + tokens)
+    parent: ParentRows | None = None
 
 
 def _reference_decode(query, prefix_k, prefix_v, suffix_k, suffix_v, group, prefix_used, suffix_used, scale
@@ -84,21 +104,31 @@ def _reference_decode(query, prefix_k, prefix_v, suffix_k, suffix_v, group, pref
 
 
 @dataclass
+class _KeyRun:
+    """One call of the packed kernel: the real query tokens, grouped by the slot whose keys they read."""
+
+    order: torch.Tensor | None  # (N,) tokens in slot order (None: already in it, one slot per row)
+    inverse: torch.Tensor | None  # (N,) back to row order
+    query_starts: torch.Tensor  # (slots + 1,) int32
+    key_starts: torch.Tensor  # (slots + 1,) int32
+    keys_used: torch.Tensor  # (slots,) int32
+    max_queries: int
+    causal: bool
+
+
+@dataclass
 class _PackedLayout:
-    order: torch.Tensor  # (n,) rows sorted by image slot
-    inverse: torch.Tensor  # (n,) back to pool order
-    prefix_query_starts: torch.Tensor  # (groups + 1,) int32
-    prefix_key_starts: torch.Tensor  # (groups + 1,) int32
-    prefix_used: torch.Tensor  # (groups,) int32
-    suffix_query_starts: torch.Tensor  # (n + 1,) int32
-    suffix_key_starts: torch.Tensor  # (n + 1,) int32
-    suffix_used: torch.Tensor  # (n,) int32
+    prefix: _KeyRun  # per image, its rows' tokens against its prefix slot
+    parent: _KeyRun | None  # per parent row, its children's tokens against its suffix slot
+    own: _KeyRun  # per row, its tokens against its own suffix slot (causal)
 
 
 @dataclass
 class _DenseLayout:
+    real: torch.Tensor | slice  # the real positions among the n * T padded ones
     suffix_bias: torch.Tensor  # (n, 1, T * g, suffix keys)
     prefix_bias: torch.Tensor  # (groups, 1, 1, prefix keys)
+    parent_bias: torch.Tensor | None  # (n, 1, 1, parent keys)
 
 
 class LlamaForward:
@@ -154,8 +184,7 @@ class LlamaForward:
         `prefix_lengths` (groups,): prefix length of each image slot taking part.
         """
         hidden = self.row_hidden(embeds, block, pool, prefix_lengths)
-        last = hidden[torch.arange(block.count, device=embeds.device), block.lengths - 1]
-        return self.logits(last)
+        return self.logits(hidden[block.lengths.cumsum(0) - 1])
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., D) final-normed hidden states -> (..., V) fp32 logits."""
@@ -163,29 +192,32 @@ class LlamaForward:
 
     def row_hidden(self, embeds: torch.Tensor, block: RowBlock, pool: KVPool, prefix_lengths: torch.Tensor
                    ) -> torch.Tensor:
-        """embeds (n, T, D) -> final-normed hidden states (n, T, D) at every position (padding included); the
-        rows' keys and values are written to their pool slots from `block.start` on. Scoring reads every
-        position (osprey.scoring); decoding only each row's last (`forward_rows`)."""
-        n, tokens = block.count, block.tokens
-        suffix_pos = block.start[:, None] + torch.arange(tokens, device=embeds.device)[None, :]  # (n, T)
-        positions = prefix_lengths[block.group][:, None] + suffix_pos
-        cos, sin = self._rope(embeds, positions.reshape(-1))
-        rows = torch.arange(block.first, block.first + n, device=embeds.device)[:, None].expand(n, tokens)
-        write_at = suffix_pos.clamp(max=pool.max_suffix - 1)
-        if tokens == 1 and self.decode_kernel:
+        """embeds (n, T, D), rows padded to T -> final-normed hidden states (N, D) of the real tokens, row after row
+        (N = the sum of `block.lengths`): the padding never runs through the layers. The rows' keys and values are
+        written to their pool slots from `block.start` on. Scoring reads every real position (osprey.scoring);
+        decoding only each row's last (`forward_rows`)."""
+        n, tokens, device = block.count, block.tokens, embeds.device
+        real = _real_positions(block)
+        suffix_pos = block.start[:, None] + torch.arange(tokens, device=device)[None, :]  # (n, T)
+        before = prefix_lengths[block.group]  # positions before a row's suffix: its prefix, then its parent's
+        if block.parent is not None:
+            before = before + block.parent.used[block.parent.slot]
+        cos, sin = self._rope(embeds, (before[:, None] + suffix_pos).reshape(-1)[real])
+        rows = torch.arange(block.first, block.first + n, device=device)[:, None].expand(n, tokens).reshape(-1)[real]
+        write_at = suffix_pos.clamp(max=pool.max_suffix - 1).reshape(-1)[real]
+        hidden = embeds.reshape(n * tokens, -1)[real]
+        if tokens == 1 and self.decode_kernel and block.parent is None:
             layout, attention = self._decode_layout(block, pool, prefix_lengths), self._decode_attention
         elif packed_kernel_runs(embeds):
-            layout, attention = self._packed_layout(block, pool, prefix_lengths), self._packed_attention
+            layout, attention = self._packed_layout(block, pool, prefix_lengths, hidden.shape[0]), self._packed_attention
         else:
-            layout, attention = self._dense_layout(block, prefix_lengths), self._dense_attention
-        hidden = embeds.reshape(n * tokens, -1)
+            layout, attention = self._dense_layout(block, prefix_lengths, real), self._dense_attention
         for index, layer in enumerate(self.model.layers):
             query, key, value = self._qkv(layer, hidden, cos, sin)
-            pool.suffix_k[index][rows, write_at] = key.view(n, tokens, self.num_kv_heads, self.head_dim)
-            pool.suffix_v[index][rows, write_at] = value.view(n, tokens, self.num_kv_heads, self.head_dim)
-            out = attention(index, query.view(n, tokens, self.num_heads, self.head_dim), block, pool, layout)
-            hidden = self._finish_layer(layer, hidden, out)
-        return self.model.norm(hidden.view(n, tokens, -1))
+            pool.suffix_k[index][rows, write_at] = key
+            pool.suffix_v[index][rows, write_at] = value
+            hidden = self._finish_layer(layer, hidden, attention(index, query, block, pool, layout))
+        return self.model.norm(hidden)
 
     # -- pieces ------------------------------------------------------------------------------------------------
     def _rope(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -250,60 +282,62 @@ class LlamaForward:
 
     def _decode_attention(self, index: int, query: torch.Tensor, block: RowBlock, pool: KVPool,
                           layout: triton_decode.DecodeLayout) -> torch.Tensor:
-        """query (n, 1, H, d) -> (n, H * d) with the Triton decoding kernels."""
+        """query (n, H, d) -> (n, H * d) with the Triton decoding kernels."""
         groups = slice(block.group_first, block.group_first + block.groups)
         rows = slice(block.first, block.first + block.count)
-        out = triton_decode.decode_attention(query[:, 0], pool.prefix_k[index][groups], pool.prefix_v[index][groups],
+        out = triton_decode.decode_attention(query, pool.prefix_k[index][groups], pool.prefix_v[index][groups],
                                pool.suffix_k[index][rows], pool.suffix_v[index][rows], layout, self.scale)
         return out.reshape(block.count, -1).to(query.dtype)
 
     # -- packed attention (CUDA, fp16/bf16) --------------------------------------------------------------------
-    def _packed_layout(self, block: RowBlock, pool: KVPool, prefix_lengths: torch.Tensor) -> _PackedLayout:
-        """The sequences of the two kernel calls: per image its rows' tokens (rows sorted by image) against the
-        image's prefix slot, per row its tokens against its own suffix slot. Computed once per pass; fixed shapes,
-        no host sync, so a CUDA graph records it."""
+    def _packed_layout(self, block: RowBlock, pool: KVPool, prefix_lengths: torch.Tensor, total: int
+                       ) -> _PackedLayout:
+        """The sequences of the kernel calls over the `total` real tokens: per image its rows' tokens against the
+        image's prefix slot, per parent row its children's tokens against its suffix, per row its tokens against
+        its own suffix slot. Computed once per pass; with one token per row no host sync, so a CUDA graph records
+        it."""
         device, int32 = block.group.device, torch.int32
-        n, tokens = block.count, block.tokens
-        order = torch.argsort(block.group, stable=True)
-        inverse = torch.empty_like(order)
-        inverse[order] = torch.arange(n, device=device)
-        per_image = torch.zeros(block.groups, dtype=int32, device=device).scatter_add_(
-            0, block.group, torch.full((n,), tokens, dtype=int32, device=device))
+        n, lengths = block.count, block.lengths
+        parent = block.parent
         return _PackedLayout(
-            order=order, inverse=inverse,
-            prefix_query_starts=F.pad(per_image.cumsum(0, dtype=int32), (1, 0)),
-            prefix_key_starts=torch.arange(block.groups + 1, dtype=int32, device=device) * pool.max_prefix,
-            prefix_used=prefix_lengths.to(int32),
-            suffix_query_starts=torch.arange(n + 1, dtype=int32, device=device) * tokens,
-            suffix_key_starts=torch.arange(n + 1, dtype=int32, device=device) * pool.max_suffix,
-            suffix_used=(block.start + tokens).clamp(max=pool.max_suffix).to(int32),
-        )
+            prefix=_grouped_run(block.group, block.groups, lengths, total, prefix_lengths, pool.max_prefix),
+            parent=None if parent is None else _grouped_run(parent.slot, parent.slots, lengths, total, parent.used,
+                                                            parent.keys[0].shape[1]),
+            own=_KeyRun(order=None, inverse=None, query_starts=F.pad(lengths.cumsum(0, dtype=int32), (1, 0)),
+                        key_starts=torch.arange(n + 1, dtype=int32, device=device) * pool.max_suffix,
+                        keys_used=(block.start + lengths).clamp(max=pool.max_suffix).to(int32),
+                        max_queries=block.tokens, causal=True))
 
     def _packed_attention(self, index: int, query: torch.Tensor, block: RowBlock, pool: KVPool,
                           layout: _PackedLayout) -> torch.Tensor:
-        """query (n, T, H, d) -> (n * T, H * d): each image's prefix read once for all its rows, each row's suffix
-        read by that row, merged by log-sum-exp."""
-        n, tokens, heads, d = block.count, block.tokens, self.num_heads, self.head_dim
+        """query (N, H, d) -> (N, H * d): each image's prefix read once for all its rows (each parent's suffix once
+        for all its children), each row's suffix by that row, merged by log-sum-exp."""
         groups = slice(block.group_first, block.group_first + block.groups)
-        rows = slice(block.first, block.first + n)
-        by_image = query[layout.order].reshape(n * tokens, heads, d)
-        prefix_out, prefix_lse = attend_packed(
-            by_image, pool.prefix_k[index][groups].flatten(0, 1), pool.prefix_v[index][groups].flatten(0, 1),
-            layout.prefix_query_starts, layout.prefix_key_starts, layout.prefix_used, n * tokens, pool.max_prefix,
-            False, self.scale)
-        suffix_out, suffix_lse = attend_packed(
-            query.reshape(n * tokens, heads, d), pool.suffix_k[index][rows].flatten(0, 1),
-            pool.suffix_v[index][rows].flatten(0, 1), layout.suffix_query_starts, layout.suffix_key_starts,
-            layout.suffix_used, tokens, pool.max_suffix, True, self.scale)
-        out = merge(prefix_out.view(n, tokens, heads, d)[layout.inverse],
-                    prefix_lse.view(n, tokens, heads)[layout.inverse],
-                    suffix_out.view(n, tokens, heads, d), suffix_lse.view(n, tokens, heads))
-        return out.reshape(n * tokens, heads * d).to(query.dtype)
+        rows = slice(block.first, block.first + block.count)
+        parts = [self._attend_run(query, layout.prefix, pool.prefix_k[index][groups], pool.prefix_v[index][groups])]
+        if layout.parent is not None:
+            parts.append(self._attend_run(query, layout.parent, block.parent.keys[index], block.parent.values[index]))
+        parts.append(self._attend_run(query, layout.own, pool.suffix_k[index][rows], pool.suffix_v[index][rows]))
+        return merge(parts).reshape(query.shape[0], -1).to(query.dtype)
+
+    def _attend_run(self, query: torch.Tensor, run: _KeyRun, keys: torch.Tensor, values: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """query (N, H, d) against slots (S, tokens, Hkv, d) -> output (N, H, d), log-sum-exp (N, H)."""
+        grouped = query if run.order is None else query[run.order]
+        out, lse = attend_packed(grouped, keys.flatten(0, 1), values.flatten(0, 1), run.query_starts, run.key_starts,
+                                 run.keys_used, run.max_queries, keys.shape[1], run.causal, self.scale)
+        if run.inverse is None:
+            return out, lse
+        return out[run.inverse], lse[run.inverse]
 
     # -- dense attention (CPU, fp32: the reference) --------------------------------------------------------------
-    def _dense_layout(self, block: RowBlock, prefix_lengths: torch.Tensor) -> _DenseLayout:
-        return _DenseLayout(suffix_bias=self._suffix_bias(block, block.suffix_keys),
-                            prefix_bias=length_bias(prefix_lengths, block.prefix_keys))
+    def _dense_layout(self, block: RowBlock, prefix_lengths: torch.Tensor, real: torch.Tensor | slice
+                      ) -> _DenseLayout:
+        parent = block.parent
+        return _DenseLayout(real=real, suffix_bias=self._suffix_bias(block, block.suffix_keys),
+                            prefix_bias=length_bias(prefix_lengths, block.prefix_keys),
+                            parent_bias=None if parent is None else length_bias(parent.used[parent.slot],
+                                                                                parent.longest))
 
     def _suffix_bias(self, block: RowBlock, keys: int) -> torch.Tensor:
         """(n, 1, T * g, keys): query token i of a row sees its suffix positions <= start + i (causal)."""
@@ -317,12 +351,16 @@ class LlamaForward:
 
     def _dense_attention(self, index: int, query: torch.Tensor, block: RowBlock, pool: KVPool,
                          layout: _DenseLayout) -> torch.Tensor:
-        """query (n, T, H, d) -> (n * T, H * d): attention over the row's image prefix and its own suffix."""
+        """query (N, H, d) real tokens -> (N, H * d): attention over the row's image prefix, its parent's suffix
+        and its own suffix, on the rows padded to T (the padding's queries are dropped after)."""
         n, tokens, keys = block.count, block.tokens, block.suffix_keys
         kv_heads, g, d = self.num_kv_heads, self.group_size, self.head_dim
+        padded = query.new_zeros((n * tokens, *query.shape[1:]))
+        padded[layout.real] = query
+        padded = padded.view(n, tokens, kv_heads, g, d)
         # prefix: every image's rows as one query block (G, Hkv, W * T * g, d) against that image's prefix
         grid = query.new_zeros((block.groups, block.width, tokens, kv_heads, g, d))
-        grid[block.group, block.local] = query.view(n, tokens, kv_heads, g, d)
+        grid[block.group, block.local] = padded
         grid = grid.permute(0, 3, 1, 2, 4, 5).reshape(block.groups, kv_heads, -1, d)
         groups = slice(block.group_first, block.group_first + block.groups)
         prefix_out, prefix_lse = attend(grid, pool.prefix_k[index][groups, :block.prefix_keys].transpose(1, 2),
@@ -330,15 +368,49 @@ class LlamaForward:
                                         layout.prefix_bias, self.scale)
         prefix_out = prefix_out.view(block.groups, kv_heads, block.width, tokens, g, d).permute(0, 2, 3, 1, 4, 5)
         prefix_lse = prefix_lse.view(block.groups, kv_heads, block.width, tokens, g).permute(0, 2, 3, 1, 4)
-        prefix_out = prefix_out[block.group, block.local]  # (n, T, Hkv, g, d)
-        prefix_lse = prefix_lse[block.group, block.local]
-        # suffix: each row against its own keys
+        parts = [(prefix_out[block.group, block.local], prefix_lse[block.group, block.local])]  # (n, T, Hkv, g, d)
+        # parent and own suffix: each row against those keys
+        own = padded.permute(0, 2, 1, 3, 4).reshape(n, kv_heads, tokens * g, d)
+        parent = block.parent
+        if parent is not None:
+            stored = slice(0, parent.longest)
+            parts.append(self._row_part(own, parent.keys[index][parent.slot, stored],
+                                        parent.values[index][parent.slot, stored], layout.parent_bias, tokens))
         rows = slice(block.first, block.first + n)
-        own = query.view(n, tokens, kv_heads, g, d).permute(0, 2, 1, 3, 4).reshape(n, kv_heads, tokens * g, d)
-        suffix_out, suffix_lse = attend(own, pool.suffix_k[index][rows, :keys].transpose(1, 2),
-                                        pool.suffix_v[index][rows, :keys].transpose(1, 2), layout.suffix_bias,
-                                        self.scale)
-        suffix_out = suffix_out.view(n, kv_heads, tokens, g, d).permute(0, 2, 1, 3, 4)
-        suffix_lse = suffix_lse.view(n, kv_heads, tokens, g).permute(0, 2, 1, 3)
-        out = merge(prefix_out, prefix_lse, suffix_out, suffix_lse)  # (n, T, Hkv, g, d)
-        return out.reshape(n * tokens, self.num_heads * d).to(query.dtype)
+        parts.append(self._row_part(own, pool.suffix_k[index][rows, :keys], pool.suffix_v[index][rows, :keys],
+                                    layout.suffix_bias, tokens))
+        out = merge(parts)  # (n, T, Hkv, g, d)
+        return out.reshape(n * tokens, self.num_heads * d)[layout.real].to(query.dtype)
+
+    def _row_part(self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor,
+                  tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """query (n, Hkv, T * g, d) against per-row keys (n, K, Hkv, d) -> out (n, T, Hkv, g, d), lse (n, T, Hkv, g)."""
+        n, kv_heads, _, d = query.shape
+        out, lse = attend(query, keys.transpose(1, 2), values.transpose(1, 2), bias, self.scale)
+        return (out.view(n, kv_heads, tokens, -1, d).permute(0, 2, 1, 3, 4),
+                lse.view(n, kv_heads, tokens, -1).permute(0, 2, 1, 3))
+
+
+def _real_positions(block: RowBlock) -> torch.Tensor | slice:
+    """The real tokens' indices among the block's n * T padded positions (all of them, as a slice, when every row
+    has one token: decoding, where a CUDA graph cannot follow a data-dependent count)."""
+    if block.tokens == 1:
+        return slice(None)
+    steps = torch.arange(block.tokens, device=block.lengths.device)
+    return (steps[None, :] < block.lengths[:, None]).reshape(-1).nonzero()[:, 0]
+
+
+def _grouped_run(slot_of_row: torch.Tensor, slots: int, lengths: torch.Tensor, total: int, used: torch.Tensor,
+                 stride: int) -> _KeyRun:
+    """The rows' `total` tokens grouped by the slot they read (one query sequence per slot) against `slots` slots of
+    `stride` stored positions, `used` (slots,) of them real."""
+    device, int32 = slot_of_row.device, torch.int32
+    by_token = slot_of_row if total == slot_of_row.shape[0] else slot_of_row.repeat_interleave(lengths,
+                                                                                                 output_size=total)
+    order = torch.argsort(by_token, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(total, device=device)
+    per_slot = torch.zeros(slots, dtype=int32, device=device).scatter_add_(0, slot_of_row, lengths.to(int32))
+    return _KeyRun(order=order, inverse=inverse, query_starts=F.pad(per_slot.cumsum(0, dtype=int32), (1, 0)),
+                   key_starts=torch.arange(slots + 1, dtype=int32, device=device) * stride,
+                   keys_used=used.to(int32), max_queries=total, causal=False)

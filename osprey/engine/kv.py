@@ -7,7 +7,8 @@ place (one copy of its keys and values), so every pass reads contiguous slices a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -56,6 +57,16 @@ class KVPool:
         self.prefix_v = [torch.zeros(prefix_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.suffix_k = [torch.zeros(suffix_shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.suffix_v = [torch.zeros(suffix_shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    def with_rows(self, row_slots: int, suffix_tokens: int) -> KVPool:
+        """Another pool over the same prefix slots (shared, not copied) with row slots of its own."""
+        other = copy.copy(self)
+        other.size = replace(self.size, row_slots=row_slots, suffix_tokens=suffix_tokens)
+        shape = (row_slots, suffix_tokens, *self.suffix_k[0].shape[2:])
+        like = self.suffix_k[0]
+        other.suffix_k = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in self.suffix_k]
+        other.suffix_v = [torch.zeros(shape, dtype=like.dtype, device=like.device) for _ in self.suffix_v]
+        return other
 
     @property
     def max_prefix(self) -> int:
