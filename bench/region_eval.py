@@ -11,9 +11,10 @@ Per model, greedy decoding, every question teacher-forced on the ground-truth hi
   by the listed region they ask about (`short_form:colour:region1`, `short_form:colour:region2+`): the form lists
   every region up front and names one, so a model may read the named region's shape yet another one's colour;
   and the same questions with the regions renumbered (`short_form_renumbered:...`: the record's regions listed in
-  a seeded random order, every `<regionK>` renamed to match). The generator asks about regions in ascending
-  number, so in its own records the t-th question is mostly about region t; a model that reads the slot by the
-  question's turn rather than by the name it is given scores well there and falls on the renumbered copy;
+  a seeded random order, every `<regionK>` renamed to match). Datasets generated before 7 December 2026 ask about
+  regions in ascending number, so in their records the t-th question is mostly about region t; a model that reads
+  the slot by the question's turn rather than by the name it is given scores well there and falls on the
+  renumbered copy (the generator now asks in a random order, where both copies test the read by name);
 - positive/negative: the yes/no questions of `stage3_pos_neg`, overall and by what they ask about
   (`pos_neg:colour`, `pos_neg:position`, `pos_neg:object`, ...), with the share answered "yes"
   (`pos_neg:answered_yes`) beside the share whose truth is yes (`pos_neg:truth_yes`).

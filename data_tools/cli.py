@@ -88,7 +88,9 @@ def _register_convert(data_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("format", choices=sorted(FORMATS), help="source format")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="the format's input files, in the order listed")
     p.add_argument("--out", required=True, help="output records file (.json list or .jsonl)")
-    p.add_argument("--seed", type=int, default=None, help="region shuffle seed (default 0)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of the region shuffle and, for the coco attribute tasks, of the question order and "
+                        "wordings (default 0)")
     p.add_argument("--max-regions", type=int, default=None,
                    help="regions per record (default: coco 20 (attribute tasks 15), others 15, panoptic all; 0 = all)")
     p.add_argument("--task", default=None, choices=["categories", "short_answer", "label_list", "yes_no"],

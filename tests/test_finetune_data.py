@@ -83,10 +83,11 @@ def test_short_answers_ask_category_and_each_single_value(shop):
     for ann_id, expected in ((11, {"shirt", "red"}), (12, {"bag"}), (13, {"bag", "blue"})):
         tag = f"<region{ids.index(ann_id) + 1}>"
         assert {answer for _, answer in turns[ann_id]} == expected  # the material list is the label list's
-        category_question, *attribute_questions = [q for q, _ in turns[ann_id]]
-        assert category_question in [w.format(region=tag) for w in CATEGORY_QUESTIONS]
-        for question in attribute_questions:
-            assert question in [w.format(name="color", region=tag) for w in ATTRIBUTE_QUESTIONS]
+        category = [w.format(region=tag) for w in CATEGORY_QUESTIONS]
+        attribute = [w.format(name="color", region=tag) for w in ATTRIBUTE_QUESTIONS]
+        questions = [q for q, _ in turns[ann_id]]
+        assert sum(q in category for q in questions) == 1  # the turns are shuffled: the category one is anywhere
+        assert all(q in category or q in attribute for q in questions)
 
 
 def test_yes_no_answers_match_the_labels(shop):
@@ -104,6 +105,19 @@ def test_yes_no_answers_match_the_labels(shop):
                 assert answer == ("Yes" if asked in truth[ann_id] else "No"), (question, answer)
                 answers.append(answer)
     assert {"Yes", "No"} == set(answers)
+
+
+@pytest.mark.parametrize("task", ["short_answer", "label_list", "yes_no"])
+def test_questions_come_in_a_seeded_random_order(shop, task):
+    """Asked region by region, turn t is mostly about region t, and a model learns to read the region by the turn
+    (version 6 did: docs/finetune.md, "The cause found"): some seed asks out of order, each seed the same."""
+    def questions(seed: int) -> list[str]:
+        (record,) = convert(shop, task, seed=seed)
+        return [turn.value for turn in record.conversations if turn.speaker == "human"]
+
+    asked = [[int(k) for q in questions(seed) for k in re.findall(r"<region(\d+)>", q)] for seed in range(4)]
+    assert any(order != sorted(order) for order in asked)
+    assert questions(0) == questions(0)
 
 
 def test_label_csv_errors_and_unknown_ids(tmp_path, shop):
