@@ -200,24 +200,27 @@ def _drive(pipe: OspreyPipeline, session, workload: Workload, new_tokens: int, m
 
     phases = m.phases_s = {"send": 0.0, "prefill_steps": 0.0, "decode_steps": 0.0}
 
-    def send(index: int) -> None:
+    def send(indices: list[int]) -> None:
+        """The next image of each of these clients, encoded together (as the server's worker encodes what queued
+        while it stepped)."""
         sent = time.perf_counter()
-        client = clients[index]
-        request = client.requests.pop(0)
-        client.started, client.remaining, client.first_token = time.perf_counter(), len(request.boxes), False
-        encoded = pipe.encode_image(request.image)
-        prompts = pipe.prepare_each(encoded, [("human", task_prompt("short"))], request.masks)
-        ids: list[Hashable] = [(index, q) for q in range(len(prompts))]
-        session.add(pipe.group_requests(prompts, [params] * len(prompts), row_ids=ids))
+        requests = [clients[index].requests.pop(0) for index in indices]
+        for index, request in zip(indices, requests):
+            client = clients[index]
+            client.started, client.remaining, client.first_token = sent, len(request.boxes), False
+        for index, request, encoded in zip(indices, requests, pipe.encode_images([r.image for r in requests])):
+            prompts = pipe.prepare_each(encoded, [("human", task_prompt("short"))], request.masks)
+            ids: list[Hashable] = [(index, q) for q in range(len(prompts))]
+            session.add(pipe.group_requests(prompts, [params] * len(prompts), row_ids=ids))
         phases["send"] += time.perf_counter() - sent
 
-    for index in range(len(clients)):
-        send(index)
+    send(list(range(len(clients))))
     while session.has_work:
         prefills, stepped = bool(session.decoder.waiting), time.perf_counter()
         events = session.step()
         now = time.perf_counter()
         phases["prefill_steps" if prefills else "decode_steps"] += now - stepped
+        answered = []
         for event in events:
             client = clients[event.row[0]]
             if not client.first_token:
@@ -229,7 +232,9 @@ def _drive(pipe: OspreyPipeline, session, workload: Workload, new_tokens: int, m
                 if client.remaining == 0:
                     m.request_latencies.append(now - client.started)
                     if client.requests:
-                        send(event.row[0])
+                        answered.append(event.row[0])
+        if answered:
+            send(answered)
     _sync(pipe.device)
     m.seconds = time.perf_counter() - start
 

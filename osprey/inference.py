@@ -27,6 +27,10 @@ from osprey.tokenization import encode_generation_prompt
 
 logger = logging.getLogger(__name__)
 
+# Images per vision pass in `encode_images`: the images of a burst of requests (the server's worker admits what
+# queued while it stepped) share one pass; the bound keeps the activations of a pass small (ConvNeXt-L at 512 px).
+IMAGES_PER_VISION_PASS = 16
+
 __all__ = ["EncodedImage", "Generation", "OspreyPipeline", "PreparedPrompt", "SamplingParams", "StreamEvent"]
 
 
@@ -92,14 +96,24 @@ class OspreyPipeline:
         return self.model.device
 
     # -- encoding ----------------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def encode_image(self, image: Image.Image | str | Path) -> EncodedImage:
-        image = load_image(image)
-        pixels = preprocess_image(image, self.config.vision).to(self.device)
-        features = self.model.get_image_features(pixels[None])
-        return EncodedImage(
-            levels=[level[0] for level in features.levels], tokens=features.tokens[0], height=image.height, width=image.width
-        )
+        return self.encode_images([image])[0]
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Image.Image | str | Path], batch_size: int = IMAGES_PER_VISION_PASS
+                      ) -> list[EncodedImage]:
+        """Images through the vision tower `batch_size` at a time: the server encodes the images that arrive
+        together in one pass, where one at a time leaves a GPU waiting on kernel launches."""
+        encoded = []
+        for start in range(0, len(images), batch_size):
+            loaded = [load_image(image) for image in images[start:start + batch_size]]
+            pixels = torch.stack([preprocess_image(image, self.config.vision) for image in loaded]).to(self.device)
+            features = self.model.get_image_features(pixels)
+            # each image's own copy of its levels, so that keeping one (the server's cache) keeps no others
+            encoded += [EncodedImage(levels=[level[b].clone() for level in features.levels],
+                                     tokens=features.tokens[b].clone(), height=image.height, width=image.width)
+                        for b, image in enumerate(loaded)]
+        return encoded
 
     @torch.inference_mode()
     def region_tokens(self, image: EncodedImage, masks: np.ndarray | torch.Tensor | Sequence) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from PIL import Image
 
 from osprey import masks as mask_codecs
 from osprey.http import post_json
-from osprey.inference import OspreyPipeline, SamplingParams, StreamEvent
+from osprey.inference import EncodedImage, OspreyPipeline, SamplingParams, StreamEvent
 from osprey.prompts import clean_answer, task_prompt
 
 from .annotate_io import Failure, ImageItem, ImageResult, RegionItem, RegionRecord
@@ -172,8 +172,8 @@ class PipelineAnnotator:
             more = True
             try:
                 while more or opened:
-                    while more and sum(entry.open_rows for entry in opened.values()) < self.max_rows:
-                        more = self._admit_next(decoded, opened)
+                    if more:
+                        more = self._admit(decoded, opened)
                     while opened and not opened[first := next(iter(opened))].open_rows:
                         yield opened.pop(first).result(self.model, self.prompt)
                     if opened:
@@ -185,22 +185,35 @@ class PipelineAnnotator:
                         if reason is None:
                             self.session.cancel((seq, index))
 
-    def _admit_next(self, decoded: Iterator[tuple[ImageItem, DecodedImage]], opened: dict[int, _OpenImage]) -> bool:
-        """Open the next image; False when there is none left."""
-        entry = next(decoded, None)
-        if entry is None:
-            return False
-        seq = next(self._image_seq)
-        opened[seq] = self._open(seq, *entry)
-        return True
+    def _admit(self, decoded: Iterator[tuple[ImageItem, DecodedImage]], opened: dict[int, _OpenImage]) -> bool:
+        """Take the next images while fewer than `max_rows` rows would be open, encode them in one vision pass and
+        open each; False when no image is left."""
+        free = self.max_rows - sum(entry.open_rows for entry in opened.values())
+        taken: list[tuple[ImageItem, DecodedImage]] = []
+        while free > 0:
+            entry = next(decoded, None)
+            if entry is None:
+                break
+            taken.append(entry)
+            free -= len(entry[1].regions)
+        try:
+            encoded = iter(self.pipe.encode_images([image.image for _, image in taken if image.regions]))
+        except ValueError:  # an image the vision tower refuses: each is encoded alone, so only its regions fail
+            encoded = None
+        for item, image in taken:
+            seq = next(self._image_seq)
+            own = next(encoded) if encoded is not None and image.regions else None
+            opened[seq] = self._open(seq, item, image, own)
+        return free <= 0
 
-    def _open(self, seq: int, item: ImageItem, decoded: DecodedImage) -> _OpenImage:
-        """Encode the image, prepare its regions and add them as rows (seq, region index); a prompt that cannot be
-        prepared or rows that cannot fit the engine fail every region of the image with the reason."""
+    def _open(self, seq: int, item: ImageItem, decoded: DecodedImage, encoded: EncodedImage | None) -> _OpenImage:
+        """Prepare the image's regions (`encoded`, or encoded here) and add them as rows (seq, region index); a prompt
+        that cannot be prepared or rows that cannot fit the engine fail every region of the image with the reason."""
         if not decoded.regions:
             return _OpenImage(item, [], decoded.failures)
         try:
-            encoded = self.pipe.encode_image(decoded.image)
+            if encoded is None:
+                encoded = self.pipe.encode_image(decoded.image)
             masks = np.stack([region.mask for region in decoded.regions])
             prompts = self.pipe.prepare_each(encoded, [("human", self.prompt)], masks)
             ids = [(seq, index) for index in range(len(prompts))]

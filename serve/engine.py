@@ -65,7 +65,8 @@ class Backend(Protocol):
 
     def load(self) -> None: ...
 
-    def encode_image(self, image: Image.Image) -> object: ...
+    def encode_images(self, images: list[Image.Image]) -> list[object]:
+        """RGB images -> the backend's encoded images, in order (the images admitted together: one vision pass)."""
 
     def prepare(self, encoded: object, turns: list[tuple[str, str | None]], masks: np.ndarray) -> Prepared:
         """-> a prepared prompt; raises ValueError naming the problem (count mismatch, mask size, length)."""
@@ -143,8 +144,8 @@ class PipelineBackend:
         log.info("engine pool on %s: %d images x %d prefix tokens, %d rows x %d tokens", self.device,
                  pool.prefix_slots, pool.prefix_tokens, pool.row_slots, pool.suffix_tokens)
 
-    def encode_image(self, image: Image.Image) -> EncodedImage:
-        return self.pipe.encode_image(image)
+    def encode_images(self, images: list[Image.Image]) -> list[EncodedImage]:
+        return self.pipe.encode_images(images)
 
     def prepare(self, encoded: EncodedImage, turns: list[tuple[str, str | None]], masks: np.ndarray) -> PreparedPrompt:
         return self.pipe.prepare(encoded, turns, masks)
@@ -253,6 +254,10 @@ class Job:
     def fail(self, error: APIError) -> None:
         self.emit(JobFailed(error))
 
+    def abandoned(self, now: float) -> bool:
+        """Nobody waits for it any more (cancelled, or past its deadline)."""
+        return self.cancelled.is_set() or now > self.deadline
+
 
 @dataclass(eq=False)
 class Task:
@@ -267,6 +272,10 @@ class Task:
     deadline: float
     future: asyncio.Future
     replica: int = 0  # the engine replica that runs it
+
+    def abandoned(self, now: float) -> bool:
+        """Nobody waits for it any more (past its deadline, or its request gave up)."""
+        return now > self.deadline or self.future.done()
 
     def resolve(self, result: Any = None, error: APIError | None = None) -> None:
         def settle() -> None:
@@ -300,6 +309,10 @@ class _Live:
 
 
 _STOP = object()
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 def admission_error(load_error: str | None, ready: bool, closing: bool) -> APIError | None:
@@ -474,30 +487,38 @@ class Engine:
 
     def _take(self, wait: bool) -> bool:
         """Admit queued jobs (when idle, block for one and give others `batch_wait` to arrive); True on stop."""
+        taken: list[Job | Task] = []
+        stop = False
         if wait:
             item = self._queue.get()
-            if item is _STOP:
-                return True
-            self._admit(item)
+            stop = item is _STOP
+            taken += [] if stop else [item]
             deadline = time.monotonic() + self.batch_wait_s
         else:
             deadline = time.monotonic()
-        while True:
+        while not stop:
             timeout = deadline - time.monotonic()
             try:
                 item = self._queue.get(timeout=timeout) if timeout > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is _STOP:
-                return True
-            self._admit(item)
+            stop = item is _STOP
+            taken += [] if stop else [item]
+        self._admit_all(taken)
         self.metrics.set("queue_depth", self._queue.qsize(), replica=self._label)
-        return False
+        return stop
 
-    def _admit(self, job: Job | Task) -> None:
+    def _admit_all(self, items: list[Job | Task]) -> None:
+        """Encode the new images of the jobs taken together in one vision pass, then admit each."""
+        now = time.monotonic()
+        fresh = self._encode_new([item for item in items if not item.abandoned(now)])
+        for item in items:
+            self._admit(item, fresh)
+
+    def _admit(self, job: Job | Task, fresh: dict[str, object]) -> None:
         """Encode the image (cached), prepare the job's rows and start them; errors go to that job only."""
         if isinstance(job, Task):
-            self._run_task(job)
+            self._run_task(job, fresh)
             return
         if job.cancelled.is_set():
             return
@@ -505,7 +526,7 @@ class Engine:
             job.fail(APIError(504, "the request timed out in the queue", code="timeout"))
             return
         try:
-            encoded = self._encode(job)
+            encoded = self._encode(job, fresh)
             rows = [_Live(job, spec, next(self._row_ids), prepared)
                     for spec, prepared in zip(job.rows, self._prepare(encoded, job.rows))]
             for live in rows:
@@ -525,11 +546,11 @@ class Engine:
         self.metrics.inc("prompt_tokens", sum(live.prompt_tokens for live in rows))
         self._live.update((live.row_id, live) for live in rows)
 
-    def _run_task(self, task: Task) -> None:
+    def _run_task(self, task: Task, fresh: dict[str, object]) -> None:
         if time.monotonic() > task.deadline or task.future.done():
             return  # the request has answered 504 already
         try:
-            task.resolve(task.work(self.backend, self._encode(task)))
+            task.resolve(task.work(self.backend, self._encode(task, fresh)))
         except APIError as exc:
             task.resolve(error=exc)
         except ValueError as exc:
@@ -561,15 +582,30 @@ class Engine:
                                 f"more were asked for, but the model's context is {limit} tokens; shorten the "
                                 "conversation or lower max_tokens", param="messages", code="context_length_exceeded")
 
-    def _encode(self, job: Job | Task) -> object:
+    def _encode_new(self, items: list[Job | Task]) -> dict[str, object]:
+        """The images of `items` not in the cache, encoded together (key -> encoded). A single image, or a batch that
+        fails, is left to `_encode`, job by job, so that an error reaches the job whose image caused it."""
+        wanted = {item.image_key: item.image for item in items if item.image_key not in self._cache}
+        if len(wanted) < 2:
+            return {}
+        try:
+            encoded = self.backend.encode_images([_rgb(image) for image in wanted.values()])
+        except Exception:  # each job then encodes alone and gets its own error
+            log.warning("encoding %d images together failed; encoding them one by one", len(wanted), exc_info=True)
+            return {}
+        return dict(zip(wanted, encoded))
+
+    def _encode(self, job: Job | Task, fresh: dict[str, object]) -> object:
         encoded = self._cache.get(job.image_key)
         if encoded is not None:
             self._cache.move_to_end(job.image_key)
             self.metrics.inc("image_cache", result="hit")
             return encoded
         self.metrics.inc("image_cache", result="miss")
-        image = job.image if job.image.mode == "RGB" else job.image.convert("RGB")
-        encoded = self.backend.encode_image(image)
+        if job.image_key in fresh:
+            encoded = fresh[job.image_key]
+        else:
+            encoded = self.backend.encode_images([_rgb(job.image)])[0]
         self._cache[job.image_key] = encoded
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

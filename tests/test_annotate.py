@@ -225,8 +225,8 @@ def _box_items(folder: Path, regions_per_image: list[int]) -> list[ImageItem]:
 
 def test_rows_join_the_batch_in_progress_and_images_come_out_in_input_order(builtin_pipeline, monkeypatch, tmp_path):
     """More regions than rows: one engine session for the whole run, new images' rows added while earlier rows
-    decode (the built-in model stops its answers at different lengths), answers equal to describing each image
-    alone, results in input order."""
+    decode (the built-in model stops its answers at different lengths), the images admitted together encoded in one
+    vision pass, answers equal to describing each image alone, results in input order."""
     items = _box_items(tmp_path, [2, 2, 1, 3, 2, 2, 1])
     params = SamplingParams(max_new_tokens=12)
     expected = [[g.text for g in builtin_pipeline.describe(
@@ -243,6 +243,10 @@ def test_rows_join_the_batch_in_progress_and_images_come_out_in_input_order(buil
         return session
 
     monkeypatch.setattr(builtin_pipeline, "session", spied_session)
+    vision_passes = []  # images per vision pass
+    encode = builtin_pipeline.model.get_image_features
+    monkeypatch.setattr(builtin_pipeline.model, "get_image_features",
+                        lambda pixels: vision_passes.append(pixels.shape[0]) or encode(pixels))
     annotator = PipelineAnnotator(builtin_pipeline, AnnotateSettings("short", max_tokens=12), "builtin", max_rows=4)
     results = list(annotator.map(items))
     assert [[r.image for r in res.records] for res in results] == [[i.image] * len(i.regions) for i in items]
@@ -250,6 +254,7 @@ def test_rows_join_the_batch_in_progress_and_images_come_out_in_input_order(buil
     assert [[r.text for r in res.records] for res in results] == expected
     assert len(sessions) == 1 and len(live_rows_at_add) == len(items)
     assert max(live_rows_at_add) > 0  # continuous batching: rows joined while others were decoding
+    assert sum(vision_passes) == len(items) and vision_passes[0] == 2  # images admitted together: one pass
 
 
 def test_a_prompt_too_long_for_the_engine_fails_its_regions_with_the_reason(coco, tiny_pipeline):

@@ -160,3 +160,22 @@ def test_greedy_tokens_equal_transformers_generate(which, request, masks):
     assert our_greedy_tokens(pipe, prompts, 12, share_prefix=False) == reference
     assert our_greedy_tokens(pipe, prompts[:3], 12, share_prefix=True) == reference[:3]
     assert [our_greedy_tokens(pipe, [p], 12, share_prefix=False)[0] for p in prompts] == reference
+
+
+def test_images_encoded_together_equal_each_encoded_alone(tiny_pipeline, monkeypatch):
+    """`encode_images`: images of different sizes through the vision tower `batch_size` at a time give each image's
+    own features, its size, and no view of the others' (each keeps its own copy)."""
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray((rng.random((h, w, 3)) * 255).astype(np.uint8)) for h, w in [(48, 72), (30, 30), (64, 40)]]
+    calls = []
+    original = tiny_pipeline.model.get_image_features
+    monkeypatch.setattr(tiny_pipeline.model, "get_image_features", lambda px: calls.append(px.shape[0]) or original(px))
+    together = tiny_pipeline.encode_images(images, batch_size=2)
+    assert calls == [2, 1]
+    for image, batched in zip(images, together):
+        alone = tiny_pipeline.encode_image(image)
+        assert (batched.height, batched.width) == (image.height, image.width)
+        torch.testing.assert_close(batched.tokens, alone.tokens, atol=1e-5, rtol=1e-5)
+        for level, level_alone in zip(batched.levels, alone.levels):
+            torch.testing.assert_close(level, level_alone, atol=1e-5, rtol=1e-5)
+            assert level.untyped_storage().nbytes() == level.numel() * level.element_size()

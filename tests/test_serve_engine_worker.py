@@ -138,6 +138,60 @@ def test_the_image_cache_keeps_the_most_recently_used(tiny_pipeline):
     assert list(engine._cache) == ["a", "b"]
 
 
+class CountingBackend(PipelineBackend):
+    """The pipeline backend that records how many images each vision pass took, and fails any pass that holds an
+    image of the colour in `poison` (a pass with that image alone included)."""
+
+    poison: int | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.passes: list[int] = []
+
+    def encode_images(self, images):
+        self.passes.append(len(images))
+        if any(int(np.asarray(image)[0, 0, 0]) == self.poison for image in images):
+            raise RuntimeError("this image breaks the vision tower")
+        return super().encode_images(images)
+
+
+def _queued_together(engine: Engine, images: dict[str, Image.Image], rows: list[RowSpec]) -> list[str | int]:
+    """One job per image, submitted back to back (the engine waits `batch_wait_ms` after the first for more) ->
+    each job's answer, or its error's status."""
+    async def scenario(engine):
+        engine.backend.passes.clear()
+        jobs = [engine.submit(image, key, rows, 30) for key, image in images.items()]
+        outcomes = []
+        for job in jobs:
+            try:
+                outcomes.append((await _collect(engine, job))[1][0].result.raw_text)
+            except APIError as error:
+                outcomes.append(error.status)
+        return outcomes
+    return _run(engine, scenario)
+
+
+def test_images_queued_together_are_encoded_in_one_pass(tiny_pipeline):
+    """Three jobs waiting together: one vision pass for their three images, and each answer is the pipeline's own."""
+    images = {key: Image.fromarray(np.full((24, 32, 3), value, np.uint8)) for key, value in zip("abc", (10, 90, 180))}
+    engine = Engine(_backend(tiny_pipeline, CountingBackend), Metrics(), batch_wait_ms=500)
+    rows = _describe_rows(_masks()[:1])
+    answers = _queued_together(engine, images, rows)
+    assert engine.backend.passes == [3]
+    assert answers == [tiny_pipeline.describe(image, _masks()[:1], "short", GREEDY)[0].raw_text
+                       for image in images.values()]
+
+
+def test_a_pass_that_fails_falls_back_to_one_image_at_a_time_and_fails_only_its_job(tiny_pipeline):
+    images = {key: Image.fromarray(np.full((24, 32, 3), value, np.uint8)) for key, value in zip("abc", (10, 90, 180))}
+    backend = _backend(tiny_pipeline, CountingBackend)
+    backend.poison = 90
+    engine = Engine(backend, Metrics(), batch_wait_ms=500)
+    answers = _queued_together(engine, images, _describe_rows(_masks()[:1]))
+    assert backend.passes == [3, 1, 1, 1]
+    assert answers[1] == 500 and isinstance(answers[0], str) and isinstance(answers[2], str)
+
+
 def test_an_rgba_image_is_encoded_as_rgb(tiny_pipeline):
     """A non-RGB image is converted before encoding: its answer is the RGB image's."""
     rgb = _image()

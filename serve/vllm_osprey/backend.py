@@ -163,6 +163,9 @@ class VllmBackend:
         stamp_content_id(rgb, key)
         return VllmImage(rgb, key)
 
+    def encode_images(self, images: list[Image.Image]) -> list[VllmImage]:
+        return [self.encode_image(image) for image in images]
+
     def prepare(self, encoded: VllmImage, turns: list[tuple[str, str | None]], masks: np.ndarray) -> VllmPrompt:
         ids = generation_prompt_ids(self.tokenizer, self.config, turns)
         stack = masks_to_tensor(masks, encoded.height, encoded.width).numpy()
