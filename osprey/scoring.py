@@ -171,7 +171,7 @@ class AnswerScorer:
         rows = _answer_rows(prompts, answers)
         pool = self._pool(prefix.shape[0], prompts, max(prompt_lengths))
         prefix_length = torch.tensor([prefix.shape[0]], device=self.pipe.device)
-        self.forward.prefill_prefix(prefix.to(pool.prefix_k[0]), pool, 0)
+        self.forward.prefill_prefixes([prefix.to(pool.prefix_k[0])], pool, [0])
         first = self._prompt_rows(prompt_suffixes, pool, prefix_length)  # (prompts, V): first answer token
         totals = torch.zeros((prompts, len(answers)), dtype=torch.float64)
         longest = max(len(t) for t in answers) - 1  # tokens an answer row runs: the first is read from its prompt

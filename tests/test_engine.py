@@ -474,6 +474,30 @@ def test_the_kv_pool_moves_slots_in_every_layer_keys_and_values():
         assert torch.equal(tensor, expected), n
 
 
+def test_prefixes_prefilled_together_store_the_keys_and_values_of_each_alone(tiny_pipeline):
+    """Three prefixes of different lengths in one packed causal pass, into slots out of order: every layer's keys and
+    values in each slot equal transformers' own cache for that prefix alone, and the slots' tails stay untouched."""
+    from osprey.engine.forward import LlamaForward
+
+    lm = tiny_pipeline.model.language_model
+    config = lm.config
+    torch.manual_seed(0)
+    prefixes = [torch.randn(length, config.hidden_size) for length in (7, 3, 12)]
+    forward = LlamaForward(lm)
+    pool = KVPool(PoolSize(4, 16, 1, 1), forward.num_layers, forward.num_kv_heads, forward.head_dim, torch.float32,
+                  torch.device("cpu"))
+    forward.prefill_prefixes(prefixes, pool, [2, 0, 3])
+    for prefix, slot in zip(prefixes, [2, 0, 3]):
+        with torch.inference_mode():
+            cache = lm(inputs_embeds=prefix[None], use_cache=True).past_key_values
+        for layer in range(forward.num_layers):
+            keys, values = cache.layers[layer].keys[0], cache.layers[layer].values[0]  # (Hkv, P, d)
+            torch.testing.assert_close(pool.prefix_k[layer][slot, :len(prefix)], keys.transpose(0, 1), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(pool.prefix_v[layer][slot, :len(prefix)], values.transpose(0, 1), atol=1e-5, rtol=1e-5)
+            assert not pool.prefix_k[layer][slot, len(prefix):].any()
+    assert not any(pool.prefix_k[layer][1].any() for layer in range(forward.num_layers))
+
+
 @pytest.mark.parametrize(("settings", "message"), [
     ({"max_new_tokens": 0}, "max_new_tokens must be >= 1, got 0"),
     ({"temperature": -0.1}, "temperature must be >= 0, got -0.1"),

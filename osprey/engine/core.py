@@ -178,9 +178,10 @@ class RegionDecoder:
 
     def _prefill(self, admitted: list[GroupRequest]) -> list[TokenEvent]:
         first_group, first_row = len(self.groups), len(self.rows)
+        self.forward.prefill_prefixes([group.prefix.to(self.device, self.dtype) for group in admitted], self.pool,
+                                      list(range(first_group, first_group + len(admitted))))
         for group in admitted:
             slot = len(self.groups)
-            self.forward.prefill_prefix(group.prefix.to(self.device, self.dtype), self.pool, slot)
             self.groups.append(_Group(group.prefix.shape[0], len(group.rows)))
             for local, request in enumerate(group.rows):
                 seed = random.getrandbits(62) if request.params.seed is None else request.params.seed % _SEED_RANGE

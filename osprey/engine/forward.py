@@ -1,7 +1,7 @@
 """The Llama forward passes of the engine, over the weights of a transformers `LlamaForCausalLM`.
 
-Three passes share one layer walk: a prefix prefill (one image's shared prefix, causal, its keys and values
-stored in a prefix slot), a suffix prefill (the new rows' own tokens, handed over padded to one length; only the
+Three passes share one layer walk: a prefix prefill (the shared prefixes of the images admitted together, packed
+in one causal pass, each one's keys and values stored in its prefix slot), a suffix prefill (the new rows' own tokens, handed over padded to one length; only the
 real tokens run through the layers) and a decoding step (one token per live row). The last two attend over
 [prefix of the row's image] + [the row's own suffix] with `osprey.engine.attention`: the prefix as one query block
 per image, so its keys are read once for all of that image's rows (scoring puts its question row's stored suffix
@@ -162,20 +162,41 @@ class LlamaForward:
         return self.model.embed_tokens(ids)
 
     # -- passes ------------------------------------------------------------------------------------------------
-    def prefill_prefix(self, embeds: torch.Tensor, pool: KVPool, slot: int) -> None:
-        """embeds (P, D): causal pass over one shared prefix; its keys/values go to prefix slot `slot`."""
-        length = embeds.shape[0]
-        positions = torch.arange(length, device=embeds.device)
-        cos, sin = self._rope(embeds, positions)
-        hidden = embeds
+    def prefill_prefixes(self, prefixes: list[torch.Tensor], pool: KVPool, slots: list[int]) -> None:
+        """Shared prefixes (P_i, D) of several images in one causal pass, their tokens packed (they share the
+        projection and MLP GEMMs); prefix i's keys and values go to prefix slot `slots[i]`. The last layer stops at
+        its keys and values: nothing reads a prefix's outputs."""
+        device = prefixes[0].device
+        lengths = torch.tensor([prefix.shape[0] for prefix in prefixes], device=device)
+        positions = torch.cat([torch.arange(prefix.shape[0], device=device) for prefix in prefixes])
+        slot_of = torch.tensor(slots, device=device).repeat_interleave(lengths)
+        hidden = torch.cat(prefixes)
+        cos, sin = self._rope(hidden, positions)
+        starts = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        last = self.num_layers - 1
         for index, layer in enumerate(self.model.layers):
             query, key, value = self._qkv(layer, hidden, cos, sin)
-            pool.prefix_k[index][slot, :length] = key
-            pool.prefix_v[index][slot, :length] = value
-            out = F.scaled_dot_product_attention(query.transpose(0, 1)[None], key.transpose(0, 1)[None],
-                                                 value.transpose(0, 1)[None], is_causal=True, scale=self.scale,
+            pool.prefix_k[index][slot_of, positions] = key
+            pool.prefix_v[index][slot_of, positions] = value
+            if index == last:
+                break
+            hidden = self._finish_layer(layer, hidden, self._causal(query, key, value, starts, prefixes))
+
+    def _causal(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, starts: torch.Tensor,
+                prefixes: list[torch.Tensor]) -> torch.Tensor:
+        """Causal attention within each packed prefix: query (N, H, d), key/value (N, Hkv, d) -> (N, H * d)."""
+        if packed_kernel_runs(query):
+            longest = max(prefix.shape[0] for prefix in prefixes)
+            out, _ = attend_packed(query, key, value, starts, starts, starts.diff(), longest, longest, True, self.scale)
+            return out.reshape(query.shape[0], -1)
+        outs = []
+        for start, prefix in zip(starts.tolist(), prefixes):
+            own = slice(start, start + prefix.shape[0])
+            out = F.scaled_dot_product_attention(query[own].transpose(0, 1)[None], key[own].transpose(0, 1)[None],
+                                                 value[own].transpose(0, 1)[None], is_causal=True, scale=self.scale,
                                                  enable_gqa=self.group_size > 1)
-            hidden = self._finish_layer(layer, hidden, out[0].transpose(0, 1).reshape(length, -1))
+            outs.append(out[0].transpose(0, 1).reshape(prefix.shape[0], -1))
+        return torch.cat(outs)
 
     def forward_rows(self, embeds: torch.Tensor, block: RowBlock, pool: KVPool, prefix_lengths: torch.Tensor
                      ) -> torch.Tensor:
