@@ -281,6 +281,32 @@ def test_two_ranks_agree_on_the_time_limit(tmp_path):
     assert (out / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_the_deepspeed_launcher_runs_two_cpu_ranks(tmp_path):
+    """The documented launcher line (docs/train.md: `deepspeed --num_gpus N --no_local_rank $(which osprey) train
+    ...`) on the CPU: two ranks (DeepSpeed's CPU accelerator, gloo, ZeRO-2) take the global batch together and rank 0
+    writes the final folder."""
+    import shutil
+    import socket
+    import subprocess
+
+    with socket.socket() as probe:  # the launcher's rendezvous port: a free one, not the default 29500
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "run"
+    command = [shutil.which("deepspeed"), "--num_gpus", "2", "--master_port", str(port), "--no_local_rank",
+               shutil.which("osprey"), "train", "--stage", "3", "--config", "tiny_stage3", "--model", "tiny",
+               "--set", f"data.root={FIXTURE}", "--set", "progress=false", "--set", "bf16=false",
+               "--set", "micro_batch_size=2", "--set", "global_batch_size=4", "--set", "save_steps=0",
+               "--max-steps", "3", "--output", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log[-3000:]
+    assert "(global batch 4 = 2 x 2 ranks x 1 accumulation)" in log
+    assert json.loads((out / "summary.json").read_text())["step"] == 3
+    assert (out / "final" / "model.safetensors").is_file()
+
+
 def _clip_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

@@ -170,10 +170,3 @@ def broadcast_from_rank0(values: list[int], device: torch.device) -> list[int]:
     tensor = torch.tensor(values, dtype=torch.int64, device=device)
     dist.broadcast(tensor, src=0)
     return tensor.tolist()
-
-
-def launch_command(config: str, stage: int, num_gpus: int = 8, hostfile: str | None = None) -> str:
-    """The `deepspeed` launcher line for a config (printed by `osprey train --print-launch`)."""
-    hosts = f"--hostfile {hostfile} " if hostfile else f"--num_gpus {num_gpus} "
-    # --no_local_rank: ranks come from the environment; `osprey` has no --local_rank argument.
-    return f"deepspeed {hosts}--no_local_rank $(which osprey) train --stage {stage} --config {config}"
