@@ -26,7 +26,15 @@
 # (1: evaluate BASE too; default 1), DEVICE (evaluation device; default: cuda when there is one), EXTRA (more
 # `osprey train` options).
 set -euo pipefail
-command -v osprey > /dev/null || osprey() { python3 -m osprey.cli "$@"; }  # no entry point installed: the module
+command -v osprey > /dev/null || osprey() { python3 -m osprey.cli "$@"; }  # no console script: the module
+# The subcommands come from the installed package's entry points (pyproject.toml): on a machine where the tree is only
+# on PYTHONPATH, `osprey data` does not exist. Say so now rather than after the first step.
+if ! help=$(osprey data --help 2>&1); then
+  echo "finetune_builtin: 'osprey data' does not run here ($(echo "$help" | tail -1)); is the project installed?" \
+    "(pip install -e ., or offline: pip install --no-deps --no-index --no-build-isolation --target DIR . with DIR" \
+    "on PYTHONPATH)" >&2
+  exit 2
+fi
 N=${N:-20000}; SEED=${SEED:-0}; WORK=${WORK:-runs/finetune_builtin}; DATA=${DATA:-$WORK/data}
 BASE=${BASE:-osprey/assets/builtin}; STEPS=${STEPS:-4000}; TIME=${TIME:-0}; MICRO=${MICRO:-256}; GLOBAL=${GLOBAL:-$MICRO}
 EVAL_LIMIT=${EVAL_LIMIT:-150}; WORDINGS_LIMIT=${WORDINGS_LIMIT:-60}; CLASSIFY_LIMIT=${CLASSIFY_LIMIT:-300}; EVAL_BASE=${EVAL_BASE:-1}
