@@ -276,7 +276,7 @@ def _block(start: torch.Tensor, lengths: torch.Tensor, tokens: int, prefix_keys:
 
 def _parents(prompts: KVPool, lengths: torch.Tensor, slot: torch.Tensor) -> ParentRows:
     """The prompt rows of `prompts` (rows 0.., `lengths` tokens each) as the parents of answer rows (`slot`)."""
-    return ParentRows(prompts.suffix_k, prompts.suffix_v, slot=slot, used=lengths, longest=prompts.max_suffix)
+    return ParentRows(prompts.suffix_k, prompts.suffix_v, slot=slot, used=lengths)
 
 
 def _softmax(scores: np.ndarray) -> np.ndarray:

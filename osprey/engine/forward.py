@@ -1,16 +1,18 @@
 """The Llama forward passes of the engine, over the weights of a transformers `LlamaForCausalLM`.
 
-Three passes share one layer walk: a prefix prefill (the shared prefixes of the images admitted together, packed
-in one causal pass, each one's keys and values stored in its prefix slot), a suffix prefill (the new rows' own tokens, handed over padded to one length; only the
-real tokens run through the layers) and a decoding step (one token per live row). The last two attend over
-[prefix of the row's image] + [the row's own suffix] with `osprey.engine.attention`: the prefix as one query block
-per image, so its keys are read once for all of that image's rows (scoring puts its question row's stored suffix
-between the two: `ParentRows`). Norms, projections, rotary embedding and MLP are the transformers modules themselves, so the
-numerics are the reference model's.
+Three passes share one layer walk: a prefix prefill (the shared prefixes of the images admitted together, their
+tokens packed through the projections and MLP, attention causal within each; each one's keys and values stored in
+its prefix slot), a suffix prefill (the new rows' own tokens, handed over padded to one length; only the real tokens
+run through the layers) and a decoding step (one token per live row). The last two attend over [prefix of the row's
+image] + [the row's own suffix] with `osprey.engine.attention`: the prefix as one query block per image, so its keys
+are read once for all of that image's rows (scoring puts its question row's stored suffix between the two:
+`ParentRows`). Norms, projections, rotary embedding and MLP are the transformers modules themselves, so the numerics
+are the reference model's.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 from dataclasses import dataclass
 
@@ -50,11 +52,15 @@ class ParentRows:
     values: list[torch.Tensor]
     slot: torch.Tensor  # (n,) long: each row's parent slot
     used: torch.Tensor  # (slots,) long: keys stored per parent slot
-    longest: int  # >= max(used)
 
     @property
     def slots(self) -> int:
         return self.keys[0].shape[0]
+
+    @property
+    def slot_tokens(self) -> int:
+        """Positions a parent slot holds (>= every `used`)."""
+        return self.keys[0].shape[1]
 
 
 @dataclass
@@ -167,12 +173,12 @@ class LlamaForward:
         projection and MLP GEMMs); prefix i's keys and values go to prefix slot `slots[i]`. The last layer stops at
         its keys and values: nothing reads a prefix's outputs."""
         device = prefixes[0].device
-        lengths = torch.tensor([prefix.shape[0] for prefix in prefixes], device=device)
-        positions = torch.cat([torch.arange(prefix.shape[0], device=device) for prefix in prefixes])
-        slot_of = torch.tensor(slots, device=device).repeat_interleave(lengths)
+        lengths = [prefix.shape[0] for prefix in prefixes]
+        spans = [slice(start, start + length) for start, length in zip(itertools.accumulate([0, *lengths]), lengths)]
+        positions = torch.cat([torch.arange(length, device=device) for length in lengths])
+        slot_of = torch.tensor(slots, device=device).repeat_interleave(torch.tensor(lengths, device=device))
         hidden = torch.cat(prefixes)
         cos, sin = self._rope(hidden, positions)
-        starts = F.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
         last = self.num_layers - 1
         for index, layer in enumerate(self.model.layers):
             query, key, value = self._qkv(layer, hidden, cos, sin)
@@ -180,20 +186,19 @@ class LlamaForward:
             pool.prefix_v[index][slot_of, positions] = value
             if index == last:
                 break
-            hidden = self._finish_layer(layer, hidden, self._causal(query, key, value, starts, prefixes))
+            hidden = self._finish_layer(layer, hidden, self._causal(query, key, value, spans))
 
-    def _causal(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, starts: torch.Tensor,
-                prefixes: list[torch.Tensor]) -> torch.Tensor:
-        """Causal attention within each packed prefix: query (N, H, d), key/value (N, Hkv, d) -> (N, H * d). One
-        SDPA call per prefix (a few per step; at ~1,100 tokens a prefix the projections and MLP are most of the
-        work, and they are packed)."""
+    def _causal(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: list[slice]
+                ) -> torch.Tensor:
+        """Causal attention within each packed prefix (`spans` of the N tokens): query (N, H, d), key/value
+        (N, Hkv, d) -> (N, H * d). One SDPA call per prefix (a few per step; at ~1,100 tokens a prefix the
+        projections and MLP are most of the work, and they are packed)."""
         outs = []
-        for start, prefix in zip(starts.tolist(), prefixes):
-            own = slice(start, start + prefix.shape[0])
+        for own in spans:
             out = F.scaled_dot_product_attention(query[own].transpose(0, 1)[None], key[own].transpose(0, 1)[None],
                                                  value[own].transpose(0, 1)[None], is_causal=True, scale=self.scale,
                                                  enable_gqa=self.group_size > 1)
-            outs.append(out[0].transpose(0, 1).reshape(prefix.shape[0], -1))
+            outs.append(out[0].transpose(0, 1).reshape(own.stop - own.start, -1))
         return torch.cat(outs)
 
     def forward_rows(self, embeds: torch.Tensor, block: RowBlock, pool: KVPool, prefix_lengths: torch.Tensor
@@ -321,7 +326,7 @@ class LlamaForward:
         return _PackedLayout(
             prefix=_grouped_run(block.group, block.groups, lengths, total, prefix_lengths, pool.max_prefix),
             parent=None if parent is None else _grouped_run(parent.slot, parent.slots, lengths, total, parent.used,
-                                                            parent.keys[0].shape[1]),
+                                                            parent.slot_tokens),
             own=_KeyRun(order=None, inverse=None, query_starts=F.pad(lengths.cumsum(0, dtype=int32), (1, 0)),
                         key_starts=torch.arange(n + 1, dtype=int32, device=device) * pool.max_suffix,
                         keys_used=(block.start + lengths).clamp(max=pool.max_suffix).to(int32),
@@ -356,7 +361,7 @@ class LlamaForward:
         return _DenseLayout(real=real, suffix_bias=self._suffix_bias(block, block.suffix_keys),
                             prefix_bias=length_bias(prefix_lengths, block.prefix_keys),
                             parent_bias=None if parent is None else length_bias(parent.used[parent.slot],
-                                                                                parent.longest))
+                                                                                parent.slot_tokens))
 
     def _suffix_bias(self, block: RowBlock, keys: int) -> torch.Tensor:
         """(n, 1, T * g, keys): query token i of a row sees its suffix positions <= start + i (causal)."""
@@ -392,9 +397,8 @@ class LlamaForward:
         own = padded.permute(0, 2, 1, 3, 4).reshape(n, kv_heads, tokens * g, d)
         parent = block.parent
         if parent is not None:
-            stored = slice(0, parent.longest)
-            parts.append(self._row_part(own, parent.keys[index][parent.slot, stored],
-                                        parent.values[index][parent.slot, stored], layout.parent_bias, tokens))
+            parts.append(self._row_part(own, parent.keys[index][parent.slot], parent.values[index][parent.slot],
+                                        layout.parent_bias, tokens))
         rows = slice(block.first, block.first + n)
         parts.append(self._row_part(own, pool.suffix_k[index][rows, :keys], pool.suffix_v[index][rows, :keys],
                                     layout.suffix_bias, tokens))
