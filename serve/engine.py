@@ -492,7 +492,8 @@ class Engine:
         if wait:
             item = self._queue.get()
             stop = item is _STOP
-            taken += [] if stop else [item]
+            if not stop:
+                taken.append(item)
             deadline = time.monotonic() + self.batch_wait_s
         else:
             deadline = time.monotonic()
@@ -503,7 +504,8 @@ class Engine:
             except queue.Empty:
                 break
             stop = item is _STOP
-            taken += [] if stop else [item]
+            if not stop:
+                taken.append(item)
         self._admit_all(taken)
         self.metrics.set("queue_depth", self._queue.qsize(), replica=self._label)
         return stop
@@ -547,7 +549,7 @@ class Engine:
         self._live.update((live.row_id, live) for live in rows)
 
     def _run_task(self, task: Task, fresh: dict[str, object]) -> None:
-        if time.monotonic() > task.deadline or task.future.done():
+        if task.abandoned(time.monotonic()):
             return  # the request has answered 504 already
         try:
             task.resolve(task.work(self.backend, self._encode(task, fresh)))
