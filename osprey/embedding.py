@@ -324,7 +324,7 @@ class RegionTextEmbedder:
         empty = np.flatnonzero(~masks.reshape(len(masks), -1).any(axis=1))
         if len(empty):
             raise ValueError(f"masks {empty.tolist()} are empty: an empty region has no embedding")
-        pixels = preprocess_image(image, self.vision.config).to(self.device)
+        pixels = preprocess_image(image, self.vision.config, self.device)
         levels = [level.float() for level in self.vision(pixels[None])]
         vectors = self._regions(levels, [torch.from_numpy(np.ascontiguousarray(masks)).to(self.device)])
         return F.normalize(vectors.float(), dim=-1).cpu().numpy()

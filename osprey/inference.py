@@ -107,7 +107,7 @@ class OspreyPipeline:
         encoded = []
         for start in range(0, len(images), batch_size):
             loaded = [load_image(image) for image in images[start:start + batch_size]]
-            pixels = torch.stack([preprocess_image(image, self.config.vision) for image in loaded]).to(self.device)
+            pixels = torch.stack([preprocess_image(image, self.config.vision, self.device) for image in loaded])
             features = self.model.get_image_features(pixels)
             # each image's own copy of its levels, so that keeping one (the server's cache) keeps no others
             encoded += [EncodedImage(levels=[level[b].clone() for level in features.levels],

@@ -37,17 +37,22 @@ def shortest_edge_size(width: int, height: int, size: int) -> tuple[int, int]:
     return int(size * width / height), size
 
 
-def preprocess_image(image: Image.Image, config: VisionConfig) -> torch.Tensor:
-    """PIL image -> (3, S, S) float32 tensor, normalised."""
+def preprocess_image(image: Image.Image, config: VisionConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """PIL image -> (3, S, S) float32 tensor, normalised, on `device` (default: the CPU).
+
+    Only the bicubic resize runs on the host (PIL's, the official one); the resized 8-bit pixels then travel to
+    `device` (a quarter of float32's bytes) and the arithmetic runs there: on a GPU the host's share of an image
+    drops from tens of milliseconds to the resize. The same float32 operations in the same order on any device.
+    """
     image = image.convert("RGB")
     size = config.image_size
     resized = image.resize(shortest_edge_size(image.width, image.height, size), resample=Image.BICUBIC)
-    array = np.asarray(resized, dtype=np.float32) * np.float32(1 / 255)
-    mean = np.asarray(config.mean, dtype=np.float32)
-    std = np.asarray(config.std, dtype=np.float32)
-    tensor = torch.from_numpy((array - mean) / std).permute(2, 0, 1).contiguous()
+    pixels = torch.from_numpy(np.array(resized)).to(device)  # (H, W, 3) uint8
+    mean = torch.tensor(config.mean, dtype=torch.float32, device=pixels.device)
+    std = torch.tensor(config.std, dtype=torch.float32, device=pixels.device)
+    tensor = ((pixels.float() * np.float32(1 / 255) - mean) / std).permute(2, 0, 1)
     if tensor.shape[1:] == (size, size):  # square input: the bilinear resize to its own size is the identity
-        return tensor
+        return tensor.contiguous()
     return F.interpolate(tensor[None], size=(size, size), mode="bilinear", align_corners=False)[0]
 
 
@@ -67,4 +72,5 @@ def masks_to_tensor(masks: Sequence[np.ndarray] | np.ndarray | torch.Tensor, hei
         stack = stack[None]
     if stack.dim() != 3 or tuple(stack.shape[1:]) != (height, width):
         raise ValueError(f"masks must be (Q, {height}, {width}) to match the image, got {tuple(stack.shape)}")
-    return stack != 0
+    # a bool stack as it is: comparing it with 0 costs ~30 ms for 16 masks of 640 x 480 on a CPU core
+    return stack if stack.dtype == torch.bool else stack != 0
