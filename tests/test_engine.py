@@ -190,14 +190,14 @@ def test_released_rows_stop_and_free_their_slots(tiny_pipeline, image, masks):
 
 
 def _session_events(pipe, prompts, params, cancel_after: int | None = None):
-    """All events of one session, by row; with `cancel_after`, row 0 is cancelled after that many steps."""
+    """All events of one session, by row; with `cancel_after`, row 0 is cancelled once it has that many events."""
     session = pipe.session(PoolSize(prefix_slots=1, prefix_tokens=2048, row_slots=len(prompts), suffix_tokens=64))
     session.add(pipe.group_requests(prompts, params))
     events: dict[int, list] = {row: [] for row in range(len(prompts))}
     session.finished_at, session.live_per_step = {}, []  # the step that finished each row; live rows after each step
     steps = 0
     while session.has_work:
-        if steps == cancel_after:
+        if cancel_after is not None and len(events[0]) == cancel_after:
             events[0].append(session.cancel(0))
         for event in session.step():
             events[event.row].append(event)
@@ -237,7 +237,7 @@ def test_a_cancelled_row_gets_one_final_event_and_no_more(tiny_pipeline, image, 
     params = [SamplingParams(max_new_tokens=8)] * 2
     session, events = _session_events(tiny_pipeline, prompts, params, cancel_after=2)
     assert events[0][-1] == StreamEvent(0, "", None, True, "cancelled")
-    assert sum(e.finished for e in events[0]) == 1 and len(events[0]) == 3  # two steps' tokens, then the cancel
+    assert sum(e.finished for e in events[0]) == 1 and len(events[0]) == 3  # two tokens, then the cancel
     assert len(events[1]) == 8 and events[1][-1].finish_reason == "length"
     assert session.live_rows == 0
 

@@ -5,6 +5,12 @@ rows (each region's own tokens and sampling settings). `step()` either admits wa
 once into a prefix slot, then all new rows' suffixes in one pass, first tokens sampled) or runs one decoding step
 for every live row. Rows join and leave between steps; finished and released rows free their slots at once. A
 group waits while its rows do not fit the preallocated pool, so load never runs the device out of memory.
+
+Decoding keeps one step in flight: a call to `step()` reads the tokens of the step launched by the call before,
+launches the next step for the rows still live, and only then returns the events, so the caller's host work on
+them (text, stop strings, sending) runs while the device computes. Rows that end by EOS or by their token budget
+leave before the next launch; a row released in between (a stop string, a cancellation) runs that one step more,
+its token discarded.
 """
 
 from __future__ import annotations
@@ -75,6 +81,25 @@ class _Waiting:
     ready: collections.deque = field(default_factory=collections.deque)
 
 
+@dataclass(frozen=True)
+class _InFlight:
+    rows: list[_Row]  # the rows the step was launched for, in their pool order then
+    tokens: torch.Tensor  # (len(rows),) the tokens it samples, on the device
+
+
+@dataclass(frozen=True)
+class _SamplingSettings:
+    """The rows' sampling settings as device tensors, one entry per row."""
+    temperature: torch.Tensor
+    top_p: torch.Tensor
+    seed: torch.Tensor
+    step: torch.Tensor  # tokens generated so far (the noise's counter)
+    any_sampled: bool
+
+    def sample(self, logits: torch.Tensor) -> torch.Tensor:
+        return sample(logits, self.temperature, self.top_p, self.seed, self.step, self.any_sampled)
+
+
 class RegionDecoder:
     def __init__(self, language_model: PreTrainedModel, eos_token_id: int, pool_size: PoolSize,
                  max_prefill_tokens: int = 16384, cuda_graphs: bool = True, fast_kernels: bool = False) -> None:
@@ -90,6 +115,7 @@ class RegionDecoder:
         self.groups: list[_Group] = []
         self.rows: list[_Row] = []
         self._released: set[Hashable] = set()
+        self._in_flight: _InFlight | None = None
 
     # -- requests ----------------------------------------------------------------------------------------------
     def check(self, group: GroupRequest) -> None:
@@ -118,7 +144,7 @@ class RegionDecoder:
 
     @property
     def has_work(self) -> bool:
-        return bool(self.rows or self.waiting)
+        return bool(self.rows or self.waiting or self._in_flight)
 
     @property
     def live_rows(self) -> int:
@@ -127,14 +153,16 @@ class RegionDecoder:
     # -- stepping ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
-        """Admit what fits (prefill) or decode one token for every live row; events of rows that advanced."""
+        """The events of the decoding step in flight (if any), then admit what fits (prefill: its first tokens'
+        events too) or launch the next decoding step for every live row."""
+        events = self._collect()
         self._drop_released()
         admitted = self._admit()
         if admitted:
-            return self._prefill(admitted)
-        if not self.rows:
-            return []
-        return self._decode()
+            return events + self._prefill(admitted)
+        if self.rows:
+            self._launch()
+        return events
 
     def _fit_prefix(self, group: GroupRequest) -> GroupRequest:
         """A prefix longer than the prefix slots: its tail becomes the start of every row's suffix."""
@@ -195,20 +223,35 @@ class RegionDecoder:
             row.length = length
         return self._advance(new_rows, logits)
 
-    def _decode(self) -> list[TokenEvent]:
+    def _launch(self) -> None:
+        """Queue one decoding step for every live row; nothing here waits for the device."""
         rows, groups = self.rows, self.groups
         start = [row.length for row in rows]
         shape = self.decode_step.shape(len(rows), len(groups), max(row.local for row in rows) + 1,
                                        max(g.prefix_length for g in groups), max(start) + 1)
+        settings = self._sampling_settings(rows)  # built before the step: a host -> device copy waits for the queue
         logits = self.decode_step([row.last_token for row in rows], start, [row.group for row in rows],
                                   [row.local for row in rows], [g.prefix_length for g in groups], shape)
-        for row in self.rows:
+        for row in rows:
             row.length += 1
-        return self._advance(self.rows, logits)
+        self._in_flight = _InFlight(list(rows), settings.sample(logits))
+
+    def _collect(self) -> list[TokenEvent]:
+        """Wait for the step in flight and turn its tokens into events; rows released meanwhile get none."""
+        if self._in_flight is None:
+            return []
+        launched, self._in_flight = self._in_flight, None
+        tokens = launched.tokens.tolist()
+        live = [(row, token) for row, token in zip(launched.rows, tokens)
+                if not row.done and row.request.row_id not in self._released]
+        return self._record([row for row, _ in live], [token for _, token in live])
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> list[TokenEvent]:
-        """Sample each row's next token, record it, and finish rows at EOS or their token budget."""
-        chosen = self._sample(rows, logits).tolist()
+        """Sample each row's next token now (the prefill's first tokens) and record it."""
+        return self._record(rows, self._sampling_settings(rows).sample(logits).tolist())
+
+    def _record(self, rows: list[_Row], chosen: list[int]) -> list[TokenEvent]:
+        """Record each row's new token, and finish rows at EOS or their token budget."""
         events = []
         for row, token in zip(rows, chosen):
             if token == self.eos_token_id:
@@ -221,11 +264,11 @@ class RegionDecoder:
         self._compact()
         return events
 
-    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+    def _sampling_settings(self, rows: list[_Row]) -> _SamplingSettings:
         params = [row.request.params for row in rows]
         floats = torch.tensor([[p.temperature for p in params], [p.top_p for p in params]], device=self.device)
         ints = torch.tensor([[row.seed for row in rows], [row.generated for row in rows]], device=self.device)
-        return sample(logits, floats[0], floats[1], ints[0], ints[1], any(p.temperature > 0 for p in params))
+        return _SamplingSettings(floats[0], floats[1], ints[0], ints[1], any(p.temperature > 0 for p in params))
 
     # -- bookkeeping -------------------------------------------------------------------------------------------
     def _prefill_block(self, rows: list[_Row], first_row: int, first_group: int, tokens: int, lengths: list[int]
