@@ -5,6 +5,10 @@ the model's embeddings against our pipeline's (a GPU with vLLM)."""
 
 from __future__ import annotations
 
+import base64
+import io
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -410,8 +414,6 @@ def test_vllm_model_embeddings_equal_our_pipelines(vllm_config, vllm_processor, 
 # -- vLLM's own server --------------------------------------------------------------------------------------------
 def test_chat_template_renders_our_inference_conversation():
     """`vllm serve --chat-template serve/vllm_osprey/chat_template.jinja` renders what osprey.prompts renders."""
-    from pathlib import Path
-
     import jinja2
 
     from osprey.prompts import TEMPLATES
@@ -425,6 +427,48 @@ def test_chat_template_renders_our_inference_conversation():
     parts = [{"role": "user", "content": [{"type": "text", "text": "<image>\nWhat is <mask><pos>?"}]}]
     assert template.render(messages=parts, add_generation_prompt=True) == TEMPLATES["infer"].render(
         [turns[0], ("gpt", None)])
+
+
+def test_vllm_server_chat_reaches_our_engines_ids(tiny_model_dir, tiny_pipeline, tmp_path):
+    """`vllm serve` with docs/vllm.md's tokenizer folder and our chat template: a chat request (image_url part, the
+    region as a box in mm_processor_kwargs) rendered by vLLM's own renderer as its OpenAI server renders it gives
+    exactly our engine's ids, the region's slots at our `<mask><pos>`."""
+    pytest.importorskip("vllm")
+    import serve.vllm_osprey as plugin
+
+    plugin.register()
+    from transformers import AutoTokenizer
+    from vllm.config import DeviceConfig, ModelConfig, VllmConfig
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.renderers import renderer_from_config
+
+    import serve.vllm_osprey.model  # noqa: F401  (registers the processor with vLLM's multimodal registry)
+
+    config = tiny_pipeline.config
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    assert tokenizer.convert_tokens_to_ids("<image>") == image_placeholder_id(config)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    model_config = ModelConfig(model=str(tiny_model_dir), tokenizer=str(tmp_path / "tokenizer"), dtype="float32",
+                               limit_mm_per_prompt={"image": 1, REGION_MODALITY: 64})
+    renderer = renderer_from_config(VllmConfig(model_config=model_config, device_config=DeviceConfig(device="cpu")))
+    png = io.BytesIO()
+    _image(11).save(png, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    request = ChatCompletionRequest(model=str(tiny_model_dir), mm_processor_kwargs={"regions": [{"box": [3, 0, 20, 10]}]},
+                                    messages=[{"role": "user", "content": [
+                                        {"type": "image_url", "image_url": {"url": url}},
+                                        {"type": "text", "text": "What is <mask><pos> doing?"}]}])
+    template = (Path(__file__).parents[1] / "serve" / "vllm_osprey" / "chat_template.jinja").read_text()
+    chat_params = request.build_chat_params(template, "auto").with_defaults(
+        None, default_mm_processor_kwargs=request.mm_processor_kwargs)
+    _, (rendered,) = renderer.render_chat([request.messages], chat_params, request.build_tok_params(model_config),
+                                          prompt_extras={"mm_processor_kwargs": request.mm_processor_kwargs})
+    ours = tiny_pipeline._prompt_ids([("human", "<image>\nWhat is <mask><pos> doing?")]).tolist()
+    theirs = [config.image_token_id if t == image_placeholder_id(config) else t for t in rendered["prompt_token_ids"]]
+    assert theirs == ours
+    (region,) = rendered["mm_placeholders"][REGION_MODALITY]
+    assert (region.offset, region.length) == (ours.index(config.mask_token_id), 2)
 
 
 def test_serve_backend_vllm_says_what_is_missing(tiny_model_dir, capsys):
