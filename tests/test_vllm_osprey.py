@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from bench.serve_vllm import llm_half_engine_args
 from osprey.checkpoint import from_official, to_official
 from osprey.engine.session import StreamEvent
 from osprey.prompts import REGION_PLACEHOLDER, task_prompt
@@ -317,6 +318,22 @@ def test_vllm_input_processor_makes_the_backends_engine_request(vllm_config, bac
     sent = MsgpackDecoder(EngineCoreRequest).decode(MsgpackEncoder().encode(request))
     assert sent.prompt_token_ids == expanded
     assert [f.mm_hash for f in sent.mm_features] == [f.mm_hash for f in request.mm_features]
+
+
+def test_engine_arguments_make_vllms_model_config(backend, tiny_pipeline, tmp_path):
+    """The engine arguments of the backend and of the benchmark's LLM half are vLLM 0.26's and give the model config
+    they mean (the rest of the engine config needs the GPU's platform)."""
+    pytest.importorskip("vllm")
+    import serve.vllm_osprey as plugin
+
+    plugin.register()
+    config = tiny_pipeline.config
+    ours = backend.engine_args().create_model_config()
+    assert (ours.architecture, ours.max_model_len, ours.is_multimodal_model) == ("OspreyLlamaForCausalLM", 1024, True)
+    assert {m: o.count for m, o in ours.multimodal_config.limit_per_prompt.items()} == {"image": 1, REGION_MODALITY: 64}
+    llm_half = llm_half_engine_args(tiny_pipeline, tmp_path).create_model_config()
+    assert (llm_half.architecture, llm_half.max_model_len) == ("LlamaForCausalLM", config.text["max_position_embeddings"])
+    assert (llm_half.get_hidden_size(), llm_half.get_vocab_size()) == (config.hidden_size, config.vocab_size)
 
 
 def test_vllm_prefix_blocks_are_shared_by_the_regions_of_one_image(vllm_processor, tiny_pipeline):
