@@ -403,11 +403,16 @@ def check_model_embeddings(model, processor, pipeline, device: str) -> None:
 
 
 def _embed_items(model, modality: str, items: list, device: str) -> list[torch.Tensor]:
-    """`embed_multimodal` on the runner's batch of `items` (moved to `device`), the outputs back on the CPU."""
+    """`embed_multimodal` on the runner's batch of `items` (moved to `device`), checked by the runner's own output
+    check, back on the CPU."""
+    from vllm.v1.worker.utils import sanity_check_mm_encoder_outputs
+
     batch = _runner_batch(modality, items)
     moved = {k: v.to(device) if isinstance(v, torch.Tensor) else [t.to(device) for t in v] for k, v in batch.items()}
     with torch.inference_mode():
-        return [e.cpu() for e in model.embed_multimodal(**moved)]
+        outputs = model.embed_multimodal(**moved)
+    sanity_check_mm_encoder_outputs(outputs, expected_num_items=len(items))
+    return [e.cpu() for e in outputs]
 
 
 @pytest.mark.gpu
