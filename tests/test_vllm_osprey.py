@@ -460,9 +460,11 @@ def test_vllm_server_chat_reaches_our_engines_ids(tiny_model_dir, tiny_pipeline,
 
     plugin.register()
     from transformers import AutoTokenizer
+    from vllm import SamplingParams
     from vllm.config import DeviceConfig, ModelConfig, VllmConfig
     from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
     from vllm.renderers import renderer_from_config
+    from vllm.v1.engine.input_processor import InputProcessor
 
     import serve.vllm_osprey.model  # noqa: F401  (registers the processor with vLLM's multimodal registry)
 
@@ -473,7 +475,8 @@ def test_vllm_server_chat_reaches_our_engines_ids(tiny_model_dir, tiny_pipeline,
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     model_config = ModelConfig(model=str(tiny_model_dir), tokenizer=str(tmp_path / "tokenizer"), dtype="float32",
                                limit_mm_per_prompt={"image": 1, REGION_MODALITY: 64})
-    renderer = renderer_from_config(VllmConfig(model_config=model_config, device_config=DeviceConfig(device="cpu")))
+    vllm_config = VllmConfig(model_config=model_config, device_config=DeviceConfig(device="cpu"))
+    renderer = renderer_from_config(vllm_config)
     png = io.BytesIO()
     _image(11).save(png, format="PNG")
     url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
@@ -491,6 +494,9 @@ def test_vllm_server_chat_reaches_our_engines_ids(tiny_model_dir, tiny_pipeline,
     assert theirs == ours
     (region,) = rendered["mm_placeholders"][REGION_MODALITY]
     assert (region.offset, region.length) == (ours.index(config.mask_token_id), 2)
+    engine_request = InputProcessor(vllm_config, renderer).process_inputs(  # checks every id against the vocabulary
+        "chat-0", rendered, SamplingParams(max_tokens=8), supported_tasks=("generate",))
+    assert engine_request.prompt_token_ids == rendered["prompt_token_ids"]
 
 
 def test_serve_backend_vllm_says_what_is_missing(tiny_model_dir, capsys):
