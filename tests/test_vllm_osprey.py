@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from bench.serve_vllm import llm_half_engine_args
 from osprey.checkpoint import from_official, to_official
 from osprey.engine.session import StreamEvent
+from osprey.inference import OspreyPipeline
 from osprey.prompts import REGION_PLACEHOLDER, task_prompt
 from serve.vllm_osprey.backend import VllmBackend, _Delta
 from serve.vllm_osprey.prompts import (
@@ -35,6 +36,7 @@ from serve.vllm_osprey.prompts import (
 )
 
 SHORT = [("human", task_prompt("short"))]
+FP32_CLOSE = {"rtol": 1e-5, "atol": 1e-5}  # fp32 on one device, batches of other sizes (their kernels may differ)
 TWO_REGIONS = [("human", f"<image>\nWhat is {REGION_PLACEHOLDER} next to {REGION_PLACEHOLDER}?")]
 
 
@@ -367,8 +369,9 @@ def test_vllm_prefix_blocks_are_shared_by_the_regions_of_one_image(vllm_processo
 # -- the model on a GPU (needs vLLM) ------------------------------------------------------------------------------
 def check_model_embeddings(model, processor, pipeline, device: str) -> None:
     """Image and region embeddings of two images (two sizes), batched as vLLM's runner batches them, and the input
-    embeddings vLLM merges from them, equal our pipeline's (fp32). vLLM's memory profiling repeats one image item:
-    the tower must see every copy (else the profiled peak is one image's)."""
+    embeddings vLLM merges from them, equal our pipeline's (fp32, `pipeline` on the model's device; the batches
+    differ, so the convolutions may too: FP32_CLOSE). vLLM's memory profiling repeats one image item: the tower must
+    see every copy (else the profiled peak is one image's)."""
     config = pipeline.config
     three = "<image>\nA <mask><pos> B <mask><pos> C <mask><pos>"
     requests = [(_image(7), _masks(3)), (_image(9, 40, 56), _masks(3, 40, 56))]
@@ -381,9 +384,9 @@ def check_model_embeddings(model, processor, pipeline, device: str) -> None:
         encoded = pipeline.encode_image(image)
         mask_tokens, pos_tokens = pipeline.region_tokens(encoded, masks)
         pairs = torch.stack(region_embeds[3 * index:3 * index + 3])
-        torch.testing.assert_close(image_embeds[index], encoded.tokens)
-        torch.testing.assert_close(pairs[:, 0], mask_tokens)
-        torch.testing.assert_close(pairs[:, 1], pos_tokens)
+        torch.testing.assert_close(image_embeds[index], encoded.tokens.cpu(), **FP32_CLOSE)
+        torch.testing.assert_close(pairs[:, 0], mask_tokens.cpu(), **FP32_CLOSE)
+        torch.testing.assert_close(pairs[:, 1], pos_tokens.cpu(), **FP32_CLOSE)
         ids = torch.tensor(out["prompt_token_ids"])
         is_multimodal = torch.zeros(len(ids), dtype=torch.bool)
         for placeholder in [*out["mm_placeholders"]["image"], *out["mm_placeholders"][REGION_MODALITY]]:
@@ -392,14 +395,15 @@ def check_model_embeddings(model, processor, pipeline, device: str) -> None:
             merged = model.embed_input_ids(ids.to(device), [image_embeds[index].to(device), *pairs.to(device)],
                                            is_multimodal=is_multimodal.to(device)).cpu()
         ours = pipeline._prompt_ids([("human", three)])[None]
-        torch.testing.assert_close(merged, pipeline._merge(ours, encoded, mask_tokens, pos_tokens)[0])
+        reference = pipeline._merge(ours, encoded, mask_tokens, pos_tokens)[0].cpu()
+        torch.testing.assert_close(merged, reference, **FP32_CLOSE)
 
     tower_batches = []
     hook = model.vision_tower.register_forward_hook(lambda module, args, out: tower_batches.append(len(args[0])))
     repeated = _embed_items(model, "image", [outs[0]["mm_kwargs"]["image"][0]] * 4, device)
     hook.remove()
     assert tower_batches == [4] and len(repeated) == 4
-    torch.testing.assert_close(repeated[3], image_embeds[0])
+    torch.testing.assert_close(repeated[3], image_embeds[0], **FP32_CLOSE)
 
 
 def _embed_items(model, modality: str, items: list, device: str) -> list[torch.Tensor]:
@@ -416,7 +420,7 @@ def _embed_items(model, modality: str, items: list, device: str) -> list[torch.T
 
 
 @pytest.mark.gpu
-def test_vllm_model_embeddings_equal_our_pipelines(vllm_config, vllm_processor, tiny_model_dir, tiny_pipeline):
+def test_vllm_model_embeddings_equal_our_pipelines(vllm_config, vllm_processor, tiny_model_dir):
     """The vLLM model built by vLLM's config, loaded through load_weights: 0 missing weights; image and region
     embeddings and the merged input embeddings equal our pipeline's (check_model_embeddings)."""
     from vllm.config import set_current_vllm_config
@@ -430,7 +434,9 @@ def test_vllm_model_embeddings_equal_our_pipelines(vllm_config, vllm_processor, 
         model = OspreyVllmForCausalLM(vllm_config=vllm_config).to("cuda")
     loaded = model.load_weights(load_file(str(tiny_model_dir / "model.safetensors")).items())
     assert {n for n, _ in model.named_parameters()} == loaded
-    check_model_embeddings(model, vllm_processor, tiny_pipeline, "cuda")
+    pipeline = OspreyPipeline.from_pretrained(tiny_model_dir, device="cuda", dtype=torch.float32)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # fp32 convolutions on both sides
+        check_model_embeddings(model, vllm_processor, pipeline, "cuda")
 
 
 # -- vLLM's own server --------------------------------------------------------------------------------------------
