@@ -53,17 +53,24 @@ async def _engine(pipe: OspreyPipeline):
     """One vLLM engine for the whole run (its start-up, with CUDA graphs, takes minutes)."""
     global _ENGINE
     if _ENGINE is None:
-        from vllm import AsyncEngineArgs, AsyncLLMEngine
+        from vllm import AsyncLLMEngine
 
-        folder = tempfile.mkdtemp(prefix="vllm-llm-")
-        lm_config = pipe.model.language_model.config.to_dict()
-        lm_config["architectures"] = ["LlamaForCausalLM"]
-        Path(folder, "config.json").write_text(json.dumps(lm_config))  # before the engine exists: nothing waits
-        args = AsyncEngineArgs(model=folder, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-                               enable_prefix_caching=True, gpu_memory_utilization=0.6, max_model_len=2048,
-                               max_num_seqs=512)
-        _ENGINE = AsyncLLMEngine.from_engine_args(args)
+        _ENGINE = AsyncLLMEngine.from_engine_args(llm_half_engine_args(pipe, Path(tempfile.mkdtemp(prefix="vllm-llm-"))))
     return _ENGINE
+
+
+def llm_half_engine_args(pipe: OspreyPipeline, folder: Path):
+    """vLLM's engine arguments for the LLM half: `pipe`'s LLM config written to `folder` as a plain Llama, random
+    weights. The context is 2,048 tokens (a region's prompt and answer fit) or the model's own maximum if smaller:
+    vLLM refuses a longer one."""
+    from vllm import AsyncEngineArgs
+
+    lm_config = pipe.model.language_model.config.to_dict()
+    lm_config["architectures"] = ["LlamaForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(lm_config))  # before the engine exists: nothing waits
+    return AsyncEngineArgs(model=str(folder), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+                           enable_prefix_caching=True, gpu_memory_utilization=0.6,
+                           max_model_len=min(2048, lm_config["max_position_embeddings"]), max_num_seqs=512)
 
 
 def _prompts(pipe: OspreyPipeline, workload: Workload) -> list[list[list[list[int]]]]:

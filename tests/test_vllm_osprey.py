@@ -5,14 +5,20 @@ the model's embeddings against our pipeline's (a GPU with vLLM)."""
 
 from __future__ import annotations
 
+import base64
+import io
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from bench.serve_vllm import llm_half_engine_args
 from osprey.checkpoint import from_official, to_official
 from osprey.engine.session import StreamEvent
+from osprey.inference import OspreyPipeline
 from osprey.prompts import REGION_PLACEHOLDER, task_prompt
 from serve.vllm_osprey.backend import VllmBackend, _Delta
 from serve.vllm_osprey.prompts import (
@@ -30,6 +36,7 @@ from serve.vllm_osprey.prompts import (
 )
 
 SHORT = [("human", task_prompt("short"))]
+FP32_CLOSE = {"rtol": 1e-5, "atol": 1e-5}  # fp32 on one device, batches of other sizes (their kernels may differ)
 TWO_REGIONS = [("human", f"<image>\nWhat is {REGION_PLACEHOLDER} next to {REGION_PLACEHOLDER}?")]
 
 
@@ -204,18 +211,28 @@ def test_backend_turns_vllm_tokens_into_our_events(tiny_model_dir):
 
 # -- vLLM's own processing (needs vLLM) ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def vllm_processor(tiny_model_dir):
+def vllm_config(tiny_model_dir):
+    """vLLM's config for the tiny folder with our backend's limits per prompt. The device is named: on a machine
+    without an accelerator vLLM infers none."""
     pytest.importorskip("vllm")
     import serve.vllm_osprey as plugin
 
     plugin.register()
-    from vllm.config import ModelConfig
-    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.config import DeviceConfig, ModelConfig, VllmConfig
 
     import serve.vllm_osprey.model  # noqa: F401  (registers the processor with vLLM's multimodal registry)
 
-    config = ModelConfig(model=str(tiny_model_dir), skip_tokenizer_init=True, dtype="float32")
-    return MULTIMODAL_REGISTRY.create_processor(config)
+    model_config = ModelConfig(model=str(tiny_model_dir), skip_tokenizer_init=True, dtype="float32",
+                               limit_mm_per_prompt={"image": 1, REGION_MODALITY: 64})
+    return VllmConfig(model_config=model_config,
+                      device_config=DeviceConfig(device="cuda" if torch.cuda.is_available() else "cpu"))
+
+
+@pytest.fixture(scope="module")
+def vllm_processor(vllm_config):
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+
+    return MULTIMODAL_REGISTRY.create_processor(vllm_config.model_config)
 
 
 def _process(processor, ids, image, masks=None, **kwargs):
@@ -224,6 +241,15 @@ def _process(processor, ids, image, masks=None, **kwargs):
     data = {"image": image} if masks is None else {"image": image, REGION_MODALITY: masks}
     inputs = ProcessorInputs(ids, processor.info.parse_mm_data(data), hf_processor_mm_kwargs=kwargs)
     return processor.apply(inputs, TimingContext(enabled=False))
+
+
+def _runner_batch(modality: str, items: list) -> dict:
+    """What vLLM's model runner passes to `embed_multimodal` for these items of one modality (its own batching)."""
+    from vllm.multimodal.utils import group_and_batch_mm_kwargs
+
+    ((_, count, batch),) = group_and_batch_mm_kwargs([(modality, item) for item in items])
+    assert count == len(items)
+    return batch
 
 
 def test_vllm_processor_expands_and_keys_items(vllm_processor, tiny_pipeline):
@@ -245,6 +271,71 @@ def test_vllm_processor_expands_and_keys_items(vllm_processor, tiny_pipeline):
     assert from_kwargs["mm_hashes"]["image"] == first["mm_hashes"]["image"]
     with pytest.raises(ValueError, match="references 1 regions .* but 2 masks"):
         _process(vllm_processor, ids, image, masks)
+
+
+def test_vllm_profiling_inputs_have_each_modalitys_size(vllm_config, tiny_pipeline):
+    """vLLM sizes its encoder budget from `get_mm_max_tokens_per_item` and profiles memory with the dummy builder's
+    items, batched as the model runner batches them: both must agree with what real requests produce."""
+    from vllm.multimodal import MULTIMODAL_REGISTRY
+    from vllm.multimodal.encoder_budget import MultiModalBudget
+
+    config = tiny_pipeline.config
+    budget = MultiModalBudget(vllm_config, MULTIMODAL_REGISTRY)
+    assert budget.mm_max_toks_per_item == {"image": config.vision.num_image_tokens, REGION_MODALITY: 2}
+    assert budget.mm_max_items_per_prompt == {"image": 1, REGION_MODALITY: 64}
+    fields = {"image": {"pixel_values", "image_key"},
+              REGION_MODALITY: {"region_masks", "region_pixel_values", "region_image_key"}}
+    for modality, names in fields.items():
+        dummy = MULTIMODAL_REGISTRY.get_dummy_mm_inputs(vllm_config.model_config, mm_counts={modality: 1},
+                                                        cache=budget.cache)
+        (placeholder,) = dummy["mm_placeholders"][modality]
+        assert placeholder.length == budget.mm_max_toks_per_item[modality]
+        batch = _runner_batch(modality, [dummy["mm_kwargs"][modality][0]] * 3)
+        assert set(batch) == names and all(len(value) == 3 for value in batch.values())
+
+
+def test_vllm_input_processor_makes_the_backends_engine_request(vllm_config, backend, tiny_pipeline):
+    """What AsyncLLM.generate does with the backend's TokensPrompt before the engine core sees it: vLLM's input
+    processor expands the ids and places the image and each region where our prompt has them, and the request
+    survives the msgpack trip to the engine process."""
+    from vllm.renderers import renderer_from_config
+    from vllm.v1.engine import EngineCoreRequest
+    from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.serial_utils import MsgpackDecoder, MsgpackEncoder
+
+    from osprey.generation import SamplingParams
+
+    config = tiny_pipeline.config
+    prompt = backend.prepare(backend.encode_image(_image(8)), TWO_REGIONS, _masks(2))
+    processor = InputProcessor(vllm_config, renderer_from_config(vllm_config))
+    request = processor.process_inputs("r0", backend.tokens_prompt(prompt),
+                                       backend.sampling_params(SamplingParams(max_new_tokens=4)),
+                                       supported_tasks=("generate",))
+    expanded = expand_prompt(prompt.token_ids, config)
+    assert request.prompt_token_ids == expanded and len(expanded) == prompt.num_tokens
+    pairs = [i for i, t in enumerate(expanded) if t == config.mask_token_id]
+    assert [(f.modality, f.mm_position.offset, f.mm_position.length) for f in request.mm_features] == [
+        ("image", expanded.index(image_placeholder_id(config)), config.vision.num_image_tokens),
+        *[(REGION_MODALITY, offset, 2) for offset in pairs]]
+    sent = MsgpackDecoder(EngineCoreRequest).decode(MsgpackEncoder().encode(request))
+    assert sent.prompt_token_ids == expanded
+    assert [f.mm_hash for f in sent.mm_features] == [f.mm_hash for f in request.mm_features]
+
+
+def test_engine_arguments_make_vllms_model_config(backend, tiny_pipeline, tmp_path):
+    """The engine arguments of the backend and of the benchmark's LLM half are vLLM 0.26's and give the model config
+    they mean (the rest of the engine config needs the GPU's platform)."""
+    pytest.importorskip("vllm")
+    import serve.vllm_osprey as plugin
+
+    plugin.register()
+    config = tiny_pipeline.config
+    ours = backend.engine_args().create_model_config()
+    assert (ours.architecture, ours.max_model_len, ours.is_multimodal_model) == ("OspreyLlamaForCausalLM", 1024, True)
+    assert {m: o.count for m, o in ours.multimodal_config.limit_per_prompt.items()} == {"image": 1, REGION_MODALITY: 64}
+    llm_half = llm_half_engine_args(tiny_pipeline, tmp_path).create_model_config()
+    assert (llm_half.architecture, llm_half.max_model_len) == ("LlamaForCausalLM", config.text["max_position_embeddings"])
+    assert (llm_half.get_hidden_size(), llm_half.get_vocab_size()) == (config.hidden_size, config.vocab_size)
 
 
 def test_vllm_prefix_blocks_are_shared_by_the_regions_of_one_image(vllm_processor, tiny_pipeline):
@@ -276,48 +367,81 @@ def test_vllm_prefix_blocks_are_shared_by_the_regions_of_one_image(vllm_processo
 
 
 # -- the model on a GPU (needs vLLM) ------------------------------------------------------------------------------
+def check_model_embeddings(model, processor, pipeline, device: str) -> None:
+    """Image and region embeddings of two images (two sizes), batched as vLLM's runner batches them, and the input
+    embeddings vLLM merges from them, equal our pipeline's (fp32, `pipeline` on the model's device; the batches
+    differ, so the convolutions may too: FP32_CLOSE). vLLM's memory profiling repeats one image item: the tower must
+    see every copy (else the profiled peak is one image's)."""
+    config = pipeline.config
+    three = "<image>\nA <mask><pos> B <mask><pos> C <mask><pos>"
+    requests = [(_image(7), _masks(3)), (_image(9, 40, 56), _masks(3, 40, 56))]
+    outs = [_process(processor, generation_prompt_ids(pipeline.tokenizer, config, [("human", three)]), image, masks)
+            for image, masks in requests]
+    image_embeds = _embed_items(model, "image", [item for out in outs for item in out["mm_kwargs"]["image"]], device)
+    region_embeds = _embed_items(model, REGION_MODALITY,
+                                 [item for out in outs for item in out["mm_kwargs"][REGION_MODALITY]], device)
+    for index, ((image, masks), out) in enumerate(zip(requests, outs)):
+        encoded = pipeline.encode_image(image)
+        mask_tokens, pos_tokens = pipeline.region_tokens(encoded, masks)
+        pairs = torch.stack(region_embeds[3 * index:3 * index + 3])
+        torch.testing.assert_close(image_embeds[index], encoded.tokens.cpu(), **FP32_CLOSE)
+        torch.testing.assert_close(pairs[:, 0], mask_tokens.cpu(), **FP32_CLOSE)
+        torch.testing.assert_close(pairs[:, 1], pos_tokens.cpu(), **FP32_CLOSE)
+        ids = torch.tensor(out["prompt_token_ids"])
+        is_multimodal = torch.zeros(len(ids), dtype=torch.bool)
+        for placeholder in [*out["mm_placeholders"]["image"], *out["mm_placeholders"][REGION_MODALITY]]:
+            is_multimodal[placeholder.offset:placeholder.offset + placeholder.length] = True
+        with torch.inference_mode():
+            merged = model.embed_input_ids(ids.to(device), [image_embeds[index].to(device), *pairs.to(device)],
+                                           is_multimodal=is_multimodal.to(device)).cpu()
+        ours = pipeline._prompt_ids([("human", three)])[None]
+        reference = pipeline._merge(ours, encoded, mask_tokens, pos_tokens)[0].cpu()
+        torch.testing.assert_close(merged, reference, **FP32_CLOSE)
+
+    tower_batches = []
+    hook = model.vision_tower.register_forward_hook(lambda module, args, out: tower_batches.append(len(args[0])))
+    repeated = _embed_items(model, "image", [outs[0]["mm_kwargs"]["image"][0]] * 4, device)
+    hook.remove()
+    assert tower_batches == [4] and len(repeated) == 4
+    torch.testing.assert_close(repeated[3], image_embeds[0], **FP32_CLOSE)
+
+
+def _embed_items(model, modality: str, items: list, device: str) -> list[torch.Tensor]:
+    """`embed_multimodal` on the runner's batch of `items` (moved to `device`), checked by the runner's own output
+    check, back on the CPU."""
+    from vllm.v1.worker.utils import sanity_check_mm_encoder_outputs
+
+    batch = _runner_batch(modality, items)
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else [t.to(device) for t in v] for k, v in batch.items()}
+    with torch.inference_mode():
+        outputs = model.embed_multimodal(**moved)
+    sanity_check_mm_encoder_outputs(outputs, expected_num_items=len(items))
+    return [e.cpu() for e in outputs]
+
+
 @pytest.mark.gpu
-def test_vllm_model_embeddings_equal_our_pipelines(vllm_processor, tiny_model_dir, tiny_pipeline):
+def test_vllm_model_embeddings_equal_our_pipelines(vllm_config, vllm_processor, tiny_model_dir):
     """The vLLM model built by vLLM's config, loaded through load_weights: 0 missing weights; image and region
-    embeddings and the merged input embeddings equal our pipeline's (fp32)."""
-    from vllm.config import ModelConfig, VllmConfig, set_current_vllm_config
+    embeddings and the merged input embeddings equal our pipeline's (check_model_embeddings)."""
+    from vllm.config import set_current_vllm_config
     from vllm.distributed import init_distributed_environment, initialize_model_parallel
 
     from serve.vllm_osprey.model import OspreyVllmForCausalLM
 
-    vllm_config = VllmConfig(model_config=ModelConfig(model=str(tiny_model_dir), skip_tokenizer_init=True,
-                                                      dtype="float32"))
     with set_current_vllm_config(vllm_config):
         init_distributed_environment(1, 0, "tcp://127.0.0.1:29573", 0, backend="gloo")
         initialize_model_parallel(1, 1)
         model = OspreyVllmForCausalLM(vllm_config=vllm_config).to("cuda")
     loaded = model.load_weights(load_file(str(tiny_model_dir / "model.safetensors")).items())
     assert {n for n, _ in model.named_parameters()} == loaded
-
-    config, image, masks = tiny_pipeline.config, _image(7), _masks(3)
-    three = "<image>\nA <mask><pos> B <mask><pos> C <mask><pos>"
-    ids = generation_prompt_ids(tiny_pipeline.tokenizer, config, [("human", three)])
-    out = _process(vllm_processor, ids, image, masks)
-
-    def field(modality):
-        items = out["mm_kwargs"][modality]
-        return {k: [item[k].data.to("cuda") for item in items] for k in items[0]}
-
-    with torch.inference_mode():
-        image_embeds = model.embed_multimodal(**field("image"))
-        region_embeds = model.embed_multimodal(**field(REGION_MODALITY))
-    encoded = tiny_pipeline.encode_image(image)
-    mask_tokens, pos_tokens = tiny_pipeline.region_tokens(encoded, masks)
-    torch.testing.assert_close(image_embeds[0].cpu(), encoded.tokens)
-    torch.testing.assert_close(torch.stack(region_embeds)[:, 0].cpu(), mask_tokens)
-    torch.testing.assert_close(torch.stack(region_embeds)[:, 1].cpu(), pos_tokens)
+    pipeline = OspreyPipeline.from_pretrained(tiny_model_dir, device="cuda", dtype=torch.float32)
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):  # fp32 convolutions on both sides
+        check_model_embeddings(model, vllm_processor, pipeline, "cuda")
 
 
 # -- vLLM's own server --------------------------------------------------------------------------------------------
 def test_chat_template_renders_our_inference_conversation():
     """`vllm serve --chat-template serve/vllm_osprey/chat_template.jinja` renders what osprey.prompts renders."""
-    from pathlib import Path
-
     import jinja2
 
     from osprey.prompts import TEMPLATES
@@ -331,6 +455,54 @@ def test_chat_template_renders_our_inference_conversation():
     parts = [{"role": "user", "content": [{"type": "text", "text": "<image>\nWhat is <mask><pos>?"}]}]
     assert template.render(messages=parts, add_generation_prompt=True) == TEMPLATES["infer"].render(
         [turns[0], ("gpt", None)])
+
+
+def test_vllm_server_chat_reaches_our_engines_ids(tiny_model_dir, tiny_pipeline, tmp_path):
+    """`vllm serve` with docs/vllm.md's tokenizer folder and our chat template: a chat request (image_url part, the
+    region as a box in mm_processor_kwargs) rendered by vLLM's own renderer as its OpenAI server renders it gives
+    exactly our engine's ids, the region's slots at our `<mask><pos>`."""
+    pytest.importorskip("vllm")
+    import serve.vllm_osprey as plugin
+
+    plugin.register()
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+    from vllm.config import DeviceConfig, ModelConfig, VllmConfig
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.renderers import renderer_from_config
+    from vllm.v1.engine.input_processor import InputProcessor
+
+    import serve.vllm_osprey.model  # noqa: F401  (registers the processor with vLLM's multimodal registry)
+
+    config = tiny_pipeline.config
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.add_tokens(["<image>"], special_tokens=True)
+    assert tokenizer.convert_tokens_to_ids("<image>") == image_placeholder_id(config)
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    model_config = ModelConfig(model=str(tiny_model_dir), tokenizer=str(tmp_path / "tokenizer"), dtype="float32",
+                               limit_mm_per_prompt={"image": 1, REGION_MODALITY: 64})
+    vllm_config = VllmConfig(model_config=model_config, device_config=DeviceConfig(device="cpu"))
+    renderer = renderer_from_config(vllm_config)
+    png = io.BytesIO()
+    _image(11).save(png, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    request = ChatCompletionRequest(model=str(tiny_model_dir), mm_processor_kwargs={"regions": [{"box": [3, 0, 20, 10]}]},
+                                    messages=[{"role": "user", "content": [
+                                        {"type": "image_url", "image_url": {"url": url}},
+                                        {"type": "text", "text": "What is <mask><pos> doing?"}]}])
+    template = (Path(__file__).parents[1] / "serve" / "vllm_osprey" / "chat_template.jinja").read_text()
+    chat_params = request.build_chat_params(template, "auto").with_defaults(
+        None, default_mm_processor_kwargs=request.mm_processor_kwargs)
+    _, (rendered,) = renderer.render_chat([request.messages], chat_params, request.build_tok_params(model_config),
+                                          prompt_extras={"mm_processor_kwargs": request.mm_processor_kwargs})
+    ours = tiny_pipeline._prompt_ids([("human", "<image>\nWhat is <mask><pos> doing?")]).tolist()
+    theirs = [config.image_token_id if t == image_placeholder_id(config) else t for t in rendered["prompt_token_ids"]]
+    assert theirs == ours
+    (region,) = rendered["mm_placeholders"][REGION_MODALITY]
+    assert (region.offset, region.length) == (ours.index(config.mask_token_id), 2)
+    engine_request = InputProcessor(vllm_config, renderer).process_inputs(  # checks every id against the vocabulary
+        "chat-0", rendered, SamplingParams(max_tokens=8), supported_tasks=("generate",))
+    assert engine_request.prompt_token_ids == rendered["prompt_token_ids"]
 
 
 def test_serve_backend_vllm_says_what_is_missing(tiny_model_dir, capsys):

@@ -132,16 +132,20 @@ class VllmBackend:
         log.info("vLLM engine ready on %s", self.model)
 
     async def _start_engine(self):
-        from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(
+        return AsyncLLM.from_engine_args(self.engine_args())
+
+    def engine_args(self):
+        """vLLM's AsyncEngineArgs for this backend: our prompts' ids (no vLLM tokenizer), prefix caching, the sizes."""
+        from vllm import AsyncEngineArgs
+
+        return AsyncEngineArgs(
             model=self.model, skip_tokenizer_init=True, dtype=self.size.dtype, enable_prefix_caching=True,
             gpu_memory_utilization=self.size.gpu_memory_utilization, max_num_seqs=self.size.max_num_seqs,
             max_model_len=self.max_context_tokens(), enforce_eager=self.size.enforce_eager,
             tensor_parallel_size=self.size.tensor_parallel_size,
             limit_mm_per_prompt={IMAGE_MODALITY: 1, REGION_MODALITY: self.size.max_regions})
-        return AsyncLLM.from_engine_args(args)
 
     def shutdown(self) -> None:
         if self._engine is not None:

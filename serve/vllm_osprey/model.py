@@ -86,9 +86,14 @@ class OspreyVllmForCausalLM(nn.Module, SupportsMultiModal):
         return []
 
     def _image_embeddings(self, pixels: list[torch.Tensor], keys: list[torch.Tensor]) -> list[torch.Tensor]:
-        levels = self._feature_maps(pixels, keys)
+        """Every item through the tower, repeated keys too: at run time vLLM sends an image once (its encoder cache is
+        keyed by item hash), but its memory profiling repeats one dummy item and must see the whole batch's peak."""
+        with torch.inference_mode():
+            levels = self.vision_tower(torch.stack(pixels).to(self._tower_device))
+        for row, key in enumerate(keys):
+            self._remember(tuple(key.tolist()), [level[row] for level in levels])
         grid = self.osprey_config.vision.image_token_level
-        tokens = project_image_level(self.mm_projector, torch.stack([lv[grid] for lv in levels]))
+        tokens = project_image_level(self.mm_projector, levels[grid])
         return list(tokens.to(self._lm_dtype).unbind(0))
 
     def _region_embeddings(self, masks: list[torch.Tensor], pixels: list[torch.Tensor], keys: list[torch.Tensor]
@@ -114,20 +119,26 @@ class OspreyVllmForCausalLM(nn.Module, SupportsMultiModal):
         """Per item, the tower's four maps (C_l, h_l, w_l) of its image: cached ones reused, the others computed in
         one batch (each distinct image once)."""
         names = [tuple(key.tolist()) for key in keys]
-        missing = list(dict.fromkeys(n for n in names if n not in self._levels))
+        found = {n: self._levels[n] for n in names if n in self._levels}
+        missing = [n for n in dict.fromkeys(names) if n not in found]
         if missing:
-            first = {n: names.index(n) for n in missing}
-            batch = torch.stack([pixels[first[n]] for n in missing]).to(self._tower_device)
+            batch = torch.stack([pixels[names.index(n)] for n in missing]).to(self._tower_device)
             with torch.inference_mode():
                 levels = self.vision_tower(batch)
             for row, name in enumerate(missing):
-                self._levels[name] = [level[row] for level in levels]
-        for name in names:
-            self._levels.move_to_end(name)
-        result = [self._levels[n] for n in names]
+                found[name] = [level[row] for level in levels]
+        for name in dict.fromkeys(names):
+            self._remember(name, found[name])
+        return [found[n] for n in names]
+
+    def _remember(self, name: tuple[int, int], levels: list[torch.Tensor]) -> None:
+        """Keep an image's maps, the least recently used ones leaving past LEVEL_CACHE_IMAGES. Rows of a batch are
+        copied out: a kept view would hold its whole batch's maps in memory."""
+        if name not in self._levels:
+            self._levels[name] = [level.clone() for level in levels]
+        self._levels.move_to_end(name)
         while len(self._levels) > LEVEL_CACHE_IMAGES:
             self._levels.popitem(last=False)
-        return result
 
     @property
     def _tower_device(self) -> torch.device:
