@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.serve_workload import Measurement, Workload, make_workload
+from bench.serve_workload import SHAPE_WARM_UP_SEED, Measurement, Workload, shape_warm_up
 from osprey.inference import OspreyPipeline
 from osprey.prompts import task_prompt
 
@@ -30,6 +30,7 @@ _ENGINE = None
 _LOOP: asyncio.AbstractEventLoop | None = None  # vLLM's async engine stays bound to the loop it first ran in
 _OSPREY = None  # the vllm-osprey backend (serve.vllm_osprey.backend.VllmBackend), started once
 PLUGIN_NAME, PLUGIN_TARGET = "osprey", "serve.vllm_osprey:register"
+LLM_HALF_MEMORY = 0.6  # the LLM-half engine's share of the GPU
 STAMP = "random_weights.json"  # in a model folder written here: the preset whose seeded random weights it holds
 
 
@@ -42,10 +43,12 @@ def run_vllm(pipe: OspreyPipeline, workload: Workload, new_tokens: int) -> Measu
     if _LOOP is None:
         _LOOP = asyncio.new_event_loop()
     engine = _LOOP.run_until_complete(_engine(pipe))
-    prompts = _prompts(pipe, workload)
     m = Measurement("vllm", workload.masks_per_image, workload.images_in_flight, new_tokens)
-    _LOOP.run_until_complete(_clients(engine, prompts, [[[1, 2, 3]]], new_tokens, None))  # warm-up
-    _LOOP.run_until_complete(_clients(engine, prompts, None, new_tokens, m))
+    # the same warm-up as our engine's: one wave of this configuration with other image ids (nothing it caches is
+    # reused by the timed run's prefixes)
+    _LOOP.run_until_complete(_clients(engine, _prompts(pipe, shape_warm_up(workload), SHAPE_WARM_UP_SEED),
+                                      new_tokens, Measurement("warm-up", 1, 1, new_tokens)))
+    _LOOP.run_until_complete(_clients(engine, _prompts(pipe, workload, 0), new_tokens, m))
     return m
 
 
@@ -69,15 +72,15 @@ def llm_half_engine_args(pipe: OspreyPipeline, folder: Path):
     lm_config["architectures"] = ["LlamaForCausalLM"]
     (folder / "config.json").write_text(json.dumps(lm_config))  # before the engine exists: nothing waits
     return AsyncEngineArgs(model=str(folder), load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
-                           enable_prefix_caching=True, gpu_memory_utilization=0.6,
+                           enable_prefix_caching=True, gpu_memory_utilization=LLM_HALF_MEMORY,
                            max_model_len=min(2048, lm_config["max_position_embeddings"]), max_num_seqs=512)
 
 
-def _prompts(pipe: OspreyPipeline, workload: Workload) -> list[list[list[list[int]]]]:
-    """Per client, per image, per region: the token ids (image and region ids drawn, text ids real)."""
+def _prompts(pipe: OspreyPipeline, workload: Workload, seed: int) -> list[list[list[list[int]]]]:
+    """Per client, per image, per region: the token ids (image and region ids drawn from `seed`, text ids real)."""
     ids = pipe._prompt_ids([("human", task_prompt("short"))]).tolist()
     config, vocab = pipe.config, pipe.config.vocab_size
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     out = []
     for client in workload.clients:
         images = []
@@ -94,11 +97,10 @@ def _prompts(pipe: OspreyPipeline, workload: Workload) -> list[list[list[list[in
     return out
 
 
-async def _clients(engine, prompts, warm_up, new_tokens: int, m: Measurement | None) -> None:
-    """All clients at once; with `warm_up` (one tiny prompt) instead, just that prompt, unmeasured."""
-    m = m or Measurement("warm-up", 1, 1, new_tokens)
+async def _clients(engine, prompts, new_tokens: int, m: Measurement) -> None:
+    """All clients at once."""
     start = time.perf_counter()
-    await asyncio.gather(*(_client(engine, images, new_tokens, m) for images in (warm_up and [warm_up] or prompts)))
+    await asyncio.gather(*(_client(engine, images, new_tokens, m) for images in prompts))
     m.seconds = time.perf_counter() - start
 
 
@@ -179,7 +181,7 @@ def run_vllm_osprey(folder: Path, workload: Workload, new_tokens: int,
     backend = _osprey_backend(folder, gpu_memory_utilization)
     m = Measurement("vllm-osprey", workload.masks_per_image, workload.images_in_flight, new_tokens)
     run = lambda coro: asyncio.run_coroutine_threadsafe(coro, backend.loop).result()
-    run(_osprey_clients(backend, make_workload(1, 2, 1, seed=99), new_tokens, Measurement("warm-up", 1, 1, new_tokens)))
+    run(_osprey_clients(backend, shape_warm_up(workload), new_tokens, Measurement("warm-up", 1, 1, new_tokens)))
     run(_osprey_clients(backend, workload, new_tokens, m))
     return m
 

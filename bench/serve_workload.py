@@ -113,6 +113,16 @@ def warm_up_workload(regions: int, images: int = 1) -> Workload:
     return make_workload(images, regions, 1, seed=97 + regions)
 
 
+def shape_warm_up(workload: Workload) -> Workload:
+    """One wave of the measured configuration on other images (another seed): the decoding-step shapes (CUDA graphs
+    recorded per engine), the vision tower's batch size and the kernels' specialisations it needs come up here, not
+    in the timed run."""
+    return make_workload(workload.images_in_flight, workload.masks_per_image, 1, seed=SHAPE_WARM_UP_SEED)
+
+
+SHAPE_WARM_UP_SEED = 7919
+
+
 def build_pipeline(preset: str, model: str | None, device: str, dtype: str | None) -> OspreyPipeline:
     from bench.describe_speed import build_pipeline as build
 
@@ -183,8 +193,8 @@ def run_engine(pipe: OspreyPipeline, workload: Workload, new_tokens: int, max_ro
     """The closed loop on `OspreyPipeline`'s decode session (what the server's worker thread runs); with
     `fast_kernels`, the system is named `engine-fast`."""
     session = pipe.session(pipe.engine_pool(max_rows, new_tokens + 256, kv_cache_gb), fast_kernels=fast_kernels)
-    for regions in WARM_UP_REGIONS:
-        _drive(pipe, session, warm_up_workload(regions), new_tokens, Measurement("warm-up", 1, 1, new_tokens))
+    for warm_up in [warm_up_workload(regions) for regions in WARM_UP_REGIONS] + [shape_warm_up(workload)]:
+        _drive(pipe, session, warm_up, new_tokens, Measurement("warm-up", 1, 1, new_tokens))
     m = Measurement("engine-fast" if fast_kernels else "engine", workload.masks_per_image, workload.images_in_flight,
                     new_tokens)
     _reset_memory(pipe.device)
@@ -271,6 +281,8 @@ def run_server(pipes: list[OspreyPipeline], workload: Workload, new_tokens: int,
         for regions in WARM_UP_REGIONS:
             asyncio.run(_http_clients(server.url, warm_up_workload(regions, images=regions * len(pipes)), new_tokens,
                                       Measurement("warm-up", 1, 1, new_tokens)))
+        asyncio.run(_http_clients(server.url, shape_warm_up(workload), new_tokens,
+                                  Measurement("warm-up", 1, 1, new_tokens)))
         cold = [engine.replica for engine in server.engine.engines if not engine.metrics.registry.get_sample_value(
             "osprey_replica_requests_total", {"replica": str(engine.replica)})]
         if cold:
