@@ -223,7 +223,7 @@ class OspreyPipeline:
         image_tokens = image.tokens[None].expand(ids.shape[0], -1, -1) if has_image else None
         return self.model.merge_embeddings(ids.to(self.device), image_tokens, mask_tokens, pos_tokens)
 
-    def decoder(self, pool_size: PoolSize, fast_kernels: bool = False) -> RegionDecoder:
+    def decoder(self, pool_size: PoolSize, fast_kernels: bool = True) -> RegionDecoder:
         """A continuous-batching decoder over this model with a preallocated KV pool of `pool_size`
         (`fast_kernels`: the engine's Triton decoding kernels and compiled layers on CUDA, docs/engine.md)."""
         return RegionDecoder(self.model.language_model, self.eos_token_id, pool_size, fast_kernels=fast_kernels)
@@ -249,7 +249,7 @@ class OspreyPipeline:
         rows = min(plan.row_slots, max_rows)
         return PoolSize(min(plan.prefix_slots, rows), prefix_tokens, rows, max_row_tokens)
 
-    def session(self, pool_size: PoolSize, fast_kernels: bool = False) -> DecodeSession:
+    def session(self, pool_size: PoolSize, fast_kernels: bool = True) -> DecodeSession:
         """A decoder that turns tokens into streamed text (stop strings included)."""
         return DecodeSession(self.decoder(pool_size, fast_kernels), self.tokenizer)
 

@@ -136,7 +136,7 @@ class PipelineAnnotator:
     open; results come out in input order as soon as an image and every image before it are answered."""
 
     def __init__(self, pipe: OspreyPipeline, settings: AnnotateSettings, model: str, max_rows: int | None = None,
-                 fast_kernels: bool = False, kv_cache_gb: float | None = None) -> None:
+                 fast_kernels: bool = True, kv_cache_gb: float | None = None) -> None:
         self.pipe, self.model = pipe, model
         self.prompt = task_prompt(settings.task)
         self.params = SamplingParams(max_new_tokens=settings.max_tokens, temperature=settings.temperature,
@@ -148,7 +148,7 @@ class PipelineAnnotator:
 
     @classmethod
     def from_model_dir(cls, model_dir: str, settings: AnnotateSettings, device: str = "cpu", dtype: str | None = None,
-                       max_batch_size: int = 32, fast_kernels: bool = False,
+                       max_batch_size: int = 32, fast_kernels: bool = True,
                        gpu_share: float = 1.0) -> PipelineAnnotator:
         """`max_batch_size`: region rows in flight (256 on a GPU). `gpu_share`: the part of the GPU this replica
         may fill when others share it (Ray's --actors-per-gpu): its KV memory is sized to that share, not to what
@@ -342,7 +342,7 @@ class RayPlacement:
     actors_per_gpu: int = 1  # on CUDA: replicas sharing one GPU (each gets 1/N of it in Ray's accounting)
     images_per_call: int = 8  # images each actor call gets: their rows decode together (continuous batching)
     max_rows: int = 32  # region rows in flight per replica (the in-process --max-batch-size)
-    fast_kernels: bool = False
+    fast_kernels: bool = True
 
     def __post_init__(self) -> None:
         for name in ("actors", "actors_per_gpu", "images_per_call", "max_rows"):

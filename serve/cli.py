@@ -66,9 +66,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="tokens held per region row: its prompt after the image + its answer "
                             "(default: --max-tokens-limit + 256); smaller fits more rows in the KV memory")
     serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait this long to fill a batch")
-    serve.add_argument("--fast-kernels", action="store_true",
+    serve.add_argument("--fast-kernels", action=argparse.BooleanOptionalAction, default=True,
                        help="engine on CUDA: the Triton decoding kernels and compiled layer pieces, each checked "
-                            "against the reference at start-up (docs/engine.md)")
+                            "against the reference at start-up, faster at every load measured (docs/engine.md); "
+                            "--no-fast-kernels: FlashAttention and the eager layer modules")
     serve.add_argument("--max-queue", type=int, default=64, help="queued requests before answering 429")
     serve.add_argument("--request-timeout", type=float, default=300.0, help="seconds per request before 504")
     serve.add_argument("--max-regions", type=int, default=64, help="regions per request")
@@ -143,9 +144,10 @@ def _register_annotate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--max-batch-size", type=int, default=32,
                    help="region rows decoding at once in-process (continuous batching); on a GPU use 256")
-    p.add_argument("--fast-kernels", action="store_true",
+    p.add_argument("--fast-kernels", action=argparse.BooleanOptionalAction, default=True,
                    help="in-process on CUDA: the engine's Triton decoding kernels and compiled layer pieces, each "
-                        "checked against the reference at start-up (docs/engine.md)")
+                        "checked against the reference at start-up (docs/engine.md); --no-fast-kernels: "
+                        "FlashAttention and the eager layer modules")
     p.add_argument("--endpoint", default=None, metavar="URL[,URL...]", help="running `osprey serve` servers")
     p.add_argument("--api-key", default=None, help="bearer key of the servers")
     p.add_argument("--workers", type=int, default=None, help="images in flight over HTTP (default: 2 per URL)")

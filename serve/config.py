@@ -37,7 +37,7 @@ class ServeConfig:
     kv_cache_gb: float | None = None  # engine KV memory; None: 90% of the GPU memory left after loading (1 GiB on CPU)
     max_row_tokens: int | None = None  # per region row: its prompt after the image + answer; None: max_tokens_limit + 256
     batch_wait_ms: float = 5.0  # how long the worker waits to fill a batch once work is there
-    fast_kernels: bool = False  # CUDA: the engine's Triton decoding kernels and compiled layers (docs/engine.md)
+    fast_kernels: bool = True  # CUDA: the engine's Triton decoding kernels and compiled layers (docs/engine.md)
     max_queue: int = 64  # requests waiting for the worker; more -> 429 with Retry-After
     image_cache_size: int = 16  # encoded images kept (LRU by content hash): same image, one encoding
     request_timeout_s: float = 300.0  # per request, from admission to the last token -> 504

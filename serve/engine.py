@@ -105,7 +105,7 @@ class EngineSize:
     kv_cache_gb: float | None = None  # KV memory; None: 90% of the GPU memory left after loading, 1 GiB on CPU
     max_row_tokens: int = 1280  # per row: its own prompt tokens (after the image prefix) + generated tokens
     rows_per_image: int = 16  # how the KV memory is split between image prefixes and rows
-    fast_kernels: bool = False  # CUDA: the Triton decoding kernels and compiled layers (docs/engine.md)
+    fast_kernels: bool = True  # CUDA: the Triton decoding kernels and compiled layers (docs/engine.md)
 
 
 class PipelineBackend:

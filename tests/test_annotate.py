@@ -235,7 +235,7 @@ def test_rows_join_the_batch_in_progress_and_images_come_out_in_input_order(buil
     sessions, live_rows_at_add = [], []
     make_session = builtin_pipeline.session
 
-    def spied_session(pool, fast_kernels=False):
+    def spied_session(pool, fast_kernels=True):
         session = make_session(pool, fast_kernels)
         add = session.add
         monkeypatch.setattr(session, "add", lambda groups: (live_rows_at_add.append(session.live_rows), add(groups)))

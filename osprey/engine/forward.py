@@ -140,7 +140,8 @@ class _DenseLayout:
 class LlamaForward:
     def __init__(self, language_model: PreTrainedModel, fast_kernels: bool = False) -> None:
         """`fast_kernels`: on CUDA, the Triton decoding kernels and the compiled layer pieces (each checked at
-        start-up, falling back on failure). Off by default until measured on a GPU (docs/engine.md)."""
+        start-up, falling back on failure). Off at this level (scoring's passes were measured without them); the
+        pipeline's sessions, `osprey serve` and `osprey annotate` turn them on (faster at every load measured, docs/engine.md)."""
         if not supports(language_model):
             raise ValueError(f"the engine runs Llama models, not {language_model.config.model_type!r}")
         self.model = language_model.model
