@@ -135,7 +135,7 @@ try:
 except ImportError:
     from pip._vendor.packaging.requirements import Requirement
 left_out = {"nvidia-cutlass-dsl", "quack-kernels", "tokenspeed-mla", "tilelang", "humming-kernels", "pynvvideocodec",
-            "torchcodec", "fastsafetensors", "nvtx", "flashinfer-python", "apache-tvm-ffi", "nvidia-cudnn-frontend"}
+            "torchcodec", "fastsafetensors", "nvtx", "flashinfer-python", "nvidia-cudnn-frontend"}
 norm = lambda s: s.replace("_", "-").replace(".", "-").lower()
 bad = []
 for r in md.requires("vllm") or []:

@@ -32,10 +32,12 @@
 #
 # Left out of the vLLM set (optional there; not imported when serving a Llama model on H100/H200):
 #   nvidia-cutlass-dsl (CuTe-DSL), quack-kernels, tokenspeed-mla, tilelang (+ z3-solver), humming-kernels,
-#   PyNvVideoCodec, torchcodec (video), fastsafetensors (load format), nvtx, flashinfer-python + apache-tvm-ffi +
+#   PyNvVideoCodec, torchcodec (video), fastsafetensors (load format), nvtx, flashinfer-python +
 #   nvidia-cudnn-frontend (FlashInfer backend/sampler: set VLLM_USE_FLASHINFER_SAMPLER=0 there, which
 #   gpu_install.sh prints), fastapi-cloud-cli (+ sentry-sdk, rignore, ...: `fastapi deploy`), CUDA-toolkit wheels
-#   (the GPU machine has its own). Resolved against transformers==5.17.0, the GPU machine's.
+#   (the GPU machine has its own). Resolved against transformers==5.17.0, the GPU machine's. apache-tvm-ffi is
+#   carried: xgrammar imports it, and vLLM's engine core imports xgrammar at start (without it: "No module named
+#   'tvm_ffi'", seen on the H100 on 7 December 2026).
 # With VLLM_STRIP=1 (default) these files are also taken out of vLLM's own wheel (RECORD rewritten):
 #   vllm/vllm_flash_attn/_vllm_fa2_C.abi3.so (FlashAttention 2: Hopper uses FA3, vllm_flash_attn imports FA2 in a
 #   try), vllm/_moe_C_stable_libtorch.abi3.so (MoE kernels, imported under contextlib.suppress), vllm/vllm-rs
@@ -121,7 +123,6 @@ fastsafetensors 999.0
 nvtx 0.2.15
 flashinfer-python 0.6.14
 flashinfer-cubin 999.0
-apache-tvm-ffi 0.1.10
 nvidia-cudnn-frontend 999.0
 fastapi-cloud-cli 999.0
 EOF
@@ -133,11 +134,13 @@ mkdummies() {  # mkdummies LIST DIR: a "+dummy" wheel for each "name version" li
 "$PY" - "$@" <<'EOF'
 import base64, hashlib, pathlib, sys, zipfile
 lst, d = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]); d.mkdir(parents=True, exist_ok=True)
+wanted = set()
 for line in lst.read_text().split("\n"):
     if not line.strip():
         continue
     name, ver = line.split(); ver += "+dummy"; norm = name.replace("-", "_")
     path = d / f"{norm}-{ver}-py3-none-any.whl"
+    wanted.add(path.name)
     if path.exists():
         continue
     di = f"{norm}-{ver}.dist-info"
@@ -149,6 +152,9 @@ for line in lst.read_text().split("\n"):
         for k, v in files.items():
             z.writestr(k, v)
         z.writestr(f"{di}/RECORD", rec)
+for stale in d.glob("*.whl"):  # a stand-in no longer listed (e.g. a package now carried) must not be offered
+    if stale.name not in wanted:
+        stale.unlink()
 EOF
 }
 mkdummies "$W/dummies.txt" "$W/dummy"
