@@ -11,7 +11,8 @@ request, a chat request with two regions (plain and streamed) and a bad request 
 regions through the same vLLM engine (greedy, EOS ignored, top-2 logprobs): the prompt ids must equal our engine's,
 then the share of equal tokens and, per diverging row, the first divergent step with vLLM's top-2 logit gap there
 (a divergence at a gap of a few bf16 ulps is rounding between two correct implementations, as bench/engine_parity
-reports for our engine against transformers).
+reports for our engine against transformers); (5) vLLM's tokens and ours fed back through transformers' forward
+of the same weights: the share of steps where each is the forward's top-1 and how far below it the others are.
 """
 
 from __future__ import annotations
@@ -210,6 +211,36 @@ def compare(ours: list[list[int]], theirs: list[list[int]], gaps: list[list[floa
             "divergences": divergences, "passed": equal / max(1, total) >= 0.99}
 
 
+def teacher_forced(pipe, prompts: list, rows: list[list[int]]) -> dict:
+    """Each row's tokens fed back through transformers' own forward of our model (one pass per row, the pipeline's
+    dtype): at each step, is the row's token the forward's top-1, and if not, by how much is its logit below the top-1?
+
+    Unlike comparing two free-running greedy decodes, a difference here does not compound: with random weights (nearly
+    flat logits) a row whose every choice is within a few bf16 steps of the reference's best is rounding, where a
+    wiring error gives large gaps at many steps."""
+    import torch
+
+    lm = pipe.model.language_model
+    steps = top1 = 0
+    gaps: list[float] = []
+    with torch.inference_mode():
+        for prompt, tokens in zip(prompts, rows):
+            if not tokens:
+                continue
+            ids = torch.cat([prompt.input_ids, torch.tensor(tokens[:-1], dtype=torch.long)])
+            embeds = pipe._merge(ids[None], prompt.image, prompt.mask_tokens, prompt.pos_tokens)
+            hidden = lm.model(inputs_embeds=embeds).last_hidden_state[0, prompt.num_tokens - 1:]
+            logits = lm.lm_head(hidden).float()
+            chosen = torch.tensor(tokens, device=logits.device)
+            below = logits.max(dim=-1).values - logits.gather(1, chosen[:, None])[:, 0]
+            steps += len(tokens)
+            top1 += int((below == 0).sum())
+            gaps += [float(g) for g in below[below > 0].tolist()]
+    gaps.sort()
+    return {"steps": steps, "top1_share": top1 / max(1, steps), "below_top1_steps": len(gaps),
+            "median_gap_below_top1": gaps[len(gaps) // 2] if gaps else 0.0, "max_gap_below_top1": gaps[-1] if gaps else 0.0}
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     report = Report(args.out)
@@ -230,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     workload = make_workload(args.images, args.masks, 1, seed=7)
     started = time.perf_counter()
-    _, ours = reference_tokens(pipe, workload, args.new_tokens)
+    prompts, ours = reference_tokens(pipe, workload, args.new_tokens)
     report.step("engine_reference", rows=len(ours), seconds=round(time.perf_counter() - started, 2))
 
     from fastapi.testclient import TestClient
@@ -255,6 +286,10 @@ def main(argv: list[str] | None = None) -> dict:
         report.data["parity"] = compare(ours, theirs, gaps)
         report.step("parity", equal_token_share=report.data["parity"]["equal_token_share"],
                     rows_identical=report.data["parity"]["rows_identical"], passed=report.data["parity"]["passed"])
+        # the same rows through transformers' forward, vLLM's tokens and ours: rounding or wiring
+        report.data["teacher_forced"] = {"vllm": teacher_forced(pipe, prompts, theirs),
+                                         "engine": teacher_forced(pipe, prompts, ours)}
+        report.step("teacher_forced", **report.data["teacher_forced"])
     try:
         backend.shutdown()
     except Exception as exc:  # noqa: BLE001 (the report is written; a failing shutdown must not hide it)

@@ -549,3 +549,17 @@ def test_gpu_check_requests_are_valid_on_our_engine(tiny_model_dir, tmp_path):
     assert [steps[s]["status"] for s in ("describe", "chat", "chat_stream", "bad_request")] == [200, 200, 200, 400]
     assert len(steps["describe"]["body"]["results"]) == 3
     assert steps["chat_stream"]["last"][-1] == "data: [DONE]"
+
+
+def test_the_checks_teacher_forcing_tells_the_reference_choice_from_another(tiny_pipeline):
+    """bench/vllm_osprey_check.py's step (5) on CPU in fp32: our engine's greedy tokens, fed back through transformers'
+    forward, are its top-1 at every step; a row with one token swapped for another is not, by a positive gap."""
+    from bench.serve_workload import make_workload
+    from bench.vllm_osprey_check import reference_tokens, teacher_forced
+
+    prompts, ours = reference_tokens(tiny_pipeline, make_workload(2, 2, 1, seed=7), 6)
+    same = teacher_forced(tiny_pipeline, prompts, ours)
+    assert same["steps"] == 4 * 6 and same["top1_share"] == 1.0 and same["max_gap_below_top1"] == 0.0
+    swapped = [row[:2] + [(row[2] + 1) % tiny_pipeline.config.vocab_size] + row[3:] for row in ours]
+    other = teacher_forced(tiny_pipeline, prompts, swapped)
+    assert other["below_top1_steps"] >= 4 and other["median_gap_below_top1"] > 0
