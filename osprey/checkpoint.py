@@ -118,6 +118,14 @@ def parameter_counts(config: OspreyConfig) -> dict[str, int]:
 
 
 # -- saving ------------------------------------------------------------------------------------------------------
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """A view into a larger storage (the engine's merged projections hold q/k/v and gate/up so) as a tensor of its
+    own: safetensors refuses tensors that share memory. Other tensors pass as they are (no copy)."""
+    if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+        return tensor.clone()
+    return tensor
+
+
 def save_pretrained(model: OspreyForCausalLM, tokenizer, out_dir: str | Path, max_shard_bytes: int = 5 << 30) -> Path:
     """Write config.json, safetensors weights (official key names, sharded with an index past max_shard_bytes)
     and the tokenizer, atomically: the folder appears complete or not at all."""
@@ -135,7 +143,7 @@ def save_pretrained(model: OspreyForCausalLM, tokenizer, out_dir: str | Path, ma
             if shards[-1] and size + nbytes > max_shard_bytes:
                 shards.append({})
                 size = 0
-            shards[-1][name] = tensor.cpu()
+            shards[-1][name] = _own_storage(tensor.cpu())
             size += nbytes
         if len(shards) == 1:
             save_file(shards[0], str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})

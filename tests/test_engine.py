@@ -404,7 +404,7 @@ def test_the_written_out_layer_math_equals_the_transformers_modules():
     what the modules give, run eagerly: the compiled path differs only by Inductor's fusion."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from osprey.engine.compiled import CompiledLayers, _finish, _qkv, plain_linears
+    from osprey.engine.compiled import CompiledLayers, merge_projections, plain_linears
     from osprey.engine.forward import LlamaForward
 
     torch.manual_seed(0)
@@ -412,14 +412,38 @@ def test_the_written_out_layer_math_equals_the_transformers_modules():
                                          num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5))
     forward = LlamaForward(model)
     assert plain_linears(model.model) and forward.fused is None  # eager modules on CPU
-    written = CompiledLayers.__new__(CompiledLayers)
-    written.heads, written.kv_heads, written.dim, written._qkv, written._finish = 4, 2, 16, _qkv, _finish
+    written = CompiledLayers(forward, merge_projections(model.model), compiled=False)
     hidden, attention = torch.randn(5, 64), torch.randn(5, 64)
     cos, sin = forward._rope(hidden, torch.arange(3, 8))
     for layer in model.model.layers:
         for ours, theirs in zip(written.qkv(layer, hidden, cos, sin), forward._qkv(layer, hidden, cos, sin)):
             assert torch.equal(ours, theirs)
         assert torch.equal(written.finish(layer, hidden, attention), forward._finish_layer(layer, hidden, attention))
+
+
+def test_merged_projections_are_stored_once_reused_and_saved_as_before(tiny_pipeline, tmp_path):
+    """The merged q/k/v and gate/up weights hold the modules' own values, the modules' weights become views into
+    them (nothing stored twice), a second engine reuses them, and the model saves and loads as before."""
+    from osprey.checkpoint import save_pretrained
+    from osprey.engine.compiled import merge_projections
+    from osprey.inference import OspreyPipeline
+
+    model = tiny_pipeline.model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = model.language_model.model.layers
+    merged = merge_projections(model.language_model.model)
+    attn, mlp = layers[0].self_attn, layers[0].mlp
+    assert torch.equal(merged[layers[0]].qkv, torch.cat([before[f"language_model.model.layers.0.self_attn.{n}_proj.weight"]
+                                                         for n in "qkv"]))
+    assert attn.k_proj.weight.data_ptr() == merged[layers[0]].qkv[attn.q_proj.weight.shape[0]].data_ptr()
+    assert mlp.up_proj.weight.data_ptr() == merged[layers[0]].gate_up[mlp.gate_proj.weight.shape[0]].data_ptr()
+    again = merge_projections(model.language_model.model)
+    assert all(again[layer].qkv is merged[layer].qkv and again[layer].gate_up is merged[layer].gate_up
+               for layer in layers)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    save_pretrained(model, tiny_pipeline.tokenizer, tmp_path / "saved")
+    reloaded = OspreyPipeline.from_pretrained(tmp_path / "saved", device="cpu").model.state_dict()
+    assert all(torch.equal(reloaded[k], before[k]) for k in before)
 
 
 def test_text_stream_holds_back_what_could_start_a_stop_string(tiny_pipeline):
