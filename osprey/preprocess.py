@@ -17,6 +17,11 @@ from PIL import Image
 from osprey.config import VisionConfig
 
 
+def as_rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB mode: itself if it is already, else a converted copy."""
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def load_image(source: str | Path | Image.Image) -> Image.Image:
     """A PIL RGB image from a path or an image; errors name the file."""
     if isinstance(source, Image.Image):
@@ -44,7 +49,7 @@ def preprocess_image(image: Image.Image, config: VisionConfig, device: torch.dev
     `device` (a quarter of float32's bytes) and the arithmetic runs there: on a GPU the host's share of an image
     drops from tens of milliseconds to the resize. The same float32 operations in the same order on any device.
     """
-    image = image.convert("RGB")
+    image = as_rgb(image)
     size = config.image_size
     resized = image.resize(shortest_edge_size(image.width, image.height, size), resample=Image.BICUBIC)
     pixels = torch.from_numpy(np.array(resized)).to(device)  # (H, W, 3) uint8

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from osprey.preprocess import as_rgb
+
 PROMPT_MODEL_TYPES = ("sam",)  # config.json model_type a PromptSegmenter loads
 CONCEPT_MODEL_TYPES = ("sam3",)  # ... and a ConceptSegmenter
 
@@ -111,10 +113,6 @@ def _model_type(folder: str | Path, expected: Sequence[str], flag: str) -> str:
     return model_type
 
 
-def _rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
 class PromptSegmenter:
     """SAM: points and boxes -> masks, and automatic mask generation. Thread-safe (one call at a time); the image
     embedding of the last few images is cached, so clicking on one image runs SAM's encoder once."""
@@ -149,7 +147,7 @@ class PromptSegmenter:
             kwargs["input_boxes"] = [[[max(x, 0.0), max(y, 0.0), min(x + w, image.width), min(y + h, image.height)]
                                       for x, y, w, h in prompt.boxes]]
         with self._lock, torch.inference_mode():
-            inputs = self.processor(images=_rgb(image), return_tensors="pt", **kwargs).to(self.device)
+            inputs = self.processor(images=as_rgb(image), return_tensors="pt", **kwargs).to(self.device)
             embeddings = self._embedding(image_key, inputs.pop("pixel_values"))
             several = multimask or (not prompt.boxes and len(prompt.points) == 1)
             out = self.model(image_embeddings=embeddings, multimask_output=several,
@@ -184,7 +182,7 @@ class PromptSegmenter:
             if self._generator is None:
                 self._generator = pipeline("mask-generation", model=self.model, device=self.device,
                                            image_processor=self.processor.image_processor)
-            out = self._generator(_rgb(image), points_per_batch=64, points_per_crop=points_per_side,
+            out = self._generator(as_rgb(image), points_per_batch=64, points_per_crop=points_per_side,
                             pred_iou_thresh=min_score, stability_score_thresh=min_stability)
         segments = [Segment(np.asarray(m, dtype=bool), float(s)) for m, s in zip(out["masks"], out["scores"],
                                                                                   strict=True)]
@@ -213,7 +211,7 @@ class ConceptSegmenter:
             raise PromptError("the text is empty: name a concept, e.g. \"bottle\"", "text")
         device = next(self.model.parameters()).device
         with self._lock, torch.inference_mode():
-            inputs = self.processor(images=_rgb(image), text=text.strip(), return_tensors="pt").to(device)
+            inputs = self.processor(images=as_rgb(image), text=text.strip(), return_tensors="pt").to(device)
             out = self.model(**inputs)
             found = self.processor.post_process_instance_segmentation(
                 out, threshold=threshold, mask_threshold=0.5, target_sizes=[(image.height, image.width)])[0]

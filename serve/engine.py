@@ -30,6 +30,7 @@ from PIL import Image
 from osprey.engine.session import DecodeSession, StreamEvent
 from osprey.generation import SamplingParams
 from osprey.inference import EncodedImage, OspreyPipeline, PreparedPrompt
+from osprey.preprocess import as_rgb
 from osprey.scoring import AnswerScorer
 
 from .errors import APIError
@@ -311,10 +312,6 @@ class _Live:
 _STOP = object()
 
 
-def _rgb(image: Image.Image) -> Image.Image:
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
 def admission_error(load_error: str | None, ready: bool, closing: bool) -> APIError | None:
     """Why no request can be admitted now (503: the model failed to load, is loading, or the server is stopping),
     or None; for one engine and for the replicas together (serve.replicas)."""
@@ -591,7 +588,7 @@ class Engine:
         if len(wanted) < 2:
             return {}
         try:
-            encoded = self.backend.encode_images([_rgb(image) for image in wanted.values()])
+            encoded = self.backend.encode_images([as_rgb(image) for image in wanted.values()])
         except Exception:  # each job then encodes alone and gets its own error
             log.warning("encoding %d images together failed; encoding them one by one", len(wanted), exc_info=True)
             return {}
@@ -607,7 +604,7 @@ class Engine:
         if job.image_key in fresh:
             encoded = fresh[job.image_key]
         else:
-            encoded = self.backend.encode_images([_rgb(job.image)])[0]
+            encoded = self.backend.encode_images([as_rgb(job.image)])[0]
         self._cache[job.image_key] = encoded
         while len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from osprey import masks as mask_codecs
+from osprey.preprocess import as_rgb
 
 from .config import ServeConfig
 from .errors import APIError, bad_request
@@ -46,7 +47,7 @@ class DecodedImage:
         return self.image.height, self.image.width
 
     def rgb(self) -> Image.Image:
-        return self.image if self.image.mode == "RGB" else self.image.convert("RGB")
+        return as_rgb(self.image)
 
 
 def set_pil_limits(limits: Limits) -> None:

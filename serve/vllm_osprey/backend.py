@@ -26,7 +26,7 @@ from osprey.checkpoint import read_config
 from osprey.engine.session import StreamEvent
 from osprey.engine.text import TextStream
 from osprey.generation import SamplingParams
-from osprey.preprocess import masks_to_tensor
+from osprey.preprocess import as_rgb, masks_to_tensor
 from osprey.tokenization import load_tokenizer
 
 from ..errors import APIError
@@ -162,7 +162,7 @@ class VllmBackend:
 
     def encode_image(self, image: Image.Image) -> VllmImage:
         """The image itself: vLLM encodes it (once per content, through its encoder and prefix caches)."""
-        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        rgb = as_rgb(image)
         key = image_content_key(rgb)
         stamp_content_id(rgb, key)
         return VllmImage(rgb, key)
