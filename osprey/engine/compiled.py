@@ -137,10 +137,9 @@ class CompiledLayers:
                             mlp.down_proj.bias, mlp.act_fn)
 
 
-def compiled_layers_agree(forward, layer, cos_sin) -> CompiledLayers | None:
+def compiled_layers_agree(forward, merged: dict[nn.Module, MergedWeights], layer, cos_sin) -> CompiledLayers | None:
     """Compile the pieces (rows 1 and 3) and compare them with the eager modules on `layer`; None (logged) if
     compiling fails or the results differ by more than bf16 rounding, so decoding keeps the eager modules."""
-    merged = merge_projections(forward.model)
     compiled, eager = CompiledLayers(forward, merged), CompiledLayers(forward, merged, compiled=False)
     weight = layer.self_attn.q_proj.weight
     try:

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from osprey.engine.attention import attend, attend_packed, length_bias, merge, packed_kernel_runs
-from osprey.engine.compiled import compiled_layers_agree, plain_linears
+from osprey.engine.compiled import compiled_layers_agree, merge_projections, plain_linears
 from osprey.engine.kv import KVPool
 
 try:  # Triton ships with CUDA builds of torch; without it decoding uses FlashAttention (CUDA) or the dense path
@@ -153,8 +153,9 @@ class LlamaForward:
         self.scale = float(self.model.layers[0].self_attn.scaling)
         self.group_size = self.num_heads // self.num_kv_heads
         weight = self.head.weight
-        # torch.compile'd layer pieces on CUDA: norms, rotary, activation and residuals fused around the GEMMs
-        self.fused = (compiled_layers_agree(self, self.model.layers[0], self._rope)
+        # torch.compile'd layer pieces on CUDA: norms, rotary, activation and residuals fused around the GEMMs, over
+        # the merged q/k/v and gate/up weights
+        self.fused = (compiled_layers_agree(self, merge_projections(self.model), self.model.layers[0], self._rope)
                       if fast_kernels and weight.is_cuda and plain_linears(self.model) else None)
         # the Triton decoding kernels where they run and agree with the reference on this device (else FlashAttention)
         self.decode_kernel = (fast_kernels and triton_decode is not None
