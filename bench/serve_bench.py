@@ -95,17 +95,13 @@ def main(argv: list[str] | None = None) -> dict:
     # vLLM last: its engine keeps most of the GPU memory once started (the LLM half's stops before the full model's)
     for system in SYSTEMS[1:]:
         if system in args.systems:
-            if system == "vllm":  # our engines' pools are garbage now, but still in torch's cache
-                from bench.serve_vllm import LLM_HALF_MEMORY
+            if system in ("vllm", "vllm-osprey"):  # our engines' (or the LLM half's) memory freed first
+                from bench.serve_vllm import LLM_HALF_MEMORY, shutdown_llm_half
 
-                gc.collect()
-                _wait_for_free_memory(LLM_HALF_MEMORY)
-            if system == "vllm-osprey":
-                from bench.serve_vllm import shutdown_llm_half
-
-                shutdown_llm_half()
-                gc.collect()
-                _wait_for_free_memory(args.vllm_memory)
+                if system == "vllm-osprey":
+                    shutdown_llm_half()
+                gc.collect()  # our engines' pools are garbage by now, but still in torch's cache until collected
+                _wait_for_free_memory(LLM_HALF_MEMORY if system == "vllm" else args.vllm_memory)
             replica_counts = sorted({1, len(replica_pipes)}) if system.startswith("server") else [1]
             for workload in workloads:
                 for replicas in replica_counts:

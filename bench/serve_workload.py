@@ -113,14 +113,14 @@ def warm_up_workload(regions: int, images: int = 1) -> Workload:
     return make_workload(images, regions, 1, seed=97 + regions)
 
 
+SHAPE_WARM_UP_SEED = 7919  # the images of the warm-up wave (the measured ones use other seeds)
+
+
 def shape_warm_up(workload: Workload) -> Workload:
     """One wave of the measured configuration on other images (another seed): the decoding-step shapes (CUDA graphs
     recorded per engine), the vision tower's batch size and the kernels' specialisations it needs come up here, not
     in the timed run."""
     return make_workload(workload.images_in_flight, workload.masks_per_image, 1, seed=SHAPE_WARM_UP_SEED)
-
-
-SHAPE_WARM_UP_SEED = 7919
 
 
 def build_pipeline(preset: str, model: str | None, device: str, dtype: str | None) -> OspreyPipeline:
