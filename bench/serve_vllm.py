@@ -31,7 +31,7 @@ _LOOP: asyncio.AbstractEventLoop | None = None  # vLLM's async engine stays boun
 _OSPREY = None  # the vllm-osprey backend (serve.vllm_osprey.backend.VllmBackend), started once
 PLUGIN_NAME, PLUGIN_TARGET = "osprey", "serve.vllm_osprey:register"
 LLM_HALF_MEMORY = 0.6  # the LLM-half engine's share of the GPU
-STAMP = "random_weights.json"  # in a model folder written here: the preset whose seeded random weights it holds
+STAMP = "random_weights.json"  # in a model folder written here: the preset and dtype of the seeded random weights
 
 
 def vllm_available() -> bool:
@@ -163,15 +163,21 @@ def ensure_plugin_entry_point(work: Path) -> str:
 
 def model_folder(pipe: OspreyPipeline, folder: Path, preset: str) -> Path:
     """A model folder holding `pipe`'s weights for vLLM to load (written once; a folder stamped with the same preset
-    and written from the same seeded random weights is reused)."""
+    and dtype, written from the same seeded random weights, is reused)."""
     from osprey.checkpoint import save_pretrained
 
-    stamp = folder / STAMP
-    if stamp.is_file() and json.loads(stamp.read_text()).get("preset") == preset:
+    dtype = str(pipe.model.dtype).removeprefix("torch.")
+    if stamped(folder, preset, dtype):
         return folder
     save_pretrained(pipe.model, pipe.tokenizer, folder)
-    stamp.write_text(json.dumps({"preset": preset}))
+    (folder / STAMP).write_text(json.dumps({"preset": preset, "dtype": dtype}))
     return folder
+
+
+def stamped(folder: Path, preset: str, dtype: str) -> bool:
+    """Whether `folder` holds this preset's seeded random weights in `dtype` (written by `model_folder`)."""
+    stamp = folder / STAMP
+    return stamp.is_file() and json.loads(stamp.read_text()) == {"preset": preset, "dtype": dtype}
 
 
 def run_vllm_osprey(folder: Path, workload: Workload, new_tokens: int,

@@ -2,6 +2,7 @@
 and its greedy tokens equal our engine's (random weights of the preset's shapes, one run, <= 6 minutes at 7B).
 
     python -m bench.vllm_osprey_check OUT_DIR                        # osprey-7b shapes, bf16, 4 images x 16 regions
+    python -m bench.vllm_osprey_check OUT_DIR --dtype float32 --gpu-memory-utilization 0.55   # parity without bf16
     python -m bench.vllm_osprey_check OUT_DIR --preset tiny --build-only --device cpu   # the folder step alone (CPU)
 
 Steps, each timed and written to OUT_DIR/vllm_osprey_check.json as it completes (a run cut short keeps what it
@@ -13,6 +14,10 @@ then the share of equal tokens and, per diverging row, the first divergent step 
 (a divergence at a gap of a few bf16 ulps is rounding between two correct implementations, as bench/engine_parity
 reports for our engine against transformers); (5) vLLM's tokens and ours fed back through transformers' forward
 of the same weights: the share of steps where each is the forward's top-1 and how far below it the others are.
+
+Random weights give nearly flat logits (top-2 gaps of a few bf16 steps), so in bf16 two correct implementations
+part ways within a few tokens; `--dtype float32` runs both engines and the weights in fp32 (vLLM then takes its
+Triton attention), which leaves the wiring as the only cause of a difference.
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="an existing model folder instead of random weights")
     p.add_argument("--work", default="/tmp/osprey-vllm-check", help="where the random model folder is written")
     p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="the weights, our engine and vLLM in this dtype (float32: parity free of bf16 rounding)")
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--masks", type=int, default=16, help="regions per image")
     p.add_argument("--new-tokens", type=int, default=64)
@@ -65,16 +72,17 @@ class Report:
 
 def build_folder(args: argparse.Namespace, report: Report):
     """(pipeline, folder): our pipeline on the device and the model folder vLLM reads, with the same weights."""
-    from bench.serve_vllm import STAMP, model_folder
+    from bench.serve_vllm import model_folder, stamped
     from bench.serve_workload import build_pipeline
     from osprey.inference import OspreyPipeline
 
-    folder = Path(args.model) if args.model else Path(args.work) / f"model-{args.preset}"
-    if args.model or (folder / STAMP).is_file() and json.loads((folder / STAMP).read_text()).get("preset") == args.preset:
-        pipe = OspreyPipeline.from_pretrained(folder, device=args.device, dtype="bfloat16")
+    suffix = "" if args.dtype == "bfloat16" else f"-{args.dtype}"
+    folder = Path(args.model) if args.model else Path(args.work) / f"model-{args.preset}{suffix}"
+    if args.model or stamped(folder, args.preset, args.dtype):
+        pipe = OspreyPipeline.from_pretrained(folder, device=args.device, dtype=args.dtype)
         report.step("model", folder=str(folder), reused=True)
         return pipe, folder
-    pipe = build_pipeline(args.preset, None, args.device, "bfloat16")
+    pipe = build_pipeline(args.preset, None, args.device, args.dtype)
     model_folder(pipe, folder, args.preset)
     size_gb = sum(f.stat().st_size for f in folder.iterdir()) / 2**30
     report.step("model", folder=str(folder), reused=False, size_gb=round(size_gb, 2))
@@ -270,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
     from serve.config import ServeConfig
     from serve.vllm_osprey.backend import VllmBackend, VllmSize
 
-    backend = VllmBackend(str(folder), VllmSize(gpu_memory_utilization=args.gpu_memory_utilization,
+    backend = VllmBackend(str(folder), VllmSize(gpu_memory_utilization=args.gpu_memory_utilization, dtype=args.dtype,
                                                 enforce_eager=not args.graphs, max_regions=64))
     app = create_app(ServeConfig(model=str(folder), max_regions=64, request_timeout_s=300), [backend])
     started = time.perf_counter()
