@@ -239,16 +239,19 @@ class Job:
     rows: list[RowSpec]
     loop: asyncio.AbstractEventLoop
     deadline: float
+    # batches of events (list[JobEvent]): all of a decoding step's events for this job cross to the event loop as one
+    # item, so a step costs one thread hop per job, not one per region and token (256 rows: ~16k hops a wave)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
     first_token: float | None = None
     replica: int = 0  # the engine replica that runs it (serve.replicas: its events come from that engine)
 
-    def emit(self, event: JobEvent) -> None:
-        if not self.cancelled.is_set():
+    def emit(self, *events: JobEvent) -> None:
+        """Hand these events, as one batch, to the event loop that waits for them (from the worker thread)."""
+        if events and not self.cancelled.is_set():
             try:
-                self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+                self.loop.call_soon_threadsafe(self.events.put_nowait, list(events))
             except RuntimeError:  # the event loop is closed (server shutting down): nobody is listening
                 self.cancelled.set()
 
@@ -444,17 +447,18 @@ class Engine:
                 if wait <= 0:
                     raise APIError(504, "the request timed out before generation finished", code="timeout")
                 try:
-                    event = await asyncio.wait_for(job.events.get(), timeout=wait)
+                    batch = await asyncio.wait_for(job.events.get(), timeout=wait)
                 except asyncio.TimeoutError:
                     if is_disconnected is not None and await is_disconnected():
                         raise ClientGone() from None
                     continue
-                if isinstance(event, JobFailed):
-                    raise event.error
-                if isinstance(event, RowDone):
-                    remaining -= 1
-                    self._open(-1)
-                yield event
+                for event in batch:
+                    if isinstance(event, JobFailed):
+                        raise event.error
+                    if isinstance(event, RowDone):
+                        remaining -= 1
+                        self._open(-1)
+                    yield event
         finally:
             if remaining:
                 job.cancelled.set()
@@ -628,20 +632,24 @@ class Engine:
             self._live.clear()
             return
         tokens = 0
+        outbox: dict[Job, list[JobEvent]] = {}
         for event in events:
             live = self._live.get(event.row)
             if live is not None:
                 tokens += event.token_id is not None
-                self._on_event(live, event)
+                outbox.setdefault(live.job, []).extend(self._on_event(live, event))
+        for job, batch in outbox.items():
+            job.emit(*batch)
         self.metrics.set("running", self.backend.live_rows, replica=self._label)
         if events:  # an asynchronous backend (vLLM) may have had nothing new within its wait
             self.metrics.batch_done(self._label, len(events), tokens, time.perf_counter() - started)
 
-    def _on_event(self, live: _Live, event: StreamEvent) -> None:
+    def _on_event(self, live: _Live, event: StreamEvent) -> list[JobEvent]:
+        """Record a row's step; what its job is told (sent with the step's other events for that job)."""
         if event.finish_reason == "error":  # the backend failed this row alone (vLLM: its request failed)
             del self._live[live.row_id]
-            live.job.fail(APIError(500, "generation failed for a region of this request", code="internal_error"))
-            return
+            return [JobFailed(APIError(500, "generation failed for a region of this request", code="internal_error"))]
+        told: list[JobEvent] = []
         if event.token_id is not None:
             live.tokens += 1
         if event.text_delta:
@@ -649,9 +657,10 @@ class Engine:
             if live.job.first_token is None:
                 live.job.first_token = time.perf_counter()
                 self.metrics.observe("ttft", live.job.first_token - live.job.submitted)
-            live.job.emit(RowText(live.spec.index, event.text_delta))
+            told.append(RowText(live.spec.index, event.text_delta))
         if event.finished:
             del self._live[live.row_id]
-            live.job.emit(RowDone(RowResult(
+            told.append(RowDone(RowResult(
                 index=live.spec.index, raw_text="".join(live.text), prompt_tokens=live.prompt_tokens,
                 completion_tokens=live.tokens, finish_reason=event.finish_reason or "stop")))
+        return told

@@ -273,13 +273,33 @@ def test_an_unexpected_error_while_preparing_is_a_500_naming_its_type(tiny_pipel
         500, "internal_error", "internal error while preparing the prompt (RuntimeError)")
 
 
+def test_a_steps_events_reach_the_job_as_one_batch(tiny_pipeline):
+    """The worker hands a job each decoding step's events (its regions' text and ends) as one queue item, not one
+    per region and token: three regions decoded together for 4 tokens arrive in at most one batch per step."""
+    engine = Engine(_backend(tiny_pipeline), Metrics())
+
+    async def scenario(engine):
+        job = engine.submit(_image(), "img", _describe_rows(_masks()), 30.0)
+        batches = []
+        while sum(isinstance(e, RowDone) for batch in batches for e in batch) < 3:
+            batches.append(await asyncio.wait_for(job.events.get(), 30))
+        return batches
+
+    batches = _run(engine, scenario)
+    events = [e for batch in batches for e in batch]
+    texts = [e for e in events if isinstance(e, RowText)]
+    assert len(events) == len(texts) + 3 and len(texts) >= 3
+    assert len(batches) <= GREEDY.max_new_tokens + 1 < len(events)
+    assert {e.index for e in texts[:3]} == {0, 1, 2}  # the first step's batch carries all three regions
+
+
 def test_a_job_past_its_deadline_in_the_queue_is_not_started(tiny_pipeline):
     metrics = Metrics()
     engine = Engine(_backend(tiny_pipeline), metrics)
 
     async def scenario(engine):
         job = engine.submit(_image(), "img", _describe_rows(_masks()), 0.0)  # expired before the worker sees it
-        event = await asyncio.wait_for(job.events.get(), 30)
+        (event,) = await asyncio.wait_for(job.events.get(), 30)
         with pytest.raises(APIError) as err:  # events() itself: the deadline has passed
             await _collect(engine, job)
         return event, err.value
