@@ -17,7 +17,8 @@ of the same weights: the share of steps where each is the forward's top-1 and ho
 
 Random weights give nearly flat logits (top-2 gaps of a few bf16 steps), so in bf16 two correct implementations
 part ways within a few tokens; `--dtype float32` runs both engines and the weights in fp32 (vLLM then takes its
-Triton attention), which leaves the wiring as the only cause of a difference.
+Triton attention, its dot products held to IEEE fp32 here, not TF32), which leaves the wiring and fp32 summation
+order as the only causes of a difference.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import time
 from pathlib import Path
 
@@ -256,6 +258,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     report.data["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     report.data["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
+    if args.dtype == "float32":
+        # Triton's tl.dot on fp32 inputs defaults to TF32 (10-bit mantissa) on Hopper; vLLM takes its Triton attention
+        # in fp32, so without this its scores carry ~1e-3 errors (ties flipped at top-2 gaps up to 0.004 on an H100)
+        # and the comparison would again measure rounding. Its engine process inherits the environment.
+        os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
+        report.data["settings"]["TRITON_F32_DEFAULT"] = os.environ["TRITON_F32_DEFAULT"]
     pipe, folder = build_folder(args, report)
     if args.build_only:
         return report.data
