@@ -7,14 +7,15 @@ prompt) and the next one once every region of the last is answered.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
 import io
 import json
 import subprocess
+import sys
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +24,8 @@ from PIL import Image, ImageDraw
 from osprey.generation import SamplingParams
 from osprey.inference import OspreyPipeline
 from osprey.prompts import task_prompt
+
+REPO = Path(__file__).resolve().parent.parent  # where `python -m bench.http_clients` resolves
 
 HEIGHT, WIDTH = 480, 640
 
@@ -259,9 +262,10 @@ def _sync(device: torch.device) -> None:
 
 def run_server(pipes: list[OspreyPipeline], workload: Workload, new_tokens: int, max_rows: int,
                kv_cache_gb: float | None, fast_kernels: bool = False) -> Measurement:
-    """`osprey serve`'s app (real uvicorn on loopback, in this process) with concurrent HTTP clients, one engine
-    replica per pipeline (`osprey serve --devices`); with `fast_kernels` (`osprey serve --fast-kernels`), the system
-    is named `server-fast`. Peak memory: the largest of the devices'."""
+    """`osprey serve`'s app (real uvicorn on loopback, in this process) with concurrent HTTP clients (in a process of
+    their own, bench/http_clients.py), one engine replica per pipeline (`osprey serve --devices`); with
+    `fast_kernels` (`osprey serve --fast-kernels`), the system is named `server-fast`. Peak memory: the largest of
+    the devices'."""
     from serve.background import BackgroundServer
     from serve.config import ServeConfig
     from serve.engine import PipelineBackend
@@ -279,17 +283,16 @@ def run_server(pipes: list[OspreyPipeline], workload: Workload, new_tokens: int,
         # the engine's warm-up on every replica: one image per replica with one region, then two per replica with two
         # (sent at once, the least-loaded dispatch gives each replica its share)
         for regions in WARM_UP_REGIONS:
-            asyncio.run(_http_clients(server.url, warm_up_workload(regions, images=regions * len(pipes)), new_tokens,
-                                      Measurement("warm-up", 1, 1, new_tokens)))
-        asyncio.run(_http_clients(server.url, shape_warm_up(workload), new_tokens,
-                                  Measurement("warm-up", 1, 1, new_tokens)))
+            _http_clients(server.url, warm_up_workload(regions, images=regions * len(pipes)), new_tokens,
+                          Measurement("warm-up", 1, 1, new_tokens))
+        _http_clients(server.url, shape_warm_up(workload), new_tokens, Measurement("warm-up", 1, 1, new_tokens))
         cold = [engine.replica for engine in server.engine.engines if not engine.metrics.registry.get_sample_value(
             "osprey_replica_requests_total", {"replica": str(engine.replica)})]
         if cold:
             print(f"warning: replicas {cold} got no warm-up request; their first batches are timed cold")
         for pipe in pipes:
             _reset_memory(pipe.device)
-        asyncio.run(_http_clients(server.url, workload, new_tokens, m))
+        _http_clients(server.url, workload, new_tokens, m)
         peaks = [_peak_memory(pipe.device) for pipe in pipes]
         m.peak_mem_gb = None if None in peaks else max(peaks)
     for backend in backends:
@@ -297,30 +300,16 @@ def run_server(pipes: list[OspreyPipeline], workload: Workload, new_tokens: int,
     return m
 
 
-async def _http_clients(url: str, workload: Workload, new_tokens: int, m: Measurement) -> None:
-    import httpx
-
+def _http_clients(url: str, workload: Workload, new_tokens: int, m: Measurement) -> None:
+    """The workload's clients against the server at `url`, from a separate process (bench/http_clients.py says
+    why); their times go into `m`."""
     bodies = [[{"image": r.png_b64(), "regions": [{"box": b} for b in r.boxes], "task": "short",
                 "max_tokens": new_tokens, "stream": True} for r in client] for client in workload.clients]
-    limits = httpx.Limits(max_connections=len(bodies) + 4, max_keepalive_connections=len(bodies) + 4)
-    async with httpx.AsyncClient(base_url=url, timeout=3600.0, limits=limits) as http:
-        start = time.perf_counter()
-        await asyncio.gather(*(_http_client(http, client, m) for client in bodies))
-        m.seconds = time.perf_counter() - start
-
-
-async def _http_client(http, bodies: list[dict], m: Measurement) -> None:
-    for body in bodies:
-        started = time.perf_counter()
-        async with http.stream("POST", "/v1/regions/describe", json=body) as response:
-            if response.status_code != 200:
-                raise RuntimeError(f"the server answered {response.status_code}: {await response.aread()!r}")
-            async for line in response.aiter_lines():
-                if not line:
-                    continue
-                event = json.loads(line)
-                if "error" in event:
-                    raise RuntimeError(f"the server failed a request: {event}")
-                if "text" in event:
-                    m.region_latencies.append(time.perf_counter() - started)
-        m.request_latencies.append(time.perf_counter() - started)
+    done = subprocess.run([sys.executable, "-m", "bench.http_clients", url], input=json.dumps({"clients": bodies}),
+                          capture_output=True, text=True, cwd=REPO, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"the HTTP clients failed: {done.stderr.strip()[-2000:]}")
+    times = json.loads(done.stdout)
+    m.seconds = times["seconds"]
+    m.region_latencies += times["region_latencies"]
+    m.request_latencies += times["request_latencies"]
