@@ -21,7 +21,7 @@ from osprey.engine.kv import PoolSize, plan_pool, token_bytes
 from osprey.engine.session import DecodeSession, StreamEvent
 from osprey.generation import SamplingParams
 from osprey.modeling import OspreyForCausalLM
-from osprey.preprocess import load_image, masks_to_tensor, preprocess_image
+from osprey.preprocess import load_image, masks_to_tensor, preprocess_images
 from osprey.prompts import clean_answer, task_prompt
 from osprey.tokenization import encode_generation_prompt
 
@@ -107,7 +107,7 @@ class OspreyPipeline:
         encoded = []
         for start in range(0, len(images), batch_size):
             loaded = [load_image(image) for image in images[start:start + batch_size]]
-            pixels = torch.stack([preprocess_image(image, self.config.vision, self.device) for image in loaded])
+            pixels = preprocess_images(loaded, self.config.vision, self.device)
             features = self.model.get_image_features(pixels)
             # each image's own copy of its levels, so that keeping one (the server's cache) keeps no others
             encoded += [EncodedImage(levels=[level[b].clone() for level in features.levels],

@@ -144,6 +144,23 @@ def test_preprocess_image_is_the_official_resize_then_normalise(width, height):
     assert torch.allclose(out, reference, atol=1e-6)
 
 
+def test_preprocess_images_equals_preprocess_image_for_each():
+    """The batch form (resizes in threads) gives each image exactly what `preprocess_image` gives it, in order,
+    whatever the sizes and modes (a grey and an RGBA image among them)."""
+    from osprey.config import OspreyConfig
+    from osprey.preprocess import preprocess_image, preprocess_images
+
+    config = OspreyConfig.from_preset("tiny").vision
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in
+              [(128, 128), (96, 200), (300, 90), (64, 64), (129, 131)]]
+    images += [images[1].convert("L"), images[2].convert("RGBA")]
+    batch = preprocess_images(images, config)
+    assert batch.shape == (len(images), 3, config.image_size, config.image_size)
+    for out, image in zip(batch, images):
+        assert torch.equal(out, preprocess_image(image, config))
+
+
 @pytest.mark.parametrize("which", ["tiny_pipeline", "builtin_pipeline"])
 def test_greedy_tokens_equal_transformers_generate(which, request, masks):
     """Batched (left-padded, shared prefix or not) and single decoding give transformers' greedy tokens; the
