@@ -78,7 +78,8 @@ class Measurement:
     ttfts: list[float] = field(default_factory=list)
     peak_mem_gb: float | None = None
     # in-process engine: wall seconds in sending (image encoding + region prompts), in steps that prefilled, and in
-    # pure decoding steps; where a configuration's time goes before a profile is taken
+    # pure decoding steps; the server: its workers' seconds admitting, stepping and waiting (worker_*); where a
+    # configuration's time goes before a profile is taken
     phases_s: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -292,12 +293,25 @@ def run_server(pipes: list[OspreyPipeline], workload: Workload, new_tokens: int,
             print(f"warning: replicas {cold} got no warm-up request; their first batches are timed cold")
         for pipe in pipes:
             _reset_memory(pipe.device)
+        before = _worker_seconds(server.engine.engines)
         _http_clients(server.url, workload, new_tokens, m)
+        busy = {phase: seconds - before[phase] for phase, seconds in _worker_seconds(server.engine.engines).items()}
+        # the workers' time in the measured window (summed over replicas): admitting requests, decoding steps, and
+        # the rest, waiting for requests (the engine's own phases are send / prefill_steps / decode_steps)
+        m.phases_s = {"worker_admit": busy["admit"], "worker_steps": busy["step"],
+                      "worker_idle": m.seconds * len(pipes) - busy["admit"] - busy["step"]}
         peaks = [_peak_memory(pipe.device) for pipe in pipes]
         m.peak_mem_gb = None if None in peaks else max(peaks)
     for backend in backends:
         del backend.session  # free the server's KV pools before the next configuration
     return m
+
+
+def _worker_seconds(engines) -> dict[str, float]:
+    """Each phase's `osprey_worker_seconds_total`, summed over the replicas' workers."""
+    return {phase: sum(engine.metrics.registry.get_sample_value(
+        "osprey_worker_seconds_total", {"replica": str(engine.replica), "phase": phase}) or 0.0 for engine in engines)
+        for phase in ("admit", "step")}
 
 
 def _http_clients(url: str, workload: Workload, new_tokens: int, m: Measurement) -> None:

@@ -483,13 +483,16 @@ class Engine:
                 stopping = self._take(wait=not self.backend.has_work)
             self._drop_cancelled()
             if self.backend.has_work:
+                stepping = time.perf_counter()
                 self._step()
+                self.metrics.inc("worker_seconds", time.perf_counter() - stepping, replica=self._label, phase="step")
         log.info("engine %d stopped", self.replica)
 
     def _take(self, wait: bool) -> bool:
         """Admit queued jobs (when idle, block for one and give others `batch_wait` to arrive); True on stop."""
         taken: list[Job | Task] = []
         stop = False
+        waited = time.perf_counter()
         if wait:
             item = self._queue.get()
             stop = item is _STOP
@@ -507,7 +510,11 @@ class Engine:
             stop = item is _STOP
             if not stop:
                 taken.append(item)
-        self._admit_all(taken)
+        admitting = time.perf_counter()
+        self.metrics.inc("worker_seconds", admitting - waited, replica=self._label, phase="idle")
+        if taken:
+            self._admit_all(taken)
+            self.metrics.inc("worker_seconds", time.perf_counter() - admitting, replica=self._label, phase="admit")
         self.metrics.set("queue_depth", self._queue.qsize(), replica=self._label)
         return stop
 

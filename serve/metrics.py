@@ -43,6 +43,10 @@ class Metrics:
         self.prompt_tokens = prom.Counter("osprey_prompt_tokens", "prompt tokens processed", registry=r)
         self.tokens_per_second = prom.Gauge("osprey_tokens_per_second", "generation throughput of the last batch",
                                             ["replica"], registry=r)
+        self.worker_seconds = prom.Counter("osprey_worker_seconds", "the replica's worker thread's time: waiting for "
+                                           "work (idle; batch_wait included), admitting requests (images through "
+                                           "the vision tower, region prompts; admit) and decoding steps (step)",
+                                           ["replica", "phase"], registry=r)
         self.image_cache = prom.Counter("osprey_image_cache", "image encodings looked up", ["result"], registry=r)
         self.model_loaded = prom.Gauge("osprey_model_loaded", "1 once the replica's model is loaded", ["replica"],
                                        registry=r)

@@ -25,6 +25,9 @@ def test_serve_bench_times_every_system_on_every_region(tmp_path):
     phases = by_system["engine"]["phases_s"]
     assert set(phases) == {"send", "prefill_steps", "decode_steps"} and all(v > 0 for v in phases.values())
     assert sum(phases.values()) <= by_system["engine"]["seconds"]
+    worker = by_system["server"]["phases_s"]  # the server's worker: admitting, stepping, waiting
+    assert set(worker) == {"worker_admit", "worker_steps", "worker_idle"}
+    assert worker["worker_admit"] > 0 and worker["worker_steps"] > 0 and worker["worker_idle"] >= 0
     summary = {row["system"]: row for row in report["summary"]}
     engine = summary["engine"]
     assert engine["over_server"] == by_system["engine"]["regions_per_s"] / by_system["server"]["regions_per_s"]

@@ -293,6 +293,23 @@ def test_a_steps_events_reach_the_job_as_one_batch(tiny_pipeline):
     assert {e.index for e in texts[:3]} == {0, 1, 2}  # the first step's batch carries all three regions
 
 
+def test_the_workers_time_is_counted_by_phase(tiny_pipeline):
+    """osprey_worker_seconds_total splits the worker's time into idle (waiting for work), admit and step; a job
+    that waits on the queue for 0.3 s before it is submitted leaves at least that as idle time."""
+    metrics = Metrics()
+    engine = Engine(_backend(tiny_pipeline), metrics)
+
+    async def scenario(engine):
+        await asyncio.sleep(0.3)
+        return await _collect(engine, engine.submit(_image(), "img", _describe_rows(_masks()), 30.0))
+
+    _, done = _run(engine, scenario)
+    assert len(done) == 3
+    seconds = {phase: _sample(metrics, "osprey_worker_seconds_total", replica="0", phase=phase)
+               for phase in ("idle", "admit", "step")}
+    assert seconds["idle"] >= 0.3 and seconds["admit"] > 0 and seconds["step"] > 0
+
+
 def test_a_job_past_its_deadline_in_the_queue_is_not_started(tiny_pipeline):
     metrics = Metrics()
     engine = Engine(_backend(tiny_pipeline), metrics)
