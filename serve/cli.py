@@ -65,7 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-row-tokens", type=int, default=None,
                        help="tokens held per region row: its prompt after the image + its answer "
                             "(default: --max-tokens-limit + 256); smaller fits more rows in the KV memory")
-    serve.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait this long to fill a batch")
+    serve.add_argument("--batch-wait-ms", type=float, default=5.0,
+                       help="an idle server waits this long for more requests before it starts (for a burst that "
+                            "keeps arriving: up to 4x this)")
     serve.add_argument("--fast-kernels", action=argparse.BooleanOptionalAction, default=True,
                        help="engine on CUDA: the Triton decoding kernels and compiled layer pieces, each checked "
                             "against the reference at start-up, faster at every load measured (docs/engine.md); "

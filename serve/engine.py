@@ -313,6 +313,7 @@ class _Live:
 
 
 _STOP = object()
+BURST_WAITS = 4  # an idle worker gathers a burst of requests for at most this many batch waits
 
 
 def admission_error(load_error: str | None, ready: bool, closing: bool) -> APIError | None:
@@ -489,7 +490,10 @@ class Engine:
         log.info("engine %d stopped", self.replica)
 
     def _take(self, wait: bool) -> bool:
-        """Admit queued jobs (when idle, block for one and give others `batch_wait` to arrive); True on stop."""
+        """Admit queued jobs; True on stop. When idle, block for one, then gather the burst it came with: wait while
+        requests keep arriving less than `batch_wait` apart, at most BURST_WAITS x `batch_wait` in all. A burst's
+        requests (clients answered by the same step send their next together) then share one vision pass and one
+        prefill pass, where admitting the first alone costs a pass more and makes the others wait behind it."""
         taken: list[Job | Task] = []
         stop = False
         waited = time.perf_counter()
@@ -498,9 +502,10 @@ class Engine:
             stop = item is _STOP
             if not stop:
                 taken.append(item)
-            deadline = time.monotonic() + self.batch_wait_s
+            cap = time.monotonic() + BURST_WAITS * self.batch_wait_s
+            deadline = min(cap, time.monotonic() + self.batch_wait_s)
         else:
-            deadline = time.monotonic()
+            cap = deadline = time.monotonic()
         while not stop:
             timeout = deadline - time.monotonic()
             try:
@@ -510,6 +515,7 @@ class Engine:
             stop = item is _STOP
             if not stop:
                 taken.append(item)
+            deadline = min(cap, time.monotonic() + self.batch_wait_s)
         admitting = time.perf_counter()
         self.metrics.inc("worker_seconds", admitting - waited, replica=self._label, phase="idle")
         if taken:

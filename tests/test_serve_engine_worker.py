@@ -182,6 +182,26 @@ def test_images_queued_together_are_encoded_in_one_pass(tiny_pipeline):
                        for image in images.values()]
 
 
+@pytest.mark.parametrize("gap_s, passes", [(0.15, [4]), (0.6, [1, 1, 1, 1])])
+def test_an_idle_worker_gathers_a_burst_while_it_keeps_arriving(tiny_pipeline, gap_s, passes):
+    """batch_wait 400 ms: four jobs 150 ms apart (600 ms from first to last, longer than one batch wait, shorter
+    than the burst cap of 4 waits) share one vision pass; 600 ms apart, each is admitted alone."""
+    images = {key: Image.fromarray(np.full((24, 32, 3), value, np.uint8)) for key, value in zip("abcd", (10, 90, 180, 250))}
+    engine = Engine(_backend(tiny_pipeline, CountingBackend), Metrics(), batch_wait_ms=400)
+    rows = _describe_rows(_masks()[:1], SamplingParams(max_new_tokens=1))
+
+    async def scenario(engine):
+        engine.backend.passes.clear()
+        jobs = []
+        for key, image in images.items():
+            jobs.append(engine.submit(image, key, rows, 30))
+            await asyncio.sleep(gap_s)
+        return [await _collect(engine, job) for job in jobs]
+
+    _run(engine, scenario)
+    assert engine.backend.passes == passes
+
+
 def test_a_pass_that_fails_falls_back_to_one_image_at_a_time_and_fails_only_its_job(tiny_pipeline):
     images = {key: Image.fromarray(np.full((24, 32, 3), value, np.uint8)) for key, value in zip("abc", (10, 90, 180))}
     backend = _backend(tiny_pipeline, CountingBackend)
