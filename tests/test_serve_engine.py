@@ -1,8 +1,9 @@
-"""Engine lifecycle through the real server: loading (503), load failure, per-request timeout (504), and a
-graceful shutdown that finishes the requests in flight."""
+"""Engine lifecycle through the real server: loading (503), load failure, per-request timeout (504), a graceful
+shutdown that finishes the requests in flight, and a burst of 1,024 regions at once."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -234,3 +235,28 @@ def test_a_request_larger_than_the_engine_rows_gets_400_and_the_server_keeps_ser
         assert "max_tokens" in r.json()["error"]["message"]
         ok = httpx.post(server.url + "/v1/regions/describe", json=payload(max_tokens=4))
         assert ok.status_code == 200 and len(ok.json()["results"]) == 1
+
+
+def test_a_thousand_regions_sent_at_once_all_come_back(model_dir):
+    """16 describe requests of 64 regions each (1,024 regions) sent at once to a server with room for 128 rows: the
+    burst queues by KV memory and every region gets its answer, in its request's order."""
+    backend = PipelineBackend(str(model_dir), size=EngineSize(max_rows=128, max_row_tokens=64))
+    config = ServeConfig(model=str(model_dir), max_batch_size=128, max_regions=64, max_tokens_limit=8, max_queue=64)
+    rng = np.random.default_rng(5)
+    bodies = []
+    for _ in range(16):
+        corners = rng.integers(0, 12, size=(64, 2))
+        boxes = [[int(x), int(y), int(w), int(h)] for (x, y), w, h in
+                 zip(corners, rng.integers(4, 16, size=64), rng.integers(4, 10, size=64))]
+        bodies.append(payload(max_tokens=2) | {"regions": [{"box": box} for box in boxes]})
+
+    async def send_all(url: str) -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+            return await asyncio.gather(*(client.post("/v1/regions/describe", json=body) for body in bodies))
+
+    with BackgroundServer(config, [backend]) as server:
+        responses = asyncio.run(send_all(server.url))
+    assert [r.status_code for r in responses] == [200] * 16
+    results = [r.json()["results"] for r in responses]
+    assert [[item["index"] for item in r] for r in results] == [list(range(64))] * 16
+    assert all(item["completion_tokens"] >= 1 for r in results for item in r)
