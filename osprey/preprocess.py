@@ -59,8 +59,6 @@ def preprocess_images(images: Sequence[Image.Image], config: VisionConfig,
                       device: torch.device | str | None = None) -> torch.Tensor:
     """Several images -> (B, 3, S, S), each exactly `preprocess_image`'s; the resizes run in threads (PIL lets go
     of the interpreter lock while it resamples), so a batch of 16 costs about one image's host time, not 16."""
-    if len(images) < 2:
-        return torch.stack([preprocess_image(image, config, device) for image in images])
     resized = list(_resize_pool().map(lambda image: _resize(image, config), images))
     return torch.stack([_normalise(pixels, config, device) for pixels in resized])
 

@@ -9,6 +9,7 @@ import os
 import sys
 
 from . import index_cli, regions_cli
+from .engine import BURST_WAITS
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                             "(default: --max-tokens-limit + 256); smaller fits more rows in the KV memory")
     serve.add_argument("--batch-wait-ms", type=float, default=5.0,
                        help="an idle server waits this long for more requests before it starts (for a burst that "
-                            "keeps arriving: up to 4x this)")
+                            f"keeps arriving: up to {BURST_WAITS}x this)")
     serve.add_argument("--fast-kernels", action=argparse.BooleanOptionalAction, default=True,
                        help="engine on CUDA: the Triton decoding kernels and compiled layer pieces, each checked "
                             "against the reference at start-up, faster at every load measured (docs/engine.md); "

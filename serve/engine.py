@@ -502,8 +502,8 @@ class Engine:
             stop = item is _STOP
             if not stop:
                 taken.append(item)
-            cap = time.monotonic() + BURST_WAITS * self.batch_wait_s
-            deadline = min(cap, time.monotonic() + self.batch_wait_s)
+            now = time.monotonic()
+            cap, deadline = now + BURST_WAITS * self.batch_wait_s, now + self.batch_wait_s
         else:
             cap = deadline = time.monotonic()
         while not stop:
