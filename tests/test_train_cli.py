@@ -307,6 +307,44 @@ def test_the_deepspeed_launcher_runs_two_cpu_ranks(tmp_path):
     assert (out / "final" / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
+def test_a_hostfile_of_two_nodes_trains_without_ssh(tmp_path):
+    """The documented multi-node line without ssh (docs/train.md: one `deepspeed --hostfile ... --no_ssh --node_rank K
+    --master_addr NODE0` per node, as a scheduler starts it on each node): two "nodes" of the hostfile, one CPU rank
+    each, both started on this machine. They form one world of 2 ranks (global batch 4 = 2 x 2), write one checkpoint
+    together (each rank its RNG state, rank 0 renames it) and rank 0 writes the final folder."""
+    import shutil
+    import socket
+    import subprocess
+
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "run"
+
+    def node(rank: int) -> subprocess.Popen:
+        command = [shutil.which("deepspeed"), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
+                   "--master_addr", "127.0.0.1", "--master_port", str(port), "--no_local_rank",
+                   shutil.which("osprey"), "train", "--stage", "3", "--config", "tiny_stage3", "--model", "tiny",
+                   "--set", f"data.root={FIXTURE}", "--set", "progress=false", "--set", "bf16=false",
+                   "--set", "micro_batch_size=2", "--set", "global_batch_size=4", "--set", "save_steps=2",
+                   "--max-steps", "3", "--output", str(out)]
+        return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    nodes = [node(0), node(1)]
+    logs = [process.communicate(timeout=600)[0] for process in nodes]
+    for process, log in zip(nodes, logs):
+        assert process.returncode == 0, log[-3000:]
+    assert all("nnodes=2, num_local_procs=1" in log for log in logs)
+    assert "(global batch 4 = 2 x 2 ranks x 1 accumulation)" in logs[0]
+    assert json.loads((out / "summary.json").read_text())["step"] == 3
+    checkpoint = out / "checkpoints" / "step-000002"
+    assert {p.name for p in checkpoint.glob("rng-rank*.pt")} == {"rng-rank0.pt", "rng-rank1.pt"}
+    assert (out / "final" / "model.safetensors").is_file()
+
+
 def _clip_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
