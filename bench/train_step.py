@@ -10,7 +10,10 @@ MFU = model FLOPs per second / peak, with model FLOPs counted from the LM's shap
 gradients only), 6 per LoRA adapter weight, the LM head only where it runs, causal attention; not the embedding
 lookup, the vision tower, the extractor or checkpointing recompute. `mfu_6n` keeps the earlier formula
 (k * N_lm * tokens, k = 6 or 4, N_lm all LM parameters) for comparison with older results. Peak: 989 TFLOP/s
-(H100/H200 dense bf16).
+(H100/H200 dense bf16). MFU is per GPU (the step's FLOPs over the peak of all its GPUs). Under a launcher
+(`torchrun --nproc_per_node N bench/train_step.py ...` or `deepspeed --num_gpus N ...`) each rank takes the batch;
+`--baseline ONE.json` (the same setting on 1 GPU) adds `scaling_efficiency` = tokens/s per GPU here / there
+(bench/train_scaling.sh runs 1, 2, 4, 8 GPUs so).
 
     python bench/train_step.py --preset osprey-7b --lora --zero 3 --grad-ckpt --out bench_7b_lora.json
     python bench/train_step.py --preset osprey-1b --zero 2 --grad-ckpt --out bench_1b_full.json
@@ -134,6 +137,7 @@ def run(args: argparse.Namespace) -> dict:
         "tokens_per_sample": tokens_per_step // (args.batch_size * world), "regions_per_sample": args.regions,
         "lm_params": n_lm, "trainable_params": n_trainable, "steps_timed": args.steps,
         "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time,
+        "tokens_per_s_per_gpu": tokens_per_step / step_time / world,
         "samples_per_s": args.batch_size * world / step_time,
         **flop_fields(lm_flops, lengths, trained if args.trained_logits_only else sum(lengths), step_time,
                       n_lm, args.lora, peak_flops(device), world),
@@ -253,6 +257,35 @@ def recount(result: dict) -> dict:
     return {**result, "lora_r": result.get("lora_r", lora_r if result["lora"] else None), **fields}
 
 
+# what must agree between a run and its baseline for their per-GPU throughputs to compare
+SAME_SETTING = ("preset", "device", "zero", "lora", "lora_r", "lora_dropout", "gradient_checkpointing", "compile",
+                "trained_logits_only", "bf16", "batch_size_per_gpu", "tokens_per_sample", "regions_per_sample")
+
+
+def read_baseline(path: str) -> dict:
+    """A bench/train_step.py result to compare against; SystemExit naming the problem otherwise (read before the run,
+    so a wrong path costs no GPU time)."""
+    try:
+        baseline = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"--baseline {path}: {exc}") from exc
+    if not isinstance(baseline, dict) or not {"tokens_per_s", "world_size", *SAME_SETTING} <= set(baseline):
+        raise SystemExit(f"--baseline {path}: not a bench/train_step.py result")
+    return baseline
+
+
+def scaling_fields(result: dict, baseline: dict, path: str) -> dict:
+    """Per-GPU tokens/s here over the baseline's (1.0: every added GPU adds a baseline GPU's throughput)."""
+    differ = [key for key in SAME_SETTING if result[key] != baseline[key]]
+    if differ:
+        named = ", ".join(f"{key}: {baseline[key]!r} there, {result[key]!r} here" for key in differ)
+        raise SystemExit(f"--baseline {path}: another setting ({named})")
+    here, there = result["tokens_per_s"] / result["world_size"], baseline["tokens_per_s"] / baseline["world_size"]
+    return {"baseline": {"file": str(path), "world_size": baseline["world_size"],
+                         "tokens_per_s": baseline["tokens_per_s"]},
+            "scaling_efficiency": here / there}
+
+
 def _head_positions(labels: torch.Tensor) -> int:
     """Positions whose next token is trained: where the LM head runs with trained-only logits."""
     return int(trained_targets(labels).sum())
@@ -283,6 +316,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--full-logits", dest="trained_logits_only", action="store_false",
                         help="LM head and loss over every position (transformers' loss), not only trained ones")
     parser.add_argument("--profile", action="store_true", help="also print torch.profiler's top ops of 2 more steps")
+    parser.add_argument("--baseline", metavar="JSON",
+                        help="a result of the same setting on fewer GPUs (normally 1): adds scaling_efficiency, "
+                             "this run's tokens/s per GPU over the baseline's")
     parser.add_argument("--out", help="also write the result JSON here")
     parser.add_argument("--recount", nargs="+", metavar="JSON",
                         help="rewrite earlier result files with the current FLOP count (no run; CPU, meta device)")
@@ -302,7 +338,10 @@ def main(argv: list[str] | None = None) -> dict:
             _write_json(Path(path), result)
             print(f"{path}: MFU {100 * (result['mfu'] or 0):.1f} % (k * N_lm: {100 * (result['mfu_6n'] or 0):.1f} %)")
         return {}
+    baseline = read_baseline(args.baseline) if args.baseline else None
     result = run(args)
+    if baseline is not None:
+        result.update(scaling_fields(result, baseline, args.baseline))
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(result, indent=2))
         if args.out:

@@ -70,3 +70,32 @@ def test_data_index_bench_builds_a_stage_config_both_ways(tiny_model_dir, tmp_pa
     assert data_index(["--data", str(fixture), "--model", str(init), "--workers", "2"]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["same_lengths"] and report["samples"] > 64 and report["seconds_2_workers"] >= 0
+
+
+def test_a_baseline_of_another_setting_is_refused():
+    from bench.train_step import SAME_SETTING, scaling_fields
+
+    one = {key: 1 for key in SAME_SETTING} | {"tokens_per_s": 100.0, "world_size": 1}
+    two = one | {"tokens_per_s": 180.0, "world_size": 2}
+    assert scaling_fields(two, one, "one.json")["scaling_efficiency"] == pytest.approx(0.9)
+    with pytest.raises(SystemExit, match="batch_size_per_gpu: 1 there, 4 here"):
+        scaling_fields(two | {"batch_size_per_gpu": 4}, one, "one.json")
+
+
+@pytest.mark.slow
+def test_the_scaling_script_runs_one_and_two_cpu_ranks(tmp_path):
+    """bench/train_scaling.sh as the GPU machine runs it, on CPU ranks (torchrun, gloo): the 2-rank result holds its
+    throughput per rank over the 1-rank run's."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "bench" / "train_scaling.sh"
+    env = os.environ | {"GPUS": "1 2", "SETTING": "--preset tiny --device cpu --no-bf16", "STEPS": "2", "WARMUP": "1",
+                        "OUT": str(tmp_path)}
+    done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    one, two = (json.loads((tmp_path / f"gpus{n}.json").read_text()) for n in (1, 2))
+    assert one["world_size"] == 1 and two["world_size"] == 2 and "scaling_efficiency" not in one
+    assert two["baseline"]["world_size"] == 1
+    assert two["scaling_efficiency"] == pytest.approx(two["tokens_per_s"] / 2 / one["tokens_per_s"])
+    assert f"| 2 | {two['tokens_per_s']:,.0f} |" in done.stdout
