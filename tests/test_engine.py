@@ -364,6 +364,42 @@ def test_any_integer_seed_samples_reproducibly(tiny_pipeline, image, masks):
         assert first == again
 
 
+def test_the_next_step_is_queued_before_the_tokens_in_flight_are_read(tiny_pipeline, image, masks, monkeypatch):
+    """While a row decodes, each `step()` queues the next step (fed on the device) before it waits for the tokens of
+    the one in flight; the step that would run past the row's budget is never queued."""
+    from osprey.engine.transfer import HostCopy
+
+    decoder, reference = _one_image_added(tiny_pipeline, image, masks[:1], 6,
+                                          PoolSize(prefix_slots=1, prefix_tokens=2048, row_slots=2, suffix_tokens=64))
+    order = []
+    step_type = type(decoder.decode_step)
+    launch, values = step_type.__call__, HostCopy.values
+    monkeypatch.setattr(step_type, "__call__", lambda *a, **k: order.append("launch") or launch(*a, **k))
+    monkeypatch.setattr(HostCopy, "values", lambda self: order.append("read") or values(self))
+    assert list(_run(decoder).values()) == reference and len(reference[0]) == 6
+    # the prefill samples token 1; launches A..E sample tokens 2..6
+    assert order == ["launch"] + ["launch", "read"] * 4 + ["read"]
+
+
+def test_a_sampled_rows_token_i_is_drawn_with_noise_counter_i(tiny_pipeline, image, masks):
+    """Each token of a seeded, sampled row is what `sample` draws from transformers' own logits at its position with
+    the noise counter at the token's index, though the decoder queues a step before the one feeding it has reached
+    the host (the counter then counts the token still in flight)."""
+    enc = tiny_pipeline.encode_image(image)
+    (prompt,) = tiny_pipeline.prepare_each(enc, [("human", task_prompt("short"))], masks[:1])
+    (tokens,) = _engine_tokens(tiny_pipeline, [prompt], SamplingParams(max_new_tokens=8, temperature=1.0, seed=11))
+    assert len(tokens) >= 4
+    lm = tiny_pipeline.model.language_model
+    embeds = tiny_pipeline.model.merge_embeddings(prompt.input_ids[None], prompt.image.tokens[None],
+                                                  prompt.mask_tokens, prompt.pos_tokens)
+    one, seed = torch.ones(1), torch.tensor([11])
+    with torch.inference_mode():
+        for index, token in enumerate(tokens):
+            fed = lm.get_input_embeddings()(torch.tensor([tokens[:index]], dtype=torch.long))
+            logits = lm(inputs_embeds=torch.cat([embeds, fed], dim=1)).logits[0, -1:].float()
+            assert sample(logits, one, one, seed, torch.tensor([index]), True).item() == token
+
+
 _TRITON_CHECK = """
 import torch
 from osprey.engine.decode_attention import decode_attention, decode_layout

@@ -6,11 +6,13 @@ once into a prefix slot, then all new rows' suffixes in one pass, first tokens s
 for every live row. Rows join and leave between steps; finished and released rows free their slots at once. A
 group waits while its rows do not fit the preallocated pool, so load never runs the device out of memory.
 
-Decoding keeps one step in flight: a call to `step()` reads the tokens of the step launched by the call before,
-launches the next step for the rows still live, and only then returns the events, so the caller's host work on
-them (text, stop strings, sending) runs while the device computes. Rows that end by EOS or by their token budget
-leave before the next launch; a row released in between (a stop string, a cancellation) runs that one step more,
-its token discarded.
+Decoding keeps the device fed: while rows keep decoding, a call to `step()` first queues the next step, fed on
+the device by the tokens of the step in flight, and only then waits for that step's tokens and returns them as
+events. The device goes from one step to the next without waiting for the host, and the caller's work on the
+events (text, stop strings, sending) runs while it computes. Rows whose token budget ends with the step in flight
+leave before the next step is queued; a row that ends with EOS, or is released in between (a stop string, a
+cancellation), runs one step more, its token discarded. Admitting a group, or freeing released rows, lets the step
+in flight finish first (nothing is queued ahead of it then).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from osprey.engine.forward import LlamaForward, RowBlock
 from osprey.engine.graphs import DecodeStep
 from osprey.engine.kv import KVPool, PoolSize
 from osprey.engine.sampling import sample
+from osprey.engine.transfer import HostCopy, to_device
 from osprey.generation import SamplingParams
 
 __all__ = ["GroupRequest", "RegionDecoder", "RowRequest", "TokenEvent"]
@@ -68,11 +71,12 @@ class _Row:
     request: RowRequest
     group: int  # prefix slot
     local: int  # index within its group (its column in the prefix query block)
-    length: int  # suffix tokens whose keys/values are stored
+    length: int  # suffix tokens whose keys/values are stored (or queued to be)
     seed: int
     last_token: int = -1  # sampled, not yet fed
-    generated: int = 0
-    done: bool = False
+    generated: int = 0  # tokens recorded (the step in flight's not yet)
+    done: bool = False  # leaves its slot at the next compaction
+    ended: bool = False  # its last event is out (or it was released): later tokens of it are discarded
 
 
 @dataclass
@@ -85,6 +89,7 @@ class _Waiting:
 class _InFlight:
     rows: list[_Row]  # the rows the step was launched for, in their pool order then
     tokens: torch.Tensor  # (len(rows),) the tokens it samples, on the device
+    copy: HostCopy  # the same tokens on their way to the host
 
 
 @dataclass(frozen=True)
@@ -153,15 +158,20 @@ class RegionDecoder:
     # -- stepping ----------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:
-        """The events of the decoding step in flight (if any), then admit what fits (prefill: its first tokens'
-        events too) or launch the next decoding step for every live row."""
+        """The events of the decoding step in flight (if any), the next step queued before waiting for them when rows
+        go on decoding; otherwise, once they are in, admit what fits (prefill: its first tokens' events too) or
+        launch the next decoding step for every live row."""
+        ahead = self._launch_ahead()
         events = self._collect()
+        if ahead is not None:
+            self._in_flight = ahead
+            return events
         self._drop_released()
         admitted = self._admit()
         if admitted:
             return events + self._prefill(admitted)
         if self.rows:
-            self._launch()
+            self._in_flight = self._launch()
         return events
 
     def _fit_prefix(self, group: GroupRequest) -> GroupRequest:
@@ -178,7 +188,7 @@ class RegionDecoder:
             return
         for row in self.rows:
             if row.request.row_id in self._released:
-                row.done = True
+                row.done = row.ended = True
         for group in list(self.waiting):
             kept = [r for r in group.rows if r.row_id not in self._released]
             if len(kept) != len(group.rows):
@@ -194,15 +204,19 @@ class RegionDecoder:
         tokens = 0
         while self.waiting:
             group = self.waiting[0]
-            fits = (len(self.groups) + len(admitted) < self.pool.size.prefix_slots
-                    and rows + len(group.rows) <= self.pool.size.row_slots)
             size = group.prefix.shape[0] + sum(r.suffix.shape[0] for r in group.rows)
-            if not fits or (admitted and tokens + size > self.max_prefill_tokens):
+            if not self._fits(group, rows, len(self.groups) + len(admitted)) or (
+                    admitted and tokens + size > self.max_prefill_tokens):
                 break
             admitted.append(self.waiting.popleft())
             rows += len(group.rows)
             tokens += size
         return admitted
+
+    def _fits(self, group: GroupRequest, rows: int, groups: int) -> bool:
+        """`group` fits beside `rows` live rows of `groups` groups."""
+        size = self.pool.size
+        return groups < size.prefix_slots and rows + len(group.rows) <= size.row_slots
 
     def _prefill(self, admitted: list[GroupRequest]) -> list[TokenEvent]:
         first_group, first_row = len(self.groups), len(self.rows)
@@ -223,27 +237,52 @@ class RegionDecoder:
             row.length = length
         return self._advance(new_rows, logits)
 
-    def _launch(self) -> None:
-        """Queue one decoding step for every live row; nothing here waits for the device."""
+    def _launch_ahead(self) -> _InFlight | None:
+        """Queue the next step behind the one in flight, fed by its tokens on the device; None (nothing queued)
+        when there is none in flight, rows were released (their slots are freed first) or a waiting group fits
+        now (it is admitted once the step in flight is in). Rows whose budget ends with the step in flight leave
+        first."""
+        launched = self._in_flight
+        if launched is None or self._released:
+            return None
+        for row in self.rows:
+            if row.generated + 1 >= row.request.params.max_new_tokens:
+                row.done = True  # its last token is the step in flight's; the slot is moved behind that step
+        self._compact()
+        if not self.rows or (self.waiting and self._fits(self.waiting[0], len(self.rows), len(self.groups))):
+            return None
+        position = {id(row): index for index, row in enumerate(launched.rows)}
+        index = [position[id(row)] for row in self.rows]
+        tokens = launched.tokens
+        if index != list(range(len(launched.rows))):
+            tokens = tokens[to_device(index, torch.long, self.device)]
+        return self._launch(tokens)
+
+    def _launch(self, device_tokens: torch.Tensor | None = None) -> _InFlight:
+        """Queue one decoding step for every live row, fed by their last tokens (or by `device_tokens`, the step in
+        flight's, one per row); nothing here waits for the device."""
         rows, groups = self.rows, self.groups
         start = [row.length for row in rows]
         shape = self.decode_step.shape(len(rows), len(groups), max(row.local for row in rows) + 1,
                                        max(g.prefix_length for g in groups), max(start) + 1)
-        settings = self._sampling_settings(rows)  # built before the step: a host -> device copy waits for the queue
+        # the noise counter is the token's index: one more when the step in flight's token is not recorded yet
+        settings = self._sampling_settings(rows, pending=int(device_tokens is not None))
         logits = self.decode_step([row.last_token for row in rows], start, [row.group for row in rows],
-                                  [row.local for row in rows], [g.prefix_length for g in groups], shape)
+                                  [row.local for row in rows], [g.prefix_length for g in groups], shape,
+                                  device_tokens=device_tokens)
         for row in rows:
             row.length += 1
-        self._in_flight = _InFlight(list(rows), settings.sample(logits))
+        tokens = settings.sample(logits)
+        return _InFlight(list(rows), tokens, HostCopy.of(tokens))
 
     def _collect(self) -> list[TokenEvent]:
-        """Wait for the step in flight and turn its tokens into events; rows released meanwhile get none."""
+        """Wait for the step in flight and turn its tokens into events; rows ended or released meanwhile get none."""
         if self._in_flight is None:
             return []
         launched, self._in_flight = self._in_flight, None
-        tokens = launched.tokens.tolist()
+        tokens = launched.copy.values()
         live = [(row, token) for row, token in zip(launched.rows, tokens)
-                if not row.done and row.request.row_id not in self._released]
+                if not row.ended and row.request.row_id not in self._released]
         return self._record([row for row, _ in live], [token for _, token in live])
 
     def _advance(self, rows: list[_Row], logits: torch.Tensor) -> list[TokenEvent]:
@@ -255,19 +294,20 @@ class RegionDecoder:
         events = []
         for row, token in zip(rows, chosen):
             if token == self.eos_token_id:
-                row.done = True
+                row.done = row.ended = True
                 events.append(TokenEvent(row.request.row_id, None, True, "stop"))
                 continue
             row.last_token, row.generated = token, row.generated + 1
-            row.done = row.generated >= row.request.params.max_new_tokens
+            row.done = row.ended = row.generated >= row.request.params.max_new_tokens
             events.append(TokenEvent(row.request.row_id, token, row.done, "length" if row.done else None))
         self._compact()
         return events
 
-    def _sampling_settings(self, rows: list[_Row]) -> _SamplingSettings:
+    def _sampling_settings(self, rows: list[_Row], pending: int = 0) -> _SamplingSettings:
         params = [row.request.params for row in rows]
-        floats = torch.tensor([[p.temperature for p in params], [p.top_p for p in params]], device=self.device)
-        ints = torch.tensor([[row.seed for row in rows], [row.generated for row in rows]], device=self.device)
+        floats = to_device([[p.temperature for p in params], [p.top_p for p in params]], torch.float32, self.device)
+        ints = to_device([[row.seed for row in rows], [row.generated + pending for row in rows]], torch.long,
+                         self.device)
         return _SamplingSettings(floats[0], floats[1], ints[0], ints[1], any(p.temperature > 0 for p in params))
 
     # -- bookkeeping -------------------------------------------------------------------------------------------

@@ -67,16 +67,25 @@ class DecodeStep:
                            suffix_keys=_multiple(suffix_keys, 64, size.suffix_tokens))
 
     def __call__(self, tokens: list[int], start: list[int], group: list[int], local: list[int],
-                 prefix_lengths: list[int], shape: DecodeShape) -> torch.Tensor:
-        """One token per live row (rows 0 .. n-1 of the pool) -> logits (n, V) fp32."""
+                 prefix_lengths: list[int], shape: DecodeShape, device_tokens: torch.Tensor | None = None
+                 ) -> torch.Tensor:
+        """One token per live row (rows 0 .. n-1 of the pool) -> logits (n, V) fp32. `device_tokens` (n,), when
+        given, are the rows' tokens instead of `tokens`: read on the device, so the step can be queued before the
+        step that samples them has finished."""
         inputs = self._inputs(tokens, start, group, local, prefix_lengths, shape)
+        rows = len(tokens)
         if self.use_graphs:
             graph = self._graphs.get(shape) or self._record(shape)
             if graph is not None:
                 graph.inputs.copy_(inputs, non_blocking=True)
+                if device_tokens is not None:
+                    graph.inputs[:rows].copy_(device_tokens)
                 graph.graph.replay()
-                return graph.logits[:len(tokens)]
-        return self._run(shape, inputs.to(self.pool.prefix_k[0].device))[:len(tokens)]
+                return graph.logits[:rows]
+        inputs = inputs.to(self.pool.prefix_k[0].device, non_blocking=True)
+        if device_tokens is not None:
+            inputs[:rows] = device_tokens
+        return self._run(shape, inputs)[:rows]
 
     def _inputs(self, tokens: list[int], start: list[int], group: list[int], local: list[int],
                 prefix_lengths: list[int], shape: DecodeShape) -> torch.Tensor:
@@ -85,7 +94,7 @@ class DecodeStep:
         pad_groups = shape.groups - len(prefix_lengths)
         values = (tokens + [0] * pad + start + [self.pool.max_suffix - 1] * pad + group + [0] * pad
                   + local + [shape.width - 1] * pad + prefix_lengths + [1] * pad_groups)
-        return torch.tensor(values, dtype=torch.long, pin_memory=self.use_graphs)
+        return torch.tensor(values, dtype=torch.long, pin_memory=self.pool.prefix_k[0].is_cuda)
 
     def _run(self, shape: DecodeShape, inputs: torch.Tensor) -> torch.Tensor:
         rows = shape.rows

@@ -12,6 +12,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from osprey.engine.transfer import to_device
+
 __all__ = ["KVPool", "PoolSize", "plan_pool"]
 
 
@@ -88,7 +90,7 @@ class KVPool:
         if not sources:
             return
         device = tensors[0].device
-        src = torch.tensor(sources, device=device)
-        dst = torch.tensor(targets, device=device)
+        src = to_device(sources, torch.long, device)  # queued behind the step in flight, which still reads the slots
+        dst = to_device(targets, torch.long, device)
         for tensor in tensors:
             tensor[dst] = tensor[src]
