@@ -10,9 +10,12 @@ p50/p99 latency per region and per request (from the request's start), time to f
     python -m bench.serve_bench --preset tiny --device cpu --masks 1 4 --images 1 2 --new-tokens 8    # smoke
     python -m bench.serve_bench --systems engine vllm vllm-osprey --masks 1 16 --images 1 16 --out X.json  # vLLM
     python -m bench.serve_bench --systems server --devices cuda:0 cuda:1 --masks 16 64 --images 16 64 --out X.json
+    python -m bench.serve_bench --systems vllm-osprey --vllm-tensor-parallel 1 2 --masks 16 --images 16 --out X.json
 
 With --devices, the server systems run one engine replica per device (`osprey serve --devices`) and are measured on
-the first device alone and on all of them: `replica_scaling` in the report is regions/s on N devices over one.
+the first device alone and on all of them; with --vllm-tensor-parallel 1 2, vllm-osprey runs on one vLLM engine
+over 1 GPU, then over 2 (tensor parallel). `device_scaling` in the report is regions/s on N devices over one, and
+that ratio per device.
 
 "vllm-osprey" needs a model folder for vLLM to load: the random weights are written to --vllm-folder once (14 GB
 at 7B; a rerun with the same preset reuses it).
@@ -64,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="where vllm-osprey's model folder is written (default: the one bench.vllm_osprey_check "
                              "writes, /tmp/osprey-vllm-check/model-PRESET; the --model folder itself if given)")
     parser.add_argument("--vllm-memory", type=float, default=0.6, help="vllm-osprey: vLLM's share of the GPU")
+    parser.add_argument("--vllm-tensor-parallel", type=int, nargs="+", default=[1], metavar="GPUS",
+                        help="vllm-osprey: measured on one vLLM engine over each number of GPUs in turn (1 2: one GPU, "
+                             "then two with tensor parallelism; the scaling is in device_scaling)")
     parser.add_argument("--official-regions", type=int, default=3, help="regions timed for the official flow")
     parser.add_argument("--max-rows", type=int, default=512, help="engine rows in flight (server --max-batch-size)")
     parser.add_argument("--kv-cache-gb", type=float, default=None)
@@ -102,10 +108,9 @@ def main(argv: list[str] | None = None) -> dict:
                     shutdown_llm_half()
                 gc.collect()  # our engines' pools are garbage by now, but still in torch's cache until collected
                 _wait_for_free_memory(LLM_HALF_MEMORY if system == "vllm" else args.vllm_memory)
-            replica_counts = sorted({1, len(replica_pipes)}) if system.startswith("server") else [1]
-            for workload in workloads:
-                for replicas in replica_counts:
-                    results.append(_run(system, args, replica_pipes[:replicas], workload))
+            for width in _widths(system, args, replica_pipes):  # devices one after the other, workloads within
+                for workload in workloads:
+                    results.append(_run(system, args, replica_pipes[:width], workload, width))
                     _write(args, _report(args, pipe, results))  # a run cut short keeps what it measured
     report = _report(args, pipe, results)
     if args.out:
@@ -143,8 +148,19 @@ def _workload(args: argparse.Namespace, masks: int, images: int) -> Workload:
     return make_workload(images, masks, waves, seed=masks * 1000 + images)
 
 
-def _run(system: str, args: argparse.Namespace, pipes: list, workload: Workload) -> Measurement:
-    """`system` on `workload`: the server systems with one engine replica per pipeline, the others on the first."""
+def _widths(system: str, args: argparse.Namespace, replica_pipes: list) -> list[int]:
+    """The device counts `system` is measured on: replicas of the server systems, vllm-osprey's tensor-parallel
+    sizes, else one."""
+    if system.startswith("server"):
+        return sorted({1, len(replica_pipes)})
+    if system == "vllm-osprey":
+        return sorted(set(args.vllm_tensor_parallel))
+    return [1]
+
+
+def _run(system: str, args: argparse.Namespace, pipes: list, workload: Workload, width: int = 1) -> Measurement:
+    """`system` on `workload`: the server systems with one engine replica per pipeline, vllm-osprey over `width`
+    GPUs, the others on the first device."""
     pipe = pipes[0]
     if system in ("engine", "engine-fast"):
         m = run_engine(pipe, workload, args.new_tokens, args.max_rows, args.kv_cache_gb, system == "engine-fast")
@@ -159,7 +175,7 @@ def _run(system: str, args: argparse.Namespace, pipes: list, workload: Workload)
 
         folder = Path(args.model) if args.model else model_folder(
             pipe, Path(args.vllm_folder or f"/tmp/osprey-vllm-check/model-{args.preset}"), args.preset)
-        m = run_vllm_osprey(folder, workload, args.new_tokens, args.vllm_memory)
+        m = run_vllm_osprey(folder, workload, args.new_tokens, args.vllm_memory, tensor_parallel=width)
     print(json.dumps(summarize(m)), flush=True)
     return m
 
@@ -171,12 +187,12 @@ def _report(args: argparse.Namespace, pipe, results: list[Measurement]) -> dict:
                 "task": "short", "greedy": True, "eos": "ignored", "waves": args.waves, "max_rows": args.max_rows,
                 "devices": args.devices or [args.device], "torch": torch.__version__}
     return {"device": device, "commit": commit, "settings": settings, "results": [summarize(m) for m in results],
-            "summary": _speedups(results), "replica_scaling": _replica_scaling(results)}
+            "summary": _speedups(results), "device_scaling": _device_scaling(results)}
 
 
 def _speedups(results: list[Measurement]) -> list[dict]:
     """Each engine (default and fast kernels) against the other systems per configuration (one replica each)."""
-    by_key = {(m.system, m.masks_per_image, m.images_in_flight): m for m in results if m.replicas == 1}
+    by_key = {(m.system, m.masks_per_image, m.images_in_flight): m for m in results if _devices(m) == 1}
     official = next((m for m in results if m.system == "official"), None)
     rows = []
     for (system, masks, images), m in by_key.items():
@@ -194,23 +210,31 @@ def _speedups(results: list[Measurement]) -> list[dict]:
     return rows
 
 
-def _replica_scaling(results: list[Measurement]) -> list[dict]:
-    """A server system on N replicas against the same on one: regions/s ratio, and that ratio per device."""
-    single = {(m.system, m.masks_per_image, m.images_in_flight): m for m in results if m.replicas == 1}
+def _devices(m: Measurement) -> int:
+    return m.replicas * m.tensor_parallel
+
+
+def _device_scaling(results: list[Measurement]) -> list[dict]:
+    """A system on N devices (server replicas, vLLM tensor parallel) against the same on one: regions/s ratio, and
+    that ratio per device."""
+    single = {(m.system, m.masks_per_image, m.images_in_flight): m for m in results if _devices(m) == 1}
     rows = []
     for m in results:
         one = single.get((m.system, m.masks_per_image, m.images_in_flight))
-        if m.replicas > 1 and one is not None:
+        if _devices(m) > 1 and one is not None:
             speedup = m.regions_per_s / one.regions_per_s
             rows.append({"system": m.system, "masks_per_image": m.masks_per_image,
                          "images_in_flight": m.images_in_flight, "replicas": m.replicas,
-                         "regions_per_s": m.regions_per_s, "over_1_replica": speedup,
-                         "per_device_efficiency": speedup / m.replicas})
+                         "tensor_parallel": m.tensor_parallel, "devices": _devices(m),
+                         "regions_per_s": m.regions_per_s, "over_1_device": speedup,
+                         "per_device_efficiency": speedup / _devices(m)})
     return rows
 
 
 def _label(result: dict) -> str:
-    return result["system"] + (f" x{result['replicas']}" if result["replicas"] > 1 else "")
+    replicas, tensor_parallel = result["replicas"], result.get("tensor_parallel", 1)
+    return (result["system"] + (f" x{replicas}" if replicas > 1 else "")
+            + (f" tp{tensor_parallel}" if tensor_parallel > 1 else ""))
 
 
 def _plot(report: dict, path: Path) -> None:

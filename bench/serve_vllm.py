@@ -180,26 +180,33 @@ def stamped(folder: Path, preset: str, dtype: str) -> bool:
     return stamp.is_file() and json.loads(stamp.read_text()) == {"preset": preset, "dtype": dtype}
 
 
-def run_vllm_osprey(folder: Path, workload: Workload, new_tokens: int,
-                    gpu_memory_utilization: float = 0.6) -> Measurement:
-    """The closed loop on the whole model on vLLM: each region a request (image + its one region), greedy, EOS
-    ignored; all regions of an image sent together, the image's prefix shared through vLLM's prefix cache."""
-    backend = _osprey_backend(folder, gpu_memory_utilization)
-    m = Measurement("vllm-osprey", workload.masks_per_image, workload.images_in_flight, new_tokens)
+def run_vllm_osprey(folder: Path, workload: Workload, new_tokens: int, gpu_memory_utilization: float = 0.6,
+                    tensor_parallel: int = 1) -> Measurement:
+    """The closed loop on the whole model on vLLM (one engine over `tensor_parallel` GPUs): each region a request
+    (image + its one region), greedy, EOS ignored; all regions of an image sent together, the image's prefix shared
+    through vLLM's prefix cache."""
+    backend = _osprey_backend(folder, gpu_memory_utilization, tensor_parallel)
+    m = Measurement("vllm-osprey", workload.masks_per_image, workload.images_in_flight, new_tokens,
+                    tensor_parallel=tensor_parallel)
     run = lambda coro: asyncio.run_coroutine_threadsafe(coro, backend.loop).result()
     run(_osprey_clients(backend, shape_warm_up(workload), new_tokens, Measurement("warm-up", 1, 1, new_tokens)))
     run(_osprey_clients(backend, workload, new_tokens, m))
     return m
 
 
-def _osprey_backend(folder: Path, gpu_memory_utilization: float):
+def _osprey_backend(folder: Path, gpu_memory_utilization: float, tensor_parallel: int):
+    """The vllm-osprey backend, started once per tensor-parallel size (the engine of another size is stopped first:
+    its processes free their GPUs)."""
     global _OSPREY
+    if _OSPREY is not None and _OSPREY.size.tensor_parallel_size != tensor_parallel:
+        _OSPREY.shutdown()
+        _OSPREY = None
     if _OSPREY is None:
         from serve.vllm_osprey.backend import VllmBackend, VllmSize
 
         ensure_plugin_entry_point(folder.parent)
         _OSPREY = VllmBackend(str(folder), VllmSize(gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=512,
-                                                    max_regions=64))
+                                                    max_regions=64, tensor_parallel_size=tensor_parallel))
         _OSPREY.load()
     return _OSPREY
 

@@ -72,6 +72,7 @@ class Measurement:
     images_in_flight: int
     new_tokens: int
     replicas: int = 1  # the server systems: engine replicas, one per device (`osprey serve --devices`)
+    tensor_parallel: int = 1  # vllm-osprey: the GPUs one vLLM engine spans (vLLM's tensor_parallel_size)
     seconds: float = 0.0
     region_latencies: list[float] = field(default_factory=list)
     request_latencies: list[float] = field(default_factory=list)
@@ -148,7 +149,7 @@ def summarize(m: Measurement) -> dict:
         return float(np.percentile(values, q)) if values else None
 
     return {"system": m.system, "masks_per_image": m.masks_per_image, "images_in_flight": m.images_in_flight,
-            "replicas": m.replicas, "regions": len(m.region_latencies), "seconds": m.seconds, "regions_per_s": m.regions_per_s,
+            "replicas": m.replicas, "tensor_parallel": m.tensor_parallel, "regions": len(m.region_latencies), "seconds": m.seconds, "regions_per_s": m.regions_per_s,
             "output_tokens_per_s": m.regions_per_s * m.new_tokens,
             "p50_region_s": pct(m.region_latencies, 50), "p99_region_s": pct(m.region_latencies, 99),
             "p50_request_s": pct(m.request_latencies, 50), "p99_request_s": pct(m.request_latencies, 99),

@@ -44,8 +44,24 @@ def test_serve_bench_measures_the_server_on_one_replica_and_on_all(tmp_path):
     assert set(runs) == {("engine", 1), ("server", 1), ("server", 2)}
     assert all(r["regions"] == 2 * 4 for r in runs.values())
     assert report["settings"]["devices"] == ["cpu", "cpu"]
-    [scaling] = report["replica_scaling"]
-    assert scaling["replicas"] == 2
-    assert scaling["over_1_replica"] == runs[("server", 2)]["regions_per_s"] / runs[("server", 1)]["regions_per_s"]
-    assert scaling["per_device_efficiency"] == pytest.approx(scaling["over_1_replica"] / 2)
+    [scaling] = report["device_scaling"]
+    assert scaling["replicas"] == scaling["devices"] == 2 and scaling["tensor_parallel"] == 1
+    assert scaling["over_1_device"] == runs[("server", 2)]["regions_per_s"] / runs[("server", 1)]["regions_per_s"]
+    assert scaling["per_device_efficiency"] == pytest.approx(scaling["over_1_device"] / 2)
     assert report["summary"][0]["over_server"] == runs[("engine", 1)]["regions_per_s"] / runs[("server", 1)]["regions_per_s"]
+
+
+def test_vllm_tensor_parallel_sizes_are_measured_in_turn_and_scaled_against_one_gpu():
+    """vllm-osprey on one engine over 1 then 2 GPUs (`--vllm-tensor-parallel 2 1`): both widths run, the one-GPU
+    run first, and the two-GPU run is reported against it per GPU (vLLM itself needs a GPU: the figures are set)."""
+    from bench.serve_workload import Measurement
+
+    args = serve_bench.parse_args(["--vllm-tensor-parallel", "2", "1"])
+    assert serve_bench._widths("vllm-osprey", args, ["pipe"]) == [1, 2]
+    assert serve_bench._widths("vllm", args, ["pipe"]) == [1]
+    one, two = (Measurement("vllm-osprey", 16, 16, 64, tensor_parallel=n, seconds=2.0) for n in (1, 2))
+    one.region_latencies, two.region_latencies = [0.5] * 100, [0.5] * 170
+    [scaling] = serve_bench._device_scaling([one, two])
+    assert (scaling["devices"], scaling["tensor_parallel"], scaling["replicas"]) == (2, 2, 1)
+    assert scaling["over_1_device"] == pytest.approx(1.7) and scaling["per_device_efficiency"] == pytest.approx(0.85)
+    assert serve_bench._label(serve_bench.summarize(two)) == "vllm-osprey tp2"
