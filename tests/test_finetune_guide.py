@@ -90,3 +90,22 @@ def test_every_guide_command_runs(tmp_path, tiny_model_dir):
         summary = json.loads((work / "eval" / f"{name}.json").read_text())["summary"]
         assert summary["items"] > 0
     assert result.stdout.count("What color is <region>? ") > 0  # the colour classification printed
+
+
+@pytest.mark.slow
+def test_the_dogfood_script_retrains_stage_3_then_fine_tunes_from_it(tmp_path):
+    """bench/finetune_builtin.sh with RETRAIN (docs/finetune.md, the dogfood's next run) on 40 generated images, one
+    step per training run: the base's stage-3 pass writes its model, the fine-tune starts from it, and the evaluation
+    reports the base, the pass and the fine-tuned model side by side."""
+    env = os.environ | {"N": "40", "STEPS": "1", "RETRAIN": "120", "RETRAIN_STEPS": "1", "MICRO": "4", "WORKERS": "1",
+                        "EVAL_LIMIT": "2", "WORDINGS_LIMIT": "1", "CLASSIFY_LIMIT": "0", "DEVICE": "cpu",
+                        "EXTRA": "--set bf16=false", "WORK": str(tmp_path)}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    done = subprocess.run(["bash", str(ROOT / "bench" / "finetune_builtin.sh")], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900, check=False)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert (tmp_path / "builtin_s3" / "final" / "model.safetensors").is_file()
+    assert f"fine-tune from {tmp_path}/builtin_s3/final" in done.stdout
+    assert "stage-3 pass done: 1 steps, 4 samples a rank" in done.stdout
+    header = (tmp_path / "eval" / "region_eval.md").read_text().splitlines()[0]
+    assert header == "| metric | builtin_ft | builtin_s3 | builtin |"
