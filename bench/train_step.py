@@ -131,10 +131,8 @@ def run(args: argparse.Namespace) -> dict:
     trained = _head_positions(batch["labels"]) * world
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {
-        "preset": args.preset, "device": name, "world_size": world, "zero": args.zero, "lora": args.lora,
-        "lora_r": args.lora_r if args.lora else None, "lora_dropout": args.lora_dropout if args.lora else None,
-        "gradient_checkpointing": args.grad_ckpt, "compile": args.compile, "trained_logits_only": args.trained_logits_only, "bf16": args.bf16, "batch_size_per_gpu": args.batch_size,
-        "tokens_per_sample": tokens_per_step // (args.batch_size * world), "regions_per_sample": args.regions,
+        **setting(args), "device": name, "world_size": world,
+        "tokens_per_sample": tokens_per_step // (args.batch_size * world),
         "lm_params": n_lm, "trainable_params": n_trainable, "steps_timed": args.steps,
         "step_time_s": step_time, "tokens_per_s": tokens_per_step / step_time,
         "tokens_per_s_per_gpu": tokens_per_step / step_time / world,
@@ -144,6 +142,15 @@ def run(args: argparse.Namespace) -> dict:
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "losses": losses, "torch": torch.__version__, "deepspeed": deepspeed.__version__,
     }
+
+
+def setting(args: argparse.Namespace) -> dict:
+    """The result fields the command line decides (the rest of a run's setting: its device and sample length)."""
+    return {"preset": args.preset, "zero": args.zero, "lora": args.lora,
+            "lora_r": args.lora_r if args.lora else None, "lora_dropout": args.lora_dropout if args.lora else None,
+            "gradient_checkpointing": args.grad_ckpt, "compile": args.compile,
+            "trained_logits_only": args.trained_logits_only, "bf16": args.bf16, "batch_size_per_gpu": args.batch_size,
+            "regions_per_sample": args.regions}
 
 
 def _build(args: argparse.Namespace, config, device: torch.device):
@@ -262,24 +269,29 @@ SAME_SETTING = ("preset", "device", "zero", "lora", "lora_r", "lora_dropout", "g
                 "trained_logits_only", "bf16", "batch_size_per_gpu", "tokens_per_sample", "regions_per_sample")
 
 
-def read_baseline(path: str) -> dict:
-    """A bench/train_step.py result to compare against; SystemExit naming the problem otherwise (read before the run,
-    so a wrong path costs no GPU time)."""
+def read_baseline(path: str, args: argparse.Namespace) -> dict:
+    """A bench/train_step.py result of this command line's setting to compare against; SystemExit naming the problem
+    otherwise (checked before the run, so a wrong baseline costs no GPU time)."""
     try:
         baseline = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise SystemExit(f"--baseline {path}: {exc}") from exc
     if not isinstance(baseline, dict) or not {"tokens_per_s", "world_size", *SAME_SETTING} <= set(baseline):
         raise SystemExit(f"--baseline {path}: not a bench/train_step.py result")
+    _same_setting(setting(args), baseline, path)
     return baseline
+
+
+def _same_setting(result: dict, baseline: dict, path: str) -> None:
+    differ = [key for key in SAME_SETTING if key in result and result[key] != baseline[key]]
+    if differ:
+        named = ", ".join(f"{key}: {baseline[key]!r} there, {result[key]!r} here" for key in differ)
+        raise SystemExit(f"--baseline {path}: another setting ({named})")
 
 
 def scaling_fields(result: dict, baseline: dict, path: str) -> dict:
     """Per-GPU tokens/s here over the baseline's (1.0: every added GPU adds a baseline GPU's throughput)."""
-    differ = [key for key in SAME_SETTING if result[key] != baseline[key]]
-    if differ:
-        named = ", ".join(f"{key}: {baseline[key]!r} there, {result[key]!r} here" for key in differ)
-        raise SystemExit(f"--baseline {path}: another setting ({named})")
+    _same_setting(result, baseline, path)
     here, there = result["tokens_per_s"] / result["world_size"], baseline["tokens_per_s"] / baseline["world_size"]
     return {"baseline": {"file": str(path), "world_size": baseline["world_size"],
                          "tokens_per_s": baseline["tokens_per_s"]},
@@ -338,7 +350,7 @@ def main(argv: list[str] | None = None) -> dict:
             _write_json(Path(path), result)
             print(f"{path}: MFU {100 * (result['mfu'] or 0):.1f} % (k * N_lm: {100 * (result['mfu_6n'] or 0):.1f} %)")
         return {}
-    baseline = read_baseline(args.baseline) if args.baseline else None
+    baseline = read_baseline(args.baseline, args) if args.baseline else None
     result = run(args)
     if baseline is not None:
         result.update(scaling_fields(result, baseline, args.baseline))

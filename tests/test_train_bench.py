@@ -99,3 +99,17 @@ def test_the_scaling_script_runs_one_and_two_cpu_ranks(tmp_path):
     assert two["baseline"]["world_size"] == 1
     assert two["scaling_efficiency"] == pytest.approx(two["tokens_per_s"] / 2 / one["tokens_per_s"])
     assert f"| 2 | {two['tokens_per_s']:,.0f} |" in done.stdout
+
+
+def test_a_baseline_of_another_command_line_is_refused_before_the_run(tmp_path):
+    one = tmp_path / "one.json"
+    main(["--preset", "tiny", "--device", "cpu", "--steps", "1", "--warmup", "0", "--no-bf16", "--out", str(one)])
+    # `--device cuda` on this GPU-less machine: only a check made before the run can answer with the setting
+    with pytest.raises(SystemExit, match="batch_size_per_gpu: 1 there, 2 here"):
+        main(["--preset", "tiny", "--device", "cuda", "--steps", "1", "--warmup", "0", "--no-bf16", "--batch-size", "2",
+              "--baseline", str(one)])
+    with pytest.raises(SystemExit, match="No such file"):
+        main(["--preset", "tiny", "--device", "cpu", "--baseline", str(tmp_path / "missing.json")])
+    (tmp_path / "other.json").write_text('{"loss": 1}')
+    with pytest.raises(SystemExit, match="not a bench/train_step.py result"):
+        main(["--preset", "tiny", "--device", "cpu", "--baseline", str(tmp_path / "other.json")])
