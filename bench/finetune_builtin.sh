@@ -51,6 +51,9 @@ WORKERS=${WORKERS:-$(( CPUS > 3 ? CPUS - 2 : 1 ))}
 DEVICE=${DEVICE:-$(python3 -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}  # the small model's step is launch-bound: see bench/builtin_recipe.sh
 read -r -a extra <<< "${EXTRA:-}"
+# what both training runs (3a and 3) take besides their config, base and budget
+train_opts=(--set "data.root=$DATA" --set "data.num_workers=$WORKERS" --set "micro_batch_size=$MICRO"
+            --set "global_batch_size=$GLOBAL" --set progress=false "${extra[@]}")
 MODEL=$WORK/builtin_ft
 mkdir -p "$WORK"
 log() { echo "[$(date +%H:%M:%S)] $*" | tee -a "$WORK/times.log"; }
@@ -93,9 +96,7 @@ if [ "$RETRAIN" != 0 ]; then
   if [ ! -d "$RETRAINED/final" ]; then
     log "stage-3 pass from $BASE: at most $RETRAIN_STEPS steps, time limit ${RETRAIN}s, batch $MICRO/$GLOBAL"
     osprey train --stage 3 --config builtin_stage3_final --model "$BASE" --output "$RETRAINED" \
-      --max-steps "$RETRAIN_STEPS" --time-limit "$RETRAIN" --set "data.root=$DATA" --set "data.num_workers=$WORKERS" \
-      --set "micro_batch_size=$MICRO" --set "global_batch_size=$GLOBAL" --set progress=false "${extra[@]}" \
-      > "$WORK/retrain.log" 2>&1
+      --max-steps "$RETRAIN_STEPS" --time-limit "$RETRAIN" "${train_opts[@]}" > "$WORK/retrain.log" 2>&1
     rm -rf "$RETRAINED/checkpoints"
     log "stage-3 pass done: $(summary "$RETRAINED/summary.json")"
   fi
@@ -106,9 +107,8 @@ fi
 if [ ! -d "$MODEL/final" ]; then
   log "fine-tune from $START: at most $STEPS steps, time limit ${TIME}s, batch $MICRO/$GLOBAL, $WORKERS data workers"
   fit=(); [ "$TIME" != 0 ] && fit=(--time-limit "$TIME")
-  osprey train --stage 3 --config finetune_builtin_stage3 --model "$START" --output "$MODEL" --max-steps "$STEPS" "${fit[@]}" \
-    --set "data.root=$DATA" --set "data.num_workers=$WORKERS" --set "micro_batch_size=$MICRO" \
-    --set "global_batch_size=$GLOBAL" --set progress=false "${extra[@]}" > "$WORK/train.log" 2>&1
+  osprey train --stage 3 --config finetune_builtin_stage3 --model "$START" --output "$MODEL" --max-steps "$STEPS" \
+    "${fit[@]}" "${train_opts[@]}" > "$WORK/train.log" 2>&1
   rm -rf "$MODEL/checkpoints"  # final/ is the result; the resumable states (optimizer, fp32 masters) are not kept
   log "fine-tune done: $(summary "$MODEL/summary.json")"
 fi
