@@ -18,6 +18,10 @@ Per model, greedy decoding, every question teacher-forced on the ground-truth hi
 - positive/negative: the yes/no questions of `stage3_pos_neg`, overall and by what they ask about
   (`pos_neg:colour`, `pos_neg:position`, `pos_neg:object`, ...), with the share answered "yes"
   (`pos_neg:answered_yes`) beside the share whose truth is yes (`pos_neg:truth_yes`).
+- inline (`--inline color ...`, colour by default): each attribute of every region asked of that region alone, as
+  `osprey serve` sends a custom question ("What is the color of `<region>`?"), the truth read from the region's
+  referring expression (`inline:color`, ...): where the short-answer form has to tell the listed regions apart by
+  number, this has one region in the prompt;
 - wordings (`--wordings FILE`): the category asked in each of the file's wordings (one per line, `<region>` for the
   region; sent as `osprey serve` sends a custom question), `wording:<i>` per line of the file and `wording:all`;
   an answer counts when it is the category after normalisation, a leading article dropped.
@@ -44,6 +48,7 @@ from bench.eval_all import write_atomic
 if TYPE_CHECKING:
     from osprey.inference import PreparedPrompt
 
+INLINE_ATTRIBUTES = ("color", "texture", "size", "position")  # what the generated referring expressions name
 QUESTION_TYPES = (
     ("colour", re.compile(r"\bcolou?r\b|\bis .* (red|green|blue|yellow|orange|purple|pink|brown|black|white|gray|cyan)\b")),
     ("size", re.compile(r"\bsize\b|\b(small|medium|large)\b")),
@@ -155,6 +160,47 @@ def without_article(text: str) -> str:
     return re.sub(r"^(a|an|the) ", "", normalise(text))
 
 
+def region_label_names(record, referring, label: str) -> list[str]:
+    """Per region of a `stage2_categories` record, in annotation order: its category, or one attribute read from
+    the same region's generated referring expression (`referring`: the image's `stage2_referring` record)."""
+    from data_tools.synth.coco_export import referring_attributes
+    from osprey.data.samples import region_descriptions
+
+    if label == "category":
+        return [a.category_name for a in record.annotation]
+    phrases, categories = dict(region_descriptions(referring)), dict(region_descriptions(record))
+    return [referring_attributes(phrases[k], categories[k]).get(label, "none")
+            for k in range(1, len(record.annotation) + 1)]
+
+
+def inline_scores(pipe, data: Path, split: str, records: list, attributes: list[str], params, tally: Tally) -> None:
+    """Each attribute of every region of `records` asked of that region alone, as `osprey serve` sends a custom
+    question (`inline:<name>`): the prompt holds no other region, so nothing has to be told apart by its number.
+    Regions without the attribute (a composite object's texture) are not asked."""
+    from osprey.data.records import record_masks
+
+    wanted = {record.id for record in records}
+    referring = {r.id: r for r in split_records(data, split, "stage2_referring", None) if r.id in wanted}
+    for record in tqdm(records, desc="inline", leave=False):
+        masks = record_masks(record)
+        encoded = pipe.encode_image(data / record.file_name)
+        for name in attributes:
+            truths = region_label_names(record, referring[record.id], name)
+            asked = [k for k, truth in enumerate(truths) if truth != "none"]
+            answers = pipe.describe(encoded, [masks[k] for k in asked], task=inline_question(name), params=params)
+            for k, answer in zip(asked, answers, strict=True):
+                tally.add(f"inline:{name}", without_article(answer.text) == normalise(truths[k]))
+
+
+def inline_question(name: str) -> str:
+    """The question `inline_scores` asks: one of the converted records' own wordings (the attribute is measured,
+    not the wording)."""
+    from data_tools.converters.attributes import ATTRIBUTE_QUESTIONS
+    from osprey.prompts import CUSTOM_REGION_TAG
+
+    return ATTRIBUTE_QUESTIONS[1].format(name=name, region=CUSTOM_REGION_TAG)
+
+
 def wording_scores(pipe, data: Path, records: list, wordings: list[str], params, tally: Tally) -> None:
     """The category of every region of `records` asked in each wording (`wording:<i>`, `wording:all`)."""
     from osprey.data.records import record_masks
@@ -203,7 +249,8 @@ def teacher_forced_turns(pipe, encoded, record, sample) -> list[Turn]:
 
 
 def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: int,
-             wordings: list[str] | None = None, only_wordings: bool = False, wordings_limit: int | None = None) -> dict:
+             wordings: list[str] | None = None, only_wordings: bool = False, wordings_limit: int | None = None,
+             inline: list[str] | None = None) -> dict:
     from osprey.data.records import record_masks
     from osprey.data.samples import build_sample, region_descriptions
     from osprey.inference import SamplingParams
@@ -216,6 +263,9 @@ def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: in
         wording_scores(pipe, data, records, wordings, params, tally)
         if only_wordings:
             return tally.result()
+    if inline:
+        inline_scores(pipe, data, split, list(split_records(data, split, "stage2_categories", limit)), inline,
+                      params, tally)
     for record in tqdm(list(split_records(data, split, "stage2_categories", limit)), desc="category", leave=False):
         masks = record_masks(record)
         answers = pipe.describe(data / record.file_name, masks, task="category", params=params)
@@ -303,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=12)
     parser.add_argument("--wordings", type=Path, default=None,
                         help="also ask the category in each wording of this file (e.g. bench/category_wordings.txt)")
+    parser.add_argument("--inline", nargs="*", default=["color"], choices=INLINE_ATTRIBUTES, metavar="NAME",
+                        help=f"also ask these attributes of each region alone, as `osprey serve` sends a custom "
+                             f"question (`inline:NAME`; any of {', '.join(INLINE_ATTRIBUTES)}; default: color; "
+                             f"none: `--inline` alone)")
     parser.add_argument("--only-wordings", action="store_true", help="with --wordings: skip the other sub-sets")
     parser.add_argument("--wordings-limit", type=int, default=None, help="records asked in every wording "
                                                                           "(default: --limit)")
@@ -327,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"warning: {name}: {contamination}", file=sys.stderr, flush=True)
             warnings[name] = contamination
         results[name] = evaluate(pipe, args.data, args.split, args.limit, args.max_new_tokens, wordings,
-                                 args.only_wordings, args.wordings_limit)
+                                 args.only_wordings, args.wordings_limit, args.inline)
         print(name, json.dumps({k: round(v["accuracy"], 4) for k, v in results[name].items()}), flush=True)
     write_atomic(args.out / "region_eval.json", json.dumps(results, indent=2) + "\n")
     write_atomic(args.out / "region_eval.md", markdown(results, warnings))

@@ -57,22 +57,10 @@ def token_statistics(pipe, data: Path, split: str, images: int) -> dict[str, flo
 PROBE_LABELS = ("category", "color", "texture", "size", "position")  # texture: "none" for composite objects
 
 
-def region_label_names(record, referring, label: str) -> list[str]:
-    """Per region of a `stage2_categories` record, in annotation order: its category, or one attribute read from
-    the same region's generated referring expression (`referring`: the image's `stage2_referring` record)."""
-    from data_tools.synth.coco_export import referring_attributes
-    from osprey.data.samples import region_descriptions
-
-    if label == "category":
-        return [a.category_name for a in record.annotation]
-    phrases, categories = dict(region_descriptions(referring)), dict(region_descriptions(record))
-    return [referring_attributes(phrases[k], categories[k]).get(label, "none")
-            for k in range(1, len(record.annotation) + 1)]
-
-
 def region_tokens_and_labels(pipe, data: Path, split: str, images: int, label: str = "category"):
     """Per region: mask token, position token, the tower's features mask-pooled on every level (concatenated),
     and its label (`PROBE_LABELS`: the category name or an attribute of the generated data)."""
+    from bench.region_eval import region_label_names
     from osprey.data.records import iter_records
     from osprey.mask_extractor import masked_mean_pool_batch
     from osprey.preprocess import masks_to_tensor

@@ -63,7 +63,8 @@ def test_probe_labels_read_the_referring_expressions(tiny_pipeline):
     composite object has no texture; the probe's rows get those labels in region order."""
     from pathlib import Path
 
-    from bench.token_norms import region_label_names, region_tokens_and_labels
+    from bench.region_eval import region_label_names
+    from bench.token_norms import region_tokens_and_labels
     from data_tools.synth.vocab import COLORS, COMPOSITES, TEXTURES
     from osprey.data.records import iter_records
     from osprey.data.samples import region_descriptions

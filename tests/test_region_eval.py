@@ -88,7 +88,9 @@ def test_evaluate_runs_the_tiny_model_on_every_sub_set(tiny_pipeline):
     """The real pipeline through all three parts on the fixture's test split: every question is scored, and the
     yes/no part reports the share answered yes beside the share whose truth is yes."""
     fixture = Path(__file__).parent / "fixtures" / "synth"
-    result = evaluate(tiny_pipeline, fixture, "test", limit=2, max_new_tokens=3)
+    result = evaluate(tiny_pipeline, fixture, "test", limit=2, max_new_tokens=3, inline=["color"])
+    regions = sum(len(r.annotation) for r in split_records(fixture, "test", "stage2_categories", 2))
+    assert result["inline:color"]["n"] == regions  # every region asked its colour alone
     truths = [yes_no(t.value) for r in split_records(fixture, "test", "stage3_pos_neg", 2)
               for t in r.conversations if t.speaker == "gpt"]
     assert result["pos_neg"]["n"] == len(truths) > 0
@@ -122,3 +124,53 @@ def test_renumbered_records_ask_about_the_same_regions_under_other_numbers():
                 assert record.annotation[int(old) - 1] == copy.annotation[int(new) - 1]
         moved += [a.bbox for a in copy.annotation] != [a.bbox for a in record.annotation]
     assert moved > 0
+
+
+class AttributePipe:
+    """Answers a custom question about one region with that region's colour (or texture), looked up by the mask's
+    pixels in a table built from the referring expressions; records every question it is asked."""
+
+    def __init__(self, by_mask: dict[bytes, dict[str, str]]):
+        self.by_mask, self.asked = by_mask, []
+
+    def encode_image(self, path):
+        return path
+
+    def describe(self, image, masks, task, params):
+        self.asked.append((task, len(masks)))
+        name = "color" if "color" in task else "texture"
+        return [SimpleNamespace(text=f"The {self.by_mask[np.asarray(m).tobytes()][name].upper()}") for m in masks]
+
+
+def test_inline_attributes_ask_each_region_alone_and_score_by_region():
+    """--inline: every region of a category record is asked its colour alone (the converted records' own wording,
+    `<region>` for the region), scored against its own referring expression (article and case ignored); a
+    composite object is not asked its texture; one wrong answer costs exactly its region."""
+    from data_tools.synth.coco_export import referring_attributes
+    from data_tools.synth.vocab import COMPOSITES
+    from osprey.data.samples import region_descriptions
+
+    fixture = Path(__file__).parent / "fixtures" / "synth"
+    records = list(split_records(fixture, "test", "stage2_categories", 2))
+    referring = {r.id: r for r in split_records(fixture, "test", "stage2_referring", None)}
+    by_mask, regions, shapes = {}, 0, 0
+    for rec in records:
+        phrases, categories = dict(region_descriptions(referring[rec.id])), dict(region_descriptions(rec))
+        for k, mask in enumerate(record_masks(rec), start=1):
+            by_mask[mask.tobytes()] = referring_attributes(phrases[k], categories[k])
+            regions, shapes = regions + 1, shapes + (categories[k] not in COMPOSITES)
+    assert len(by_mask) == regions and shapes < regions  # masks tell regions apart; some have no texture
+
+    from bench.region_eval import Tally, inline_scores
+
+    pipe, tally = AttributePipe(by_mask), Tally()
+    inline_scores(pipe, fixture, "test", records, ["color", "texture"], None, tally)
+    result = tally.result()
+    assert result["inline:color"] == {"accuracy": 1.0, "n": regions}
+    assert result["inline:texture"] == {"accuracy": 1.0, "n": shapes}
+    assert ("What is the color of <region>?", len(records[0].annotation)) in pipe.asked
+    first = record_masks(records[0])[0].tobytes()
+    by_mask[first] = {**by_mask[first], "color": "not-a-colour"}
+    tally = Tally()
+    inline_scores(pipe, fixture, "test", records, ["color"], None, tally)
+    assert tally.result()["inline:color"] == {"accuracy": pytest.approx(1 - 1 / regions), "n": regions}
