@@ -13,10 +13,11 @@
 #      was measured on; reused when DATA/manifest.json says it is that dataset);
 #   2. its train split as COCO with attributes (`osprey data synth-coco`), converted into categories, short answers,
 #      label lists and yes/no questions (`osprey data convert coco --task ...`, into DATA/coco/);
-#   3a. with RETRAIN (seconds): BASE's last stage-3 pass again (`builtin_stage3_final`, every weight of the LM, the
-#      extractor and the projector) on this dataset, whose questions come in a random order of regions: version 6
-#      learned its stage-3 data in region order and reads a listed region by the question's turn (docs/finetune.md,
-#      "The cause found"); the fine-tune then starts from that pass's final/ (WORK/builtin_s3);
+#   3a. with RETRAIN (seconds): a stage-3 pass from BASE (RETRAIN_CONFIG, default `builtin_stage3_names`: every
+#      weight of the LM, the extractor and the projector, the short-answer form weighted up) on this dataset, whose
+#      questions come in a random order of regions: version 6 learned its stage-3 data in region order and reads a
+#      listed region by the question's turn (docs/finetune.md, "The cause found", "Reading a region by its number");
+#      the fine-tune then starts from that pass's final/ (WORK/builtin_s3);
 #   3. `osprey train --stage 3 --config finetune_builtin_stage3` from BASE or 3a's model (LoRA,
 #      train/configs/finetune_builtin_stage3.yaml);
 #   4. evaluation on the test split: bench.region_eval (category, colour and the other short answers, yes/no, and the
@@ -28,7 +29,8 @@
 # Variables: N, SEED (dataset), WORK, DATA (default WORK/data), BASE (default osprey/assets/builtin), STEPS (most
 # optimiser steps, default 4000), TIME (seconds of training the schedule is fitted into, `--time-limit`; 0 = STEPS
 # only), RETRAIN (seconds of step 3a's schedule; default 0: no step 3a), RETRAIN_STEPS (its most optimiser steps,
-# default 4000), MICRO / GLOBAL (batch sizes; default 256 / 256), WORKERS (data workers; default CPUs - 2), EVAL_LIMIT
+# default 4000), RETRAIN_CONFIG (its config; default builtin_stage3_names), MICRO / GLOBAL (batch sizes; default
+# 256 / 256), WORKERS (data workers; default CPUs - 2), EVAL_LIMIT
 # (default 150; 0 skips the evaluation), WORDINGS_LIMIT (default 60), CLASSIFY_LIMIT (default 300; 0 skips SS), EVAL_BASE
 # (1: evaluate BASE too; default 1), DEVICE (evaluation device; default: cuda when there is one), EXTRA (more
 # `osprey train` options).
@@ -44,7 +46,7 @@ if ! help=$(osprey data --help 2>&1); then
 fi
 N=${N:-20000}; SEED=${SEED:-0}; WORK=${WORK:-runs/finetune_builtin}; DATA=${DATA:-$WORK/data}
 BASE=${BASE:-osprey/assets/builtin}; STEPS=${STEPS:-4000}; TIME=${TIME:-0}; MICRO=${MICRO:-256}; GLOBAL=${GLOBAL:-$MICRO}
-RETRAIN=${RETRAIN:-0}; RETRAIN_STEPS=${RETRAIN_STEPS:-4000}
+RETRAIN=${RETRAIN:-0}; RETRAIN_STEPS=${RETRAIN_STEPS:-4000}; RETRAIN_CONFIG=${RETRAIN_CONFIG:-builtin_stage3_names}
 EVAL_LIMIT=${EVAL_LIMIT:-150}; WORDINGS_LIMIT=${WORDINGS_LIMIT:-60}; CLASSIFY_LIMIT=${CLASSIFY_LIMIT:-300}; EVAL_BASE=${EVAL_BASE:-1}
 CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)
 WORKERS=${WORKERS:-$(( CPUS > 3 ? CPUS - 2 : 1 ))}
@@ -90,12 +92,12 @@ if [ ! -f "$DATA/coco/train_yes_no.json" ]; then
   for task in categories short_answer label_list yes_no; do mv "$DATA/coco/.train_$task.json" "$DATA/coco/train_$task.json"; done
 fi
 
-# 3a. the base's last stage-3 pass again, on this dataset's random question order
+# 3a. a stage-3 pass from the base, every weight, on this dataset's random question order
 START=$BASE; RETRAINED=$WORK/builtin_s3
 if [ "$RETRAIN" != 0 ]; then
   if [ ! -d "$RETRAINED/final" ]; then
-    log "stage-3 pass from $BASE: at most $RETRAIN_STEPS steps, time limit ${RETRAIN}s, batch $MICRO/$GLOBAL"
-    osprey train --stage 3 --config builtin_stage3_final --model "$BASE" --output "$RETRAINED" \
+    log "stage-3 pass ($RETRAIN_CONFIG) from $BASE: at most $RETRAIN_STEPS steps, time limit ${RETRAIN}s, batch $MICRO/$GLOBAL"
+    osprey train --stage 3 --config "$RETRAIN_CONFIG" --model "$BASE" --output "$RETRAINED" \
       --max-steps "$RETRAIN_STEPS" --time-limit "$RETRAIN" "${train_opts[@]}" > "$WORK/retrain.log" 2>&1
     rm -rf "$RETRAINED/checkpoints"
     log "stage-3 pass done: $(summary "$RETRAINED/summary.json")"
