@@ -48,11 +48,16 @@ class ProbeRow:
 
 def region_labels_in_order(record, categories: dict, referring: dict, label: str) -> list[str]:
     """`label` of each region of a (renumbered) short-form record, in its annotation order: read from the same
-    image's category and referring records, whose regions are matched by box."""
+    image's category and referring records, whose regions are matched by their segmentation (two regions may share
+    a box)."""
     category_record = categories[record.id]
-    names = region_label_names(category_record, referring[record.id], label)
-    by_box = {tuple(a.bbox): name for a, name in zip(category_record.annotation, names)}
-    return [by_box[tuple(a.bbox)] for a in record.annotation]
+    names = region_label_names(category_record, referring.get(record.id), label)  # none needed for the category
+    by_shape = {segmentation_key(a): name for a, name in zip(category_record.annotation, names)}
+    return [by_shape[segmentation_key(a)] for a in record.annotation]
+
+
+def segmentation_key(region) -> str:
+    return json.dumps(region.model_dump(exclude_none=True)["segmentation"], sort_keys=True)
 
 
 @torch.no_grad()

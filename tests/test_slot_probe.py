@@ -62,3 +62,12 @@ def test_probe_accuracy_is_scored_on_held_out_records():
     assert result["majority"] == pytest.approx(1 / 3)
     with pytest.raises(ValueError, match="too few records"):
         probe_accuracies([ProbeRow(0, [torch.zeros(2)], "a")], 0.7)
+
+
+def test_category_rows_need_no_referring_expressions(tiny_pipeline):
+    """--label category: each slot's row carries its region's category name (renumbered order)."""
+    rows = probe_rows(tiny_pipeline, FIXTURE, "train", 2, "category")
+    records = list(split_records(FIXTURE, "train", "stage3_short_form", 2))
+    order = np.random.default_rng(RENUMBER_SEED)
+    names = [a.category_name for r in records for a in renumbered(r, order).annotation]
+    assert [r.label for r in rows["category@mask"]] == names
