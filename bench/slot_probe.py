@@ -10,7 +10,9 @@ number was asked, and (3) bring the K-th slot's content there. The probes say wh
 - `number@mask`, `number@pos`: the slot's region number, read at its `<mask>` and at its `<pos>` (step 1);
 - `LABEL@mask`, `LABEL@pos`: the region's label (`--label`, colour by default: a fact of the mask token, where the
   position and size are facts of the box token) at the same places: where a name read would find it;
-- `asked_number@answer`, `asked_LABEL@answer`: the asked region's number and label at the answer position (2, 3).
+- `asked_number@answer`: the asked region's number at the answer position, over every question that names a
+  region (2); `asked_LABEL@answer`: the asked region's label there, over the questions that ask for that label
+  (colour questions for `color`, "What is the object ..." for `category`): what the answer needs (3).
 The records are renumbered first (`bench.region_eval.renumbered`: regions listed in a random order), so a slot's
 number is not the turn of the question about it. Each probe is multinomial logistic regression
 (`bench.token_norms.linear_probe_accuracy`) fitted on the first `--train-share` of the records and scored on the
@@ -29,12 +31,17 @@ import torch
 
 from bench.region_eval import (
     RENUMBER_SEED,
+    question_type,
     region_label_names,
     renumbered,
     split_records,
     teacher_forced_turns,
 )
 from bench.token_norms import PROBE_LABELS, linear_probe_accuracy
+
+# the short-form question type (`bench.region_eval.question_type`) that asks for each label
+QUESTION_TYPE_OF_LABEL = {"category": "object", "color": "colour", "texture": "texture", "size": "size",
+                          "position": "position"}
 
 
 @dataclass(frozen=True)
@@ -90,7 +97,8 @@ def probe_rows(pipe, data: Path, split: str, records: int, label: str) -> dict[s
             if turn.named:  # "How many of the regions are red?" names none
                 asked = turn.named[-1]
                 rows["asked_number@answer"].append(ProbeRow(index, layer_states(hidden, -1), str(asked)))
-                rows[f"asked_{label}@answer"].append(ProbeRow(index, layer_states(hidden, -1), labels[asked - 1]))
+                if question_type(turn.question) == QUESTION_TYPE_OF_LABEL[label]:
+                    rows[f"asked_{label}@answer"].append(ProbeRow(index, layer_states(hidden, -1), labels[asked - 1]))
     return rows
 
 
@@ -106,6 +114,8 @@ def probe_names(label: str) -> list[str]:
 
 def probe_accuracies(rows: list[ProbeRow], train_share: float) -> dict:
     """Per layer, the test accuracy of a probe fitted on the rows of the first `train_share` of the records."""
+    if not rows:
+        raise ValueError("no rows")
     cut = int(np.ceil(train_share * (max(r.record for r in rows) + 1)))
     train, test = [r for r in rows if r.record < cut], [r for r in rows if r.record >= cut]
     if not train or not test:
@@ -140,8 +150,14 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = OspreyPipeline.from_pretrained(args.model, device=args.device)
     rows = probe_rows(pipe, args.data, args.split, args.records, args.label)
-    result = {name: probe_accuracies(found, args.train_share) for name, found in rows.items()}
-    for name, value in result.items():
+    result: dict[str, dict | None] = {}
+    for name, found in rows.items():
+        try:
+            result[name] = value = probe_accuracies(found, args.train_share)
+        except ValueError as exc:  # e.g. no colour question among the held-out records
+            result[name] = None
+            print(f"{name:24} not fitted: {exc}")
+            continue
         layers = " ".join(f"{a:.2f}" for a in value["accuracy_by_layer"])
         print(f"{name:24} layers 0..{len(value['accuracy_by_layer']) - 1}: {layers}   majority "
               f"{value['majority']:.2f}  n={value['n_train']}/{value['n_test']}")
