@@ -263,10 +263,10 @@ def evaluate(pipe, data: Path, split: str, limit: int | None, max_new_tokens: in
         wording_scores(pipe, data, records, wordings, params, tally)
         if only_wordings:
             return tally.result()
+    category_records = list(split_records(data, split, "stage2_categories", limit))
     if inline:
-        inline_scores(pipe, data, split, list(split_records(data, split, "stage2_categories", limit)), inline,
-                      params, tally)
-    for record in tqdm(list(split_records(data, split, "stage2_categories", limit)), desc="category", leave=False):
+        inline_scores(pipe, data, split, category_records, inline, params, tally)
+    for record in tqdm(category_records, desc="category", leave=False):
         masks = record_masks(record)
         answers = pipe.describe(data / record.file_name, masks, task="category", params=params)
         areas = masks.sum(axis=(1, 2))
